@@ -1,0 +1,223 @@
+//! Framing: a 4-byte little-endian body length, then the body.
+//!
+//! Bodies are bincode 1.3.3 in fixed-int little-endian mode, with a byte
+//! limit equal to the frame length and trailing bytes rejected. This is the
+//! only module that knows bincode, so replacing it touches one file.
+//!
+//! Decoding is two-step, as in mini-redis `frame.rs`: first check that a whole
+//! frame is buffered (an incomplete frame is `Ok(None)`, not an error), and
+//! reject a length above the maximum before anything is allocated for it.
+
+use bincode::Options;
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+/// Bytes in the length prefix.
+pub const HEADER_LEN: usize = 4;
+
+/// Default largest frame body: room for a 1 MiB state value and its key.
+pub const DEFAULT_MAX_FRAME_LEN: u32 = 2 * 1024 * 1024;
+
+/// The smallest maximum a daemon may be configured with; every request and
+/// a `Welcome` fit in it.
+pub const MIN_MAX_FRAME_LEN: u32 = 4096;
+
+/// Why a frame could not be read or written.
+#[derive(Debug, thiserror::Error)]
+pub enum FrameError {
+    /// The length prefix announces more than the maximum.
+    #[error("frame of {len} bytes is larger than the maximum of {max}")]
+    TooLarge {
+        /// Announced (or encoded) body length.
+        len: u64,
+        /// The maximum in force.
+        max: u32,
+    },
+    /// The body is not a valid message.
+    #[error("malformed frame: {0}")]
+    Malformed(String),
+    /// The stream ended in the middle of a frame.
+    #[error("connection closed in the middle of a frame ({buffered} bytes buffered)")]
+    Truncated {
+        /// Bytes of the partial frame that had arrived.
+        buffered: usize,
+    },
+    /// The underlying stream failed.
+    #[error("i/o error: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+fn options(limit: u64) -> impl Options {
+    bincode::DefaultOptions::new()
+        .with_fixint_encoding()
+        .with_little_endian()
+        .with_limit(limit)
+        .reject_trailing_bytes()
+}
+
+/// Appends `msg` as one frame (length prefix and body) to `out`.
+///
+/// Fails with [`FrameError::TooLarge`] — leaving `out` as it was — if the
+/// body would be longer than `max_len`.
+pub fn encode<T: Serialize>(msg: &T, max_len: u32, out: &mut Vec<u8>) -> Result<(), FrameError> {
+    let start = out.len();
+    out.extend_from_slice(&[0; HEADER_LEN]);
+    // The limit makes bincode stop (with an error) once the body passes
+    // max_len, so an oversized message is never fully serialised.
+    let result = options(u64::from(max_len)).serialize_into(&mut *out, msg);
+    if let Err(e) = result {
+        out.truncate(start);
+        return Err(match *e {
+            bincode::ErrorKind::SizeLimit => FrameError::TooLarge {
+                len: options(u64::MAX).serialized_size(msg).unwrap_or(u64::MAX),
+                max: max_len,
+            },
+            other => FrameError::Malformed(other.to_string()),
+        });
+    }
+    let body_len = (out.len() - start - HEADER_LEN) as u32;
+    out[start..start + HEADER_LEN].copy_from_slice(&body_len.to_le_bytes());
+    Ok(())
+}
+
+/// Encodes `msg` as one frame into a new buffer.
+pub fn to_frame<T: Serialize>(msg: &T, max_len: u32) -> Result<Vec<u8>, FrameError> {
+    let mut out = Vec::new();
+    encode(msg, max_len, &mut out)?;
+    Ok(out)
+}
+
+/// The body length announced by the header at the start of `buf`, checked
+/// against `max_len`; `Ok(None)` if fewer than [`HEADER_LEN`] bytes are
+/// buffered.
+pub fn peek_len(buf: &[u8], max_len: u32) -> Result<Option<usize>, FrameError> {
+    let Some(header) = buf.get(..HEADER_LEN) else {
+        return Ok(None);
+    };
+    let len = u32::from_le_bytes(header.try_into().expect("4 bytes"));
+    if len > max_len {
+        return Err(FrameError::TooLarge {
+            len: u64::from(len),
+            max: max_len,
+        });
+    }
+    Ok(Some(len as usize))
+}
+
+/// Decodes the frame at the start of `buf`.
+///
+/// Returns the message and how many bytes of `buf` it used, or `Ok(None)` if
+/// the frame is not complete yet.
+pub fn decode<T: DeserializeOwned>(
+    buf: &[u8],
+    max_len: u32,
+) -> Result<Option<(T, usize)>, FrameError> {
+    let Some(len) = peek_len(buf, max_len)? else {
+        return Ok(None);
+    };
+    let Some(body) = buf.get(HEADER_LEN..HEADER_LEN + len) else {
+        return Ok(None);
+    };
+    let msg = decode_body(body)?;
+    Ok(Some((msg, HEADER_LEN + len)))
+}
+
+/// Decodes a frame body (without its length prefix); the whole body must be
+/// one message.
+pub fn decode_body<T: DeserializeOwned>(body: &[u8]) -> Result<T, FrameError> {
+    options(body.len() as u64)
+        .deserialize(body)
+        .map_err(|e| FrameError::Malformed(e.to_string()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::message::*;
+
+    fn ping(id: u64) -> ClientMessage {
+        ClientMessage::Request {
+            id,
+            request: Request::Ping,
+        }
+    }
+
+    #[test]
+    fn round_trip() {
+        let frame = to_frame(&ping(7), DEFAULT_MAX_FRAME_LEN).unwrap();
+        // variant 1 (Request), id 7, variant 5 (Ping)
+        assert_eq!(
+            frame,
+            [16, 0, 0, 0, 1, 0, 0, 0, 7, 0, 0, 0, 0, 0, 0, 0, 5, 0, 0, 0]
+        );
+        let (msg, used) = decode::<ClientMessage>(&frame, DEFAULT_MAX_FRAME_LEN)
+            .unwrap()
+            .unwrap();
+        assert_eq!(msg, ping(7));
+        assert_eq!(used, frame.len());
+    }
+
+    #[test]
+    fn incomplete_is_not_an_error() {
+        let frame = to_frame(&ping(1), DEFAULT_MAX_FRAME_LEN).unwrap();
+        for cut in 0..frame.len() {
+            assert!(
+                decode::<ClientMessage>(&frame[..cut], DEFAULT_MAX_FRAME_LEN)
+                    .unwrap()
+                    .is_none()
+            );
+        }
+    }
+
+    #[test]
+    fn oversized_length_is_rejected_before_the_body_arrives() {
+        let header = (DEFAULT_MAX_FRAME_LEN + 1).to_le_bytes();
+        let err = decode::<ClientMessage>(&header, DEFAULT_MAX_FRAME_LEN).unwrap_err();
+        assert!(matches!(err, FrameError::TooLarge { .. }), "{err}");
+    }
+
+    #[test]
+    fn trailing_bytes_are_rejected() {
+        let mut frame = to_frame(&ping(1), DEFAULT_MAX_FRAME_LEN).unwrap();
+        frame.push(0);
+        frame[0] += 1;
+        let err = decode::<ClientMessage>(&frame, DEFAULT_MAX_FRAME_LEN).unwrap_err();
+        assert!(matches!(err, FrameError::Malformed(_)), "{err}");
+    }
+
+    #[test]
+    fn string_length_beyond_the_body_is_malformed_not_an_allocation() {
+        // Hello with a client_name claiming u64::MAX bytes.
+        let mut body = vec![0, 0, 0, 0];
+        body.extend_from_slice(&crate::MAGIC.to_le_bytes());
+        body.extend_from_slice(&1u16.to_le_bytes());
+        body.extend_from_slice(&u64::MAX.to_le_bytes());
+        let err = decode_body::<ClientMessage>(&body).unwrap_err();
+        assert!(matches!(err, FrameError::Malformed(_)), "{err}");
+    }
+
+    #[test]
+    fn encoding_above_the_limit_fails_and_leaves_the_buffer() {
+        let msg = ClientMessage::Hello(Hello {
+            magic: crate::MAGIC,
+            version: 1,
+            client_name: "x".repeat(100),
+        });
+        let mut out = vec![9];
+        let err = encode(&msg, 50, &mut out).unwrap_err();
+        assert!(
+            matches!(err, FrameError::TooLarge { len: 118, max: 50 }),
+            "{err}"
+        );
+        assert_eq!(out, [9]);
+    }
+
+    #[test]
+    fn unknown_variant_is_malformed() {
+        let body = [2u8, 0, 0, 0];
+        assert!(matches!(
+            decode_body::<ClientMessage>(&body),
+            Err(FrameError::Malformed(_))
+        ));
+    }
+}

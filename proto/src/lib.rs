@@ -1,0 +1,42 @@
+//! Wire types and framing of the lockbroker socket protocol, version 1.
+//!
+//! A lockbroker client talks to the daemon over one stream (a Unix domain
+//! socket, or a named pipe on Windows). Both directions carry *frames*: a
+//! 4-byte little-endian body length, then a body encoded with bincode 1.3.3
+//! in fixed-int little-endian mode. `PROTOCOL.md` at the repository root is
+//! the normative, byte-by-byte specification; this crate is its Rust
+//! implementation.
+//!
+//! A session goes like this:
+//!
+//! 1. The client sends [`ClientMessage::Hello`] with [`MAGIC`] and
+//!    [`PROTOCOL_VERSION`]; the daemon answers [`ServerMessage::Welcome`]
+//!    (session id, limits) or [`ServerMessage::Fatal`] and closes.
+//! 2. The client sends [`ClientMessage::Request`]s, each with an id of its
+//!    choosing. Every request gets exactly one [`ServerMessage::Response`]
+//!    with the same id, in any order: a blocked acquire never delays the
+//!    answers to later requests.
+//! 3. The daemon may push [`ServerMessage::Event`]s at any time.
+//!
+//! # Layout
+//!
+//! - [`address`]: scopes and the socket paths both ends resolve.
+//! - [`message`]: every type that crosses the wire, plus the validated
+//!   [`LockName`] and the stable [`ErrorCode`]s.
+//! - [`frame`]: length prefix and body codec; the only module that knows
+//!   bincode.
+//! - [`io`]: async reading and writing of frames over Tokio's I/O traits.
+
+pub mod address;
+pub mod frame;
+pub mod io;
+pub mod message;
+
+pub use frame::{DEFAULT_MAX_FRAME_LEN, FrameError, HEADER_LEN, MIN_MAX_FRAME_LEN};
+pub use message::*;
+
+/// The four bytes every `Hello` starts with: `LKBR` on the wire.
+pub const MAGIC: u32 = u32::from_le_bytes(*b"LKBR");
+
+/// The protocol version this crate speaks.
+pub const PROTOCOL_VERSION: u16 = 1;

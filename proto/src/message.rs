@@ -1,0 +1,610 @@
+//! Every type that crosses the wire.
+//!
+//! The encoding is positional: structs are their fields in declaration order,
+//! enums a `u32` variant index then the variant's fields. So variants are only
+//! ever appended, fields never reordered, and no serde attribute that makes
+//! the layout depend on the data (`untagged`, `flatten`,
+//! `skip_serializing_if`) is allowed here. Each variant's doc names its reply.
+
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
+
+/// Every frame a client sends.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ClientMessage {
+    /// Must be the first frame of a connection. Answered by
+    /// [`ServerMessage::Welcome`], or [`ServerMessage::Fatal`] and close.
+    Hello(Hello),
+    /// A request; answered by exactly one [`ServerMessage::Response`] with
+    /// the same `id`.
+    Request {
+        /// Chosen by the client, echoed by the response; must differ from
+        /// the ids of the session's waiting acquires.
+        id: u64,
+        /// What is asked.
+        request: Request,
+    },
+}
+
+/// The opening frame of a connection.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Hello {
+    /// Always [`crate::MAGIC`].
+    pub magic: u32,
+    /// The protocol version the client speaks ([`crate::PROTOCOL_VERSION`]).
+    pub version: u16,
+    /// Free text shown by `inspect` (e.g. `deploy.sh`); at most 255 bytes.
+    pub client_name: String,
+}
+
+/// Every frame the daemon sends.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ServerMessage {
+    /// Accepts a `Hello`.
+    Welcome(Welcome),
+    /// Answers the request with the same `id`.
+    Response {
+        /// The id of the request this answers.
+        id: u64,
+        /// The answer.
+        response: Response,
+    },
+    /// Pushed by the daemon, not an answer to any request.
+    Event(Event),
+    /// A connection-level error (bad frame, bad handshake, limit); the daemon
+    /// closes the connection after sending it.
+    Fatal(ErrorInfo),
+}
+
+/// The daemon's answer to a valid `Hello`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Welcome {
+    /// The protocol version the daemon will speak on this connection.
+    pub version: u16,
+    /// The daemon's software version, e.g. `0.1.0`.
+    pub server_version: String,
+    /// This session's id, unique in the daemon's life.
+    pub session_id: u64,
+    /// The limits this session runs under.
+    pub limits: Limits,
+}
+
+/// Limits a session runs under, announced in [`Welcome`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Limits {
+    /// Largest frame body, in bytes, either direction.
+    pub max_frame_len: u32,
+    /// Most acquires that may be waiting at once.
+    pub max_pending: u32,
+    /// Most holds plus waiting acquires the session may have at once.
+    pub max_holds: u32,
+}
+
+/// What a request asks for.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Request {
+    /// Take permits on a lock. Answered by [`Response::Granted`],
+    /// [`Response::TimedOut`], [`Response::Cancelled`] or
+    /// [`Response::Error`].
+    Acquire(Acquire),
+    /// Cancel this session's pending acquire with request id `request_id`.
+    /// Answered by [`Response::Done`] (the acquire is then answered with
+    /// [`Response::Cancelled`]) or [`ErrorCode::NotPending`] when it had
+    /// already ended.
+    Cancel {
+        /// The id of the acquire request to cancel.
+        request_id: u64,
+    },
+    /// Release one hold of this session. Answered by [`Response::Released`]
+    /// or [`ErrorCode::UnknownHold`].
+    Release {
+        /// The hold to release, as granted.
+        hold_id: u64,
+    },
+    /// Release `count` permits this session holds on `name`, oldest holds
+    /// first. Answered by [`Response::Released`] or [`ErrorCode::NotHeld`].
+    ReleaseByName {
+        /// The lock.
+        name: String,
+        /// How many permits to release (for mutexes and rwlocks: holds).
+        count: u32,
+    },
+    /// List lock entries whose name starts with `prefix`, in name order.
+    /// Answered by [`Response::Inspection`].
+    Inspect {
+        /// Name prefix; empty for every entry.
+        prefix: String,
+        /// At most this many entries (0 means the daemon's default).
+        limit: u32,
+    },
+    /// Answered by [`Response::Pong`].
+    Ping,
+}
+
+/// An acquire request.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Acquire {
+    /// The lock's name.
+    pub name: String,
+    /// What kind of lock, and for rwlocks which side.
+    pub kind: LockKind,
+    /// A semaphore's capacity; ignored for the other kinds.
+    pub capacity: u32,
+    /// How many permits (1 for mutexes and rwlocks).
+    pub permits: u32,
+    /// `None` waits forever, `Some(0)` only tries, `Some(ms)` waits at most
+    /// that long.
+    pub timeout_ms: Option<u64>,
+}
+
+/// The kind of lock an acquire asks for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum LockKind {
+    /// Capacity 1.
+    Mutex,
+    /// Capacity N, fixed while the entry is in use.
+    Semaphore,
+    /// The shared side of a read-write lock.
+    RwShared,
+    /// The exclusive side of a read-write lock.
+    RwExclusive,
+}
+
+/// The kind of a lock entry, as [`Response::Inspection`] reports it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum EntryKind {
+    /// A mutex.
+    Mutex,
+    /// A semaphore.
+    Semaphore,
+    /// A read-write lock.
+    RwLock,
+}
+
+impl LockKind {
+    /// The kind of entry this request works on.
+    pub fn entry_kind(self) -> EntryKind {
+        match self {
+            LockKind::Mutex => EntryKind::Mutex,
+            LockKind::Semaphore => EntryKind::Semaphore,
+            LockKind::RwShared | LockKind::RwExclusive => EntryKind::RwLock,
+        }
+    }
+}
+
+impl fmt::Display for LockKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            LockKind::Mutex => "mutex",
+            LockKind::Semaphore => "semaphore",
+            LockKind::RwShared => "shared",
+            LockKind::RwExclusive => "exclusive",
+        })
+    }
+}
+
+impl fmt::Display for EntryKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            EntryKind::Mutex => "mutex",
+            EntryKind::Semaphore => "semaphore",
+            EntryKind::RwLock => "rwlock",
+        })
+    }
+}
+
+/// The answer to one request.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Response {
+    /// The acquire succeeded; the session now has this hold.
+    Granted(Grant),
+    /// The acquire's timeout ran out (or, for a try, it could not be granted
+    /// at once); nothing is held.
+    TimedOut,
+    /// The acquire was cancelled by a `Cancel` request; nothing is held.
+    Cancelled,
+    /// Permits were released.
+    Released {
+        /// How many permits were released.
+        permits: u32,
+    },
+    /// The answer to `Inspect`.
+    Inspection(Inspection),
+    /// The answer to `Ping`.
+    Pong,
+    /// The request failed; the connection stays usable.
+    Error(ErrorInfo),
+    /// The request (e.g. `Cancel`) was carried out and has nothing to report.
+    Done,
+}
+
+/// A granted hold.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Grant {
+    /// Unique in the daemon's life; names the hold in `Release`.
+    pub hold_id: u64,
+    /// Strictly greater than every fence granted before for this name.
+    pub fence: u64,
+    /// The previous holder's session ended while holding this lock.
+    pub abandoned: bool,
+}
+
+/// A snapshot of the daemon and of the lock entries under a prefix.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Inspection {
+    /// Facts about the daemon.
+    pub server: ServerInfo,
+    /// Entries in name order.
+    pub entries: Vec<EntryInfo>,
+    /// More entries matched than `limit` allowed.
+    pub truncated: bool,
+}
+
+/// Facts about the daemon.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ServerInfo {
+    /// Software version.
+    pub version: String,
+    /// The daemon's process id.
+    pub pid: u32,
+    /// Milliseconds since the daemon started.
+    pub uptime_ms: u64,
+    /// Open sessions, this one included.
+    pub sessions: u64,
+}
+
+/// One lock entry.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EntryInfo {
+    /// The lock's name.
+    pub name: String,
+    /// Mutex, semaphore or rwlock.
+    pub kind: EntryKind,
+    /// Capacity in permits (1 for a mutex, 0 for a rwlock).
+    pub capacity: u32,
+    /// The next grant will carry `abandoned = true`.
+    pub abandoned: bool,
+    /// Current holders, oldest first.
+    pub holders: Vec<HolderInfo>,
+    /// Waiters in queue order.
+    pub waiters: Vec<WaiterInfo>,
+}
+
+/// A hold, as `Inspect` shows it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HolderInfo {
+    /// The holding session.
+    pub session: SessionInfo,
+    /// The hold's id.
+    pub hold_id: u64,
+    /// How it was acquired.
+    pub kind: LockKind,
+    /// Permits held.
+    pub permits: u32,
+    /// The hold's fence.
+    pub fence: u64,
+    /// When it was granted, in milliseconds since the Unix epoch.
+    pub since_ms: u64,
+}
+
+/// A queued acquire, as `Inspect` shows it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WaiterInfo {
+    /// The waiting session.
+    pub session: SessionInfo,
+    /// The acquire's request id within that session.
+    pub request_id: u64,
+    /// What it asks for.
+    pub kind: LockKind,
+    /// Permits asked for.
+    pub permits: u32,
+    /// When it was queued, in milliseconds since the Unix epoch.
+    pub since_ms: u64,
+    /// Its timeout, if any.
+    pub timeout_ms: Option<u64>,
+}
+
+/// Who a session is.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SessionInfo {
+    /// The session id from its `Welcome`.
+    pub session_id: u64,
+    /// Peer process id, where the platform reports it.
+    pub pid: Option<u32>,
+    /// Peer user id, where the platform reports it.
+    pub uid: Option<u32>,
+    /// Peer group id, where the platform reports it.
+    pub gid: Option<u32>,
+    /// The `client_name` of its `Hello`.
+    pub client_name: String,
+}
+
+/// Something the daemon pushes without being asked.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Event {
+    /// The daemon is shutting down; every hold of the session ends when the
+    /// connection closes, right after this event.
+    ShuttingDown,
+}
+
+/// An error: a stable code and a human message.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ErrorInfo {
+    /// What went wrong, for programs.
+    pub code: ErrorCode,
+    /// What went wrong, for people.
+    pub message: String,
+}
+
+impl ErrorInfo {
+    /// An error with this code and message.
+    pub fn new(code: ErrorCode, message: impl Into<String>) -> Self {
+        ErrorInfo {
+            code,
+            message: message.into(),
+        }
+    }
+}
+
+impl fmt::Display for ErrorInfo {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{} (code {} {})",
+            self.message,
+            self.code.as_u16(),
+            self.code
+        )
+    }
+}
+
+macro_rules! error_codes {
+    ($($(#[$doc:meta])* $name:ident = $num:literal, $text:literal;)*) => {
+        /// Stable numeric error codes, encoded as a `u16`.
+        ///
+        /// 1xx end the connection (sent in [`ServerMessage::Fatal`]), 2xx are
+        /// invalid requests, 3xx refer to holds or waits the session does not
+        /// have, 4xx are limits, 5xx the daemon's own condition. Codes are
+        /// never reused; a code this version does not know decodes as
+        /// [`ErrorCode::Other`].
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+        #[serde(from = "u16", into = "u16")]
+        #[non_exhaustive]
+        pub enum ErrorCode {
+            $($(#[$doc])* $name,)*
+            /// A code this version does not know.
+            Other(u16),
+        }
+
+        impl ErrorCode {
+            /// Every known code, in numeric order.
+            pub const ALL: &'static [ErrorCode] = &[$(ErrorCode::$name,)*];
+
+            /// The numeric code.
+            pub fn as_u16(self) -> u16 {
+                match self {
+                    $(ErrorCode::$name => $num,)*
+                    ErrorCode::Other(n) => n,
+                }
+            }
+
+            /// The code's stable snake_case name, e.g. `invalid_name`.
+            pub fn name(self) -> &'static str {
+                match self {
+                    $(ErrorCode::$name => $text,)*
+                    ErrorCode::Other(_) => "other",
+                }
+            }
+        }
+
+        impl From<u16> for ErrorCode {
+            fn from(n: u16) -> Self {
+                match n {
+                    $($num => ErrorCode::$name,)*
+                    n => ErrorCode::Other(n),
+                }
+            }
+        }
+    };
+}
+
+error_codes! {
+    /// A frame body could not be decoded (fatal).
+    Malformed = 100, "malformed";
+    /// A frame's length is above the maximum (fatal).
+    FrameTooLarge = 101, "frame_too_large";
+    /// The `Hello` did not carry [`crate::MAGIC`] (fatal).
+    BadMagic = 102, "bad_magic";
+    /// The daemon does not speak the client's protocol version (fatal).
+    UnsupportedVersion = 103, "unsupported_version";
+    /// A request came before the `Hello` (fatal).
+    HandshakeRequired = 104, "handshake_required";
+    /// A second `Hello` on one connection (fatal).
+    UnexpectedHello = 105, "unexpected_hello";
+    /// The daemon is at its connection limit (fatal).
+    TooManyConnections = 106, "too_many_connections";
+    /// A name is empty, too long, or has NUL or control characters.
+    InvalidName = 200, "invalid_name";
+    /// Zero permits, or more than one for a rwlock.
+    InvalidPermits = 201, "invalid_permits";
+    /// More permits than the lock's capacity (a semaphore's, or 1 for a
+    /// mutex).
+    PermitsAboveCapacity = 202, "permits_above_capacity";
+    /// A semaphore capacity of zero.
+    InvalidCapacity = 203, "invalid_capacity";
+    /// A semaphore request names another capacity than the busy entry has.
+    CapacityMismatch = 204, "capacity_mismatch";
+    /// The name is in use as another kind of lock.
+    KindMismatch = 205, "kind_mismatch";
+    /// The request id is already used by a waiting acquire.
+    DuplicateRequestId = 206, "duplicate_request_id";
+    /// Some other argument is out of range (e.g. a client name too long).
+    InvalidArgument = 207, "invalid_argument";
+    /// The session has no hold with this id.
+    UnknownHold = 300, "unknown_hold";
+    /// The session holds fewer permits on this name than it releases.
+    NotHeld = 301, "not_held";
+    /// No pending acquire of this session has this request id.
+    NotPending = 302, "not_pending";
+    /// The session has as many waiting acquires as it may.
+    TooManyPending = 400, "too_many_pending";
+    /// The session has as many holds as it may.
+    TooManyHolds = 401, "too_many_holds";
+    /// The answer would be larger than the maximum frame.
+    ResponseTooLarge = 402, "response_too_large";
+    /// The daemon is shutting down.
+    ShuttingDown = 500, "shutting_down";
+    /// A bug in the daemon; the request had no effect.
+    Internal = 501, "internal";
+}
+
+impl From<ErrorCode> for u16 {
+    fn from(code: ErrorCode) -> u16 {
+        code.as_u16()
+    }
+}
+
+impl fmt::Display for ErrorCode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// Longest name, in bytes.
+pub const MAX_NAME_LEN: usize = 255;
+
+/// A validated lock or state-key name: UTF-8, 1 to 255 bytes, no NUL or
+/// control characters.
+///
+/// The wire carries names as plain strings so that a bad name is an error
+/// response rather than an undecodable frame; the daemon validates them into
+/// this type.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct LockName(String);
+
+/// Why a string is not a valid [`LockName`].
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum NameError {
+    /// The name is empty.
+    #[error("name is empty")]
+    Empty,
+    /// The name is longer than [`MAX_NAME_LEN`] bytes.
+    #[error("name is {len} bytes, longer than {MAX_NAME_LEN}")]
+    TooLong {
+        /// Its length in bytes.
+        len: usize,
+    },
+    /// The name contains a NUL or control character.
+    #[error("name contains control character {ch:?} at byte {index}")]
+    ControlChar {
+        /// The character.
+        ch: char,
+        /// Its byte offset.
+        index: usize,
+    },
+}
+
+impl LockName {
+    /// Validates `name`.
+    pub fn new(name: impl Into<String>) -> Result<Self, NameError> {
+        let name = name.into();
+        check_name_chars(&name)?;
+        if name.is_empty() {
+            return Err(NameError::Empty);
+        }
+        Ok(LockName(name))
+    }
+
+    /// The name as a string.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    /// The name as an owned string.
+    pub fn into_string(self) -> String {
+        self.0
+    }
+}
+
+/// Checks a name prefix: the rules of [`LockName`], except that it may be
+/// empty.
+pub fn validate_prefix(prefix: &str) -> Result<(), NameError> {
+    check_name_chars(prefix)
+}
+
+fn check_name_chars(name: &str) -> Result<(), NameError> {
+    if name.len() > MAX_NAME_LEN {
+        return Err(NameError::TooLong { len: name.len() });
+    }
+    if let Some((index, ch)) = name.char_indices().find(|(_, c)| c.is_control()) {
+        return Err(NameError::ControlChar { ch, index });
+    }
+    Ok(())
+}
+
+impl fmt::Display for LockName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl AsRef<str> for LockName {
+    fn as_ref(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::borrow::Borrow<str> for LockName {
+    fn borrow(&self) -> &str {
+        &self.0
+    }
+}
+
+impl TryFrom<&str> for LockName {
+    type Error = NameError;
+    fn try_from(s: &str) -> Result<Self, NameError> {
+        LockName::new(s)
+    }
+}
+
+impl TryFrom<String> for LockName {
+    type Error = NameError;
+    fn try_from(s: String) -> Result<Self, NameError> {
+        LockName::new(s)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_follow_the_rules() {
+        assert!(LockName::new("deploy/status").is_ok());
+        assert!(LockName::new("ü".repeat(127)).is_ok()); // 254 bytes
+        assert_eq!(LockName::new(""), Err(NameError::Empty));
+        assert_eq!(
+            LockName::new("a".repeat(256)),
+            Err(NameError::TooLong { len: 256 })
+        );
+        assert_eq!(
+            LockName::new("a\0b"),
+            Err(NameError::ControlChar { ch: '\0', index: 1 })
+        );
+        assert!(LockName::new("tab\there").is_err());
+        assert!(validate_prefix("").is_ok());
+        assert!(validate_prefix("x\n").is_err());
+    }
+
+    #[test]
+    fn error_codes_round_trip_and_are_unique() {
+        let mut seen = std::collections::HashSet::new();
+        for &code in ErrorCode::ALL {
+            assert!(seen.insert(code.as_u16()), "duplicate {code}");
+            assert_eq!(ErrorCode::from(code.as_u16()), code);
+        }
+        assert_eq!(ErrorCode::from(999), ErrorCode::Other(999));
+        assert_eq!(ErrorCode::Other(999).as_u16(), 999);
+    }
+}

@@ -1,0 +1,542 @@
+//! Golden vectors of protocol v1: the bytes every implementation must
+//! produce and accept.
+//!
+//! Three places hold the same frames:
+//!
+//! - `proto/golden/v1.txt`, one vector per line as `NAME DIRECTION HEX`
+//!   (read by the tests of every other-language client too);
+//! - `PROTOCOL.md`, whose "Golden vectors" section repeats those lines in a
+//!   fenced block opened by ` ```golden-v1 `, names each vector in a table,
+//!   and whose annotated session (a block opened by ` ```session-v1 `) shows
+//!   some of them byte by byte;
+//! - [`vectors`] below, which builds each named message in Rust.
+//!
+//! The tests check that encoding each message gives the file's bytes, that
+//! decoding the file's bytes gives the message back using every byte, and
+//! that the file, this test and `PROTOCOL.md` name the same vectors with the
+//! same bytes, so none of them can drift from the others.
+//!
+//! To add a vector, add it to [`vectors`], print its line with
+//! `cargo test -p lockbroker-proto --test golden -- --ignored --nocapture`,
+//! and paste the line into `proto/golden/v1.txt` and into the `golden-v1`
+//! block of `PROTOCOL.md`, with a row for it in that section's table.
+
+use std::collections::BTreeSet;
+use std::path::PathBuf;
+
+use lockbroker_proto::frame::{decode, to_frame};
+use lockbroker_proto::{
+    Acquire, ClientMessage, DEFAULT_MAX_FRAME_LEN, EntryInfo, EntryKind, ErrorCode, ErrorInfo,
+    Event, Grant, HEADER_LEN, Hello, HolderInfo, Inspection, Limits, LockKind, MAGIC,
+    PROTOCOL_VERSION, Request, Response, ServerInfo, ServerMessage, SessionInfo, WaiterInfo,
+    Welcome,
+};
+
+/// A message of either direction.
+#[derive(Debug)]
+enum Message {
+    /// Client to daemon.
+    C2s(ClientMessage),
+    /// Daemon to client.
+    S2c(ServerMessage),
+}
+
+impl Message {
+    fn direction(&self) -> &'static str {
+        match self {
+            Message::C2s(_) => "c2s",
+            Message::S2c(_) => "s2c",
+        }
+    }
+
+    fn to_frame(&self) -> Vec<u8> {
+        match self {
+            Message::C2s(m) => to_frame(m, DEFAULT_MAX_FRAME_LEN),
+            Message::S2c(m) => to_frame(m, DEFAULT_MAX_FRAME_LEN),
+        }
+        .expect("golden messages encode")
+    }
+
+    /// Decodes `frame` as a message of this one's direction and checks that
+    /// it equals this one and used every byte.
+    fn assert_decodes_from(&self, name: &str, frame: &[u8]) {
+        match self {
+            Message::C2s(want) => {
+                let (got, used) = decode::<ClientMessage>(frame, DEFAULT_MAX_FRAME_LEN)
+                    .unwrap_or_else(|e| panic!("{name}: {e}"))
+                    .unwrap_or_else(|| panic!("{name}: incomplete frame"));
+                assert_eq!(&got, want, "{name}: decoded message");
+                assert_eq!(used, frame.len(), "{name}: bytes used");
+            }
+            Message::S2c(want) => {
+                let (got, used) = decode::<ServerMessage>(frame, DEFAULT_MAX_FRAME_LEN)
+                    .unwrap_or_else(|e| panic!("{name}: {e}"))
+                    .unwrap_or_else(|| panic!("{name}: incomplete frame"));
+                assert_eq!(&got, want, "{name}: decoded message");
+                assert_eq!(used, frame.len(), "{name}: bytes used");
+            }
+        }
+    }
+}
+
+fn request(id: u64, request: Request) -> Message {
+    Message::C2s(ClientMessage::Request { id, request })
+}
+
+fn response(id: u64, response: Response) -> Message {
+    Message::S2c(ServerMessage::Response { id, response })
+}
+
+/// Every golden vector, in the order of `proto/golden/v1.txt`.
+///
+/// The first six are the annotated session of `PROTOCOL.md`; the ids of the
+/// rest follow one imaginary session so that each answer matches a request.
+fn vectors() -> Vec<(&'static str, Message)> {
+    vec![
+        (
+            "hello",
+            Message::C2s(ClientMessage::Hello(Hello {
+                magic: MAGIC,
+                version: PROTOCOL_VERSION,
+                client_name: "demo".into(),
+            })),
+        ),
+        (
+            "welcome",
+            Message::S2c(ServerMessage::Welcome(Welcome {
+                version: 1,
+                server_version: "0.1.0".into(),
+                session_id: 1,
+                limits: Limits {
+                    max_frame_len: 2_097_152,
+                    max_pending: 1024,
+                    max_holds: 65_536,
+                },
+            })),
+        ),
+        (
+            "acquire_mutex",
+            request(
+                1,
+                Request::Acquire(Acquire {
+                    name: "deploy/status".into(),
+                    kind: LockKind::Mutex,
+                    capacity: 0,
+                    permits: 1,
+                    timeout_ms: Some(5000),
+                }),
+            ),
+        ),
+        (
+            "granted",
+            response(
+                1,
+                Response::Granted(Grant {
+                    hold_id: 1,
+                    fence: 1,
+                    abandoned: false,
+                }),
+            ),
+        ),
+        ("release", request(2, Request::Release { hold_id: 1 })),
+        ("released", response(2, Response::Released { permits: 1 })),
+        (
+            "acquire_semaphore",
+            request(
+                3,
+                Request::Acquire(Acquire {
+                    name: "pool/db".into(),
+                    kind: LockKind::Semaphore,
+                    capacity: 4,
+                    permits: 2,
+                    timeout_ms: None,
+                }),
+            ),
+        ),
+        ("cancel", request(4, Request::Cancel { request_id: 3 })),
+        ("cancelled", response(3, Response::Cancelled)),
+        ("done", response(4, Response::Done)),
+        (
+            "acquire_rw_shared_try",
+            request(
+                5,
+                Request::Acquire(Acquire {
+                    name: "config".into(),
+                    kind: LockKind::RwShared,
+                    capacity: 0,
+                    permits: 1,
+                    timeout_ms: Some(0),
+                }),
+            ),
+        ),
+        ("timed_out", response(5, Response::TimedOut)),
+        (
+            "acquire_rw_exclusive",
+            request(
+                6,
+                Request::Acquire(Acquire {
+                    name: "config".into(),
+                    kind: LockKind::RwExclusive,
+                    capacity: 0,
+                    permits: 1,
+                    timeout_ms: Some(250),
+                }),
+            ),
+        ),
+        (
+            "granted_abandoned",
+            response(
+                6,
+                Response::Granted(Grant {
+                    hold_id: 7,
+                    fence: 42,
+                    abandoned: true,
+                }),
+            ),
+        ),
+        (
+            "release_by_name",
+            request(
+                7,
+                Request::ReleaseByName {
+                    name: "pool/db".into(),
+                    count: 2,
+                },
+            ),
+        ),
+        (
+            "error_not_held",
+            response(
+                7,
+                Response::Error(ErrorInfo::new(
+                    ErrorCode::NotHeld,
+                    "holds 0 of 2 permits on pool/db",
+                )),
+            ),
+        ),
+        (
+            "inspect",
+            request(
+                8,
+                Request::Inspect {
+                    prefix: "deploy/".into(),
+                    limit: 100,
+                },
+            ),
+        ),
+        (
+            "inspection",
+            response(8, Response::Inspection(inspection())),
+        ),
+        ("ping", request(9, Request::Ping)),
+        ("pong", response(9, Response::Pong)),
+        (
+            "error_unknown_code",
+            response(
+                10,
+                Response::Error(ErrorInfo::new(
+                    ErrorCode::Other(999),
+                    "from a later version",
+                )),
+            ),
+        ),
+        (
+            "event_shutting_down",
+            Message::S2c(ServerMessage::Event(Event::ShuttingDown)),
+        ),
+        (
+            "fatal_bad_magic",
+            Message::S2c(ServerMessage::Fatal(ErrorInfo::new(
+                ErrorCode::BadMagic,
+                "bad magic",
+            ))),
+        ),
+    ]
+}
+
+/// One mutex with one holder (every peer id known) and one waiter (pid
+/// only, as on Windows).
+fn inspection() -> Inspection {
+    Inspection {
+        server: ServerInfo {
+            version: "0.1.0".into(),
+            pid: 4242,
+            uptime_ms: 90_000,
+            sessions: 2,
+        },
+        entries: vec![EntryInfo {
+            name: "deploy/status".into(),
+            kind: EntryKind::Mutex,
+            capacity: 1,
+            abandoned: false,
+            holders: vec![HolderInfo {
+                session: SessionInfo {
+                    session_id: 1,
+                    pid: Some(1234),
+                    uid: Some(1000),
+                    gid: Some(1000),
+                    client_name: "demo".into(),
+                },
+                hold_id: 1,
+                kind: LockKind::Mutex,
+                permits: 1,
+                fence: 1,
+                since_ms: 1_700_000_000_000,
+            }],
+            waiters: vec![WaiterInfo {
+                session: SessionInfo {
+                    session_id: 2,
+                    pid: Some(5678),
+                    uid: None,
+                    gid: None,
+                    client_name: "worker".into(),
+                },
+                request_id: 1,
+                kind: LockKind::Mutex,
+                permits: 1,
+                since_ms: 1_700_000_000_250,
+                timeout_ms: None,
+            }],
+        }],
+        truncated: false,
+    }
+}
+
+/// One line of a vector file: `NAME DIRECTION HEX`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Vector {
+    name: String,
+    direction: String,
+    bytes: Vec<u8>,
+}
+
+fn repo_file(relative: &str) -> (PathBuf, String) {
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(relative);
+    let text = std::fs::read_to_string(&path)
+        .unwrap_or_else(|e| panic!("cannot read {}: {e}", path.display()));
+    (path, text)
+}
+
+fn hex_to_bytes(hex: &str, context: &str) -> Vec<u8> {
+    assert!(
+        hex.len() % 2 == 0,
+        "{context}: odd number of hex digits in {hex}"
+    );
+    assert!(
+        hex.bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)),
+        "{context}: hex must be lowercase 0-9a-f: {hex}"
+    );
+    (0..hex.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(&hex[i..i + 2], 16).expect("checked hex"))
+        .collect()
+}
+
+fn bytes_to_hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Parses `NAME DIRECTION HEX` lines; `#` comments and blank lines are
+/// skipped.
+fn parse_vectors<'a>(lines: impl Iterator<Item = &'a str>, source: &str) -> Vec<Vector> {
+    let mut out = Vec::new();
+    for (number, line) in lines.enumerate() {
+        let line = line.trim();
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        let context = format!("{source}, vector line {}", number + 1);
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        let [name, direction, hex] = fields[..] else {
+            panic!("{context}: expected `NAME DIRECTION HEX`, got {line:?}");
+        };
+        assert!(
+            direction == "c2s" || direction == "s2c",
+            "{context}: direction must be c2s or s2c, got {direction:?}"
+        );
+        out.push(Vector {
+            name: name.to_owned(),
+            direction: direction.to_owned(),
+            bytes: hex_to_bytes(hex, &context),
+        });
+    }
+    out
+}
+
+fn file_vectors() -> Vec<Vector> {
+    let (path, text) = repo_file("golden/v1.txt");
+    parse_vectors(text.lines(), &path.display().to_string())
+}
+
+fn protocol_md() -> String {
+    repo_file("../PROTOCOL.md").1
+}
+
+/// The lines of the fenced block of `doc` opened by ```` ```tag ````.
+fn fenced_block<'a>(doc: &'a str, tag: &str) -> Vec<&'a str> {
+    let opening = format!("```{tag}");
+    let mut lines = doc.lines().skip_while(|l| l.trim_end() != opening);
+    assert!(
+        lines.next().is_some(),
+        "PROTOCOL.md has no block opened by {opening}"
+    );
+    let block: Vec<&str> = lines
+        .by_ref()
+        .take_while(|l| l.trim_end() != "```")
+        .collect();
+    block
+}
+
+fn unique_names<'a>(names: impl Iterator<Item = &'a str>, source: &str) -> BTreeSet<&'a str> {
+    let mut seen = BTreeSet::new();
+    for name in names {
+        assert!(seen.insert(name), "{source}: vector {name} appears twice");
+    }
+    seen
+}
+
+#[test]
+fn every_vector_encodes_to_and_decodes_from_the_file_bytes() {
+    let file = file_vectors();
+    for (name, message) in vectors() {
+        let Some(vector) = file.iter().find(|v| v.name == name) else {
+            panic!("proto/golden/v1.txt has no vector {name}");
+        };
+        assert_eq!(vector.direction, message.direction(), "{name}: direction");
+        let encoded = message.to_frame();
+        assert_eq!(
+            bytes_to_hex(&encoded),
+            bytes_to_hex(&vector.bytes),
+            "{name}: encoding differs from the file"
+        );
+        let body_len = u32::from_le_bytes(vector.bytes[..HEADER_LEN].try_into().unwrap());
+        assert_eq!(
+            body_len as usize,
+            vector.bytes.len() - HEADER_LEN,
+            "{name}: length prefix"
+        );
+        message.assert_decodes_from(name, &vector.bytes);
+    }
+}
+
+#[test]
+fn the_file_and_this_test_have_the_same_vectors_in_the_same_order() {
+    let file = file_vectors();
+    let ours = vectors();
+    unique_names(file.iter().map(|v| v.name.as_str()), "proto/golden/v1.txt");
+    unique_names(ours.iter().map(|(n, _)| *n), "vectors()");
+    let file_names: Vec<&str> = file.iter().map(|v| v.name.as_str()).collect();
+    let our_names: Vec<&str> = ours.iter().map(|(n, _)| *n).collect();
+    assert_eq!(file_names, our_names);
+}
+
+#[test]
+fn protocol_md_repeats_the_file_vectors() {
+    let doc = protocol_md();
+    let in_doc = parse_vectors(
+        fenced_block(&doc, "golden-v1").into_iter(),
+        "PROTOCOL.md golden-v1 block",
+    );
+    assert_eq!(in_doc, file_vectors());
+}
+
+#[test]
+fn protocol_md_table_names_every_vector() {
+    let doc = protocol_md();
+    // Rows of the table in the golden-vector section: | `name` | dir | ... |
+    let mut section = doc
+        .lines()
+        .skip_while(|l| !(l.starts_with("## ") && l.trim_end().ends_with("Golden vectors")));
+    assert!(
+        section.next().is_some(),
+        "PROTOCOL.md has no `## ... Golden vectors` section"
+    );
+    let mut rows = Vec::new();
+    for line in section.take_while(|l| !l.starts_with("## ")) {
+        let Some(rest) = line.strip_prefix("| `") else {
+            continue;
+        };
+        let (name, rest) = rest.split_once('`').expect("closing backtick");
+        let direction = rest
+            .trim_start_matches([' ', '|'])
+            .split_whitespace()
+            .next()
+            .unwrap_or_default();
+        rows.push((name, direction));
+    }
+    let file = file_vectors();
+    let expected: Vec<(&str, &str)> = file
+        .iter()
+        .map(|v| (v.name.as_str(), v.direction.as_str()))
+        .collect();
+    assert_eq!(rows, expected);
+}
+
+/// The annotated session: a header line `c2s NAME` or `s2c NAME` per frame,
+/// then lines of space-separated byte pairs, two spaces, and a comment.
+#[test]
+fn protocol_md_annotated_session_matches_the_vectors() {
+    let doc = protocol_md();
+    let file = file_vectors();
+    let mut frames: Vec<(String, String, Vec<u8>)> = Vec::new();
+    for line in fenced_block(&doc, "session-v1") {
+        let line = line.trim();
+        if line.is_empty() {
+            continue;
+        }
+        if let Some(name) = line
+            .strip_prefix("c2s ")
+            .or_else(|| line.strip_prefix("s2c "))
+        {
+            let name = name.split_whitespace().next().expect("a vector name");
+            frames.push((line[..3].to_owned(), name.to_owned(), Vec::new()));
+            continue;
+        }
+        let (hex, _comment) = line.split_once("  ").unwrap_or((line, ""));
+        let frame = frames
+            .last_mut()
+            .unwrap_or_else(|| panic!("bytes before the first frame header: {line:?}"));
+        for pair in hex.split(' ') {
+            assert_eq!(pair.len(), 2, "byte {pair:?} in {line:?}");
+            frame.2.extend(hex_to_bytes(pair, line));
+        }
+    }
+    let names: Vec<&str> = frames.iter().map(|f| f.1.as_str()).collect();
+    assert_eq!(
+        names,
+        [
+            "hello",
+            "welcome",
+            "acquire_mutex",
+            "granted",
+            "release",
+            "released"
+        ]
+    );
+    for (direction, name, bytes) in &frames {
+        let vector = file
+            .iter()
+            .find(|v| &v.name == name)
+            .unwrap_or_else(|| panic!("no vector {name}"));
+        assert_eq!(direction, &vector.direction, "{name}: direction");
+        assert_eq!(
+            bytes_to_hex(bytes),
+            bytes_to_hex(&vector.bytes),
+            "{name}: annotated bytes"
+        );
+    }
+}
+
+/// Prints every vector as a line of `proto/golden/v1.txt`.
+#[test]
+#[ignore = "prints the vector lines to paste when adding a vector"]
+fn print_vectors() {
+    for (name, message) in vectors() {
+        println!(
+            "{name} {} {}",
+            message.direction(),
+            bytes_to_hex(&message.to_frame())
+        );
+    }
+}
