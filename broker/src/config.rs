@@ -1,0 +1,235 @@
+//! Configuration: the raw command-line flags ([`Cli`]) and the validated
+//! [`Config`] passed down to the server.
+//!
+//! Flags are parsed once, here; nothing deeper reads the environment
+//! (ripgrep's `lowargs` → `hiargs` split).
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Parser, ValueEnum};
+use lockbroker_proto::address::{self, Env, Scope};
+use lockbroker_proto::{DEFAULT_MAX_FRAME_LEN, MIN_MAX_FRAME_LEN};
+
+use crate::error::StartError;
+
+/// Default cap on open connections.
+pub const DEFAULT_MAX_CONNECTIONS: usize = 4096;
+/// Default cap on one session's waiting acquires.
+pub const DEFAULT_MAX_PENDING: u32 = 1024;
+/// Default cap on one session's holds.
+pub const DEFAULT_MAX_HOLDS: u32 = 65536;
+/// How long a new connection has to send its `Hello`.
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Default number of entries an `Inspect` returns when it names no limit.
+pub const DEFAULT_INSPECT_LIMIT: u32 = 1000;
+/// Largest number of entries one `Inspect` may ask for.
+pub const MAX_INSPECT_LIMIT: u32 = 100_000;
+
+/// `lockbrokerd`: serve named mutexes, semaphores and rwlocks on a local
+/// socket.
+///
+/// Example: `lockbrokerd --socket /tmp/demo.sock --log-level debug`
+#[derive(Debug, Clone, Parser)]
+#[command(name = "lockbrokerd", version, about, long_about = None)]
+pub struct Cli {
+    /// Serve this socket path (overrides --scope).
+    #[arg(long, value_name = "PATH")]
+    pub socket: Option<PathBuf>,
+
+    /// Serve the default socket of this scope.
+    #[arg(long, value_enum, default_value_t = ScopeArg::Local)]
+    pub scope: ScopeArg,
+
+    /// Most connections open at once; more are refused with an error.
+    #[arg(long, default_value_t = DEFAULT_MAX_CONNECTIONS, value_name = "N")]
+    pub max_connections: usize,
+
+    /// Most acquires one session may have waiting at once.
+    #[arg(long, default_value_t = DEFAULT_MAX_PENDING, value_name = "N")]
+    pub max_pending: u32,
+
+    /// Most holds (plus waiting acquires) one session may have.
+    #[arg(long, default_value_t = DEFAULT_MAX_HOLDS, value_name = "N")]
+    pub max_holds: u32,
+
+    /// Largest frame body accepted or sent, in bytes.
+    #[arg(long, default_value_t = DEFAULT_MAX_FRAME_LEN, value_name = "BYTES")]
+    pub max_frame_len: u32,
+
+    /// Runtime worker threads (1 avoids a cross-thread hop per grant).
+    #[arg(long, default_value_t = 1, value_name = "N")]
+    pub workers: usize,
+
+    /// Log level or filter (e.g. `info`, `lockbrokerd=debug`); RUST_LOG is
+    /// used when this is not given.
+    #[arg(long, value_name = "FILTER")]
+    pub log_level: Option<String>,
+
+    /// Log format.
+    #[arg(long, value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+}
+
+/// `--scope` values the daemon serves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum ScopeArg {
+    /// One user's login session.
+    Local,
+    /// Every user of the machine.
+    Global,
+}
+
+/// `--log-format` values.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// Limits applied to every session.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SessionLimits {
+    /// Most waiting acquires.
+    pub max_pending: u32,
+    /// Most holds plus waiting acquires.
+    pub max_holds: u32,
+    /// Largest frame body.
+    pub max_frame_len: u32,
+    /// Time allowed for the `Hello`.
+    pub handshake_timeout: Duration,
+}
+
+impl Default for SessionLimits {
+    fn default() -> Self {
+        SessionLimits {
+            max_pending: DEFAULT_MAX_PENDING,
+            max_holds: DEFAULT_MAX_HOLDS,
+            max_frame_len: DEFAULT_MAX_FRAME_LEN,
+            handshake_timeout: HANDSHAKE_TIMEOUT,
+        }
+    }
+}
+
+/// Validated configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// The socket path (or pipe name) to serve.
+    pub socket: PathBuf,
+    /// The scope, when the socket is a scope default: its directory is
+    /// created and checked.
+    pub scope: Option<Scope>,
+    /// Most open connections.
+    pub max_connections: usize,
+    /// Per-session limits.
+    pub limits: SessionLimits,
+    /// Runtime worker threads.
+    pub workers: usize,
+    /// Log filter, if given by flag.
+    pub log_level: Option<String>,
+    /// Log format.
+    pub log_format: LogFormat,
+}
+
+impl Config {
+    /// A configuration with default limits serving `socket`.
+    pub fn for_socket(socket: impl Into<PathBuf>) -> Config {
+        Config {
+            socket: socket.into(),
+            scope: None,
+            max_connections: DEFAULT_MAX_CONNECTIONS,
+            limits: SessionLimits::default(),
+            workers: 1,
+            log_level: None,
+            log_format: LogFormat::Text,
+        }
+    }
+
+    /// Validates the flags against the process environment `env`.
+    pub fn from_cli(cli: Cli, env: &Env) -> Result<Config, StartError> {
+        let bad = |msg: String| Err(StartError::Config(msg));
+        if cli.max_connections == 0 {
+            return bad("--max-connections must be at least 1".into());
+        }
+        if cli.max_pending == 0 || cli.max_holds == 0 {
+            return bad("--max-pending and --max-holds must be at least 1".into());
+        }
+        if cli.max_frame_len < MIN_MAX_FRAME_LEN {
+            return bad(format!(
+                "--max-frame-len must be at least {MIN_MAX_FRAME_LEN}"
+            ));
+        }
+        if cli.workers == 0 {
+            return bad("--workers must be at least 1".into());
+        }
+        let scope = match cli.scope {
+            ScopeArg::Local => Scope::Local,
+            ScopeArg::Global => Scope::Global,
+        };
+        let (socket, scope) = match cli.socket {
+            Some(path) => (path, None),
+            None => (address::default_address(scope, env), Some(scope)),
+        };
+        Ok(Config {
+            socket,
+            scope,
+            max_connections: cli.max_connections,
+            limits: SessionLimits {
+                max_pending: cli.max_pending,
+                max_holds: cli.max_holds,
+                max_frame_len: cli.max_frame_len,
+                handshake_timeout: HANDSHAKE_TIMEOUT,
+            },
+            workers: cli.workers,
+            log_level: cli.log_level,
+            log_format: cli.log_format,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Result<Config, StartError> {
+        let env = Env {
+            socket: Some("/ignored/by/the/daemon".into()),
+            runtime_dir: Some("/run/user/7".into()),
+            user: "7".into(),
+        };
+        let cli = Cli::try_parse_from(std::iter::once("lockbrokerd").chain(args.iter().copied()))
+            .expect("flags parse");
+        Config::from_cli(cli, &env)
+    }
+
+    #[test]
+    fn scope_defaults_and_explicit_socket() {
+        let c = parse(&[]).unwrap();
+        if cfg!(unix) {
+            assert_eq!(
+                c.socket,
+                PathBuf::from("/run/user/7/lockbroker/broker.sock")
+            );
+        }
+        assert_eq!(c.scope, Some(Scope::Local));
+        let c = parse(&["--scope", "global"]).unwrap();
+        assert_eq!(c.scope, Some(Scope::Global));
+        let c = parse(&["--socket", "/tmp/x.sock"]).unwrap();
+        assert_eq!((c.socket, c.scope), (PathBuf::from("/tmp/x.sock"), None));
+    }
+
+    #[test]
+    fn bad_limits_are_refused() {
+        for args in [
+            &["--max-connections", "0"][..],
+            &["--max-pending", "0"],
+            &["--max-frame-len", "100"],
+            &["--workers", "0"],
+        ] {
+            let err = parse(args).unwrap_err();
+            assert!(matches!(err, StartError::Config(_)), "{args:?}: {err}");
+        }
+    }
+}

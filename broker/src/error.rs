@@ -1,0 +1,52 @@
+//! Errors that stop the daemon from starting.
+
+use std::io;
+use std::path::PathBuf;
+
+/// Why the daemon could not start serving its socket.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// Another daemon already serves this address.
+    #[error("another lockbrokerd is already serving {}", path.display())]
+    AlreadyRunning {
+        /// The contested address.
+        path: PathBuf,
+    },
+    /// The socket directory is unsafe to use.
+    #[error("refusing to use {}: {reason}", path.display())]
+    UnsafeDirectory {
+        /// The directory.
+        path: PathBuf,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// Something exists at the socket path that is not a socket.
+    #[error("refusing to replace {}: it exists and is not a socket", path.display())]
+    NotASocket {
+        /// The path.
+        path: PathBuf,
+    },
+    /// An operating-system call failed.
+    #[error("{what} {}: {source}", path.display())]
+    Io {
+        /// What was being done.
+        what: &'static str,
+        /// On which path.
+        path: PathBuf,
+        /// The error.
+        source: io::Error,
+    },
+    /// The configuration is invalid.
+    #[error("{0}")]
+    Config(String),
+}
+
+impl StartError {
+    pub(crate) fn io(what: &'static str, path: impl Into<PathBuf>, source: io::Error) -> Self {
+        StartError::Io {
+            what,
+            path: path.into(),
+            source,
+        }
+    }
+}

@@ -1,0 +1,40 @@
+//! The lockbroker daemon as a library: `lockbrokerd` is a thin `main` over
+//! it, and tests start it in-process on a socket of their own.
+//!
+//! # Layout
+//!
+//! - [`config`]: command-line flags and the validated [`Config`].
+//! - [`transport`]: binding the socket safely (one daemon per socket, stale
+//!   socket reclaim, directory checks), accepting, peer credentials.
+//! - [`server`]: the accept loop, connection limit and graceful shutdown;
+//!   [`Broker`](server::Broker) is what every session shares.
+//! - [`session`]: one task per connection: handshake, requests, cleanup.
+//! - [`lock_table`]: the synchronous lock table (FIFO queues, holds, fences,
+//!   abandonment); it does no I/O.
+//! - [`shutdown`]: the signal fanned out to sessions.
+//!
+//! # Example
+//!
+//! ```no_run
+//! # async fn demo() -> Result<(), lockbrokerd::error::StartError> {
+//! use lockbrokerd::{config::Config, server, transport::Listener};
+//!
+//! let config = Config::for_socket("/tmp/demo.sock");
+//! let listener = Listener::bind(&config.socket, config.scope)?;
+//! server::run(listener, &config, tokio::signal::ctrl_c()).await;
+//! # Ok(())
+//! # }
+//! ```
+
+pub mod config;
+pub mod error;
+pub mod lock_table;
+pub mod server;
+pub mod session;
+pub mod shutdown;
+pub mod transport;
+
+pub use config::Config;
+
+/// The daemon's software version.
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");

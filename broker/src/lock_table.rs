@@ -1,0 +1,1024 @@
+//! The lock table: every named lock's capacity, holders and FIFO queue.
+//!
+//! The table is synchronous and does no I/O. Each method changes one entry
+//! under that entry's `DashMap` shard lock and returns what must happen next
+//! (a [`Delivery`] per grant it made to a waiting session); the caller sends
+//! those after the shard lock is gone, as mini-redis `db.rs` drops its state
+//! before notifying. No map reference is held while touching another key.
+//!
+//! Every kind of lock is counted permits on one entry:
+//! - a mutex has capacity 1 and every request weighs 1;
+//! - a semaphore has capacity N and a request weighs its permits;
+//! - a rwlock has capacity [`RW_WEIGHT`]: a shared request weighs 1, an
+//!   exclusive one the whole capacity.
+//!
+//! So one rule serves all three: the head of the queue is granted when its
+//! weight fits in what is free, and granting continues down the queue while
+//! the head fits. Nothing behind the head is ever served first, which is what
+//! keeps a large request (or an exclusive rwlock request) from starving.
+//!
+//! Fences and hold ids come from daemon-wide counters: a fence is strictly
+//! greater than every fence before it, for any name, which is more than the
+//! per-name guarantee needs and survives an entry being forgotten.
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use dashmap::DashMap;
+use dashmap::mapref::entry::Entry as MapEntry;
+use lockbroker_proto::{
+    EntryInfo, EntryKind, ErrorCode, ErrorInfo, Grant, HolderInfo, LockKind, LockName, SessionInfo,
+    WaiterInfo,
+};
+use tokio::sync::mpsc;
+
+/// A rwlock's capacity; an exclusive request takes all of it.
+pub const RW_WEIGHT: u64 = u32::MAX as u64;
+
+/// A grant made to a waiting session, to be sent by the caller once the
+/// table is no longer locked.
+#[derive(Debug)]
+pub struct Delivery {
+    /// The session that waited.
+    pub to: Arc<Peer>,
+    /// The acquire request that is now granted.
+    pub request_id: u64,
+    /// The hold it got.
+    pub grant: Grant,
+}
+
+impl Delivery {
+    /// Hands the grant to its session. If the session has already gone, its
+    /// cleanup has released (or will release) the hold, so nothing is lost.
+    pub fn send(self) {
+        let _ = self.to.grants.send((self.request_id, self.grant));
+    }
+}
+
+/// Sends every delivery.
+pub fn deliver(deliveries: Vec<Delivery>) {
+    deliveries.into_iter().for_each(Delivery::send);
+}
+
+/// A session as the table sees it: who it is, and where its grants go.
+#[derive(Debug)]
+pub struct Peer {
+    /// Identity shown by `inspect`.
+    pub info: SessionInfo,
+    /// Grants made while the session waited. The session's task owns the
+    /// receiver; it closes when the session ends.
+    grants: mpsc::UnboundedSender<(u64, Grant)>,
+}
+
+impl Peer {
+    /// A peer whose grants arrive on the returned receiver.
+    pub fn new(info: SessionInfo) -> (Arc<Peer>, mpsc::UnboundedReceiver<(u64, Grant)>) {
+        let (grants, rx) = mpsc::unbounded_channel();
+        (Arc::new(Peer { info, grants }), rx)
+    }
+
+    /// The session id.
+    pub fn id(&self) -> u64 {
+        self.info.session_id
+    }
+}
+
+/// A validated acquire request.
+#[derive(Debug, Clone)]
+pub struct AcquireSpec {
+    /// What kind of lock.
+    pub kind: LockKind,
+    /// Capacity (1 for a mutex; ignored for rwlocks).
+    pub capacity: u32,
+    /// Permits asked for.
+    pub permits: u32,
+    /// May the request wait in the queue? False for a try (timeout 0) and
+    /// when the session is at its pending limit.
+    pub may_wait: bool,
+    /// For `inspect` only.
+    pub timeout_ms: Option<u64>,
+}
+
+impl AcquireSpec {
+    /// Checks the request's own fields (not the entry it names).
+    pub fn validate(
+        kind: LockKind,
+        capacity: u32,
+        permits: u32,
+        timeout_ms: Option<u64>,
+    ) -> Result<AcquireSpec, ErrorInfo> {
+        if permits == 0 {
+            return Err(ErrorInfo::new(
+                ErrorCode::InvalidPermits,
+                "an acquire must ask for at least one permit",
+            ));
+        }
+        let capacity = match kind {
+            LockKind::Mutex => {
+                if permits > 1 {
+                    return Err(ErrorInfo::new(
+                        ErrorCode::PermitsAboveCapacity,
+                        format!("{permits} permits asked of a mutex, whose capacity is 1"),
+                    ));
+                }
+                1
+            }
+            LockKind::Semaphore => {
+                if capacity == 0 {
+                    return Err(ErrorInfo::new(
+                        ErrorCode::InvalidCapacity,
+                        "a semaphore's capacity must be at least 1",
+                    ));
+                }
+                if permits > capacity {
+                    return Err(ErrorInfo::new(
+                        ErrorCode::PermitsAboveCapacity,
+                        format!("{permits} permits asked of a semaphore of capacity {capacity}"),
+                    ));
+                }
+                capacity
+            }
+            LockKind::RwShared | LockKind::RwExclusive => {
+                if permits != 1 {
+                    return Err(ErrorInfo::new(
+                        ErrorCode::InvalidPermits,
+                        format!("a rwlock request takes exactly 1 permit, not {permits}"),
+                    ));
+                }
+                0
+            }
+        };
+        Ok(AcquireSpec {
+            kind,
+            capacity,
+            permits,
+            may_wait: timeout_ms != Some(0),
+            timeout_ms,
+        })
+    }
+
+    fn weight(&self) -> u64 {
+        weight(self.kind, self.permits)
+    }
+}
+
+fn weight(kind: LockKind, permits: u32) -> u64 {
+    match kind {
+        LockKind::Mutex | LockKind::Semaphore | LockKind::RwShared => u64::from(permits),
+        LockKind::RwExclusive => RW_WEIGHT,
+    }
+}
+
+/// What became of an acquire.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AcquireOutcome {
+    /// Granted at once.
+    Granted(Grant),
+    /// Queued; the grant will come as a [`Delivery`].
+    Queued,
+    /// Not granted, and the request may not wait (a try, or the session is
+    /// at its pending limit).
+    WouldBlock,
+}
+
+/// The result of a release by name and count.
+#[derive(Debug)]
+pub struct Released {
+    /// Holds that ended entirely (a partly released one is not listed).
+    pub ended: Vec<u64>,
+    /// Grants the release made possible.
+    pub deliveries: Vec<Delivery>,
+}
+
+#[derive(Debug)]
+struct Holder {
+    peer: Arc<Peer>,
+    hold_id: u64,
+    kind: LockKind,
+    permits: u32,
+    fence: u64,
+    since_ms: u64,
+}
+
+#[derive(Debug)]
+struct Waiter {
+    peer: Arc<Peer>,
+    request_id: u64,
+    kind: LockKind,
+    permits: u32,
+    since_ms: u64,
+    timeout_ms: Option<u64>,
+}
+
+#[derive(Debug)]
+struct Entry {
+    kind: EntryKind,
+    /// Total weight: 1, N, or [`RW_WEIGHT`].
+    capacity: u64,
+    /// Weight not held.
+    free: u64,
+    /// Grant order, oldest first.
+    holders: Vec<Holder>,
+    queue: VecDeque<Waiter>,
+    /// The next grant reports that a holder died holding this lock.
+    abandoned: bool,
+}
+
+impl Entry {
+    fn new(spec: &AcquireSpec) -> Entry {
+        let capacity = match spec.kind.entry_kind() {
+            EntryKind::RwLock => RW_WEIGHT,
+            _ => u64::from(spec.capacity),
+        };
+        Entry {
+            kind: spec.kind.entry_kind(),
+            capacity,
+            free: capacity,
+            holders: Vec::new(),
+            queue: VecDeque::new(),
+            abandoned: false,
+        }
+    }
+
+    fn in_use(&self) -> bool {
+        !self.holders.is_empty() || !self.queue.is_empty()
+    }
+
+    /// Nothing to remember: the entry can be forgotten.
+    fn is_idle(&self) -> bool {
+        !self.in_use() && !self.abandoned
+    }
+
+    /// Checks that `spec` may be used on this entry, re-shaping an entry
+    /// that is only remembered for its abandoned flag.
+    fn admit(&mut self, name: &str, spec: &AcquireSpec) -> Result<(), ErrorInfo> {
+        if !self.in_use() {
+            let abandoned = self.abandoned;
+            *self = Entry::new(spec);
+            self.abandoned = abandoned;
+            return Ok(());
+        }
+        let kind = spec.kind.entry_kind();
+        if kind != self.kind {
+            return Err(ErrorInfo::new(
+                ErrorCode::KindMismatch,
+                format!("{name:?} is in use as a {}, not a {kind}", self.kind),
+            ));
+        }
+        if kind == EntryKind::Semaphore && u64::from(spec.capacity) != self.capacity {
+            return Err(ErrorInfo::new(
+                ErrorCode::CapacityMismatch,
+                format!(
+                    "semaphore {name:?} is in use with capacity {}, not {}",
+                    self.capacity, spec.capacity
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    fn info_capacity(&self) -> u32 {
+        match self.kind {
+            EntryKind::RwLock => 0,
+            _ => self.capacity as u32,
+        }
+    }
+}
+
+/// Name → lock entry, shared by every session; cheap to clone.
+#[derive(Debug, Clone, Default)]
+pub struct LockTable {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug, Default)]
+struct Inner {
+    entries: DashMap<LockName, Entry>,
+    next_hold: AtomicU64,
+    next_fence: AtomicU64,
+}
+
+impl LockTable {
+    /// An empty table whose first fence is `fence_floor + 1`.
+    pub fn new(fence_floor: u64) -> LockTable {
+        let table = LockTable::default();
+        table.inner.next_fence.store(fence_floor, Ordering::Relaxed);
+        table
+    }
+
+    /// Asks for `spec` on `name` for `peer`'s acquire `request_id`.
+    pub fn acquire(
+        &self,
+        name: &LockName,
+        peer: &Arc<Peer>,
+        request_id: u64,
+        spec: &AcquireSpec,
+    ) -> Result<AcquireOutcome, ErrorInfo> {
+        // The common case (entry exists) needs no allocation for the key.
+        if let Some(mut entry) = self.inner.entries.get_mut(name.as_str()) {
+            return self.acquire_in(&mut entry, name, peer, request_id, spec);
+        }
+        match self.inner.entries.entry(name.clone()) {
+            MapEntry::Occupied(mut o) => self.acquire_in(o.get_mut(), name, peer, request_id, spec),
+            MapEntry::Vacant(v) => {
+                let mut entry = Entry::new(spec);
+                let outcome = self.acquire_in(&mut entry, name, peer, request_id, spec)?;
+                if !entry.is_idle() {
+                    v.insert(entry);
+                }
+                Ok(outcome)
+            }
+        }
+    }
+
+    fn acquire_in(
+        &self,
+        entry: &mut Entry,
+        name: &LockName,
+        peer: &Arc<Peer>,
+        request_id: u64,
+        spec: &AcquireSpec,
+    ) -> Result<AcquireOutcome, ErrorInfo> {
+        entry.admit(name.as_str(), spec)?;
+        let weight = spec.weight();
+        if entry.queue.is_empty() && weight <= entry.free {
+            entry.free -= weight;
+            let grant = self.new_hold(entry, peer, spec.kind, spec.permits);
+            return Ok(AcquireOutcome::Granted(grant));
+        }
+        if !spec.may_wait {
+            return Ok(AcquireOutcome::WouldBlock);
+        }
+        entry.queue.push_back(Waiter {
+            peer: Arc::clone(peer),
+            request_id,
+            kind: spec.kind,
+            permits: spec.permits,
+            since_ms: now_ms(),
+            timeout_ms: spec.timeout_ms,
+        });
+        Ok(AcquireOutcome::Queued)
+    }
+
+    fn new_hold(&self, entry: &mut Entry, peer: &Arc<Peer>, kind: LockKind, permits: u32) -> Grant {
+        let grant = Grant {
+            hold_id: self.inner.next_hold.fetch_add(1, Ordering::Relaxed) + 1,
+            fence: self.inner.next_fence.fetch_add(1, Ordering::Relaxed) + 1,
+            abandoned: std::mem::take(&mut entry.abandoned),
+        };
+        entry.holders.push(Holder {
+            peer: Arc::clone(peer),
+            hold_id: grant.hold_id,
+            kind,
+            permits,
+            fence: grant.fence,
+            since_ms: now_ms(),
+        });
+        grant
+    }
+
+    /// Grants from the head of the queue while the head fits.
+    fn grant_ready(&self, entry: &mut Entry, out: &mut Vec<Delivery>) {
+        while let Some(head) = entry.queue.front() {
+            let weight = weight(head.kind, head.permits);
+            if weight > entry.free {
+                break;
+            }
+            let w = entry.queue.pop_front().expect("head exists");
+            entry.free -= weight;
+            let grant = self.new_hold(entry, &w.peer, w.kind, w.permits);
+            out.push(Delivery {
+                to: w.peer,
+                request_id: w.request_id,
+                grant,
+            });
+        }
+    }
+
+    /// Runs `f` on the entry for `name`, then serves its queue and forgets
+    /// it if it became idle. `None` if there is no such entry.
+    fn with_entry<T>(
+        &self,
+        name: &str,
+        out: &mut Vec<Delivery>,
+        f: impl FnOnce(&mut Entry) -> T,
+    ) -> Option<T> {
+        let mut entry = self.inner.entries.get_mut(name)?;
+        let result = f(&mut entry);
+        self.grant_ready(&mut entry, out);
+        let idle = entry.is_idle();
+        drop(entry);
+        if idle {
+            self.inner.entries.remove_if(name, |_, e| e.is_idle());
+        }
+        Some(result)
+    }
+
+    /// Removes `peer`'s waiting acquire `request_id` on `name`. Returns
+    /// whether it was still waiting; if not, it was granted and its delivery
+    /// is on its way.
+    pub fn cancel(&self, name: &str, session_id: u64, request_id: u64) -> (bool, Vec<Delivery>) {
+        let mut out = Vec::new();
+        let removed = self
+            .with_entry(name, &mut out, |e| {
+                let pos = e
+                    .queue
+                    .iter()
+                    .position(|w| w.request_id == request_id && w.peer.id() == session_id);
+                pos.map(|p| e.queue.remove(p)).is_some()
+            })
+            .unwrap_or(false);
+        (removed, out)
+    }
+
+    /// Releases hold `hold_id` of session `session_id` on `name`. Returns
+    /// the permits it had, or `None` if the session has no such hold there.
+    pub fn release(
+        &self,
+        name: &str,
+        session_id: u64,
+        hold_id: u64,
+    ) -> (Option<u32>, Vec<Delivery>) {
+        let mut out = Vec::new();
+        let permits = self
+            .with_entry(name, &mut out, |e| {
+                let pos = e
+                    .holders
+                    .iter()
+                    .position(|h| h.hold_id == hold_id && h.peer.id() == session_id)?;
+                let h = e.holders.remove(pos);
+                e.free += weight(h.kind, h.permits);
+                Some(h.permits)
+            })
+            .flatten();
+        (permits, out)
+    }
+
+    /// Releases `count` permits of session `session_id`'s holds on `name`,
+    /// oldest hold first; all or nothing.
+    pub fn release_count(
+        &self,
+        name: &str,
+        session_id: u64,
+        count: u32,
+    ) -> Result<Released, ErrorInfo> {
+        let mut deliveries = Vec::new();
+        let not_held = |held: u64| {
+            ErrorInfo::new(
+                ErrorCode::NotHeld,
+                format!("cannot release {count} permits of {name:?}: this session holds {held}"),
+            )
+        };
+        let result = self.with_entry(name, &mut deliveries, |e| {
+            let held: u64 = e
+                .holders
+                .iter()
+                .filter(|h| h.peer.id() == session_id)
+                .map(|h| u64::from(h.permits))
+                .sum();
+            if held < u64::from(count) {
+                return Err(not_held(held));
+            }
+            let mut left = count;
+            let mut ended = Vec::new();
+            e.holders.retain_mut(|h| {
+                if left == 0 || h.peer.id() != session_id {
+                    return true;
+                }
+                let take = left.min(h.permits);
+                left -= take;
+                // An exclusive rwlock hold is one permit that weighs all.
+                e.free += if h.kind == LockKind::RwExclusive {
+                    RW_WEIGHT
+                } else {
+                    u64::from(take)
+                };
+                h.permits -= take;
+                if h.permits == 0 {
+                    ended.push(h.hold_id);
+                    false
+                } else {
+                    true
+                }
+            });
+            Ok(ended)
+        });
+        match result {
+            Some(Ok(ended)) => Ok(Released { ended, deliveries }),
+            Some(Err(e)) => Err(e),
+            None => Err(not_held(0)),
+        }
+    }
+
+    /// Ends session `session_id`'s part in `name`: its holds are released
+    /// (so the next grant reports abandonment) and its waits removed.
+    pub fn end_session(&self, name: &str, session_id: u64) -> Vec<Delivery> {
+        let mut out = Vec::new();
+        self.with_entry(name, &mut out, |e| {
+            e.queue.retain(|w| w.peer.id() != session_id);
+            let before = e.holders.len();
+            let mut freed = 0;
+            e.holders.retain(|h| {
+                let keep = h.peer.id() != session_id;
+                if !keep {
+                    freed += weight(h.kind, h.permits);
+                }
+                keep
+            });
+            if e.holders.len() != before {
+                e.free += freed;
+                e.abandoned = true;
+            }
+        });
+        out
+    }
+
+    /// Entries whose name starts with `prefix`, in name order, at most
+    /// `limit` of them; the flag says whether more matched.
+    pub fn inspect(&self, prefix: &str, limit: usize) -> (Vec<EntryInfo>, bool) {
+        let mut names: Vec<LockName> = self
+            .inner
+            .entries
+            .iter()
+            .filter(|r| r.key().as_str().starts_with(prefix))
+            .map(|r| r.key().clone())
+            .collect();
+        names.sort_unstable();
+        let truncated = names.len() > limit;
+        names.truncate(limit);
+        let infos = names
+            .into_iter()
+            .filter_map(|name| {
+                let e = self.inner.entries.get(name.as_str())?;
+                Some(EntryInfo {
+                    kind: e.kind,
+                    capacity: e.info_capacity(),
+                    abandoned: e.abandoned,
+                    holders: e
+                        .holders
+                        .iter()
+                        .map(|h| HolderInfo {
+                            session: h.peer.info.clone(),
+                            hold_id: h.hold_id,
+                            kind: h.kind,
+                            permits: h.permits,
+                            fence: h.fence,
+                            since_ms: h.since_ms,
+                        })
+                        .collect(),
+                    waiters: e
+                        .queue
+                        .iter()
+                        .map(|w| WaiterInfo {
+                            session: w.peer.info.clone(),
+                            request_id: w.request_id,
+                            kind: w.kind,
+                            permits: w.permits,
+                            since_ms: w.since_ms,
+                            timeout_ms: w.timeout_ms,
+                        })
+                        .collect(),
+                    name: name.into_string(),
+                })
+            })
+            .collect();
+        (infos, truncated)
+    }
+
+    /// How many entries the table remembers (busy or abandoned).
+    pub fn len(&self) -> usize {
+        self.inner.entries.len()
+    }
+
+    /// Whether the table remembers no entry.
+    pub fn is_empty(&self) -> bool {
+        self.inner.entries.is_empty()
+    }
+
+    /// The last fence granted (or the floor it started from).
+    pub fn last_fence(&self) -> u64 {
+        self.inner.next_fence.load(Ordering::Relaxed)
+    }
+}
+
+/// Milliseconds since the Unix epoch, for `inspect`.
+pub fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn peer(id: u64) -> (Arc<Peer>, mpsc::UnboundedReceiver<(u64, Grant)>) {
+        Peer::new(SessionInfo {
+            session_id: id,
+            pid: None,
+            uid: None,
+            gid: None,
+            client_name: format!("s{id}"),
+        })
+    }
+
+    fn name(s: &str) -> LockName {
+        LockName::new(s).unwrap()
+    }
+
+    fn spec(kind: LockKind, capacity: u32, permits: u32, timeout_ms: Option<u64>) -> AcquireSpec {
+        AcquireSpec::validate(kind, capacity, permits, timeout_ms).unwrap()
+    }
+
+    fn granted(o: AcquireOutcome) -> Grant {
+        match o {
+            AcquireOutcome::Granted(g) => g,
+            other => panic!("expected a grant, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn large_head_is_not_starved_and_try_never_jumps() {
+        let t = LockTable::new(0);
+        let (a, _) = peer(1);
+        let (b, _) = peer(2);
+        let n = name("pool");
+        let sem = |k, to| spec(LockKind::Semaphore, 3, k, to);
+        let held = granted(t.acquire(&n, &a, 1, &sem(2, None)).unwrap());
+        // b wants 3: must wait. Then a k=1 request fits the free permit but
+        // is behind the head, so it queues too; a try fails.
+        assert_eq!(
+            t.acquire(&n, &b, 2, &sem(3, None)).unwrap(),
+            AcquireOutcome::Queued
+        );
+        assert_eq!(
+            t.acquire(&n, &a, 3, &sem(1, None)).unwrap(),
+            AcquireOutcome::Queued
+        );
+        assert_eq!(
+            t.acquire(&n, &a, 4, &sem(1, Some(0))).unwrap(),
+            AcquireOutcome::WouldBlock
+        );
+        let (permits, out) = t.release("pool", 1, held.hold_id);
+        assert_eq!(permits, Some(2));
+        let order: Vec<u64> = out.iter().map(|d| d.request_id).collect();
+        assert_eq!(order, [2], "the k=3 head goes first, alone");
+        let (_, out) = t.release("pool", 2, out[0].grant.hold_id);
+        assert_eq!(out.iter().map(|d| d.request_id).collect::<Vec<_>>(), [3]);
+    }
+
+    #[test]
+    fn mismatches_are_refused_while_busy_and_forgotten_when_idle() {
+        let t = LockTable::new(0);
+        let (a, _) = peer(1);
+        let n = name("x");
+        let g = granted(
+            t.acquire(&n, &a, 1, &spec(LockKind::Semaphore, 2, 1, None))
+                .unwrap(),
+        );
+        let err = t
+            .acquire(&n, &a, 2, &spec(LockKind::Semaphore, 3, 1, None))
+            .unwrap_err();
+        assert_eq!(err.code, ErrorCode::CapacityMismatch);
+        let err = t
+            .acquire(&n, &a, 3, &spec(LockKind::Mutex, 1, 1, None))
+            .unwrap_err();
+        assert_eq!(err.code, ErrorCode::KindMismatch);
+        t.release("x", 1, g.hold_id);
+        assert!(t.is_empty(), "an idle entry is forgotten");
+        granted(
+            t.acquire(&n, &a, 4, &spec(LockKind::Mutex, 1, 1, None))
+                .unwrap(),
+        );
+    }
+
+    #[test]
+    fn abandonment_is_reported_once_even_after_the_entry_idles() {
+        let t = LockTable::new(0);
+        let (a, _) = peer(1);
+        let (b, _) = peer(2);
+        let n = name("m");
+        let m = spec(LockKind::Mutex, 1, 1, None);
+        let first = granted(t.acquire(&n, &a, 1, &m).unwrap());
+        assert!(t.end_session("m", 1).is_empty());
+        assert_eq!(t.len(), 1, "the abandoned flag is remembered");
+        let second = granted(t.acquire(&n, &b, 1, &m).unwrap());
+        assert!(second.abandoned);
+        assert!(second.fence > first.fence);
+        t.release("m", 2, second.hold_id);
+        let third = granted(t.acquire(&n, &b, 2, &m).unwrap());
+        assert!(!third.abandoned, "reported once");
+    }
+
+    #[test]
+    fn exclusive_head_blocks_later_shared() {
+        let t = LockTable::new(0);
+        let (a, _) = peer(1);
+        let n = name("rw");
+        let shared = spec(LockKind::RwShared, 0, 1, None);
+        let excl = spec(LockKind::RwExclusive, 0, 1, None);
+        let r1 = granted(t.acquire(&n, &a, 1, &shared).unwrap());
+        let r2 = granted(t.acquire(&n, &a, 2, &shared).unwrap());
+        assert_eq!(t.acquire(&n, &a, 3, &excl).unwrap(), AcquireOutcome::Queued);
+        assert_eq!(
+            t.acquire(&n, &a, 4, &shared).unwrap(),
+            AcquireOutcome::Queued
+        );
+        assert!(t.release("rw", 1, r1.hold_id).1.is_empty());
+        let out = t.release("rw", 1, r2.hold_id).1;
+        assert_eq!(out.iter().map(|d| d.request_id).collect::<Vec<_>>(), [3]);
+        let out = t.release("rw", 1, out[0].grant.hold_id).1;
+        assert_eq!(out.iter().map(|d| d.request_id).collect::<Vec<_>>(), [4]);
+    }
+
+    #[test]
+    fn release_count_is_oldest_first_and_all_or_nothing() {
+        let t = LockTable::new(0);
+        let (a, _) = peer(1);
+        let n = name("s");
+        let sem = |k| spec(LockKind::Semaphore, 5, k, None);
+        let g1 = granted(t.acquire(&n, &a, 1, &sem(2)).unwrap());
+        let g2 = granted(t.acquire(&n, &a, 2, &sem(2)).unwrap());
+        let err = t.release_count("s", 1, 5).unwrap_err();
+        assert_eq!(err.code, ErrorCode::NotHeld);
+        let r = t.release_count("s", 1, 3).unwrap();
+        assert_eq!(r.ended, [g1.hold_id]);
+        let (info, _) = t.inspect("", 10);
+        assert_eq!(info[0].holders.len(), 1);
+        assert_eq!(
+            (info[0].holders[0].hold_id, info[0].holders[0].permits),
+            (g2.hold_id, 1)
+        );
+        assert_eq!(t.release_count("s", 1, 1).unwrap().ended, [g2.hold_id]);
+        assert!(t.is_empty());
+        assert_eq!(
+            t.release_count("s", 1, 1).unwrap_err().code,
+            ErrorCode::NotHeld
+        );
+    }
+
+    mod model {
+        //! The table against a reference model that recomputes everything
+        //! from plain lists on every step.
+        use super::*;
+        use proptest::prelude::*;
+
+        const NAMES: [&str; 3] = ["m", "s", "r"];
+        const SEM_CAPACITY: u32 = 3;
+
+        #[derive(Debug, Clone)]
+        enum Op {
+            Acquire {
+                s: usize,
+                n: usize,
+                permits: u32,
+                shared: bool,
+                try_: bool,
+            },
+            Release {
+                s: usize,
+                pick: usize,
+            },
+            ReleaseCount {
+                s: usize,
+                n: usize,
+                count: u32,
+            },
+            Cancel {
+                s: usize,
+                pick: usize,
+            },
+            Disconnect {
+                s: usize,
+            },
+        }
+
+        fn op() -> impl Strategy<Value = Op> {
+            prop_oneof![
+                4 => (0..3usize, 0..3usize, 1..=SEM_CAPACITY, any::<bool>(), prop::bool::weighted(0.2))
+                    .prop_map(|(s, n, permits, shared, try_)| Op::Acquire { s, n, permits, shared, try_ }),
+                3 => (0..3usize, any::<usize>()).prop_map(|(s, pick)| Op::Release { s, pick }),
+                1 => (0..3usize, 0..3usize, 1..=SEM_CAPACITY)
+                    .prop_map(|(s, n, count)| Op::ReleaseCount { s, n, count }),
+                1 => (0..3usize, any::<usize>()).prop_map(|(s, pick)| Op::Cancel { s, pick }),
+                1 => (0..3usize).prop_map(|s| Op::Disconnect { s }),
+            ]
+        }
+
+        /// (session id, request id, kind, permits, hold id)
+        type Slot = (u64, u64, LockKind, u32, u64);
+
+        #[derive(Default)]
+        struct ModelEntry {
+            holders: Vec<Slot>,
+            queue: Vec<Slot>,
+            abandoned: bool,
+        }
+
+        fn capacity(n: usize) -> u64 {
+            match n {
+                0 => 1,
+                1 => u64::from(SEM_CAPACITY),
+                _ => RW_WEIGHT,
+            }
+        }
+
+        fn free(n: usize, e: &ModelEntry) -> u64 {
+            capacity(n) - e.holders.iter().map(|h| weight(h.2, h.3)).sum::<u64>()
+        }
+
+        /// Grants the model expects, in order: (session, request id, abandoned).
+        fn model_grant(
+            n: usize,
+            e: &mut ModelEntry,
+            out: &mut Vec<(u64, u64, bool)>,
+        ) -> Vec<usize> {
+            let mut granted_idx = Vec::new();
+            while let Some(head) = e.queue.first().copied() {
+                if weight(head.2, head.3) > free(n, e) {
+                    break;
+                }
+                e.queue.remove(0);
+                out.push((head.0, head.1, std::mem::take(&mut e.abandoned)));
+                e.holders.push(head);
+                granted_idx.push(e.holders.len() - 1);
+            }
+            granted_idx
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig { cases: 256, ..ProptestConfig::default() })]
+            #[test]
+            fn table_matches_model(ops in prop::collection::vec(op(), 1..120)) {
+                let t = LockTable::new(0);
+                let mut model: Vec<ModelEntry> = (0..3).map(|_| ModelEntry::default()).collect();
+                // Current incarnation of each of three sessions.
+                let mut sessions: Vec<Arc<Peer>> = (1..=3).map(|i| peer(i).0).collect();
+                let mut next_session = 4;
+                let mut next_request = 1;
+                let mut last_fence = 0;
+                for op in ops {
+                    let mut expected: Vec<(u64, u64, bool)> = Vec::new();
+                    let mut got: Vec<Delivery> = Vec::new();
+                    match op {
+                        Op::Acquire { s, n, permits, shared, try_ } => {
+                            let kind = match n {
+                                0 => LockKind::Mutex,
+                                1 => LockKind::Semaphore,
+                                _ if shared => LockKind::RwShared,
+                                _ => LockKind::RwExclusive,
+                            };
+                            let permits = if n == 1 { permits } else { 1 };
+                            let sp = spec(kind, SEM_CAPACITY, permits, try_.then_some(0));
+                            let rid = next_request;
+                            next_request += 1;
+                            let p = &sessions[s];
+                            let outcome = t.acquire(&name(NAMES[n]), p, rid, &sp).unwrap();
+                            let e = &mut model[n];
+                            let fits = e.queue.is_empty() && weight(kind, permits) <= free(n, e);
+                            match outcome {
+                                AcquireOutcome::Granted(g) => {
+                                    prop_assert!(fits, "granted while it should not be");
+                                    prop_assert_eq!(g.abandoned, std::mem::take(&mut e.abandoned));
+                                    prop_assert!(g.fence > last_fence);
+                                    last_fence = g.fence;
+                                    e.holders.push((p.id(), rid, kind, permits, g.hold_id));
+                                }
+                                AcquireOutcome::WouldBlock => prop_assert!(!fits && try_),
+                                AcquireOutcome::Queued => {
+                                    prop_assert!(!fits && !try_);
+                                    e.queue.push((p.id(), rid, kind, permits, 0));
+                                }
+                            }
+                        }
+                        Op::Release { s, pick } => {
+                            let sid = sessions[s].id();
+                            let mine: Vec<(usize, usize)> = model.iter().enumerate()
+                                .flat_map(|(n, e)| e.holders.iter().enumerate()
+                                    .filter(|(_, h)| h.0 == sid).map(move |(i, _)| (n, i)))
+                                .collect();
+                            if mine.is_empty() {
+                                // Releasing a hold the session does not have.
+                                let (p, out) = t.release("m", sid, u64::MAX);
+                                prop_assert_eq!(p, None);
+                                prop_assert!(out.is_empty());
+                                continue;
+                            }
+                            let (n, i) = mine[pick % mine.len()];
+                            let h = model[n].holders.remove(i);
+                            let (p, out) = t.release(NAMES[n], sid, h.4);
+                            prop_assert_eq!(p, Some(h.3));
+                            got = out;
+                            let idx = model_grant(n, &mut model[n], &mut expected);
+                            fill_hold_ids(&mut model[n], idx, &got);
+                        }
+                        Op::ReleaseCount { s, n, count } => {
+                            let sid = sessions[s].id();
+                            let count = if n == 1 { count } else { 1 };
+                            let held: u32 = model[n].holders.iter().filter(|h| h.0 == sid).map(|h| h.3).sum();
+                            let r = t.release_count(NAMES[n], sid, count);
+                            if held < count {
+                                prop_assert_eq!(r.unwrap_err().code, ErrorCode::NotHeld);
+                                continue;
+                            }
+                            let r = r.unwrap();
+                            let mut left = count;
+                            let mut ended = Vec::new();
+                            model[n].holders.retain_mut(|h| {
+                                if left == 0 || h.0 != sid { return true; }
+                                let take = left.min(h.3);
+                                left -= take;
+                                h.3 -= take;
+                                if h.3 == 0 { ended.push(h.4); false } else { true }
+                            });
+                            prop_assert_eq!(r.ended, ended);
+                            got = r.deliveries;
+                            let idx = model_grant(n, &mut model[n], &mut expected);
+                            fill_hold_ids(&mut model[n], idx, &got);
+                        }
+                        Op::Cancel { s, pick } => {
+                            let sid = sessions[s].id();
+                            let mine: Vec<(usize, usize)> = model.iter().enumerate()
+                                .flat_map(|(n, e)| e.queue.iter().enumerate()
+                                    .filter(|(_, w)| w.0 == sid).map(move |(i, _)| (n, i)))
+                                .collect();
+                            if mine.is_empty() {
+                                let (removed, out) = t.cancel("s", sid, u64::MAX);
+                                prop_assert!(!removed && out.is_empty());
+                                continue;
+                            }
+                            let (n, i) = mine[pick % mine.len()];
+                            let w = model[n].queue.remove(i);
+                            let (removed, out) = t.cancel(NAMES[n], sid, w.1);
+                            prop_assert!(removed);
+                            got = out;
+                            let idx = model_grant(n, &mut model[n], &mut expected);
+                            fill_hold_ids(&mut model[n], idx, &got);
+                        }
+                        Op::Disconnect { s } => {
+                            let sid = sessions[s].id();
+                            for n in 0..3 {
+                                let out = t.end_session(NAMES[n], sid);
+                                let e = &mut model[n];
+                                e.queue.retain(|w| w.0 != sid);
+                                let before = e.holders.len();
+                                e.holders.retain(|h| h.0 != sid);
+                                if e.holders.len() != before { e.abandoned = true; }
+                                let start = expected.len();
+                                let idx = model_grant(n, e, &mut expected);
+                                prop_assert_eq!(out.len(), expected.len() - start);
+                                fill_hold_ids(e, idx, &out);
+                                got.extend(out);
+                            }
+                            sessions[s] = peer(next_session).0;
+                            next_session += 1;
+                            // Nothing of the old session is left anywhere.
+                            let (infos, _) = t.inspect("", 10);
+                            for info in &infos {
+                                prop_assert!(info.holders.iter().all(|h| h.session.session_id != sid));
+                                prop_assert!(info.waiters.iter().all(|w| w.session.session_id != sid));
+                            }
+                        }
+                    }
+                    let got_ids: Vec<(u64, u64, bool)> = got.iter()
+                        .map(|d| (d.to.id(), d.request_id, d.grant.abandoned)).collect();
+                    prop_assert_eq!(&got_ids, &expected, "grants follow FIFO");
+                    for d in &got {
+                        prop_assert!(d.grant.fence > last_fence, "fences increase");
+                        last_fence = d.grant.fence;
+                    }
+                    // Invariants: never above capacity; the table remembers
+                    // exactly the busy or abandoned entries.
+                    let (infos, _) = t.inspect("", 10);
+                    for (n, e) in model.iter().enumerate() {
+                        prop_assert!(free(n, e) <= capacity(n));
+                        let info = infos.iter().find(|i| i.name == NAMES[n]);
+                        let busy = !e.holders.is_empty() || !e.queue.is_empty() || e.abandoned;
+                        prop_assert_eq!(info.is_some(), busy, "entry {} remembered iff busy", NAMES[n]);
+                        if let Some(info) = info {
+                            let holders: Vec<u64> = info.holders.iter().map(|h| h.hold_id).collect();
+                            let model_holders: Vec<u64> = e.holders.iter().map(|h| h.4).collect();
+                            prop_assert_eq!(holders, model_holders);
+                            let waiters: Vec<u64> = info.waiters.iter().map(|w| w.request_id).collect();
+                            let model_waiters: Vec<u64> = e.queue.iter().map(|w| w.1).collect();
+                            prop_assert_eq!(waiters, model_waiters);
+                        }
+                    }
+                }
+            }
+        }
+
+        /// Copies the hold ids the table gave to the model's new holders.
+        fn fill_hold_ids(e: &mut ModelEntry, idx: Vec<usize>, got: &[Delivery]) {
+            for i in idx {
+                let h = &mut e.holders[i];
+                if let Some(d) = got.iter().find(|d| d.request_id == h.1 && d.to.id() == h.0) {
+                    h.4 = d.grant.hold_id;
+                }
+            }
+        }
+    }
+}

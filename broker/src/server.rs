@@ -1,0 +1,157 @@
+//! The accept loop, the connection limit, and shutdown.
+//!
+//! [`run`] takes a bound [`Listener`] and a shutdown future, as mini-redis
+//! `server::run` does: `main.rs` chooses the signals, tests pass their own.
+//! Each connection gets a session task in a `JoinSet`; on shutdown the loop
+//! stops accepting, fires the [`Shutdown`](crate::shutdown::Shutdown) signal
+//! (each session sends the shutting-down event and releases everything), and
+//! waits for the sessions, at most [`SHUTDOWN_GRACE`].
+
+use std::future::Future;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use lockbroker_proto::{ErrorCode, ErrorInfo, ServerInfo, ServerMessage, frame};
+use tokio::io::AsyncWriteExt;
+use tokio::sync::Semaphore;
+use tokio::task::JoinSet;
+
+use crate::config::{Config, SessionLimits};
+use crate::lock_table::LockTable;
+use crate::session;
+use crate::shutdown;
+use crate::transport::Listener;
+
+/// How long sessions get to finish once shutdown is signalled.
+pub const SHUTDOWN_GRACE: Duration = Duration::from_millis(500);
+
+/// Pause after a failed accept (e.g. out of file descriptors) before the
+/// next try, so the loop backs off instead of spinning or ending.
+const ACCEPT_BACKOFF: Duration = Duration::from_millis(50);
+
+/// What every session shares: the lock table, the limits and counters.
+#[derive(Debug)]
+pub struct Broker {
+    /// Every lock entry.
+    pub table: LockTable,
+    /// Applied to every session.
+    pub limits: SessionLimits,
+    started: std::time::Instant,
+    open_sessions: AtomicU64,
+    next_session: AtomicU64,
+}
+
+impl Broker {
+    /// A broker with an empty table.
+    pub fn new(limits: SessionLimits) -> Broker {
+        Broker {
+            table: LockTable::new(0),
+            limits,
+            started: std::time::Instant::now(),
+            open_sessions: AtomicU64::new(0),
+            next_session: AtomicU64::new(0),
+        }
+    }
+
+    /// A new session id, unique in the daemon's life.
+    pub fn next_session_id(&self) -> u64 {
+        self.next_session.fetch_add(1, Ordering::Relaxed) + 1
+    }
+
+    /// Counts a session as open until the returned guard drops.
+    pub fn session_opened(self: &Arc<Self>) -> OpenSession {
+        self.open_sessions.fetch_add(1, Ordering::Relaxed);
+        OpenSession(Arc::clone(self))
+    }
+
+    /// Facts for `inspect`.
+    pub fn server_info(&self) -> ServerInfo {
+        ServerInfo {
+            version: crate::VERSION.to_owned(),
+            pid: std::process::id(),
+            uptime_ms: self.started.elapsed().as_millis() as u64,
+            sessions: self.open_sessions.load(Ordering::Relaxed),
+        }
+    }
+}
+
+/// Keeps a session counted as open; see [`Broker::session_opened`].
+#[derive(Debug)]
+pub struct OpenSession(Arc<Broker>);
+
+impl Drop for OpenSession {
+    fn drop(&mut self) {
+        self.0.open_sessions.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// Serves `listener` until `shutdown` completes, then shuts down gracefully.
+/// The socket file is removed when this returns.
+pub async fn run(listener: Listener, config: &Config, shutdown: impl Future) {
+    let broker = Arc::new(Broker::new(config.limits));
+    let connections = Arc::new(Semaphore::new(config.max_connections));
+    let (trigger, signal) = shutdown::channel();
+    let mut sessions = JoinSet::new();
+    tokio::pin!(shutdown);
+    loop {
+        tokio::select! {
+            _ = &mut shutdown => break,
+            accepted = listener.accept() => match accepted {
+                Ok((reader, writer, cred)) => {
+                    let Ok(permit) = Arc::clone(&connections).try_acquire_owned() else {
+                        sessions.spawn(refuse(writer, config.max_connections, config.limits.max_frame_len));
+                        continue;
+                    };
+                    let broker = Arc::clone(&broker);
+                    let signal = signal.clone();
+                    sessions.spawn(async move {
+                        session::run(reader, writer, cred, broker, signal).await;
+                        drop(permit);
+                    });
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "accept failed; backing off");
+                    tokio::time::sleep(ACCEPT_BACKOFF).await;
+                }
+            },
+            Some(done) = sessions.join_next(), if !sessions.is_empty() => {
+                if let Err(e) = done {
+                    if e.is_panic() {
+                        tracing::error!(error = %e, "a session panicked");
+                    }
+                }
+            }
+        }
+    }
+    tracing::info!("shutting down");
+    drop(listener);
+    trigger.fire();
+    let drained = tokio::time::timeout(SHUTDOWN_GRACE, async {
+        while sessions.join_next().await.is_some() {}
+    })
+    .await;
+    if drained.is_err() {
+        tracing::warn!(
+            left = sessions.len(),
+            "sessions did not finish in time; aborting them"
+        );
+        sessions.shutdown().await;
+    }
+}
+
+/// Tells a connection over the limit why it is refused, then closes it.
+async fn refuse<W: AsyncWriteExt + Unpin>(mut writer: W, max: usize, max_frame_len: u32) {
+    let error = ErrorInfo::new(
+        ErrorCode::TooManyConnections,
+        format!("the daemon is serving its maximum of {max} connections"),
+    );
+    let Ok(bytes) = frame::to_frame(&ServerMessage::Fatal(error), max_frame_len) else {
+        return;
+    };
+    let _ = tokio::time::timeout(Duration::from_secs(1), async {
+        writer.write_all(&bytes).await?;
+        writer.shutdown().await
+    })
+    .await;
+}

@@ -1,0 +1,578 @@
+//! One session per connection: handshake, request loop, cleanup.
+//!
+//! A session is a single task. It `select!`s on four things: the peer's next
+//! frame, grants the lock table made to it while it waited (sent by whichever
+//! session released), the earliest deadline of its waiting acquires, and the
+//! shutdown signal. Requests never block the loop — an acquire that must
+//! wait is just recorded — so one connection serves many concurrent requests.
+//! Answers are encoded into one buffer and written once per batch.
+//!
+//! An acquire ends exactly once. The table decides, under the entry's lock,
+//! whether a waiter is granted or removed; a timeout or cancel that finds its
+//! waiter already gone knows the grant is on its way and waits for it.
+//!
+//! When the loop ends, for any reason, every name the session held or waited
+//! on is handed to [`LockTable::end_session`]; that also catches grants made
+//! to it that it never read.
+
+use std::collections::{BTreeSet, HashMap, HashSet};
+use std::sync::Arc;
+
+use lockbroker_proto::io::FrameReader;
+use lockbroker_proto::{
+    ClientMessage, ErrorCode, ErrorInfo, Event, FrameError, Grant, Inspection, Limits, LockName,
+    MAGIC, PROTOCOL_VERSION, Request, Response, ServerMessage, SessionInfo, Welcome, frame,
+};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+
+use crate::config::{DEFAULT_INSPECT_LIMIT, MAX_INSPECT_LIMIT};
+use crate::lock_table::{AcquireOutcome, AcquireSpec, Peer, deliver};
+use crate::server::Broker;
+use crate::shutdown::Shutdown;
+use crate::transport::PeerCred;
+
+/// Runs one connection to completion.
+pub async fn run<R, W>(
+    reader: R,
+    mut writer: W,
+    cred: PeerCred,
+    broker: Arc<Broker>,
+    mut shutdown: Shutdown,
+) where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    let limits = broker.limits;
+    let mut reader = FrameReader::new(reader, limits.max_frame_len);
+    let hello = tokio::select! {
+        hello = tokio::time::timeout(limits.handshake_timeout, reader.read_message()) => hello,
+        _ = shutdown.recv() => return,
+    };
+    let client_name = match handshake(hello) {
+        Ok(name) => name,
+        Err(Some(fatal)) => {
+            let _ = write_fatal(&mut writer, fatal, limits.max_frame_len).await;
+            return;
+        }
+        Err(None) => return,
+    };
+    let session_id = broker.next_session_id();
+    let (peer, grants) = Peer::new(SessionInfo {
+        session_id,
+        pid: cred.pid,
+        uid: cred.uid,
+        gid: cred.gid,
+        client_name,
+    });
+    let _open = broker.session_opened();
+    tracing::debug!(session_id, pid = ?cred.pid, uid = ?cred.uid, "session started");
+    let mut session = Session {
+        broker: Arc::clone(&broker),
+        peer,
+        holds: HashMap::new(),
+        pending: HashMap::new(),
+        deadlines: BTreeSet::new(),
+        out: Vec::with_capacity(4096),
+    };
+    session.answer(ServerMessage::Welcome(Welcome {
+        version: PROTOCOL_VERSION,
+        server_version: crate::VERSION.to_owned(),
+        session_id,
+        limits: Limits {
+            max_frame_len: limits.max_frame_len,
+            max_pending: limits.max_pending,
+            max_holds: limits.max_holds,
+        },
+    }));
+    let end = session
+        .serve(&mut reader, &mut writer, grants, &mut shutdown)
+        .await;
+    match &end {
+        End::Fatal(e) => {
+            tracing::debug!(session_id, code = %e.code, "session ended: {}", e.message)
+        }
+        End::Io(e) => tracing::debug!(session_id, "session ended: {e}"),
+        End::PeerClosed | End::Shutdown => tracing::debug!(session_id, ?end, "session ended"),
+    }
+    session.cleanup();
+}
+
+/// Checks the first frame; `Err(Some)` is a fatal error to send, `Err(None)`
+/// a connection to drop silently.
+fn handshake(
+    hello: Result<Result<Option<ClientMessage>, FrameError>, tokio::time::error::Elapsed>,
+) -> Result<String, Option<ErrorInfo>> {
+    let fatal = |code, msg: String| Err(Some(ErrorInfo::new(code, msg)));
+    let hello = match hello {
+        Err(_elapsed) => {
+            return fatal(
+                ErrorCode::HandshakeRequired,
+                "no Hello within the handshake timeout".into(),
+            );
+        }
+        Ok(Err(e)) => return Err(frame_fatal(&e)),
+        Ok(Ok(None)) => return Err(None),
+        Ok(Ok(Some(ClientMessage::Request { .. }))) => {
+            return fatal(
+                ErrorCode::HandshakeRequired,
+                "the first frame must be a Hello".into(),
+            );
+        }
+        Ok(Ok(Some(ClientMessage::Hello(hello)))) => hello,
+    };
+    if hello.magic != MAGIC {
+        return fatal(
+            ErrorCode::BadMagic,
+            format!(
+                "bad magic {:#010x}, expected {MAGIC:#010x}: not a lockbroker client",
+                hello.magic
+            ),
+        );
+    }
+    if hello.version != PROTOCOL_VERSION {
+        return fatal(
+            ErrorCode::UnsupportedVersion,
+            format!(
+                "client speaks protocol version {}; this daemon speaks version {PROTOCOL_VERSION}",
+                hello.version
+            ),
+        );
+    }
+    if let Err(e) = lockbroker_proto::validate_prefix(&hello.client_name) {
+        return fatal(
+            ErrorCode::InvalidArgument,
+            format!("invalid client name: {e}"),
+        );
+    }
+    Ok(hello.client_name)
+}
+
+/// The fatal error to send for a frame that could not be read, if any.
+fn frame_fatal(e: &FrameError) -> Option<ErrorInfo> {
+    match e {
+        FrameError::TooLarge { .. } => {
+            Some(ErrorInfo::new(ErrorCode::FrameTooLarge, e.to_string()))
+        }
+        FrameError::Malformed(_) => Some(ErrorInfo::new(ErrorCode::Malformed, e.to_string())),
+        FrameError::Truncated { .. } | FrameError::Io(_) => None,
+    }
+}
+
+async fn write_fatal<W: AsyncWrite + Unpin>(
+    writer: &mut W,
+    error: ErrorInfo,
+    max_frame_len: u32,
+) -> std::io::Result<()> {
+    tracing::debug!(code = %error.code, message = %error.message, "closing connection");
+    let mut buf = Vec::new();
+    if frame::encode(&ServerMessage::Fatal(error), max_frame_len, &mut buf).is_ok() {
+        writer.write_all(&buf).await?;
+        writer.flush().await?;
+    }
+    writer.shutdown().await
+}
+
+/// Stop reading requests while this many answer bytes wait to be written.
+const OUTPUT_HIGH_WATER: usize = 1 << 20;
+
+/// Why a session's loop ended.
+#[derive(Debug)]
+enum End {
+    /// The peer closed the connection.
+    PeerClosed,
+    /// The peer sent something that ends the connection.
+    Fatal(ErrorInfo),
+    /// Reading or writing failed.
+    Io(String),
+    /// The daemon is shutting down.
+    Shutdown,
+}
+
+/// A waiting acquire.
+#[derive(Debug)]
+struct Pending {
+    name: LockName,
+    deadline: Option<Instant>,
+}
+
+struct Session {
+    broker: Arc<Broker>,
+    peer: Arc<Peer>,
+    /// hold id → name, for every hold the session has.
+    holds: HashMap<u64, LockName>,
+    /// request id → waiting acquire.
+    pending: HashMap<u64, Pending>,
+    /// (deadline, request id) of waiting acquires with a timeout.
+    deadlines: BTreeSet<(Instant, u64)>,
+    /// Encoded frames not yet written.
+    out: Vec<u8>,
+}
+
+impl Session {
+    fn id(&self) -> u64 {
+        self.peer.id()
+    }
+
+    async fn serve<R, W>(
+        &mut self,
+        reader: &mut FrameReader<R>,
+        writer: &mut W,
+        mut grants: mpsc::UnboundedReceiver<(u64, Grant)>,
+        shutdown: &mut Shutdown,
+    ) -> End
+    where
+        R: AsyncRead + Unpin,
+        W: AsyncWrite + Unpin,
+    {
+        let timer = tokio::time::sleep_until(Instant::now());
+        tokio::pin!(timer);
+        let mut armed: Option<Instant> = None;
+        // Bytes of `out` already written.
+        let mut written = 0;
+        loop {
+            // Grants made by this session's own releases join the batch.
+            while let Ok((request_id, grant)) = grants.try_recv() {
+                self.granted_while_waiting(request_id, grant);
+            }
+            let next = self.deadlines.first().map(|(at, _)| *at);
+            if next != armed {
+                if let Some(at) = next {
+                    timer.as_mut().reset(at);
+                }
+                armed = next;
+            }
+            // Reading and writing go on together, so neither side can block
+            // the other; reading pauses while too much output is queued,
+            // which pushes back on a peer that does not read its answers.
+            let backlog = self.out.len() - written;
+            tokio::select! {
+                biased;
+                _ = shutdown.recv() => {
+                    self.event(Event::ShuttingDown);
+                    let _ = writer.write_all(&self.out[written..]).await;
+                    return End::Shutdown;
+                }
+                grant = grants.recv() => {
+                    // The sender lives in `self.peer`, so this never ends.
+                    if let Some((request_id, grant)) = grant {
+                        self.granted_while_waiting(request_id, grant);
+                    }
+                }
+                () = &mut timer, if armed.is_some() => {
+                    self.expire(Instant::now());
+                }
+                n = writer.write(&self.out[written..]), if backlog > 0 => match n {
+                    Ok(0) => return End::Io("the peer stopped reading".into()),
+                    Ok(n) => {
+                        written += n;
+                        if written == self.out.len() {
+                            self.out.clear();
+                            written = 0;
+                        }
+                    }
+                    Err(e) => return End::Io(e.to_string()),
+                },
+                msg = reader.read_message::<ClientMessage>(), if backlog < OUTPUT_HIGH_WATER => {
+                    let mut next = msg;
+                    // Answer everything already buffered before writing.
+                    loop {
+                        match next {
+                            Ok(Some(msg)) => {
+                                if let Err(fatal) = self.message(msg) {
+                                    let _ = writer.write_all(&self.out[written..]).await;
+                                    self.out.clear();
+                                    return self.fatal(writer, fatal).await;
+                                }
+                            }
+                            Ok(None) => return End::PeerClosed,
+                            Err(e) => return match frame_fatal(&e) {
+                                Some(fatal) => {
+                                    let _ = writer.write_all(&self.out[written..]).await;
+                                    self.out.clear();
+                                    self.fatal(writer, fatal).await
+                                }
+                                None => End::Io(e.to_string()),
+                            },
+                        }
+                        next = match reader.try_next() {
+                            Ok(None) => break,
+                            other => other,
+                        };
+                    }
+                }
+            }
+        }
+    }
+
+    /// Sends a fatal error (after any answers already written).
+    async fn fatal<W: AsyncWrite + Unpin>(&mut self, writer: &mut W, error: ErrorInfo) -> End {
+        let _ = write_fatal(writer, error.clone(), self.broker.limits.max_frame_len).await;
+        End::Fatal(error)
+    }
+
+    fn answer(&mut self, msg: ServerMessage) {
+        let max = self.broker.limits.max_frame_len;
+        if let Err(e) = frame::encode(&msg, max, &mut self.out) {
+            // Only a response can grow past the limit (an inspection).
+            let ServerMessage::Response { id, .. } = msg else {
+                tracing::error!(error = %e, "could not encode a message");
+                return;
+            };
+            let error = ErrorInfo::new(
+                ErrorCode::ResponseTooLarge,
+                format!("{e}; ask with a narrower prefix or a smaller limit"),
+            );
+            let msg = ServerMessage::Response {
+                id,
+                response: Response::Error(error),
+            };
+            frame::encode(&msg, max, &mut self.out).expect("an error response fits any frame");
+        }
+    }
+
+    fn respond(&mut self, id: u64, response: Response) {
+        self.answer(ServerMessage::Response { id, response });
+    }
+
+    fn error(&mut self, id: u64, error: ErrorInfo) {
+        self.respond(id, Response::Error(error));
+    }
+
+    fn event(&mut self, event: Event) {
+        self.answer(ServerMessage::Event(event));
+    }
+
+    /// Handles one message; `Err` ends the connection.
+    fn message(&mut self, msg: ClientMessage) -> Result<(), ErrorInfo> {
+        match msg {
+            ClientMessage::Hello(_) => Err(ErrorInfo::new(
+                ErrorCode::UnexpectedHello,
+                "Hello may only be the first frame",
+            )),
+            ClientMessage::Request { id, request } => {
+                match request {
+                    Request::Acquire(a) => self.acquire(id, a),
+                    Request::Cancel { request_id } => self.cancel(id, request_id),
+                    Request::Release { hold_id } => self.release(id, hold_id),
+                    Request::ReleaseByName { name, count } => self.release_by_name(id, name, count),
+                    Request::Inspect { prefix, limit } => self.inspect(id, prefix, limit),
+                    Request::Ping => self.respond(id, Response::Pong),
+                }
+                Ok(())
+            }
+        }
+    }
+
+    fn acquire(&mut self, id: u64, req: lockbroker_proto::Acquire) {
+        if let Err(e) = self.try_acquire(id, req) {
+            self.error(id, e);
+        }
+    }
+
+    fn try_acquire(&mut self, id: u64, req: lockbroker_proto::Acquire) -> Result<(), ErrorInfo> {
+        if self.pending.contains_key(&id) {
+            return Err(ErrorInfo::new(
+                ErrorCode::DuplicateRequestId,
+                format!("request id {id} is already used by a waiting acquire"),
+            ));
+        }
+        let name = LockName::new(req.name).map_err(|e| {
+            ErrorInfo::new(ErrorCode::InvalidName, format!("invalid lock name: {e}"))
+        })?;
+        let mut spec = AcquireSpec::validate(req.kind, req.capacity, req.permits, req.timeout_ms)?;
+        let limits = self.broker.limits;
+        if self.holds.len() + self.pending.len() >= limits.max_holds as usize {
+            return Err(ErrorInfo::new(
+                ErrorCode::TooManyHolds,
+                format!(
+                    "this session already has {} holds and waiting acquires (limit {})",
+                    self.holds.len() + self.pending.len(),
+                    limits.max_holds
+                ),
+            ));
+        }
+        let at_pending_limit = self.pending.len() >= limits.max_pending as usize;
+        let is_try = !spec.may_wait;
+        spec.may_wait &= !at_pending_limit;
+        match self.broker.table.acquire(&name, &self.peer, id, &spec)? {
+            AcquireOutcome::Granted(grant) => {
+                self.holds.insert(grant.hold_id, name);
+                self.respond(id, Response::Granted(grant));
+            }
+            AcquireOutcome::WouldBlock if is_try => self.respond(id, Response::TimedOut),
+            AcquireOutcome::WouldBlock => {
+                return Err(ErrorInfo::new(
+                    ErrorCode::TooManyPending,
+                    format!(
+                        "this session already has {} acquires waiting (limit {})",
+                        self.pending.len(),
+                        limits.max_pending
+                    ),
+                ));
+            }
+            AcquireOutcome::Queued => {
+                // A deadline too far to represent is no deadline.
+                let deadline = req.timeout_ms.and_then(|ms| {
+                    Instant::now().checked_add(std::time::Duration::from_millis(ms))
+                });
+                if let Some(at) = deadline {
+                    self.deadlines.insert((at, id));
+                }
+                self.pending.insert(id, Pending { name, deadline });
+            }
+        }
+        Ok(())
+    }
+
+    /// A grant the table made while this session waited.
+    fn granted_while_waiting(&mut self, request_id: u64, grant: Grant) {
+        let Some(p) = self.pending.remove(&request_id) else {
+            // Cannot happen: a waiter stays pending until its grant arrives.
+            tracing::error!(request_id, "grant for an acquire that is not pending");
+            return;
+        };
+        if let Some(at) = p.deadline {
+            self.deadlines.remove(&(at, request_id));
+        }
+        self.holds.insert(grant.hold_id, p.name);
+        self.respond(request_id, Response::Granted(grant));
+    }
+
+    /// Times out every waiting acquire whose deadline is at or before `now`.
+    fn expire(&mut self, now: Instant) {
+        while let Some(&(at, request_id)) = self.deadlines.first() {
+            if at > now {
+                break;
+            }
+            self.deadlines.pop_first();
+            if self.withdraw(request_id) {
+                self.respond(request_id, Response::TimedOut);
+            }
+            // Otherwise the grant won the race and is on its way.
+        }
+    }
+
+    /// Takes waiting acquire `request_id` out of its queue; false if it was
+    /// already granted.
+    fn withdraw(&mut self, request_id: u64) -> bool {
+        let Some(p) = self.pending.get(&request_id) else {
+            return false;
+        };
+        let (removed, deliveries) =
+            self.broker
+                .table
+                .cancel(p.name.as_str(), self.id(), request_id);
+        deliver(deliveries);
+        if removed {
+            if let Some(p) = self.pending.remove(&request_id) {
+                if let Some(at) = p.deadline {
+                    self.deadlines.remove(&(at, request_id));
+                }
+            }
+        }
+        removed
+    }
+
+    fn cancel(&mut self, id: u64, request_id: u64) {
+        if self.withdraw(request_id) {
+            self.respond(request_id, Response::Cancelled);
+            self.respond(id, Response::Done);
+        } else {
+            self.error(
+                id,
+                ErrorInfo::new(
+                    ErrorCode::NotPending,
+                    format!("no waiting acquire has request id {request_id}"),
+                ),
+            );
+        }
+    }
+
+    fn release(&mut self, id: u64, hold_id: u64) {
+        let unknown = || {
+            ErrorInfo::new(
+                ErrorCode::UnknownHold,
+                format!("this session has no hold {hold_id}"),
+            )
+        };
+        let Some(name) = self.holds.remove(&hold_id) else {
+            return self.error(id, unknown());
+        };
+        let (permits, deliveries) = self.broker.table.release(name.as_str(), self.id(), hold_id);
+        deliver(deliveries);
+        match permits {
+            Some(permits) => self.respond(id, Response::Released { permits }),
+            None => {
+                tracing::error!(hold_id, "hold known to the session but not to the table");
+                self.error(id, unknown());
+            }
+        }
+    }
+
+    fn release_by_name(&mut self, id: u64, name: String, count: u32) {
+        let result = (|| {
+            let name = LockName::new(name).map_err(|e| {
+                ErrorInfo::new(ErrorCode::InvalidName, format!("invalid lock name: {e}"))
+            })?;
+            if count == 0 {
+                return Err(ErrorInfo::new(
+                    ErrorCode::InvalidPermits,
+                    "a release must name at least one permit",
+                ));
+            }
+            self.broker
+                .table
+                .release_count(name.as_str(), self.id(), count)
+        })();
+        match result {
+            Ok(released) => {
+                for hold_id in released.ended {
+                    self.holds.remove(&hold_id);
+                }
+                deliver(released.deliveries);
+                self.respond(id, Response::Released { permits: count });
+            }
+            Err(e) => self.error(id, e),
+        }
+    }
+
+    fn inspect(&mut self, id: u64, prefix: String, limit: u32) {
+        if let Err(e) = lockbroker_proto::validate_prefix(&prefix) {
+            return self.error(
+                id,
+                ErrorInfo::new(ErrorCode::InvalidName, format!("invalid prefix: {e}")),
+            );
+        }
+        let limit = match limit {
+            0 => DEFAULT_INSPECT_LIMIT,
+            n => n.min(MAX_INSPECT_LIMIT),
+        };
+        let (entries, truncated) = self.broker.table.inspect(&prefix, limit as usize);
+        let server = self.broker.server_info();
+        self.respond(
+            id,
+            Response::Inspection(Inspection {
+                server,
+                entries,
+                truncated,
+            }),
+        );
+    }
+
+    /// Releases everything the session held and withdraws every wait.
+    fn cleanup(&mut self) {
+        let names: HashSet<&LockName> = self
+            .holds
+            .values()
+            .chain(self.pending.values().map(|p| &p.name))
+            .collect();
+        for name in names {
+            deliver(self.broker.table.end_session(name.as_str(), self.id()));
+        }
+        self.holds.clear();
+        self.pending.clear();
+        self.deadlines.clear();
+    }
+}

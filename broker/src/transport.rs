@@ -1,0 +1,242 @@
+//! The listening socket: binding safely, accepting, and peer credentials.
+//!
+//! This is the only platform-specific module of the daemon. On Unix it binds
+//! a filesystem socket (never an abstract name: those carry no permissions)
+//! and makes sure exactly one daemon serves it:
+//!
+//! 1. An exclusive `flock` on `<socket>.lock`, held for the daemon's life,
+//!    settles races between daemons starting at once.
+//! 2. If the socket path exists, a connect attempt decides: somebody answers
+//!    → refuse to start; connection refused → the file is stale, left by a
+//!    killed daemon, and is replaced.
+//!
+//! The socket file is removed when the [`Listener`] is dropped.
+
+#[cfg(unix)]
+pub use unix::*;
+
+#[cfg(windows)]
+pub use windows::*;
+
+/// Who is on the other end of a connection, where the platform says.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct PeerCred {
+    /// Process id.
+    pub pid: Option<u32>,
+    /// User id.
+    pub uid: Option<u32>,
+    /// Group id.
+    pub gid: Option<u32>,
+}
+
+#[cfg(unix)]
+mod unix {
+    use std::fs::{self, DirBuilder, File, OpenOptions};
+    use std::io;
+    use std::os::fd::AsRawFd;
+    use std::os::unix::fs::{DirBuilderExt, FileTypeExt, MetadataExt, PermissionsExt};
+    use std::os::unix::net::{UnixListener as StdListener, UnixStream as StdStream};
+    use std::path::{Path, PathBuf};
+
+    use lockbroker_proto::address::Scope;
+    use tokio::net::UnixListener;
+    use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
+
+    use super::PeerCred;
+    use crate::error::StartError;
+
+    /// The reading half of an accepted connection.
+    pub type ReadHalf = OwnedReadHalf;
+    /// The writing half of an accepted connection.
+    pub type WriteHalf = OwnedWriteHalf;
+
+    /// A bound, listening socket.
+    #[derive(Debug)]
+    pub struct Listener {
+        inner: UnixListener,
+        /// Removed on drop; `None` for a socket we did not create.
+        path: Option<PathBuf>,
+        /// Held (locked) for the listener's life.
+        _lock: Option<File>,
+    }
+
+    impl Listener {
+        /// Binds `socket`. For a scope default, first creates and checks the
+        /// scope's directory. Must be called within a Tokio runtime.
+        pub fn bind(socket: &Path, scope: Option<Scope>) -> Result<Listener, StartError> {
+            let mode = match scope {
+                Some(Scope::Local) | None => 0o600,
+                Some(Scope::Global) => 0o660,
+            };
+            if let Some(scope) = scope {
+                let dir = socket.parent().unwrap_or(Path::new("/"));
+                prepare_dir(dir, scope)?;
+            }
+            let lock = lock_file(socket)?;
+            let std = bind_reclaiming(socket)?;
+            fs::set_permissions(socket, fs::Permissions::from_mode(mode))
+                .map_err(|e| StartError::io("setting the mode of", socket, e))?;
+            Listener::adopt(std, Some(socket.to_owned()), Some(lock))
+        }
+
+        /// Serves an already-listening socket (e.g. one passed by systemd).
+        /// The socket file is left in place on drop.
+        pub fn from_std(std: StdListener) -> Result<Listener, StartError> {
+            Listener::adopt(std, None, None)
+        }
+
+        fn adopt(
+            std: StdListener,
+            path: Option<PathBuf>,
+            lock: Option<File>,
+        ) -> Result<Listener, StartError> {
+            let where_ = path.clone().unwrap_or_default();
+            std.set_nonblocking(true)
+                .map_err(|e| StartError::io("configuring", &where_, e))?;
+            let inner = UnixListener::from_std(std)
+                .map_err(|e| StartError::io("registering", &where_, e))?;
+            Ok(Listener {
+                inner,
+                path,
+                _lock: lock,
+            })
+        }
+
+        /// Waits for the next connection.
+        pub async fn accept(&self) -> io::Result<(ReadHalf, WriteHalf, PeerCred)> {
+            let (stream, _) = self.inner.accept().await?;
+            let cred = stream
+                .peer_cred()
+                .map(|c| PeerCred {
+                    pid: c.pid().map(|p| p as u32),
+                    uid: Some(c.uid()),
+                    gid: Some(c.gid()),
+                })
+                .unwrap_or_default();
+            let (r, w) = stream.into_split();
+            Ok((r, w, cred))
+        }
+
+        /// The socket path, if this listener created it.
+        pub fn path(&self) -> Option<&Path> {
+            self.path.as_deref()
+        }
+    }
+
+    impl Drop for Listener {
+        fn drop(&mut self) {
+            if let Some(path) = &self.path {
+                let _ = fs::remove_file(path);
+            }
+        }
+    }
+
+    /// The effective user id.
+    fn euid() -> u32 {
+        // SAFETY: geteuid has no preconditions and cannot fail.
+        unsafe { libc::geteuid() }
+    }
+
+    /// Creates the scope directory if needed, then refuses one that another
+    /// user could tamper with.
+    fn prepare_dir(dir: &Path, scope: Scope) -> Result<(), StartError> {
+        let mode = match scope {
+            Scope::Local => 0o700,
+            Scope::Global => 0o755,
+        };
+        match DirBuilder::new().mode(mode).create(dir) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+            Err(e) => return Err(StartError::io("creating", dir, e)),
+        }
+        let meta = fs::symlink_metadata(dir).map_err(|e| StartError::io("inspecting", dir, e))?;
+        let unsafe_dir = |reason: String| StartError::UnsafeDirectory {
+            path: dir.to_owned(),
+            reason,
+        };
+        if meta.file_type().is_symlink() {
+            return Err(unsafe_dir("it is a symbolic link".into()));
+        }
+        if !meta.is_dir() {
+            return Err(unsafe_dir("it is not a directory".into()));
+        }
+        let me = euid();
+        if meta.uid() != me {
+            return Err(unsafe_dir(format!(
+                "it is owned by uid {}, not by this user (uid {me})",
+                meta.uid()
+            )));
+        }
+        let actual = meta.mode() & 0o777;
+        let loose = match scope {
+            Scope::Local => actual & 0o077 != 0,
+            Scope::Global => actual & 0o022 != 0,
+        };
+        if loose {
+            return Err(unsafe_dir(format!(
+                "its mode is {actual:04o}; it must be {mode:04o} (chmod {mode:o} {})",
+                dir.display()
+            )));
+        }
+        Ok(())
+    }
+
+    /// Takes the exclusive lock that makes this daemon the socket's only
+    /// server.
+    fn lock_file(socket: &Path) -> Result<File, StartError> {
+        let mut name = socket.as_os_str().to_owned();
+        name.push(".lock");
+        let path = PathBuf::from(name);
+        let file = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)
+            .map_err(|e| StartError::io("opening", &path, e))?;
+        // SAFETY: flock on a file descriptor we own; no memory is involved.
+        let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+        if rc != 0 {
+            let err = io::Error::last_os_error();
+            return Err(if err.kind() == io::ErrorKind::WouldBlock {
+                StartError::AlreadyRunning {
+                    path: socket.to_owned(),
+                }
+            } else {
+                StartError::io("locking", &path, err)
+            });
+        }
+        Ok(file)
+    }
+
+    /// Binds `path`, replacing a stale socket file only once a connect
+    /// attempt proves nobody listens on it.
+    fn bind_reclaiming(path: &Path) -> Result<StdListener, StartError> {
+        match StdListener::bind(path) {
+            Ok(l) => return Ok(l),
+            Err(e) if e.kind() == io::ErrorKind::AddrInUse => {}
+            Err(e) => return Err(StartError::io("binding", path, e)),
+        }
+        let meta = fs::symlink_metadata(path).map_err(|e| StartError::io("inspecting", path, e))?;
+        if !meta.file_type().is_socket() {
+            return Err(StartError::NotASocket {
+                path: path.to_owned(),
+            });
+        }
+        match StdStream::connect(path) {
+            Ok(_) => Err(StartError::AlreadyRunning {
+                path: path.to_owned(),
+            }),
+            Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => {
+                tracing::info!(socket = %path.display(), "replacing a stale socket file");
+                fs::remove_file(path).map_err(|e| StartError::io("removing", path, e))?;
+                StdListener::bind(path).map_err(|e| StartError::io("binding", path, e))
+            }
+            Err(e) => Err(StartError::io("probing", path, e)),
+        }
+    }
+}
+
+#[cfg(windows)]
+mod windows {
+    compile_error!("the Windows transport is not written yet");
+}

@@ -1,0 +1,289 @@
+//! The `lockbrokerd` binary: signals, exit codes, one daemon per socket,
+//! stale sockets, and the per-user directory checks.
+
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::os::unix::net::UnixStream as StdStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use lockbroker_proto::io::FrameReader;
+use lockbroker_proto::{
+    Acquire, ClientMessage, DEFAULT_MAX_FRAME_LEN, Event, Hello, LockKind, MAGIC, Request,
+    Response, ServerMessage, frame,
+};
+use tokio::io::AsyncWriteExt;
+
+const BIN: &str = env!("CARGO_BIN_EXE_lockbrokerd");
+
+fn daemon(args: &[&str], runtime_dir: Option<&Path>) -> Command {
+    let mut cmd = Command::new(BIN);
+    cmd.args(args)
+        .env_remove("LOCKBROKER_SOCKET")
+        .env_remove("RUST_LOG")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    match runtime_dir {
+        Some(dir) => cmd.env("XDG_RUNTIME_DIR", dir),
+        None => cmd.env_remove("XDG_RUNTIME_DIR"),
+    };
+    cmd
+}
+
+/// Waits until `socket` accepts connections, or the daemon exits (fails).
+fn wait_ready(child: &mut Child, socket: &Path) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        if StdStream::connect(socket).is_ok() {
+            return;
+        }
+        if let Some(status) = child.try_wait().unwrap() {
+            panic!("daemon exited early with {status}");
+        }
+        assert!(
+            Instant::now() < deadline,
+            "daemon never listened on {}",
+            socket.display()
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// Runs a daemon that is expected to refuse to start; returns its output.
+fn refused(args: &[&str], runtime_dir: Option<&Path>) -> Output {
+    let out = daemon(args, runtime_dir).output().unwrap();
+    assert!(
+        !out.status.success(),
+        "daemon started but should have refused"
+    );
+    out
+}
+
+fn stderr(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+fn sock_arg(p: &Path) -> String {
+    p.to_str().unwrap().to_owned()
+}
+
+fn kill(child: &Child, signal: i32) {
+    // SAFETY: sending a signal to our own child process.
+    let rc = unsafe { libc::kill(child.id() as i32, signal) };
+    assert_eq!(rc, 0);
+}
+
+/// Waits for the child's exit, at most `limit`.
+fn wait_exit(child: &mut Child, limit: Duration) -> std::process::ExitStatus {
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            return status;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "daemon did not exit within {limit:?}"
+        );
+        std::thread::sleep(Duration::from_millis(2));
+    }
+}
+
+#[test]
+fn sigterm_tells_sessions_releases_and_exits_0_within_a_second() {
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("broker.sock");
+    let mut child = daemon(&["--socket", &sock_arg(&socket)], None)
+        .spawn()
+        .unwrap();
+    wait_ready(&mut child, &socket);
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let stream = tokio::net::UnixStream::connect(&socket).await.unwrap();
+        let (r, mut w) = stream.into_split();
+        let mut reader = FrameReader::new(r, DEFAULT_MAX_FRAME_LEN);
+        let mut send = Vec::new();
+        let hello = ClientMessage::Hello(Hello {
+            magic: MAGIC,
+            version: 1,
+            client_name: "t".into(),
+        });
+        let acquire = ClientMessage::Request {
+            id: 1,
+            request: Request::Acquire(Acquire {
+                name: "held".into(),
+                kind: LockKind::Mutex,
+                capacity: 0,
+                permits: 1,
+                timeout_ms: None,
+            }),
+        };
+        frame::encode(&hello, DEFAULT_MAX_FRAME_LEN, &mut send).unwrap();
+        frame::encode(&acquire, DEFAULT_MAX_FRAME_LEN, &mut send).unwrap();
+        w.write_all(&send).await.unwrap();
+        let welcome: ServerMessage = reader.read_message().await.unwrap().unwrap();
+        assert!(matches!(welcome, ServerMessage::Welcome(_)));
+        let granted: ServerMessage = reader.read_message().await.unwrap().unwrap();
+        assert!(matches!(
+            granted,
+            ServerMessage::Response {
+                id: 1,
+                response: Response::Granted(_)
+            }
+        ));
+
+        let signalled = Instant::now();
+        kill(&child, libc::SIGTERM);
+        let event: ServerMessage = reader.read_message().await.unwrap().unwrap();
+        assert_eq!(event, ServerMessage::Event(Event::ShuttingDown));
+        assert!(
+            reader
+                .read_message::<ServerMessage>()
+                .await
+                .unwrap()
+                .is_none()
+        );
+        let status = wait_exit(&mut child, Duration::from_secs(5));
+        let took = signalled.elapsed();
+        assert!(status.success(), "exit status {status}");
+        assert!(took < Duration::from_secs(1), "shutdown took {took:?}");
+    });
+    assert!(!socket.exists(), "socket file left behind");
+}
+
+#[test]
+fn sigint_also_shuts_down_cleanly() {
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("broker.sock");
+    let mut child = daemon(&["--socket", &sock_arg(&socket)], None)
+        .spawn()
+        .unwrap();
+    wait_ready(&mut child, &socket);
+    kill(&child, libc::SIGINT);
+    assert!(wait_exit(&mut child, Duration::from_secs(5)).success());
+    assert!(!socket.exists());
+}
+
+#[test]
+fn a_second_daemon_on_the_same_socket_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("broker.sock");
+    let mut first = daemon(&["--socket", &sock_arg(&socket)], None)
+        .spawn()
+        .unwrap();
+    wait_ready(&mut first, &socket);
+    let out = refused(&["--socket", &sock_arg(&socket)], None);
+    let msg = stderr(&out);
+    assert!(msg.contains("already serving"), "{msg}");
+    assert_eq!(msg.lines().count(), 1, "one clear line: {msg}");
+    // The first one is undisturbed.
+    assert!(StdStream::connect(&socket).is_ok());
+    kill(&first, libc::SIGTERM);
+    assert!(wait_exit(&mut first, Duration::from_secs(5)).success());
+}
+
+#[test]
+fn a_stale_socket_of_a_killed_daemon_is_reclaimed() {
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("broker.sock");
+    let mut first = daemon(&["--socket", &sock_arg(&socket)], None)
+        .spawn()
+        .unwrap();
+    wait_ready(&mut first, &socket);
+    kill(&first, libc::SIGKILL);
+    first.wait().unwrap();
+    assert!(socket.exists(), "SIGKILL leaves the socket file");
+    let mut second = daemon(&["--socket", &sock_arg(&socket)], None)
+        .spawn()
+        .unwrap();
+    wait_ready(&mut second, &socket);
+    kill(&second, libc::SIGTERM);
+    assert!(wait_exit(&mut second, Duration::from_secs(5)).success());
+}
+
+#[test]
+fn a_non_socket_file_in_the_way_is_not_replaced() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("broker.sock");
+    std::fs::write(&path, "precious").unwrap();
+    let out = refused(&["--socket", &sock_arg(&path)], None);
+    assert!(stderr(&out).contains("not a socket"), "{}", stderr(&out));
+    assert_eq!(std::fs::read_to_string(&path).unwrap(), "precious");
+}
+
+/// The local scope creates `$XDG_RUNTIME_DIR/lockbroker` with mode 0700.
+#[test]
+fn the_local_scope_creates_a_private_directory() {
+    let runtime = tempfile::tempdir().unwrap();
+    let dir = runtime.path().join("lockbroker");
+    let socket = dir.join("broker.sock");
+    let mut child = daemon(&[], Some(runtime.path())).spawn().unwrap();
+    wait_ready(&mut child, &socket);
+    let meta = std::fs::metadata(&dir).unwrap();
+    assert_eq!(meta.permissions().mode() & 0o777, 0o700);
+    let sock_mode = std::fs::metadata(&socket).unwrap().permissions().mode() & 0o777;
+    assert_eq!(sock_mode, 0o600);
+    kill(&child, libc::SIGTERM);
+    assert!(wait_exit(&mut child, Duration::from_secs(5)).success());
+}
+
+fn scope_dir(runtime: &Path) -> PathBuf {
+    runtime.join("lockbroker")
+}
+
+#[test]
+fn a_directory_with_a_loose_mode_is_refused() {
+    let runtime = tempfile::tempdir().unwrap();
+    let dir = scope_dir(runtime.path());
+    std::fs::create_dir(&dir).unwrap();
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let out = refused(&[], Some(runtime.path()));
+    assert!(stderr(&out).contains("mode is 0755"), "{}", stderr(&out));
+    assert!(!dir.join("broker.sock").exists());
+}
+
+#[test]
+fn a_symlinked_directory_is_refused() {
+    let runtime = tempfile::tempdir().unwrap();
+    let elsewhere = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(elsewhere.path(), std::fs::Permissions::from_mode(0o700)).unwrap();
+    std::os::unix::fs::symlink(elsewhere.path(), scope_dir(runtime.path())).unwrap();
+    let out = refused(&[], Some(runtime.path()));
+    assert!(stderr(&out).contains("symbolic link"), "{}", stderr(&out));
+}
+
+/// Needs root to give the directory to another user; skipped otherwise.
+#[test]
+fn a_directory_owned_by_another_user_is_refused() {
+    // SAFETY: geteuid cannot fail.
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!("skipped: changing a directory's owner needs root");
+        return;
+    }
+    let runtime = tempfile::tempdir().unwrap();
+    let dir = scope_dir(runtime.path());
+    std::fs::create_dir(&dir).unwrap();
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700)).unwrap();
+    std::os::unix::fs::chown(&dir, Some(65534), Some(65534)).unwrap();
+    assert_eq!(std::fs::metadata(&dir).unwrap().uid(), 65534);
+    let out = refused(&[], Some(runtime.path()));
+    assert!(
+        stderr(&out).contains("owned by uid 65534"),
+        "{}",
+        stderr(&out)
+    );
+}
+
+#[test]
+fn bad_flags_are_refused_with_one_line() {
+    let out = refused(
+        &["--max-frame-len", "10", "--socket", "/nonexistent/x.sock"],
+        None,
+    );
+    let msg = stderr(&out);
+    assert!(msg.contains("--max-frame-len"), "{msg}");
+    assert_eq!(msg.lines().count(), 1, "{msg}");
+}
