@@ -1,0 +1,298 @@
+//! [`BlockingClient`]: the same surface for programs without a Tokio
+//! runtime.
+//!
+//! It wraps the async [`Client`] and owns a one-worker multi-thread runtime:
+//! the connection task must keep running between calls (to route answers and
+//! keep the session alive), which a `current_thread` runtime would only do
+//! inside `block_on` (mini-redis `blocking_client.rs`, and tokio's bridging
+//! guide). Guards share the runtime, and dropping a guard never blocks: it
+//! queues the release. Do not call these methods from async code.
+
+use std::fmt;
+use std::sync::Arc;
+use std::time::Duration;
+
+use lockbroker_proto::Inspection;
+use tokio::runtime::Runtime;
+
+use crate::client::Client;
+use crate::connector::Connector;
+use crate::error::{Error, Result};
+use crate::guard::{BlockingLockGuard, LockGuard};
+use crate::handle::{Mutex, RwLock, Semaphore};
+
+/// A shared runtime that shuts down without waiting when the last user
+/// drops it, so no drop can hang (or panic inside async code).
+#[derive(Clone)]
+pub(crate) struct RuntimeRef(Arc<OwnedRuntime>);
+
+struct OwnedRuntime(Option<Runtime>);
+
+impl Drop for OwnedRuntime {
+    fn drop(&mut self) {
+        if let Some(rt) = self.0.take() {
+            rt.shutdown_background();
+        }
+    }
+}
+
+impl RuntimeRef {
+    fn new() -> Result<RuntimeRef> {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .thread_name("lockbroker-client")
+            .enable_all()
+            .build()
+            .map_err(|e| Error::Protocol(format!("cannot start the client runtime: {e}")))?;
+        Ok(RuntimeRef(Arc::new(OwnedRuntime(Some(rt)))))
+    }
+
+    pub(crate) fn block_on<F: std::future::Future>(&self, f: F) -> F::Output {
+        self.0
+            .0
+            .as_ref()
+            .expect("runtime lives until drop")
+            .block_on(f)
+    }
+}
+
+impl fmt::Debug for RuntimeRef {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("RuntimeRef")
+    }
+}
+
+/// A blocking connection to the daemon; cheap to clone.
+#[derive(Debug, Clone)]
+pub struct BlockingClient {
+    client: Client,
+    runtime: RuntimeRef,
+}
+
+impl BlockingClient {
+    /// Connects with [`Connector`]'s defaults.
+    pub fn connect() -> Result<BlockingClient> {
+        BlockingClient::connect_with(&Connector::new())
+    }
+
+    /// Connects as `connector` says.
+    pub fn connect_with(connector: &Connector) -> Result<BlockingClient> {
+        let runtime = RuntimeRef::new()?;
+        let client = runtime.block_on(connector.connect())?;
+        Ok(BlockingClient { client, runtime })
+    }
+
+    /// The async client underneath (usable from the client's own runtime).
+    pub fn as_async(&self) -> &Client {
+        &self.client
+    }
+
+    /// A mutex handle for `name`.
+    pub fn mutex(&self, name: impl Into<String>) -> BlockingMutex {
+        BlockingMutex {
+            inner: self.client.mutex(name),
+            runtime: self.runtime.clone(),
+        }
+    }
+
+    /// A semaphore handle for `name` with `capacity` permits.
+    pub fn semaphore(&self, name: impl Into<String>, capacity: u32) -> BlockingSemaphore {
+        BlockingSemaphore {
+            inner: self.client.semaphore(name, capacity),
+            runtime: self.runtime.clone(),
+        }
+    }
+
+    /// A read-write lock handle for `name`.
+    pub fn rwlock(&self, name: impl Into<String>) -> BlockingRwLock {
+        BlockingRwLock {
+            inner: self.client.rwlock(name),
+            runtime: self.runtime.clone(),
+        }
+    }
+
+    /// This session's id.
+    pub fn session_id(&self) -> u64 {
+        self.client.session_id()
+    }
+
+    /// The daemon's software version.
+    pub fn server_version(&self) -> &str {
+        self.client.server_version()
+    }
+
+    /// Whether the connection is gone.
+    pub fn is_lost(&self) -> bool {
+        self.client.is_lost()
+    }
+
+    /// Round-trip time of one ping.
+    pub fn ping(&self) -> Result<Duration> {
+        self.runtime.block_on(self.client.ping())
+    }
+
+    /// See [`Client::inspect`].
+    pub fn inspect(&self, prefix: &str) -> Result<Inspection> {
+        self.runtime.block_on(self.client.inspect(prefix))
+    }
+
+    /// See [`Client::release_by_name`].
+    pub fn release_by_name(&self, name: &str, count: u32) -> Result<u32> {
+        self.runtime
+            .block_on(self.client.release_by_name(name, count))
+    }
+}
+
+/// Wraps the async result in a blocking guard.
+fn wrap(runtime: &RuntimeRef, guard: LockGuard) -> BlockingLockGuard {
+    BlockingLockGuard {
+        inner: guard,
+        runtime: runtime.clone(),
+    }
+}
+
+fn wrap_opt(runtime: &RuntimeRef, guard: Option<LockGuard>) -> Option<BlockingLockGuard> {
+    guard.map(|g| wrap(runtime, g))
+}
+
+/// A blocking [`Mutex`].
+#[derive(Debug, Clone)]
+pub struct BlockingMutex {
+    inner: Mutex,
+    runtime: RuntimeRef,
+}
+
+impl BlockingMutex {
+    /// The lock's name.
+    pub fn name(&self) -> &str {
+        self.inner.name()
+    }
+
+    /// Blocks until the mutex is granted.
+    pub fn acquire(&self) -> Result<BlockingLockGuard> {
+        let g = self.runtime.block_on(self.inner.acquire())?;
+        Ok(wrap(&self.runtime, g))
+    }
+
+    /// Takes the mutex only if it is free and nobody is queued.
+    pub fn try_acquire(&self) -> Result<Option<BlockingLockGuard>> {
+        let g = self.runtime.block_on(self.inner.try_acquire())?;
+        Ok(wrap_opt(&self.runtime, g))
+    }
+
+    /// Blocks at most `timeout`; `Ok(None)` if it ran out.
+    pub fn acquire_timeout(&self, timeout: Duration) -> Result<Option<BlockingLockGuard>> {
+        let g = self.runtime.block_on(self.inner.acquire_timeout(timeout))?;
+        Ok(wrap_opt(&self.runtime, g))
+    }
+}
+
+/// A blocking [`Semaphore`].
+#[derive(Debug, Clone)]
+pub struct BlockingSemaphore {
+    inner: Semaphore,
+    runtime: RuntimeRef,
+}
+
+impl BlockingSemaphore {
+    /// The semaphore's name.
+    pub fn name(&self) -> &str {
+        self.inner.name()
+    }
+
+    /// The capacity this handle asks for.
+    pub fn capacity(&self) -> u32 {
+        self.inner.capacity()
+    }
+
+    /// Blocks for one permit.
+    pub fn acquire(&self) -> Result<BlockingLockGuard> {
+        self.acquire_many(1)
+    }
+
+    /// Blocks for `permits` permits, granted together.
+    pub fn acquire_many(&self, permits: u32) -> Result<BlockingLockGuard> {
+        let g = self.runtime.block_on(self.inner.acquire_many(permits))?;
+        Ok(wrap(&self.runtime, g))
+    }
+
+    /// Takes one permit only if free and nobody is queued.
+    pub fn try_acquire(&self) -> Result<Option<BlockingLockGuard>> {
+        self.try_acquire_many(1)
+    }
+
+    /// Blocks at most `timeout` for one permit.
+    pub fn acquire_timeout(&self, timeout: Duration) -> Result<Option<BlockingLockGuard>> {
+        self.acquire_many_timeout(1, timeout)
+    }
+
+    /// Takes `permits` permits only if free and nobody is queued.
+    pub fn try_acquire_many(&self, permits: u32) -> Result<Option<BlockingLockGuard>> {
+        let g = self
+            .runtime
+            .block_on(self.inner.try_acquire_many(permits))?;
+        Ok(wrap_opt(&self.runtime, g))
+    }
+
+    /// Blocks at most `timeout` for `permits` permits.
+    pub fn acquire_many_timeout(
+        &self,
+        permits: u32,
+        timeout: Duration,
+    ) -> Result<Option<BlockingLockGuard>> {
+        let g = self
+            .runtime
+            .block_on(self.inner.acquire_many_timeout(permits, timeout))?;
+        Ok(wrap_opt(&self.runtime, g))
+    }
+}
+
+/// A blocking [`RwLock`].
+#[derive(Debug, Clone)]
+pub struct BlockingRwLock {
+    inner: RwLock,
+    runtime: RuntimeRef,
+}
+
+impl BlockingRwLock {
+    /// The lock's name.
+    pub fn name(&self) -> &str {
+        self.inner.name()
+    }
+
+    /// Blocks for shared access.
+    pub fn read(&self) -> Result<BlockingLockGuard> {
+        let g = self.runtime.block_on(self.inner.read())?;
+        Ok(wrap(&self.runtime, g))
+    }
+
+    /// Shared access only if available and nobody is queued.
+    pub fn try_read(&self) -> Result<Option<BlockingLockGuard>> {
+        let g = self.runtime.block_on(self.inner.try_read())?;
+        Ok(wrap_opt(&self.runtime, g))
+    }
+
+    /// Blocks at most `timeout` for shared access.
+    pub fn read_timeout(&self, timeout: Duration) -> Result<Option<BlockingLockGuard>> {
+        let g = self.runtime.block_on(self.inner.read_timeout(timeout))?;
+        Ok(wrap_opt(&self.runtime, g))
+    }
+
+    /// Blocks for exclusive access.
+    pub fn write(&self) -> Result<BlockingLockGuard> {
+        let g = self.runtime.block_on(self.inner.write())?;
+        Ok(wrap(&self.runtime, g))
+    }
+
+    /// Exclusive access only if the lock is free and nobody is queued.
+    pub fn try_write(&self) -> Result<Option<BlockingLockGuard>> {
+        let g = self.runtime.block_on(self.inner.try_write())?;
+        Ok(wrap_opt(&self.runtime, g))
+    }
+
+    /// Blocks at most `timeout` for exclusive access.
+    pub fn write_timeout(&self, timeout: Duration) -> Result<Option<BlockingLockGuard>> {
+        let g = self.runtime.block_on(self.inner.write_timeout(timeout))?;
+        Ok(wrap_opt(&self.runtime, g))
+    }
+}

@@ -1,0 +1,417 @@
+//! The async [`Client`] and the task that owns its connection.
+//!
+//! One task owns the socket (watchman's `ClientTask`). Callers hand it a
+//! request and a oneshot sender over an unbounded channel; the task writes
+//! requests in batches, reads responses and routes each to its caller by
+//! request id. When the task ends, every pending caller gets
+//! [`Error::ConnectionLost`] (their oneshot senders are dropped) and the
+//! `lost` flag is raised for guards to see.
+//!
+//! A caller that stops waiting for an acquire (its future is dropped) sends
+//! a `Cancel`; if the grant wins the race anyway, the task sees that nobody
+//! wants it and releases the hold at once, so nothing leaks.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use lockbroker_proto::io::FrameReader;
+use lockbroker_proto::{
+    Acquire, ClientMessage, ErrorInfo, Event, Inspection, Limits, LockKind, LockName, Request,
+    Response, ServerMessage, Welcome, frame,
+};
+use tokio::io::AsyncWriteExt;
+use tokio::sync::{mpsc, oneshot, watch};
+
+use crate::error::{Error, Result};
+use crate::guard::LockGuard;
+use crate::handle::{Mutex, RwLock, Semaphore};
+use crate::transport::{ReadHalf, WriteHalf};
+
+/// Stop taking new requests from callers while this many bytes wait to be
+/// written; the daemon reads them as fast as it answers.
+const OUTPUT_HIGH_WATER: usize = 1 << 20;
+
+/// A connection to the lockbroker daemon — one session — shared by every
+/// clone. Cheap to clone; the connection closes (and the daemon releases
+/// everything it held) when the last clone and the last guard are dropped.
+#[derive(Debug, Clone)]
+pub struct Client {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    /// To the connection task; it ends when every sender is gone.
+    commands: mpsc::UnboundedSender<Command>,
+    next_id: AtomicU64,
+    welcome: Welcome,
+    /// Raised by the connection task when it ends.
+    lost: watch::Receiver<bool>,
+}
+
+#[derive(Debug)]
+enum Command {
+    /// Send a request and route its answer to `reply`.
+    Call {
+        id: u64,
+        request: Request,
+        reply: oneshot::Sender<Response>,
+    },
+    /// Send a request whose answer nobody waits for.
+    Forget { id: u64, request: Request },
+}
+
+impl Client {
+    /// Connects with [`Connector`](crate::Connector)'s defaults: the
+    /// `LOCKBROKER_SOCKET` variable, else the local scope's socket.
+    pub async fn connect() -> Result<Client> {
+        crate::Connector::new().connect().await
+    }
+
+    pub(crate) fn start(
+        reader: FrameReader<ReadHalf>,
+        writer: WriteHalf,
+        welcome: Welcome,
+    ) -> Client {
+        let (commands, rx) = mpsc::unbounded_channel();
+        let (lost_tx, lost) = watch::channel(false);
+        let task = Task {
+            reader,
+            writer,
+            commands: rx,
+            pending: HashMap::new(),
+            out: Vec::new(),
+            written: 0,
+            max_frame_len: welcome.limits.max_frame_len,
+        };
+        tokio::spawn(async move {
+            let why = task.run().await;
+            tracing::debug!(reason = %why, "lockbroker connection ended");
+            let _ = lost_tx.send(true);
+        });
+        Client {
+            inner: Arc::new(Inner {
+                commands,
+                next_id: AtomicU64::new(1),
+                welcome,
+                lost,
+            }),
+        }
+    }
+
+    /// A mutex handle for `name`.
+    pub fn mutex(&self, name: impl Into<String>) -> Mutex {
+        Mutex::new(self.clone(), name.into())
+    }
+
+    /// A semaphore handle for `name` with `capacity` permits. Every user of
+    /// the name must agree on the capacity while it is in use.
+    pub fn semaphore(&self, name: impl Into<String>, capacity: u32) -> Semaphore {
+        Semaphore::new(self.clone(), name.into(), capacity)
+    }
+
+    /// A read-write lock handle for `name`.
+    pub fn rwlock(&self, name: impl Into<String>) -> RwLock {
+        RwLock::new(self.clone(), name.into())
+    }
+
+    /// This session's id, as `inspect` shows it.
+    pub fn session_id(&self) -> u64 {
+        self.inner.welcome.session_id
+    }
+
+    /// The daemon's software version.
+    pub fn server_version(&self) -> &str {
+        &self.inner.welcome.server_version
+    }
+
+    /// The limits the daemon applies to this session.
+    pub fn limits(&self) -> &Limits {
+        &self.inner.welcome.limits
+    }
+
+    /// Whether the connection is gone (and with it every hold).
+    pub fn is_lost(&self) -> bool {
+        *self.inner.lost.borrow()
+    }
+
+    /// Completes when the connection is lost.
+    pub async fn lost(&self) {
+        let mut lost = self.inner.lost.clone();
+        let _ = lost.wait_for(|l| *l).await;
+    }
+
+    /// Round-trip time of one ping.
+    pub async fn ping(&self) -> Result<Duration> {
+        let start = Instant::now();
+        match self.call(Request::Ping).await? {
+            Response::Pong => Ok(start.elapsed()),
+            other => Err(unexpected("ping", other)),
+        }
+    }
+
+    /// Lock entries whose names start with `prefix`, in name order (at most
+    /// the daemon's default number of them; see [`Client::inspect_limit`]).
+    pub async fn inspect(&self, prefix: &str) -> Result<Inspection> {
+        self.inspect_limit(prefix, 0).await
+    }
+
+    /// Like [`Client::inspect`], with at most `limit` entries.
+    pub async fn inspect_limit(&self, prefix: &str, limit: u32) -> Result<Inspection> {
+        let request = Request::Inspect {
+            prefix: prefix.to_owned(),
+            limit,
+        };
+        match self.call(request).await? {
+            Response::Inspection(i) => Ok(i),
+            Response::Error(e) => Err(refused(format!("inspect {prefix:?}"), e)),
+            other => Err(unexpected("inspect", other)),
+        }
+    }
+
+    /// Releases `count` permits this session holds on `name`, oldest holds
+    /// first (all or nothing). Guards of fully released holds then release
+    /// nothing when dropped, and report an error from
+    /// [`LockGuard::release`].
+    pub async fn release_by_name(&self, name: &str, count: u32) -> Result<u32> {
+        let request = Request::ReleaseByName {
+            name: name.to_owned(),
+            count,
+        };
+        match self.call(request).await? {
+            Response::Released { permits } => Ok(permits),
+            Response::Error(e) => Err(refused(format!("release of {name:?}"), e)),
+            other => Err(unexpected("release", other)),
+        }
+    }
+
+    /// Asks for a lock; `Ok(None)` when `timeout` ran out first.
+    pub(crate) async fn acquire(
+        &self,
+        name: &str,
+        kind: LockKind,
+        capacity: u32,
+        permits: u32,
+        timeout: Option<Duration>,
+    ) -> Result<Option<LockGuard>> {
+        let checked = LockName::new(name).map_err(|source| Error::InvalidName {
+            name: name.to_owned(),
+            source,
+        })?;
+        let request = Request::Acquire(Acquire {
+            name: checked.into_string(),
+            kind,
+            capacity,
+            permits,
+            timeout_ms: timeout.map(|t| u64::try_from(t.as_millis()).unwrap_or(u64::MAX)),
+        });
+        let (id, reply) = self.submit(request)?;
+        // Dropping this future before the answer cancels the acquire.
+        let cancel = CancelOnDrop {
+            client: self,
+            id: Some(id),
+        };
+        let response = reply.await.map_err(|_| Error::ConnectionLost);
+        cancel.disarm();
+        match response? {
+            Response::Granted(grant) => Ok(Some(LockGuard::new(
+                self.clone(),
+                name.to_owned(),
+                kind,
+                permits,
+                grant,
+            ))),
+            Response::TimedOut => Ok(None),
+            Response::Error(e) => Err(refused(format!("acquire of {name:?}"), e)),
+            other => Err(unexpected("acquire", other)),
+        }
+    }
+
+    /// Sends `request` and waits for its answer.
+    pub(crate) async fn call(&self, request: Request) -> Result<Response> {
+        let (_, reply) = self.submit(request)?;
+        reply.await.map_err(|_| Error::ConnectionLost)
+    }
+
+    fn submit(&self, request: Request) -> Result<(u64, oneshot::Receiver<Response>)> {
+        let id = self.next_id();
+        let (reply, rx) = oneshot::channel();
+        self.inner
+            .commands
+            .send(Command::Call { id, request, reply })
+            .map_err(|_| Error::ConnectionLost)?;
+        Ok((id, rx))
+    }
+
+    /// Sends `request` without waiting for (or caring about) its answer.
+    /// Never blocks; a lost connection already released everything.
+    pub(crate) fn forget(&self, request: Request) {
+        let id = self.next_id();
+        let _ = self.inner.commands.send(Command::Forget { id, request });
+    }
+
+    fn next_id(&self) -> u64 {
+        self.inner.next_id.fetch_add(1, Ordering::Relaxed)
+    }
+}
+
+/// Cancels a pending acquire on the daemon if its future is dropped.
+struct CancelOnDrop<'a> {
+    client: &'a Client,
+    id: Option<u64>,
+}
+
+impl CancelOnDrop<'_> {
+    fn disarm(mut self) {
+        self.id = None;
+    }
+}
+
+impl Drop for CancelOnDrop<'_> {
+    fn drop(&mut self) {
+        if let Some(request_id) = self.id {
+            self.client.forget(Request::Cancel { request_id });
+        }
+    }
+}
+
+pub(crate) fn refused(what: String, e: ErrorInfo) -> Error {
+    Error::Refused {
+        what,
+        code: e.code,
+        message: e.message,
+    }
+}
+
+pub(crate) fn unexpected(what: &str, response: Response) -> Error {
+    Error::Protocol(format!("unexpected answer to {what}: {response:?}"))
+}
+
+/// The connection task.
+struct Task {
+    reader: FrameReader<ReadHalf>,
+    writer: WriteHalf,
+    commands: mpsc::UnboundedReceiver<Command>,
+    /// request id → caller waiting for its answer.
+    pending: HashMap<u64, oneshot::Sender<Response>>,
+    /// Encoded requests; `out[..written]` is already sent.
+    out: Vec<u8>,
+    written: usize,
+    max_frame_len: u32,
+}
+
+impl Task {
+    /// Runs until the connection fails or every `Client` and guard is gone;
+    /// returns why.
+    async fn run(mut self) -> String {
+        loop {
+            let backlog = self.out.len() - self.written;
+            tokio::select! {
+                biased;
+                n = self.writer.write(&self.out[self.written..]), if backlog > 0 => match n {
+                    Ok(0) => return "the daemon stopped reading".into(),
+                    Ok(n) => {
+                        self.written += n;
+                        if self.written == self.out.len() {
+                            self.out.clear();
+                            self.written = 0;
+                        }
+                    }
+                    Err(e) => return format!("write failed: {e}"),
+                },
+                msg = self.reader.read_message::<ServerMessage>() => match msg {
+                    Ok(Some(msg)) => {
+                        if let Err(why) = self.route(msg) {
+                            return why;
+                        }
+                        loop {
+                            match self.reader.try_next::<ServerMessage>() {
+                                Ok(Some(msg)) => {
+                                    if let Err(why) = self.route(msg) {
+                                        return why;
+                                    }
+                                }
+                                Ok(None) => break,
+                                Err(e) => return e.to_string(),
+                            }
+                        }
+                    }
+                    Ok(None) => return "the daemon closed the connection".into(),
+                    Err(e) => return e.to_string(),
+                },
+                cmd = self.commands.recv(), if backlog < OUTPUT_HIGH_WATER => match cmd {
+                    Some(cmd) => {
+                        self.queue(cmd);
+                        // Batch whatever else is ready into the same write.
+                        while let Ok(cmd) = self.commands.try_recv() {
+                            self.queue(cmd);
+                        }
+                    }
+                    None => {
+                        // Every client and guard is gone: say goodbye by
+                        // closing, after the last releases are out.
+                        let _ = self.writer.write_all(&self.out[self.written..]).await;
+                        return "the client was dropped".into();
+                    }
+                },
+            }
+        }
+    }
+
+    fn queue(&mut self, cmd: Command) {
+        let (id, request, reply) = match cmd {
+            Command::Call { id, request, reply } => (id, request, Some(reply)),
+            Command::Forget { id, request } => (id, request, None),
+        };
+        let msg = ClientMessage::Request { id, request };
+        match frame::encode(&msg, self.max_frame_len, &mut self.out) {
+            Ok(()) => {
+                if let Some(reply) = reply {
+                    self.pending.insert(id, reply);
+                }
+            }
+            Err(e) => {
+                // Answer locally, as the daemon would have.
+                if let Some(reply) = reply {
+                    let info = ErrorInfo::new(
+                        lockbroker_proto::ErrorCode::FrameTooLarge,
+                        format!("request not sent: {e}"),
+                    );
+                    let _ = reply.send(Response::Error(info));
+                }
+            }
+        }
+    }
+
+    fn route(&mut self, msg: ServerMessage) -> Result<(), String> {
+        match msg {
+            ServerMessage::Response { id, response } => {
+                let Some(reply) = self.pending.remove(&id) else {
+                    // The answer to a forgotten request.
+                    return Ok(());
+                };
+                if let Err(Response::Granted(grant)) = reply.send(response) {
+                    // Its caller gave up (the future was dropped) but the
+                    // grant won the race: give the hold back.
+                    let msg = ClientMessage::Request {
+                        id: 0,
+                        request: Request::Release {
+                            hold_id: grant.hold_id,
+                        },
+                    };
+                    frame::encode(&msg, self.max_frame_len, &mut self.out)
+                        .map_err(|e| e.to_string())?;
+                }
+                Ok(())
+            }
+            ServerMessage::Event(Event::ShuttingDown) => {
+                tracing::info!("the lockbroker daemon is shutting down");
+                Ok(())
+            }
+            ServerMessage::Fatal(e) => Err(format!("the daemon closed the connection: {e}")),
+            ServerMessage::Welcome(_) => Err("unexpected second Welcome".into()),
+        }
+    }
+}

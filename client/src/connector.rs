@@ -1,0 +1,172 @@
+//! [`Connector`]: where and how to connect, then the handshake.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use lockbroker_proto::address::{self, Env, Scope};
+use lockbroker_proto::io::{FrameReader, write_message};
+use lockbroker_proto::{ClientMessage, Hello, MAGIC, PROTOCOL_VERSION, ServerMessage, frame};
+
+use crate::client::Client;
+use crate::error::{Error, Result};
+use crate::transport;
+
+/// How long connecting and the handshake may take by default.
+pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Builds a [`Client`]: the address (explicit, else `LOCKBROKER_SOCKET`,
+/// else the scope's default), the name shown by `inspect`, and a timeout.
+///
+/// ```no_run
+/// # async fn demo() -> lockbroker::Result<()> {
+/// let client = lockbroker::Connector::new()
+///     .socket("/tmp/lockbroker-demo.sock")
+///     .client_name("deploy.sh")
+///     .connect()
+///     .await?;
+/// # Ok(()) }
+/// ```
+#[derive(Debug, Clone)]
+pub struct Connector {
+    socket: Option<PathBuf>,
+    scope: Scope,
+    client_name: Option<String>,
+    timeout: Duration,
+}
+
+impl Default for Connector {
+    fn default() -> Self {
+        Connector::new()
+    }
+}
+
+impl Connector {
+    /// The defaults: local scope, the program's name, a 10 s timeout.
+    pub fn new() -> Connector {
+        Connector {
+            socket: None,
+            scope: Scope::Local,
+            client_name: None,
+            timeout: DEFAULT_CONNECT_TIMEOUT,
+        }
+    }
+
+    /// Connect to this socket path (or pipe name), ignoring
+    /// `LOCKBROKER_SOCKET` and the scope.
+    pub fn socket(mut self, path: impl Into<PathBuf>) -> Connector {
+        self.socket = Some(path.into());
+        self
+    }
+
+    /// Use this scope's default address when no socket is given.
+    pub fn scope(mut self, scope: Scope) -> Connector {
+        self.scope = scope;
+        self
+    }
+
+    /// The name `inspect` shows for this client (at most 255 bytes).
+    pub fn client_name(mut self, name: impl Into<String>) -> Connector {
+        self.client_name = Some(name.into());
+        self
+    }
+
+    /// How long connecting and the handshake may take.
+    pub fn timeout(mut self, timeout: Duration) -> Connector {
+        self.timeout = timeout;
+        self
+    }
+
+    /// The address this connector will use.
+    pub fn address(&self) -> PathBuf {
+        address::resolve(self.socket.clone(), self.scope, &Env::current())
+    }
+
+    /// Connects and shakes hands. Must run within a Tokio runtime.
+    pub async fn connect(&self) -> Result<Client> {
+        let path = self.address();
+        let name = self.client_name.clone().unwrap_or_else(program_name);
+        match tokio::time::timeout(self.timeout, connect(path.clone(), name)).await {
+            Ok(result) => result,
+            Err(_) => Err(Error::Connect {
+                path,
+                source: std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    format!("no answer within {:?}", self.timeout),
+                ),
+            }),
+        }
+    }
+}
+
+async fn connect(path: PathBuf, client_name: String) -> Result<Client> {
+    let (reader, mut writer) =
+        transport::connect(&path)
+            .await
+            .map_err(|source| Error::Connect {
+                path: path.clone(),
+                source,
+            })?;
+    let handshake = |code, message: String| Error::Handshake {
+        path: path.clone(),
+        code,
+        message,
+    };
+    let hello = ClientMessage::Hello(Hello {
+        magic: MAGIC,
+        version: PROTOCOL_VERSION,
+        client_name,
+    });
+    // Before the Welcome the daemon's limit is unknown; a Hello is small.
+    let max = lockbroker_proto::MIN_MAX_FRAME_LEN;
+    // A daemon that refuses us (e.g. at its connection limit) may answer
+    // and close before reading the Hello, so a failed write is only final
+    // if no answer can be read either.
+    let sent = write_message(&mut writer, &hello, max).await;
+    let mut reader = FrameReader::new(reader, frame::DEFAULT_MAX_FRAME_LEN);
+    let answer = reader.read_message::<ServerMessage>().await;
+    let welcome = match (answer, sent) {
+        (Ok(Some(ServerMessage::Fatal(e))), _) => {
+            return Err(handshake(Some(e.code), e.message));
+        }
+        (_, Err(e)) => return Err(handshake(None, e.to_string())),
+        (Ok(Some(ServerMessage::Welcome(w))), Ok(())) => w,
+        (Ok(Some(other)), Ok(())) => {
+            return Err(handshake(
+                None,
+                format!("expected a Welcome, got {other:?}"),
+            ));
+        }
+        (Ok(None), Ok(())) => {
+            return Err(handshake(None, "the daemon closed the connection".into()));
+        }
+        (Err(e), Ok(())) => return Err(handshake(None, e.to_string())),
+    };
+    if welcome.version != PROTOCOL_VERSION {
+        return Err(handshake(
+            None,
+            format!(
+                "the daemon answered with protocol version {}",
+                welcome.version
+            ),
+        ));
+    }
+    reader.set_max_len(welcome.limits.max_frame_len);
+    Ok(Client::start(reader, writer, welcome))
+}
+
+/// The running program's file name, the default client name.
+fn program_name() -> String {
+    std::env::args_os()
+        .next()
+        .map(PathBuf::from)
+        .and_then(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()))
+        .map(|mut n| {
+            // Keep within the protocol's 255 bytes on a char boundary.
+            while n.len() > 255 {
+                n.pop();
+            }
+            n.retain(|c| !c.is_control());
+            n
+        })
+        .unwrap_or_default()
+}

@@ -1,0 +1,69 @@
+//! The client's error type.
+
+use std::io;
+use std::path::PathBuf;
+
+use lockbroker_proto::{ErrorCode, NameError};
+
+/// Everything that can go wrong talking to the daemon.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// No daemon could be reached at the address.
+    #[error("cannot connect to the lockbroker daemon at {}: {source}", path.display())]
+    Connect {
+        /// The address tried.
+        path: PathBuf,
+        /// Why it failed.
+        source: io::Error,
+    },
+    /// The daemon refused the connection or answered the handshake oddly.
+    #[error("handshake with the lockbroker daemon at {} failed: {message}", path.display())]
+    Handshake {
+        /// The address.
+        path: PathBuf,
+        /// The daemon's code, when it sent one.
+        code: Option<ErrorCode>,
+        /// What went wrong.
+        message: String,
+    },
+    /// A name was rejected before anything was sent.
+    #[error("invalid name {name:?}: {source}")]
+    InvalidName {
+        /// The name given.
+        name: String,
+        /// Why it is invalid.
+        source: NameError,
+    },
+    /// The daemon refused a request.
+    #[error("lockbroker refused {what}: {message} ({code})")]
+    Refused {
+        /// What was asked, e.g. `acquire "deploy/status"`.
+        what: String,
+        /// The daemon's stable code.
+        code: ErrorCode,
+        /// The daemon's explanation.
+        message: String,
+    },
+    /// The connection to the daemon is gone; every hold of this client has
+    /// been released by the daemon.
+    #[error("the connection to the lockbroker daemon was lost")]
+    ConnectionLost,
+    /// The daemon sent something this client does not understand.
+    #[error("protocol error: {0}")]
+    Protocol(String),
+}
+
+impl Error {
+    /// The daemon's error code, if this error came from the daemon.
+    pub fn code(&self) -> Option<ErrorCode> {
+        match self {
+            Error::Refused { code, .. } => Some(*code),
+            Error::Handshake { code, .. } => *code,
+            _ => None,
+        }
+    }
+}
+
+/// Results of this crate.
+pub type Result<T, E = Error> = std::result::Result<T, E>;

@@ -1,0 +1,170 @@
+//! Guards: a held lock, released explicitly or on drop.
+//!
+//! `Drop` cannot wait, so dropping a guard *queues* the release and returns
+//! at once (it never blocks, and never fails). To see errors, call
+//! [`LockGuard::release`]. Either way the daemon is the backstop: everything
+//! a connection held is released when the connection closes.
+
+use std::time::Duration;
+
+use lockbroker_proto::{Grant, LockKind, Request, Response};
+
+use crate::client::{Client, refused, unexpected};
+use crate::error::Result;
+
+/// A granted hold on a lock.
+#[derive(Debug)]
+#[must_use = "the lock is released as soon as the guard is dropped"]
+pub struct LockGuard {
+    client: Client,
+    name: String,
+    kind: LockKind,
+    permits: u32,
+    grant: Grant,
+    /// Whether the release has been sent already.
+    released: bool,
+}
+
+impl LockGuard {
+    pub(crate) fn new(
+        client: Client,
+        name: String,
+        kind: LockKind,
+        permits: u32,
+        grant: Grant,
+    ) -> LockGuard {
+        LockGuard {
+            client,
+            name,
+            kind,
+            permits,
+            grant,
+            released: false,
+        }
+    }
+
+    /// The lock's name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// How the lock was taken.
+    pub fn kind(&self) -> LockKind {
+        self.kind
+    }
+
+    /// Permits held.
+    pub fn permits(&self) -> u32 {
+        self.permits
+    }
+
+    /// The hold's id in the daemon.
+    pub fn hold_id(&self) -> u64 {
+        self.grant.hold_id
+    }
+
+    /// The fencing token: strictly greater than every fence granted before
+    /// for this name. A resource can refuse writes carrying an older fence.
+    pub fn fence(&self) -> u64 {
+        self.grant.fence
+    }
+
+    /// The previous holder's session ended while holding the lock, so the
+    /// data it protects may be half-written.
+    pub fn abandoned(&self) -> bool {
+        self.grant.abandoned
+    }
+
+    /// Whether the connection, and so this hold, is gone.
+    pub fn is_lost(&self) -> bool {
+        self.client.is_lost()
+    }
+
+    /// Completes when the connection, and so this hold, is lost.
+    pub async fn lost(&self) {
+        self.client.lost().await
+    }
+
+    /// Releases the hold and waits for the daemon to confirm it.
+    pub async fn release(mut self) -> Result<()> {
+        self.released = true;
+        let hold_id = self.grant.hold_id;
+        match self.client.call(Request::Release { hold_id }).await? {
+            Response::Released { .. } => Ok(()),
+            Response::Error(e) => Err(refused(format!("release of {:?}", self.name), e)),
+            other => Err(unexpected("release", other)),
+        }
+    }
+}
+
+impl Drop for LockGuard {
+    fn drop(&mut self) {
+        if !self.released {
+            self.client.forget(Request::Release {
+                hold_id: self.grant.hold_id,
+            });
+        }
+    }
+}
+
+/// A [`LockGuard`] for blocking code; see
+/// [`BlockingClient`](crate::BlockingClient).
+#[derive(Debug)]
+#[must_use = "the lock is released as soon as the guard is dropped"]
+pub struct BlockingLockGuard {
+    pub(crate) inner: LockGuard,
+    pub(crate) runtime: crate::blocking::RuntimeRef,
+}
+
+impl BlockingLockGuard {
+    /// The lock's name.
+    pub fn name(&self) -> &str {
+        self.inner.name()
+    }
+
+    /// How the lock was taken.
+    pub fn kind(&self) -> LockKind {
+        self.inner.kind()
+    }
+
+    /// Permits held.
+    pub fn permits(&self) -> u32 {
+        self.inner.permits()
+    }
+
+    /// The hold's id in the daemon.
+    pub fn hold_id(&self) -> u64 {
+        self.inner.hold_id()
+    }
+
+    /// The fencing token; see [`LockGuard::fence`].
+    pub fn fence(&self) -> u64 {
+        self.inner.fence()
+    }
+
+    /// The previous holder died holding the lock; see
+    /// [`LockGuard::abandoned`].
+    pub fn abandoned(&self) -> bool {
+        self.inner.abandoned()
+    }
+
+    /// Whether the connection, and so this hold, is gone.
+    pub fn is_lost(&self) -> bool {
+        self.inner.is_lost()
+    }
+
+    /// Blocks until the connection is lost or `timeout` passes; true if it
+    /// was lost.
+    pub fn wait_lost(&self, timeout: Duration) -> bool {
+        // The timer must be made inside the runtime, hence the async block.
+        self.runtime
+            .block_on(async { tokio::time::timeout(timeout, self.inner.lost()).await })
+            .is_ok()
+    }
+
+    /// Releases the hold and waits for the daemon to confirm it.
+    pub fn release(self) -> Result<()> {
+        let BlockingLockGuard { inner, runtime } = self;
+        runtime.block_on(inner.release())
+    }
+}

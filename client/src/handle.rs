@@ -1,0 +1,206 @@
+//! Typed handles: [`Mutex`], [`Semaphore`] and [`RwLock`].
+//!
+//! A handle is just a name (and a capacity) bound to a [`Client`]; making
+//! one sends nothing. Every acquire comes in three forms: wait as long as it
+//! takes, try once without queueing, or wait at most a timeout (`Ok(None)`
+//! when it runs out). Dropping a pending acquire's future cancels it on the
+//! daemon.
+
+use std::time::Duration;
+
+use lockbroker_proto::LockKind;
+
+use crate::client::Client;
+use crate::error::{Error, Result};
+use crate::guard::LockGuard;
+
+/// A named mutex: one holder at a time, served in arrival order.
+#[derive(Debug, Clone)]
+pub struct Mutex {
+    client: Client,
+    name: String,
+}
+
+impl Mutex {
+    pub(crate) fn new(client: Client, name: String) -> Mutex {
+        Mutex { client, name }
+    }
+
+    /// The lock's name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Waits until the mutex is granted.
+    pub async fn acquire(&self) -> Result<LockGuard> {
+        let guard = self.acquire_with(None).await?;
+        granted(guard)
+    }
+
+    /// Takes the mutex only if it is free and nobody is queued.
+    pub async fn try_acquire(&self) -> Result<Option<LockGuard>> {
+        self.acquire_with(Some(Duration::ZERO)).await
+    }
+
+    /// Waits at most `timeout`; `Ok(None)` if it ran out.
+    pub async fn acquire_timeout(&self, timeout: Duration) -> Result<Option<LockGuard>> {
+        self.acquire_with(Some(timeout)).await
+    }
+
+    async fn acquire_with(&self, timeout: Option<Duration>) -> Result<Option<LockGuard>> {
+        self.client
+            .acquire(&self.name, LockKind::Mutex, 1, 1, timeout)
+            .await
+    }
+}
+
+/// A named counting semaphore of fixed capacity; requests for several
+/// permits are served in arrival order and never starved by smaller ones.
+#[derive(Debug, Clone)]
+pub struct Semaphore {
+    client: Client,
+    name: String,
+    capacity: u32,
+}
+
+impl Semaphore {
+    pub(crate) fn new(client: Client, name: String, capacity: u32) -> Semaphore {
+        Semaphore {
+            client,
+            name,
+            capacity,
+        }
+    }
+
+    /// The semaphore's name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The capacity this handle asks for.
+    pub fn capacity(&self) -> u32 {
+        self.capacity
+    }
+
+    /// Waits for one permit.
+    pub async fn acquire(&self) -> Result<LockGuard> {
+        self.acquire_many(1).await
+    }
+
+    /// Waits for `permits` permits, granted together.
+    pub async fn acquire_many(&self, permits: u32) -> Result<LockGuard> {
+        let guard = self.acquire_with(permits, None).await?;
+        granted(guard)
+    }
+
+    /// Takes one permit only if it is free and nobody is queued.
+    pub async fn try_acquire(&self) -> Result<Option<LockGuard>> {
+        self.try_acquire_many(1).await
+    }
+
+    /// Takes `permits` permits only if they are free and nobody is queued.
+    pub async fn try_acquire_many(&self, permits: u32) -> Result<Option<LockGuard>> {
+        self.acquire_with(permits, Some(Duration::ZERO)).await
+    }
+
+    /// Waits at most `timeout` for one permit.
+    pub async fn acquire_timeout(&self, timeout: Duration) -> Result<Option<LockGuard>> {
+        self.acquire_many_timeout(1, timeout).await
+    }
+
+    /// Waits at most `timeout` for `permits` permits.
+    pub async fn acquire_many_timeout(
+        &self,
+        permits: u32,
+        timeout: Duration,
+    ) -> Result<Option<LockGuard>> {
+        self.acquire_with(permits, Some(timeout)).await
+    }
+
+    async fn acquire_with(
+        &self,
+        permits: u32,
+        timeout: Option<Duration>,
+    ) -> Result<Option<LockGuard>> {
+        self.client
+            .acquire(
+                &self.name,
+                LockKind::Semaphore,
+                self.capacity,
+                permits,
+                timeout,
+            )
+            .await
+    }
+}
+
+/// A named read-write lock: many readers or one writer. A writer at the
+/// head of the queue blocks readers that come after it, so writers are not
+/// starved.
+#[derive(Debug, Clone)]
+pub struct RwLock {
+    client: Client,
+    name: String,
+}
+
+impl RwLock {
+    pub(crate) fn new(client: Client, name: String) -> RwLock {
+        RwLock { client, name }
+    }
+
+    /// The lock's name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Waits for shared access.
+    pub async fn read(&self) -> Result<LockGuard> {
+        let guard = self.acquire_with(LockKind::RwShared, None).await?;
+        granted(guard)
+    }
+
+    /// Takes shared access only if it is available and nobody is queued.
+    pub async fn try_read(&self) -> Result<Option<LockGuard>> {
+        self.acquire_with(LockKind::RwShared, Some(Duration::ZERO))
+            .await
+    }
+
+    /// Waits at most `timeout` for shared access.
+    pub async fn read_timeout(&self, timeout: Duration) -> Result<Option<LockGuard>> {
+        self.acquire_with(LockKind::RwShared, Some(timeout)).await
+    }
+
+    /// Waits for exclusive access.
+    pub async fn write(&self) -> Result<LockGuard> {
+        let guard = self.acquire_with(LockKind::RwExclusive, None).await?;
+        granted(guard)
+    }
+
+    /// Takes exclusive access only if the lock is free and nobody is queued.
+    pub async fn try_write(&self) -> Result<Option<LockGuard>> {
+        self.acquire_with(LockKind::RwExclusive, Some(Duration::ZERO))
+            .await
+    }
+
+    /// Waits at most `timeout` for exclusive access.
+    pub async fn write_timeout(&self, timeout: Duration) -> Result<Option<LockGuard>> {
+        self.acquire_with(LockKind::RwExclusive, Some(timeout))
+            .await
+    }
+
+    async fn acquire_with(
+        &self,
+        kind: LockKind,
+        timeout: Option<Duration>,
+    ) -> Result<Option<LockGuard>> {
+        self.client.acquire(&self.name, kind, 0, 1, timeout).await
+    }
+}
+
+/// An acquire without a timeout is granted or fails; a `TimedOut` answer to
+/// one is the daemon's mistake.
+fn granted(guard: Option<LockGuard>) -> Result<LockGuard> {
+    guard.ok_or_else(|| {
+        Error::Protocol("the daemon timed out an acquire that had no timeout".into())
+    })
+}
