@@ -1,0 +1,62 @@
+//! A worker process for the integration tests, using the blocking client.
+//!
+//! - `lb-worker increment SOCKET NAME FILE N`: N times, under mutex NAME,
+//!   read the decimal counter in FILE and write it back plus one.
+//! - `lb-worker hold SOCKET NAME`: take mutex NAME, print `held FENCE`, then
+//!   wait until killed.
+
+use std::io::Write;
+use std::process::ExitCode;
+
+use lockbroker::{BlockingClient, Connector};
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let result = match args.iter().map(String::as_str).collect::<Vec<_>>()[..] {
+        ["increment", socket, name, file, n] => increment(socket, name, file, n),
+        ["hold", socket, name] => hold(socket, name),
+        _ => Err("usage: lb-worker increment SOCKET NAME FILE N | hold SOCKET NAME".into()),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("lb-worker: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+type Result<T> = std::result::Result<T, Box<dyn std::error::Error>>;
+
+fn connect(socket: &str) -> Result<BlockingClient> {
+    Ok(BlockingClient::connect_with(
+        &Connector::new().socket(socket).client_name("lb-worker"),
+    )?)
+}
+
+fn increment(socket: &str, name: &str, file: &str, n: &str) -> Result<()> {
+    let client = connect(socket)?;
+    let mutex = client.mutex(name);
+    for _ in 0..n.parse::<u32>()? {
+        let guard = mutex.acquire()?;
+        let value: u64 = std::fs::read_to_string(file)?.trim().parse()?;
+        // Yield between read and write so a missing lock would show.
+        std::thread::yield_now();
+        std::fs::write(file, format!("{}\n", value + 1))?;
+        guard.release()?;
+    }
+    Ok(())
+}
+
+fn hold(socket: &str, name: &str) -> Result<()> {
+    let client = connect(socket)?;
+    let guard = client.mutex(name).acquire()?;
+    let mut out = std::io::stdout().lock();
+    writeln!(out, "held {}", guard.fence())?;
+    out.flush()?;
+    drop(out);
+    // Hold until killed; the test never lets this finish.
+    loop {
+        std::thread::park();
+    }
+}

@@ -1,0 +1,111 @@
+//! Cancellation: by request, and by dropping the acquire future.
+
+use std::time::Duration;
+
+use lockbroker::{ErrorCode, LockKind};
+use lockbroker_proto::{Request, Response};
+
+use crate::util::{Daemon, acquire, bounded, wait_until};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dropping_the_acquire_future_removes_the_waiter() {
+    bounded(async {
+        let daemon = Daemon::start().await;
+        let a = daemon.client().await;
+        let b = daemon.client().await;
+        let c = daemon.client().await;
+        let held = a.mutex("c").acquire().await.unwrap();
+        let b_mutex = b.mutex("c");
+        let waiting = tokio::spawn(async move { b_mutex.acquire().await });
+        wait_until("b waits", || async {
+            a.inspect("c").await.unwrap().entries[0].waiters.len() == 1
+        })
+        .await;
+        waiting.abort();
+        assert!(waiting.await.unwrap_err().is_cancelled());
+        wait_until("b's waiter is gone", || async {
+            a.inspect("c").await.unwrap().entries[0].waiters.is_empty()
+        })
+        .await;
+        // The next waiter is served when the holder lets go.
+        let c_mutex = c.mutex("c");
+        let next = tokio::spawn(async move { c_mutex.acquire().await.unwrap() });
+        wait_until("c waits", || async {
+            a.inspect("c").await.unwrap().entries[0].waiters.len() == 1
+        })
+        .await;
+        held.release().await.unwrap();
+        let g = next.await.unwrap();
+        assert_eq!(g.name(), "c");
+        daemon.stop().await;
+    })
+    .await
+}
+
+/// A future dropped just as the grant arrives must not leak the hold: the
+/// client releases a grant nobody waits for.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancel_racing_a_grant_leaks_nothing() {
+    bounded(async {
+        let daemon = Daemon::start().await;
+        let a = daemon.client().await;
+        let b = daemon.client().await;
+        for i in 0..200u64 {
+            let held = a.mutex("r").acquire().await.unwrap();
+            let b_mutex = b.mutex("r");
+            // Give up after a few microseconds to a few hundred: sometimes
+            // before the grant, sometimes just after it.
+            let patience = Duration::from_micros((i * 37) % 400);
+            let attempt =
+                tokio::spawn(
+                    async move { tokio::time::timeout(patience, b_mutex.acquire()).await },
+                );
+            held.release().await.unwrap();
+            if let Ok(Ok(guard)) = attempt.await.unwrap() {
+                guard.release().await.unwrap();
+            }
+        }
+        wait_until("every hold is released", || async {
+            a.inspect("").await.unwrap().entries.is_empty()
+        })
+        .await;
+        // The lock is free for a try.
+        assert!(a.mutex("r").try_acquire().await.unwrap().is_some());
+        daemon.stop().await;
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancel_request_answers_the_acquire_then_itself() {
+    bounded(async {
+        let daemon = Daemon::start().await;
+        let a = daemon.client().await;
+        let held = a.mutex("x").acquire().await.unwrap();
+        let mut raw = daemon.raw().await;
+        raw.request(1, acquire("x", LockKind::Mutex, 0, 1, None))
+            .await;
+        raw.request(2, Request::Cancel { request_id: 1 }).await;
+        assert_eq!(raw.response().await, (1, Response::Cancelled));
+        assert_eq!(raw.response().await, (2, Response::Done));
+        // Cancelling it again, or something never asked, is an error.
+        for (id, target) in [(3, 1), (4, 99)] {
+            match raw.call(id, Request::Cancel { request_id: target }).await {
+                Response::Error(e) => assert_eq!(e.code, ErrorCode::NotPending),
+                other => panic!("{other:?}"),
+            }
+        }
+        // A granted acquire is no longer pending either.
+        held.release().await.unwrap();
+        assert!(matches!(
+            raw.call(5, acquire("x", LockKind::Mutex, 0, 1, None)).await,
+            Response::Granted(_)
+        ));
+        match raw.call(6, Request::Cancel { request_id: 5 }).await {
+            Response::Error(e) => assert_eq!(e.code, ErrorCode::NotPending),
+            other => panic!("{other:?}"),
+        }
+        daemon.stop().await;
+    })
+    .await
+}

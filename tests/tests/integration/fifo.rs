@@ -1,0 +1,115 @@
+//! Strict FIFO: grants in arrival order, no barging, no starvation.
+
+use std::sync::{Arc, Mutex as StdMutex};
+
+use lockbroker::Client;
+
+use crate::util::{Daemon, bounded, wait_until};
+
+/// Waits until `name` has `n` waiters.
+async fn waiters(client: &Client, name: &str, n: usize) {
+    wait_until(&format!("{name} has {n} waiters"), || async {
+        let i = client.inspect(name).await.unwrap();
+        i.entries.first().map_or(0, |e| e.waiters.len()) == n
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mutex_waiters_are_granted_in_arrival_order() {
+    bounded(async {
+        let daemon = Daemon::start().await;
+        let observer = daemon.client().await;
+        let holder = daemon.client().await.mutex("q").acquire().await.unwrap();
+        let order = Arc::new(StdMutex::new(Vec::new()));
+        let mut tasks = Vec::new();
+        for i in 0..6 {
+            let client = daemon.client().await;
+            let order = Arc::clone(&order);
+            tasks.push(tokio::spawn(async move {
+                let guard = client.mutex("q").acquire().await.unwrap();
+                order.lock().unwrap().push(i);
+                guard.release().await.unwrap();
+            }));
+            // Queue them one by one so arrival order is known.
+            waiters(&observer, "q", i + 1).await;
+        }
+        let other = daemon.client().await;
+        holder.release().await.unwrap();
+        for t in tasks {
+            t.await.unwrap();
+        }
+        assert_eq!(*order.lock().unwrap(), [0, 1, 2, 3, 4, 5]);
+        // Served and released: the entry is gone and free again.
+        assert!(other.mutex("q").try_acquire().await.unwrap().is_some());
+        daemon.stop().await;
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_try_fails_while_anyone_waits_even_with_free_permits() {
+    bounded(async {
+        let daemon = Daemon::start().await;
+        let a = daemon.client().await;
+        let b = daemon.client().await;
+        let pool = a.semaphore("pool", 3);
+        let two = pool.acquire_many(2).await.unwrap();
+        // b's k=3 request waits at the head; one permit is free.
+        let b_pool = b.semaphore("pool", 3);
+        let big = tokio::spawn(async move { b_pool.acquire_many(3).await.unwrap() });
+        waiters(&a, "pool", 1).await;
+        assert!(
+            pool.try_acquire().await.unwrap().is_none(),
+            "try jumped the queue"
+        );
+        drop(two);
+        let big = big.await.unwrap();
+        assert_eq!(big.permits(), 3);
+        daemon.stop().await;
+    })
+    .await
+}
+
+/// A k=3 request at the head is not starved by k=1 requests behind it,
+/// though they would fit sooner.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn semaphore_head_with_many_permits_is_not_starved() {
+    bounded(async {
+        let daemon = Daemon::start().await;
+        let observer = daemon.client().await;
+        let first = observer.semaphore("s", 3).acquire_many(2).await.unwrap();
+        let order = Arc::new(StdMutex::new(Vec::new()));
+        let mut tasks = Vec::new();
+        for (i, k) in [3u32, 1, 1, 2].into_iter().enumerate() {
+            let client = daemon.client().await;
+            let order = Arc::clone(&order);
+            tasks.push(tokio::spawn(async move {
+                let g = client.semaphore("s", 3).acquire_many(k).await.unwrap();
+                order.lock().unwrap().push((i, k));
+                g
+            }));
+            waiters(&observer, "s", i + 1).await;
+        }
+        // One permit is free, but the head wants three: nobody moves.
+        let info = observer.inspect("s").await.unwrap();
+        assert_eq!(info.entries[0].holders.len(), 1);
+        first.release().await.unwrap();
+        // The k=3 head is granted alone.
+        let head = tasks.remove(0).await.unwrap();
+        waiters(&observer, "s", 3).await;
+        assert_eq!(*order.lock().unwrap(), [(0, 3)]);
+        head.release().await.unwrap();
+        // Then 1 + 1 fit together, and the k=2 waits for them.
+        let g1 = tasks.remove(0).await.unwrap();
+        let g2 = tasks.remove(0).await.unwrap();
+        waiters(&observer, "s", 1).await;
+        assert_eq!(*order.lock().unwrap(), [(0, 3), (1, 1), (2, 1)]);
+        drop((g1, g2));
+        let last = tasks.remove(0).await.unwrap();
+        assert_eq!(last.permits(), 2);
+        assert_eq!(*order.lock().unwrap(), [(0, 3), (1, 1), (2, 1), (3, 2)]);
+        daemon.stop().await;
+    })
+    .await
+}

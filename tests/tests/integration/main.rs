@@ -1,0 +1,14 @@
+//! Integration tests: each drives a real daemon (in this process, on a
+//! socket in its own temporary directory) through the public client, raw
+//! protocol bytes, or separate worker processes.
+
+mod abandon;
+mod bad_input;
+mod cancel;
+mod client_api;
+mod exclusion;
+mod fifo;
+mod rwlock;
+mod semaphore;
+mod timeouts;
+mod util;

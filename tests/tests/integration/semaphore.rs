@@ -1,0 +1,89 @@
+//! Semaphores: capacity never exceeded, release by count.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
+
+use lockbroker::ErrorCode;
+
+use crate::util::{Daemon, bounded};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn capacity_is_never_exceeded_by_32_clients() {
+    bounded(async {
+        let daemon = Daemon::start().await;
+        let in_use = Arc::new(AtomicU32::new(0));
+        let peak = Arc::new(AtomicU32::new(0));
+        let mut tasks = Vec::new();
+        for i in 0..32u32 {
+            let client = daemon.client().await;
+            let (in_use, peak) = (Arc::clone(&in_use), Arc::clone(&peak));
+            tasks.push(tokio::spawn(async move {
+                let sem = client.semaphore("cap", 4);
+                for round in 0..20u32 {
+                    let k = 1 + (i + round) % 2;
+                    let guard = sem.acquire_many(k).await.unwrap();
+                    let now = in_use.fetch_add(k, Ordering::SeqCst) + k;
+                    peak.fetch_max(now, Ordering::SeqCst);
+                    assert!(now <= 4, "{now} permits in use");
+                    tokio::task::yield_now().await;
+                    in_use.fetch_sub(k, Ordering::SeqCst);
+                    guard.release().await.unwrap();
+                }
+            }));
+        }
+        for t in tasks {
+            t.await.unwrap();
+        }
+        assert!(
+            peak.load(Ordering::SeqCst) >= 2,
+            "the test never overlapped holders"
+        );
+        let client = daemon.client().await;
+        assert!(client.inspect("").await.unwrap().entries.is_empty());
+        daemon.stop().await;
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn release_by_count_and_over_release() {
+    bounded(async {
+        let daemon = Daemon::start().await;
+        let client = daemon.client().await;
+        let sem = client.semaphore("pool", 5);
+        let a = sem.acquire_many(2).await.unwrap();
+        let b = sem.acquire_many(2).await.unwrap();
+        // Over-release is an error and releases nothing.
+        let err = client.release_by_name("pool", 5).await.unwrap_err();
+        assert_eq!(err.code(), Some(ErrorCode::NotHeld));
+        let held =
+            |i: lockbroker::Inspection| i.entries[0].holders.iter().map(|h| h.permits).sum::<u32>();
+        assert_eq!(held(client.inspect("pool").await.unwrap()), 4);
+        // Three permits: all of the oldest hold, one of the next.
+        assert_eq!(client.release_by_name("pool", 3).await.unwrap(), 3);
+        assert_eq!(held(client.inspect("pool").await.unwrap()), 1);
+        // The first hold is gone, so releasing its guard is an error.
+        let err = a.release().await.unwrap_err();
+        assert_eq!(err.code(), Some(ErrorCode::UnknownHold));
+        b.release().await.unwrap();
+        assert!(client.inspect("").await.unwrap().entries.is_empty());
+        daemon.stop().await;
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn capacity_mismatch_while_busy_then_free_to_change() {
+    bounded(async {
+        let daemon = Daemon::start().await;
+        let client = daemon.client().await;
+        let g = client.semaphore("m", 3).acquire().await.unwrap();
+        let err = client.semaphore("m", 4).acquire().await.unwrap_err();
+        assert_eq!(err.code(), Some(ErrorCode::CapacityMismatch));
+        g.release().await.unwrap();
+        let g = client.semaphore("m", 4).acquire_many(4).await.unwrap();
+        assert_eq!(g.permits(), 4);
+        daemon.stop().await;
+    })
+    .await
+}
