@@ -238,5 +238,69 @@ mod unix {
 
 #[cfg(windows)]
 mod windows {
-    compile_error!("the Windows transport is not written yet");
+    //! Named pipes through `interprocess`. The first instance is created
+    //! with `FILE_FLAG_FIRST_PIPE_INSTANCE`, so a second daemon (or a
+    //! squatter that created the pipe first) makes binding fail.
+
+    use std::io;
+    use std::path::Path;
+
+    use interprocess::os::windows::named_pipe::pipe_mode::Bytes;
+    use interprocess::os::windows::named_pipe::tokio::{
+        PipeListener, RecvPipeStream, SendPipeStream,
+    };
+    use interprocess::os::windows::named_pipe::{PipeListenerOptions, PipeMode};
+    use lockbroker_proto::address::Scope;
+
+    use super::PeerCred;
+    use crate::error::StartError;
+
+    /// The reading half of an accepted connection.
+    pub type ReadHalf = RecvPipeStream<Bytes>;
+    /// The writing half of an accepted connection.
+    pub type WriteHalf = SendPipeStream<Bytes>;
+
+    /// A listening named pipe.
+    #[derive(Debug)]
+    pub struct Listener {
+        inner: PipeListener<Bytes, Bytes>,
+    }
+
+    impl Listener {
+        /// Creates the pipe `name` (e.g. `\\.\pipe\lockbroker-alice`).
+        /// Must be called within a Tokio runtime.
+        pub fn bind(name: &Path, _scope: Option<Scope>) -> Result<Listener, StartError> {
+            let inner = PipeListenerOptions::new()
+                .path(name)
+                .mode(PipeMode::Bytes)
+                .accept_remote(false)
+                .create_tokio_duplex::<Bytes>()
+                .map_err(|e| match e.kind() {
+                    io::ErrorKind::PermissionDenied | io::ErrorKind::AddrInUse => {
+                        StartError::AlreadyRunning {
+                            path: name.to_owned(),
+                        }
+                    }
+                    _ => StartError::io("creating the pipe", name, e),
+                })?;
+            Ok(Listener { inner })
+        }
+
+        /// Waits for the next connection.
+        pub async fn accept(&self) -> io::Result<(ReadHalf, WriteHalf, PeerCred)> {
+            let stream = self.inner.accept().await?;
+            let cred = PeerCred {
+                pid: stream.client_process_id().ok(),
+                uid: None,
+                gid: None,
+            };
+            let (r, w) = stream.split();
+            Ok((r, w, cred))
+        }
+
+        /// Pipes leave no file behind.
+        pub fn path(&self) -> Option<&Path> {
+            None
+        }
+    }
 }

@@ -16,4 +16,18 @@ pub(crate) async fn connect(path: &Path) -> io::Result<(ReadHalf, WriteHalf)> {
 }
 
 #[cfg(windows)]
-compile_error!("the Windows transport is not written yet");
+pub(crate) type ReadHalf = interprocess::os::windows::named_pipe::tokio::RecvPipeStream<
+    interprocess::os::windows::named_pipe::pipe_mode::Bytes,
+>;
+#[cfg(windows)]
+pub(crate) type WriteHalf = interprocess::os::windows::named_pipe::tokio::SendPipeStream<
+    interprocess::os::windows::named_pipe::pipe_mode::Bytes,
+>;
+
+#[cfg(windows)]
+pub(crate) async fn connect(path: &Path) -> io::Result<(ReadHalf, WriteHalf)> {
+    use interprocess::os::windows::named_pipe::pipe_mode::Bytes;
+    use interprocess::os::windows::named_pipe::tokio::DuplexPipeStream;
+    let stream = DuplexPipeStream::<Bytes>::connect_by_path(path).await?;
+    Ok(stream.split())
+}

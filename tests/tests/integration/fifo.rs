@@ -79,36 +79,46 @@ async fn semaphore_head_with_many_permits_is_not_starved() {
         let daemon = Daemon::start().await;
         let observer = daemon.client().await;
         let first = observer.semaphore("s", 3).acquire_many(2).await.unwrap();
-        let order = Arc::new(StdMutex::new(Vec::new()));
+        let mut sessions = Vec::new();
         let mut tasks = Vec::new();
         for (i, k) in [3u32, 1, 1, 2].into_iter().enumerate() {
             let client = daemon.client().await;
-            let order = Arc::clone(&order);
+            sessions.push(client.session_id());
             tasks.push(tokio::spawn(async move {
-                let g = client.semaphore("s", 3).acquire_many(k).await.unwrap();
-                order.lock().unwrap().push((i, k));
-                g
+                client.semaphore("s", 3).acquire_many(k).await.unwrap()
             }));
             waiters(&observer, "s", i + 1).await;
         }
+        // The daemon's holders, in grant order, as (session, permits).
+        let holders = || async {
+            let info = observer.inspect("s").await.unwrap();
+            let e = &info.entries[0];
+            let h: Vec<(u64, u32)> = e
+                .holders
+                .iter()
+                .map(|h| (h.session.session_id, h.permits))
+                .collect();
+            (h, e.waiters.len())
+        };
         // One permit is free, but the head wants three: nobody moves.
-        let info = observer.inspect("s").await.unwrap();
-        assert_eq!(info.entries[0].holders.len(), 1);
+        assert_eq!(holders().await, (vec![(observer.session_id(), 2)], 4));
         first.release().await.unwrap();
         // The k=3 head is granted alone.
         let head = tasks.remove(0).await.unwrap();
-        waiters(&observer, "s", 3).await;
-        assert_eq!(*order.lock().unwrap(), [(0, 3)]);
+        assert_eq!(holders().await, (vec![(sessions[0], 3)], 3));
         head.release().await.unwrap();
-        // Then 1 + 1 fit together, and the k=2 waits for them.
+        // Then 1 + 1 fit together, in queue order, and the k=2 waits.
         let g1 = tasks.remove(0).await.unwrap();
         let g2 = tasks.remove(0).await.unwrap();
-        waiters(&observer, "s", 1).await;
-        assert_eq!(*order.lock().unwrap(), [(0, 3), (1, 1), (2, 1)]);
+        assert_eq!(
+            holders().await,
+            (vec![(sessions[1], 1), (sessions[2], 1)], 1)
+        );
+        assert!(g1.hold_id() < g2.hold_id());
         drop((g1, g2));
         let last = tasks.remove(0).await.unwrap();
         assert_eq!(last.permits(), 2);
-        assert_eq!(*order.lock().unwrap(), [(0, 3), (1, 1), (2, 1), (3, 2)]);
+        assert_eq!(holders().await, (vec![(sessions[3], 2)], 0));
         daemon.stop().await;
     })
     .await
