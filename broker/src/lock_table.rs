@@ -7,10 +7,14 @@
 //! before notifying. No map reference is held while touching another key.
 //!
 //! Every kind of lock is counted permits on one entry:
-//! - a mutex has capacity 1 and every request weighs 1;
 //! - a semaphore has capacity N and a request weighs its permits;
 //! - a rwlock has capacity [`RW_WEIGHT`]: a shared request weighs 1, an
-//!   exclusive one the whole capacity.
+//!   exclusive one the whole capacity;
+//! - a mutex is a rwlock that is only taken exclusively, so a mutex request
+//!   weighs the whole capacity too. Mutex and rwlock requests therefore mix
+//!   on one name: `lockbroker lock NAME` and `lockbroker lock --shared NAME`
+//!   exclude each other as `flock` and `flock -s` do. Only a semaphore and
+//!   the other kinds cannot share a name.
 //!
 //! So one rule serves all three: the head of the queue is granted when its
 //! weight fits in what is free, and granting continues down the queue while
@@ -166,9 +170,14 @@ impl AcquireSpec {
 
 fn weight(kind: LockKind, permits: u32) -> u64 {
     match kind {
-        LockKind::Mutex | LockKind::Semaphore | LockKind::RwShared => u64::from(permits),
-        LockKind::RwExclusive => RW_WEIGHT,
+        LockKind::Semaphore | LockKind::RwShared => u64::from(permits),
+        LockKind::Mutex | LockKind::RwExclusive => RW_WEIGHT,
     }
+}
+
+/// Whether a request of `kind` may use an entry of kind `entry`.
+fn compatible(entry: EntryKind, kind: LockKind) -> bool {
+    (entry == EntryKind::Semaphore) == (kind == LockKind::Semaphore)
 }
 
 /// What became of an acquire.
@@ -215,7 +224,7 @@ struct Waiter {
 #[derive(Debug)]
 struct Entry {
     kind: EntryKind,
-    /// Total weight: 1, N, or [`RW_WEIGHT`].
+    /// Total weight: N for a semaphore, else [`RW_WEIGHT`].
     capacity: u64,
     /// Weight not held.
     free: u64,
@@ -228,9 +237,9 @@ struct Entry {
 
 impl Entry {
     fn new(spec: &AcquireSpec) -> Entry {
-        let capacity = match spec.kind.entry_kind() {
-            EntryKind::RwLock => RW_WEIGHT,
-            _ => u64::from(spec.capacity),
+        let capacity = match spec.kind {
+            LockKind::Semaphore => u64::from(spec.capacity),
+            _ => RW_WEIGHT,
         };
         Entry {
             kind: spec.kind.entry_kind(),
@@ -261,11 +270,15 @@ impl Entry {
             return Ok(());
         }
         let kind = spec.kind.entry_kind();
-        if kind != self.kind {
+        if !compatible(self.kind, spec.kind) {
             return Err(ErrorInfo::new(
                 ErrorCode::KindMismatch,
                 format!("{name:?} is in use as a {}, not a {kind}", self.kind),
             ));
+        }
+        // A mutex that someone takes a side of is shown as a rwlock.
+        if kind == EntryKind::RwLock {
+            self.kind = EntryKind::RwLock;
         }
         if kind == EntryKind::Semaphore && u64::from(spec.capacity) != self.capacity {
             return Err(ErrorInfo::new(
@@ -281,8 +294,9 @@ impl Entry {
 
     fn info_capacity(&self) -> u32 {
         match self.kind {
+            EntryKind::Mutex => 1,
+            EntryKind::Semaphore => self.capacity as u32,
             EntryKind::RwLock => 0,
-            _ => self.capacity as u32,
         }
     }
 }
@@ -489,12 +503,8 @@ impl LockTable {
                 }
                 let take = left.min(h.permits);
                 left -= take;
-                // An exclusive rwlock hold is one permit that weighs all.
-                e.free += if h.kind == LockKind::RwExclusive {
-                    RW_WEIGHT
-                } else {
-                    u64::from(take)
-                };
+                // A mutex or exclusive hold is one permit that weighs all.
+                e.free += weight(h.kind, take);
                 h.permits -= take;
                 if h.permits == 0 {
                     ended.push(h.hold_id);
@@ -735,6 +745,32 @@ mod tests {
     }
 
     #[test]
+    fn mutex_and_rwlock_requests_share_a_name() {
+        let t = LockTable::new(0);
+        let (a, _) = peer(1);
+        let n = name("flock");
+        let m = spec(LockKind::Mutex, 0, 1, None);
+        let shared = spec(LockKind::RwShared, 0, 1, None);
+        let r = granted(t.acquire(&n, &a, 1, &shared).unwrap());
+        assert_eq!(t.acquire(&n, &a, 2, &m).unwrap(), AcquireOutcome::Queued);
+        assert_eq!(
+            t.acquire(&n, &a, 3, &shared).unwrap(),
+            AcquireOutcome::Queued
+        );
+        let (info, _) = t.inspect("", 1);
+        assert_eq!((info[0].kind, info[0].capacity), (EntryKind::RwLock, 0));
+        let out = t.release("flock", 1, r.hold_id).1;
+        assert_eq!(out.iter().map(|d| d.request_id).collect::<Vec<_>>(), [2]);
+        let out = t.release("flock", 1, out[0].grant.hold_id).1;
+        assert_eq!(out.iter().map(|d| d.request_id).collect::<Vec<_>>(), [3]);
+        // A name used only as a mutex is shown as one.
+        let g = granted(t.acquire(&name("only"), &a, 4, &m).unwrap());
+        let (info, _) = t.inspect("only", 1);
+        assert_eq!((info[0].kind, info[0].capacity), (EntryKind::Mutex, 1));
+        t.release("only", 1, g.hold_id);
+    }
+
+    #[test]
     fn release_count_is_oldest_first_and_all_or_nothing() {
         let t = LockTable::new(0);
         let (a, _) = peer(1);
@@ -820,7 +856,6 @@ mod tests {
 
         fn capacity(n: usize) -> u64 {
             match n {
-                0 => 1,
                 1 => u64::from(SEM_CAPACITY),
                 _ => RW_WEIGHT,
             }
@@ -865,10 +900,11 @@ mod tests {
                     let mut got: Vec<Delivery> = Vec::new();
                     match op {
                         Op::Acquire { s, n, permits, shared, try_ } => {
-                            let kind = match n {
-                                0 => LockKind::Mutex,
-                                1 => LockKind::Semaphore,
-                                _ if shared => LockKind::RwShared,
+                            // Names 0 and 2 mix mutex and rwlock requests.
+                            let kind = match (n, shared, permits % 2) {
+                                (1, _, _) => LockKind::Semaphore,
+                                (_, true, _) => LockKind::RwShared,
+                                (0, false, _) | (2, false, 0) => LockKind::Mutex,
                                 _ => LockKind::RwExclusive,
                             };
                             let permits = if n == 1 { permits } else { 1 };

@@ -435,7 +435,8 @@ error_codes! {
     InvalidCapacity = 203, "invalid_capacity";
     /// A semaphore request names another capacity than the busy entry has.
     CapacityMismatch = 204, "capacity_mismatch";
-    /// The name is in use as another kind of lock.
+    /// The name is in use as a semaphore and the request is for a mutex or
+    /// rwlock, or the other way round (mutexes and rwlocks share names).
     KindMismatch = 205, "kind_mismatch";
     /// The request id is already used by a waiting acquire.
     DuplicateRequestId = 206, "duplicate_request_id";

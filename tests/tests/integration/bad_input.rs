@@ -193,7 +193,11 @@ async fn bad_requests_get_errors_and_the_connection_stays_usable() {
                 ErrorCode::KindMismatch,
             ),
             (
-                acquire("mx", LockKind::RwExclusive, 0, 1, None),
+                acquire("mx", LockKind::Semaphore, 2, 1, None),
+                ErrorCode::KindMismatch,
+            ),
+            (
+                acquire("sem", LockKind::RwShared, 0, 1, None),
                 ErrorCode::KindMismatch,
             ),
             (Request::Release { hold_id: 424242 }, ErrorCode::UnknownHold),
