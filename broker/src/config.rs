@@ -131,6 +131,8 @@ pub struct Config {
     pub log_level: Option<String>,
     /// Log format.
     pub log_format: LogFormat,
+    /// What systemd asked for (nothing, outside systemd).
+    pub systemd: crate::systemd::Systemd,
 }
 
 impl Config {
@@ -144,6 +146,7 @@ impl Config {
             workers: 1,
             log_level: None,
             log_format: LogFormat::Text,
+            systemd: Default::default(),
         }
     }
 
@@ -170,7 +173,10 @@ impl Config {
         };
         let (socket, scope) = match cli.socket {
             Some(path) => (path, None),
-            None => (address::default_address(scope, env), Some(scope)),
+            None => (
+                address::default_address(scope, env).expect("local and global have defaults"),
+                Some(scope),
+            ),
         };
         Ok(Config {
             socket,
@@ -185,6 +191,7 @@ impl Config {
             workers: cli.workers,
             log_level: cli.log_level,
             log_format: cli.log_format,
+            systemd: Default::default(),
         })
     }
 }

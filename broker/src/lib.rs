@@ -12,6 +12,7 @@
 //! - [`lock_table`]: the synchronous lock table (FIFO queues, holds, fences,
 //!   abandonment); it does no I/O.
 //! - [`shutdown`]: the signal fanned out to sessions.
+//! - [`systemd`]: socket activation, readiness and the watchdog.
 //!
 //! # Example
 //!
@@ -32,6 +33,7 @@ pub mod lock_table;
 pub mod server;
 pub mod session;
 pub mod shutdown;
+pub mod systemd;
 pub mod transport;
 
 pub use config::Config;

@@ -21,7 +21,8 @@ fn main() -> ExitCode {
 }
 
 fn run(cli: Cli) -> anyhow::Result<()> {
-    let config = Config::from_cli(cli, &Env::current())?;
+    let mut config = Config::from_cli(cli, &Env::current())?;
+    config.systemd = lockbrokerd::systemd::Systemd::from_env();
     init_logging(&config)?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(config.workers)
@@ -29,11 +30,25 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         .build()
         .context("starting the runtime")?;
     runtime.block_on(async {
-        let listener = Listener::bind(&config.socket, config.scope)?;
-        tracing::info!(socket = %config.socket.display(), version = lockbrokerd::VERSION, "listening");
+        let listener = bind(&config)?;
         server::run(listener, &config, signal()).await;
         Ok(())
     })
+}
+
+/// The socket systemd passed, else the configured one.
+fn bind(config: &Config) -> anyhow::Result<Listener> {
+    #[cfg(unix)]
+    if let Some(std) = lockbrokerd::systemd::listen_socket().context("socket activation")? {
+        tracing::info!(
+            version = lockbrokerd::VERSION,
+            "listening on the socket passed by systemd"
+        );
+        return Ok(Listener::from_std(std)?);
+    }
+    let listener = Listener::bind(&config.socket, config.scope)?;
+    tracing::info!(socket = %config.socket.display(), version = lockbrokerd::VERSION, "listening");
+    Ok(listener)
 }
 
 fn init_logging(config: &Config) -> anyhow::Result<()> {
@@ -41,8 +56,11 @@ fn init_logging(config: &Config) -> anyhow::Result<()> {
         Some(level) => EnvFilter::try_new(level).context("invalid --log-level")?,
         None => EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
     };
+    use std::io::IsTerminal;
+    // Colours only for a person watching, not for journald or a log file.
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr);
     match config.log_format {
         LogFormat::Text => builder.init(),

@@ -94,9 +94,19 @@ pub async fn run(listener: Listener, config: &Config, shutdown: impl Future) {
     let (trigger, signal) = shutdown::channel();
     let mut sessions = JoinSet::new();
     tokio::pin!(shutdown);
+    // The listener is bound, so connections are accepted from here on.
+    let systemd = config.systemd;
+    systemd.ready();
+    // Pinging from this loop means a wedged loop stops the pings.
+    let mut watchdog = systemd
+        .watchdog
+        .map(|every| tokio::time::interval(every / 2));
     loop {
         tokio::select! {
             _ = &mut shutdown => break,
+            _ = async { watchdog.as_mut().expect("guarded").tick().await }, if watchdog.is_some() => {
+                systemd.watchdog();
+            }
             accepted = listener.accept() => match accepted {
                 Ok((reader, writer, cred)) => {
                     let Ok(permit) = Arc::clone(&connections).try_acquire_owned() else {
@@ -125,6 +135,7 @@ pub async fn run(listener: Listener, config: &Config, shutdown: impl Future) {
         }
     }
     tracing::info!("shutting down");
+    systemd.stopping();
     drop(listener);
     trigger.fire();
     let drained = tokio::time::timeout(SHUTDOWN_GRACE, async {

@@ -65,7 +65,7 @@ mod unix {
         /// scope's directory. Must be called within a Tokio runtime.
         pub fn bind(socket: &Path, scope: Option<Scope>) -> Result<Listener, StartError> {
             let mode = match scope {
-                Some(Scope::Local) | None => 0o600,
+                Some(Scope::Local | Scope::Process) | None => 0o600,
                 Some(Scope::Global) => 0o660,
             };
             if let Some(scope) = scope {
@@ -141,7 +141,7 @@ mod unix {
     /// user could tamper with.
     fn prepare_dir(dir: &Path, scope: Scope) -> Result<(), StartError> {
         let mode = match scope {
-            Scope::Local => 0o700,
+            Scope::Local | Scope::Process => 0o700,
             Scope::Global => 0o755,
         };
         match DirBuilder::new().mode(mode).create(dir) {
@@ -169,7 +169,7 @@ mod unix {
         }
         let actual = meta.mode() & 0o777;
         let loose = match scope {
-            Scope::Local => actual & 0o077 != 0,
+            Scope::Local | Scope::Process => actual & 0o077 != 0,
             Scope::Global => actual & 0o022 != 0,
         };
         if loose {

@@ -76,14 +76,15 @@ impl Connector {
         self
     }
 
-    /// The address this connector will use.
-    pub fn address(&self) -> PathBuf {
-        address::resolve(self.socket.clone(), self.scope, &Env::current())
+    /// The address this connector will use: the explicit socket, else
+    /// `LOCKBROKER_SOCKET`, else the scope's default.
+    pub fn address(&self) -> Result<PathBuf> {
+        address::resolve(self.socket.clone(), self.scope, &Env::current()).ok_or(Error::NoAddress)
     }
 
     /// Connects and shakes hands. Must run within a Tokio runtime.
     pub async fn connect(&self) -> Result<Client> {
-        let path = self.address();
+        let path = self.address()?;
         let name = self.client_name.clone().unwrap_or_else(program_name);
         match tokio::time::timeout(self.timeout, connect(path.clone(), name)).await {
             Ok(result) => result,

@@ -9,6 +9,12 @@ use lockbroker_proto::{ErrorCode, NameError};
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum Error {
+    /// The scope has no default address and none was given (the process
+    /// scope outside `lockbroker run`).
+    #[error(
+        "no lockbroker address: the self scope needs LOCKBROKER_SOCKET, which `lockbroker run` sets"
+    )]
+    NoAddress,
     /// No daemon could be reached at the address.
     #[error("cannot connect to the lockbroker daemon at {}: {source}", path.display())]
     Connect {

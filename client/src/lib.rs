@@ -66,7 +66,7 @@ pub use connector::{Connector, DEFAULT_CONNECT_TIMEOUT};
 pub use error::{Error, Result};
 pub use guard::{BlockingLockGuard, LockGuard};
 pub use handle::{Mutex, RwLock, Semaphore};
-pub use lockbroker_proto::address::Scope;
+pub use lockbroker_proto::address::{self, Scope};
 pub use lockbroker_proto::{ErrorCode, Inspection, LockKind};
 
 /// The README's examples, compiled as doctests so they stay true.

@@ -14,6 +14,9 @@ pub const SOCKET_ENV: &str = "LOCKBROKER_SOCKET";
 /// Who shares a daemon.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Scope {
+    /// One process tree: the private daemon `lockbroker run` starts and
+    /// names in [`SOCKET_ENV`]. It has no default address.
+    Process,
     /// One user's login session (the default).
     #[default]
     Local,
@@ -24,6 +27,7 @@ pub enum Scope {
 impl fmt::Display for Scope {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(match self {
+            Scope::Process => "self",
             Scope::Local => "local",
             Scope::Global => "global",
         })
@@ -65,35 +69,38 @@ fn current_user() -> String {
 }
 
 /// The default address of `scope`: a socket path on Unix, a pipe name on
-/// Windows.
-pub fn default_address(scope: Scope, env: &Env) -> PathBuf {
+/// Windows. The process scope has none.
+pub fn default_address(scope: Scope, env: &Env) -> Option<PathBuf> {
     if cfg!(windows) {
-        return PathBuf::from(match scope {
-            Scope::Local => format!(r"\\.\pipe\lockbroker-{}", env.user),
-            Scope::Global => r"\\.\pipe\lockbroker".to_owned(),
-        });
+        return match scope {
+            Scope::Process => None,
+            Scope::Local => Some(format!(r"\\.\pipe\lockbroker-{}", env.user).into()),
+            Scope::Global => Some(r"\\.\pipe\lockbroker".into()),
+        };
     }
     match scope {
-        Scope::Local => scope_dir(scope, env).join("broker.sock"),
-        Scope::Global => PathBuf::from("/run/lockbroker/broker.sock"),
+        Scope::Process => None,
+        Scope::Local | Scope::Global => scope_dir(scope, env).map(|d| d.join("broker.sock")),
     }
 }
 
 /// The directory holding `scope`'s default socket (Unix).
-pub fn scope_dir(scope: Scope, env: &Env) -> PathBuf {
+pub fn scope_dir(scope: Scope, env: &Env) -> Option<PathBuf> {
     match (scope, &env.runtime_dir) {
-        (Scope::Local, Some(dir)) => PathBuf::from(dir).join("lockbroker"),
-        (Scope::Local, None) => PathBuf::from(format!("/tmp/lockbroker-{}", env.user)),
-        (Scope::Global, _) => PathBuf::from("/run/lockbroker"),
+        (Scope::Process, _) => None,
+        (Scope::Local, Some(dir)) => Some(PathBuf::from(dir).join("lockbroker")),
+        (Scope::Local, None) => Some(PathBuf::from(format!("/tmp/lockbroker-{}", env.user))),
+        (Scope::Global, _) => Some(PathBuf::from("/run/lockbroker")),
     }
 }
 
 /// A client's address: `explicit`, else `LOCKBROKER_SOCKET`, else the
-/// scope's default.
-pub fn resolve(explicit: Option<PathBuf>, scope: Scope, env: &Env) -> PathBuf {
+/// scope's default (`None` only for the process scope without
+/// `LOCKBROKER_SOCKET`).
+pub fn resolve(explicit: Option<PathBuf>, scope: Scope, env: &Env) -> Option<PathBuf> {
     explicit
         .or_else(|| env.socket.clone().map(PathBuf::from))
-        .unwrap_or_else(|| default_address(scope, env))
+        .or_else(|| default_address(scope, env))
 }
 
 #[cfg(all(test, unix))]
@@ -111,22 +118,25 @@ mod tests {
     #[test]
     fn explicit_beats_env_beats_scope() {
         let e = env(Some("/e.sock"), Some("/run/user/1000"));
+        let path = |s: &str| Some(PathBuf::from(s));
         assert_eq!(
             resolve(Some("/x.sock".into()), Scope::Local, &e),
-            PathBuf::from("/x.sock")
+            path("/x.sock")
         );
-        assert_eq!(resolve(None, Scope::Local, &e), PathBuf::from("/e.sock"));
+        assert_eq!(resolve(None, Scope::Local, &e), path("/e.sock"));
+        assert_eq!(resolve(None, Scope::Process, &e), path("/e.sock"));
+        assert_eq!(resolve(None, Scope::Process, &env(None, None)), None);
         assert_eq!(
             resolve(None, Scope::Local, &env(None, Some("/run/user/1000"))),
-            PathBuf::from("/run/user/1000/lockbroker/broker.sock")
+            path("/run/user/1000/lockbroker/broker.sock")
         );
         assert_eq!(
             resolve(None, Scope::Local, &env(None, None)),
-            PathBuf::from("/tmp/lockbroker-1000/broker.sock")
+            path("/tmp/lockbroker-1000/broker.sock")
         );
         assert_eq!(
             resolve(None, Scope::Global, &env(None, None)),
-            PathBuf::from("/run/lockbroker/broker.sock")
+            path("/run/lockbroker/broker.sock")
         );
     }
 }
