@@ -1,0 +1,277 @@
+//! The command line, as clap parses it.
+
+use std::ffi::OsString;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+use crate::exit;
+
+/// lockbroker: FIFO named locks for shell scripts, cron jobs and services.
+///
+/// Locks live in a small daemon (lockbrokerd); whatever a command held is
+/// released the moment it exits or is killed, and the next holder is told
+/// when the previous one died holding it.
+#[derive(Debug, Parser)]
+#[command(
+    name = "lockbroker",
+    version,
+    after_help = "\
+Examples:
+  lockbroker lock deploy -- ./deploy.sh          run deploy.sh holding mutex \"deploy\"
+  lockbroker lock --timeout 30s backup -- tar c /srv
+  lockbroker sem gpu --capacity 2 -- ./train.py  at most two at once
+  lockbroker status                              who holds what, who waits
+  lockbroker run -- make -j8                     a private broker for one process tree
+
+Exit status: the command's own; 75 when the lock was not obtained in time
+(--conflict-exit-code); 76 when the lock was lost while the command ran;
+69 when the daemon cannot be reached or refuses; 2 for usage errors."
+)]
+pub struct Cli {
+    /// Talk to the daemon on this socket (overrides --scope and
+    /// LOCKBROKER_SOCKET).
+    #[arg(long, global = true, value_name = "PATH")]
+    pub socket: Option<PathBuf>,
+
+    /// Which daemon: `self` (the one `lockbroker run` started, via
+    /// LOCKBROKER_SOCKET), `local` (this login session) or `global` (every
+    /// user).
+    #[arg(long, global = true, value_enum, default_value_t = ScopeArg::Local)]
+    pub scope: ScopeArg,
+
+    /// Print data as JSON (status, ping).
+    #[arg(long, global = true)]
+    pub json: bool,
+
+    /// Never start a local daemon (also: LOCKBROKER_NO_AUTOSTART=1).
+    #[arg(long, global = true)]
+    pub no_autostart: bool,
+
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// `--scope` values.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum ScopeArg {
+    /// The private daemon of `lockbroker run` (LOCKBROKER_SOCKET).
+    #[value(name = "self")]
+    Process,
+    /// This login session's daemon, started on first use.
+    Local,
+    /// The machine-wide daemon (systemd's lockbroker.socket).
+    Global,
+}
+
+/// The subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run a command while holding a mutex (or the shared side of a rwlock).
+    #[command(after_help = "\
+Examples:
+  lockbroker lock deploy/status -- ./update-status.sh
+  lockbroker lock --nonblock nightly -- ./job.sh || echo \"already running\"
+  lockbroker lock --shared config -- cat /etc/app.conf
+
+The command gets LOCKBROKER_FENCE (the lock's fencing token),
+LOCKBROKER_HOLD (its hold id) and LOCKBROKER_ABANDONED=1 when the previous
+holder died holding it. It runs in its own process group; SIGINT and
+SIGTERM sent to lockbroker are passed on to it. If the lock is lost while
+it runs (the daemon went away), the group gets SIGTERM, then SIGKILL after
+--kill-grace, and lockbroker exits 76.")]
+    Lock(LockArgs),
+
+    /// Run a command while holding permits of a counting semaphore.
+    #[command(after_help = "\
+Examples:
+  lockbroker sem encoders --capacity 4 -- ffmpeg -i in.mov out.mp4
+  lockbroker sem db-heavy --capacity 3 --permits 2 --timeout 1m -- ./report.sh
+
+Every user of a name must give the same --capacity while it is in use.
+The command's environment and signals are as for `lockbroker lock`.")]
+    Sem(SemArgs),
+
+    /// Show every lock under a prefix: holders, waiters in queue order.
+    #[command(after_help = "\
+Examples:
+  lockbroker status
+  lockbroker status deploy/
+  lockbroker status --json | jq '.locks[].holders[].pid'")]
+    Status(StatusArgs),
+
+    /// Check that the daemon answers, and how fast.
+    #[command(after_help = "\
+Examples:
+  lockbroker ping
+  lockbroker --scope global ping")]
+    Ping,
+
+    /// Run a command with a private broker for it and its children.
+    #[command(after_help = "\
+Examples:
+  lockbroker run -- make -j8
+  lockbroker run -- sh -c 'lockbroker --scope self lock db -- ./migrate'
+
+The private daemon listens on a temporary socket exported as
+LOCKBROKER_SOCKET; it stops, and the socket is removed, when the command
+exits. Two `run` trees never share a lock. The exit status is the
+command's.")]
+    Run(RunArgs),
+
+    /// Run the daemon (lockbrokerd) in the foreground.
+    #[command(after_help = "\
+Examples:
+  lockbroker daemon
+  lockbroker --socket /tmp/test.sock daemon --log-level debug
+
+Every lockbrokerd flag is accepted; see `lockbrokerd --help`.")]
+    Daemon(DaemonArgs),
+}
+
+/// How long to wait for a lock.
+#[derive(Debug, Clone, Args)]
+pub struct WaitArgs {
+    /// Give up after this long (e.g. 250ms, 2s, 1m; a bare number is
+    /// seconds).
+    #[arg(long, short = 't', value_parser = parse_duration, value_name = "DURATION", conflicts_with = "nonblock")]
+    pub timeout: Option<Duration>,
+
+    /// Give up at once if the lock is not free (never jumps the queue).
+    #[arg(long, short = 'n')]
+    pub nonblock: bool,
+
+    /// Exit status when the lock is not obtained.
+    #[arg(long, value_name = "N", default_value_t = exit::CONFLICT)]
+    pub conflict_exit_code: u8,
+
+    /// After losing the lock, how long the command gets between SIGTERM
+    /// and SIGKILL.
+    #[arg(long, value_parser = parse_duration, value_name = "DURATION", default_value = "10s")]
+    pub kill_grace: Duration,
+}
+
+/// `lockbroker lock`.
+#[derive(Debug, Args)]
+pub struct LockArgs {
+    /// The lock's name, e.g. deploy/status.
+    pub name: String,
+
+    /// Take the shared side of rwlock NAME (many holders at once).
+    #[arg(long)]
+    pub shared: bool,
+
+    #[command(flatten)]
+    pub wait: WaitArgs,
+
+    /// The command to run, after `--`.
+    #[arg(last = true, required = true, value_name = "CMD")]
+    pub command: Vec<OsString>,
+}
+
+/// `lockbroker sem`.
+#[derive(Debug, Args)]
+pub struct SemArgs {
+    /// The semaphore's name.
+    pub name: String,
+
+    /// Total permits of the semaphore.
+    #[arg(long, value_name = "N")]
+    pub capacity: u32,
+
+    /// Permits this command takes.
+    #[arg(long, value_name = "K", default_value_t = 1)]
+    pub permits: u32,
+
+    #[command(flatten)]
+    pub wait: WaitArgs,
+
+    /// The command to run, after `--`.
+    #[arg(last = true, required = true, value_name = "CMD")]
+    pub command: Vec<OsString>,
+}
+
+/// `lockbroker status`.
+#[derive(Debug, Args)]
+pub struct StatusArgs {
+    /// Only locks whose names start with this.
+    #[arg(default_value = "")]
+    pub prefix: String,
+}
+
+/// `lockbroker run`.
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    /// The command to run.
+    #[arg(
+        trailing_var_arg = true,
+        allow_hyphen_values = true,
+        required = true,
+        value_name = "CMD"
+    )]
+    pub command: Vec<OsString>,
+}
+
+/// `lockbroker daemon`.
+#[derive(Debug, Args)]
+pub struct DaemonArgs {
+    /// Flags for lockbrokerd.
+    #[arg(
+        trailing_var_arg = true,
+        allow_hyphen_values = true,
+        value_name = "FLAGS"
+    )]
+    pub args: Vec<OsString>,
+}
+
+/// Parses `250ms`, `2s`, `1.5s`, `1m`, `1h`; a bare number is seconds.
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    let text = text.trim();
+    let split = text
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(text.len());
+    let (number, unit) = text.split_at(split);
+    let value: f64 = number
+        .parse()
+        .map_err(|_| format!("{text:?} is not a duration (try 250ms, 2s, 1m)"))?;
+    let scale = match unit {
+        "ms" => 0.001,
+        "" | "s" => 1.0,
+        "m" => 60.0,
+        "h" => 3600.0,
+        other => {
+            return Err(format!(
+                "unknown unit {other:?} in {text:?} (use ms, s, m or h)"
+            ));
+        }
+    };
+    Duration::try_from_secs_f64(value * scale).map_err(|e| format!("{text:?}: {e}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
+        assert_eq!(parse_duration("2s"), Ok(Duration::from_secs(2)));
+        assert_eq!(parse_duration("2"), Ok(Duration::from_secs(2)));
+        assert_eq!(parse_duration("1.5s"), Ok(Duration::from_millis(1500)));
+        assert_eq!(parse_duration("1m"), Ok(Duration::from_secs(60)));
+        assert_eq!(parse_duration("1h"), Ok(Duration::from_secs(3600)));
+        assert_eq!(parse_duration("0"), Ok(Duration::ZERO));
+        assert!(parse_duration("").is_err());
+        assert!(parse_duration("5 parsecs").is_err());
+        assert!(parse_duration("-1s").is_err());
+        assert!(parse_duration("ms").is_err());
+    }
+
+    #[test]
+    fn the_command_line_is_consistent() {
+        use clap::CommandFactory;
+        Cli::command().debug_assert();
+    }
+}

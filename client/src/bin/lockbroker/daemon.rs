@@ -1,0 +1,200 @@
+//! Finding, starting and waiting for `lockbrokerd`: autostart of the local
+//! daemon, the private daemon of `lockbroker run`, and `lockbroker daemon`.
+
+use std::ffi::OsString;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use lockbroker::{Client, Connector, Error};
+
+/// How long a started daemon has to accept connections.
+const START_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The `lockbrokerd` binary: `$LOCKBROKERD`, else the one beside this
+/// program, else the first on `PATH`.
+pub fn binary() -> PathBuf {
+    if let Some(path) = std::env::var_os("LOCKBROKERD").filter(|p| !p.is_empty()) {
+        return path.into();
+    }
+    if let Ok(me) = std::env::current_exe() {
+        let sibling = me.with_file_name(format!("lockbrokerd{}", std::env::consts::EXE_SUFFIX));
+        if sibling.is_file() {
+            return sibling;
+        }
+    }
+    PathBuf::from("lockbrokerd")
+}
+
+/// Whether connecting failed because nobody listens (as opposed to a
+/// daemon that answered and refused).
+pub fn nobody_listens(e: &Error) -> bool {
+    match e {
+        Error::Connect { source, .. } => matches!(
+            source.kind(),
+            std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused
+        ),
+        _ => false,
+    }
+}
+
+/// Starts the local daemon detached — its own session, output appended to
+/// `broker.log` beside the socket — and connects once it is ready. Several
+/// tools may race here; the daemons settle who serves the socket, and every
+/// tool connects to the winner.
+pub async fn autostart(connector: &Connector, socket: &Path) -> Result<Client, String> {
+    let dir = socket.parent().unwrap_or(Path::new("/"));
+    let log_path = dir.join("broker.log");
+    let mut child = spawn_detached(dir, &log_path).map_err(|e| {
+        format!(
+            "cannot start {}: {e} (set LOCKBROKERD to its path)",
+            binary().display()
+        )
+    })?;
+    let deadline = Instant::now() + START_TIMEOUT;
+    loop {
+        match connector.connect().await {
+            Ok(client) => return Ok(client),
+            Err(e) if nobody_listens(&e) => {}
+            Err(e) => return Err(e.to_string()),
+        }
+        // Our daemon exits at once if another one won the race; reap it.
+        let _ = child.try_wait();
+        if Instant::now() >= deadline {
+            return Err(format!(
+                "lockbrokerd did not start listening on {} within {START_TIMEOUT:?}; see {}",
+                socket.display(),
+                log_path.display()
+            ));
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+#[cfg(unix)]
+fn spawn_detached(dir: &Path, log_path: &Path) -> std::io::Result<Child> {
+    use std::os::unix::fs::DirBuilderExt;
+    use std::os::unix::process::CommandExt;
+    // The daemon checks this directory's owner and mode itself.
+    match std::fs::DirBuilder::new().mode(0o700).create(dir) {
+        Err(e) if e.kind() != std::io::ErrorKind::AlreadyExists => return Err(e),
+        _ => {}
+    }
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log_path)?;
+    let mut cmd = Command::new(binary());
+    cmd.args(["--scope", "local"])
+        .env_remove("LOCKBROKER_SOCKET")
+        .current_dir("/")
+        .stdin(Stdio::null())
+        .stdout(log.try_clone()?)
+        .stderr(log);
+    // SAFETY: setsid is async-signal-safe; it detaches the daemon from our
+    // session and terminal so it outlives us.
+    unsafe {
+        cmd.pre_exec(|| {
+            libc::setsid();
+            Ok(())
+        });
+    }
+    cmd.spawn()
+}
+
+#[cfg(not(unix))]
+fn spawn_detached(_dir: &Path, _log_path: &Path) -> std::io::Result<Child> {
+    Err(std::io::Error::other(
+        "autostart is not supported on this platform",
+    ))
+}
+
+/// A private daemon on a socket in its own temporary directory, stopped
+/// (and its directory removed) on drop.
+pub struct Private {
+    child: Child,
+    socket: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl Private {
+    /// Starts the daemon and waits until it accepts connections.
+    pub async fn start() -> Result<Private, String> {
+        let dir = tempfile::Builder::new()
+            .prefix("lockbroker-run-")
+            .tempdir()
+            .map_err(|e| format!("cannot create a temporary directory: {e}"))?;
+        let socket = dir.path().join("broker.sock");
+        let child = Command::new(binary())
+            .arg("--socket")
+            .arg(&socket)
+            .args(["--log-level", "warn"])
+            .env_remove("LOCKBROKER_SOCKET")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .spawn()
+            .map_err(|e| format!("cannot start {}: {e}", binary().display()))?;
+        let mut private = Private {
+            child,
+            socket,
+            _dir: dir,
+        };
+        let connector = Connector::new()
+            .socket(&private.socket)
+            .client_name("lockbroker run");
+        let deadline = Instant::now() + START_TIMEOUT;
+        loop {
+            match connector.connect().await {
+                Ok(_) => return Ok(private),
+                Err(e) if nobody_listens(&e) => {}
+                Err(e) => return Err(e.to_string()),
+            }
+            if let Ok(Some(status)) = private.child.try_wait() {
+                return Err(format!("the private lockbrokerd exited with {status}"));
+            }
+            if Instant::now() >= deadline {
+                return Err("the private lockbrokerd did not start in time".into());
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
+    /// Its socket.
+    pub fn socket(&self) -> &Path {
+        &self.socket
+    }
+}
+
+impl Drop for Private {
+    fn drop(&mut self) {
+        #[cfg(unix)]
+        {
+            // SAFETY: signalling our own child.
+            unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        }
+        #[cfg(not(unix))]
+        {
+            let _ = self.child.kill();
+        }
+        let _ = self.child.wait();
+    }
+}
+
+/// Replaces this process with `lockbrokerd ARGS` (runs it, on Windows).
+pub fn exec(args: Vec<OsString>) -> Result<std::convert::Infallible, String> {
+    let mut cmd = Command::new(binary());
+    cmd.args(args);
+    #[cfg(unix)]
+    {
+        use std::os::unix::process::CommandExt;
+        let e = cmd.exec();
+        Err(format!("cannot run {}: {e}", binary().display()))
+    }
+    #[cfg(not(unix))]
+    {
+        let status = cmd
+            .status()
+            .map_err(|e| format!("cannot run {}: {e}", binary().display()))?;
+        std::process::exit(status.code().unwrap_or(1));
+    }
+}

@@ -1,0 +1,277 @@
+//! `lockbroker`: the command-line tool. Takes locks around commands, shows
+//! who holds what, starts private brokers, and runs the daemon.
+
+mod args;
+mod child;
+mod daemon;
+mod status;
+
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::Parser;
+use lockbroker::address::{self, Env};
+use lockbroker::{Client, Connector, LockGuard, Scope};
+
+use crate::args::{Cli, Command, ScopeArg, WaitArgs};
+use crate::child::Outcome;
+
+/// Exit statuses of lockbroker itself.
+pub mod exit {
+    /// The lock was not obtained in time (`--conflict-exit-code`).
+    pub const CONFLICT: u8 = 75;
+    /// The lock was lost while the command ran.
+    pub const LOCK_LOST: u8 = 76;
+    /// The daemon could not be reached, or refused the request.
+    pub const UNAVAILABLE: u8 = 69;
+    /// Anything else that went wrong in lockbroker itself.
+    pub const ERROR: u8 = 1;
+}
+
+/// Environment variable that turns autostart off.
+const NO_AUTOSTART_ENV: &str = "LOCKBROKER_NO_AUTOSTART";
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    if let Command::Daemon(d) = cli.command {
+        let mut args = Vec::new();
+        if let Some(socket) = &cli.socket {
+            args.push("--socket".into());
+            args.push(socket.into());
+        } else if cli.scope == ScopeArg::Global {
+            args.extend(["--scope".into(), "global".into()]);
+        }
+        args.extend(d.args);
+        return match daemon::exec(args) {
+            Ok(never) => match never {},
+            Err(e) => fail(exit::ERROR, &e),
+        };
+    }
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => return fail(exit::ERROR, &format!("cannot start the runtime: {e}")),
+    };
+    match runtime.block_on(run(cli)) {
+        Ok(code) => ExitCode::from(code),
+        Err((code, message)) => fail(code, &message),
+    }
+}
+
+/// Prints one line on stderr and exits with `code`.
+fn fail(code: u8, message: &str) -> ExitCode {
+    eprintln!("lockbroker: {message}");
+    ExitCode::from(code)
+}
+
+type Failure = (u8, String);
+
+async fn run(cli: Cli) -> Result<u8, Failure> {
+    match &cli.command {
+        Command::Lock(a) => {
+            let client = connect(&cli).await?;
+            let handle_kind = if a.shared { "shared lock" } else { "lock" };
+            let rw = client.rwlock(a.name.clone());
+            let mutex = client.mutex(a.name.clone());
+            let guard = wait_for(&a.wait, handle_kind, &a.name, |timeout| async move {
+                match (a.shared, timeout) {
+                    (true, None) => rw.read().await.map(Some),
+                    (true, Some(t)) => rw.read_timeout(t).await,
+                    (false, None) => mutex.acquire().await.map(Some),
+                    (false, Some(t)) => mutex.acquire_timeout(t).await,
+                }
+            })
+            .await?;
+            match guard {
+                Some(guard) => run_holding(guard, &a.command, &a.wait).await,
+                None => Ok(a.wait.conflict_exit_code),
+            }
+        }
+        Command::Sem(a) => {
+            let client = connect(&cli).await?;
+            let sem = client.semaphore(a.name.clone(), a.capacity);
+            let permits = a.permits;
+            let guard = wait_for(&a.wait, "semaphore", &a.name, |timeout| async move {
+                match timeout {
+                    None => sem.acquire_many(permits).await.map(Some),
+                    Some(t) => sem.acquire_many_timeout(permits, t).await,
+                }
+            })
+            .await?;
+            match guard {
+                Some(guard) => run_holding(guard, &a.command, &a.wait).await,
+                None => Ok(a.wait.conflict_exit_code),
+            }
+        }
+        Command::Status(a) => {
+            let (client, socket) = connect_with_address(&cli).await?;
+            status::show(&client, &socket, &a.prefix, cli.json).await
+        }
+        Command::Ping => {
+            let (client, socket) = connect_with_address(&cli).await?;
+            let rtt = client.ping().await.map_err(unavailable)?;
+            if cli.json {
+                println!(
+                    "{}",
+                    serde_json::json!({
+                        "version": client.server_version(),
+                        "socket": socket.display().to_string(),
+                        "rtt_us": rtt.as_micros() as u64,
+                    })
+                );
+            } else {
+                println!(
+                    "lockbrokerd {} at {} answered in {} µs",
+                    client.server_version(),
+                    socket.display(),
+                    rtt.as_micros()
+                );
+            }
+            Ok(0)
+        }
+        Command::Run(a) => {
+            let private = daemon::Private::start()
+                .await
+                .map_err(|e| (exit::UNAVAILABLE, e))?;
+            let socket = private.socket().display().to_string();
+            let child = child::spawn(&a.command, &[(address::SOCKET_ENV, socket)], &[], false)?;
+            let status = child::wait_passing_term(child)
+                .await
+                .map_err(|e| (exit::ERROR, format!("waiting for the command: {e}")))?;
+            drop(private);
+            Ok(child::exit_code(status))
+        }
+        Command::Daemon(_) => unreachable!("handled before the runtime starts"),
+    }
+}
+
+/// Acquires with the `--timeout` / `--nonblock` of `wait`; `Ok(None)` (after
+/// saying so on stderr) when the lock was not obtained.
+async fn wait_for<F, Fut>(
+    wait: &WaitArgs,
+    what: &str,
+    name: &str,
+    acquire: F,
+) -> Result<Option<LockGuard>, Failure>
+where
+    F: FnOnce(Option<Duration>) -> Fut,
+    Fut: std::future::Future<Output = lockbroker::Result<Option<LockGuard>>>,
+{
+    let timeout = if wait.nonblock {
+        Some(Duration::ZERO)
+    } else {
+        wait.timeout
+    };
+    let guard = acquire(timeout).await.map_err(unavailable)?;
+    if guard.is_none() {
+        match timeout {
+            Some(t) if !t.is_zero() => {
+                eprintln!("lockbroker: {what} {name:?} not obtained within {t:?}")
+            }
+            _ => eprintln!("lockbroker: {what} {name:?} is busy"),
+        }
+    }
+    Ok(guard)
+}
+
+/// Runs the command while `guard` is held, then releases it.
+async fn run_holding(
+    guard: LockGuard,
+    command: &[std::ffi::OsString],
+    wait: &WaitArgs,
+) -> Result<u8, Failure> {
+    let mut env = vec![
+        ("LOCKBROKER_FENCE", guard.fence().to_string()),
+        ("LOCKBROKER_HOLD", guard.hold_id().to_string()),
+    ];
+    let mut remove = Vec::new();
+    if guard.abandoned() {
+        env.push(("LOCKBROKER_ABANDONED", "1".into()));
+    } else {
+        remove.push("LOCKBROKER_ABANDONED");
+    }
+    let child = match child::spawn(command, &env, &remove, true) {
+        Ok(child) => child,
+        Err(failure) => {
+            // A clean release: the next holder must not be told this
+            // lock was abandoned.
+            let _ = guard.release().await;
+            return Err(failure);
+        }
+    };
+    let outcome = child::supervise(child, &guard, wait.kill_grace)
+        .await
+        .map_err(|e| (exit::ERROR, format!("waiting for the command: {e}")))?;
+    match outcome {
+        Outcome::LockLost => Ok(exit::LOCK_LOST),
+        Outcome::Exited(status) => {
+            if let Err(e) = guard.release().await {
+                eprintln!("lockbroker: releasing the lock: {e}");
+            }
+            Ok(child::exit_code(status))
+        }
+    }
+}
+
+fn unavailable(e: lockbroker::Error) -> Failure {
+    (exit::UNAVAILABLE, e.to_string())
+}
+
+async fn connect(cli: &Cli) -> Result<Client, Failure> {
+    Ok(connect_with_address(cli).await?.0)
+}
+
+/// Connects as the global options say, starting the local daemon when
+/// nobody answers at the local scope's default socket.
+async fn connect_with_address(cli: &Cli) -> Result<(Client, std::path::PathBuf), Failure> {
+    let scope = match cli.scope {
+        ScopeArg::Process => Scope::Process,
+        ScopeArg::Local => Scope::Local,
+        ScopeArg::Global => Scope::Global,
+    };
+    let env = Env::current();
+    let socket = address::resolve(cli.socket.clone(), scope, &env)
+        .ok_or_else(|| unavailable(lockbroker::Error::NoAddress))?;
+    let connector = Connector::new()
+        .socket(&socket)
+        .client_name(client_name(cli));
+    match connector.connect().await {
+        Ok(client) => Ok((client, socket)),
+        Err(e) if daemon::nobody_listens(&e) && may_autostart(cli, scope, &env) => {
+            let client = daemon::autostart(&connector, &socket)
+                .await
+                .map_err(|e| (exit::UNAVAILABLE, e))?;
+            Ok((client, socket))
+        }
+        Err(e) => Err(unavailable(e)),
+    }
+}
+
+/// Autostart only for the local scope's own default socket.
+fn may_autostart(cli: &Cli, scope: Scope, env: &Env) -> bool {
+    let disabled = std::env::var_os(NO_AUTOSTART_ENV).is_some_and(|v| !v.is_empty() && v != "0");
+    scope == Scope::Local
+        && cli.socket.is_none()
+        && env.socket.is_none()
+        && !cli.no_autostart
+        && !disabled
+}
+
+/// `lockbroker lock NAME` shows as `lockbroker lock NAME` in `status`.
+fn client_name(cli: &Cli) -> String {
+    let what = match &cli.command {
+        Command::Lock(a) => format!("lockbroker lock {}", a.name),
+        Command::Sem(a) => format!("lockbroker sem {}", a.name),
+        Command::Status(_) => "lockbroker status".into(),
+        Command::Ping => "lockbroker ping".into(),
+        Command::Run(_) => "lockbroker run".into(),
+        Command::Daemon(_) => "lockbroker daemon".into(),
+    };
+    let mut name: String = what.chars().filter(|c| !c.is_control()).collect();
+    while name.len() > 255 {
+        name.pop();
+    }
+    name
+}

@@ -1,0 +1,588 @@
+//! Black-box tests of the `lockbroker` command-line tool and the real
+//! `lockbrokerd` binary.
+
+#![cfg(unix)]
+
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+const CLI: &str = env!("CARGO_BIN_EXE_lockbroker");
+
+/// `lockbrokerd`, built beside this package's binaries. `cargo test
+/// --workspace` has built it already; building again here is then a no-op,
+/// and it keeps `cargo test -p lockbroker` from using a stale daemon.
+fn daemon_bin() -> &'static Path {
+    static BIN: OnceLock<PathBuf> = OnceLock::new();
+    BIN.get_or_init(|| {
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let status = Command::new(cargo)
+            .args([
+                "build",
+                "--quiet",
+                "-p",
+                "lockbrokerd",
+                "--bin",
+                "lockbrokerd",
+            ])
+            .status()
+            .expect("run cargo build");
+        assert!(status.success(), "building lockbrokerd failed");
+        let sibling = Path::new(CLI).with_file_name("lockbrokerd");
+        assert!(sibling.is_file(), "no {}", sibling.display());
+        sibling
+    })
+}
+
+/// Fails the test if `cond` does not hold within 20 seconds.
+fn wait_until(what: &str, mut cond: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !cond() {
+        assert!(Instant::now() < deadline, "timed out waiting until {what}");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// Waits for `child` to exit, killing it after `limit`.
+fn wait_child(child: &mut Child, limit: Duration) -> std::process::ExitStatus {
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            return status;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("process did not exit within {limit:?}");
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+fn kill(pid: u32, sig: i32) {
+    // SAFETY: signalling a process this test started.
+    unsafe { libc::kill(pid as i32, sig) };
+}
+
+fn alive(pid: u32) -> bool {
+    // A zombie is dead for our purposes.
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(stat) => !stat
+            .rsplit(')')
+            .next()
+            .unwrap_or("")
+            .trim_start()
+            .starts_with('Z'),
+        Err(_) => false,
+    }
+}
+
+/// A daemon on a socket in its own temporary directory.
+struct Daemon {
+    dir: tempfile::TempDir,
+    child: Child,
+}
+
+impl Daemon {
+    fn start() -> Daemon {
+        let dir = tempfile::tempdir().unwrap();
+        let socket = dir.path().join("broker.sock");
+        let mut child = Command::new(daemon_bin())
+            .arg("--socket")
+            .arg(&socket)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        wait_until("the daemon listens", || {
+            assert!(child.try_wait().unwrap().is_none(), "daemon exited");
+            std::os::unix::net::UnixStream::connect(&socket).is_ok()
+        });
+        Daemon { dir, child }
+    }
+
+    fn socket(&self) -> PathBuf {
+        self.dir.path().join("broker.sock")
+    }
+
+    fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    /// `lockbroker` aimed at this daemon.
+    fn cli(&self) -> Command {
+        let mut cmd = Command::new(CLI);
+        cmd.env("LOCKBROKER_SOCKET", self.socket())
+            .env("LOCKBROKERD", daemon_bin())
+            .env_remove("LOCKBROKER_ABANDONED")
+            .current_dir(self.dir.path())
+            .stdin(Stdio::null());
+        cmd
+    }
+
+    fn status_json(&self) -> serde_json::Value {
+        let out = self.cli().args(["status", "--json"]).output().unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).unwrap()
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn sh(script: &str) -> Vec<&str> {
+    vec!["--", "sh", "-c", script]
+}
+
+fn run(cmd: &mut Command) -> Output {
+    let mut child = cmd
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let status = wait_child(&mut child, Duration::from_secs(60));
+    let mut stdout = Vec::new();
+    let mut stderr = Vec::new();
+    child
+        .stdout
+        .take()
+        .unwrap()
+        .read_to_end(&mut stdout)
+        .unwrap();
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_end(&mut stderr)
+        .unwrap();
+    Output {
+        status,
+        stdout,
+        stderr,
+    }
+}
+
+#[test]
+fn lock_runs_the_command_with_its_environment_and_passes_its_status() {
+    let d = Daemon::start();
+    let out = run(d.cli().args(["lock", "job"]).args(sh(
+        "echo \"$LOCKBROKER_FENCE $LOCKBROKER_HOLD ${LOCKBROKER_ABANDONED:-no}\"; exit 7",
+    )));
+    assert_eq!(out.status.code(), Some(7));
+    let line = String::from_utf8(out.stdout).unwrap();
+    let fields: Vec<&str> = line.split_whitespace().collect();
+    assert_eq!(fields.len(), 3, "{line}");
+    assert!(fields[0].parse::<u64>().unwrap() > 0);
+    assert!(fields[1].parse::<u64>().unwrap() > 0);
+    assert_eq!(fields[2], "no");
+    // A command that does not exist: 127, one line on stderr.
+    let out = run(d.cli().args(["lock", "job", "--", "/nonexistent/cmd"]));
+    assert_eq!(out.status.code(), Some(127));
+    let err = String::from_utf8(out.stderr).unwrap();
+    assert_eq!(err.lines().count(), 1, "{err}");
+    // The lock was released each time.
+    assert_eq!(d.status_json()["locks"].as_array().unwrap().len(), 0);
+}
+
+#[test]
+fn the_command_inherits_no_socket_of_lockbroker() {
+    let d = Daemon::start();
+    let out = run(d.cli().args(["lock", "fds"]).args(sh("ls -l /proc/$$/fd")));
+    assert!(out.status.success());
+    let listing = String::from_utf8(out.stdout).unwrap();
+    assert!(
+        !listing.contains("socket:"),
+        "a socket leaked into the command:\n{listing}"
+    );
+}
+
+#[test]
+fn eight_processes_increment_a_counter_file_exactly() {
+    let d = Daemon::start();
+    std::fs::write(d.path("counter"), "0\n").unwrap();
+    let script = "for i in $(seq 50); do lockbroker lock counter -- sh -c 'n=$(cat counter); echo $((n + 1)) > counter' || exit 1; done";
+    let bin_dir = Path::new(CLI).parent().unwrap();
+    let path = format!("{}:{}", bin_dir.display(), std::env::var("PATH").unwrap());
+    let mut children: Vec<Child> = (0..8)
+        .map(|_| {
+            Command::new("sh")
+                .arg("-c")
+                .arg(script)
+                .env("PATH", &path)
+                .env("LOCKBROKER_SOCKET", d.socket())
+                .current_dir(d.dir.path())
+                .stdin(Stdio::null())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    for c in &mut children {
+        assert!(wait_child(c, Duration::from_secs(120)).success());
+    }
+    assert_eq!(
+        std::fs::read_to_string(d.path("counter")).unwrap().trim(),
+        "400"
+    );
+}
+
+/// Starts `lockbroker lock NAME -- sh -c 'touch READY; wait for GO'` and
+/// returns once it holds the lock.
+fn hold(d: &Daemon, args: &[&str], tag: &str) -> Child {
+    let ready = d.path(&format!("{tag}.ready"));
+    let go = d.path(&format!("{tag}.go"));
+    let script = format!(
+        "touch {}; while [ ! -e {} ]; do sleep 0.01; done",
+        ready.display(),
+        go.display()
+    );
+    let mut child = d.cli().args(args).args(sh(&script)).spawn().unwrap();
+    wait_until(&format!("{tag} holds"), || {
+        assert!(child.try_wait().unwrap().is_none(), "{tag} exited early");
+        ready.exists()
+    });
+    child
+}
+
+fn release(d: &Daemon, mut child: Child, tag: &str) {
+    std::fs::write(d.path(&format!("{tag}.go")), "").unwrap();
+    assert!(wait_child(&mut child, Duration::from_secs(20)).success());
+}
+
+#[test]
+fn nonblock_and_timeout_give_the_conflict_exit_code() {
+    let d = Daemon::start();
+    let holder = hold(&d, &["lock", "busy"], "h");
+    let start = Instant::now();
+    let out = run(d.cli().args(["lock", "--nonblock", "busy", "--", "true"]));
+    assert_eq!(out.status.code(), Some(75));
+    assert!(start.elapsed() < Duration::from_secs(10));
+    let err = String::from_utf8(out.stderr).unwrap();
+    assert!(err.contains("busy"), "{err}");
+    let start = Instant::now();
+    let out = run(d
+        .cli()
+        .args(["lock", "--timeout", "300ms", "busy", "--", "true"]));
+    assert_eq!(out.status.code(), Some(75));
+    assert!(
+        start.elapsed() >= Duration::from_millis(300),
+        "gave up early"
+    );
+    let out = run(d.cli().args([
+        "lock",
+        "-n",
+        "--conflict-exit-code",
+        "9",
+        "busy",
+        "--",
+        "true",
+    ]));
+    assert_eq!(out.status.code(), Some(9));
+    release(&d, holder, "h");
+    let out = run(d.cli().args(["lock", "--nonblock", "busy", "--", "true"]));
+    assert_eq!(out.status.code(), Some(0));
+}
+
+#[test]
+fn shared_holders_overlap_and_an_exclusive_one_does_not() {
+    let d = Daemon::start();
+    let r1 = hold(&d, &["lock", "--shared", "rw"], "r1");
+    let r2 = hold(&d, &["lock", "--shared", "rw"], "r2"); // both inside at once
+    let out = run(d.cli().args(["lock", "--nonblock", "rw", "--", "true"]));
+    assert_eq!(out.status.code(), Some(75), "exclusive while readers hold");
+    release(&d, r1, "r1");
+    release(&d, r2, "r2");
+    let w = hold(&d, &["lock", "rw"], "w");
+    let out = run(d
+        .cli()
+        .args(["lock", "--shared", "--nonblock", "rw", "--", "true"]));
+    assert_eq!(out.status.code(), Some(75), "shared while a writer holds");
+    release(&d, w, "w");
+}
+
+#[test]
+fn a_semaphore_of_two_never_has_three_inside() {
+    let d = Daemon::start();
+    std::fs::create_dir(d.path("inside")).unwrap();
+    let script = "touch inside/$$; ls inside | wc -l >> counts; sleep 0.05; rm inside/$$";
+    let mut children: Vec<Child> = (0..6)
+        .map(|_| {
+            d.cli()
+                .args(["sem", "pool", "--capacity", "2"])
+                .args(sh(script))
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    for c in &mut children {
+        assert!(wait_child(c, Duration::from_secs(60)).success());
+    }
+    let counts = std::fs::read_to_string(d.path("counts")).unwrap();
+    let counts: Vec<u32> = counts.lines().map(|l| l.trim().parse().unwrap()).collect();
+    assert_eq!(counts.len(), 6);
+    assert!(counts.iter().all(|&n| (1..=2).contains(&n)), "{counts:?}");
+}
+
+#[test]
+fn losing_the_lock_terminates_the_command_group() {
+    let mut d = Daemon::start();
+    // The command ignores SIGTERM and has a child of its own: the group
+    // must be killed after the grace period.
+    let script = "trap '' TERM; sleep 1000 & echo $! > bg; touch started; wait";
+    let mut child = d
+        .cli()
+        .args(["lock", "--kill-grace", "200ms", "doomed"])
+        .args(sh(script))
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_until("the command starts", || d.path("started").exists());
+    let bg: u32 = std::fs::read_to_string(d.path("bg"))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    assert!(alive(bg));
+    d.child.kill().unwrap(); // the daemon dies: the lock is lost
+    d.child.wait().unwrap();
+    let status = wait_child(&mut child, Duration::from_secs(20));
+    assert_eq!(status.code(), Some(76));
+    let mut err = String::new();
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut err)
+        .unwrap();
+    assert!(err.contains("lost the lock"), "{err}");
+    wait_until("the command's own child is killed", || !alive(bg));
+}
+
+#[test]
+fn sigterm_to_lockbroker_reaches_the_command() {
+    let d = Daemon::start();
+    let script =
+        "trap 'echo got-term > term; exit 0' TERM; touch started; while :; do sleep 0.01; done";
+    let mut child = d
+        .cli()
+        .args(["lock", "sig"])
+        .args(sh(script))
+        .spawn()
+        .unwrap();
+    wait_until("the command starts", || d.path("started").exists());
+    kill(child.id(), libc::SIGTERM);
+    let status = wait_child(&mut child, Duration::from_secs(20));
+    assert_eq!(status.code(), Some(0), "the command's own status");
+    assert_eq!(
+        std::fs::read_to_string(d.path("term")).unwrap().trim(),
+        "got-term"
+    );
+}
+
+#[test]
+fn status_json_lists_holder_pid_and_waiters_in_order() {
+    let d = Daemon::start();
+    let holder = hold(&d, &["lock", "st"], "h");
+    let mut waiters = Vec::new();
+    for i in 0..2 {
+        waiters.push(d.cli().args(["lock", "st", "--", "true"]).spawn().unwrap());
+        wait_until("the waiter queues", || {
+            d.status_json()["locks"][0]["waiters"]
+                .as_array()
+                .unwrap()
+                .len()
+                == i + 1
+        });
+    }
+    let status = d.status_json();
+    let lock = &status["locks"][0];
+    assert_eq!(lock["name"], "st");
+    assert_eq!(lock["kind"], "mutex");
+    assert_eq!(lock["holders"][0]["pid"], holder.id());
+    let order: Vec<u64> = lock["waiters"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|w| w["pid"].as_u64().unwrap())
+        .collect();
+    assert_eq!(order, [waiters[0].id() as u64, waiters[1].id() as u64]);
+    assert!(status["daemon"]["sessions"].as_u64().unwrap() >= 3);
+    // The table form names the same holder.
+    let table = run(d.cli().args(["status"]));
+    let text = String::from_utf8(table.stdout).unwrap();
+    assert!(text.contains(&format!("pid {}", holder.id())), "{text}");
+    release(&d, holder, "h");
+    for mut w in waiters {
+        assert!(wait_child(&mut w, Duration::from_secs(20)).success());
+    }
+}
+
+#[test]
+fn twenty_first_uses_at_once_start_exactly_one_daemon() {
+    let runtime = tempfile::tempdir().unwrap();
+    let cli = |args: &[&str]| {
+        let mut cmd = Command::new(CLI);
+        cmd.args(args)
+            .env("XDG_RUNTIME_DIR", runtime.path())
+            .env("LOCKBROKERD", daemon_bin())
+            .env_remove("LOCKBROKER_SOCKET")
+            .env_remove("LOCKBROKER_NO_AUTOSTART")
+            .stdin(Stdio::null());
+        cmd
+    };
+    let mut tools: Vec<Child> = (0..20)
+        .map(|_| {
+            cli(&["lock", "first", "--", "true"])
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    for t in &mut tools {
+        let status = wait_child(t, Duration::from_secs(60));
+        let mut err = String::new();
+        t.stderr.take().unwrap().read_to_string(&mut err).unwrap();
+        assert!(status.success(), "{status}: {err}");
+    }
+    let out = cli(&["status", "--json"]).output().unwrap();
+    let status: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let pid = status["daemon"]["pid"].as_u64().unwrap() as u32;
+    let marker = format!("XDG_RUNTIME_DIR={}", runtime.path().display());
+    let daemons = || {
+        std::fs::read_dir("/proc")
+            .unwrap()
+            .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+            .filter(|&p| alive(p))
+            .filter(|p| {
+                let cmd = std::fs::read(format!("/proc/{p}/cmdline")).unwrap_or_default();
+                let env = std::fs::read(format!("/proc/{p}/environ")).unwrap_or_default();
+                String::from_utf8_lossy(&cmd).contains("lockbrokerd")
+                    && String::from_utf8_lossy(&env)
+                        .split('\0')
+                        .any(|v| v == marker)
+            })
+            .collect::<Vec<u32>>()
+    };
+    // Daemons that lost the race exit at once; wait for them to be gone.
+    wait_until("one daemon is left", || daemons().len() == 1);
+    assert_eq!(daemons(), [pid]);
+    // Autostart can be turned off, and the global scope never autostarts.
+    kill(pid, libc::SIGTERM);
+    wait_until("the daemon exits", || !alive(pid));
+    let out = cli(&["--no-autostart", "ping"]).output().unwrap();
+    assert_eq!(out.status.code(), Some(69));
+    let out = cli(&["ping"])
+        .env("LOCKBROKER_NO_AUTOSTART", "1")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(69));
+    assert!(daemons().is_empty());
+}
+
+#[test]
+fn run_gives_each_tree_its_own_broker_and_passes_the_status() {
+    let dir = tempfile::tempdir().unwrap();
+    let bin_dir = Path::new(CLI).parent().unwrap();
+    let path = format!("{}:{}", bin_dir.display(), std::env::var("PATH").unwrap());
+    // Each tree takes the same lock name without waiting, and holds it until
+    // the other tree holds it too: only possible with separate brokers.
+    let tree = |me: &str, other: &str| {
+        let script = format!(
+            "lockbroker --scope self lock --nonblock shared -- sh -c 'touch {me}; while [ ! -e {other} ]; do sleep 0.01; done'"
+        );
+        Command::new(CLI)
+            .args(["run", "--", "sh", "-c", &script])
+            .env("PATH", &path)
+            .env("LOCKBROKERD", daemon_bin())
+            .env_remove("LOCKBROKER_SOCKET")
+            .current_dir(dir.path())
+            .stdin(Stdio::null())
+            .spawn()
+            .unwrap()
+    };
+    let mut a = tree("a", "b");
+    let mut b = tree("b", "a");
+    assert!(wait_child(&mut a, Duration::from_secs(60)).success());
+    assert!(wait_child(&mut b, Duration::from_secs(60)).success());
+    let out = Command::new(CLI)
+        .args([
+            "run",
+            "--",
+            "sh",
+            "-c",
+            "test -S \"$LOCKBROKER_SOCKET\" && exit 7",
+        ])
+        .env("LOCKBROKERD", daemon_bin())
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(7));
+    // Outside `run`, the self scope has no daemon.
+    let out = Command::new(CLI)
+        .args(["--scope", "self", "ping"])
+        .env_remove("LOCKBROKER_SOCKET")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(69));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("LOCKBROKER_SOCKET"));
+}
+
+#[test]
+fn ping_and_help() {
+    let d = Daemon::start();
+    let out = run(d.cli().args(["ping", "--json"]));
+    assert!(out.status.success());
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["version"], env!("CARGO_PKG_VERSION"));
+    for cmd in ["lock", "sem", "status", "ping", "run", "daemon"] {
+        let out = Command::new(CLI).args([cmd, "--help"]).output().unwrap();
+        assert!(out.status.success());
+        let help = String::from_utf8(out.stdout).unwrap();
+        assert!(help.contains("Examples:"), "`{cmd} --help` has no example");
+    }
+    // A daemon that is not there: one clear line.
+    let out = Command::new(CLI)
+        .args(["--socket", "/nonexistent/broker.sock", "ping"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(69));
+    let err = String::from_utf8(out.stderr).unwrap();
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(err.starts_with("lockbroker: cannot connect"), "{err}");
+}
+
+#[test]
+fn lockbroker_daemon_runs_lockbrokerd_in_the_foreground() {
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("fg.sock");
+    let mut child = Command::new(CLI)
+        .arg("--socket")
+        .arg(&socket)
+        .args(["daemon", "--log-level", "warn"])
+        .env("LOCKBROKERD", daemon_bin())
+        .stdin(Stdio::null())
+        .spawn()
+        .unwrap();
+    wait_until("the daemon listens", || {
+        assert!(child.try_wait().unwrap().is_none(), "daemon exited");
+        std::os::unix::net::UnixStream::connect(&socket).is_ok()
+    });
+    let out = Command::new(CLI)
+        .arg("--socket")
+        .arg(&socket)
+        .arg("ping")
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    kill(child.id(), libc::SIGTERM);
+    assert!(wait_child(&mut child, Duration::from_secs(10)).success());
+    assert!(!socket.exists());
+}
