@@ -120,6 +120,114 @@ pub enum Request {
     },
     /// Answered by [`Response::Pong`].
     Ping,
+    /// Read a state key. Answered by [`Response::StateValue`].
+    StateGet {
+        /// The key.
+        key: String,
+    },
+    /// Write a state key. Answered by [`Response::StateWritten`],
+    /// [`Response::StateConflict`] (when `if_version` does not match) or
+    /// [`Response::Error`].
+    StateSet(StateSet),
+    /// Remove a state key. Answered by [`Response::StateRemoved`] or
+    /// [`Response::StateConflict`].
+    StateRemove {
+        /// The key.
+        key: String,
+        /// Remove only if the key's version is this (0: must not exist).
+        if_version: Option<u64>,
+        /// Apply only while this session holds this hold.
+        guard: Option<u64>,
+    },
+    /// Add `delta` to the decimal integer stored at `key` (absent = 0).
+    /// Answered by [`Response::StateCounter`] or [`Response::Error`].
+    StateIncrement {
+        /// The key.
+        key: String,
+        /// Added to the value.
+        delta: i64,
+        /// Apply only while this session holds this hold.
+        guard: Option<u64>,
+    },
+    /// List keys under a prefix, in key order. Answered by
+    /// [`Response::StateEntries`].
+    StateList {
+        /// Key prefix; empty for every key.
+        prefix: String,
+        /// Start after this key (empty: from the start); the last key of
+        /// the previous page.
+        start_after: String,
+        /// At most this many keys (0: the daemon's default).
+        limit: u32,
+        /// Include the values.
+        with_values: bool,
+    },
+    /// Watch a key or every key under a prefix; the request id names the
+    /// watch in its [`Event::StateChanged`] events. Answered by
+    /// [`Response::Done`].
+    StateWatch {
+        /// The key, or the prefix when `prefix` is true.
+        key: String,
+        /// Watch every key starting with `key`.
+        prefix: bool,
+        /// 0: changes from now on. N: every change with version >= N,
+        /// replayed from the daemon's recent history first.
+        from_version: u64,
+        /// Events carry the new value.
+        with_values: bool,
+    },
+    /// Stop watch `watch_id`. Answered by [`Response::Done`] or
+    /// [`ErrorCode::NotPending`].
+    StateUnwatch {
+        /// The request id of the `StateWatch`.
+        watch_id: u64,
+    },
+}
+
+/// A state write.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StateSet {
+    /// The key.
+    pub key: String,
+    /// The new value.
+    pub value: Vec<u8>,
+    /// Write only if the key's version is this (0: must not exist).
+    pub if_version: Option<u64>,
+    /// The key disappears this many milliseconds after the write.
+    pub ttl_ms: Option<u64>,
+    /// Apply only while this session holds this hold.
+    pub guard: Option<u64>,
+}
+
+/// A stored value and its version.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Versioned {
+    /// The value.
+    pub value: Vec<u8>,
+    /// The version of the write that stored it.
+    pub version: u64,
+}
+
+/// One key of a [`Response::StateEntries`] page.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StateEntry {
+    /// The key.
+    pub key: String,
+    /// Its version.
+    pub version: u64,
+    /// Its value, when asked for.
+    pub value: Option<Vec<u8>>,
+}
+
+/// What happened to a watched key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum ChangeKind {
+    /// Written (set or increment).
+    Set,
+    /// Removed.
+    Removed,
+    /// Its time to live ran out.
+    Expired,
 }
 
 /// An acquire request.
@@ -217,6 +325,35 @@ pub enum Response {
     Error(ErrorInfo),
     /// The request (e.g. `Cancel`) was carried out and has nothing to report.
     Done,
+    /// The answer to `StateGet`: the value, or `None` if the key is absent.
+    StateValue(Option<Versioned>),
+    /// A write was applied; the key now has this version.
+    StateWritten {
+        /// The new version.
+        version: u64,
+    },
+    /// `if_version` did not match; nothing changed.
+    StateConflict {
+        /// The key's current version (0: absent).
+        current: u64,
+    },
+    /// The answer to `StateRemove`: the removed value, or `None` if there
+    /// was none.
+    StateRemoved(Option<Versioned>),
+    /// The answer to `StateIncrement`.
+    StateCounter {
+        /// The new value.
+        value: i64,
+        /// The new version.
+        version: u64,
+    },
+    /// A page of `StateList`.
+    StateEntries {
+        /// Keys in order.
+        entries: Vec<StateEntry>,
+        /// More keys follow; ask again with `start_after` = the last key.
+        more: bool,
+    },
 }
 
 /// A granted hold.
@@ -326,6 +463,26 @@ pub enum Event {
     /// The daemon is shutting down; every hold of the session ends when the
     /// connection closes, right after this event.
     ShuttingDown,
+    /// A watched key changed. Events of one watch come in version order.
+    StateChanged {
+        /// The request id of the `StateWatch`.
+        watch_id: u64,
+        /// The key.
+        key: String,
+        /// The change's version.
+        version: u64,
+        /// What happened.
+        change: ChangeKind,
+        /// The new value, if the watch asked for values and there is one.
+        value: Option<Vec<u8>>,
+    },
+    /// The watch fell behind: changes were missed (the watcher did not keep
+    /// up, or its `from_version` is older than the daemon's history). Later
+    /// changes follow; read the current state to resynchronise.
+    WatchLagged {
+        /// The request id of the `StateWatch`.
+        watch_id: u64,
+    },
 }
 
 /// An error: a stable code and a human message.
@@ -442,18 +599,29 @@ error_codes! {
     DuplicateRequestId = 206, "duplicate_request_id";
     /// Some other argument is out of range (e.g. a client name too long).
     InvalidArgument = 207, "invalid_argument";
+    /// An increment met a value that is not a decimal integer, or would
+    /// overflow; nothing changed.
+    NotAnInteger = 208, "not_an_integer";
     /// The session has no hold with this id.
     UnknownHold = 300, "unknown_hold";
     /// The session holds fewer permits on this name than it releases.
     NotHeld = 301, "not_held";
-    /// No pending acquire of this session has this request id.
+    /// No pending acquire (or watch) of this session has this request id.
     NotPending = 302, "not_pending";
+    /// A guarded write names a hold this session does not have (any more);
+    /// nothing changed.
+    GuardNotHeld = 303, "guard_not_held";
     /// The session has as many waiting acquires as it may.
     TooManyPending = 400, "too_many_pending";
     /// The session has as many holds as it may.
     TooManyHolds = 401, "too_many_holds";
     /// The answer would be larger than the maximum frame.
     ResponseTooLarge = 402, "response_too_large";
+    /// A state value is longer than the daemon's limit.
+    ValueTooLarge = 403, "value_too_large";
+    /// The write would exceed a state quota (the user's keys or bytes, or
+    /// the daemon's total); nothing changed.
+    QuotaExceeded = 404, "quota_exceeded";
     /// The daemon is shutting down.
     ShuttingDown = 500, "shutting_down";
     /// A bug in the daemon; the request had no effect.
