@@ -12,6 +12,7 @@ use lockbroker_proto::address::{self, Env, Scope};
 use lockbroker_proto::{DEFAULT_MAX_FRAME_LEN, MIN_MAX_FRAME_LEN};
 
 use crate::error::StartError;
+use crate::state::StateConfig;
 
 /// Default cap on open connections.
 pub const DEFAULT_MAX_CONNECTIONS: usize = 4096;
@@ -69,6 +70,36 @@ pub struct Cli {
     /// Log format.
     #[arg(long, value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
+
+    /// Keep shared state in this directory (an embedded database), so it
+    /// survives restarts; without it, state lives in memory.
+    #[arg(long, value_name = "DIR")]
+    pub state_dir: Option<PathBuf>,
+
+    /// Largest state value, in bytes.
+    #[arg(long, value_name = "BYTES", default_value_t = StateConfig::default().max_value_len)]
+    pub max_value_len: u32,
+
+    /// Most state keys one user (peer uid) may own.
+    #[arg(long, value_name = "N", default_value_t = StateConfig::default().max_keys_per_user)]
+    pub state_keys_per_user: u64,
+
+    /// Most bytes of state (keys and values) one user may own.
+    #[arg(long, value_name = "BYTES", default_value_t = StateConfig::default().max_bytes_per_user)]
+    pub state_bytes_per_user: u64,
+
+    /// Most state keys in all.
+    #[arg(long, value_name = "N", default_value_t = StateConfig::default().max_keys)]
+    pub state_max_keys: u64,
+
+    /// Most bytes of state in all.
+    #[arg(long, value_name = "BYTES", default_value_t = StateConfig::default().max_bytes)]
+    pub state_max_bytes: u64,
+
+    /// Recent state changes kept for watchers; a watcher further behind is
+    /// told it lagged.
+    #[arg(long, value_name = "N", default_value_t = StateConfig::default().history)]
+    pub watch_history: usize,
 }
 
 /// `--scope` values the daemon serves.
@@ -133,6 +164,8 @@ pub struct Config {
     pub log_format: LogFormat,
     /// What systemd asked for (nothing, outside systemd).
     pub systemd: crate::systemd::Systemd,
+    /// Shared state: storage and limits.
+    pub state: StateConfig,
 }
 
 impl Config {
@@ -147,6 +180,7 @@ impl Config {
             log_level: None,
             log_format: LogFormat::Text,
             systemd: Default::default(),
+            state: StateConfig::default(),
         }
     }
 
@@ -166,6 +200,16 @@ impl Config {
         }
         if cli.workers == 0 {
             return bad("--workers must be at least 1".into());
+        }
+        if cli.watch_history == 0 {
+            return bad("--watch-history must be at least 1".into());
+        }
+        // A value must fit in a frame with its key and the message around it.
+        if u64::from(cli.max_value_len) + 1024 > u64::from(cli.max_frame_len) {
+            return bad(format!(
+                "--max-value-len {} does not fit in --max-frame-len {} (leave 1024 bytes)",
+                cli.max_value_len, cli.max_frame_len
+            ));
         }
         let scope = match cli.scope {
             ScopeArg::Local => Scope::Local,
@@ -192,6 +236,15 @@ impl Config {
             log_level: cli.log_level,
             log_format: cli.log_format,
             systemd: Default::default(),
+            state: StateConfig {
+                dir: cli.state_dir,
+                max_value_len: cli.max_value_len,
+                max_keys_per_user: cli.state_keys_per_user,
+                max_bytes_per_user: cli.state_bytes_per_user,
+                max_keys: cli.state_max_keys,
+                max_bytes: cli.state_max_bytes,
+                history: cli.watch_history,
+            },
         })
     }
 }

@@ -22,7 +22,7 @@
 //!
 //! let config = Config::for_socket("/tmp/demo.sock");
 //! let listener = Listener::bind(&config.socket, config.scope)?;
-//! server::run(listener, &config, tokio::signal::ctrl_c()).await;
+//! server::run(listener, &config, tokio::signal::ctrl_c()).await?;
 //! # Ok(())
 //! # }
 //! ```
@@ -33,6 +33,7 @@ pub mod lock_table;
 pub mod server;
 pub mod session;
 pub mod shutdown;
+pub mod state;
 pub mod systemd;
 pub mod transport;
 

@@ -30,8 +30,10 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         .build()
         .context("starting the runtime")?;
     runtime.block_on(async {
+        // State first: a daemon that cannot load it must not listen.
+        let server = server::Server::new(&config)?;
         let listener = bind(&config)?;
-        server::run(listener, &config, signal()).await;
+        server.run(listener, signal()).await;
         Ok(())
     })
 }

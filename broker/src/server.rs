@@ -18,9 +18,11 @@ use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 
 use crate::config::{Config, SessionLimits};
+use crate::error::StartError;
 use crate::lock_table::LockTable;
 use crate::session;
 use crate::shutdown;
+use crate::state::{FENCE_EPOCH_SHIFT, State};
 use crate::transport::Listener;
 
 /// How long sessions get to finish once shutdown is signalled.
@@ -30,11 +32,14 @@ pub const SHUTDOWN_GRACE: Duration = Duration::from_millis(500);
 /// next try, so the loop backs off instead of spinning or ending.
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(50);
 
-/// What every session shares: the lock table, the limits and counters.
+/// What every session shares: the lock table, the state store, the limits
+/// and counters.
 #[derive(Debug)]
 pub struct Broker {
     /// Every lock entry.
     pub table: LockTable,
+    /// The shared state.
+    pub state: State,
     /// Applied to every session.
     pub limits: SessionLimits,
     started: std::time::Instant,
@@ -43,10 +48,12 @@ pub struct Broker {
 }
 
 impl Broker {
-    /// A broker with an empty table.
-    pub fn new(limits: SessionLimits) -> Broker {
+    /// A broker with an empty lock table whose fences start above
+    /// `fence_floor`.
+    pub fn new(limits: SessionLimits, state: State, fence_floor: u64) -> Broker {
         Broker {
-            table: LockTable::new(0),
+            table: LockTable::new(fence_floor),
+            state,
             limits,
             started: std::time::Instant::now(),
             open_sessions: AtomicU64::new(0),
@@ -86,10 +93,45 @@ impl Drop for OpenSession {
     }
 }
 
-/// Serves `listener` until `shutdown` completes, then shuts down gracefully.
-/// The socket file is removed when this returns.
-pub async fn run(listener: Listener, config: &Config, shutdown: impl Future) {
-    let broker = Arc::new(Broker::new(config.limits));
+/// A daemon ready to serve: its state is open (loaded from disk, if
+/// configured), but nothing listens yet.
+#[derive(Debug)]
+pub struct Server {
+    broker: Arc<Broker>,
+    config: Config,
+}
+
+impl Server {
+    /// Opens the state store. Fails (and the daemon must not start) if a
+    /// state directory cannot be opened or read.
+    pub fn new(config: &Config) -> Result<Server, StartError> {
+        let (state, epoch) = State::open(&config.state)?;
+        let broker = Broker::new(config.limits, state, epoch << FENCE_EPOCH_SHIFT);
+        Ok(Server {
+            broker: Arc::new(broker),
+            config: config.clone(),
+        })
+    }
+
+    /// Serves `listener` until `shutdown` completes, then shuts down
+    /// gracefully. The socket file is removed when this returns.
+    pub async fn run(self, listener: Listener, shutdown: impl Future) {
+        serve(self.broker, listener, &self.config, shutdown).await
+    }
+}
+
+/// Opens the state and serves `listener` until `shutdown` completes; see
+/// [`Server`].
+pub async fn run(
+    listener: Listener,
+    config: &Config,
+    shutdown: impl Future,
+) -> Result<(), StartError> {
+    Server::new(config)?.run(listener, shutdown).await;
+    Ok(())
+}
+
+async fn serve(broker: Arc<Broker>, listener: Listener, config: &Config, shutdown: impl Future) {
     let connections = Arc::new(Semaphore::new(config.max_connections));
     let (trigger, signal) = shutdown::channel();
     let mut sessions = JoinSet::new();

@@ -15,7 +15,9 @@
 //! on is handed to [`LockTable::end_session`]; that also catches grants made
 //! to it that it never read.
 
-use std::collections::{BTreeSet, HashMap, HashSet};
+mod state_requests;
+
+use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 
 use lockbroker_proto::io::FrameReader;
@@ -24,8 +26,10 @@ use lockbroker_proto::{
     MAGIC, PROTOCOL_VERSION, Request, Response, ServerMessage, SessionInfo, Welcome, frame,
 };
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
-use tokio::sync::mpsc;
+use tokio::sync::{broadcast, mpsc};
 use tokio::time::Instant;
+
+use crate::state::{Change, Completion};
 
 use crate::config::{DEFAULT_INSPECT_LIMIT, MAX_INSPECT_LIMIT};
 use crate::lock_table::{AcquireOutcome, AcquireSpec, Peer, deliver};
@@ -68,6 +72,7 @@ pub async fn run<R, W>(
     });
     let _open = broker.session_opened();
     tracing::debug!(session_id, pid = ?cred.pid, uid = ?cred.uid, "session started");
+    let (completions_tx, mut completions) = mpsc::unbounded_channel();
     let mut session = Session {
         broker: Arc::clone(&broker),
         peer,
@@ -75,6 +80,12 @@ pub async fn run<R, W>(
         pending: HashMap::new(),
         deadlines: BTreeSet::new(),
         out: Vec::with_capacity(4096),
+        completions_tx,
+        watches: HashMap::new(),
+        watches_starting: HashMap::new(),
+        changes: None,
+        guarded: HashSet::new(),
+        deferred: VecDeque::new(),
     };
     session.answer(ServerMessage::Welcome(Welcome {
         version: PROTOCOL_VERSION,
@@ -87,7 +98,13 @@ pub async fn run<R, W>(
         },
     }));
     let end = session
-        .serve(&mut reader, &mut writer, grants, &mut shutdown)
+        .serve(
+            &mut reader,
+            &mut writer,
+            grants,
+            &mut completions,
+            &mut shutdown,
+        )
         .await;
     match &end {
         End::Fatal(e) => {
@@ -96,6 +113,7 @@ pub async fn run<R, W>(
         End::Io(e) => tracing::debug!(session_id, "session ended: {e}"),
         End::PeerClosed | End::Shutdown => tracing::debug!(session_id, ?end, "session ended"),
     }
+    session.finish_guarded_writes(&mut completions).await;
     session.cleanup();
 }
 
@@ -208,6 +226,20 @@ struct Session {
     deadlines: BTreeSet<(Instant, u64)>,
     /// Encoded frames not yet written.
     out: Vec<u8>,
+    /// Where the state store sends this session's answers.
+    completions_tx: mpsc::UnboundedSender<Completion>,
+    /// Active watches by watch id (the `StateWatch` request id).
+    watches: HashMap<u64, state_requests::Watch>,
+    /// Watches the store has not confirmed yet.
+    watches_starting: HashMap<u64, state_requests::Watch>,
+    /// Every change the store publishes, once the session watches.
+    changes: Option<broadcast::Receiver<Arc<Change>>>,
+    /// Request ids of guarded writes the store has not answered yet. While
+    /// there are any, releases wait in `deferred`, so a guarded write is
+    /// applied only while its hold is held.
+    guarded: HashSet<u64>,
+    /// Release requests waiting for the guarded writes before them.
+    deferred: VecDeque<(u64, Request)>,
 }
 
 impl Session {
@@ -220,6 +252,7 @@ impl Session {
         reader: &mut FrameReader<R>,
         writer: &mut W,
         mut grants: mpsc::UnboundedReceiver<(u64, Grant)>,
+        completions: &mut mpsc::UnboundedReceiver<Completion>,
         shutdown: &mut Shutdown,
     ) -> End
     where
@@ -259,6 +292,19 @@ impl Session {
                     if let Some((request_id, grant)) = grant {
                         self.granted_while_waiting(request_id, grant);
                     }
+                }
+                done = completions.recv() => {
+                    // The sender lives in `self`, so this never ends.
+                    if let Some(done) = done {
+                        self.completed(done);
+                    }
+                }
+                // Changes wait while a watch is being set up (it decides
+                // which changes are the new watch's) or output backs up
+                // (a slow watcher then lags instead of growing this buffer).
+                change = recv_change(&mut self.changes),
+                    if self.changes.is_some() && self.watches_starting.is_empty() && backlog < OUTPUT_HIGH_WATER => {
+                    self.changed(change);
                 }
                 () = &mut timer, if armed.is_some() => {
                     self.expire(Instant::now());
@@ -352,6 +398,10 @@ impl Session {
                 "Hello may only be the first frame",
             )),
             ClientMessage::Request { id, request } => {
+                if self.must_wait_for_guarded_writes(&request) {
+                    self.deferred.push_back((id, request));
+                    return Ok(());
+                }
                 match request {
                     Request::Acquire(a) => self.acquire(id, a),
                     Request::Cancel { request_id } => self.cancel(id, request_id),
@@ -359,6 +409,7 @@ impl Session {
                     Request::ReleaseByName { name, count } => self.release_by_name(id, name, count),
                     Request::Inspect { prefix, limit } => self.inspect(id, prefix, limit),
                     Request::Ping => self.respond(id, Response::Pong),
+                    other => self.state_request(id, other),
                 }
                 Ok(())
             }
@@ -574,5 +625,16 @@ impl Session {
         self.holds.clear();
         self.pending.clear();
         self.deadlines.clear();
+    }
+}
+
+/// The next change for a session that watches; pends forever otherwise (the
+/// select guard keeps it from being polled then).
+async fn recv_change(
+    changes: &mut Option<broadcast::Receiver<Arc<Change>>>,
+) -> Result<Arc<Change>, broadcast::error::RecvError> {
+    match changes {
+        Some(rx) => rx.recv().await,
+        None => std::future::pending().await,
     }
 }

@@ -1,0 +1,315 @@
+//! A session's shared-state requests: validation, guarded writes, and
+//! watches.
+//!
+//! The store answers on the session's completion channel. A guarded write
+//! is checked against the session's holds when it arrives, and until the
+//! store has applied it, the session holds back any release, so the hold
+//! is still held at the instant the write is applied. A session that ends
+//! waits for its guarded writes before it releases anything.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use lockbroker_proto::{
+    ClientMessage, ErrorCode, ErrorInfo, Event, LockName, Request, Response, StateSet,
+};
+use tokio::sync::{broadcast, mpsc};
+
+use super::Session;
+use crate::state::{Change, Completion, Op, ReplyTo};
+
+/// Default page of `StateList`.
+const DEFAULT_LIST_LIMIT: u32 = 1000;
+/// Largest page of `StateList`.
+const MAX_LIST_LIMIT: u32 = 100_000;
+
+/// An active watch.
+#[derive(Debug, Clone)]
+pub(super) struct Watch {
+    key: String,
+    prefix: bool,
+    with_values: bool,
+    /// Live changes after this version are this watch's.
+    live_from: u64,
+}
+
+impl Watch {
+    fn matches(&self, key: &str) -> bool {
+        if self.prefix {
+            key.starts_with(&self.key)
+        } else {
+            key == self.key
+        }
+    }
+}
+
+fn invalid_key(e: impl std::fmt::Display) -> ErrorInfo {
+    ErrorInfo::new(ErrorCode::InvalidName, format!("invalid key: {e}"))
+}
+
+impl Session {
+    fn uid(&self) -> u32 {
+        // Quotas of peers without credentials (Windows) share one bucket.
+        self.peer.info.uid.unwrap_or(u32::MAX)
+    }
+
+    fn submit(&mut self, id: u64, op: Op) {
+        let reply = ReplyTo {
+            tx: self.completions_tx.clone(),
+            request_id: id,
+        };
+        self.broker.state.submit(op, reply);
+    }
+
+    /// Checks a write's guard; the write is then tracked until answered.
+    fn guard(&mut self, id: u64, guard: Option<u64>) -> Result<(), ErrorInfo> {
+        let Some(hold_id) = guard else {
+            return Ok(());
+        };
+        if !self.holds.contains_key(&hold_id) {
+            return Err(ErrorInfo::new(
+                ErrorCode::GuardNotHeld,
+                format!("this session does not hold {hold_id}; the guarded write was refused"),
+            ));
+        }
+        self.guarded.insert(id);
+        Ok(())
+    }
+
+    pub(super) fn state_request(&mut self, id: u64, request: Request) {
+        if let Err(e) = self.try_state_request(id, request) {
+            self.error(id, e);
+        }
+    }
+
+    fn try_state_request(&mut self, id: u64, request: Request) -> Result<(), ErrorInfo> {
+        let op = match request {
+            Request::StateGet { key } => Op::Get {
+                key: LockName::new(key).map_err(invalid_key)?,
+            },
+            Request::StateSet(StateSet {
+                key,
+                value,
+                if_version,
+                ttl_ms,
+                guard,
+            }) => {
+                let key = LockName::new(key).map_err(invalid_key)?;
+                let max = self.broker.state.max_value_len();
+                if value.len() > max as usize {
+                    return Err(ErrorInfo::new(
+                        ErrorCode::ValueTooLarge,
+                        format!(
+                            "a value of {} bytes is over the limit of {max}",
+                            value.len()
+                        ),
+                    ));
+                }
+                self.guard(id, guard)?;
+                Op::Set {
+                    key,
+                    value,
+                    if_version,
+                    ttl_ms,
+                    uid: self.uid(),
+                }
+            }
+            Request::StateRemove {
+                key,
+                if_version,
+                guard,
+            } => {
+                let key = LockName::new(key).map_err(invalid_key)?;
+                self.guard(id, guard)?;
+                Op::Remove { key, if_version }
+            }
+            Request::StateIncrement { key, delta, guard } => {
+                let key = LockName::new(key).map_err(invalid_key)?;
+                self.guard(id, guard)?;
+                Op::Increment {
+                    key,
+                    delta,
+                    uid: self.uid(),
+                }
+            }
+            Request::StateList {
+                prefix,
+                start_after,
+                limit,
+                with_values,
+            } => {
+                lockbroker_proto::validate_prefix(&prefix).map_err(invalid_key)?;
+                let limit = match limit {
+                    0 => DEFAULT_LIST_LIMIT,
+                    n => n.min(MAX_LIST_LIMIT),
+                };
+                Op::List {
+                    prefix,
+                    start_after,
+                    limit: limit as usize,
+                    with_values,
+                }
+            }
+            Request::StateWatch {
+                key,
+                prefix,
+                from_version,
+                with_values,
+            } => {
+                if prefix {
+                    lockbroker_proto::validate_prefix(&key).map_err(invalid_key)?;
+                } else {
+                    LockName::new(key.as_str()).map_err(invalid_key)?;
+                }
+                if self.watches.contains_key(&id) || self.watches_starting.contains_key(&id) {
+                    return Err(ErrorInfo::new(
+                        ErrorCode::DuplicateRequestId,
+                        format!("watch {id} already exists"),
+                    ));
+                }
+                let count = self.watches.len() + self.watches_starting.len();
+                let max = self.broker.limits.max_pending as usize;
+                if count >= max {
+                    return Err(ErrorInfo::new(
+                        ErrorCode::TooManyPending,
+                        format!("this session already has {count} watches (limit {max})"),
+                    ));
+                }
+                let need_receiver = self.changes.is_none() && self.watches_starting.is_empty();
+                self.watches_starting.insert(
+                    id,
+                    Watch {
+                        key: key.clone(),
+                        prefix,
+                        with_values,
+                        live_from: 0,
+                    },
+                );
+                Op::Watch {
+                    key,
+                    prefix,
+                    from_version,
+                    need_receiver,
+                }
+            }
+            Request::StateUnwatch { watch_id } => {
+                if self.watches.remove(&watch_id).is_none() {
+                    return Err(ErrorInfo::new(
+                        ErrorCode::NotPending,
+                        format!("no watch has id {watch_id}"),
+                    ));
+                }
+                self.respond(id, Response::Done);
+                return Ok(());
+            }
+            // Lock requests are handled before this is called.
+            other => {
+                tracing::error!(?other, "not a state request");
+                return Err(ErrorInfo::new(ErrorCode::Internal, "misrouted request"));
+            }
+        };
+        self.submit(id, op);
+        Ok(())
+    }
+
+    /// An answer from the store.
+    pub(super) fn completed(&mut self, done: Completion) {
+        let id = done.request_id;
+        self.respond(id, done.response);
+        if let Some(start) = done.watch {
+            if let Some(mut watch) = self.watches_starting.remove(&id) {
+                watch.live_from = start.live_from;
+                if start.receiver.is_some() {
+                    self.changes = start.receiver;
+                }
+                if start.lagged {
+                    self.event(Event::WatchLagged { watch_id: id });
+                }
+                for change in &start.replay {
+                    self.notify(id, &watch, change);
+                }
+                self.watches.insert(id, watch);
+            }
+        }
+        if self.guarded.remove(&id) && self.guarded.is_empty() {
+            self.run_deferred();
+        }
+    }
+
+    fn notify(&mut self, watch_id: u64, watch: &Watch, change: &Change) {
+        let value = match (&change.value, watch.with_values) {
+            (Some(v), true) => Some(v.to_vec()),
+            _ => None,
+        };
+        self.event(Event::StateChanged {
+            watch_id,
+            key: change.key.clone(),
+            version: change.version,
+            change: change.kind,
+            value,
+        });
+    }
+
+    /// A change published by the store (or the news that some were missed).
+    pub(super) fn changed(&mut self, change: Result<Arc<Change>, broadcast::error::RecvError>) {
+        match change {
+            Ok(change) => {
+                let matching: Vec<(u64, Watch)> = self
+                    .watches
+                    .iter()
+                    .filter(|(_, w)| change.version > w.live_from && w.matches(&change.key))
+                    .map(|(id, w)| (*id, w.clone()))
+                    .collect();
+                for (id, watch) in matching {
+                    self.notify(id, &watch, &change);
+                }
+            }
+            Err(broadcast::error::RecvError::Lagged(missed)) => {
+                tracing::debug!(session_id = self.id(), missed, "watcher fell behind");
+                let mut ids: Vec<u64> = self.watches.keys().copied().collect();
+                ids.sort_unstable();
+                for watch_id in ids {
+                    self.event(Event::WatchLagged { watch_id });
+                }
+            }
+            Err(broadcast::error::RecvError::Closed) => self.changes = None,
+        }
+    }
+
+    /// Whether `request` releases something while guarded writes are out.
+    pub(super) fn must_wait_for_guarded_writes(&self, request: &Request) -> bool {
+        !self.guarded.is_empty()
+            && matches!(
+                request,
+                Request::Release { .. } | Request::ReleaseByName { .. }
+            )
+    }
+
+    fn run_deferred(&mut self) {
+        while self.guarded.is_empty() {
+            let Some((id, request)) = self.deferred.pop_front() else {
+                break;
+            };
+            // Releases never end the connection.
+            let _ = self.message(ClientMessage::Request { id, request });
+        }
+    }
+
+    /// Before a session's holds are released at its end, its guarded writes
+    /// must have been applied.
+    pub(super) async fn finish_guarded_writes(
+        &mut self,
+        completions: &mut mpsc::UnboundedReceiver<Completion>,
+    ) {
+        while !self.guarded.is_empty() {
+            match tokio::time::timeout(Duration::from_secs(30), completions.recv()).await {
+                Ok(Some(done)) => self.completed(done),
+                _ => {
+                    tracing::error!("the state store did not answer guarded writes");
+                    break;
+                }
+            }
+        }
+        self.deferred.clear();
+    }
+}
