@@ -31,7 +31,9 @@ async fn demo() -> Result<()> {
     let listener = lockbrokerd::transport::Listener::bind(&socket, None).expect("bind");
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let daemon = tokio::spawn(async move {
-        lockbrokerd::server::run(listener, &config, stopped).await;
+        lockbrokerd::server::run(listener, &config, stopped)
+            .await
+            .expect("the daemon starts");
     });
     println!("daemon listening on {}", socket.display());
 

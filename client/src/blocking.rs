@@ -20,6 +20,10 @@ use crate::connector::Connector;
 use crate::error::{Error, Result};
 use crate::guard::{BlockingLockGuard, LockGuard};
 use crate::handle::{Mutex, RwLock, Semaphore};
+use crate::state::{
+    RemoveOutcome, State, Watch, WatchEvent, WatchOptions, WriteOptions, WriteOutcome,
+};
+use lockbroker_proto::{StateEntry, Versioned};
 
 /// A shared runtime that shuts down without waiting when the last user
 /// drops it, so no drop can hang (or panic inside async code).
@@ -107,6 +111,14 @@ impl BlockingClient {
     pub fn rwlock(&self, name: impl Into<String>) -> BlockingRwLock {
         BlockingRwLock {
             inner: self.client.rwlock(name),
+            runtime: self.runtime.clone(),
+        }
+    }
+
+    /// The daemon's shared state.
+    pub fn state(&self) -> BlockingState {
+        BlockingState {
+            inner: self.client.state(),
             runtime: self.runtime.clone(),
         }
     }
@@ -294,5 +306,143 @@ impl BlockingRwLock {
     pub fn write_timeout(&self, timeout: Duration) -> Result<Option<BlockingLockGuard>> {
         let g = self.runtime.block_on(self.inner.write_timeout(timeout))?;
         Ok(wrap_opt(&self.runtime, g))
+    }
+}
+
+/// A blocking [`State`].
+#[derive(Debug, Clone)]
+pub struct BlockingState {
+    inner: State,
+    runtime: RuntimeRef,
+}
+
+impl BlockingState {
+    /// See [`State::get`].
+    pub fn get(&self, key: &str) -> Result<Option<Versioned>> {
+        self.runtime.block_on(self.inner.get(key))
+    }
+
+    /// See [`State::set`].
+    pub fn set(&self, key: &str, value: impl Into<Vec<u8>>) -> Result<u64> {
+        self.runtime.block_on(self.inner.set(key, value))
+    }
+
+    /// See [`State::set_with`].
+    pub fn set_with(
+        &self,
+        key: &str,
+        value: impl Into<Vec<u8>>,
+        options: WriteOptions,
+    ) -> Result<WriteOutcome> {
+        self.runtime
+            .block_on(self.inner.set_with(key, value, options))
+    }
+
+    /// See [`State::compare_and_set`].
+    pub fn compare_and_set(
+        &self,
+        key: &str,
+        version: u64,
+        value: impl Into<Vec<u8>>,
+    ) -> Result<WriteOutcome> {
+        self.runtime
+            .block_on(self.inner.compare_and_set(key, version, value))
+    }
+
+    /// See [`State::remove`].
+    pub fn remove(&self, key: &str) -> Result<Option<Versioned>> {
+        self.runtime.block_on(self.inner.remove(key))
+    }
+
+    /// See [`State::remove_with`].
+    pub fn remove_with(&self, key: &str, options: WriteOptions) -> Result<RemoveOutcome> {
+        self.runtime.block_on(self.inner.remove_with(key, options))
+    }
+
+    /// See [`State::increment`].
+    pub fn increment(&self, key: &str, delta: i64) -> Result<i64> {
+        self.runtime.block_on(self.inner.increment(key, delta))
+    }
+
+    /// See [`State::increment_guarded`].
+    pub fn increment_guarded(
+        &self,
+        key: &str,
+        delta: i64,
+        guard: &BlockingLockGuard,
+    ) -> Result<i64> {
+        self.runtime
+            .block_on(self.inner.increment_guarded(key, delta, &guard.inner))
+    }
+
+    /// See [`State::list`].
+    pub fn list(&self, prefix: &str, with_values: bool) -> Result<Vec<StateEntry>> {
+        self.runtime.block_on(self.inner.list(prefix, with_values))
+    }
+
+    /// See [`State::watch`].
+    pub fn watch(&self, key: &str) -> Result<BlockingWatch> {
+        let inner = self.runtime.block_on(self.inner.watch(key))?;
+        Ok(BlockingWatch {
+            inner,
+            runtime: self.runtime.clone(),
+        })
+    }
+
+    /// See [`State::watch_prefix`].
+    pub fn watch_prefix(&self, prefix: &str) -> Result<BlockingWatch> {
+        let inner = self.runtime.block_on(self.inner.watch_prefix(prefix))?;
+        Ok(BlockingWatch {
+            inner,
+            runtime: self.runtime.clone(),
+        })
+    }
+
+    /// See [`State::watch_with`].
+    pub fn watch_with(&self, key: &str, options: WatchOptions) -> Result<BlockingWatch> {
+        let inner = self.runtime.block_on(self.inner.watch_with(key, options))?;
+        Ok(BlockingWatch {
+            inner,
+            runtime: self.runtime.clone(),
+        })
+    }
+
+    /// See [`State::get_json`].
+    pub fn get_json<T: serde::de::DeserializeOwned>(&self, key: &str) -> Result<Option<(T, u64)>> {
+        self.runtime.block_on(self.inner.get_json(key))
+    }
+
+    /// See [`State::set_json`].
+    pub fn set_json<T: serde::Serialize + ?Sized>(&self, key: &str, value: &T) -> Result<u64> {
+        self.runtime.block_on(self.inner.set_json(key, value))
+    }
+}
+
+/// A blocking [`Watch`]: an iterator of changes that ends when the
+/// connection does.
+#[derive(Debug)]
+pub struct BlockingWatch {
+    inner: Watch,
+    runtime: RuntimeRef,
+}
+
+impl BlockingWatch {
+    /// The next change, waiting at most `timeout`; `None` on timeout or a
+    /// lost connection.
+    pub fn next_timeout(&mut self, timeout: Duration) -> Option<WatchEvent> {
+        let inner = &mut self.inner;
+        self.runtime
+            .block_on(async { tokio::time::timeout(timeout, inner.next()).await })
+            .ok()
+            .flatten()
+    }
+}
+
+impl Iterator for BlockingWatch {
+    type Item = WatchEvent;
+
+    fn next(&mut self) -> Option<WatchEvent> {
+        let inner = &mut self.inner;
+        self.runtime.block_on(inner.next())
     }
 }

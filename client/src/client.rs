@@ -27,6 +27,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 use crate::error::{Error, Result};
 use crate::guard::LockGuard;
 use crate::handle::{Mutex, RwLock, Semaphore};
+use crate::state::{State, WatchEvent};
 use crate::transport::{ReadHalf, WriteHalf};
 
 /// Stop taking new requests from callers while this many bytes wait to be
@@ -61,6 +62,15 @@ enum Command {
     },
     /// Send a request whose answer nobody waits for.
     Forget { id: u64, request: Request },
+    /// Send a watch request; its events go to `events`.
+    Watch {
+        id: u64,
+        request: Request,
+        reply: oneshot::Sender<Response>,
+        events: mpsc::UnboundedSender<WatchEvent>,
+    },
+    /// Stop routing events of watch `id`, and tell the daemon.
+    Unwatch { id: u64 },
 }
 
 impl Client {
@@ -82,6 +92,7 @@ impl Client {
             writer,
             commands: rx,
             pending: HashMap::new(),
+            watches: HashMap::new(),
             out: Vec::new(),
             written: 0,
             max_frame_len: welcome.limits.max_frame_len,
@@ -115,6 +126,11 @@ impl Client {
     /// A read-write lock handle for `name`.
     pub fn rwlock(&self, name: impl Into<String>) -> RwLock {
         RwLock::new(self.clone(), name.into())
+    }
+
+    /// The daemon's shared state.
+    pub fn state(&self) -> State {
+        State::new(self.clone())
     }
 
     /// This session's id, as `inspect` shows it.
@@ -245,6 +261,37 @@ impl Client {
         Ok((id, rx))
     }
 
+    /// Sends a watch request; returns its id, its events and its answer.
+    pub(crate) fn submit_watch(
+        &self,
+        request: Request,
+    ) -> Result<(
+        u64,
+        mpsc::UnboundedReceiver<WatchEvent>,
+        oneshot::Receiver<Response>,
+    )> {
+        let id = self.next_id();
+        let (reply, rx) = oneshot::channel();
+        // Unbounded: the connection task must never wait on a slow
+        // consumer; the daemon tells a watcher that falls far behind.
+        let (events, events_rx) = mpsc::unbounded_channel();
+        self.inner
+            .commands
+            .send(Command::Watch {
+                id,
+                request,
+                reply,
+                events,
+            })
+            .map_err(|_| Error::ConnectionLost)?;
+        Ok((id, events_rx, rx))
+    }
+
+    /// Ends watch `id` without waiting.
+    pub(crate) fn forget_watch(&self, id: u64) {
+        let _ = self.inner.commands.send(Command::Unwatch { id });
+    }
+
     /// Sends `request` without waiting for (or caring about) its answer.
     /// Never blocks; a lost connection already released everything.
     pub(crate) fn forget(&self, request: Request) {
@@ -296,6 +343,8 @@ struct Task {
     commands: mpsc::UnboundedReceiver<Command>,
     /// request id → caller waiting for its answer.
     pending: HashMap<u64, oneshot::Sender<Response>>,
+    /// watch id → where its events go.
+    watches: HashMap<u64, mpsc::UnboundedSender<WatchEvent>>,
     /// Encoded requests; `out[..written]` is already sent.
     out: Vec<u8>,
     written: usize,
@@ -364,6 +413,21 @@ impl Task {
         let (id, request, reply) = match cmd {
             Command::Call { id, request, reply } => (id, request, Some(reply)),
             Command::Forget { id, request } => (id, request, None),
+            Command::Watch {
+                id,
+                request,
+                reply,
+                events,
+            } => {
+                // Registered before the request is sent, so no event of
+                // the watch can arrive unrouted.
+                self.watches.insert(id, events);
+                (id, request, Some(reply))
+            }
+            Command::Unwatch { id } => {
+                self.watches.remove(&id);
+                (0, Request::StateUnwatch { watch_id: id }, None)
+            }
         };
         let msg = ClientMessage::Request { id, request };
         match frame::encode(&msg, self.max_frame_len, &mut self.out) {
@@ -381,6 +445,15 @@ impl Task {
                     );
                     let _ = reply.send(Response::Error(info));
                 }
+            }
+        }
+    }
+
+    fn watch_event(&mut self, watch_id: u64, event: WatchEvent) {
+        if let Some(events) = self.watches.get(&watch_id) {
+            if events.send(event).is_err() {
+                // The Watch was dropped; its Unwatch is on its way.
+                self.watches.remove(&watch_id);
             }
         }
     }
@@ -408,6 +481,28 @@ impl Task {
             }
             ServerMessage::Event(Event::ShuttingDown) => {
                 tracing::info!("the lockbroker daemon is shutting down");
+                Ok(())
+            }
+            ServerMessage::Event(Event::StateChanged {
+                watch_id,
+                key,
+                version,
+                change,
+                value,
+            }) => {
+                self.watch_event(
+                    watch_id,
+                    WatchEvent::Changed {
+                        key,
+                        version,
+                        change,
+                        value,
+                    },
+                );
+                Ok(())
+            }
+            ServerMessage::Event(Event::WatchLagged { watch_id }) => {
+                self.watch_event(watch_id, WatchEvent::Lagged);
                 Ok(())
             }
             ServerMessage::Fatal(e) => Err(format!("the daemon closed the connection: {e}")),

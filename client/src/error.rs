@@ -55,6 +55,14 @@ pub enum Error {
     /// been released by the daemon.
     #[error("the connection to the lockbroker daemon was lost")]
     ConnectionLost,
+    /// A state value was not the JSON expected, or could not be encoded.
+    #[error("JSON of state key {key:?}: {source}")]
+    Json {
+        /// The key.
+        key: String,
+        /// The JSON error.
+        source: serde_json::Error,
+    },
     /// The daemon sent something this client does not understand.
     #[error("protocol error: {0}")]
     Protocol(String),

@@ -12,7 +12,7 @@
 //! # let config = lockbrokerd::Config::for_socket(&socket);
 //! # let listener = lockbrokerd::transport::Listener::bind(&socket, None).unwrap();
 //! # tokio::spawn(async move {
-//! #     lockbrokerd::server::run(listener, &config, std::future::pending::<()>()).await
+//! #     lockbrokerd::server::run(listener, &config, std::future::pending::<()>()).await.unwrap()
 //! # });
 //! use std::time::Duration;
 //! use lockbroker::Connector;
@@ -48,6 +48,9 @@
 //! - [`LockGuard`] is a hold: its fence, its abandoned flag, `release()` to
 //!   see errors, or drop to release in the background. Dropping a pending
 //!   acquire future cancels it on the daemon.
+//! - [`State`] is the daemon's versioned key/value store: get, set,
+//!   compare-and-set, remove, increment, list, [`Watch`] (a `Stream` of
+//!   changes), JSON helpers, and writes guarded by a held lock.
 //! - [`BlockingClient`] offers the same for code without a Tokio runtime.
 //! - [`Error`] says what went wrong; errors from the daemon carry its stable
 //!   [`ErrorCode`].
@@ -58,16 +61,23 @@ mod connector;
 mod error;
 mod guard;
 mod handle;
+mod state;
 mod transport;
 
-pub use blocking::{BlockingClient, BlockingMutex, BlockingRwLock, BlockingSemaphore};
+pub use blocking::{
+    BlockingClient, BlockingMutex, BlockingRwLock, BlockingSemaphore, BlockingState, BlockingWatch,
+};
 pub use client::Client;
 pub use connector::{Connector, DEFAULT_CONNECT_TIMEOUT};
 pub use error::{Error, Result};
 pub use guard::{BlockingLockGuard, LockGuard};
 pub use handle::{Mutex, RwLock, Semaphore};
 pub use lockbroker_proto::address::{self, Scope};
+pub use lockbroker_proto::{ChangeKind, StateEntry, Versioned};
 pub use lockbroker_proto::{ErrorCode, Inspection, LockKind};
+pub use state::{
+    RemoveOutcome, State, Watch, WatchEvent, WatchOptions, WriteOptions, WriteOutcome,
+};
 
 /// The README's examples, compiled as doctests so they stay true.
 #[cfg(doctest)]

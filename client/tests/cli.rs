@@ -586,3 +586,108 @@ fn lockbroker_daemon_runs_lockbrokerd_in_the_foreground() {
     assert!(wait_child(&mut child, Duration::from_secs(10)).success());
     assert!(!socket.exists());
 }
+
+#[test]
+fn state_commands_and_their_exit_statuses() {
+    let d = Daemon::start();
+    let ok = |args: &[&str]| {
+        let out = run(d.cli().args(args));
+        assert!(
+            out.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let v1: u64 = ok(&["state", "set", "build/status", "running"])
+        .trim()
+        .parse()
+        .unwrap();
+    assert_eq!(ok(&["state", "get", "build/status"]), "running\n");
+    let json: serde_json::Value =
+        serde_json::from_str(&ok(&["--json", "state", "get", "build/status"])).unwrap();
+    assert_eq!(
+        (json["value"].as_str(), json["version"].as_u64()),
+        (Some("running"), Some(v1))
+    );
+    // Absent key: 4. Version mismatch: 5; nothing changes.
+    assert_eq!(
+        run(d.cli().args(["state", "get", "nope"])).status.code(),
+        Some(4)
+    );
+    assert_eq!(
+        run(d.cli().args(["state", "rm", "nope"])).status.code(),
+        Some(4)
+    );
+    let out = run(d
+        .cli()
+        .args(["state", "cas", "build/status", &(v1 + 100).to_string(), "x"]));
+    assert_eq!(out.status.code(), Some(5));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("version mismatch"));
+    let v2: u64 = ok(&["state", "cas", "build/status", &v1.to_string(), "done"])
+        .trim()
+        .parse()
+        .unwrap();
+    assert!(v2 > v1);
+    // Increments, including negative deltas.
+    assert_eq!(ok(&["state", "incr", "visits"]), "1\n");
+    assert_eq!(ok(&["state", "incr", "visits", "10"]), "11\n");
+    assert_eq!(ok(&["state", "incr", "--", "visits", "-3"]), "8\n");
+    // A value from stdin, and a guarded write under a lock.
+    let mut child = d
+        .cli()
+        .args(["state", "set", "--lock", "deploy", "deploy/log", "-"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    std::io::Write::write_all(&mut child.stdin.take().unwrap(), b"line one\nline two\n").unwrap();
+    assert!(wait_child(&mut child, Duration::from_secs(20)).success());
+    assert_eq!(ok(&["state", "get", "deploy/log"]), "line one\nline two\n");
+    let listing = ok(&["state", "list", "build/", "--values"]);
+    assert_eq!(listing, format!("build/status\t{v2}\tdone\n"));
+    assert_eq!(ok(&["state", "rm", "build/status"]), "done\n");
+    // The lock taken for the guarded write was released.
+    assert_eq!(d.status_json()["locks"].as_array().unwrap().len(), 0);
+}
+
+#[test]
+fn state_watch_prints_one_line_per_change() {
+    let d = Daemon::start();
+    let out = run(d.cli().args(["state", "set", "jobs/0", "first"]));
+    let v0 = String::from_utf8(out.stdout).unwrap().trim().to_owned();
+    // --from replays jobs/0, so its line proves the watch is in place.
+    let mut watch = d
+        .cli()
+        .args(["state", "watch", "--prefix", "jobs/", "--from", &v0])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stdout = watch.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        for line in std::io::BufReader::new(stdout).lines() {
+            if tx.send(line.unwrap()).is_err() {
+                break;
+            }
+        }
+    });
+    let next = || {
+        rx.recv_timeout(Duration::from_secs(20))
+            .expect("a watch line")
+    };
+    assert_eq!(next(), format!("{v0} set jobs/0 first"));
+    run(d.cli().args(["state", "set", "jobs/1", "queued"]));
+    run(d.cli().args(["state", "set", "other", "x"]));
+    run(d.cli().args(["state", "rm", "jobs/1"]));
+    let a = next();
+    let b = next();
+    assert!(a.ends_with(" set jobs/1 queued"), "{a}");
+    assert!(b.ends_with(" removed jobs/1"), "{b}");
+    let va: u64 = a.split(' ').next().unwrap().parse().unwrap();
+    let vb: u64 = b.split(' ').next().unwrap().parse().unwrap();
+    assert!(vb > va);
+    kill(watch.id(), libc::SIGTERM);
+    let _ = wait_child(&mut watch, Duration::from_secs(10));
+}

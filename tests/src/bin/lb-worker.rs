@@ -4,6 +4,9 @@
 //!   read the decimal counter in FILE and write it back plus one.
 //! - `lb-worker hold SOCKET NAME`: take mutex NAME, print `held FENCE`, then
 //!   wait until killed.
+//! - `lb-worker incr SOCKET KEY N`: increment state KEY N times.
+//! - `lb-worker cas SOCKET KEY N`: N times, read KEY and compare-and-set it
+//!   to its value plus one, retrying on conflict.
 
 use std::io::Write;
 use std::process::ExitCode;
@@ -15,7 +18,9 @@ fn main() -> ExitCode {
     let result = match args.iter().map(String::as_str).collect::<Vec<_>>()[..] {
         ["increment", socket, name, file, n] => increment(socket, name, file, n),
         ["hold", socket, name] => hold(socket, name),
-        _ => Err("usage: lb-worker increment SOCKET NAME FILE N | hold SOCKET NAME".into()),
+        ["incr", socket, key, n] => incr(socket, key, n),
+        ["cas", socket, key, n] => cas(socket, key, n),
+        _ => Err("usage: lb-worker increment|hold|incr|cas ...".into()),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -59,4 +64,30 @@ fn hold(socket: &str, name: &str) -> Result<()> {
     loop {
         std::thread::park();
     }
+}
+
+fn incr(socket: &str, key: &str, n: &str) -> Result<()> {
+    let state = connect(socket)?.state();
+    for _ in 0..n.parse::<u32>()? {
+        state.increment(key, 1)?;
+    }
+    Ok(())
+}
+
+fn cas(socket: &str, key: &str, n: &str) -> Result<()> {
+    let state = connect(socket)?.state();
+    let mut done = 0;
+    while done < n.parse::<u32>()? {
+        let (value, version) = match state.get(key)? {
+            Some(v) => (std::str::from_utf8(&v.value)?.parse::<u64>()?, v.version),
+            None => (0, 0),
+        };
+        let next = (value + 1).to_string();
+        if let lockbroker::WriteOutcome::Written { .. } =
+            state.compare_and_set(key, version, next)?
+        {
+            done += 1;
+        }
+    }
+    Ok(())
 }

@@ -75,7 +75,8 @@ impl Daemon {
             server::run(listener, &config, async {
                 let _ = stopped.await;
             })
-            .await;
+            .await
+            .expect("the daemon starts");
         });
         Daemon {
             _dir: dir,
@@ -205,4 +206,53 @@ pub fn acquire(
 /// Path of the worker binary used for multi-process tests.
 pub fn worker() -> &'static str {
     env!("CARGO_BIN_EXE_lb-worker")
+}
+
+/// The `lockbrokerd` binary, for tests that kill or restart the daemon
+/// process. Built (a no-op under `cargo test --workspace`) beside this
+/// package's binaries.
+pub fn daemon_bin() -> &'static std::path::Path {
+    static BIN: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    BIN.get_or_init(|| {
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let status = std::process::Command::new(cargo)
+            .args([
+                "build",
+                "--quiet",
+                "-p",
+                "lockbrokerd",
+                "--bin",
+                "lockbrokerd",
+            ])
+            .status()
+            .expect("run cargo build");
+        assert!(status.success(), "building lockbrokerd failed");
+        let bin = Path::new(worker()).with_file_name("lockbrokerd");
+        assert!(bin.is_file(), "no {}", bin.display());
+        bin
+    })
+}
+
+/// A `lockbrokerd` process on `socket`, with extra flags.
+pub async fn spawn_daemon(socket: &Path, flags: &[&std::ffi::OsStr]) -> tokio::process::Child {
+    let mut child = tokio::process::Command::new(daemon_bin())
+        .arg("--socket")
+        .arg(socket)
+        .args(flags)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("spawn lockbrokerd");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while UnixStream::connect(socket).await.is_err() {
+        assert!(child.try_wait().unwrap().is_none(), "lockbrokerd exited");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "lockbrokerd never listened"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    child
 }

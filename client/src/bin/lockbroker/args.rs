@@ -27,7 +27,8 @@ Examples:
 
 Exit status: the command's own; 75 when the lock was not obtained in time
 (--conflict-exit-code); 76 when the lock was lost while the command ran;
-69 when the daemon cannot be reached or refuses; 2 for usage errors."
+69 when the daemon cannot be reached or refuses; 2 for usage errors;
+`state`: 4 for an absent key, 5 for a version mismatch."
 )]
 pub struct Cli {
     /// Talk to the daemon on this socket (overrides --scope and
@@ -121,6 +122,10 @@ exits. Two `run` trees never share a lock. The exit status is the
 command's.")]
     Run(RunArgs),
 
+    /// Read, write and watch the daemon's shared key/value state.
+    #[command(subcommand)]
+    State(StateCommand),
+
     /// Run the daemon (lockbrokerd) in the foreground.
     #[command(after_help = "\
 Examples:
@@ -129,6 +134,113 @@ Examples:
 
 Every lockbrokerd flag is accepted; see `lockbrokerd --help`.")]
     Daemon(DaemonArgs),
+}
+
+/// `lockbroker state ...`.
+#[derive(Debug, Subcommand)]
+#[command(after_help = "\
+Examples:
+  lockbroker state set build/status running
+  lockbroker state get build/status
+  lockbroker state incr visits
+  lockbroker state watch --prefix build/
+
+Exit status: 0; 4 when the key is absent (get, rm); 5 when --if-version or
+cas does not match the key's version; 69 when the daemon refuses.")]
+pub enum StateCommand {
+    /// Print a key's value (add --json for its version too).
+    #[command(
+        after_help = "Examples:\n  lockbroker state get build/status\n  lockbroker state get --json build/status\n\nExit status 4 when the key is absent."
+    )]
+    Get {
+        /// The key.
+        key: String,
+    },
+    /// Store a value; prints the new version.
+    #[command(
+        after_help = "Examples:\n  lockbroker state set build/status running\n  date | lockbroker state set build/started -\n  lockbroker state set --ttl 30s session/alive yes\n  lockbroker state set --lock deploy deploy/status done   # written only while holding \"deploy\""
+    )]
+    Set {
+        /// The key.
+        key: String,
+        /// The value; `-` reads it from standard input.
+        value: String,
+        /// Write only if the key's version is this (0: it must not exist).
+        #[arg(long, value_name = "VERSION")]
+        if_version: Option<u64>,
+        /// The key disappears after this long.
+        #[arg(long, value_parser = parse_duration, value_name = "DURATION")]
+        ttl: Option<Duration>,
+        /// Take mutex NAME and write only while holding it (a guarded write).
+        #[arg(long, value_name = "NAME")]
+        lock: Option<String>,
+    },
+    /// Remove a key; prints its old value.
+    #[command(
+        name = "rm",
+        after_help = "Examples:\n  lockbroker state rm build/status\n\nExit status 4 when the key is absent."
+    )]
+    Remove {
+        /// The key.
+        key: String,
+        /// Remove only if the key's version is this.
+        #[arg(long, value_name = "VERSION")]
+        if_version: Option<u64>,
+    },
+    /// Add DELTA (default 1) to a decimal integer; prints the new value.
+    #[command(
+        name = "incr",
+        after_help = "Examples:\n  lockbroker state incr visits\n  lockbroker state incr -- stock -3"
+    )]
+    Increment {
+        /// The key (absent counts as 0).
+        key: String,
+        /// Added to the value.
+        #[arg(default_value_t = 1, allow_negative_numbers = true)]
+        delta: i64,
+    },
+    /// Compare-and-set: store VALUE only if the key's version is VERSION
+    /// (0: it must not exist); prints the new version.
+    #[command(
+        after_help = "Examples:\n  v=$(lockbroker state get --json cfg | jq .version)\n  lockbroker state cas cfg \"$v\" new-value || echo \"someone else changed it\"\n\nExit status 5 when the version does not match."
+    )]
+    Cas {
+        /// The key.
+        key: String,
+        /// The version the key must have.
+        version: u64,
+        /// The value; `-` reads it from standard input.
+        value: String,
+    },
+    /// List keys under a prefix, in key order: KEY, VERSION (and VALUE).
+    #[command(
+        after_help = "Examples:\n  lockbroker state list build/\n  lockbroker state list --values --json"
+    )]
+    List {
+        /// Key prefix.
+        #[arg(default_value = "")]
+        prefix: String,
+        /// Show the values too.
+        #[arg(long)]
+        values: bool,
+    },
+    /// Print one line per change of a key (or prefix) until interrupted:
+    /// VERSION KIND KEY [VALUE].
+    #[command(
+        after_help = "Examples:\n  lockbroker state watch build/status\n  lockbroker state watch --prefix build/ --json"
+    )]
+    Watch {
+        /// The key to watch (or use --prefix).
+        #[arg(required_unless_present = "prefix", conflicts_with = "prefix")]
+        key: Option<String>,
+        /// Watch every key starting with this.
+        #[arg(long, value_name = "PREFIX")]
+        prefix: Option<String>,
+        /// Replay changes from this version on first (as far as the
+        /// daemon's history reaches).
+        #[arg(long, value_name = "VERSION", default_value_t = 0)]
+        from: u64,
+    },
 }
 
 /// How long to wait for a lock.

@@ -4,6 +4,7 @@
 mod args;
 mod child;
 mod daemon;
+mod state_cmd;
 mod status;
 
 use std::process::ExitCode;
@@ -26,6 +27,7 @@ pub mod exit {
     pub const UNAVAILABLE: u8 = 69;
     /// Anything else that went wrong in lockbroker itself.
     pub const ERROR: u8 = 1;
+    // `lockbroker state` adds 4 (absent key) and 5 (version mismatch).
 }
 
 /// Environment variable that turns autostart off.
@@ -142,6 +144,10 @@ async fn run(cli: Cli) -> Result<u8, Failure> {
                 .map_err(|e| (exit::ERROR, format!("waiting for the command: {e}")))?;
             drop(private);
             Ok(child::exit_code(status))
+        }
+        Command::State(command) => {
+            let client = connect(&cli).await?;
+            state_cmd::run(&client, command, cli.json).await
         }
         Command::Daemon(_) => unreachable!("handled before the runtime starts"),
     }
@@ -268,6 +274,7 @@ fn client_name(cli: &Cli) -> String {
         Command::Ping => "lockbroker ping".into(),
         Command::Run(_) => "lockbroker run".into(),
         Command::Daemon(_) => "lockbroker daemon".into(),
+        Command::State(_) => "lockbroker state".into(),
     };
     let mut name: String = what.chars().filter(|c| !c.is_control()).collect();
     while name.len() > 255 {
