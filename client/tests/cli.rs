@@ -691,3 +691,70 @@ fn state_watch_prints_one_line_per_change() {
     kill(watch.id(), libc::SIGTERM);
     let _ = wait_child(&mut watch, Duration::from_secs(10));
 }
+
+/// Every bench scenario runs briefly and reports its numbers (a smoke test:
+/// no timing is asserted).
+#[test]
+fn every_bench_scenario_runs_and_reports() {
+    for (scenario, ops) in [
+        ("uncontended", "50"),
+        ("contended", "50"),
+        ("semaphore", "50"),
+        ("handoff", "50"),
+        ("state", "50"),
+        ("connections", "50"),
+        ("names", "2000"),
+        ("abandon", "3"),
+    ] {
+        let out = Command::new(CLI)
+            .args([
+                "--json",
+                "bench",
+                scenario,
+                "--spawn",
+                "--clients",
+                "3",
+                "--ops",
+                ops,
+            ])
+            .env("LOCKBROKERD", daemon_bin())
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "{scenario}: {stderr}");
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+            panic!("{scenario}: {e}: {}", String::from_utf8_lossy(&out.stdout))
+        });
+        assert_eq!(v["scenario"], scenario);
+        assert!(v["ops"].as_u64().unwrap() > 0, "{scenario}: {v}");
+        assert!(v["ops_per_sec"].as_f64().unwrap() > 0.0, "{scenario}: {v}");
+        assert!(v["p99_us"].as_f64().unwrap() >= v["p50_us"].as_f64().unwrap());
+        match scenario {
+            "contended" => assert_eq!(v["fifo_violations"], 0),
+            "connections" => assert!(v["bytes_per_connection"].is_number()),
+            "names" => assert!(v["bytes_per_name"].is_number()),
+            _ => {}
+        }
+    }
+    let blocking = Command::new(CLI)
+        .args([
+            "--json",
+            "bench",
+            "uncontended",
+            "--spawn",
+            "--blocking",
+            "--clients",
+            "2",
+            "--ops",
+            "50",
+        ])
+        .env("LOCKBROKERD", daemon_bin())
+        .output()
+        .unwrap();
+    assert!(
+        blocking.status.success(),
+        "{}",
+        String::from_utf8_lossy(&blocking.stderr)
+    );
+}

@@ -2,6 +2,7 @@
 //! who holds what, starts private brokers, and runs the daemon.
 
 mod args;
+mod bench;
 mod child;
 mod daemon;
 mod state_cmd;
@@ -145,6 +146,27 @@ async fn run(cli: Cli) -> Result<u8, Failure> {
             drop(private);
             Ok(child::exit_code(status))
         }
+        Command::Bench(a) => {
+            let socket = if a.spawn {
+                None
+            } else {
+                let scope = scope_of(&cli);
+                let socket = address::resolve(cli.socket.clone(), scope, &Env::current())
+                    .ok_or_else(|| unavailable(lockbroker::Error::NoAddress))?;
+                Some(socket)
+            };
+            bench::run(a, socket, cli.json).await
+        }
+        Command::BenchHold { name } => {
+            let client = connect(&cli).await?;
+            let _guard = client
+                .mutex(name.clone())
+                .acquire()
+                .await
+                .map_err(unavailable)?;
+            std::future::pending::<()>().await;
+            Ok(0)
+        }
         Command::State(command) => {
             let client = connect(&cli).await?;
             state_cmd::run(&client, command, cli.json).await
@@ -231,12 +253,16 @@ async fn connect(cli: &Cli) -> Result<Client, Failure> {
 
 /// Connects as the global options say, starting the local daemon when
 /// nobody answers at the local scope's default socket.
-async fn connect_with_address(cli: &Cli) -> Result<(Client, std::path::PathBuf), Failure> {
-    let scope = match cli.scope {
+fn scope_of(cli: &Cli) -> Scope {
+    match cli.scope {
         ScopeArg::Process => Scope::Process,
         ScopeArg::Local => Scope::Local,
         ScopeArg::Global => Scope::Global,
-    };
+    }
+}
+
+async fn connect_with_address(cli: &Cli) -> Result<(Client, std::path::PathBuf), Failure> {
+    let scope = scope_of(cli);
     let env = Env::current();
     let socket = address::resolve(cli.socket.clone(), scope, &env)
         .ok_or_else(|| unavailable(lockbroker::Error::NoAddress))?;
@@ -275,6 +301,8 @@ fn client_name(cli: &Cli) -> String {
         Command::Run(_) => "lockbroker run".into(),
         Command::Daemon(_) => "lockbroker daemon".into(),
         Command::State(_) => "lockbroker state".into(),
+        Command::Bench(_) => "lockbroker bench".into(),
+        Command::BenchHold { name } => format!("lockbroker bench holder {name}"),
     };
     let mut name: String = what.chars().filter(|c| !c.is_control()).collect();
     while name.len() > 255 {

@@ -1,0 +1,650 @@
+//! `lockbroker bench`: load scenarios against a daemon, like
+//! redis-benchmark. Each prints operations per second and latency
+//! percentiles (or JSON).
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use lockbroker::{Client, Connector};
+use serde_json::json;
+
+use crate::args::{BenchArgs, Scenario};
+use crate::exit;
+
+type Failure = (u8, String);
+
+fn fail(e: impl std::fmt::Display) -> Failure {
+    (exit::UNAVAILABLE, e.to_string())
+}
+
+/// Latency samples and a count of operations.
+#[derive(Debug, Default)]
+pub struct Samples {
+    /// Per-operation latencies.
+    pub latencies: Vec<Duration>,
+}
+
+impl Samples {
+    fn merge(&mut self, other: Samples) {
+        self.latencies.extend(other.latencies);
+    }
+}
+
+/// The printed result of one scenario.
+#[derive(Debug)]
+pub struct Report {
+    scenario: &'static str,
+    clients: usize,
+    ops: usize,
+    elapsed: Duration,
+    latencies: Vec<Duration>,
+    /// Extra facts (memory per connection, FIFO check...).
+    extra: Vec<(&'static str, serde_json::Value)>,
+}
+
+fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    if sorted.is_empty() {
+        return Duration::ZERO;
+    }
+    let rank = ((p / 100.0) * (sorted.len() - 1) as f64).round() as usize;
+    sorted[rank.min(sorted.len() - 1)]
+}
+
+impl Report {
+    fn new(
+        scenario: &'static str,
+        clients: usize,
+        elapsed: Duration,
+        mut samples: Samples,
+    ) -> Report {
+        samples.latencies.sort_unstable();
+        Report {
+            scenario,
+            clients,
+            ops: samples.latencies.len(),
+            elapsed,
+            latencies: samples.latencies,
+            extra: Vec::new(),
+        }
+    }
+
+    fn with(mut self, key: &'static str, value: serde_json::Value) -> Report {
+        self.extra.push((key, value));
+        self
+    }
+
+    fn ops_per_sec(&self) -> f64 {
+        self.ops as f64 / self.elapsed.as_secs_f64().max(1e-9)
+    }
+
+    fn us(d: Duration) -> f64 {
+        d.as_nanos() as f64 / 1000.0
+    }
+
+    fn print(&self, as_json: bool) {
+        let l = &self.latencies;
+        if as_json {
+            let mut v = json!({
+                "scenario": self.scenario,
+                "clients": self.clients,
+                "ops": self.ops,
+                "seconds": self.elapsed.as_secs_f64(),
+                "ops_per_sec": self.ops_per_sec(),
+                "p50_us": Self::us(percentile(l, 50.0)),
+                "p90_us": Self::us(percentile(l, 90.0)),
+                "p99_us": Self::us(percentile(l, 99.0)),
+                "max_us": Self::us(l.last().copied().unwrap_or_default()),
+            });
+            for (k, val) in &self.extra {
+                v[*k] = val.clone();
+            }
+            println!("{v}");
+            return;
+        }
+        println!(
+            "{:<12} clients {:>5}  {:>10.0} ops/s  p50 {:>8.1} µs  p90 {:>8.1} µs  p99 {:>8.1} µs  max {:>9.1} µs",
+            self.scenario,
+            self.clients,
+            self.ops_per_sec(),
+            Self::us(percentile(l, 50.0)),
+            Self::us(percentile(l, 90.0)),
+            Self::us(percentile(l, 99.0)),
+            Self::us(l.last().copied().unwrap_or_default()),
+        );
+        for (k, val) in &self.extra {
+            println!("  {k}: {val}");
+        }
+    }
+}
+
+/// A daemon started for the run (`--spawn`), stopped on drop.
+struct Spawned {
+    child: std::process::Child,
+    _dir: tempfile::TempDir,
+}
+
+impl Drop for Spawned {
+    fn drop(&mut self) {
+        #[cfg(unix)]
+        // SAFETY: signalling our own child.
+        unsafe {
+            libc::kill(self.child.id() as i32, libc::SIGTERM)
+        };
+        #[cfg(not(unix))]
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn spawn_daemon(extra: &[String]) -> Result<(Spawned, PathBuf), Failure> {
+    let dir = tempfile::tempdir().map_err(fail)?;
+    let socket = dir.path().join("bench.sock");
+    let child = std::process::Command::new(crate::daemon::binary())
+        .arg("--socket")
+        .arg(&socket)
+        .args(["--log-level", "warn", "--max-connections", "20000"])
+        .args(["--max-holds", "2000000", "--max-pending", "100000"])
+        .args(extra)
+        .stdin(std::process::Stdio::null())
+        .spawn()
+        .map_err(|e| fail(format!("cannot start lockbrokerd: {e}")))?;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !socket.exists() || std::os::unix::net::UnixStream::connect(&socket).is_err() {
+        if Instant::now() > deadline {
+            return Err(fail("the spawned lockbrokerd did not start"));
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    Ok((Spawned { child, _dir: dir }, socket))
+}
+
+/// Raises this process's open-file limit as far as allowed (connections).
+fn raise_fd_limit() {
+    #[cfg(unix)]
+    // SAFETY: plain getrlimit/setrlimit on a local struct.
+    unsafe {
+        let mut lim = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 {
+            lim.rlim_cur = lim.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
+        }
+    }
+}
+
+/// The daemon's resident memory in bytes, from /proc.
+fn rss_bytes(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
+}
+
+/// Runs the chosen scenario.
+pub async fn run(args: &BenchArgs, socket: Option<PathBuf>, as_json: bool) -> Result<u8, Failure> {
+    raise_fd_limit();
+    let (_spawned, socket) = match (args.spawn, socket) {
+        (true, _) => {
+            let (s, p) = spawn_daemon(&args.daemon_args)?;
+            (Some(s), p)
+        }
+        (false, Some(p)) => (None, p),
+        (false, None) => return Err(fail("no daemon address")),
+    };
+    let connector = Connector::new()
+        .socket(&socket)
+        .client_name("lockbroker bench");
+    let report = match args.scenario {
+        Scenario::Uncontended => uncontended(&connector, args).await?,
+        Scenario::Contended => contended(&connector, args).await?,
+        Scenario::Semaphore => semaphore(&connector, args).await?,
+        Scenario::Handoff => handoff(&connector, args).await?,
+        Scenario::State => state(&connector, args).await?,
+        Scenario::Connections => connections(&connector, args).await?,
+        Scenario::Names => names(&connector, args).await?,
+        Scenario::Abandon => abandon(&connector, &socket, args).await?,
+    };
+    report.print(as_json);
+    Ok(0)
+}
+
+/// When a load loop stops: after `--ops` per client or at the deadline.
+#[derive(Clone)]
+struct Until {
+    ops: Option<usize>,
+    stop: Arc<AtomicBool>,
+}
+
+impl Until {
+    fn new(args: &BenchArgs) -> (Until, Duration) {
+        let stop = Arc::new(AtomicBool::new(false));
+        let duration = args.duration;
+        if args.ops.is_none() {
+            let stop = Arc::clone(&stop);
+            tokio::spawn(async move {
+                tokio::time::sleep(duration).await;
+                stop.store(true, Ordering::Relaxed);
+            });
+        }
+        (
+            Until {
+                ops: args.ops,
+                stop,
+            },
+            duration,
+        )
+    }
+
+    fn done(&self, n: usize) -> bool {
+        match self.ops {
+            Some(ops) => n >= ops,
+            None => self.stop.load(Ordering::Relaxed),
+        }
+    }
+}
+
+async fn clients(connector: &Connector, n: usize) -> Result<Vec<Client>, Failure> {
+    let mut out = Vec::with_capacity(n);
+    for _ in 0..n {
+        out.push(connector.connect().await.map_err(fail)?);
+    }
+    Ok(out)
+}
+
+/// Runs `body` in `pipeline` tasks per client until `until`, collecting
+/// latencies.
+async fn load<F, Fut>(
+    clients: Vec<Client>,
+    pipeline: usize,
+    until: Until,
+    body: F,
+) -> Result<(Samples, Duration), Failure>
+where
+    F: Fn(Client, usize, usize) -> Fut + Clone + Send + 'static,
+    Fut: std::future::Future<Output = lockbroker::Result<()>> + Send,
+{
+    let start = Instant::now();
+    let mut tasks = Vec::new();
+    for (c, client) in clients.into_iter().enumerate() {
+        for p in 0..pipeline {
+            let (client, until, body) = (client.clone(), until.clone(), body.clone());
+            tasks.push(tokio::spawn(async move {
+                let mut samples = Samples::default();
+                let mut n = 0;
+                while !until.done(n) {
+                    let t = Instant::now();
+                    body(client.clone(), c * pipeline + p, n).await?;
+                    samples.latencies.push(t.elapsed());
+                    n += 1;
+                }
+                Ok::<_, lockbroker::Error>(samples)
+            }));
+        }
+    }
+    let mut all = Samples::default();
+    for t in tasks {
+        all.merge(t.await.map_err(fail)?.map_err(fail)?);
+    }
+    Ok((all, start.elapsed()))
+}
+
+async fn uncontended(connector: &Connector, args: &BenchArgs) -> Result<Report, Failure> {
+    let (until, _) = Until::new(args);
+    if args.blocking {
+        return uncontended_blocking(connector, args, until).await;
+    }
+    let cs = clients(connector, args.clients).await?;
+    let (samples, elapsed) = load(cs, args.pipeline, until, |client, i, _| async move {
+        let g = client.mutex(format!("bench/u/{i}")).acquire().await?;
+        g.release().await
+    })
+    .await?;
+    Ok(Report::new("uncontended", args.clients, elapsed, samples)
+        .with("pipeline", json!(args.pipeline)))
+}
+
+/// The same cycle through `BlockingClient`, one OS thread per client.
+async fn uncontended_blocking(
+    connector: &Connector,
+    args: &BenchArgs,
+    until: Until,
+) -> Result<Report, Failure> {
+    let connector = connector.clone();
+    let n = args.clients;
+    let result = tokio::task::spawn_blocking(move || {
+        let mut clients = Vec::new();
+        for _ in 0..n {
+            clients.push(lockbroker::BlockingClient::connect_with(&connector)?);
+        }
+        let start = Instant::now();
+        let threads: Vec<_> = clients
+            .into_iter()
+            .enumerate()
+            .map(|(i, client)| {
+                let until = until.clone();
+                std::thread::spawn(move || -> lockbroker::Result<Samples> {
+                    let mutex = client.mutex(format!("bench/b/{i}"));
+                    let mut samples = Samples::default();
+                    let mut k = 0;
+                    while !until.done(k) {
+                        let t = Instant::now();
+                        mutex.acquire()?.release()?;
+                        samples.latencies.push(t.elapsed());
+                        k += 1;
+                    }
+                    Ok(samples)
+                })
+            })
+            .collect();
+        let mut all = Samples::default();
+        for t in threads {
+            all.merge(t.join().expect("bench thread")?);
+        }
+        Ok::<_, lockbroker::Error>((all, start.elapsed()))
+    })
+    .await
+    .map_err(fail)?
+    .map_err(fail)?;
+    Ok(Report::new("uncontended", n, result.1, result.0).with("client", json!("blocking")))
+}
+
+async fn contended(connector: &Connector, args: &BenchArgs) -> Result<Report, Failure> {
+    let (until, _) = Until::new(args);
+    let cs = clients(connector, args.clients).await?;
+    let observer = connector.connect().await.map_err(fail)?;
+    // Every grant, as (session, fence); and snapshots of the queue.
+    let grants = Arc::new(std::sync::Mutex::new(Vec::<(u64, u64)>::new()));
+    let stop = Arc::new(AtomicBool::new(false));
+    let snapshots = {
+        let (observer, stop) = (observer.clone(), Arc::clone(&stop));
+        tokio::spawn(async move {
+            let mut snaps = Vec::new();
+            while !stop.load(Ordering::Relaxed) {
+                if let Ok(i) = observer.inspect("bench/contended").await {
+                    if let Some(e) = i.entries.first() {
+                        if let Some(h) = e.holders.first() {
+                            let order: Vec<u64> =
+                                e.waiters.iter().map(|w| w.session.session_id).collect();
+                            snaps.push((h.fence, order));
+                        }
+                    }
+                }
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+            snaps
+        })
+    };
+    let g2 = Arc::clone(&grants);
+    let (samples, elapsed) = load(cs, 1, until, move |client, _, _| {
+        let grants = Arc::clone(&g2);
+        async move {
+            let g = client.mutex("bench/contended").acquire().await?;
+            grants
+                .lock()
+                .expect("grants")
+                .push((client.session_id(), g.fence()));
+            g.release().await
+        }
+    })
+    .await?;
+    stop.store(true, Ordering::Relaxed);
+    let snaps = snapshots.await.map_err(fail)?;
+    let grants = grants.lock().expect("grants").clone();
+    let (checked, violations) = fifo_check(&grants, &snaps);
+    let report = Report::new("contended", args.clients, elapsed, samples)
+        .with("fifo_snapshots_checked", json!(checked))
+        .with("fifo_violations", json!(violations));
+    if violations > 0 {
+        report.print(false);
+        return Err((
+            exit::ERROR,
+            format!("{violations} grants did not follow FIFO order"),
+        ));
+    }
+    Ok(report)
+}
+
+/// For each snapshot (holder fence, waiters in queue order), each waiter's
+/// next grant after that fence must come in queue order.
+fn fifo_check(grants: &[(u64, u64)], snaps: &[(u64, Vec<u64>)]) -> (usize, usize) {
+    let mut by_session: std::collections::HashMap<u64, Vec<u64>> = Default::default();
+    for &(s, f) in grants {
+        by_session.entry(s).or_default().push(f);
+    }
+    for fences in by_session.values_mut() {
+        fences.sort_unstable();
+    }
+    let mut violations = 0;
+    let mut checked = 0;
+    for (held, order) in snaps {
+        let next: Vec<Option<u64>> = order
+            .iter()
+            .map(|s| {
+                let fences = by_session.get(s)?;
+                let i = fences.partition_point(|f| f <= held);
+                fences.get(i).copied()
+            })
+            .collect();
+        let granted: Vec<u64> = next.iter().map_while(|f| *f).collect();
+        if granted.len() >= 2 {
+            checked += 1;
+            if granted.windows(2).any(|w| w[0] > w[1]) {
+                violations += 1;
+            }
+        }
+    }
+    (checked, violations)
+}
+
+async fn semaphore(connector: &Connector, args: &BenchArgs) -> Result<Report, Failure> {
+    let (until, _) = Until::new(args);
+    let cs = clients(connector, args.clients).await?;
+    let (samples, elapsed) = load(cs, args.pipeline, until, |client, _, _| async move {
+        let g = client.semaphore("bench/sem", 4).acquire().await?;
+        g.release().await
+    })
+    .await?;
+    Ok(Report::new("semaphore", args.clients, elapsed, samples).with("capacity", json!(4)))
+}
+
+/// Two clients pass one mutex back and forth; the latency is from the
+/// holder sending its release to the waiter receiving its grant.
+async fn handoff(connector: &Connector, args: &BenchArgs) -> Result<Report, Failure> {
+    let a = connector.connect().await.map_err(fail)?;
+    let b = connector.connect().await.map_err(fail)?;
+    let rounds = args.ops.unwrap_or(2000);
+    let mut samples = Samples::default();
+    let start = Instant::now();
+    let mut holder = a.mutex("bench/handoff").acquire().await.map_err(fail)?;
+    let mut waiter_client = b;
+    let mut holder_client = a;
+    for _ in 0..rounds {
+        let m = waiter_client.mutex("bench/handoff");
+        let waiting = tokio::spawn(async move {
+            let g = m.acquire().await;
+            (g, Instant::now())
+        });
+        // Only measure once the waiter is queued.
+        loop {
+            let i = holder_client.inspect("bench/handoff").await.map_err(fail)?;
+            if i.entries.first().is_some_and(|e| !e.waiters.is_empty()) {
+                break;
+            }
+            tokio::task::yield_now().await;
+        }
+        let sent = Instant::now();
+        drop(holder); // the release is sent without waiting
+        let (g, granted_at) = waiting.await.map_err(fail)?;
+        samples
+            .latencies
+            .push(granted_at.saturating_duration_since(sent));
+        holder = g.map_err(fail)?;
+        std::mem::swap(&mut holder_client, &mut waiter_client);
+    }
+    drop(holder);
+    Ok(Report::new("handoff", 2, start.elapsed(), samples))
+}
+
+async fn state(connector: &Connector, args: &BenchArgs) -> Result<Report, Failure> {
+    let (until, _) = Until::new(args);
+    let cs = clients(connector, args.clients).await?;
+    let (samples, elapsed) = load(cs, args.pipeline, until, |client, i, n| async move {
+        let state = client.state();
+        let key = format!("bench/s/{}", i % 16);
+        match n % 4 {
+            0 | 1 => {
+                state.get(&key).await?;
+            }
+            2 => {
+                state.set(&key, n.to_string()).await?;
+            }
+            _ => {
+                state.increment("bench/s/counter", 1).await?;
+            }
+        }
+        Ok(())
+    })
+    .await?;
+    Ok(Report::new("state", args.clients, elapsed, samples)
+        .with("mix", json!("50% get, 25% set, 25% incr")))
+}
+
+/// N connections, each holding one lock: the daemon's memory per connection.
+async fn connections(connector: &Connector, args: &BenchArgs) -> Result<Report, Failure> {
+    let n = args.ops.unwrap_or(10_000);
+    let probe = connector.connect().await.map_err(fail)?;
+    let pid = probe.inspect("").await.map_err(fail)?.server.pid;
+    let before =
+        rss_bytes(pid).ok_or_else(|| fail("cannot read the daemon's memory from /proc"))?;
+    let start = Instant::now();
+    let mut held = Vec::with_capacity(n);
+    let mut samples = Samples::default();
+    for i in 0..n {
+        let t = Instant::now();
+        let c = connector.connect().await.map_err(fail)?;
+        let g = c
+            .mutex(format!("bench/c/{i}"))
+            .acquire()
+            .await
+            .map_err(fail)?;
+        samples.latencies.push(t.elapsed());
+        held.push((c, g));
+    }
+    let elapsed = start.elapsed();
+    let after = rss_bytes(pid).unwrap_or(before);
+    let per = after.saturating_sub(before) as f64 / n as f64;
+    drop(held);
+    Ok(Report::new("connections", n, elapsed, samples)
+        .with("daemon_rss_before_bytes", json!(before))
+        .with("daemon_rss_after_bytes", json!(after))
+        .with("bytes_per_connection", json!(per.round())))
+}
+
+/// One session holding N names: the daemon's memory per held name.
+async fn names(connector: &Connector, args: &BenchArgs) -> Result<Report, Failure> {
+    let n = args.ops.unwrap_or(1_000_000);
+    let client = connector.connect().await.map_err(fail)?;
+    let pid = client.inspect("").await.map_err(fail)?.server.pid;
+    let before =
+        rss_bytes(pid).ok_or_else(|| fail("cannot read the daemon's memory from /proc"))?;
+    let start = Instant::now();
+    // Many acquires in flight at once on the one connection.
+    let chunk = 512;
+    let mut guards = Vec::with_capacity(n);
+    let mut samples = Samples::default();
+    let mut i = 0;
+    while i < n {
+        let end = (i + chunk).min(n);
+        let futs: Vec<_> = (i..end)
+            .map(|k| {
+                let m = client.mutex(format!("bench/n/{k:08}"));
+                tokio::spawn(async move {
+                    let t = Instant::now();
+                    m.acquire().await.map(|g| (g, t.elapsed()))
+                })
+            })
+            .collect();
+        for f in futs {
+            let (g, d) = f.await.map_err(fail)?.map_err(fail)?;
+            samples.latencies.push(d);
+            guards.push(g);
+        }
+        i = end;
+    }
+    let elapsed = start.elapsed();
+    let after = rss_bytes(pid).unwrap_or(before);
+    let per = after.saturating_sub(before) as f64 / n as f64;
+    drop(guards);
+    Ok(Report::new("names", 1, elapsed, samples)
+        .with("names", json!(n))
+        .with("bytes_per_name", json!(per.round())))
+}
+
+/// A holder process is killed with SIGKILL; the latency is from the kill
+/// to the waiter's grant.
+async fn abandon(
+    connector: &Connector,
+    socket: &Path,
+    args: &BenchArgs,
+) -> Result<Report, Failure> {
+    let rounds = args.ops.unwrap_or(50);
+    let waiter = connector.connect().await.map_err(fail)?;
+    let me = std::env::current_exe().map_err(fail)?;
+    let mut samples = Samples::default();
+    let start = Instant::now();
+    for _ in 0..rounds {
+        let mut child = tokio::process::Command::new(&me)
+            .arg("--socket")
+            .arg(socket)
+            .args(["bench-hold", "bench/abandon"])
+            .env("LOCKBROKER_NO_AUTOSTART", "1")
+            .stdin(std::process::Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .map_err(fail)?;
+        // Wait until the child holds the lock.
+        let holder_pid = loop {
+            let i = waiter.inspect("bench/abandon").await.map_err(fail)?;
+            if let Some(h) = i.entries.first().and_then(|e| e.holders.first()) {
+                break h.session.pid;
+            }
+            tokio::task::yield_now().await;
+        };
+        let m = waiter.mutex("bench/abandon");
+        let waiting = tokio::spawn(async move {
+            let g = m.acquire().await;
+            (g, Instant::now())
+        });
+        loop {
+            let i = waiter.inspect("bench/abandon").await.map_err(fail)?;
+            if i.entries.first().is_some_and(|e| !e.waiters.is_empty()) {
+                break;
+            }
+            tokio::task::yield_now().await;
+        }
+        let killed = Instant::now();
+        #[cfg(unix)]
+        if let Some(pid) = holder_pid {
+            // SAFETY: the lock holder is our child `lockbroker lock`.
+            unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+        }
+        let (g, granted_at) = waiting.await.map_err(fail)?;
+        samples
+            .latencies
+            .push(granted_at.saturating_duration_since(killed));
+        let g = g.map_err(fail)?;
+        if !g.abandoned() {
+            return Err((
+                exit::ERROR,
+                "the grant after a kill -9 was not marked abandoned".into(),
+            ));
+        }
+        g.release().await.map_err(fail)?;
+        let _ = child.wait().await;
+    }
+    Ok(Report::new("abandon", 1, start.elapsed(), samples))
+}
