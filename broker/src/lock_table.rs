@@ -221,16 +221,68 @@ struct Waiter {
     timeout_ms: Option<u64>,
 }
 
+/// A FIFO of waiters that costs one pointer while empty, which most
+/// entries are (the daemon may hold a million names); a bare `VecDeque`
+/// would cost four.
+#[derive(Debug, Default)]
+#[allow(clippy::box_collection)]
+struct Queue(Option<Box<VecDeque<Waiter>>>);
+
+impl Queue {
+    fn is_empty(&self) -> bool {
+        self.0.as_ref().is_none_or(|q| q.is_empty())
+    }
+
+    fn front(&self) -> Option<&Waiter> {
+        self.0.as_ref()?.front()
+    }
+
+    fn pop_front(&mut self) -> Option<Waiter> {
+        let q = self.0.as_mut()?;
+        let w = q.pop_front();
+        if q.is_empty() {
+            self.0 = None;
+        }
+        w
+    }
+
+    fn push_back(&mut self, w: Waiter) {
+        self.0.get_or_insert_default().push_back(w);
+    }
+
+    fn iter(&self) -> impl Iterator<Item = &Waiter> {
+        self.0.iter().flat_map(|q| q.iter())
+    }
+
+    fn remove(&mut self, index: usize) -> Option<Waiter> {
+        let q = self.0.as_mut()?;
+        let w = q.remove(index);
+        if q.is_empty() {
+            self.0 = None;
+        }
+        w
+    }
+
+    fn retain(&mut self, keep: impl FnMut(&Waiter) -> bool) {
+        if let Some(q) = self.0.as_mut() {
+            q.retain(keep);
+            if q.is_empty() {
+                self.0 = None;
+            }
+        }
+    }
+}
+
 #[derive(Debug)]
 struct Entry {
     kind: EntryKind,
     /// Total weight: N for a semaphore, else [`RW_WEIGHT`].
-    capacity: u64,
+    capacity: u32,
     /// Weight not held.
-    free: u64,
+    free: u32,
     /// Grant order, oldest first.
     holders: Vec<Holder>,
-    queue: VecDeque<Waiter>,
+    queue: Queue,
     /// The next grant reports that a holder died holding this lock.
     abandoned: bool,
 }
@@ -238,15 +290,15 @@ struct Entry {
 impl Entry {
     fn new(spec: &AcquireSpec) -> Entry {
         let capacity = match spec.kind {
-            LockKind::Semaphore => u64::from(spec.capacity),
-            _ => RW_WEIGHT,
+            LockKind::Semaphore => spec.capacity,
+            _ => RW_WEIGHT as u32,
         };
         Entry {
             kind: spec.kind.entry_kind(),
             capacity,
             free: capacity,
             holders: Vec::new(),
-            queue: VecDeque::new(),
+            queue: Queue::default(),
             abandoned: false,
         }
     }
@@ -280,7 +332,7 @@ impl Entry {
         if kind == EntryKind::RwLock {
             self.kind = EntryKind::RwLock;
         }
-        if kind == EntryKind::Semaphore && u64::from(spec.capacity) != self.capacity {
+        if kind == EntryKind::Semaphore && spec.capacity != self.capacity {
             return Err(ErrorInfo::new(
                 ErrorCode::CapacityMismatch,
                 format!(
@@ -295,7 +347,7 @@ impl Entry {
     fn info_capacity(&self) -> u32 {
         match self.kind {
             EntryKind::Mutex => 1,
-            EntryKind::Semaphore => self.capacity as u32,
+            EntryKind::Semaphore => self.capacity,
             EntryKind::RwLock => 0,
         }
     }
@@ -357,8 +409,8 @@ impl LockTable {
     ) -> Result<AcquireOutcome, ErrorInfo> {
         entry.admit(name.as_str(), spec)?;
         let weight = spec.weight();
-        if entry.queue.is_empty() && weight <= entry.free {
-            entry.free -= weight;
+        if entry.queue.is_empty() && weight <= u64::from(entry.free) {
+            entry.free -= weight as u32;
             let grant = self.new_hold(entry, peer, spec.kind, spec.permits);
             return Ok(AcquireOutcome::Granted(grant));
         }
@@ -397,11 +449,11 @@ impl LockTable {
     fn grant_ready(&self, entry: &mut Entry, out: &mut Vec<Delivery>) {
         while let Some(head) = entry.queue.front() {
             let weight = weight(head.kind, head.permits);
-            if weight > entry.free {
+            if weight > u64::from(entry.free) {
                 break;
             }
             let w = entry.queue.pop_front().expect("head exists");
-            entry.free -= weight;
+            entry.free -= weight as u32;
             let grant = self.new_hold(entry, &w.peer, w.kind, w.permits);
             out.push(Delivery {
                 to: w.peer,
@@ -463,7 +515,7 @@ impl LockTable {
                     .iter()
                     .position(|h| h.hold_id == hold_id && h.peer.id() == session_id)?;
                 let h = e.holders.remove(pos);
-                e.free += weight(h.kind, h.permits);
+                e.free += weight(h.kind, h.permits) as u32;
                 Some(h.permits)
             })
             .flatten();
@@ -504,7 +556,7 @@ impl LockTable {
                 let take = left.min(h.permits);
                 left -= take;
                 // A mutex or exclusive hold is one permit that weighs all.
-                e.free += weight(h.kind, take);
+                e.free += weight(h.kind, take) as u32;
                 h.permits -= take;
                 if h.permits == 0 {
                     ended.push(h.hold_id);
@@ -538,7 +590,7 @@ impl LockTable {
                 keep
             });
             if e.holders.len() != before {
-                e.free += freed;
+                e.free += freed as u32;
                 e.abandoned = true;
             }
         });

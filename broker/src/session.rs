@@ -79,7 +79,7 @@ pub async fn run<R, W>(
         holds: HashMap::new(),
         pending: HashMap::new(),
         deadlines: BTreeSet::new(),
-        out: Vec::with_capacity(4096),
+        out: Vec::new(),
         completions_tx,
         watches: HashMap::new(),
         watches_starting: HashMap::new(),
@@ -195,6 +195,9 @@ async fn write_fatal<W: AsyncWrite + Unpin>(
 /// Stop reading requests while this many answer bytes wait to be written.
 const OUTPUT_HIGH_WATER: usize = 1 << 20;
 
+/// Output buffer capacity kept between bursts.
+const OUTPUT_KEEP_CAPACITY: usize = 16 * 1024;
+
 /// Why a session's loop ended.
 #[derive(Debug)]
 enum End {
@@ -227,7 +230,7 @@ struct Session {
     /// Encoded frames not yet written.
     out: Vec<u8>,
     /// Where the state store sends this session's answers.
-    completions_tx: mpsc::UnboundedSender<Completion>,
+    completions_tx: mpsc::UnboundedSender<Box<Completion>>,
     /// Active watches by watch id (the `StateWatch` request id).
     watches: HashMap<u64, state_requests::Watch>,
     /// Watches the store has not confirmed yet.
@@ -252,7 +255,7 @@ impl Session {
         reader: &mut FrameReader<R>,
         writer: &mut W,
         mut grants: mpsc::UnboundedReceiver<(u64, Grant)>,
-        completions: &mut mpsc::UnboundedReceiver<Completion>,
+        completions: &mut mpsc::UnboundedReceiver<Box<Completion>>,
         shutdown: &mut Shutdown,
     ) -> End
     where
@@ -296,7 +299,7 @@ impl Session {
                 done = completions.recv() => {
                     // The sender lives in `self`, so this never ends.
                     if let Some(done) = done {
-                        self.completed(done);
+                        self.completed(*done);
                     }
                 }
                 // Changes wait while a watch is being set up (it decides
@@ -316,6 +319,10 @@ impl Session {
                         if written == self.out.len() {
                             self.out.clear();
                             written = 0;
+                            // A burst's buffer is not kept by an idle session.
+                            if self.out.capacity() > OUTPUT_KEEP_CAPACITY {
+                                self.out.shrink_to(OUTPUT_KEEP_CAPACITY);
+                            }
                         }
                     }
                     Err(e) => return End::Io(e.to_string()),

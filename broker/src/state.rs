@@ -94,8 +94,9 @@ pub struct Change {
 /// the request id.
 #[derive(Debug, Clone)]
 pub struct ReplyTo {
-    /// The session's completions.
-    pub tx: mpsc::UnboundedSender<Completion>,
+    /// The session's completions (boxed: a channel allocates its slots up
+    /// front, and every session has one).
+    pub tx: mpsc::UnboundedSender<Box<Completion>>,
     /// The request answered.
     pub request_id: u64,
 }
@@ -217,14 +218,14 @@ impl State {
     pub fn submit(&self, op: Op, reply: ReplyTo) {
         if let Some(ops) = &self.ops {
             if let Err(std_mpsc::SendError((_, reply))) = ops.send((op, reply)) {
-                let _ = reply.tx.send(Completion {
+                let _ = reply.tx.send(Box::new(Completion {
                     request_id: reply.request_id,
                     response: Response::Error(ErrorInfo::new(
                         ErrorCode::ShuttingDown,
                         "the state store has stopped",
                     )),
                     watch: None,
-                });
+                }));
             }
         }
     }
@@ -445,11 +446,11 @@ impl Store {
                 Ok((op, reply)) => {
                     self.expire(now_ms());
                     let (response, watch) = self.handle(op);
-                    let _ = reply.tx.send(Completion {
+                    let _ = reply.tx.send(Box::new(Completion {
                         request_id: reply.request_id,
                         response,
                         watch,
-                    });
+                    }));
                 }
                 Err(std_mpsc::RecvTimeoutError::Timeout) => self.expire(now_ms()),
                 Err(std_mpsc::RecvTimeoutError::Disconnected) => return,

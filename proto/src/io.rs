@@ -12,8 +12,13 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 use crate::frame::{self, FrameError};
 
-/// Bytes requested from the stream per read when the buffer is empty.
-const READ_CHUNK: usize = 8 * 1024;
+/// Room made for the next read when the buffer is empty. Small, because an
+/// idle connection keeps it (the daemon may have tens of thousands); a
+/// larger frame grows the buffer to its size.
+const READ_CHUNK: usize = 1024;
+
+/// A buffer grown past this by a large frame shrinks back once empty.
+const KEEP_CAPACITY: usize = 64 * 1024;
 
 /// Reads whole frames from a stream.
 #[derive(Debug)]
@@ -30,7 +35,7 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
     pub fn new(inner: R, max_len: u32) -> Self {
         FrameReader {
             inner,
-            buf: Vec::with_capacity(READ_CHUNK),
+            buf: Vec::new(),
             start: 0,
             max_len,
         }
@@ -50,6 +55,9 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
                 if self.start == self.buf.len() {
                     self.buf.clear();
                     self.start = 0;
+                    if self.buf.capacity() > KEEP_CAPACITY {
+                        self.buf.shrink_to(READ_CHUNK);
+                    }
                 }
                 Ok(Some(msg))
             }

@@ -648,9 +648,10 @@ pub const MAX_NAME_LEN: usize = 255;
 ///
 /// The wire carries names as plain strings so that a bad name is an error
 /// response rather than an undecodable frame; the daemon validates them into
-/// this type.
+/// this type. Clones share one allocation (the daemon keeps a name in its
+/// lock table and in the holding session).
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct LockName(String);
+pub struct LockName(std::sync::Arc<str>);
 
 /// Why a string is not a valid [`LockName`].
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -682,7 +683,7 @@ impl LockName {
         if name.is_empty() {
             return Err(NameError::Empty);
         }
-        Ok(LockName(name))
+        Ok(LockName(name.into()))
     }
 
     /// The name as a string.
@@ -692,7 +693,7 @@ impl LockName {
 
     /// The name as an owned string.
     pub fn into_string(self) -> String {
-        self.0
+        self.0.to_string()
     }
 }
 

@@ -299,11 +299,11 @@ impl Session {
     /// must have been applied.
     pub(super) async fn finish_guarded_writes(
         &mut self,
-        completions: &mut mpsc::UnboundedReceiver<Completion>,
+        completions: &mut mpsc::UnboundedReceiver<Box<Completion>>,
     ) {
         while !self.guarded.is_empty() {
             match tokio::time::timeout(Duration::from_secs(30), completions.recv()).await {
-                Ok(Some(done)) => self.completed(done),
+                Ok(Some(done)) => self.completed(*done),
                 _ => {
                     tracing::error!("the state store did not answer guarded writes");
                     break;
