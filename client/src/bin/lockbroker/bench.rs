@@ -138,7 +138,7 @@ impl Drop for Spawned {
     }
 }
 
-fn spawn_daemon(extra: &[String]) -> Result<(Spawned, PathBuf), Failure> {
+async fn spawn_daemon(extra: &[String]) -> Result<(Spawned, PathBuf), Failure> {
     let dir = tempfile::tempdir().map_err(fail)?;
     let socket = dir.path().join("bench.sock");
     let child = std::process::Command::new(crate::daemon::binary())
@@ -150,14 +150,16 @@ fn spawn_daemon(extra: &[String]) -> Result<(Spawned, PathBuf), Failure> {
         .stdin(std::process::Stdio::null())
         .spawn()
         .map_err(|e| fail(format!("cannot start lockbrokerd: {e}")))?;
+    let spawned = Spawned { child, _dir: dir };
+    let connector = Connector::new().socket(&socket);
     let deadline = Instant::now() + Duration::from_secs(10);
-    while !socket.exists() || std::os::unix::net::UnixStream::connect(&socket).is_err() {
+    while connector.connect().await.is_err() {
         if Instant::now() > deadline {
             return Err(fail("the spawned lockbrokerd did not start"));
         }
-        std::thread::sleep(Duration::from_millis(2));
+        tokio::time::sleep(Duration::from_millis(2)).await;
     }
-    Ok((Spawned { child, _dir: dir }, socket))
+    Ok((spawned, socket))
 }
 
 /// Raises this process's open-file limit as far as allowed (connections).
@@ -189,7 +191,7 @@ pub async fn run(args: &BenchArgs, socket: Option<PathBuf>, as_json: bool) -> Re
     raise_fd_limit();
     let (_spawned, socket) = match (args.spawn, socket) {
         (true, _) => {
-            let (s, p) = spawn_daemon(&args.daemon_args)?;
+            let (s, p) = spawn_daemon(&args.daemon_args).await?;
             (Some(s), p)
         }
         (false, Some(p)) => (None, p),
@@ -584,8 +586,8 @@ async fn names(connector: &Connector, args: &BenchArgs) -> Result<Report, Failur
         .with("bytes_per_name", json!(per.round())))
 }
 
-/// A holder process is killed with SIGKILL; the latency is from the kill
-/// to the waiter's grant.
+/// A holder process (`lockbroker bench-hold`) is killed with SIGKILL; the
+/// latency is from the kill to the waiter's grant.
 async fn abandon(
     connector: &Connector,
     socket: &Path,
@@ -607,13 +609,13 @@ async fn abandon(
             .spawn()
             .map_err(fail)?;
         // Wait until the child holds the lock.
-        let holder_pid = loop {
+        loop {
             let i = waiter.inspect("bench/abandon").await.map_err(fail)?;
-            if let Some(h) = i.entries.first().and_then(|e| e.holders.first()) {
-                break h.session.pid;
+            if i.entries.first().is_some_and(|e| !e.holders.is_empty()) {
+                break;
             }
             tokio::task::yield_now().await;
-        };
+        }
         let m = waiter.mutex("bench/abandon");
         let waiting = tokio::spawn(async move {
             let g = m.acquire().await;
@@ -627,11 +629,8 @@ async fn abandon(
             tokio::task::yield_now().await;
         }
         let killed = Instant::now();
-        #[cfg(unix)]
-        if let Some(pid) = holder_pid {
-            // SAFETY: the lock holder is our child `lockbroker lock`.
-            unsafe { libc::kill(pid as i32, libc::SIGKILL) };
-        }
+        // SIGKILL (TerminateProcess on Windows): no chance to release.
+        child.start_kill().map_err(fail)?;
         let (g, granted_at) = waiting.await.map_err(fail)?;
         samples
             .latencies

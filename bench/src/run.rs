@@ -1,0 +1,398 @@
+//! Placement, measurement records, the lockbroker runs (through
+//! `lockbroker bench`), and the final table.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::Bins;
+
+/// Where the server and the client run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Placement {
+    /// Both on CPU 0: a round trip is two context switches on one core.
+    SameCpu,
+    /// Server on CPU 0, client on CPU 1: every wake-up crosses CPUs.
+    CrossCpu,
+}
+
+impl Placement {
+    /// The CPU the server is pinned to.
+    pub fn server_cpu(self) -> usize {
+        0
+    }
+
+    /// The CPU the client is pinned to.
+    pub fn client_cpu(self) -> usize {
+        match self {
+            Placement::SameCpu => 0,
+            Placement::CrossCpu => 1,
+        }
+    }
+
+    fn name(self) -> &'static str {
+        match self {
+            Placement::SameCpu => "same CPU",
+            Placement::CrossCpu => "cross CPU",
+        }
+    }
+}
+
+/// One scenario's settings.
+#[derive(Debug, Clone, Copy)]
+pub struct Measure {
+    /// CPU placement.
+    pub placement: Placement,
+    /// Concurrent clients.
+    pub clients: usize,
+    /// How long to run.
+    pub duration: Duration,
+}
+
+/// One run's result: cycles per second and the median cycle latency.
+#[derive(Debug, Clone, Copy)]
+pub struct Sample {
+    /// Cycles per second, all clients together.
+    pub ops_per_sec: f64,
+    /// Median latency of one cycle, in microseconds.
+    pub p50_us: f64,
+}
+
+/// Online CPUs.
+pub fn cpus() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
+}
+
+/// Pins the calling thread to `cpu`.
+pub fn pin_thread(cpu: usize) {
+    // SAFETY: a zeroed cpu_set_t is valid; sched_setaffinity reads it.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(cpu, &mut set);
+        libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set);
+    }
+}
+
+/// `program args` pinned to `cpu` with taskset.
+pub fn pinned(cpu: usize, program: &Path) -> Command {
+    let mut cmd = Command::new("taskset");
+    cmd.arg("-c").arg(cpu.to_string()).arg(program);
+    cmd.stdin(Stdio::null());
+    cmd
+}
+
+/// A child process that is terminated on drop.
+pub struct Server {
+    child: Child,
+    /// Its socket.
+    pub socket: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        // SAFETY: signalling our own child.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let _ = self.child.wait();
+    }
+}
+
+impl Server {
+    /// Starts `cmd` (told to listen on the returned socket by `configure`)
+    /// and waits until the socket accepts connections.
+    pub fn start(configure: impl FnOnce(&Path) -> Command) -> Server {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let socket = dir.path().join("bench.sock");
+        let child = configure(&socket)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start server");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while std::os::unix::net::UnixStream::connect(&socket).is_err() {
+            assert!(Instant::now() < deadline, "server never listened");
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        Server {
+            child,
+            socket,
+            _dir: dir,
+        }
+    }
+
+    /// The server's process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+}
+
+/// A lockbroker daemon pinned to the server CPU.
+pub fn daemon(bins: &Bins, m: &Measure, extra: &[&str]) -> Server {
+    Server::start(|socket| {
+        let mut cmd = pinned(m.placement.server_cpu(), &bins.daemon);
+        cmd.arg("--socket").arg(socket).args(["--log-level", "warn"]).args(extra);
+        cmd
+    })
+}
+
+/// Runs `lockbroker bench ARGS --json` pinned to the client CPU.
+fn cli_bench(bins: &Bins, m: &Measure, socket: &Path, args: &[&str]) -> serde_json::Value {
+    let out = pinned(m.placement.client_cpu(), &bins.cli)
+        .arg("--socket")
+        .arg(socket)
+        .args(["--json", "bench"])
+        .args(args)
+        .output()
+        .expect("run lockbroker bench");
+    assert!(
+        out.status.success(),
+        "lockbroker bench {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).expect("bench JSON")
+}
+
+fn sample(v: &serde_json::Value) -> Sample {
+    Sample {
+        ops_per_sec: v["ops_per_sec"].as_f64().unwrap_or(0.0),
+        p50_us: v["p50_us"].as_f64().unwrap_or(0.0),
+    }
+}
+
+/// Uncontended acquire+release, each client on its own name.
+pub fn lockbroker(bins: &Bins, m: &Measure, blocking: bool) -> Sample {
+    let server = daemon(bins, m, &[]);
+    let clients = m.clients.to_string();
+    let duration = format!("{}ms", m.duration.as_millis());
+    let mut args = vec!["uncontended", "--clients", &clients, "--duration", &duration];
+    if blocking {
+        args.push("--blocking");
+    }
+    sample(&cli_bench(bins, m, &server.socket, &args))
+}
+
+/// Release → next grant between two clients.
+pub fn handoff(bins: &Bins, m: &Measure) -> Sample {
+    let server = daemon(bins, m, &[]);
+    sample(&cli_bench(bins, m, &server.socket, &["handoff", "--ops", "2000"]))
+}
+
+/// Facts measured once: memory, start time, abandonment.
+#[derive(Debug, Default)]
+pub struct Facts {
+    /// Idle daemon resident memory, bytes.
+    pub idle_rss: u64,
+    /// Spawn to first accepted connection.
+    pub start: Duration,
+    /// Daemon memory per connection holding a lock.
+    pub per_connection: f64,
+    /// Daemon memory per held name.
+    pub per_name: f64,
+    /// kill -9 of a holder → waiter's grant, p99 and p50 (µs).
+    pub abandon_p99_us: f64,
+    /// Same, median.
+    pub abandon_p50_us: f64,
+}
+
+fn rss(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            let line = s.lines().find(|l| l.starts_with("VmRSS:"))?.to_owned();
+            line.split_whitespace().nth(1)?.parse::<u64>().ok()
+        })
+        .map_or(0, |kb| kb * 1024)
+}
+
+/// Measures the facts of the targets that are not rates.
+pub fn facts(bins: &Bins) -> Facts {
+    let m = Measure {
+        placement: Placement::CrossCpu,
+        clients: 1,
+        duration: Duration::ZERO,
+    };
+    // Start to accepting: the median of 10 starts.
+    let mut starts = Vec::new();
+    for _ in 0..10 {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let socket = dir.path().join("s.sock");
+        let t = Instant::now();
+        let mut child = Command::new(&bins.daemon)
+            .arg("--socket")
+            .arg(&socket)
+            .args(["--log-level", "warn"])
+            .stdin(Stdio::null())
+            .spawn()
+            .expect("start lockbrokerd");
+        while std::os::unix::net::UnixStream::connect(&socket).is_err() {
+            std::thread::sleep(Duration::from_micros(200));
+        }
+        starts.push(t.elapsed());
+        // SAFETY: our child.
+        unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+        let _ = child.wait();
+    }
+    starts.sort();
+    let idle = daemon(bins, &m, &[]);
+    std::thread::sleep(Duration::from_millis(200));
+    let idle_rss = rss(idle.pid());
+    drop(idle);
+    let big = [
+        "--max-connections",
+        "20000",
+        "--max-holds",
+        "2000000",
+    ];
+    let server = daemon(bins, &m, &big);
+    let conns = cli_bench(bins, &m, &server.socket, &["connections", "--ops", "10000"]);
+    drop(server);
+    let server = daemon(bins, &m, &big);
+    let names = cli_bench(bins, &m, &server.socket, &["names", "--ops", "1000000"]);
+    drop(server);
+    let server = daemon(bins, &m, &[]);
+    let abandon = cli_bench(bins, &m, &server.socket, &["abandon", "--ops", "100"]);
+    Facts {
+        idle_rss,
+        start: starts[starts.len() / 2],
+        per_connection: conns["bytes_per_connection"].as_f64().unwrap_or(0.0),
+        per_name: names["bytes_per_name"].as_f64().unwrap_or(0.0),
+        abandon_p99_us: abandon["p99_us"].as_f64().unwrap_or(0.0),
+        abandon_p50_us: abandon["p50_us"].as_f64().unwrap_or(0.0),
+    }
+}
+
+/// Every sample, by (scenario, placement, clients).
+#[derive(Debug, Default)]
+pub struct Results {
+    samples: BTreeMap<(Placement, usize, String), Vec<Sample>>,
+    order: Vec<String>,
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[v.len() / 2]
+}
+
+impl Results {
+    /// Records one run.
+    pub fn add(&mut self, scenario: &str, m: &Measure, s: Sample) {
+        if !self.order.iter().any(|o| o == scenario) {
+            self.order.push(scenario.to_owned());
+        }
+        self.samples
+            .entry((m.placement, m.clients, scenario.to_owned()))
+            .or_default()
+            .push(s);
+    }
+
+    fn medians(&self, placement: Placement, clients: usize, scenario: &str) -> Option<(f64, f64, usize)> {
+        let v = self.samples.get(&(placement, clients, scenario.to_owned()))?;
+        Some((
+            median(v.iter().map(|s| s.ops_per_sec).collect()),
+            median(v.iter().map(|s| s.p50_us).collect()),
+            v.len(),
+        ))
+    }
+
+    /// The markdown table, then the targets.
+    pub fn table(&self, facts: &Facts) -> String {
+        use std::fmt::Write;
+        let mut out = String::new();
+        let _ = writeln!(
+            out,
+            "| placement | clients | scenario | cycles/s | p50 µs | cycles/s ÷ 2-RTT floor | p50 ÷ 2-RTT floor |"
+        );
+        let _ = writeln!(out, "|---|---:|---|---:|---:|---:|---:|");
+        let placements: Vec<Placement> = {
+            let mut p: Vec<Placement> = self.samples.keys().map(|k| k.0).collect();
+            p.dedup();
+            p
+        };
+        for &placement in &placements {
+            for clients in [1usize, 2, 8] {
+                let floor = self.medians(placement, clients, "floor, 2 round trips");
+                for scenario in &self.order {
+                    let Some((ops, p50, n)) = self.medians(placement, clients, scenario) else {
+                        continue;
+                    };
+                    let (r_ops, r_p50) = match floor {
+                        Some((f_ops, f_p50, _)) => (
+                            format!("{:.2}", ops / f_ops),
+                            format!("{:.2}", p50 / f_p50),
+                        ),
+                        None => ("–".into(), "–".into()),
+                    };
+                    let _ = writeln!(
+                        out,
+                        "| {} | {clients} | {scenario} (n={n}) | {ops:.0} | {p50:.1} | {r_ops} | {r_p50} |",
+                        placement.name()
+                    );
+                }
+            }
+        }
+        let _ = writeln!(out);
+        let _ = writeln!(out, "Targets (ratios from this run):");
+        let _ = writeln!(out);
+        for &placement in &placements {
+            let get = |c: usize, s: &str| self.medians(placement, c, s);
+            let name = placement.name();
+            if let (Some(lb), Some(f2)) = (get(1, "lockbroker async"), get(1, "floor, 2 round trips")) {
+                target(
+                    &mut out,
+                    &format!("{name}: uncontended 1 client p50 ≤ 1.25 × 2-RTT floor"),
+                    lb.1 / f2.1,
+                    1.25,
+                    false,
+                );
+            }
+            if let (Some(lb), Some(f2)) = (get(8, "lockbroker async"), get(8, "floor, 2 round trips")) {
+                target(
+                    &mut out,
+                    &format!("{name}: 8 clients cycles/s ≥ 0.8 × 2-RTT floor"),
+                    lb.0 / f2.0,
+                    0.8,
+                    true,
+                );
+                if let Some(r) = get(8, "Redis lock (SET NX PX + Lua release)") {
+                    target(
+                        &mut out,
+                        &format!("{name}: 8 clients cycles/s ≥ 1.5 × Redis lock"),
+                        lb.0 / r.0,
+                        1.5,
+                        true,
+                    );
+                }
+            }
+            if let (Some(h), Some(f1)) = (
+                get(2, "lockbroker handoff (release → grant)"),
+                get(1, "floor, 1 round trip"),
+            ) {
+                // 1.5 round trips plus a one-way hop (half a round trip)
+                // is two floor round trips.
+                target(
+                    &mut out,
+                    &format!("{name}: handoff p50 ≤ 1.5 × RTT + one-way hop (= 2 RTT), in RTTs"),
+                    h.1 / f1.1,
+                    2.0,
+                    false,
+                );
+            }
+        }
+        let abs = |out: &mut String, what: &str, value: String, ok: bool| {
+            let _ = writeln!(out, "- {what}: {value} — {}", if ok { "met" } else { "MISSED" });
+        };
+        abs(&mut out, "abandon: kill -9 → grant p99 ≤ 2 ms", format!("p50 {:.0} µs, p99 {:.0} µs", facts.abandon_p50_us, facts.abandon_p99_us), facts.abandon_p99_us <= 2000.0);
+        abs(&mut out, "10,000 connections each holding a lock: ≤ 8 KiB per connection", format!("{:.0} bytes", facts.per_connection), facts.per_connection <= 8192.0);
+        abs(&mut out, "1,000,000 names held by one session: ≤ 256 bytes per name", format!("{:.0} bytes", facts.per_name), facts.per_name <= 256.0);
+        abs(&mut out, "idle daemon ≤ 8 MiB resident", format!("{:.1} MiB", facts.idle_rss as f64 / 1048576.0), facts.idle_rss <= 8 * 1048576);
+        abs(&mut out, "start to accepting ≤ 50 ms", format!("{:.1} ms (median of 10)", facts.start.as_secs_f64() * 1000.0), facts.start <= Duration::from_millis(50));
+        out
+    }
+}
+
+fn target(out: &mut String, what: &str, ratio: f64, limit: f64, at_least: bool) {
+    use std::fmt::Write;
+    let ok = if at_least { ratio >= limit } else { ratio <= limit };
+    let _ = writeln!(out, "- {what}: {ratio:.2} — {}", if ok { "met" } else { "MISSED" });
+}
