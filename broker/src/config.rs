@@ -204,6 +204,10 @@ impl Config {
         if cli.watch_history == 0 {
             return bad("--watch-history must be at least 1".into());
         }
+        // An increment stores up to 20 bytes ("-9223372036854775808").
+        if cli.max_value_len < 64 {
+            return bad("--max-value-len must be at least 64".into());
+        }
         // A value must fit in a frame with its key and the message around it.
         if u64::from(cli.max_value_len) + 1024 > u64::from(cli.max_frame_len) {
             return bad(format!(

@@ -86,6 +86,7 @@ pub async fn run<R, W>(
         changes: None,
         guarded: HashSet::new(),
         deferred: VecDeque::new(),
+        state_inflight: HashSet::new(),
     };
     session.answer(ServerMessage::Welcome(Welcome {
         version: PROTOCOL_VERSION,
@@ -195,6 +196,9 @@ async fn write_fatal<W: AsyncWrite + Unpin>(
 /// Stop reading requests while this many answer bytes wait to be written.
 const OUTPUT_HIGH_WATER: usize = 1 << 20;
 
+/// Stop reading requests while this many wait behind a held-back release.
+const MAX_DEFERRED: usize = 4096;
+
 /// Output buffer capacity kept between bursts.
 const OUTPUT_KEEP_CAPACITY: usize = 16 * 1024;
 
@@ -241,8 +245,11 @@ struct Session {
     /// there are any, releases wait in `deferred`, so a guarded write is
     /// applied only while its hold is held.
     guarded: HashSet<u64>,
-    /// Release requests waiting for the guarded writes before them.
+    /// Requests held back, in order, behind a release that waits for the
+    /// guarded writes before it.
     deferred: VecDeque<(u64, Request)>,
+    /// Request ids of state requests the store has not answered yet.
+    state_inflight: HashSet<u64>,
 }
 
 impl Session {
@@ -327,7 +334,8 @@ impl Session {
                     }
                     Err(e) => return End::Io(e.to_string()),
                 },
-                msg = reader.read_message::<ClientMessage>(), if backlog < OUTPUT_HIGH_WATER => {
+                msg = reader.read_message::<ClientMessage>(),
+                    if backlog < OUTPUT_HIGH_WATER && self.deferred.len() < MAX_DEFERRED => {
                     let mut next = msg;
                     // Answer everything already buffered before writing.
                     loop {
@@ -405,22 +413,38 @@ impl Session {
                 "Hello may only be the first frame",
             )),
             ClientMessage::Request { id, request } => {
-                if self.must_wait_for_guarded_writes(&request) {
+                // Requests are carried out in the order they were read: once
+                // one waits (a release behind a guarded write), so do all
+                // after it.
+                if !self.deferred.is_empty() || self.must_wait_for_guarded_writes(&request) {
                     self.deferred.push_back((id, request));
                     return Ok(());
                 }
-                match request {
-                    Request::Acquire(a) => self.acquire(id, a),
-                    Request::Cancel { request_id } => self.cancel(id, request_id),
-                    Request::Release { hold_id } => self.release(id, hold_id),
-                    Request::ReleaseByName { name, count } => self.release_by_name(id, name, count),
-                    Request::Inspect { prefix, limit } => self.inspect(id, prefix, limit),
-                    Request::Ping => self.respond(id, Response::Pong),
-                    other => self.state_request(id, other),
-                }
+                self.dispatch(id, request);
                 Ok(())
             }
         }
+    }
+
+    fn dispatch(&mut self, id: u64, request: Request) {
+        match request {
+            Request::Acquire(a) => self.acquire(id, a),
+            Request::Cancel { request_id } => self.cancel(id, request_id),
+            Request::Release { hold_id } => self.release(id, hold_id),
+            Request::ReleaseByName { name, count } => self.release_by_name(id, name, count),
+            Request::Inspect { prefix, limit } => self.inspect(id, prefix, limit),
+            Request::Ping => self.respond(id, Response::Pong),
+            other => self.state_request(id, other),
+        }
+    }
+
+    /// Whether `id` names a request still being answered: a waiting
+    /// acquire, a state request the store has not answered, or a watch.
+    fn id_in_use(&self, id: u64) -> bool {
+        self.pending.contains_key(&id)
+            || self.state_inflight.contains(&id)
+            || self.watches.contains_key(&id)
+            || self.watches_starting.contains_key(&id)
     }
 
     fn acquire(&mut self, id: u64, req: lockbroker_proto::Acquire) {
@@ -430,10 +454,10 @@ impl Session {
     }
 
     fn try_acquire(&mut self, id: u64, req: lockbroker_proto::Acquire) -> Result<(), ErrorInfo> {
-        if self.pending.contains_key(&id) {
+        if self.id_in_use(id) {
             return Err(ErrorInfo::new(
                 ErrorCode::DuplicateRequestId,
-                format!("request id {id} is already used by a waiting acquire"),
+                format!("request id {id} is already used by a request still being answered"),
             ));
         }
         let name = LockName::new(req.name).map_err(|e| {

@@ -588,7 +588,10 @@ impl Store {
                 self.config.max_keys_per_user
             ));
         }
-        if my_bytes > self.config.max_bytes_per_user && new_charge > old.map_or(0, |(_, c)| c) {
+        // Over the quota is allowed only for an overwrite of the writer's
+        // own key that does not grow it.
+        let shrinks_own = old.is_some_and(|(o, c)| o == uid && new_charge <= c);
+        if my_bytes > self.config.max_bytes_per_user && !shrinks_own {
             return quota(format!(
                 "uid {uid} may own at most {} bytes of state",
                 self.config.max_bytes_per_user
@@ -714,10 +717,19 @@ impl Store {
             if at > now {
                 break;
             }
+            self.expiries.pop_first();
+            // The record decides, not the index: a retry entry may outlive
+            // a rewrite of the key.
+            let due = self
+                .entries
+                .get(&key)
+                .is_some_and(|r| r.expires_ms != 0 && r.expires_ms <= now);
+            if !due {
+                continue;
+            }
             if self.delete(key.clone(), ChangeKind::Expired).is_err() {
-                // Storage failed; keep the key hidden (get checks expiry)
-                // and try again on the next tick.
-                self.expiries.remove(&(at, key.clone()));
+                // Storage failed; the key stays hidden (reads check the
+                // expiry) and is tried again in a second.
                 self.expiries.insert((now + 1000, key));
                 break;
             }
@@ -788,7 +800,8 @@ impl Store {
         WatchStart {
             replay,
             lagged,
-            live_from: self.last_version,
+            // A watch from a version still to come starts there.
+            live_from: self.last_version.max(from_version.saturating_sub(1)),
             receiver: need_receiver.then(|| self.changes.subscribe()),
         }
     }
@@ -806,4 +819,51 @@ fn create_private_dir(dir: &Path) -> Result<(), StartError> {
     builder
         .create(dir)
         .map_err(|e| StartError::io("creating the state directory", dir, e))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn store(config: StateConfig) -> Store {
+        Store::open(&config).expect("in-memory store").0
+    }
+
+    fn name(s: &str) -> LockName {
+        LockName::new(s).unwrap()
+    }
+
+    fn code(r: OpResult) -> Option<ErrorCode> {
+        r.err().map(|e| e.code)
+    }
+
+    /// A user at its byte quota cannot grow by taking over another user's
+    /// key, but may shrink its own.
+    #[test]
+    fn byte_quota_counts_the_owner() {
+        let mut s = store(StateConfig {
+            max_bytes_per_user: 100,
+            ..StateConfig::default()
+        });
+        assert!(s.set(name("mine"), vec![0; 90], None, None, 1).is_ok()); // 94 bytes
+        assert!(s.set(name("theirs"), vec![0; 50], None, None, 2).is_ok());
+        let taken = s.set(name("theirs"), vec![0; 10], None, None, 1);
+        assert_eq!(code(taken), Some(ErrorCode::QuotaExceeded));
+        assert!(s.set(name("mine"), vec![0; 80], None, None, 1).is_ok());
+        assert_eq!(s.usage[&1].bytes, 84);
+        assert_eq!(s.usage[&2].bytes, 56);
+    }
+
+    /// An expiry index entry left behind by a rewrite does not delete the
+    /// new value.
+    #[test]
+    fn a_stale_expiry_entry_does_not_delete_a_rewritten_key() {
+        let mut s = store(StateConfig::default());
+        s.set(name("k"), b"old".to_vec(), None, Some(10), 1)
+            .unwrap();
+        s.expiries.insert((1, "k".into())); // as a failed delete's retry would
+        s.set(name("k"), b"new".to_vec(), None, None, 1).unwrap();
+        s.expire(now_ms() + 60_000);
+        assert_eq!(s.live("k").map(|r| r.value.to_vec()), Some(b"new".to_vec()));
+    }
 }

@@ -1,5 +1,10 @@
 //! The `lockbrokerd` binary: signals, exit codes, one daemon per socket,
 //! stale sockets, and the per-user directory checks.
+//!
+//! Unix only: the tests use Unix sockets, signals and `/proc`; on Windows
+//! the code is compiled, not run.
+
+#![cfg(unix)]
 
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::os::unix::net::UnixStream as StdStream;

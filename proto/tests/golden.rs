@@ -7,8 +7,8 @@
 //!   (read by the tests of every other-language client too);
 //! - `PROTOCOL.md`, whose "Golden vectors" section repeats those lines in a
 //!   fenced block opened by ` ```golden-v1 `, names each vector in a table,
-//!   and whose annotated session (a block opened by ` ```session-v1 `) shows
-//!   some of them byte by byte;
+//!   and whose annotated blocks (opened by ` ```session-v1 ` and
+//!   ` ```session-v1-state `) show some of them byte by byte;
 //! - [`vectors`] below, which builds each named message in Rust.
 //!
 //! The tests check that encoding each message gives the file's bytes, that
@@ -26,10 +26,10 @@ use std::path::PathBuf;
 
 use lockbroker_proto::frame::{decode, to_frame};
 use lockbroker_proto::{
-    Acquire, ClientMessage, DEFAULT_MAX_FRAME_LEN, EntryInfo, EntryKind, ErrorCode, ErrorInfo,
-    Event, Grant, HEADER_LEN, Hello, HolderInfo, Inspection, Limits, LockKind, MAGIC,
-    PROTOCOL_VERSION, Request, Response, ServerInfo, ServerMessage, SessionInfo, WaiterInfo,
-    Welcome,
+    Acquire, ChangeKind, ClientMessage, DEFAULT_MAX_FRAME_LEN, EntryInfo, EntryKind, ErrorCode,
+    ErrorInfo, Event, Grant, HEADER_LEN, Hello, HolderInfo, Inspection, Limits, LockKind, MAGIC,
+    PROTOCOL_VERSION, Request, Response, ServerInfo, ServerMessage, SessionInfo, StateEntry,
+    StateSet, Versioned, WaiterInfo, Welcome,
 };
 
 /// A message of either direction.
@@ -250,6 +250,256 @@ fn vectors() -> Vec<(&'static str, Message)> {
                 ErrorCode::BadMagic,
                 "bad magic",
             ))),
+        ),
+        // Shared state. The session goes on: hold 1 is held again.
+        (
+            "state_get",
+            request(
+                11,
+                Request::StateGet {
+                    key: "cfg/mode".into(),
+                },
+            ),
+        ),
+        (
+            "state_value",
+            response(
+                11,
+                Response::StateValue(Some(Versioned {
+                    value: b"fast".to_vec(),
+                    version: 7,
+                })),
+            ),
+        ),
+        (
+            "state_get_absent",
+            request(
+                12,
+                Request::StateGet {
+                    key: "cfg/none".into(),
+                },
+            ),
+        ),
+        ("state_value_none", response(12, Response::StateValue(None))),
+        (
+            "state_set",
+            request(
+                13,
+                Request::StateSet(StateSet {
+                    key: "cfg/mode".into(),
+                    value: b"slow".to_vec(),
+                    if_version: Some(7),
+                    ttl_ms: Some(60_000),
+                    guard: Some(1),
+                }),
+            ),
+        ),
+        (
+            "state_written",
+            response(13, Response::StateWritten { version: 8 }),
+        ),
+        (
+            "state_set_plain",
+            request(
+                14,
+                Request::StateSet(StateSet {
+                    key: "cfg/mode".into(),
+                    value: b"fast".to_vec(),
+                    if_version: None,
+                    ttl_ms: None,
+                    guard: None,
+                }),
+            ),
+        ),
+        (
+            "state_remove_if_version",
+            request(
+                15,
+                Request::StateRemove {
+                    key: "cfg/mode".into(),
+                    if_version: Some(8),
+                    guard: Some(1),
+                },
+            ),
+        ),
+        (
+            "state_conflict",
+            response(15, Response::StateConflict { current: 9 }),
+        ),
+        (
+            "state_remove",
+            request(
+                16,
+                Request::StateRemove {
+                    key: "cfg/mode".into(),
+                    if_version: None,
+                    guard: None,
+                },
+            ),
+        ),
+        (
+            "state_removed",
+            response(
+                16,
+                Response::StateRemoved(Some(Versioned {
+                    value: b"fast".to_vec(),
+                    version: 9,
+                })),
+            ),
+        ),
+        (
+            "state_remove_if_absent",
+            request(
+                17,
+                Request::StateRemove {
+                    key: "cfg/mode".into(),
+                    if_version: Some(0),
+                    guard: None,
+                },
+            ),
+        ),
+        (
+            "state_removed_none",
+            response(17, Response::StateRemoved(None)),
+        ),
+        (
+            "state_increment",
+            request(
+                18,
+                Request::StateIncrement {
+                    key: "stats/hits".into(),
+                    delta: -3,
+                    guard: None,
+                },
+            ),
+        ),
+        (
+            "state_counter",
+            response(
+                18,
+                Response::StateCounter {
+                    value: 39,
+                    version: 11,
+                },
+            ),
+        ),
+        (
+            "state_increment_guarded",
+            request(
+                19,
+                Request::StateIncrement {
+                    key: "stats/hits".into(),
+                    delta: 1,
+                    guard: Some(7),
+                },
+            ),
+        ),
+        (
+            "error_guard_not_held",
+            response(
+                19,
+                Response::Error(ErrorInfo::new(
+                    ErrorCode::GuardNotHeld,
+                    "this session does not hold 7",
+                )),
+            ),
+        ),
+        (
+            "state_list",
+            request(
+                20,
+                Request::StateList {
+                    prefix: "stats/".into(),
+                    start_after: "stats/a".into(),
+                    limit: 2,
+                    with_values: true,
+                },
+            ),
+        ),
+        (
+            "state_entries",
+            response(
+                20,
+                Response::StateEntries {
+                    // One entry with a value and one without, to show both
+                    // encodings; a daemon sends values for all or none.
+                    entries: vec![
+                        StateEntry {
+                            key: "stats/b".into(),
+                            version: 5,
+                            value: Some(b"1".to_vec()),
+                        },
+                        StateEntry {
+                            key: "stats/hits".into(),
+                            version: 11,
+                            value: None,
+                        },
+                    ],
+                    more: true,
+                },
+            ),
+        ),
+        (
+            "state_watch",
+            request(
+                21,
+                Request::StateWatch {
+                    key: "cfg/".into(),
+                    prefix: true,
+                    from_version: 8,
+                    with_values: true,
+                },
+            ),
+        ),
+        (
+            "event_state_changed",
+            Message::S2c(ServerMessage::Event(Event::StateChanged {
+                watch_id: 21,
+                key: "cfg/mode".into(),
+                version: 8,
+                change: ChangeKind::Set,
+                value: Some(b"slow".to_vec()),
+            })),
+        ),
+        (
+            "event_state_removed",
+            Message::S2c(ServerMessage::Event(Event::StateChanged {
+                watch_id: 21,
+                key: "cfg/mode".into(),
+                version: 10,
+                change: ChangeKind::Removed,
+                value: None,
+            })),
+        ),
+        (
+            "event_watch_lagged",
+            Message::S2c(ServerMessage::Event(Event::WatchLagged { watch_id: 21 })),
+        ),
+        (
+            "event_state_expired",
+            Message::S2c(ServerMessage::Event(Event::StateChanged {
+                watch_id: 21,
+                key: "cfg/tmp".into(),
+                version: 12,
+                change: ChangeKind::Expired,
+                value: None,
+            })),
+        ),
+        (
+            "state_watch_key",
+            request(
+                22,
+                Request::StateWatch {
+                    key: "stats/hits".into(),
+                    prefix: false,
+                    from_version: 0,
+                    with_values: false,
+                },
+            ),
+        ),
+        (
+            "state_unwatch",
+            request(23, Request::StateUnwatch { watch_id: 21 }),
         ),
     ]
 }
@@ -473,14 +723,12 @@ fn protocol_md_table_names_every_vector() {
     assert_eq!(rows, expected);
 }
 
-/// The annotated session: a header line `c2s NAME` or `s2c NAME` per frame,
-/// then lines of space-separated byte pairs, two spaces, and a comment.
-#[test]
-fn protocol_md_annotated_session_matches_the_vectors() {
-    let doc = protocol_md();
-    let file = file_vectors();
+/// The frames of an annotated block of `PROTOCOL.md`: a header line
+/// `c2s NAME` or `s2c NAME` per frame, then lines of space-separated byte
+/// pairs, two spaces, and a comment. Returns (direction, name, bytes).
+fn annotated_frames(doc: &str, tag: &str) -> Vec<(String, String, Vec<u8>)> {
     let mut frames: Vec<(String, String, Vec<u8>)> = Vec::new();
-    for line in fenced_block(&doc, "session-v1") {
+    for line in fenced_block(doc, tag) {
         let line = line.trim();
         if line.is_empty() {
             continue;
@@ -496,36 +744,67 @@ fn protocol_md_annotated_session_matches_the_vectors() {
         let (hex, _comment) = line.split_once("  ").unwrap_or((line, ""));
         let frame = frames
             .last_mut()
-            .unwrap_or_else(|| panic!("bytes before the first frame header: {line:?}"));
+            .unwrap_or_else(|| panic!("{tag}: bytes before the first frame header: {line:?}"));
         for pair in hex.split(' ') {
-            assert_eq!(pair.len(), 2, "byte {pair:?} in {line:?}");
+            assert_eq!(pair.len(), 2, "{tag}: byte {pair:?} in {line:?}");
             frame.2.extend(hex_to_bytes(pair, line));
         }
     }
-    let names: Vec<&str> = frames.iter().map(|f| f.1.as_str()).collect();
-    assert_eq!(
-        names,
-        [
+    frames
+}
+
+/// Checks that the annotated block `tag` shows exactly the vectors `names`,
+/// in order, with the file's bytes.
+fn check_annotated_block(tag: &str, names: &[&str]) {
+    let doc = protocol_md();
+    let file = file_vectors();
+    let frames = annotated_frames(&doc, tag);
+    let found: Vec<&str> = frames.iter().map(|f| f.1.as_str()).collect();
+    assert_eq!(found, names, "{tag}: frames");
+    for (direction, name, bytes) in &frames {
+        let vector = file
+            .iter()
+            .find(|v| &v.name == name)
+            .unwrap_or_else(|| panic!("{tag}: no vector {name}"));
+        assert_eq!(direction, &vector.direction, "{tag}: {name}: direction");
+        assert_eq!(
+            bytes_to_hex(bytes),
+            bytes_to_hex(&vector.bytes),
+            "{tag}: {name}: annotated bytes"
+        );
+    }
+}
+
+/// The annotated session of `PROTOCOL.md` (a block opened by
+/// ` ```session-v1 `).
+#[test]
+fn protocol_md_annotated_session_matches_the_vectors() {
+    check_annotated_block(
+        "session-v1",
+        &[
             "hello",
             "welcome",
             "acquire_mutex",
             "granted",
             "release",
-            "released"
-        ]
+            "released",
+        ],
     );
-    for (direction, name, bytes) in &frames {
-        let vector = file
-            .iter()
-            .find(|v| &v.name == name)
-            .unwrap_or_else(|| panic!("no vector {name}"));
-        assert_eq!(direction, &vector.direction, "{name}: direction");
-        assert_eq!(
-            bytes_to_hex(bytes),
-            bytes_to_hex(&vector.bytes),
-            "{name}: annotated bytes"
-        );
-    }
+}
+
+/// The annotated shared-state frames of `PROTOCOL.md` (a block opened by
+/// ` ```session-v1-state `).
+#[test]
+fn protocol_md_annotated_state_frames_match_the_vectors() {
+    check_annotated_block(
+        "session-v1-state",
+        &[
+            "state_set",
+            "state_increment",
+            "state_entries",
+            "event_state_changed",
+        ],
+    );
 }
 
 /// Prints every vector as a line of `proto/golden/v1.txt`.

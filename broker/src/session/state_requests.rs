@@ -10,9 +10,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use lockbroker_proto::{
-    ClientMessage, ErrorCode, ErrorInfo, Event, LockName, Request, Response, StateSet,
-};
+use lockbroker_proto::{ErrorCode, ErrorInfo, Event, LockName, Request, Response, StateSet};
 use tokio::sync::{broadcast, mpsc};
 
 use super::Session;
@@ -83,6 +81,12 @@ impl Session {
     }
 
     fn try_state_request(&mut self, id: u64, request: Request) -> Result<(), ErrorInfo> {
+        if self.id_in_use(id) {
+            return Err(ErrorInfo::new(
+                ErrorCode::DuplicateRequestId,
+                format!("request id {id} is already used by a request still being answered"),
+            ));
+        }
         let op = match request {
             Request::StateGet { key } => Op::Get {
                 key: LockName::new(key).map_err(invalid_key)?,
@@ -161,12 +165,6 @@ impl Session {
                 } else {
                     LockName::new(key.as_str()).map_err(invalid_key)?;
                 }
-                if self.watches.contains_key(&id) || self.watches_starting.contains_key(&id) {
-                    return Err(ErrorInfo::new(
-                        ErrorCode::DuplicateRequestId,
-                        format!("watch {id} already exists"),
-                    ));
-                }
                 let count = self.watches.len() + self.watches_starting.len();
                 let max = self.broker.limits.max_pending as usize;
                 if count >= max {
@@ -193,7 +191,11 @@ impl Session {
                 }
             }
             Request::StateUnwatch { watch_id } => {
-                if self.watches.remove(&watch_id).is_none() {
+                // A watch whose start the store has not confirmed yet ends
+                // too: its confirmation then finds nothing to start.
+                let active = self.watches.remove(&watch_id).is_some();
+                let starting = self.watches_starting.remove(&watch_id).is_some();
+                if !active && !starting {
                     return Err(ErrorInfo::new(
                         ErrorCode::NotPending,
                         format!("no watch has id {watch_id}"),
@@ -208,6 +210,7 @@ impl Session {
                 return Err(ErrorInfo::new(ErrorCode::Internal, "misrouted request"));
             }
         };
+        self.state_inflight.insert(id);
         self.submit(id, op);
         Ok(())
     }
@@ -215,13 +218,16 @@ impl Session {
     /// An answer from the store.
     pub(super) fn completed(&mut self, done: Completion) {
         let id = done.request_id;
+        self.state_inflight.remove(&id);
         self.respond(id, done.response);
         if let Some(start) = done.watch {
+            // Kept even if this watch was ended meanwhile: later watches
+            // count on the session's one receiver.
+            if start.receiver.is_some() {
+                self.changes = start.receiver;
+            }
             if let Some(mut watch) = self.watches_starting.remove(&id) {
                 watch.live_from = start.live_from;
-                if start.receiver.is_some() {
-                    self.changes = start.receiver;
-                }
                 if start.lagged {
                     self.event(Event::WatchLagged { watch_id: id });
                 }
@@ -285,13 +291,14 @@ impl Session {
             )
     }
 
+    /// Carries out held-back requests, in order, until one must wait again.
     fn run_deferred(&mut self) {
-        while self.guarded.is_empty() {
-            let Some((id, request)) = self.deferred.pop_front() else {
+        while let Some((_, request)) = self.deferred.front() {
+            if self.must_wait_for_guarded_writes(request) {
                 break;
-            };
-            // Releases never end the connection.
-            let _ = self.message(ClientMessage::Request { id, request });
+            }
+            let (id, request) = self.deferred.pop_front().expect("front exists");
+            self.dispatch(id, request);
         }
     }
 

@@ -1,6 +1,11 @@
 //! Integration tests: each drives a real daemon (in this process, on a
 //! socket in its own temporary directory) through the public client, raw
 //! protocol bytes, or separate worker processes.
+//!
+//! Unix only: the tests use Unix sockets, signals and `/proc`; on Windows
+//! the code is compiled, not run.
+
+#![cfg(unix)]
 
 mod abandon;
 mod bad_input;

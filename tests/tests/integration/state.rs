@@ -493,3 +493,127 @@ async fn bad_state_requests_keep_the_connection() {
     })
     .await
 }
+
+fn frames(msgs: &[ClientMessage]) -> Vec<u8> {
+    let mut out = Vec::new();
+    for m in msgs {
+        lockbroker_proto::frame::encode(m, lockbroker_proto::DEFAULT_MAX_FRAME_LEN, &mut out)
+            .unwrap();
+    }
+    out
+}
+
+fn req(id: u64, request: Request) -> ClientMessage {
+    ClientMessage::Request { id, request }
+}
+
+/// Requests after a held-back release wait for it, so a try of the lock
+/// just released (pipelined behind a guarded write) succeeds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_keep_their_order_behind_a_held_back_release() {
+    bounded(async {
+        let daemon = Daemon::start().await;
+        let mut raw = daemon.raw().await;
+        let Response::Granted(g) = raw
+            .call(
+                1,
+                crate::util::acquire("o", lockbroker::LockKind::Mutex, 0, 1, None),
+            )
+            .await
+        else {
+            panic!("not granted")
+        };
+        let set = Request::StateSet(lockbroker_proto::StateSet {
+            key: "o/status".into(),
+            value: b"v".to_vec(),
+            if_version: None,
+            ttl_ms: None,
+            guard: Some(g.hold_id),
+        });
+        let try_again = crate::util::acquire("o", lockbroker::LockKind::Mutex, 0, 1, Some(0));
+        raw.send_bytes(&frames(&[
+            req(2, set),
+            req(3, Request::Release { hold_id: g.hold_id }),
+            req(4, try_again),
+        ]))
+        .await;
+        assert!(matches!(
+            raw.response().await,
+            (2, Response::StateWritten { .. })
+        ));
+        assert_eq!(raw.response().await, (3, Response::Released { permits: 1 }));
+        let (id, r) = raw.response().await;
+        assert_eq!(id, 4);
+        assert!(
+            matches!(r, Response::Granted(_)),
+            "the try ran before the release: {r:?}"
+        );
+        daemon.stop().await;
+    })
+    .await
+}
+
+/// The id of a state request still being answered cannot be reused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_duplicate_id_of_an_unanswered_state_request_is_refused() {
+    bounded(async {
+        let daemon = Daemon::start().await;
+        let mut raw = daemon.raw().await;
+        let get = || Request::StateGet { key: "d".into() };
+        // Both arrive in one read: the second is seen before the store answers.
+        raw.send_bytes(&frames(&[req(9, get()), req(9, get())]))
+            .await;
+        let mut answers = vec![raw.response().await, raw.response().await];
+        answers.sort_by_key(|(_, r)| matches!(r, Response::Error(_)));
+        assert_eq!(answers[0], (9, Response::StateValue(None)));
+        match &answers[1] {
+            (9, Response::Error(e)) => assert_eq!(e.code, ErrorCode::DuplicateRequestId),
+            other => panic!("{other:?}"),
+        }
+        daemon.stop().await;
+    })
+    .await
+}
+
+/// An unwatch right behind its watch ends it; a watch from a future version
+/// sees only changes from that version on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unwatch_of_a_starting_watch_and_watches_from_the_future() {
+    bounded(async {
+        let daemon = Daemon::start().await;
+        let mut raw = daemon.raw().await;
+        let watch = |from| Request::StateWatch {
+            key: "f".into(),
+            prefix: false,
+            from_version: from,
+            with_values: false,
+        };
+        raw.send_bytes(&frames(&[
+            req(1, watch(0)),
+            req(2, Request::StateUnwatch { watch_id: 1 }),
+        ]))
+        .await;
+        let mut got = vec![raw.response().await, raw.response().await];
+        got.sort_by_key(|(id, _)| *id);
+        assert_eq!(got, [(1, Response::Done), (2, Response::Done)]);
+        let state = daemon.client().await.state();
+        let v1 = state.set("f", "1").await.unwrap();
+        // Watch from two versions ahead: v1 + 1 is skipped, v1 + 2 is seen.
+        assert_eq!(raw.call(3, watch(v1 + 2)).await, Response::Done);
+        let v2 = state.set("f", "2").await.unwrap();
+        let v3 = state.set("f", "3").await.unwrap();
+        assert_eq!((v2, v3), (v1 + 1, v1 + 2));
+        match raw.recv().await {
+            Some(ServerMessage::Event(Event::StateChanged {
+                watch_id: 3,
+                version,
+                ..
+            })) => assert_eq!(version, v3),
+            other => panic!("{other:?}"),
+        }
+        // Watch 1 sent nothing: the next frame answers this ping.
+        assert_eq!(raw.call(4, Request::Ping).await, Response::Pong);
+        daemon.stop().await;
+    })
+    .await
+}
