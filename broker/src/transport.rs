@@ -240,7 +240,10 @@ mod unix {
 mod windows {
     //! Named pipes through `interprocess`. The first instance is created
     //! with `FILE_FLAG_FIRST_PIPE_INSTANCE`, so a second daemon (or a
-    //! squatter that created the pipe first) makes binding fail.
+    //! squatter that created the pipe first) makes binding fail; remote
+    //! clients are rejected; and a security descriptor admits only the
+    //! user (local scope) or SYSTEM, Administrators and Authenticated Users
+    //! (global scope).
 
     use std::io;
     use std::path::Path;
@@ -250,6 +253,7 @@ mod windows {
         PipeListener, RecvPipeStream, SendPipeStream,
     };
     use interprocess::os::windows::named_pipe::{PipeListenerOptions, PipeMode};
+    use interprocess::os::windows::security_descriptor::SecurityDescriptor;
     use lockbroker_proto::address::Scope;
 
     use super::PeerCred;
@@ -260,6 +264,14 @@ mod windows {
     /// The writing half of an accepted connection.
     pub type WriteHalf = SendPipeStream<Bytes>;
 
+    /// Only the pipe's owner — the user running the daemon — may connect
+    /// (SDDL: protected DACL, generic-all for OWNER RIGHTS).
+    pub const USER_SDDL: &str = "D:P(A;;GA;;;OW)";
+
+    /// SYSTEM and Administrators fully, Authenticated Users to read and
+    /// write: every user of the machine, no anonymous or network logon.
+    pub const GLOBAL_SDDL: &str = "D:P(A;;GA;;;SY)(A;;GA;;;BA)(A;;GRGW;;;AU)";
+
     /// A listening named pipe.
     #[derive(Debug)]
     pub struct Listener {
@@ -269,11 +281,19 @@ mod windows {
     impl Listener {
         /// Creates the pipe `name` (e.g. `\\.\pipe\lockbroker-alice`).
         /// Must be called within a Tokio runtime.
-        pub fn bind(name: &Path, _scope: Option<Scope>) -> Result<Listener, StartError> {
+        pub fn bind(name: &Path, scope: Option<Scope>) -> Result<Listener, StartError> {
+            let sddl = match scope {
+                Some(Scope::Global) => GLOBAL_SDDL,
+                _ => USER_SDDL,
+            };
+            let wide = widestring::U16CString::from_str(sddl).expect("no NUL in the SDDL");
+            let descriptor = SecurityDescriptor::deserialize(&wide)
+                .map_err(|e| StartError::io("building the security descriptor of", name, e))?;
             let inner = PipeListenerOptions::new()
                 .path(name)
                 .mode(PipeMode::Bytes)
                 .accept_remote(false)
+                .security_descriptor(Some(descriptor))
                 .create_tokio_duplex::<Bytes>()
                 .map_err(|e| match e.kind() {
                     io::ErrorKind::PermissionDenied | io::ErrorKind::AddrInUse => {

@@ -35,6 +35,15 @@ pub mod exit {
 const NO_AUTOSTART_ENV: &str = "LOCKBROKER_NO_AUTOSTART";
 
 fn main() -> ExitCode {
+    // Like other Unix tools, die quietly when stdout is a closed pipe
+    // (`lockbroker state watch | head -1`) rather than panic on the write.
+    // Sockets are written with MSG_NOSIGNAL, so the daemon's going away is
+    // still an error, not a signal.
+    #[cfg(unix)]
+    // SAFETY: restoring the default disposition before any thread starts.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
     let cli = Cli::parse();
     if let Command::Daemon(d) = cli.command {
         let mut args = Vec::new();
