@@ -563,7 +563,7 @@ async fn a_duplicate_id_of_an_unanswered_state_request_is_refused() {
         // Both arrive in one read: the second is seen before the store answers.
         raw.send_bytes(&frames(&[req(9, get()), req(9, get())]))
             .await;
-        let mut answers = vec![raw.response().await, raw.response().await];
+        let mut answers = [raw.response().await, raw.response().await];
         answers.sort_by_key(|(_, r)| matches!(r, Response::Error(_)));
         assert_eq!(answers[0], (9, Response::StateValue(None)));
         match &answers[1] {
@@ -593,7 +593,7 @@ async fn unwatch_of_a_starting_watch_and_watches_from_the_future() {
             req(2, Request::StateUnwatch { watch_id: 1 }),
         ]))
         .await;
-        let mut got = vec![raw.response().await, raw.response().await];
+        let mut got = [raw.response().await, raw.response().await];
         got.sort_by_key(|(id, _)| *id);
         assert_eq!(got, [(1, Response::Done), (2, Response::Done)]);
         let state = daemon.client().await.state();
