@@ -617,3 +617,25 @@ async fn unwatch_of_a_starting_watch_and_watches_from_the_future() {
     })
     .await
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_total_caps_hold_for_everyone() {
+    bounded(async {
+        let daemon = Daemon::start_with(|c| {
+            c.state.max_keys = 2;
+            c.state.max_bytes = 1000;
+        })
+        .await;
+        let state = daemon.client().await.state();
+        state.set("a", "1").await.unwrap();
+        state.set("b", "1").await.unwrap();
+        let err = state.set("c", "1").await.unwrap_err();
+        assert_eq!(err.code(), Some(ErrorCode::QuotaExceeded), "{err}");
+        let err = state.set("a", vec![0u8; 999]).await.unwrap_err();
+        assert_eq!(err.code(), Some(ErrorCode::QuotaExceeded), "{err}");
+        assert_eq!(state.get("a").await.unwrap().unwrap().value, b"1");
+        assert_eq!(state.get("c").await.unwrap(), None);
+        daemon.stop().await;
+    })
+    .await
+}
