@@ -6,18 +6,17 @@
 
 #![cfg(unix)]
 
+mod common;
+
+use common::{hold_over_raw, signal, wait_exit};
+
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::os::unix::net::UnixStream as StdStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use lockbroker_proto::io::FrameReader;
-use lockbroker_proto::{
-    Acquire, ClientMessage, DEFAULT_MAX_FRAME_LEN, Event, Hello, LockKind, MAGIC, Request,
-    Response, ServerMessage, frame,
-};
-use tokio::io::AsyncWriteExt;
+use lockbroker_proto::{Event, ServerMessage};
 
 const BIN: &str = env!("CARGO_BIN_EXE_lockbrokerd");
 
@@ -73,27 +72,6 @@ fn sock_arg(p: &Path) -> String {
     p.to_str().unwrap().to_owned()
 }
 
-fn kill(child: &Child, signal: i32) {
-    // SAFETY: sending a signal to our own child process.
-    let rc = unsafe { libc::kill(child.id() as i32, signal) };
-    assert_eq!(rc, 0);
-}
-
-/// Waits for the child's exit, at most `limit`.
-fn wait_exit(child: &mut Child, limit: Duration) -> std::process::ExitStatus {
-    let deadline = Instant::now() + limit;
-    loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            return status;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "daemon did not exit within {limit:?}"
-        );
-        std::thread::sleep(Duration::from_millis(2));
-    }
-}
-
 #[test]
 fn sigterm_tells_sessions_releases_and_exits_0_within_a_second() {
     let dir = tempfile::tempdir().unwrap();
@@ -107,41 +85,10 @@ fn sigterm_tells_sessions_releases_and_exits_0_within_a_second() {
         .build()
         .unwrap();
     rt.block_on(async {
-        let stream = tokio::net::UnixStream::connect(&socket).await.unwrap();
-        let (r, mut w) = stream.into_split();
-        let mut reader = FrameReader::new(r, DEFAULT_MAX_FRAME_LEN);
-        let mut send = Vec::new();
-        let hello = ClientMessage::Hello(Hello {
-            magic: MAGIC,
-            version: 1,
-            client_name: "t".into(),
-        });
-        let acquire = ClientMessage::Request {
-            id: 1,
-            request: Request::Acquire(Acquire {
-                name: "held".into(),
-                kind: LockKind::Mutex,
-                capacity: 0,
-                permits: 1,
-                timeout_ms: None,
-            }),
-        };
-        frame::encode(&hello, DEFAULT_MAX_FRAME_LEN, &mut send).unwrap();
-        frame::encode(&acquire, DEFAULT_MAX_FRAME_LEN, &mut send).unwrap();
-        w.write_all(&send).await.unwrap();
-        let welcome: ServerMessage = reader.read_message().await.unwrap().unwrap();
-        assert!(matches!(welcome, ServerMessage::Welcome(_)));
-        let granted: ServerMessage = reader.read_message().await.unwrap().unwrap();
-        assert!(matches!(
-            granted,
-            ServerMessage::Response {
-                id: 1,
-                response: Response::Granted(_)
-            }
-        ));
+        let (mut reader, _writer) = hold_over_raw(&socket, "held").await;
 
         let signalled = Instant::now();
-        kill(&child, libc::SIGTERM);
+        signal(&child, libc::SIGTERM);
         let event: ServerMessage = reader.read_message().await.unwrap().unwrap();
         assert_eq!(event, ServerMessage::Event(Event::ShuttingDown));
         assert!(
@@ -167,7 +114,7 @@ fn sigint_also_shuts_down_cleanly() {
         .spawn()
         .unwrap();
     wait_ready(&mut child, &socket);
-    kill(&child, libc::SIGINT);
+    signal(&child, libc::SIGINT);
     assert!(wait_exit(&mut child, Duration::from_secs(5)).success());
     assert!(!socket.exists());
 }
@@ -186,7 +133,7 @@ fn a_second_daemon_on_the_same_socket_is_refused() {
     assert_eq!(msg.lines().count(), 1, "one clear line: {msg}");
     // The first one is undisturbed.
     assert!(StdStream::connect(&socket).is_ok());
-    kill(&first, libc::SIGTERM);
+    signal(&first, libc::SIGTERM);
     assert!(wait_exit(&mut first, Duration::from_secs(5)).success());
 }
 
@@ -198,14 +145,14 @@ fn a_stale_socket_of_a_killed_daemon_is_reclaimed() {
         .spawn()
         .unwrap();
     wait_ready(&mut first, &socket);
-    kill(&first, libc::SIGKILL);
+    signal(&first, libc::SIGKILL);
     first.wait().unwrap();
     assert!(socket.exists(), "SIGKILL leaves the socket file");
     let mut second = daemon(&["--socket", &sock_arg(&socket)], None)
         .spawn()
         .unwrap();
     wait_ready(&mut second, &socket);
-    kill(&second, libc::SIGTERM);
+    signal(&second, libc::SIGTERM);
     assert!(wait_exit(&mut second, Duration::from_secs(5)).success());
 }
 
@@ -231,7 +178,7 @@ fn the_local_scope_creates_a_private_directory() {
     assert_eq!(meta.permissions().mode() & 0o777, 0o700);
     let sock_mode = std::fs::metadata(&socket).unwrap().permissions().mode() & 0o777;
     assert_eq!(sock_mode, 0o600);
-    kill(&child, libc::SIGTERM);
+    signal(&child, libc::SIGTERM);
     assert!(wait_exit(&mut child, Duration::from_secs(5)).success());
 }
 

@@ -8,17 +8,14 @@
 
 #![cfg(unix)]
 
+mod common;
+
+use common::{hold_over_raw, signal, wait_exit};
+
 use std::os::unix::net::UnixDatagram;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
-
-use lockbroker_proto::io::FrameReader;
-use lockbroker_proto::{
-    Acquire, ClientMessage, DEFAULT_MAX_FRAME_LEN, Hello, LockKind, MAGIC, Request, Response,
-    ServerMessage, frame,
-};
-use tokio::io::AsyncWriteExt;
 
 const BIN: &str = env!("CARGO_BIN_EXE_lockbrokerd");
 
@@ -42,25 +39,6 @@ fn tool(tool: &str) -> Option<PathBuf> {
     }
     eprintln!("skipped: {tool} is not installed (Debian package systemd)");
     None
-}
-
-fn wait_exit(child: &mut Child, limit: Duration) -> std::process::ExitStatus {
-    let deadline = Instant::now() + limit;
-    loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            return status;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "process did not exit within {limit:?}"
-        );
-        std::thread::sleep(Duration::from_millis(5));
-    }
-}
-
-fn term(child: &Child) {
-    // SAFETY: signalling our own child.
-    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
 }
 
 /// Copies the unit files into `dir` with ExecStart pointing at the built
@@ -180,45 +158,6 @@ fn sysusers_file_parses() {
     );
 }
 
-/// Speaks just enough protocol to take a lock and see it granted.
-async fn take_lock(socket: &Path) {
-    let stream = tokio::net::UnixStream::connect(socket).await.unwrap();
-    let (r, mut w) = stream.into_split();
-    let mut bytes = Vec::new();
-    let hello = ClientMessage::Hello(Hello {
-        magic: MAGIC,
-        version: 1,
-        client_name: "systemd-test".into(),
-    });
-    let acquire = ClientMessage::Request {
-        id: 1,
-        request: Request::Acquire(Acquire {
-            name: "activated".into(),
-            kind: LockKind::Mutex,
-            capacity: 0,
-            permits: 1,
-            timeout_ms: Some(5000),
-        }),
-    };
-    frame::encode(&hello, DEFAULT_MAX_FRAME_LEN, &mut bytes).unwrap();
-    frame::encode(&acquire, DEFAULT_MAX_FRAME_LEN, &mut bytes).unwrap();
-    w.write_all(&bytes).await.unwrap();
-    let mut reader = FrameReader::new(r, DEFAULT_MAX_FRAME_LEN);
-    let welcome: ServerMessage = reader.read_message().await.unwrap().unwrap();
-    assert!(matches!(welcome, ServerMessage::Welcome(_)), "{welcome:?}");
-    let granted: ServerMessage = reader.read_message().await.unwrap().unwrap();
-    assert!(
-        matches!(
-            granted,
-            ServerMessage::Response {
-                id: 1,
-                response: Response::Granted(_)
-            }
-        ),
-        "{granted:?}"
-    );
-}
-
 #[test]
 fn socket_activation_serves_the_passed_socket() {
     let Some(activate) = tool("systemd-socket-activate") else {
@@ -251,12 +190,14 @@ fn socket_activation_serves_the_passed_socket() {
         .build()
         .unwrap();
     rt.block_on(async {
-        tokio::time::timeout(Duration::from_secs(30), take_lock(&socket))
-            .await
-            .expect("a lock through the activated socket");
+        tokio::time::timeout(Duration::from_secs(30), async {
+            hold_over_raw(&socket, "activated").await;
+        })
+        .await
+        .expect("a lock through the activated socket");
     });
     assert!(!unused.exists(), "the daemon bound its own socket too");
-    term(&child);
+    signal(&child, libc::SIGTERM);
     assert!(wait_exit(&mut child, Duration::from_secs(10)).success());
 }
 
@@ -299,7 +240,7 @@ fn readiness_watchdog_and_stopping_are_notified() {
     std::os::unix::net::UnixStream::connect(&socket).expect("ready means listening");
     expect_notify(&notify, "WATCHDOG=1");
     expect_notify(&notify, "WATCHDOG=1");
-    term(&child);
+    signal(&child, libc::SIGTERM);
     expect_notify(&notify, "STOPPING=1");
     assert!(wait_exit(&mut child, Duration::from_secs(10)).success());
 }
