@@ -67,7 +67,9 @@ pub fn drive<C: Send + 'static>(
     all.sort_unstable();
     Sample {
         ops_per_sec: all.len() as f64 / elapsed.as_secs_f64(),
-        p50_us: all.get(all.len() / 2).map_or(0.0, |d| d.as_nanos() as f64 / 1000.0),
+        p50_us: all
+            .get(all.len() / 2)
+            .map_or(0.0, |d| d.as_nanos() as f64 / 1000.0),
     }
 }
 

@@ -57,9 +57,17 @@ fn main() {
     let mut it = args.iter();
     while let Some(a) = it.next() {
         match a.as_str() {
-            "--reps" => reps = it.next().and_then(|v| v.parse().ok()).unwrap_or_else(|| usage()),
+            "--reps" => {
+                reps = it
+                    .next()
+                    .and_then(|v| v.parse().ok())
+                    .unwrap_or_else(|| usage())
+            }
             "--duration" => {
-                let secs: f64 = it.next().and_then(|v| v.parse().ok()).unwrap_or_else(|| usage());
+                let secs: f64 = it
+                    .next()
+                    .and_then(|v| v.parse().ok())
+                    .unwrap_or_else(|| usage());
                 duration = Duration::from_secs_f64(secs);
             }
             "--quick" => {
@@ -104,7 +112,11 @@ fn main() {
                 clients: 2,
                 duration,
             };
-            results.add("lockbroker handoff (release → grant)", &m, run::handoff(&bins, &m));
+            results.add(
+                "lockbroker handoff (release → grant)",
+                &m,
+                run::handoff(&bins, &m),
+            );
         }
     }
     let facts = run::facts(&bins);

@@ -9,8 +9,7 @@ use std::path::Path;
 use crate::floor::drive;
 use crate::run::{Measure, Sample, Server, pinned};
 
-const RELEASE: &str =
-    "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) else return 0 end";
+const RELEASE: &str = "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) else return 0 end";
 
 /// Whether `redis-server` is on the PATH.
 pub fn available() -> bool {

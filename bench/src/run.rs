@@ -131,7 +131,10 @@ impl Server {
 pub fn daemon(bins: &Bins, m: &Measure, extra: &[&str]) -> Server {
     Server::start(|socket| {
         let mut cmd = pinned(m.placement.server_cpu(), &bins.daemon);
-        cmd.arg("--socket").arg(socket).args(["--log-level", "warn"]).args(extra);
+        cmd.arg("--socket")
+            .arg(socket)
+            .args(["--log-level", "warn"])
+            .args(extra);
         cmd
     })
 }
@@ -165,7 +168,13 @@ pub fn lockbroker(bins: &Bins, m: &Measure, blocking: bool) -> Sample {
     let server = daemon(bins, m, &[]);
     let clients = m.clients.to_string();
     let duration = format!("{}ms", m.duration.as_millis());
-    let mut args = vec!["uncontended", "--clients", &clients, "--duration", &duration];
+    let mut args = vec![
+        "uncontended",
+        "--clients",
+        &clients,
+        "--duration",
+        &duration,
+    ];
     if blocking {
         args.push("--blocking");
     }
@@ -175,7 +184,12 @@ pub fn lockbroker(bins: &Bins, m: &Measure, blocking: bool) -> Sample {
 /// Release → next grant between two clients.
 pub fn handoff(bins: &Bins, m: &Measure) -> Sample {
     let server = daemon(bins, m, &[]);
-    sample(&cli_bench(bins, m, &server.socket, &["handoff", "--ops", "2000"]))
+    sample(&cli_bench(
+        bins,
+        m,
+        &server.socket,
+        &["handoff", "--ops", "2000"],
+    ))
 }
 
 /// Facts measured once: memory, start time, abandonment.
@@ -238,12 +252,7 @@ pub fn facts(bins: &Bins) -> Facts {
     std::thread::sleep(Duration::from_millis(200));
     let idle_rss = rss(idle.pid());
     drop(idle);
-    let big = [
-        "--max-connections",
-        "20000",
-        "--max-holds",
-        "2000000",
-    ];
+    let big = ["--max-connections", "20000", "--max-holds", "2000000"];
     let server = daemon(bins, &m, &big);
     let conns = cli_bench(bins, &m, &server.socket, &["connections", "--ops", "10000"]);
     drop(server);
@@ -286,8 +295,15 @@ impl Results {
             .push(s);
     }
 
-    fn medians(&self, placement: Placement, clients: usize, scenario: &str) -> Option<(f64, f64, usize)> {
-        let v = self.samples.get(&(placement, clients, scenario.to_owned()))?;
+    fn medians(
+        &self,
+        placement: Placement,
+        clients: usize,
+        scenario: &str,
+    ) -> Option<(f64, f64, usize)> {
+        let v = self
+            .samples
+            .get(&(placement, clients, scenario.to_owned()))?;
         Some((
             median(v.iter().map(|s| s.ops_per_sec).collect()),
             median(v.iter().map(|s| s.p50_us).collect()),
@@ -317,10 +333,9 @@ impl Results {
                         continue;
                     };
                     let (r_ops, r_p50) = match floor {
-                        Some((f_ops, f_p50, _)) => (
-                            format!("{:.2}", ops / f_ops),
-                            format!("{:.2}", p50 / f_p50),
-                        ),
+                        Some((f_ops, f_p50, _)) => {
+                            (format!("{:.2}", ops / f_ops), format!("{:.2}", p50 / f_p50))
+                        }
                         None => ("–".into(), "–".into()),
                     };
                     let _ = writeln!(
@@ -337,7 +352,9 @@ impl Results {
         for &placement in &placements {
             let get = |c: usize, s: &str| self.medians(placement, c, s);
             let name = placement.name();
-            if let (Some(lb), Some(f2)) = (get(1, "lockbroker async"), get(1, "floor, 2 round trips")) {
+            if let (Some(lb), Some(f2)) =
+                (get(1, "lockbroker async"), get(1, "floor, 2 round trips"))
+            {
                 target(
                     &mut out,
                     &format!("{name}: uncontended 1 client p50 ≤ 1.25 × 2-RTT floor"),
@@ -346,7 +363,9 @@ impl Results {
                     false,
                 );
             }
-            if let (Some(lb), Some(f2)) = (get(8, "lockbroker async"), get(8, "floor, 2 round trips")) {
+            if let (Some(lb), Some(f2)) =
+                (get(8, "lockbroker async"), get(8, "floor, 2 round trips"))
+            {
                 target(
                     &mut out,
                     &format!("{name}: 8 clients cycles/s ≥ 0.8 × 2-RTT floor"),
@@ -380,19 +399,62 @@ impl Results {
             }
         }
         let abs = |out: &mut String, what: &str, value: String, ok: bool| {
-            let _ = writeln!(out, "- {what}: {value} — {}", if ok { "met" } else { "MISSED" });
+            let _ = writeln!(
+                out,
+                "- {what}: {value} — {}",
+                if ok { "met" } else { "MISSED" }
+            );
         };
-        abs(&mut out, "abandon: kill -9 → grant p99 ≤ 2 ms", format!("p50 {:.0} µs, p99 {:.0} µs", facts.abandon_p50_us, facts.abandon_p99_us), facts.abandon_p99_us <= 2000.0);
-        abs(&mut out, "10,000 connections each holding a lock: ≤ 8 KiB per connection", format!("{:.0} bytes", facts.per_connection), facts.per_connection <= 8192.0);
-        abs(&mut out, "1,000,000 names held by one session: ≤ 256 bytes per name", format!("{:.0} bytes", facts.per_name), facts.per_name <= 256.0);
-        abs(&mut out, "idle daemon ≤ 8 MiB resident", format!("{:.1} MiB", facts.idle_rss as f64 / 1048576.0), facts.idle_rss <= 8 * 1048576);
-        abs(&mut out, "start to accepting ≤ 50 ms", format!("{:.1} ms (median of 10)", facts.start.as_secs_f64() * 1000.0), facts.start <= Duration::from_millis(50));
+        abs(
+            &mut out,
+            "abandon: kill -9 → grant p99 ≤ 2 ms",
+            format!(
+                "p50 {:.0} µs, p99 {:.0} µs",
+                facts.abandon_p50_us, facts.abandon_p99_us
+            ),
+            facts.abandon_p99_us <= 2000.0,
+        );
+        abs(
+            &mut out,
+            "10,000 connections each holding a lock: ≤ 8 KiB per connection",
+            format!("{:.0} bytes", facts.per_connection),
+            facts.per_connection <= 8192.0,
+        );
+        abs(
+            &mut out,
+            "1,000,000 names held by one session: ≤ 256 bytes per name",
+            format!("{:.0} bytes", facts.per_name),
+            facts.per_name <= 256.0,
+        );
+        abs(
+            &mut out,
+            "idle daemon ≤ 8 MiB resident",
+            format!("{:.1} MiB", facts.idle_rss as f64 / 1048576.0),
+            facts.idle_rss <= 8 * 1048576,
+        );
+        abs(
+            &mut out,
+            "start to accepting ≤ 50 ms",
+            format!(
+                "{:.1} ms (median of 10)",
+                facts.start.as_secs_f64() * 1000.0
+            ),
+            facts.start <= Duration::from_millis(50),
+        );
         out
     }
 }
 
 fn target(out: &mut String, what: &str, ratio: f64, limit: f64, at_least: bool) {
     use std::fmt::Write;
-    let ok = if at_least { ratio >= limit } else { ratio <= limit };
-    let _ = writeln!(out, "- {what}: {ratio:.2} — {}", if ok { "met" } else { "MISSED" });
+    let ok = if at_least {
+        ratio >= limit
+    } else {
+        ratio <= limit
+    };
+    let _ = writeln!(
+        out,
+        "- {what}: {ratio:.2} — {}",
+        if ok { "met" } else { "MISSED" }
+    );
 }
