@@ -1,0 +1,97 @@
+"""lockbroker: named locks shared by every process of a machine.
+
+A standard-library-only client for the lockbroker daemon (protocol v1,
+``PROTOCOL.md``). The objects behave like their ``threading`` counterparts::
+
+    import lockbroker
+
+    with lockbroker.Lock("deploy/status"):
+        ...  # no other process holds deploy/status here
+
+and the daemon keeps versioned shared state next to the locks::
+
+    state = lockbroker.State()
+    state.increment("stats/hits")
+    with state.watch("cfg/", prefix=True) as changes:
+        for change in changes:
+            ...
+
+Modules:
+
+* :mod:`lockbroker.primitives` -- ``Lock``, ``BoundedSemaphore``, ``RWLock``;
+* :mod:`lockbroker.state` -- ``State`` (get, set, remove, increment, list)
+  and ``Watch``, an iterator of ``Changed`` / ``Lagged`` events;
+* :mod:`lockbroker.client` -- ``Client``, one session shared by all threads,
+  and the process-wide ``default_client()``;
+* :mod:`lockbroker.protocol` -- wire types, codec and framing;
+* :mod:`lockbroker.address` -- where the daemon's socket is;
+* :mod:`lockbroker.errors` -- exceptions.
+"""
+
+from __future__ import annotations
+
+from .address import GLOBAL, LOCAL
+from .client import Client, default_client, set_default_client
+from .errors import (
+    BrokerError,
+    ClientClosed,
+    ConnectFailed,
+    ConnectionLost,
+    DaemonShuttingDown,
+    GuardNotHeld,
+    InvalidRequest,
+    LimitExceeded,
+    LockbrokerError,
+    LockTimeout,
+    NoAnswer,
+    NotAnInteger,
+    NotHeld,
+    QuotaExceeded,
+    ValueTooLarge,
+    VersionConflict,
+)
+from .primitives import BoundedSemaphore, Lock, RWLock
+from .protocol import ChangeKind, EntryKind, ErrorCode, Grant, Inspection, LockKind, StateEntry, Versioned
+from .state import Changed, Lagged, State, Watch, WatchEvent
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "LOCAL",
+    "GLOBAL",
+    "Client",
+    "default_client",
+    "set_default_client",
+    "Lock",
+    "BoundedSemaphore",
+    "RWLock",
+    "State",
+    "Watch",
+    "WatchEvent",
+    "Changed",
+    "Lagged",
+    "Versioned",
+    "StateEntry",
+    "ChangeKind",
+    "Grant",
+    "Inspection",
+    "LockKind",
+    "EntryKind",
+    "ErrorCode",
+    "LockbrokerError",
+    "ConnectFailed",
+    "ConnectionLost",
+    "ClientClosed",
+    "LockTimeout",
+    "NoAnswer",
+    "VersionConflict",
+    "BrokerError",
+    "InvalidRequest",
+    "NotAnInteger",
+    "NotHeld",
+    "GuardNotHeld",
+    "LimitExceeded",
+    "ValueTooLarge",
+    "QuotaExceeded",
+    "DaemonShuttingDown",
+]

@@ -1,0 +1,838 @@
+"""One session with the daemon, shared safely by every thread of a process.
+
+A :class:`Client` owns one socket and one reader thread:
+
+* a caller allocates a request id, registers a :class:`_Call` in
+  ``_pending`` and writes its frame (writes are serialized by
+  ``_write_lock``), then blocks on its own ``_Call`` only;
+* the reader thread decodes every frame the daemon sends and routes each
+  ``Response`` to the ``_Call`` with its id, so an acquire that waits never
+  delays another thread's request (PROTOCOL.md section 7);
+* when the connection ends for any reason, the reader fails every pending
+  call with :class:`ConnectionLost`, and every later call raises it too; a
+  ``Client`` is one session and never reconnects (``client.lost`` tells).
+
+State watches (PROTOCOL.md 10.11) add a second routing table: a watch's
+events carry its id (the ``StateWatch`` request id), and ``_watches`` maps
+that id to the watch's own unbounded queue. The queue is registered under
+the same lock hold that allocates the id, before the request is written, so
+no event can arrive unrouted; the reader only ever ``put`` s into it, so a
+slow consumer never blocks the reader. When the session ends, every queue
+gets a :class:`_WatchEnd` carrying the :class:`ConnectionLost`. The
+consumer side is :class:`lockbroker.state.Watch`.
+
+A caller that stops waiting for an acquire (its local safety deadline ran
+out, or ``KeyboardInterrupt``) removes its ``_Call`` and sends ``Cancel``;
+from then on the acquire's id is unknown, and the reader releases any
+``Granted`` that arrives for an unknown id (PROTOCOL.md 7 and 8.7).
+
+:func:`default_client` gives the process-wide client that ``Lock("x")`` uses
+when no client is passed; it connects on first use and again after a fork
+(the child must not share the parent's session) or after the session ended.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import socket
+import sys
+import threading
+import time
+import weakref
+from typing import TYPE_CHECKING, Dict, Optional, Set, Tuple, Union
+
+from . import address as _address
+from .errors import (
+    ClientClosed,
+    ConnectFailed,
+    ConnectionLost,
+    LockbrokerError,
+    NoAnswer,
+    NotHeld,
+    broker_error,
+)
+from .protocol import (
+    HANDSHAKE_MAX_FRAME_LEN,
+    Acquire,
+    Cancel,
+    Cancelled,
+    DecodeError,
+    Done,
+    ErrorCode,
+    ErrorResponse,
+    EventMessage,
+    Fatal,
+    FrameBuffer,
+    Grant,
+    Granted,
+    Hello,
+    Inspect,
+    Inspection,
+    Limits,
+    LockKind,
+    Ping,
+    Pong,
+    Release,
+    ReleaseByName,
+    Released,
+    Request,
+    RequestMessage,
+    Response,
+    ResponseMessage,
+    ShuttingDown,
+    StateChanged,
+    StateUnwatch,
+    StateWatch,
+    TimedOut,
+    WatchLagged,
+    Welcome,
+    decode_server_message,
+    encode_client_message,
+    encode_frame,
+    error_code_name,
+)
+
+__all__ = ["Client", "default_client", "set_default_client", "ACQUIRE_GRACE"]
+
+#: Seconds an acquire with a timeout waits beyond that timeout for the
+#: daemon's answer before giving up locally. The daemon enforces the timeout
+#: itself, so this only bounds the wait on a daemon that stopped answering.
+ACQUIRE_GRACE = 10.0
+
+
+def _default_client_name() -> str:
+    """``basename(argv[0])`` made valid: no control characters, <= 255 bytes."""
+    argv0 = sys.argv[0] if sys.argv and sys.argv[0] else "python"
+    name = "".join(c for c in os.path.basename(argv0) if not _is_control(c)) or "python"
+    data = name.encode("utf-8")[:255]
+    return data.decode("utf-8", "ignore")
+
+
+def _is_control(c: str) -> bool:
+    """Unicode category Cc: U+0000-U+001F and U+007F-U+009F (PROTOCOL.md 8.1)."""
+    o = ord(c)
+    return o < 0x20 or 0x7F <= o <= 0x9F
+
+
+class _Call:
+    """One request waiting for its response.
+
+    The reader thread calls ``resolve`` or ``fail`` exactly once, after
+    removing the call from ``Client._pending``; the caller blocks in
+    ``wait``. The signal is a plain lock, held until the outcome is set.
+    """
+
+    __slots__ = ("_signal", "response", "error")
+
+    def __init__(self) -> None:
+        self._signal = threading.Lock()
+        self._signal.acquire()
+        self.response: Optional[Response] = None
+        self.error: Optional[BaseException] = None
+
+    def resolve(self, response: Response) -> None:
+        """Deliver the response (reader thread)."""
+        self.response = response
+        self._signal.release()
+
+    def fail(self, error: BaseException) -> None:
+        """Deliver a failure: the session ended (reader thread or writer)."""
+        self.error = error
+        self._signal.release()
+
+    def wait(self, timeout: Optional[float]) -> bool:
+        """Block until the outcome is set; False if ``timeout`` ran out first.
+
+        Interruptible by signals (``KeyboardInterrupt``) on POSIX.
+        """
+        if timeout is None:
+            return self._signal.acquire()
+        return self._signal.acquire(timeout=max(timeout, 0.0))
+
+    def outcome(self) -> Response:
+        """The response, or raise the error the call failed with."""
+        if self.error is not None:
+            raise self.error
+        assert self.response is not None
+        return self.response
+
+
+class _WatchEnd:
+    """The last item of a watch's queue: closed (``error`` None) or the
+    session ended (``error`` says why)."""
+
+    __slots__ = ("error",)
+
+    def __init__(self, error: Optional[ConnectionLost]) -> None:
+        self.error = error
+
+
+if TYPE_CHECKING:
+    #: What a watch's queue holds: events, then possibly one end marker.
+    _WatchQueue = queue.SimpleQueue[Union[StateChanged, WatchLagged, _WatchEnd]]
+    from .state import State
+
+
+# Every live client, so that a forked child can drop its parent's sessions.
+_CLIENTS: "weakref.WeakSet[Client]" = weakref.WeakSet()
+
+
+class Client:
+    """One session with the lockbroker daemon, safe to share between threads.
+
+    ``path``: the socket (else ``$LOCKBROKER_SOCKET``, else the default of
+    ``scope``, ``"local"`` or ``"global"``). ``client_name`` is shown by
+    Inspect (default: the program's name). ``connect_timeout`` bounds the
+    connect and handshake; ``request_timeout`` bounds the wait for the
+    answer to a request other than an acquire (None: no bound).
+
+    The constructor connects and raises :class:`ConnectFailed` if no daemon
+    answers. A client belongs to the process that created it: in a forked
+    child every call raises :class:`ConnectionLost` (use
+    :func:`default_client`, or create a new ``Client`` in the child).
+    Usable as a context manager (closes on exit).
+    """
+
+    def __init__(
+        self,
+        path: Optional[str] = None,
+        *,
+        scope: str = _address.LOCAL,
+        client_name: Optional[str] = None,
+        connect_timeout: float = 5.0,
+        request_timeout: Optional[float] = 30.0,
+    ) -> None:
+        self.address = _address.resolve(path, scope)
+        self.request_timeout = request_timeout
+        # Guards _pending, _next_id and _ended; never held while blocking.
+        self._lock = threading.Lock()
+        # Serializes whole frames on the socket, so frames never interleave.
+        self._write_lock = threading.Lock()
+        self._pending: Dict[int, _Call] = {}
+        # Active (or being set up) watches by id, and the ids of watches
+        # nobody consumes any more, to unwatch when an event shows up.
+        self._watches: Dict[int, _WatchQueue] = {}
+        self._orphan_watches: Set[int] = set()
+        self._state: Optional[State] = None
+        self._next_id = 1
+        self._ended: Optional[ConnectionLost] = None
+        self._shutting_down = False
+        self._pid = os.getpid()
+        name = _default_client_name() if client_name is None else client_name
+        try:
+            _address.check_local_owner(self.address)
+        except PermissionError as e:
+            raise ConnectFailed(str(e), self.address.path) from e
+        self._sock, self.welcome, buffer = self._connect(name, connect_timeout)
+        self._max_send = self.welcome.limits.max_frame_len
+        self._reader = threading.Thread(
+            target=self._read_loop, args=(buffer,), name="lockbroker-reader", daemon=True
+        )
+        self._reader.start()
+        _CLIENTS.add(self)
+
+    # ----------------------------------------------------------------- state
+
+    @property
+    def path(self) -> str:
+        """The socket path this client connected to."""
+        return self.address.path
+
+    @property
+    def session_id(self) -> int:
+        """This session's id, from the ``Welcome``."""
+        return self.welcome.session_id
+
+    @property
+    def limits(self) -> Limits:
+        """The limits this session runs under, from the ``Welcome``."""
+        return self.welcome.limits
+
+    @property
+    def server_version(self) -> str:
+        """The daemon's software version, from the ``Welcome``."""
+        return self.welcome.server_version
+
+    @property
+    def lost(self) -> bool:
+        """True once the session ended other than by :meth:`close`.
+
+        Every hold of the session is then gone, and every call raises
+        :class:`ConnectionLost`.
+        """
+        ended = self._ended
+        return ended is not None and not isinstance(ended, ClientClosed)
+
+    @property
+    def closed(self) -> bool:
+        """True once :meth:`close` was called."""
+        return isinstance(self._ended, ClientClosed)
+
+    @property
+    def lost_reason(self) -> Optional[ConnectionLost]:
+        """Why the session ended (the exception calls raise), or None."""
+        return self._ended
+
+    @property
+    def shutting_down(self) -> bool:
+        """True once the daemon announced it is stopping (``ShuttingDown``)."""
+        return self._shutting_down
+
+    @property
+    def state(self) -> "State":
+        """The daemon's shared state through this session (:class:`lockbroker.State`)."""
+        state = self._state
+        if state is None:
+            from .state import State
+
+            state = self._state = State(self)
+        return state
+
+    @property
+    def usable(self) -> bool:
+        """True while the session is open and belongs to this process."""
+        return self._ended is None and self._pid == os.getpid()
+
+    def __repr__(self) -> str:
+        state = "open" if self._ended is None else ("closed" if self.closed else "lost")
+        return "<lockbroker.Client %s session=%d %s>" % (self.path, self.session_id, state)
+
+    def __enter__(self) -> "Client":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """End the session: the daemon releases all its holds and waits.
+
+        Pending calls fail with :class:`ClientClosed`. Idempotent.
+        """
+        if self._pid != os.getpid():
+            return  # the parent's session is not ours to end
+        with self._lock:
+            if self._ended is None:
+                self._ended = ClientClosed("the client was closed")
+        try:
+            # Shutdown (not just close) wakes the reader thread from recv.
+            self._sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        if self._reader is not threading.current_thread():
+            self._reader.join(timeout=5.0)
+
+    # ------------------------------------------------------- public requests
+
+    def acquire(
+        self,
+        name: str,
+        kind: LockKind,
+        *,
+        capacity: int = 0,
+        permits: int = 1,
+        timeout_ms: Optional[int] = None,
+    ) -> Optional[Grant]:
+        """Send ``Acquire`` and wait for its end (PROTOCOL.md 8.3-8.6).
+
+        Returns the :class:`Grant`, or None if it timed out (a try that
+        failed, or ``timeout_ms`` ran out). Raises a :class:`BrokerError`
+        subclass if the daemon refused it, :class:`ConnectionLost` if the
+        session ended. If the wait is interrupted (``KeyboardInterrupt``),
+        the acquire is cancelled, and a grant that still arrives released.
+        """
+        # The daemon enforces timeout_ms; the local bound is only a safety net.
+        local = None if timeout_ms is None else timeout_ms / 1000.0 + ACQUIRE_GRACE
+        if local is not None and local > threading.TIMEOUT_MAX:
+            local = None  # too far away for a local wait: as good as forever
+        rid, call = self._start(Acquire(name, LockKind(kind), capacity, permits, timeout_ms))
+        try:
+            answered = call.wait(local)
+        except BaseException:
+            # Interrupted: cancel, and release a grant that won the race.
+            try:
+                response = self._give_up(rid, call, cancel=True)
+            except LockbrokerError:
+                response = None
+            if isinstance(response, Granted):
+                self._release_orphan(response.grant.hold_id)
+            raise
+        if answered:
+            response = call.outcome()
+        else:
+            late = self._give_up(rid, call, cancel=True)
+            if late is None:
+                return None
+            response = late
+        if isinstance(response, Granted):
+            return response.grant
+        if isinstance(response, (TimedOut, Cancelled)):
+            return None
+        raise self._unexpected(response)
+
+    def release(self, hold_id: int) -> int:
+        """Release one hold; returns the permits it still had (PROTOCOL.md 8.8).
+
+        Raises :class:`NotHeld` (``unknown_hold``) if the session has no such hold.
+        """
+        response = self.call(Release(hold_id))
+        if isinstance(response, Released):
+            return response.permits
+        raise self._unexpected(response)
+
+    def release_by_name(self, name: str, count: int = 1) -> int:
+        """Release ``count`` permits of ``name``, oldest hold first (PROTOCOL.md 8.9).
+
+        For mutexes and rwlocks ``count`` counts holds. Raises
+        :class:`NotHeld` (``not_held``) if the session holds fewer.
+        """
+        response = self.call(ReleaseByName(name, count))
+        if isinstance(response, Released):
+            return response.permits
+        raise self._unexpected(response)
+
+    def inspect(self, prefix: str = "", limit: int = 0) -> Inspection:
+        """List lock entries whose name starts with ``prefix`` (PROTOCOL.md 9.1).
+
+        ``limit`` 0 means the daemon's default (1000).
+        """
+        response = self.call(Inspect(prefix, limit))
+        if isinstance(response, Inspection):
+            return response
+        raise self._unexpected(response)
+
+    def ping(self) -> float:
+        """Check the daemon and connection are alive; returns the round trip in seconds."""
+        start = time.monotonic()
+        response = self.call(Ping())
+        if isinstance(response, Pong):
+            return time.monotonic() - start
+        raise self._unexpected(response)
+
+    def open_watch(self, request: StateWatch, timeout: Optional[float] = -1.0) -> Tuple[int, "_WatchQueue"]:
+        """Send ``StateWatch`` and wait for its ``Done``; the low-level watch API.
+
+        Returns the watch id and the queue the reader thread puts the
+        watch's events in (``StateChanged``, ``WatchLagged``, and a final
+        ``_WatchEnd``). Most programs use :meth:`lockbroker.State.watch`,
+        which wraps the queue in an iterator. Raises like :meth:`call`; if
+        the wait is abandoned (timeout, interrupt), the watch is stopped.
+        """
+        events: _WatchQueue = queue.SimpleQueue()
+        rid, call = self._start(request, events)
+        bound = self.request_timeout if timeout == -1.0 else timeout
+        try:
+            answered = call.wait(bound)
+        except BaseException:
+            self._orphan_watch(rid)
+            raise
+        try:
+            if answered:
+                response = call.outcome()
+            else:
+                late = self._give_up(rid, call, cancel=False)
+                if late is None:
+                    self._orphan_watch(rid)
+                    raise NoAnswer("no answer from the daemon within %s s" % bound)
+                response = late
+        except BaseException:
+            self._drop_watch(rid)
+            raise
+        if isinstance(response, Done):
+            return rid, events
+        self._drop_watch(rid)
+        raise self._unexpected(response)
+
+    def close_watch(self, watch_id: int) -> None:
+        """Stop a watch (``StateUnwatch``) and wait for its ``Done``.
+
+        Its queue gets a ``_WatchEnd(None)`` at once, and events still in
+        flight are dropped. A watch that is already gone (``not_pending``),
+        or a session that ended, is not an error.
+        """
+        self._drop_watch(watch_id)
+        try:
+            self.call(StateUnwatch(watch_id))
+        except ConnectionLost:
+            pass  # the watch ended with the session
+        except NotHeld as e:
+            if e.code != ErrorCode.NOT_PENDING:
+                raise
+
+    def call(self, request: Request, timeout: Optional[float] = -1.0) -> Response:
+        """Send any request and return its raw response; the low-level API.
+
+        ``Response::Error`` is raised as a :class:`BrokerError` subclass.
+        ``timeout`` bounds the wait in seconds (-1: ``request_timeout``;
+        None: no bound); past it :class:`NoAnswer` is raised and a late
+        answer is ignored. Use :meth:`acquire` for acquires: it also cancels
+        and cleans up after an interrupted wait.
+        """
+        rid, call = self._start(request)
+        bound = self.request_timeout if timeout == -1.0 else timeout
+        try:
+            answered = call.wait(bound)
+        except BaseException:
+            try:
+                late = self._give_up(rid, call, cancel=isinstance(request, Acquire))
+            except LockbrokerError:
+                late = None
+            if isinstance(late, Granted):
+                self._release_orphan(late.grant.hold_id)
+            raise
+        if not answered:
+            late = self._give_up(rid, call, cancel=isinstance(request, Acquire))
+            if late is None:
+                raise NoAnswer("no answer from the daemon within %s s" % bound)
+            return self._check(late)
+        return self._check(call.outcome())
+
+    # -------------------------------------------------------------- plumbing
+
+    def _connect(self, client_name: str, timeout: float) -> Tuple[socket.socket, Welcome, FrameBuffer]:
+        """Connect and handshake (PROTOCOL.md 6.1); raises ConnectFailed."""
+        path = self.address.path
+        if not hasattr(socket, "AF_UNIX"):
+            raise ConnectFailed("this client supports Unix sockets only", path)
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.settimeout(timeout)
+            try:
+                sock.connect(path)
+            except OSError as e:
+                raise ConnectFailed(
+                    "cannot connect to the lockbroker daemon at %s (%s source): %s"
+                    % (path, self.address.source, e),
+                    path,
+                ) from e
+            buffer = FrameBuffer(HANDSHAKE_MAX_FRAME_LEN)
+            try:
+                sock.sendall(encode_frame(encode_client_message(Hello(client_name=client_name))))
+            except OSError:
+                # A full daemon may answer Fatal and close before reading the
+                # Hello (PROTOCOL.md 6.1): read its answer anyway.
+                pass
+            try:
+                body = buffer.next_body()
+                while body is None:
+                    data = sock.recv(65536)
+                    if not data:
+                        raise ConnectFailed("the daemon at %s closed the connection during the handshake" % path, path)
+                    buffer.feed(data)
+                    body = buffer.next_body()
+                message = decode_server_message(body)
+            except (OSError, DecodeError) as e:
+                raise ConnectFailed("handshake with %s failed: %s" % (path, e), path) from e
+            if isinstance(message, Fatal):
+                info = message.error
+                raise ConnectFailed(
+                    "the daemon at %s refused the session: %s (%d): %s"
+                    % (path, error_code_name(info.code), info.code, info.message),
+                    path,
+                    info,
+                )
+            if not isinstance(message, Welcome):
+                raise ConnectFailed("handshake with %s: expected Welcome, got %r" % (path, message), path)
+            sock.settimeout(None)
+            # Our own maximum is at least the announced one (PROTOCOL.md 2).
+            buffer.max_len = max(message.limits.max_frame_len, HANDSHAKE_MAX_FRAME_LEN)
+            return sock, message, buffer
+        except BaseException:
+            sock.close()
+            raise
+
+    def _check_usable(self) -> None:
+        """Raise if no request may be sent now. Called with ``_lock`` held."""
+        if self._pid != os.getpid():
+            raise ConnectionLost(
+                "this Client belongs to process %d, not to this forked child; "
+                "create a new Client (or use the default client) here" % self._pid
+            )
+        if self._ended is not None:
+            raise self._ended
+
+    def _start(self, request: Request, watch: "Optional[_WatchQueue]" = None) -> Tuple[int, _Call]:
+        """Register a call under a fresh id and write its frame.
+
+        ``watch``: the queue of a ``StateWatch``, registered under the id
+        together with the call, before anything is written.
+        """
+        call = _Call()
+        with self._lock:
+            self._check_usable()
+            rid = self._next_id
+            self._next_id += 1
+            self._pending[rid] = call
+            if watch is not None:
+                self._watches[rid] = watch
+        try:
+            self._write(RequestMessage(rid, request))
+        except BaseException:
+            with self._lock:
+                self._pending.pop(rid, None)
+                self._watches.pop(rid, None)
+            raise
+        return rid, call
+
+    def _write(self, message: RequestMessage) -> None:
+        """Encode and write one frame; a failed write ends the session."""
+        body = encode_client_message(message)
+        if len(body) > self._max_send:
+            raise ValueError(
+                "request of %d bytes exceeds the daemon's max_frame_len of %d" % (len(body), self._max_send)
+            )
+        frame = encode_frame(body)
+        with self._write_lock:
+            try:
+                self._sock.sendall(frame)
+            except BaseException as e:
+                # A partly written frame would corrupt the stream: end it.
+                self._abort(ConnectionLost("writing to the daemon failed: %r" % (e,)))
+                if isinstance(e, OSError):
+                    raise self._ended or ConnectionLost(str(e)) from e
+                raise
+
+    def _send_untracked(self, request: Request) -> None:
+        """Send a request whose answer nobody waits for (it gets an unknown id)."""
+        with self._lock:
+            self._check_usable()
+            rid = self._next_id
+            self._next_id += 1
+        self._write(RequestMessage(rid, request))
+
+    def _give_up(self, rid: int, call: _Call, cancel: bool) -> Optional[Response]:
+        """Stop waiting for request ``rid``.
+
+        If it is still pending, forget it (its answer will have an unknown
+        id), send ``Cancel`` if it is an acquire, and return None. If the
+        reader already took it, its outcome is being set right now: wait for
+        it and return the response (or raise its error).
+        """
+        with self._lock:
+            still_pending = self._pending.pop(rid, None) is not None
+        if still_pending:
+            if cancel:
+                try:
+                    self._send_untracked(Cancel(rid))
+                except (LockbrokerError, OSError):
+                    pass  # session gone: nothing is held or waiting any more
+            return None
+        call.wait(None)
+        return call.outcome()
+
+    def _release_orphan(self, hold_id: int) -> None:
+        """Release a hold nobody will use; errors mean it is gone anyway."""
+        try:
+            self._send_untracked(Release(hold_id))
+        except (LockbrokerError, OSError):
+            pass
+
+    def _drop_watch(self, watch_id: int) -> None:
+        """Unregister a watch's queue and end it as closed."""
+        with self._lock:
+            events = self._watches.pop(watch_id, None)
+        if events is not None:
+            events.put(_WatchEnd(None))
+
+    def _orphan_watch(self, watch_id: int) -> None:
+        """Give up a watch whose ``Done`` nobody waits for: drop its queue,
+        send ``StateUnwatch``, and unwatch again at its first event (an
+        unwatch read before the watch's ``Done`` may find nothing to stop)."""
+        with self._lock:
+            self._pending.pop(watch_id, None)
+            self._orphan_watches.add(watch_id)
+        self._drop_watch(watch_id)
+        self._unwatch_orphan(watch_id)
+
+    def _watch_finalized(self, watch_id: int) -> None:
+        """A Watch was garbage-collected unclosed (any thread, during GC).
+
+        Takes no lock (the collecting thread may hold one): marks the id an
+        orphan, then forgets its queue (both single atomic operations, in
+        that order so an event always finds one of them); the reader
+        unwatches at the watch's next event.
+        """
+        self._orphan_watches.add(watch_id)
+        self._watches.pop(watch_id, None)
+
+    def _unwatch_orphan(self, watch_id: int) -> None:
+        """Send ``StateUnwatch`` nobody waits for; errors mean it is gone anyway."""
+        try:
+            self._send_untracked(StateUnwatch(watch_id))
+        except (LockbrokerError, OSError):
+            pass
+
+    def _check(self, response: Response) -> Response:
+        if isinstance(response, ErrorResponse):
+            raise broker_error(response.error)
+        return response
+
+    def _unexpected(self, response: Response) -> LockbrokerError:
+        if isinstance(response, ErrorResponse):
+            return broker_error(response.error)
+        return LockbrokerError("unexpected response from the daemon: %r" % (response,))
+
+    def _read_loop(self, buffer: FrameBuffer) -> None:
+        """The reader thread: route every frame until the connection ends."""
+        error: ConnectionLost
+        try:
+            while True:
+                body = buffer.next_body()
+                if body is None:
+                    data = self._sock.recv(65536)
+                    if not data:
+                        if buffer.has_partial():
+                            error = ConnectionLost("the connection broke in the middle of a frame")
+                        else:
+                            error = ConnectionLost("the daemon closed the connection")
+                        break
+                    buffer.feed(data)
+                    continue
+                message = decode_server_message(body)
+                if isinstance(message, ResponseMessage):
+                    self._route(message)
+                elif isinstance(message, EventMessage):
+                    event = message.event
+                    if isinstance(event, ShuttingDown):
+                        # Every hold is about to be lost (PROTOCOL.md 9.3).
+                        self._shutting_down = True
+                    else:
+                        self._route_event(event)
+                elif isinstance(message, Fatal):
+                    info = message.error
+                    error = ConnectionLost(
+                        "the daemon ended the session: %s (%d): %s"
+                        % (error_code_name(info.code), info.code, info.message),
+                        info,
+                    )
+                    break
+                else:
+                    error = ConnectionLost("unexpected frame from the daemon: %r" % (message,))
+                    break
+        except OSError as e:
+            error = ConnectionLost("the connection to the daemon failed: %s" % e)
+        except DecodeError as e:
+            error = ConnectionLost("undecodable frame from the daemon: %s" % e)
+        except Exception as e:  # a bug here must not leave callers hanging
+            error = ConnectionLost("the client's reader failed: %r" % (e,))
+        self._abort(error)
+
+    def _route(self, message: ResponseMessage) -> None:
+        """Hand a response to the call waiting for its id."""
+        response = message.response
+        if isinstance(response, ErrorResponse) and response.error.code == ErrorCode.DUPLICATE_REQUEST_ID:
+            # Carries the id of a still-waiting acquire, whose own answer is
+            # still to come (PROTOCOL.md 7); ids are never reused here anyway.
+            return
+        with self._lock:
+            call = self._pending.pop(message.id, None)
+        if call is not None:
+            call.resolve(response)
+        elif isinstance(response, Granted):
+            # Granted for an acquire nobody waits for any more: release it,
+            # from another thread so the reader never blocks on a write.
+            threading.Thread(
+                target=self._release_orphan,
+                args=(response.grant.hold_id,),
+                name="lockbroker-orphan-release",
+                daemon=True,
+            ).start()
+        # Any other answer to an unknown id (Cancelled, Done, not_pending,
+        # an untracked Release's Released) is ignored.
+
+    def _route_event(self, event: Union[StateChanged, WatchLagged]) -> None:
+        """Hand a watch's event to its queue (never blocks: the queue is unbounded)."""
+        wid = event.watch_id
+        with self._lock:
+            events = self._watches.get(wid)
+            orphan = events is None and wid in self._orphan_watches
+            if orphan:
+                self._orphan_watches.discard(wid)
+        if events is not None:
+            events.put(event)
+        elif orphan:
+            # Nobody consumes this watch any more: stop it, from another
+            # thread so the reader never blocks on a write.
+            threading.Thread(
+                target=self._unwatch_orphan, args=(wid,), name="lockbroker-orphan-unwatch", daemon=True
+            ).start()
+        # Any other event of an unknown watch (one just closed) is ignored.
+
+    def _abort(self, error: ConnectionLost) -> None:
+        """End the session: fail every pending call and end every watch,
+        close the socket."""
+        with self._lock:
+            if self._ended is None:
+                self._ended = error
+            ended = self._ended
+            pending, self._pending = self._pending, {}
+            watches, self._watches = self._watches, {}
+        for call in pending.values():
+            call.fail(ended)
+        for events in watches.values():
+            events.put(_WatchEnd(ended))
+        try:
+            self._sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        if threading.current_thread() is self._reader:
+            self._sock.close()
+
+    def _forget_after_fork(self) -> None:
+        """In a forked child: drop the parent's session without ending it.
+
+        Closing our copy of the descriptor (never ``shutdown``) lets the
+        session end when the parent's copy closes; a fork must not keep the
+        parent's holds alive. Fresh locks: a parent thread may have held the
+        old ones at the fork.
+        """
+        self._lock = threading.Lock()
+        self._write_lock = threading.Lock()
+        self._pending = {}
+        self._watches = {}
+        try:
+            self._sock.close()
+        except OSError:
+            pass
+
+
+# ------------------------------------------------------------------ default
+
+
+_default_lock = threading.Lock()
+_default: Optional[Client] = None
+
+
+def default_client() -> Client:
+    """The process-wide shared client, connected on first use.
+
+    It is replaced by a new connection when the process is a fork child of
+    the one that made it, or when its session ended (holds taken through the
+    old one are gone: releasing them raises :class:`ConnectionLost`).
+    """
+    global _default
+    with _default_lock:
+        client = _default
+        if client is None or not client.usable:
+            client = Client()
+            _default = client
+        return client
+
+
+def set_default_client(client: Optional[Client]) -> None:
+    """Make ``client`` the default (None: connect a new one on next use)."""
+    global _default
+    with _default_lock:
+        _default = client
+
+
+def _after_fork_in_child() -> None:
+    global _default_lock, _default
+    _default_lock = threading.Lock()
+    _default = None
+    for client in list(_CLIENTS):
+        client._forget_after_fork()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)

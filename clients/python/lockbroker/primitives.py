@@ -1,0 +1,367 @@
+"""``threading``-style locks served by the daemon.
+
+:class:`Lock`, :class:`BoundedSemaphore` and :class:`RWLock` take the same
+arguments and raise the same exceptions as their ``threading``
+counterparts, so code switches by changing one line::
+
+    lock = threading.Lock()            # before
+    lock = lockbroker.Lock("deploy")   # after: one lock for every process
+
+Differences that matter:
+
+* each object names a lock in the daemon; every object of the same name,
+  in any process, is the same lock;
+* the lock belongs to the client *session* (one connection, shared by the
+  threads of a process): like ``threading.Lock`` any thread of that client
+  may release it, and like ``threading.Lock`` it is not re-entrant;
+* each successful acquire records a :class:`~lockbroker.protocol.Grant`
+  (``hold_id``, ``fence``, ``abandoned``); ``obj.grant``, ``obj.fence`` and
+  ``obj.abandoned`` read the last grant *the calling thread* obtained
+  through that object (None / False before any);
+* when the session ends (daemon stopped, connection broken), the holds are
+  gone; ``release()`` then raises :class:`~lockbroker.errors.ConnectionLost`;
+* an object may be passed as the ``guard`` of a shared-state write
+  (:class:`~lockbroker.state.State`): the write then names the hold the
+  object has (for a :class:`Lock` its current hold, for an :class:`RWLock`
+  its exclusive hold, else the calling thread's last grant), and the daemon
+  applies it only while that hold is held.
+
+With ``client=None`` an object uses :func:`~lockbroker.client.default_client`
+at each acquire, and releases through the client it acquired with.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+from collections import deque
+from contextlib import contextmanager
+from typing import Any, Deque, Iterator, Optional, Tuple
+
+from .client import Client, default_client
+from .errors import LockTimeout, NotHeld
+from .protocol import ErrorCode, Grant, LockKind
+
+__all__ = ["Lock", "BoundedSemaphore", "RWLock"]
+
+
+def _seconds_to_ms(timeout: float) -> int:
+    """Seconds to whole milliseconds, rounded up so a tiny timeout is no try."""
+    seconds = float(timeout)
+    if math.isnan(seconds):
+        raise ValueError("Invalid value NaN (not a number)")
+    if seconds > threading.TIMEOUT_MAX:
+        raise OverflowError("timeout value is too large")
+    # round() first drops float noise (0.29 * 1000 = 290.00000000000006).
+    return int(math.ceil(round(seconds * 1000.0, 6)))
+
+
+def _lock_timeout_ms(blocking: bool, timeout: float) -> Optional[int]:
+    """``threading.Lock.acquire`` arguments to ``timeout_ms`` (None: forever)."""
+    if not blocking:
+        if timeout != -1:
+            raise ValueError("can't specify a timeout for a non-blocking call")
+        return 0
+    if timeout == -1:
+        return None
+    if timeout < 0:
+        raise ValueError("timeout value must be a non-negative number")
+    return _seconds_to_ms(timeout)
+
+
+def _semaphore_timeout_ms(blocking: bool, timeout: Optional[float]) -> Optional[int]:
+    """``threading.Semaphore.acquire`` arguments to ``timeout_ms``."""
+    if not blocking:
+        if timeout is not None:
+            raise ValueError("can't specify timeout for non-blocking acquire")
+        return 0
+    if timeout is None:
+        return None
+    if timeout <= 0:
+        return 0  # threading.Semaphore treats a timeout <= 0 as a try
+    return _seconds_to_ms(timeout)
+
+
+class _Primitive:
+    """What every primitive shares: name, client choice, per-thread grant."""
+
+    def __init__(self, name: str, client: Optional[Client]) -> None:
+        if not isinstance(name, str):
+            raise TypeError("name must be a str, not %s" % type(name).__name__)
+        self.name = name
+        self._client = client
+        # Guards this object's record of its holds; never held during I/O.
+        self._state = threading.Lock()
+        self._local = threading.local()
+
+    @property
+    def client(self) -> Client:
+        """The client the next acquire goes through."""
+        return self._client if self._client is not None else default_client()
+
+    @property
+    def grant(self) -> Optional[Grant]:
+        """The last grant the calling thread obtained through this object."""
+        grant: Optional[Grant] = getattr(self._local, "grant", None)
+        return grant
+
+    @property
+    def fence(self) -> Optional[int]:
+        """The fencing token of :attr:`grant` (None before any grant)."""
+        grant = self.grant
+        return None if grant is None else grant.fence
+
+    @property
+    def abandoned(self) -> bool:
+        """Whether :attr:`grant` said the previous holder died holding it."""
+        grant = self.grant
+        return False if grant is None else grant.abandoned
+
+    def _acquire(self, kind: LockKind, timeout_ms: Optional[int], capacity: int = 0, permits: int = 1) -> Optional[Tuple[Client, Grant]]:
+        client = self.client
+        grant = client.acquire(self.name, kind, capacity=capacity, permits=permits, timeout_ms=timeout_ms)
+        if grant is None:
+            return None
+        self._local.grant = grant
+        return client, grant
+
+    def _guard_grant(self) -> Optional[Grant]:
+        """The grant a state write guarded by this object names (PROTOCOL.md
+        10.10): the calling thread's last grant; subclasses prefer a hold the
+        object still has. A released grant is still returned: the daemon
+        then refuses the write (``guard_not_held``), as it should."""
+        return self.grant
+
+    def _inspect_held(self) -> bool:
+        """Ask the daemon whether anyone holds this name."""
+        # The exact name sorts first among the names it prefixes, so one
+        # entry is enough.
+        inspection = self.client.inspect(self.name, limit=1)
+        entries = inspection.entries
+        return bool(entries) and entries[0].name == self.name and bool(entries[0].holders)
+
+    def __repr__(self) -> str:
+        return "<lockbroker.%s %r>" % (type(self).__name__, self.name)
+
+
+class Lock(_Primitive):
+    """A named mutex that behaves like ``threading.Lock``.
+
+    ``acquire(blocking=True, timeout=-1)`` returns True once held, False if
+    a try (``blocking=False``) or the timeout failed; the daemon enforces the
+    timeout and serves waiters in FIFO order. ``release()`` may be called by
+    any thread of the same client; releasing an unheld lock raises
+    ``RuntimeError``. ``with lock:`` acquires and releases.
+
+    A mutex and the exclusive side of an :class:`RWLock` of the same name
+    exclude each other (PROTOCOL.md 8.2).
+    """
+
+    def __init__(self, name: str, client: Optional[Client] = None) -> None:
+        super().__init__(name, client)
+        self._hold: Optional[Tuple[Client, Grant]] = None
+
+    def acquire(self, blocking: bool = True, timeout: float = -1) -> bool:
+        """Acquire the lock; see ``threading.Lock.acquire``."""
+        hold = self._acquire(LockKind.MUTEX, _lock_timeout_ms(blocking, timeout))
+        if hold is None:
+            return False
+        with self._state:
+            self._hold = hold
+        return True
+
+    def release(self) -> None:
+        """Release the lock (any thread of the holding client may)."""
+        with self._state:
+            hold, self._hold = self._hold, None
+        if hold is None:
+            raise RuntimeError("release unlocked lock")
+        client, grant = hold
+        try:
+            client.release(grant.hold_id)
+        except NotHeld as e:
+            raise RuntimeError("release unlocked lock: %s" % e) from e
+
+    def _guard_grant(self) -> Optional[Grant]:
+        with self._state:
+            hold = self._hold
+        return hold[1] if hold is not None else self.grant
+
+    def locked(self) -> bool:
+        """True if this object holds the lock, or the daemon says anyone does."""
+        with self._state:
+            hold = self._hold
+        if hold is not None and hold[0].usable:
+            return True
+        return self._inspect_held()
+
+    def __enter__(self) -> bool:
+        return self.acquire()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.release()
+
+    def __repr__(self) -> str:
+        state = "locked" if self._hold is not None else "unlocked"
+        return "<lockbroker.Lock %r %s>" % (self.name, state)
+
+
+class BoundedSemaphore(_Primitive):
+    """A named counting semaphore of ``value`` permits, like
+    ``threading.BoundedSemaphore``.
+
+    ``acquire(blocking=True, timeout=None, *, n=1)`` takes ``n`` permits at
+    once (``n`` is an extension; ``threading`` takes one). ``release(n=1)``
+    gives back ``n`` permits; releasing more than the client holds on this
+    name raises ``ValueError("Semaphore released too many times")``.
+
+    Permits are counted per client session and name (the daemon releases
+    the oldest holds first), so any object of this name on the same client
+    may release them. Every user of a name must agree on ``value``: while
+    the name is in use, another capacity is refused (``InvalidRequest``,
+    ``capacity_mismatch``).
+    """
+
+    def __init__(self, name: str, value: int = 1, client: Optional[Client] = None) -> None:
+        if value < 1:
+            raise ValueError("semaphore initial value must be >= 1")
+        super().__init__(name, client)
+        self.value = value
+        self._acquired_with: Optional[Client] = None
+
+    def acquire(self, blocking: bool = True, timeout: Optional[float] = None, *, n: int = 1) -> bool:
+        """Take ``n`` permits; see ``threading.Semaphore.acquire``."""
+        timeout_ms = _semaphore_timeout_ms(blocking, timeout)
+        if n < 1:
+            raise ValueError("n must be one or more")
+        if n > self.value:
+            raise ValueError("cannot take %d permits of a semaphore of %d" % (n, self.value))
+        hold = self._acquire(LockKind.SEMAPHORE, timeout_ms, capacity=self.value, permits=n)
+        if hold is None:
+            return False
+        with self._state:
+            self._acquired_with = hold[0]
+        return True
+
+    def release(self, n: int = 1) -> None:
+        """Give back ``n`` permits (oldest holds first)."""
+        if n < 1:
+            raise ValueError("n must be one or more")
+        with self._state:
+            client = self._acquired_with
+        if client is None:
+            client = self.client
+        try:
+            client.release_by_name(self.name, n)
+        except NotHeld as e:
+            if e.code == ErrorCode.NOT_HELD:
+                raise ValueError("Semaphore released too many times") from e
+            raise
+
+    def __enter__(self) -> bool:
+        return self.acquire()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.release()
+
+    def __repr__(self) -> str:
+        return "<lockbroker.BoundedSemaphore %r value=%d>" % (self.name, self.value)
+
+
+class RWLock(_Primitive):
+    """A named read-write lock: many shared holders or one exclusive holder.
+
+    ``with rw.shared():`` / ``with rw.exclusive():`` hold one side for a
+    block and yield the :class:`Grant`; with ``timeout`` (seconds) they
+    raise :class:`LockTimeout` if not granted in time. The methods
+    ``acquire_shared`` / ``acquire_exclusive`` take ``threading.Lock``-style
+    ``(blocking=True, timeout=-1)`` and return a bool; ``release_shared``
+    releases the oldest shared hold of this object, ``release_exclusive``
+    the exclusive one. An exclusive request at the head of the queue blocks
+    later shared ones, so writers are not starved.
+    """
+
+    def __init__(self, name: str, client: Optional[Client] = None) -> None:
+        super().__init__(name, client)
+        self._shared: Deque[Tuple[Client, Grant]] = deque()
+        self._exclusive: Optional[Tuple[Client, Grant]] = None
+
+    def acquire_shared(self, blocking: bool = True, timeout: float = -1) -> bool:
+        """Take the shared (read) side; see ``threading.Lock.acquire``."""
+        hold = self._acquire(LockKind.RW_SHARED, _lock_timeout_ms(blocking, timeout))
+        if hold is None:
+            return False
+        with self._state:
+            self._shared.append(hold)
+        return True
+
+    def release_shared(self) -> None:
+        """Release this object's oldest shared hold."""
+        with self._state:
+            hold = self._shared.popleft() if self._shared else None
+        if hold is None:
+            raise RuntimeError("release unlocked lock")
+        self._release(hold)
+
+    def acquire_exclusive(self, blocking: bool = True, timeout: float = -1) -> bool:
+        """Take the exclusive (write) side; see ``threading.Lock.acquire``."""
+        hold = self._acquire(LockKind.RW_EXCLUSIVE, _lock_timeout_ms(blocking, timeout))
+        if hold is None:
+            return False
+        with self._state:
+            self._exclusive = hold
+        return True
+
+    def release_exclusive(self) -> None:
+        """Release the exclusive hold."""
+        with self._state:
+            hold, self._exclusive = self._exclusive, None
+        if hold is None:
+            raise RuntimeError("release unlocked lock")
+        self._release(hold)
+
+    @contextmanager
+    def shared(self, timeout: Optional[float] = None) -> Iterator[Grant]:
+        """Hold the shared side for a ``with`` block; yields the grant."""
+        if not self.acquire_shared(timeout=-1 if timeout is None else timeout):
+            raise LockTimeout("shared side of %r not granted within %s s" % (self.name, timeout))
+        grant = self._local.grant
+        try:
+            yield grant
+        finally:
+            # Release exactly this block's hold, whichever is oldest.
+            with self._state:
+                mine = next((h for h in self._shared if h[1].hold_id == grant.hold_id), None)
+                if mine is not None:
+                    self._shared.remove(mine)
+            if mine is None:
+                raise RuntimeError("release unlocked lock")
+            self._release(mine)
+
+    @contextmanager
+    def exclusive(self, timeout: Optional[float] = None) -> Iterator[Grant]:
+        """Hold the exclusive side for a ``with`` block; yields the grant."""
+        if not self.acquire_exclusive(timeout=-1 if timeout is None else timeout):
+            raise LockTimeout("exclusive side of %r not granted within %s s" % (self.name, timeout))
+        grant = self._local.grant
+        try:
+            yield grant
+        finally:
+            self.release_exclusive()
+
+    def _guard_grant(self) -> Optional[Grant]:
+        with self._state:
+            exclusive = self._exclusive
+        return exclusive[1] if exclusive is not None else self.grant
+
+    def _release(self, hold: Tuple[Client, Grant]) -> None:
+        client, grant = hold
+        try:
+            client.release(grant.hold_id)
+        except NotHeld as e:
+            raise RuntimeError("release unlocked lock: %s" % e) from e
+
+    def __repr__(self) -> str:
+        with self._state:
+            shared, exclusive = len(self._shared), self._exclusive is not None
+        return "<lockbroker.RWLock %r shared=%d exclusive=%s>" % (self.name, shared, exclusive)

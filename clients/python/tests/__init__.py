@@ -1,0 +1,1 @@
+"""Tests of the lockbroker Python client (stdlib unittest; see support.py)."""

@@ -1,0 +1,260 @@
+"""The Client: one connection for many threads, cancel, loss, fork, default client."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+import unittest
+
+import lockbroker
+from lockbroker import (
+    ConnectionLost,
+    InvalidRequest,
+    Lock,
+    LockKind,
+    NotHeld,
+    default_client,
+    set_default_client,
+)
+from lockbroker.protocol import Acquire, ErrorCode
+
+from .support import WAIT, DaemonTestCase, spawn, wait_until
+
+
+class ClientTest(DaemonTestCase):
+    """Requests, errors, and threads sharing one session."""
+
+    def test_handshake_and_ping(self) -> None:
+        client = self.client("handshake")
+        self.assertEqual(client.welcome.version, 1)
+        self.assertGreaterEqual(client.limits.max_frame_len, 4096)
+        self.assertGreaterEqual(client.ping(), 0.0)
+        server = client.inspect().server
+        self.assertEqual(server.version, client.server_version)
+        self.assertEqual(server.pid, self.daemon.proc.pid)
+        self.assertEqual(server.sessions, 1)
+
+    def test_inspect_prefix_and_limit(self) -> None:
+        client = self.client("inspector")
+        for name in ["app/a", "app/b", "other"]:
+            self.assertIsNotNone(client.acquire(name, LockKind.MUTEX, timeout_ms=0))
+        self.assertEqual([e.name for e in client.inspect("app/").entries], ["app/a", "app/b"])
+        inspection = client.inspect("", limit=1)
+        self.assertEqual([e.name for e in inspection.entries], ["app/a"])
+        self.assertTrue(inspection.truncated)
+        holder = inspection.entries[0].holders[0]
+        self.assertEqual(holder.session.client_name, "inspector")
+        self.assertEqual(holder.session.pid, os.getpid())
+
+    def test_release_by_name(self) -> None:
+        client = self.client()
+        first = client.acquire("pool", LockKind.SEMAPHORE, capacity=5, permits=3, timeout_ms=0)
+        second = client.acquire("pool", LockKind.SEMAPHORE, capacity=5, permits=2, timeout_ms=0)
+        assert first is not None and second is not None
+        self.assertEqual(client.release_by_name("pool", 4), 4)
+        entry = self.entry(client, "pool")
+        assert entry is not None
+        self.assertEqual([(h.hold_id, h.permits) for h in entry.holders], [(second.hold_id, 1)])
+        with self.assertRaises(NotHeld) as cm:
+            client.release_by_name("pool", 2)
+        self.assertEqual(cm.exception.code, ErrorCode.NOT_HELD)
+        self.assertEqual(client.release(second.hold_id), 1)
+        with self.assertRaises(NotHeld) as cm:
+            client.release(second.hold_id)
+        self.assertEqual(cm.exception.code_name, "unknown_hold")
+
+    def test_errors_keep_the_session(self) -> None:
+        client = self.client()
+        with self.assertRaises(InvalidRequest) as cm:
+            Lock("", client).acquire(timeout=WAIT)
+        self.assertEqual(cm.exception.code, ErrorCode.INVALID_NAME)
+        self.assertIsInstance(cm.exception, ValueError)
+        self.assertIsNotNone(client.acquire("kind", LockKind.MUTEX, timeout_ms=0))
+        with self.assertRaises(InvalidRequest) as cm:
+            lockbroker.BoundedSemaphore("kind", 2, client).acquire(timeout=WAIT)
+        self.assertEqual(cm.exception.code, ErrorCode.KIND_MISMATCH)
+        client.ping()
+        self.assertFalse(client.lost)
+
+    def test_waiting_acquire_does_not_block_other_threads(self) -> None:
+        a, b = self.client("a"), self.client("b")
+        Lock("busy", a).acquire(timeout=WAIT)
+        waiting = spawn(Lock("busy", b).acquire, timeout=WAIT)
+        self.wait_waiters(b, "busy", 1)
+        # The same connection still answers everything else at once.
+        b.ping()
+        other = Lock("free", b)
+        self.assertTrue(other.acquire(timeout=WAIT))
+        other.release()
+        self.assertFalse(waiting.done())
+        a.close()
+        self.assertTrue(waiting.result(timeout=WAIT))
+
+    def test_interrupted_acquire_is_cancelled(self) -> None:
+        a, b = self.client("a"), self.client("b")
+        Lock("int", a).acquire(timeout=WAIT)
+        lock = Lock("int", b)
+
+        def interrupt_when_queued() -> None:
+            self.wait_waiters(a, "int", 1)
+            os.kill(os.getpid(), signal.SIGINT)  # KeyboardInterrupt in the main thread
+
+        # A shell may start us with SIGINT ignored (a background job): make
+        # sure SIGINT raises KeyboardInterrupt for this test.
+        previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+        self.addCleanup(signal.signal, signal.SIGINT, previous)
+        interrupter = spawn(interrupt_when_queued)
+        with self.assertRaises(KeyboardInterrupt):
+            lock.acquire(timeout=WAIT)  # the daemon would answer only after WAIT
+        interrupter.result(timeout=WAIT)
+        # The Cancel removed the waiter, and nothing is held by b.
+        self.wait_waiters(a, "int", 0)
+        entry = self.entry(a, "int")
+        assert entry is not None
+        self.assertEqual([h.session.session_id for h in entry.holders], [a.session_id])
+        b.ping()
+
+    def test_local_give_up_cancels(self) -> None:
+        a, b = self.client("a"), self.client("b")
+        Lock("slow", a).acquire(timeout=WAIT)
+        # Make the client's safety deadline run out long before the daemon's
+        # timeout, as if the daemon had stopped answering.
+        original = lockbroker.client.ACQUIRE_GRACE
+        lockbroker.client.ACQUIRE_GRACE = -(WAIT - 0.1)
+        self.addCleanup(setattr, lockbroker.client, "ACQUIRE_GRACE", original)
+        self.assertFalse(Lock("slow", b).acquire(timeout=WAIT))
+        self.wait_waiters(a, "slow", 0)  # the Cancel reached the daemon
+        b.ping()
+
+    def test_grant_for_an_unknown_id_is_released(self) -> None:
+        client = self.client()
+        # An acquire nobody waits for, as after a give-up that lost the race
+        # with the grant: the client must release what arrives.
+        client._send_untracked(Acquire("orphan", LockKind.MUTEX, timeout_ms=None))
+        wait_until(lambda: client.inspect("orphan").entries == [], "the orphan grant to be released")
+        lock = Lock("orphan", client)
+        self.assertTrue(lock.acquire(blocking=False))
+        lock.release()
+
+
+class ConnectionLossTest(DaemonTestCase):
+    """A stopped daemon fails waiting callers and marks the client lost."""
+
+    def test_daemon_stopped(self) -> None:
+        a, b = self.client("a"), self.client("b")
+        # b waits behind its own hold: when another session's end frees a
+        # lock during the shutdown, a waiter may still be granted first, but
+        # nothing can free b's own hold before b's session ends.
+        held = Lock("x", b)
+        held.acquire(timeout=WAIT)
+        waiting = spawn(Lock("x", b).acquire)  # no timeout: only the loss ends it
+        self.wait_waiters(a, "x", 1)
+        self.assertEqual(self.daemon.stop(), 0)
+        with self.assertRaises(ConnectionLost):
+            waiting.result(timeout=WAIT)
+        wait_until(lambda: a.lost and b.lost, "both clients to see the loss")
+        self.assertTrue(b.shutting_down)  # the ShuttingDown event came first
+        self.assertFalse(b.closed)
+        self.assertIsInstance(b.lost_reason, ConnectionLost)
+        with self.assertRaises(ConnectionLost):
+            b.ping()
+        with self.assertRaises(ConnectionLost):
+            held.release()  # the hold went with the session
+        with self.assertRaises(ConnectionLost):
+            Lock("y", a).acquire(timeout=WAIT)
+
+    def test_close_fails_waiters(self) -> None:
+        a, b = self.client("a"), self.client("b")
+        Lock("c", a).acquire(timeout=WAIT)
+        waiting = spawn(Lock("c", b).acquire)
+        self.wait_waiters(a, "c", 1)
+        b.close()
+        with self.assertRaises(lockbroker.ClientClosed):
+            waiting.result(timeout=WAIT)
+        self.assertTrue(b.closed)
+        self.assertFalse(b.lost)
+        self.wait_waiters(a, "c", 0)
+
+
+class DefaultClientTest(DaemonTestCase):
+    """Lock("x") without a client; a forked child gets its own session."""
+
+    def setUp(self) -> None:
+        super().setUp()
+        self._saved_env = os.environ.get("LOCKBROKER_SOCKET")
+        os.environ["LOCKBROKER_SOCKET"] = self.daemon.path
+        set_default_client(None)
+
+    def tearDown(self) -> None:
+        client = lockbroker.client._default
+        set_default_client(None)
+        if client is not None:
+            client.close()
+        if self._saved_env is None:
+            os.environ.pop("LOCKBROKER_SOCKET", None)
+        else:
+            os.environ["LOCKBROKER_SOCKET"] = self._saved_env
+        super().tearDown()
+
+    def test_default_client_from_env(self) -> None:
+        lock = Lock("default")
+        self.assertTrue(lock.acquire(timeout=WAIT))
+        self.assertIs(lock.client, default_client())
+        self.assertEqual(default_client().path, self.daemon.path)
+        lock.release()
+
+    def test_fork_gets_a_new_session(self) -> None:
+        parent = default_client()
+        explicit = self.client("explicit")
+        held = Lock("parent-holds")
+        self.assertTrue(held.acquire(timeout=WAIT))
+        read_fd, write_fd = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # the child: report through the pipe, never return
+            status = 1
+            try:
+                os.close(read_fd)
+                child = default_client()
+                report = "%d %d" % (child.session_id, child.session_id != parent.session_id)
+                try:
+                    explicit.ping()
+                    report += " explicit-usable"
+                except ConnectionLost:
+                    report += " explicit-refused"
+                lock = Lock("child")
+                report += " %s" % lock.acquire(timeout=WAIT)
+                lock.release()
+                os.write(write_fd, report.encode())
+                status = 0
+            finally:
+                os._exit(status)
+        os.close(write_fd)
+        with os.fdopen(read_fd, "rb") as pipe:
+            report = spawn(pipe.read).result(timeout=WAIT).decode()
+        deadline = time.monotonic() + WAIT
+        while True:
+            done, status = os.waitpid(pid, os.WNOHANG)
+            if done:
+                break
+            self.assertLess(time.monotonic(), deadline, "the forked child did not exit")
+            time.sleep(0.005)
+        self.assertEqual(os.waitstatus_to_exitcode(status), 0)
+        session, differs, explicit_state, acquired = report.split()
+        self.assertEqual(differs, "1")
+        self.assertEqual(explicit_state, "explicit-refused")
+        self.assertEqual(acquired, "True")
+        # The child's exit closed its copy of the socket only: the parent's
+        # session and its hold live on.
+        self.assertIs(default_client(), parent)
+        parent.ping()
+        explicit.ping()
+        entry = self.entry(parent, "parent-holds")
+        assert entry is not None
+        self.assertEqual([h.session.session_id for h in entry.holders], [parent.session_id])
+        self.assertNotEqual(int(session), parent.session_id)
+        held.release()
+
+
+if __name__ == "__main__":
+    unittest.main()
