@@ -54,6 +54,15 @@ fn wait_ready(child: &mut Child, socket: &Path) {
     }
 }
 
+/// Starts a daemon on `socket` and waits until it listens.
+fn serve(socket: &Path) -> Child {
+    let mut child = daemon(&["--socket", &sock_arg(socket)], None)
+        .spawn()
+        .unwrap();
+    wait_ready(&mut child, socket);
+    child
+}
+
 /// Runs a daemon that is expected to refuse to start; returns its output.
 fn refused(args: &[&str], runtime_dir: Option<&Path>) -> Output {
     let out = daemon(args, runtime_dir).output().unwrap();
@@ -76,10 +85,7 @@ fn sock_arg(p: &Path) -> String {
 fn sigterm_tells_sessions_releases_and_exits_0_within_a_second() {
     let dir = tempfile::tempdir().unwrap();
     let socket = dir.path().join("broker.sock");
-    let mut child = daemon(&["--socket", &sock_arg(&socket)], None)
-        .spawn()
-        .unwrap();
-    wait_ready(&mut child, &socket);
+    let mut child = serve(&socket);
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -110,10 +116,7 @@ fn sigterm_tells_sessions_releases_and_exits_0_within_a_second() {
 fn sigint_also_shuts_down_cleanly() {
     let dir = tempfile::tempdir().unwrap();
     let socket = dir.path().join("broker.sock");
-    let mut child = daemon(&["--socket", &sock_arg(&socket)], None)
-        .spawn()
-        .unwrap();
-    wait_ready(&mut child, &socket);
+    let mut child = serve(&socket);
     signal(&child, libc::SIGINT);
     assert!(wait_exit(&mut child, Duration::from_secs(5)).success());
     assert!(!socket.exists());
@@ -123,10 +126,7 @@ fn sigint_also_shuts_down_cleanly() {
 fn a_second_daemon_on_the_same_socket_is_refused() {
     let dir = tempfile::tempdir().unwrap();
     let socket = dir.path().join("broker.sock");
-    let mut first = daemon(&["--socket", &sock_arg(&socket)], None)
-        .spawn()
-        .unwrap();
-    wait_ready(&mut first, &socket);
+    let mut first = serve(&socket);
     let out = refused(&["--socket", &sock_arg(&socket)], None);
     let msg = stderr(&out);
     assert!(msg.contains("already serving"), "{msg}");
@@ -141,17 +141,11 @@ fn a_second_daemon_on_the_same_socket_is_refused() {
 fn a_stale_socket_of_a_killed_daemon_is_reclaimed() {
     let dir = tempfile::tempdir().unwrap();
     let socket = dir.path().join("broker.sock");
-    let mut first = daemon(&["--socket", &sock_arg(&socket)], None)
-        .spawn()
-        .unwrap();
-    wait_ready(&mut first, &socket);
+    let mut first = serve(&socket);
     signal(&first, libc::SIGKILL);
     first.wait().unwrap();
     assert!(socket.exists(), "SIGKILL leaves the socket file");
-    let mut second = daemon(&["--socket", &sock_arg(&socket)], None)
-        .spawn()
-        .unwrap();
-    wait_ready(&mut second, &socket);
+    let mut second = serve(&socket);
     signal(&second, libc::SIGTERM);
     assert!(wait_exit(&mut second, Duration::from_secs(5)).success());
 }
