@@ -23,7 +23,8 @@ from concurrent.futures import Future
 from pathlib import Path
 from typing import Any, Callable, List, Optional, Tuple, TypeVar
 
-from lockbroker import Client
+import lockbroker
+from lockbroker import Client, set_default_client
 from lockbroker.protocol import EntryInfo
 
 #: Directory of the ``lockbroker`` package (for subprocesses' PYTHONPATH).
@@ -186,6 +187,28 @@ class DaemonTestCase(unittest.TestCase):
     def wait_waiters(self, client: Client, name: str, count: int) -> None:
         """Wait until exactly ``count`` acquires wait on ``name``."""
         wait_until(lambda: self.waiter_count(client, name) == count, "%d waiter(s) on %r" % (count, name))
+
+
+class DefaultClientTestCase(DaemonTestCase):
+    """A daemon test whose process-wide default client points at this
+    test's daemon (through ``LOCKBROKER_SOCKET``), fresh for every test."""
+
+    def setUp(self) -> None:
+        super().setUp()
+        self._saved_env = os.environ.get("LOCKBROKER_SOCKET")
+        os.environ["LOCKBROKER_SOCKET"] = self.daemon.path
+        set_default_client(None)
+
+    def tearDown(self) -> None:
+        client = lockbroker.client._default
+        set_default_client(None)
+        if client is not None:
+            client.close()
+        if self._saved_env is None:
+            os.environ.pop("LOCKBROKER_SOCKET", None)
+        else:
+            os.environ["LOCKBROKER_SOCKET"] = self._saved_env
+        super().tearDown()
 
 
 def python_subprocess(code: str, *args: str) -> "subprocess.Popen[bytes]":

@@ -15,11 +15,10 @@ from lockbroker import (
     LockKind,
     NotHeld,
     default_client,
-    set_default_client,
 )
 from lockbroker.protocol import Acquire, ErrorCode
 
-from .support import WAIT, DaemonTestCase, spawn, wait_until
+from .support import WAIT, DaemonTestCase, DefaultClientTestCase, spawn, wait_until
 
 
 class ClientTest(DaemonTestCase):
@@ -177,25 +176,8 @@ class ConnectionLossTest(DaemonTestCase):
         self.wait_waiters(a, "c", 0)
 
 
-class DefaultClientTest(DaemonTestCase):
+class DefaultClientTest(DefaultClientTestCase):
     """Lock("x") without a client; a forked child gets its own session."""
-
-    def setUp(self) -> None:
-        super().setUp()
-        self._saved_env = os.environ.get("LOCKBROKER_SOCKET")
-        os.environ["LOCKBROKER_SOCKET"] = self.daemon.path
-        set_default_client(None)
-
-    def tearDown(self) -> None:
-        client = lockbroker.client._default
-        set_default_client(None)
-        if client is not None:
-            client.close()
-        if self._saved_env is None:
-            os.environ.pop("LOCKBROKER_SOCKET", None)
-        else:
-            os.environ["LOCKBROKER_SOCKET"] = self._saved_env
-        super().tearDown()
 
     def test_default_client_from_env(self) -> None:
         lock = Lock("default")

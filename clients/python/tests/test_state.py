@@ -8,7 +8,6 @@ a watch has a deadline (``WAIT``).
 from __future__ import annotations
 
 import gc
-import os
 import random
 import threading
 import unittest
@@ -39,11 +38,10 @@ from lockbroker import (
     VersionConflict,
     Watch,
     WatchEvent,
-    set_default_client,
 )
 from lockbroker.protocol import ErrorCode, StateSet, StateUnwatch, StateWritten
 
-from .support import WAIT, DaemonTestCase, spawn, wait_until
+from .support import WAIT, DaemonTestCase, DefaultClientTestCase, spawn, wait_until
 
 #: The daemon's default value limit (``--max-value-len``).
 MAX_VALUE_LEN = 1048576
@@ -650,25 +648,8 @@ class QuotaTest(DaemonTestCase):
         state.set("d", "fits again")
 
 
-class DefaultStateTest(DaemonTestCase):
+class DefaultStateTest(DefaultClientTestCase):
     """lockbroker.State() uses the default client."""
-
-    def setUp(self) -> None:
-        super().setUp()
-        self._saved_env = os.environ.get("LOCKBROKER_SOCKET")
-        os.environ["LOCKBROKER_SOCKET"] = self.daemon.path
-        set_default_client(None)
-
-    def tearDown(self) -> None:
-        client = lockbroker.client._default
-        set_default_client(None)
-        if client is not None:
-            client.close()
-        if self._saved_env is None:
-            os.environ.pop("LOCKBROKER_SOCKET", None)
-        else:
-            os.environ["LOCKBROKER_SOCKET"] = self._saved_env
-        super().tearDown()
 
     def test_default_client(self) -> None:
         state = State()
