@@ -11,6 +11,8 @@
 //! - [`session`]: one task per connection: handshake, requests, cleanup.
 //! - [`lock_table`]: the synchronous lock table (FIFO queues, holds, fences,
 //!   abandonment); it does no I/O.
+//! - [`state`]: the shared key/value store on its own thread (versions,
+//!   expiry, quotas, watches, redb persistence).
 //! - [`shutdown`]: the signal fanned out to sessions.
 //! - [`systemd`]: socket activation, readiness and the watchdog.
 //!
