@@ -12,7 +12,7 @@
 //! waiter already gone knows the grant is on its way and waits for it.
 //!
 //! When the loop ends, for any reason, every name the session held or waited
-//! on is handed to [`LockTable::end_session`]; that also catches grants made
+//! on is handed to [`LockTable::end_session`](crate::lock_table::LockTable::end_session); that also catches grants made
 //! to it that it never read.
 
 mod state_requests;
