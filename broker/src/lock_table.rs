@@ -575,8 +575,9 @@ impl LockTable {
     }
 
     /// Ends session `session_id`'s part in `name`: its holds are released
-    /// (so the next grant reports abandonment) and its waits removed.
-    pub fn end_session(&self, name: &str, session_id: u64) -> Vec<Delivery> {
+    /// (so the next grant reports abandonment when `abandon`) and its waits
+    /// removed.
+    pub fn end_session(&self, name: &str, session_id: u64, abandon: bool) -> Vec<Delivery> {
         let mut out = Vec::new();
         self.with_entry(name, &mut out, |e| {
             e.queue.retain(|w| w.peer.id() != session_id);
@@ -591,10 +592,19 @@ impl LockTable {
             });
             if e.holders.len() != before {
                 e.free += freed as u32;
-                e.abandoned = true;
+                e.abandoned |= abandon;
             }
         });
         out
+    }
+
+    /// Whether `name` has a live hold with `fence`, whichever session holds
+    /// it: the check of a fenced state write.
+    pub fn fence_is_live(&self, name: &str, fence: u64) -> bool {
+        self.inner
+            .entries
+            .get(name)
+            .is_some_and(|e| e.holders.iter().any(|h| h.fence == fence))
     }
 
     /// Entries whose name starts with `prefix`, in name order, at most
@@ -765,7 +775,7 @@ mod tests {
         let n = name("m");
         let m = spec(LockKind::Mutex, 1, 1, None);
         let first = granted(t.acquire(&n, &a, 1, &m).unwrap());
-        assert!(t.end_session("m", 1).is_empty());
+        assert!(t.end_session("m", 1, true).is_empty());
         assert_eq!(t.len(), 1, "the abandoned flag is remembered");
         let second = granted(t.acquire(&n, &b, 1, &m).unwrap());
         assert!(second.abandoned);
@@ -1049,7 +1059,7 @@ mod tests {
                         Op::Disconnect { s } => {
                             let sid = sessions[s].id();
                             for n in 0..3 {
-                                let out = t.end_session(NAMES[n], sid);
+                                let out = t.end_session(NAMES[n], sid, true);
                                 let e = &mut model[n];
                                 e.queue.retain(|w| w.0 != sid);
                                 let before = e.holders.len();

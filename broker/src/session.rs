@@ -87,6 +87,7 @@ pub async fn run<R, W>(
         guarded: HashSet::new(),
         deferred: VecDeque::new(),
         state_inflight: HashSet::new(),
+        release_on_close: false,
     };
     session.answer(ServerMessage::Welcome(Welcome {
         version: PROTOCOL_VERSION,
@@ -250,6 +251,9 @@ struct Session {
     deferred: VecDeque<(u64, Request)>,
     /// Request ids of state requests the store has not answered yet.
     state_inflight: HashSet<u64>,
+    /// The client asked that its holds end as released, not abandoned,
+    /// when the connection closes (`Request::ReleaseOnClose`).
+    release_on_close: bool,
 }
 
 impl Session {
@@ -434,6 +438,10 @@ impl Session {
             Request::ReleaseByName { name, count } => self.release_by_name(id, name, count),
             Request::Inspect { prefix, limit } => self.inspect(id, prefix, limit),
             Request::Ping => self.respond(id, Response::Pong),
+            Request::ReleaseOnClose => {
+                self.release_on_close = true;
+                self.respond(id, Response::Done);
+            }
             other => self.state_request(id, other),
         }
     }
@@ -643,15 +651,21 @@ impl Session {
         );
     }
 
-    /// Releases everything the session held and withdraws every wait.
+    /// Releases everything the session held (as abandoned, unless the
+    /// client asked otherwise) and withdraws every wait.
     fn cleanup(&mut self) {
+        let abandon = !self.release_on_close;
         let names: HashSet<&LockName> = self
             .holds
             .values()
             .chain(self.pending.values().map(|p| &p.name))
             .collect();
         for name in names {
-            deliver(self.broker.table.end_session(name.as_str(), self.id()));
+            deliver(
+                self.broker
+                    .table
+                    .end_session(name.as_str(), self.id(), abandon),
+            );
         }
         self.holds.clear();
         self.pending.clear();

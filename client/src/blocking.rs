@@ -364,6 +364,12 @@ impl BlockingState {
         self.runtime.block_on(self.inner.increment(key, delta))
     }
 
+    /// See [`State::increment_fenced`].
+    pub fn increment_fenced(&self, key: &str, delta: i64, lock: &str, fence: u64) -> Result<i64> {
+        self.runtime
+            .block_on(self.inner.increment_fenced(key, delta, lock, fence))
+    }
+
     /// See [`State::increment_guarded`].
     pub fn increment_guarded(
         &self,

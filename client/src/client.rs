@@ -50,6 +50,9 @@ struct Inner {
     welcome: Welcome,
     /// Raised by the connection task when it ends.
     lost: watch::Receiver<bool>,
+    /// The connection's descriptor, for [`Client::connection_fd`].
+    #[cfg(unix)]
+    fd: std::os::fd::RawFd,
 }
 
 #[derive(Debug)]
@@ -85,6 +88,8 @@ impl Client {
         writer: WriteHalf,
         welcome: Welcome,
     ) -> Client {
+        #[cfg(unix)]
+        let fd = std::os::fd::AsRawFd::as_raw_fd(writer.as_ref());
         let (commands, rx) = mpsc::unbounded_channel();
         let (lost_tx, lost) = watch::channel(false);
         let task = Task {
@@ -108,7 +113,32 @@ impl Client {
                 next_id: AtomicU64::new(1),
                 welcome,
                 lost,
+                #[cfg(unix)]
+                fd,
             }),
+        }
+    }
+
+    /// The connection's file descriptor. It is close-on-exec; a program
+    /// that wants child processes to keep this session (and so its holds)
+    /// alive after it dies clears that flag in the child, as `lockbroker
+    /// lock` does. Valid while the connection is open; never read or write
+    /// it directly. Dropping the last clone of the client shuts the socket
+    /// down (for every process sharing it), so a program that leaves the
+    /// session to its children exits without dropping it.
+    #[cfg(unix)]
+    pub fn connection_fd(&self) -> std::os::fd::RawFd {
+        self.inner.fd
+    }
+
+    /// Asks the daemon to end this session's holds as released, not
+    /// abandoned, when the connection closes — for a connection that child
+    /// processes share and close last.
+    pub async fn release_on_close(&self) -> Result<()> {
+        match self.call(Request::ReleaseOnClose).await? {
+            Response::Done => Ok(()),
+            Response::Error(e) => Err(refused("release on close".into(), e)),
+            other => Err(unexpected("release on close", other)),
         }
     }
 

@@ -97,6 +97,15 @@ impl LockGuard {
     }
 }
 
+impl LockGuard {
+    /// Gives the hold up to the session without releasing it: it lasts
+    /// until released by name or until the session ends (the connection's
+    /// last copy closes). For a connection handed down to child processes.
+    pub fn keep_until_session_ends(mut self) {
+        self.released = true;
+    }
+}
+
 impl Drop for LockGuard {
     fn drop(&mut self) {
         if !self.released {

@@ -4,7 +4,9 @@
 //! Every key has a version that grows on every write, from one daemon-wide
 //! counter. Writes can be conditional on the version (compare-and-set) and
 //! *guarded* by a lock this client holds: the daemon applies a guarded
-//! write only while the hold is still held.
+//! write only while the hold is still held. A write may also be *fenced*:
+//! guarded by a lock name and the fence of a hold that any session holds,
+//! so a child process can write under its parent's lock.
 
 use std::pin::Pin;
 use std::task::{Context, Poll};
@@ -48,7 +50,7 @@ pub enum RemoveOutcome {
 }
 
 /// Options of a write.
-#[derive(Debug, Clone, Copy, Default)]
+#[derive(Debug, Clone, Default)]
 pub struct WriteOptions {
     /// Apply only if the key's version is this (0: the key must not exist).
     pub if_version: Option<u64>,
@@ -57,6 +59,10 @@ pub struct WriteOptions {
     /// Apply only while this client still holds this hold (see
     /// [`LockGuard::hold_id`]).
     pub guard: Option<u64>,
+    /// Apply only while lock `.0` has a live hold with fence `.1`, held by
+    /// any session: what a command run under `lockbroker lock` gets in
+    /// `LOCKBROKER_LOCK` and `LOCKBROKER_FENCE`.
+    pub fence: Option<(String, u64)>,
 }
 
 impl WriteOptions {
@@ -76,6 +82,27 @@ impl WriteOptions {
     pub fn guard(mut self, guard: &LockGuard) -> Self {
         self.guard = Some(guard.hold_id());
         self
+    }
+
+    /// Only while `lock` has a live hold with `fence`, whichever session
+    /// holds it (refused with [`ErrorCode::StaleFence`] otherwise).
+    ///
+    /// [`ErrorCode::StaleFence`]: lockbroker_proto::ErrorCode::StaleFence
+    pub fn fence(mut self, lock: impl Into<String>, fence: u64) -> Self {
+        self.fence = Some((lock.into(), fence));
+        self
+    }
+}
+
+/// `write`, wrapped in a fenced write when `fence` names one.
+fn fenced(write: Request, fence: Option<(String, u64)>) -> Request {
+    match fence {
+        Some((lock, fence)) => Request::StateFenced {
+            lock,
+            fence,
+            write: Box::new(write),
+        },
+        None => write,
     }
 }
 
@@ -158,13 +185,14 @@ impl State {
         value: impl Into<Vec<u8>>,
         options: WriteOptions,
     ) -> Result<WriteOutcome> {
-        let request = Request::StateSet(StateSet {
+        let write = Request::StateSet(StateSet {
             key: key.into(),
             value: value.into(),
             if_version: options.if_version,
             ttl_ms: options.ttl.map(ms),
             guard: options.guard,
         });
+        let request = fenced(write, options.fence);
         match self.call("set", key, request).await? {
             Response::StateWritten { version } => Ok(WriteOutcome::Written { version }),
             Response::StateConflict { current } => Ok(WriteOutcome::Conflict { current }),
@@ -195,11 +223,12 @@ impl State {
 
     /// Removes `key` as `options` say (`ttl` is ignored).
     pub async fn remove_with(&self, key: &str, options: WriteOptions) -> Result<RemoveOutcome> {
-        let request = Request::StateRemove {
+        let write = Request::StateRemove {
             key: key.into(),
             if_version: options.if_version,
             guard: options.guard,
         };
+        let request = fenced(write, options.fence);
         match self.call("remove", key, request).await? {
             Response::StateRemoved(old) => Ok(RemoveOutcome::Removed(old)),
             Response::StateConflict { current } => Ok(RemoveOutcome::Conflict { current }),
@@ -210,20 +239,41 @@ impl State {
     /// Adds `delta` to the decimal integer at `key` (absent counts as 0);
     /// returns the new value.
     pub async fn increment(&self, key: &str, delta: i64) -> Result<i64> {
-        self.increment_with(key, delta, None).await
+        self.increment_with(key, delta, None, None).await
     }
 
     /// Like [`State::increment`], applied only while `guard` is held.
     pub async fn increment_guarded(&self, key: &str, delta: i64, guard: &LockGuard) -> Result<i64> {
-        self.increment_with(key, delta, Some(guard.hold_id())).await
+        self.increment_with(key, delta, Some(guard.hold_id()), None)
+            .await
     }
 
-    async fn increment_with(&self, key: &str, delta: i64, guard: Option<u64>) -> Result<i64> {
-        let request = Request::StateIncrement {
+    /// Like [`State::increment`], applied only while `lock` has a live hold
+    /// with `fence` (see [`WriteOptions::fence`]).
+    pub async fn increment_fenced(
+        &self,
+        key: &str,
+        delta: i64,
+        lock: &str,
+        fence: u64,
+    ) -> Result<i64> {
+        self.increment_with(key, delta, None, Some((lock.to_owned(), fence)))
+            .await
+    }
+
+    async fn increment_with(
+        &self,
+        key: &str,
+        delta: i64,
+        guard: Option<u64>,
+        fence: Option<(String, u64)>,
+    ) -> Result<i64> {
+        let write = Request::StateIncrement {
             key: key.into(),
             delta,
             guard,
         };
+        let request = fenced(write, fence);
         match self.call("increment", key, request).await? {
             Response::StateCounter { value, .. } => Ok(value),
             other => Err(unexpected("increment", other)),

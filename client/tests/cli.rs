@@ -195,14 +195,220 @@ fn lock_runs_the_command_with_its_environment_and_passes_its_status() {
 }
 
 #[test]
-fn the_command_inherits_no_socket_of_lockbroker() {
+fn the_command_inherits_the_lock_connection_and_no_other_socket() {
     let d = Daemon::start();
     let out = run(d.cli().args(["lock", "fds"]).args(sh("ls -l /proc/$$/fd")));
     assert!(out.status.success());
     let listing = String::from_utf8(out.stdout).unwrap();
+    assert_eq!(
+        listing.matches("socket:").count(),
+        1,
+        "the command must inherit exactly the lock's connection:\n{listing}"
+    );
+}
+
+/// A shell loop that waits for `file` to exist.
+fn wait_for(file: &Path) -> String {
+    format!("while [ ! -e {} ]; do sleep 0.01; done", file.display())
+}
+
+fn read_pid(path: &Path) -> u32 {
+    let mut pid = None;
+    wait_until("the pid file is written", || {
+        pid = std::fs::read_to_string(path)
+            .ok()
+            .and_then(|s| s.trim().parse().ok());
+        pid.is_some()
+    });
+    pid.unwrap()
+}
+
+fn holders_and_waiters(d: &Daemon, name: &str) -> (usize, usize) {
+    let status = d.status_json();
+    let Some(lock) = status["locks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|l| l["name"] == name)
+    else {
+        return (0, 0);
+    };
+    (
+        lock["holders"].as_array().unwrap().len(),
+        lock["waiters"].as_array().unwrap().len(),
+    )
+}
+
+#[test]
+fn killing_the_wrapper_leaves_the_lock_with_the_command_tree() {
+    let d = Daemon::start();
+    let (go_cmd, go_bg) = (d.path("go.cmd"), d.path("go.bg"));
+    // The command starts a background child, then both wait; the
+    // background child outlives the command.
+    let script = format!(
+        "(echo $(sh -c 'echo $PPID') > bg.pid; {}; touch bg.done) & echo $$ > cmd.pid; {}; touch cmd.done",
+        wait_for(&go_bg),
+        wait_for(&go_cmd)
+    );
+    let mut first = d
+        .cli()
+        .args(["lock", "x"])
+        .args(sh(&script))
+        .spawn()
+        .unwrap();
+    let cmd_pid = read_pid(&d.path("cmd.pid"));
+    let bg_pid = read_pid(&d.path("bg.pid"));
+    kill(first.id(), libc::SIGKILL);
+    assert!(!wait_child(&mut first, Duration::from_secs(20)).success());
+    let second_script =
+        "test -e cmd.done && test -e bg.done && echo \"${LOCKBROKER_ABANDONED:-no}\" > second";
+    let mut second = d
+        .cli()
+        .args(["lock", "x"])
+        .args(sh(second_script))
+        .spawn()
+        .unwrap();
+    wait_until("the second wrapper waits", || {
+        holders_and_waiters(&d, "x") == (1, 1)
+    });
+    // The command ends; its background child still holds the lock.
+    std::fs::write(&go_cmd, "").unwrap();
+    wait_until("the command exits", || !alive(cmd_pid));
+    assert!(alive(bg_pid));
+    assert_eq!(holders_and_waiters(&d, "x"), (1, 1));
+    assert!(second.try_wait().unwrap().is_none());
+    // Only once the whole tree is gone does the next holder start.
+    std::fs::write(&go_bg, "").unwrap();
+    assert!(wait_child(&mut second, Duration::from_secs(20)).success());
+    assert_eq!(
+        std::fs::read_to_string(d.path("second")).unwrap().trim(),
+        "1",
+        "the next holder is told the lock was abandoned"
+    );
+}
+
+#[test]
+fn what_the_command_leaves_running_keeps_the_lock_unless_close() {
+    let d = Daemon::start();
+    let go = d.path("go");
+    // The background child must not keep the test's output pipes open.
+    let bg = format!(
+        "({}; rm bg.pid) >/dev/null 2>&1 & echo $! > bg.pid",
+        wait_for(&go)
+    );
+    let out = run(d.cli().args(["lock", "x"]).args(sh(&bg)));
+    assert!(out.status.success());
+    let busy = run(d.cli().args(["lock", "-n", "x", "--", "true"]));
+    assert_eq!(busy.status.code(), Some(75), "the background child holds x");
+    std::fs::write(&go, "").unwrap();
+    // It ends as released, not abandoned.
+    let next = run(d
+        .cli()
+        .args(["lock", "--timeout", "20s", "x"])
+        .args(sh("echo ${LOCKBROKER_ABANDONED:-no}")));
+    assert!(next.status.success());
+    assert_eq!(String::from_utf8_lossy(&next.stdout).trim(), "no");
+    // With -o, the lock ends with the command itself.
+    std::fs::remove_file(&go).unwrap();
+    let out = run(d.cli().args(["lock", "-o", "x"]).args(sh(&bg)));
+    assert!(out.status.success());
+    let bg_pid = read_pid(&d.path("bg.pid"));
+    let free = run(d.cli().args(["lock", "-n", "x", "--", "true"]));
+    assert_eq!(free.status.code(), Some(0), "-o leaves nothing holding x");
+    assert!(alive(bg_pid));
+    std::fs::write(&go, "").unwrap();
+}
+
+/// A small xorshift generator: the storm's randomness, reproducible from
+/// the seed it prints.
+struct Rng(u64);
+
+impl Rng {
+    fn below(&mut self, n: u64) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0 % n
+    }
+}
+
+#[test]
+fn a_storm_of_killed_wrappers_never_lets_two_holders_in() {
+    const WRAPPERS: usize = 32;
+    const STORM: Duration = Duration::from_secs(10);
+    let d = Daemon::start();
+    // The command checks exclusion itself: O_EXCL creation of a marker
+    // (`set -C`), the fence appended in grant order, and half of the time
+    // the marker is removed by a background child after the command exits.
+    let script = "set -C; if ! : > marker; then echo \"$LOCKBROKER_FENCE\" >> overlaps; fi; \
+        echo \"$LOCKBROKER_FENCE\" >> fences; sleep 0.01; \
+        if [ $((LOCKBROKER_FENCE % 2)) = 0 ]; then (sleep 0.01; rm -f marker) & else rm -f marker; fi";
+    let seed = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos() as u64
+        | 1;
+    eprintln!("storm seed {seed}");
+    let deadline = Instant::now() + STORM;
+    let killed = std::sync::atomic::AtomicU64::new(0);
+    std::thread::scope(|scope| {
+        for slot in 0..WRAPPERS {
+            let d = &d;
+            let killed = &killed;
+            scope.spawn(move || {
+                let mut rng = Rng(seed.wrapping_mul(slot as u64 + 1) | 1);
+                while Instant::now() < deadline {
+                    let mut w = d
+                        .cli()
+                        .args([
+                            "lock",
+                            "--timeout",
+                            "60s",
+                            "storm",
+                            "--",
+                            "sh",
+                            "-c",
+                            script,
+                        ])
+                        .stdout(Stdio::null())
+                        .stderr(Stdio::null())
+                        .spawn()
+                        .unwrap();
+                    // A third of the wrappers die at a random moment:
+                    // connecting, waiting, or holding.
+                    if rng.below(3) == 0 {
+                        std::thread::sleep(Duration::from_millis(rng.below(40)));
+                        kill(w.id(), libc::SIGKILL);
+                        killed.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    }
+                    wait_child(&mut w, Duration::from_secs(120));
+                }
+            });
+        }
+    });
+    // Commands of killed wrappers may still run: wait until nothing holds.
+    wait_until("every command tree is gone", || {
+        holders_and_waiters(&d, "storm") == (0, 0)
+    });
+    let overlaps = std::fs::read_to_string(d.path("overlaps")).unwrap_or_default();
     assert!(
-        !listing.contains("socket:"),
-        "a socket leaked into the command:\n{listing}"
+        overlaps.is_empty(),
+        "two holders at once, fences:\n{overlaps}"
+    );
+    let fences: Vec<u64> = std::fs::read_to_string(d.path("fences"))
+        .unwrap()
+        .lines()
+        .map(|l| l.parse().unwrap())
+        .collect();
+    assert!(
+        fences.windows(2).all(|w| w[0] < w[1]),
+        "fences must increase in grant order: {fences:?}"
+    );
+    let killed = killed.into_inner();
+    eprintln!("{} grants, {killed} wrappers killed", fences.len());
+    assert!(
+        fences.len() >= 50 && killed >= 10,
+        "the storm did too little"
     );
 }
 
@@ -585,6 +791,70 @@ fn lockbroker_daemon_runs_lockbrokerd_in_the_foreground() {
     kill(child.id(), libc::SIGTERM);
     assert!(wait_child(&mut child, Duration::from_secs(10)).success());
     assert!(!socket.exists());
+}
+
+#[test]
+fn a_command_under_lock_writes_state_guarded_by_its_own_hold() {
+    let d = Daemon::start();
+    let bin_dir = Path::new(CLI).parent().unwrap();
+    let path = format!("{}:{}", bin_dir.display(), std::env::var("PATH").unwrap());
+    // Today's README example: it must not queue behind its own wrapper.
+    let out = run(d.cli().env("PATH", &path).args([
+        "lock",
+        "deploy",
+        "--",
+        "lockbroker",
+        "state",
+        "set",
+        "--lock",
+        "deploy",
+        "deploy/status",
+        "step 3 of 7",
+    ]));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let got = run(d.cli().args(["state", "get", "deploy/status"]));
+    assert_eq!(String::from_utf8_lossy(&got.stdout).trim(), "step 3 of 7");
+    // Nested wrappers: the outer lock's hold is found too.
+    let out = run(d
+        .cli()
+        .env("PATH", &path)
+        .args(["lock", "outer", "--", "lockbroker", "lock", "inner", "--"])
+        .args([
+            "lockbroker",
+            "state",
+            "set",
+            "--lock",
+            "outer",
+            "deploy/status",
+            "nested",
+        ]));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // A fence that is no longer live (the wrapper's environment, replayed
+    // after it ended) is refused and changes nothing.
+    let stale = run(d.cli().env("LOCKBROKER_LOCKS", "1 deploy").args([
+        "state",
+        "set",
+        "--lock",
+        "deploy",
+        "deploy/status",
+        "late",
+    ]));
+    assert_eq!(stale.status.code(), Some(69));
+    assert!(
+        String::from_utf8_lossy(&stale.stderr).contains("stale_fence"),
+        "{}",
+        String::from_utf8_lossy(&stale.stderr)
+    );
+    let got = run(d.cli().args(["state", "get", "deploy/status"]));
+    assert_eq!(String::from_utf8_lossy(&got.stdout).trim(), "nested");
 }
 
 #[test]

@@ -182,6 +182,24 @@ pub enum Request {
         /// The request id of the `StateWatch`.
         watch_id: u64,
     },
+    /// When the connection closes, end the session's holds as if released:
+    /// the next holders are not told they were abandoned. For a session
+    /// whose connection is shared with child processes (`lockbroker lock`),
+    /// which keep the holds until the last of them closes it. Answered by
+    /// [`Response::Done`].
+    ReleaseOnClose,
+    /// A state write (`StateSet`, `StateRemove` or `StateIncrement`, with
+    /// no `guard` of its own) applied only while lock `lock` has a live
+    /// hold with fence `fence`, whichever session holds it. Answered as the
+    /// write is, or by [`ErrorCode::StaleFence`] when no such hold is live.
+    StateFenced {
+        /// The lock whose hold guards the write.
+        lock: String,
+        /// The fence of that hold, as granted.
+        fence: u64,
+        /// The write.
+        write: Box<Request>,
+    },
 }
 
 /// A state write.
@@ -611,6 +629,9 @@ error_codes! {
     /// A guarded write names a hold this session does not have (any more);
     /// nothing changed.
     GuardNotHeld = 303, "guard_not_held";
+    /// A fenced write names a lock and fence that no live hold has (it was
+    /// released, or the fence is older or unknown); nothing changed.
+    StaleFence = 304, "stale_fence";
     /// The session has as many waiting acquires as it may.
     TooManyPending = 400, "too_many_pending";
     /// The session has as many holds as it may.

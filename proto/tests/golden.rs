@@ -501,6 +501,31 @@ fn vectors() -> Vec<(&'static str, Message)> {
             "state_unwatch",
             request(23, Request::StateUnwatch { watch_id: 21 }),
         ),
+        ("release_on_close", request(24, Request::ReleaseOnClose)),
+        (
+            "state_fenced_set",
+            request(
+                25,
+                Request::StateFenced {
+                    lock: "deploy".into(),
+                    fence: 42,
+                    write: Box::new(Request::StateSet(StateSet {
+                        key: "deploy/status".into(),
+                        value: b"step 3".to_vec(),
+                        if_version: None,
+                        ttl_ms: None,
+                        guard: None,
+                    })),
+                },
+            ),
+        ),
+        (
+            "error_stale_fence",
+            response(
+                25,
+                Response::Error(ErrorInfo::new(ErrorCode::StaleFence, "stale fence 42")),
+            ),
+        ),
     ]
 }
 

@@ -74,6 +74,35 @@ impl Session {
         Ok(())
     }
 
+    /// Checks a fenced write: a plain state write, and a live hold with
+    /// `fence` on `lock`. The write is submitted to the store right after
+    /// this check, with no await between, so a release that comes later
+    /// (and any write by the next holder) is ordered after it.
+    fn check_fence(&self, lock: String, fence: u64, write: Request) -> Result<Request, ErrorInfo> {
+        let lock = LockName::new(lock).map_err(|e| {
+            ErrorInfo::new(ErrorCode::InvalidName, format!("invalid lock name: {e}"))
+        })?;
+        let plain_write = matches!(
+            write,
+            Request::StateSet(StateSet { guard: None, .. })
+                | Request::StateRemove { guard: None, .. }
+                | Request::StateIncrement { guard: None, .. }
+        );
+        if !plain_write {
+            return Err(ErrorInfo::new(
+                ErrorCode::InvalidArgument,
+                "a fenced write must be a state set, remove or increment without a guard of its own",
+            ));
+        }
+        if !self.broker.table.fence_is_live(lock.as_str(), fence) {
+            return Err(ErrorInfo::new(
+                ErrorCode::StaleFence,
+                format!("lock {lock:?} has no live hold with fence {fence}; the write was refused"),
+            ));
+        }
+        Ok(write)
+    }
+
     pub(super) fn state_request(&mut self, id: u64, request: Request) {
         if let Err(e) = self.try_state_request(id, request) {
             self.error(id, e);
@@ -87,6 +116,10 @@ impl Session {
                 format!("request id {id} is already used by a request still being answered"),
             ));
         }
+        let request = match request {
+            Request::StateFenced { lock, fence, write } => self.check_fence(lock, fence, *write)?,
+            other => other,
+        };
         let op = match request {
             Request::StateGet { key } => Op::Get {
                 key: LockName::new(key).map_err(invalid_key)?,

@@ -32,7 +32,7 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass, field, fields
 from enum import IntEnum
-from typing import Any, Dict, Generic, List, Optional, Sequence, Tuple, Type, TypeVar, Union
+from typing import Any, Callable, Dict, Generic, List, Optional, Sequence, Tuple, Type, TypeVar, Union
 
 __all__ = [
     "MAGIC",
@@ -63,6 +63,8 @@ __all__ = [
     "StateList",
     "StateWatch",
     "StateUnwatch",
+    "ReleaseOnClose",
+    "StateFenced",
     "Request",
     "RequestMessage",
     "ClientMessage",
@@ -185,6 +187,7 @@ class ErrorCode(IntEnum):
     NOT_HELD = 301
     NOT_PENDING = 302
     GUARD_NOT_HELD = 303
+    STALE_FENCE = 304
     TOO_MANY_PENDING = 400
     TOO_MANY_HOLDS = 401
     RESPONSE_TOO_LARGE = 402
@@ -362,6 +365,23 @@ class StateUnwatch:
     watch_id: int
 
 
+@dataclass(frozen=True)
+class ReleaseOnClose:
+    """``Request::ReleaseOnClose``: end the holds as released, not abandoned,
+    when the connection closes (PROTOCOL.md 6.3)."""
+
+
+@dataclass(frozen=True)
+class StateFenced:
+    """``Request::StateFenced``: ``write`` (a StateSet, StateRemove or
+    StateIncrement without a guard) applied only while ``lock`` has a live
+    hold with ``fence``, whoever holds it (PROTOCOL.md 10.12)."""
+
+    lock: str
+    fence: int
+    write: Any
+
+
 #: Every variant of ``Request``.
 Request = Union[
     Acquire,
@@ -377,6 +397,8 @@ Request = Union[
     StateList,
     StateWatch,
     StateUnwatch,
+    ReleaseOnClose,
+    StateFenced,
 ]
 
 
@@ -826,6 +848,20 @@ class _Opt(_Codec[Optional[T]]):
         raise DecodeError("Option tag %d is neither 0 nor 1" % tag)
 
 
+class _Deferred(_Codec[Any]):
+    """A codec looked up when first used: ``StateFenced`` holds a whole
+    ``Request``, whose codec is defined after it."""
+
+    def __init__(self, get: Callable[[], _Codec[Any]]) -> None:
+        self.get = get
+
+    def encode(self, w: _Writer, value: Any) -> None:
+        self.get().encode(w, value)
+
+    def decode(self, r: _Reader) -> Any:
+        return self.get().decode(r)
+
+
 class _Vec(_Codec[List[T]]):
     """``Vec<T>``: u64 element count, then the elements."""
 
@@ -973,6 +1009,8 @@ _REQUEST = _Variants(
             [("key", _STR), ("prefix", _BOOL), ("from_version", _U64), ("with_values", _BOOL)],
         ),
         _Struct(StateUnwatch, [("watch_id", _U64)]),  # 12
+        _Struct(ReleaseOnClose, []),  # 13
+        _Struct(StateFenced, [("lock", _STR), ("fence", _U64), ("write", _Deferred(lambda: _REQUEST))]),  # 14
     ],
 )
 

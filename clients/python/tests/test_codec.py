@@ -60,6 +60,8 @@ from lockbroker.protocol import (
     StateRemoved,
     StateSet,
     StateUnwatch,
+    ReleaseOnClose,
+    StateFenced,
     StateValue,
     StateWatch,
     StateWritten,
@@ -230,6 +232,22 @@ EXPECTED: Dict[str, Tuple[str, Message]] = {
         RequestMessage(22, StateWatch("stats/hits", prefix=False, from_version=0, with_values=False)),
     ),
     "state_unwatch": ("c2s", RequestMessage(23, StateUnwatch(watch_id=21))),
+    "release_on_close": ("c2s", RequestMessage(24, ReleaseOnClose())),
+    "state_fenced_set": (
+        "c2s",
+        RequestMessage(
+            25,
+            StateFenced(
+                lock="deploy",
+                fence=42,
+                write=StateSet("deploy/status", b"step 3", if_version=None, ttl_ms=None, guard=None),
+            ),
+        ),
+    ),
+    "error_stale_fence": (
+        "s2c",
+        ResponseMessage(25, ErrorResponse(ErrorInfo(304, "stale fence 42"))),
+    ),
 }
 
 
@@ -348,7 +366,7 @@ class MalformedTest(unittest.TestCase):
         with self.assertRaises(DecodeError):
             decode_server_message(b"\x02\x00\x00\x00\x03\x00\x00\x00")  # Event 3
         with self.assertRaises(DecodeError):
-            decode_client_message(b"\x01\x00\x00\x00" + bytes(8) + b"\x0d\x00\x00\x00")  # Request 13
+            decode_client_message(b"\x01\x00\x00\x00" + bytes(8) + b"\x63\x00\x00\x00")  # Request 99
         with self.assertRaises(DecodeError):
             decode_server_message(b"\x01\x00\x00\x00" + bytes(8) + b"\x0e\x00\x00\x00")  # Response 14
 

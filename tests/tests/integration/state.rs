@@ -338,7 +338,7 @@ async fn guarded_writes_need_the_hold() {
             ..WriteOptions::default()
         };
         let err = state
-            .set_with("deploy/status", "stale", stale)
+            .set_with("deploy/status", "stale", stale.clone())
             .await
             .unwrap_err();
         assert_eq!(err.code(), Some(ErrorCode::GuardNotHeld));
@@ -363,6 +363,83 @@ async fn guarded_writes_need_the_hold() {
         assert_eq!(
             state.get("deploy/status").await.unwrap().unwrap().value,
             b"running"
+        );
+        daemon.stop().await;
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fenced_writes_need_a_live_hold_with_that_fence() {
+    bounded(async {
+        let daemon = Daemon::start().await;
+        let holder = daemon.client().await;
+        // Another session writes with the holder's fence, as a command under
+        // `lockbroker lock` does.
+        let writer = daemon.client().await.state();
+        let guard = holder.mutex("deploy").acquire().await.unwrap();
+        let fence = guard.fence();
+        let live = WriteOptions::default().fence("deploy", fence);
+        assert!(matches!(
+            writer
+                .set_with("deploy/status", "step 3", live.clone())
+                .await
+                .unwrap(),
+            WriteOutcome::Written { .. }
+        ));
+        assert_eq!(
+            writer
+                .increment_fenced("deploy/steps", 3, "deploy", fence)
+                .await
+                .unwrap(),
+            3
+        );
+        // A fence that was never granted on this lock, and the right fence on
+        // another lock, are refused.
+        for (lock, f) in [("deploy", fence + 100), ("other", fence)] {
+            let err = writer
+                .set_with("deploy/status", "x", WriteOptions::default().fence(lock, f))
+                .await
+                .unwrap_err();
+            assert_eq!(err.code(), Some(ErrorCode::StaleFence), "{lock} {f}");
+        }
+        // Released: the same fence is refused; a newer holder's older fence too.
+        guard.release().await.unwrap();
+        let err = writer
+            .set_with("deploy/status", "late", live.clone())
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), Some(ErrorCode::StaleFence));
+        let next = holder.mutex("deploy").acquire().await.unwrap();
+        assert!(next.fence() > fence);
+        let err = writer.remove_with("deploy/status", live).await.unwrap_err();
+        assert_eq!(err.code(), Some(ErrorCode::StaleFence));
+        assert_eq!(
+            writer.get("deploy/status").await.unwrap().unwrap().value,
+            b"step 3",
+            "refused writes changed nothing"
+        );
+        next.release().await.unwrap();
+        daemon.stop().await;
+    })
+    .await
+}
+
+/// A fenced write must wrap a plain state write.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fenced_write_of_anything_else_is_refused() {
+    bounded(async {
+        let daemon = Daemon::start().await;
+        let mut raw = daemon.raw().await;
+        let guard_and_fence = lockbroker_proto::Request::StateFenced {
+            lock: "deploy".into(),
+            fence: 1,
+            write: Box::new(lockbroker_proto::Request::Ping),
+        };
+        let answer = raw.call(1, guard_and_fence).await;
+        assert!(
+            matches!(&answer, lockbroker_proto::Response::Error(e) if e.code == ErrorCode::InvalidArgument),
+            "{answer:?}"
         );
         daemon.stop().await;
     })

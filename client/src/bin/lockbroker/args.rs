@@ -78,11 +78,23 @@ Examples:
   lockbroker lock --shared config -- cat /etc/app.conf
 
 The command gets LOCKBROKER_FENCE (the lock's fencing token),
-LOCKBROKER_HOLD (its hold id) and LOCKBROKER_ABANDONED=1 when the previous
-holder died holding it. It runs in its own process group; SIGINT and
-SIGTERM sent to lockbroker are passed on to it. If the lock is lost while
-it runs (the daemon went away), the group gets SIGTERM, then SIGKILL after
---kill-grace, and lockbroker exits 76.")]
+LOCKBROKER_HOLD (its hold id), LOCKBROKER_LOCK (the lock's name) and
+LOCKBROKER_ABANDONED=1 when the previous holder died holding it;
+`lockbroker state set --lock NAME` inside it writes under this hold.
+
+The lock lives as long as the command's process tree, as a flock(1) lock
+does: the command inherits the lock's connection, so if lockbroker itself is
+killed (kill -9, the OOM killer, a CI timeout), nobody else gets the lock
+until the command and every process it started that kept the connection
+have exited (the next holder is then told it was abandoned). When the
+command exits and processes it started still run, the lock stays with them
+until the last one exits. With -o/--close those left-behind processes do
+not keep it: the lock is released when the command itself exits.
+
+The command runs in its own process group; SIGINT and SIGTERM sent to
+lockbroker are passed on to it. If the lock is lost while it runs (the
+daemon went away), the group gets SIGTERM, then SIGKILL after --kill-grace,
+and lockbroker exits 76.")]
     Lock(LockArgs),
 
     /// Run a command while holding permits of a counting semaphore.
@@ -195,7 +207,8 @@ pub enum StateCommand {
         /// The key disappears after this long.
         #[arg(long, value_parser = parse_duration, value_name = "DURATION")]
         ttl: Option<Duration>,
-        /// Take mutex NAME and write only while holding it (a guarded write).
+        /// Write only while holding mutex NAME (a guarded write): under
+        /// `lockbroker lock NAME`, with that hold's fence; else take it.
         #[arg(long, value_name = "NAME")]
         lock: Option<String>,
     },
@@ -333,6 +346,11 @@ pub struct WaitArgs {
     /// Exit status when the lock is not obtained.
     #[arg(long, value_name = "N", default_value_t = exit::CONFLICT)]
     pub conflict_exit_code: u8,
+
+    /// Processes the command leaves running do not keep the lock: it is
+    /// released when the command itself exits (as `flock -o`).
+    #[arg(long, short = 'o')]
+    pub close: bool,
 
     /// After losing the lock, how long the command gets between SIGTERM
     /// and SIGKILL.

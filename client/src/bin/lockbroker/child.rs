@@ -3,8 +3,10 @@
 
 use std::ffi::OsString;
 use std::process::ExitStatus;
+#[cfg(not(unix))]
 use std::time::Duration;
 
+#[cfg(not(unix))]
 use lockbroker::LockGuard;
 use tokio::process::{Child, Command};
 
@@ -55,7 +57,8 @@ pub fn spawn(
 
 /// Waits for `child` while holding `guard`: SIGINT and SIGTERM are passed
 /// on to its process group; losing the lock terminates the group (SIGTERM,
-/// then SIGKILL after `grace`).
+/// then SIGKILL after `grace`). Unix uses [`holding`] instead.
+#[cfg(not(unix))]
 pub async fn supervise(
     mut child: Child,
     guard: &LockGuard,
@@ -208,5 +211,194 @@ impl Signals {
             let _ = self;
             std::future::pending().await
         }
+    }
+}
+
+/// A command that runs holding a lock, on Unix: it inherits the lock's
+/// connection, so the daemon sees the session end only when lockbroker
+/// *and* every process that inherited the connection have closed it — a
+/// `kill -9` of lockbroker leaves the lock with the command's tree, as a
+/// `flock(1)` lock lives in the descriptor its command inherits.
+#[cfg(unix)]
+pub mod holding {
+    use std::ffi::OsString;
+    use std::os::fd::RawFd;
+    use std::os::unix::process::{CommandExt, ExitStatusExt};
+    use std::process::{Command, ExitStatus};
+    use std::time::Duration;
+
+    use lockbroker::LockGuard;
+    use tokio::signal::unix::{SignalKind, signal};
+
+    use super::{Outcome, Signal, Signals, signal_group};
+
+    /// A started command and what watches it.
+    pub struct Holding {
+        pid: u32,
+        children: tokio::signal::unix::Signal,
+    }
+
+    /// Spawns `command` in its own process group, inheriting `fd` (the
+    /// lock's connection). lockbroker becomes a child subreaper first, so
+    /// that whatever the command leaves running is re-parented to it and
+    /// can be found when the command exits.
+    pub fn spawn(
+        command: &[OsString],
+        env: &[(&str, String)],
+        remove: &[&str],
+        fd: RawFd,
+    ) -> Result<Holding, (u8, String)> {
+        // Before the spawn, so no exit is missed.
+        let children = signal(SignalKind::child())
+            .map_err(|e| (crate::exit::ERROR, format!("cannot watch the command: {e}")))?;
+        #[cfg(target_os = "linux")]
+        // SAFETY: prctl with integer arguments only.
+        unsafe {
+            libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0);
+        }
+        let (program, args) = command.split_first().expect("clap requires a command");
+        let mut cmd = Command::new(program);
+        cmd.args(args).process_group(0);
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        for k in remove {
+            cmd.env_remove(k);
+        }
+        // SAFETY: fcntl is async-signal-safe; it clears close-on-exec on
+        // the connection in the child only.
+        unsafe {
+            cmd.pre_exec(move || {
+                if libc::fcntl(fd, libc::F_SETFD, 0) == -1 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let child = cmd.spawn().map_err(|e| {
+            let code = match e.kind() {
+                std::io::ErrorKind::NotFound => 127,
+                _ => 126,
+            };
+            (
+                code,
+                format!("cannot run {}: {e}", program.to_string_lossy()),
+            )
+        })?;
+        Ok(Holding {
+            pid: child.id(),
+            children,
+        })
+    }
+
+    impl Holding {
+        /// Waits for the command while holding `guard`, as
+        /// [`super::supervise`] does. Every child that ends is reaped here
+        /// (the command, and orphans re-parented to lockbroker).
+        pub async fn supervise(
+            &mut self,
+            guard: &LockGuard,
+            grace: Duration,
+        ) -> std::io::Result<Outcome> {
+            let signals = Signals::new()?;
+            tokio::pin!(signals);
+            let pgid = self.pid;
+            let mut lost = false;
+            let kill_at = tokio::time::sleep(Duration::MAX);
+            tokio::pin!(kill_at);
+            loop {
+                if let Some(status) = reap(self.pid) {
+                    return Ok(if lost {
+                        Outcome::LockLost
+                    } else {
+                        Outcome::Exited(status)
+                    });
+                }
+                tokio::select! {
+                    _ = self.children.recv() => {}
+                    sig = signals.as_mut().recv() => {
+                        if let Some(sig) = sig {
+                            signal_group(pgid, sig);
+                        }
+                    }
+                    () = guard.lost(), if !lost => {
+                        lost = true;
+                        eprintln!(
+                            "lockbroker: lost the lock {:?} (the daemon went away); terminating the command",
+                            guard.name()
+                        );
+                        signal_group(pgid, Signal::Term);
+                        kill_at.as_mut().reset(tokio::time::Instant::now() + grace);
+                    }
+                    () = &mut kill_at, if lost => {
+                        signal_group(pgid, Signal::Kill);
+                        kill_at.as_mut().reset(tokio::time::Instant::now() + Duration::from_secs(86400));
+                    }
+                }
+            }
+        }
+    }
+
+    /// Reaps every child that has ended; the command's status if it did.
+    fn reap(command: u32) -> Option<ExitStatus> {
+        let mut found = None;
+        loop {
+            let mut status = 0;
+            // SAFETY: waitpid on our own children with a local status.
+            let pid = unsafe { libc::waitpid(-1, &mut status, libc::WNOHANG) };
+            if pid <= 0 {
+                return found;
+            }
+            if pid as u32 == command {
+                found = Some(ExitStatus::from_raw(status));
+            }
+        }
+    }
+
+    /// Whether a process the command started still runs, other than
+    /// `ignore` (the daemon lockbroker may have started itself). As a
+    /// subreaper, lockbroker is the parent of every orphan of the command's
+    /// tree, so a live descendant means a live child. `None` where that
+    /// cannot be told (no subreaper, no `/proc`).
+    pub fn descendants_remain(ignore: Option<u32>) -> Option<bool> {
+        if !cfg!(target_os = "linux") {
+            return None;
+        }
+        reap(0);
+        let me = std::process::id();
+        let dir = std::fs::read_dir("/proc").ok()?;
+        for entry in dir.flatten() {
+            let Some(pid) = entry
+                .file_name()
+                .to_str()
+                .and_then(|n| n.parse::<u32>().ok())
+            else {
+                continue;
+            };
+            if Some(pid) == ignore {
+                continue;
+            }
+            let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+                continue;
+            };
+            // "pid (comm) state ppid ...": comm may hold spaces and ')'.
+            let Some((_, rest)) = stat.rsplit_once(')') else {
+                continue;
+            };
+            let mut fields = rest.split_whitespace();
+            let state = fields.next();
+            let ppid = fields.next().and_then(|p| p.parse::<u32>().ok());
+            if ppid == Some(me) && state != Some("Z") {
+                return Some(true);
+            }
+        }
+        Some(false)
+    }
+
+    /// Ends the connection for every process that shares it: after `-o`,
+    /// what the command left running keeps no session open.
+    pub fn shut_down(fd: RawFd) {
+        // SAFETY: shutdown on our own connection's descriptor.
+        unsafe { libc::shutdown(fd, libc::SHUT_RDWR) };
     }
 }

@@ -26,6 +26,18 @@ pub fn binary() -> PathBuf {
     PathBuf::from("lockbrokerd")
 }
 
+/// The pid of the daemon this process autostarted, if any.
+static AUTOSTARTED: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+
+/// The daemon this process started by autostart: a child of ours that the
+/// command's tree did not start.
+pub fn autostarted() -> Option<u32> {
+    match AUTOSTARTED.load(std::sync::atomic::Ordering::Relaxed) {
+        0 => None,
+        pid => Some(pid),
+    }
+}
+
 /// Whether connecting failed because nobody listens (as opposed to a
 /// daemon that answered and refused).
 pub fn nobody_listens(e: &Error) -> bool {
@@ -51,6 +63,7 @@ pub async fn autostart(connector: &Connector, socket: &Path) -> Result<Client, S
             binary().display()
         )
     })?;
+    AUTOSTARTED.store(child.id(), std::sync::atomic::Ordering::Relaxed);
     let deadline = Instant::now() + START_TIMEOUT;
     loop {
         match connector.connect().await {

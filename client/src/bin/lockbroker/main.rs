@@ -5,6 +5,7 @@ mod args;
 mod bench;
 mod child;
 mod daemon;
+mod held;
 mod state_cmd;
 mod status;
 
@@ -97,7 +98,7 @@ async fn run(cli: Cli) -> Result<u8, Failure> {
             })
             .await?;
             match guard {
-                Some(guard) => run_holding(guard, &a.command, &a.wait).await,
+                Some(guard) => run_holding(&client, guard, &a.name, &a.command, &a.wait).await,
                 None => Ok(a.wait.conflict_exit_code),
             }
         }
@@ -113,7 +114,7 @@ async fn run(cli: Cli) -> Result<u8, Failure> {
             })
             .await?;
             match guard {
-                Some(guard) => run_holding(guard, &a.command, &a.wait).await,
+                Some(guard) => run_holding(&client, guard, &a.name, &a.command, &a.wait).await,
                 None => Ok(a.wait.conflict_exit_code),
             }
         }
@@ -148,7 +149,19 @@ async fn run(cli: Cli) -> Result<u8, Failure> {
                 .await
                 .map_err(|e| (exit::UNAVAILABLE, e))?;
             let socket = private.socket().display().to_string();
-            let child = child::spawn(&a.command, &[(address::SOCKET_ENV, socket)], &[], false)?;
+            // Locks of an enclosing wrapper belong to another daemon.
+            let inherited = [
+                "LOCKBROKER_FENCE",
+                "LOCKBROKER_HOLD",
+                held::LOCK_ENV,
+                held::LOCKS_ENV,
+            ];
+            let child = child::spawn(
+                &a.command,
+                &[(address::SOCKET_ENV, socket)],
+                &inherited,
+                false,
+            )?;
             let status = child::wait_passing_term(child)
                 .await
                 .map_err(|e| (exit::ERROR, format!("waiting for the command: {e}")))?;
@@ -214,14 +227,24 @@ where
 }
 
 /// Runs the command while `guard` is held, then releases it.
+///
+/// On Unix the command inherits the lock's connection (see
+/// [`child::holding`]). When it exits, the lock is released at once, unless
+/// processes it started still run and `--close` was not given: then, as
+/// with `flock(1)`, the lock stays with them and ends (not abandoned) when
+/// the last of them closes the connection.
 async fn run_holding(
+    client: &Client,
     guard: LockGuard,
+    name: &str,
     command: &[std::ffi::OsString],
     wait: &WaitArgs,
 ) -> Result<u8, Failure> {
     let mut env = vec![
         ("LOCKBROKER_FENCE", guard.fence().to_string()),
         ("LOCKBROKER_HOLD", guard.hold_id().to_string()),
+        (held::LOCK_ENV, name.to_owned()),
+        (held::LOCKS_ENV, held::with(name, guard.fence())),
     ];
     let mut remove = Vec::new();
     if guard.abandoned() {
@@ -229,25 +252,68 @@ async fn run_holding(
     } else {
         remove.push("LOCKBROKER_ABANDONED");
     }
-    let child = match child::spawn(command, &env, &remove, true) {
-        Ok(child) => child,
-        Err(failure) => {
-            // A clean release: the next holder must not be told this
-            // lock was abandoned.
-            let _ = guard.release().await;
-            return Err(failure);
-        }
-    };
-    let outcome = child::supervise(child, &guard, wait.kill_grace)
-        .await
-        .map_err(|e| (exit::ERROR, format!("waiting for the command: {e}")))?;
-    match outcome {
-        Outcome::LockLost => Ok(exit::LOCK_LOST),
-        Outcome::Exited(status) => {
+    #[cfg(unix)]
+    {
+        use child::holding;
+        let fd = client.connection_fd();
+        let mut running = match holding::spawn(command, &env, &remove, fd) {
+            Ok(running) => running,
+            Err(failure) => {
+                // A clean release: the next holder must not be told this
+                // lock was abandoned.
+                let _ = guard.release().await;
+                return Err(failure);
+            }
+        };
+        let outcome = running
+            .supervise(&guard, wait.kill_grace)
+            .await
+            .map_err(|e| (exit::ERROR, format!("waiting for the command: {e}")))?;
+        let status = match outcome {
+            Outcome::LockLost => return Ok(exit::LOCK_LOST),
+            Outcome::Exited(status) => status,
+        };
+        let left_running =
+            !wait.close && holding::descendants_remain(daemon::autostarted()) == Some(true);
+        if left_running {
+            if let Err(e) = client.release_on_close().await {
+                eprintln!("lockbroker: {e}");
+            }
+            guard.keep_until_session_ends();
+            // Exit before the client is dropped: dropping it shuts the
+            // socket down for every process that shares it.
+            std::process::exit(i32::from(child::exit_code(status)));
+        } else {
             if let Err(e) = guard.release().await {
                 eprintln!("lockbroker: releasing the lock: {e}");
             }
-            Ok(child::exit_code(status))
+            if wait.close {
+                holding::shut_down(fd);
+            }
+        }
+        Ok(child::exit_code(status))
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = client;
+        let child = match child::spawn(command, &env, &remove, true) {
+            Ok(child) => child,
+            Err(failure) => {
+                let _ = guard.release().await;
+                return Err(failure);
+            }
+        };
+        let outcome = child::supervise(child, &guard, wait.kill_grace)
+            .await
+            .map_err(|e| (exit::ERROR, format!("waiting for the command: {e}")))?;
+        match outcome {
+            Outcome::LockLost => Ok(exit::LOCK_LOST),
+            Outcome::Exited(status) => {
+                if let Err(e) = guard.release().await {
+                    eprintln!("lockbroker: releasing the lock: {e}");
+                }
+                Ok(child::exit_code(status))
+            }
         }
     }
 }

@@ -108,9 +108,16 @@ pub async fn run(client: &Client, command: &StateCommand, as_json: bool) -> Resu
             let mut options = WriteOptions {
                 if_version: *if_version,
                 ttl: *ttl,
-                guard: None,
+                ..WriteOptions::default()
             };
+            // Under `lockbroker lock NAME`, write with the wrapper's fence
+            // instead of queueing behind the wrapper's own hold.
+            let inherited = lock.as_deref().and_then(crate::held::fence_of);
+            if let (Some(name), Some(fence)) = (lock, inherited) {
+                options = options.fence(name.clone(), fence);
+            }
             let guard = match lock {
+                Some(_) if inherited.is_some() => None,
                 Some(name) => Some(
                     client
                         .mutex(name.clone())
