@@ -31,6 +31,7 @@ static AUTOSTARTED: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32:
 
 /// The daemon this process started by autostart: a child of ours that the
 /// command's tree did not start.
+#[cfg(unix)]
 pub fn autostarted() -> Option<u32> {
     match AUTOSTARTED.load(std::sync::atomic::Ordering::Relaxed) {
         0 => None,
