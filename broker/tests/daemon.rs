@@ -122,6 +122,46 @@ fn sigint_also_shuts_down_cleanly() {
     assert!(!socket.exists());
 }
 
+/// A signal at the first moment the socket exists still shuts the daemon
+/// down cleanly: the handlers are installed before the socket is bound.
+#[test]
+fn a_signal_right_after_start_always_shuts_down_cleanly() {
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("broker.sock");
+    let mut unclean = Vec::new();
+    for round in 0..100 {
+        let mut child = daemon(&["--socket", &sock_arg(&socket)], None)
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        // The earliest moment a client could connect: the socket file exists.
+        while !socket.exists() {
+            assert!(Instant::now() < deadline, "round {round}: no socket");
+            assert!(
+                child.try_wait().unwrap().is_none(),
+                "round {round}: daemon exited"
+            );
+            std::thread::yield_now();
+        }
+        let sig = if round % 2 == 0 {
+            libc::SIGTERM
+        } else {
+            libc::SIGINT
+        };
+        signal(&child, sig);
+        let status = wait_exit(&mut child, Duration::from_secs(5));
+        if !status.success() || socket.exists() {
+            unclean.push((round, status, socket.exists()));
+            let _ = std::fs::remove_file(&socket);
+        }
+    }
+    assert!(
+        unclean.is_empty(),
+        "unclean exits (round, status, socket left): {unclean:?}"
+    );
+}
+
 #[test]
 fn a_second_daemon_on_the_same_socket_is_refused() {
     let dir = tempfile::tempdir().unwrap();
