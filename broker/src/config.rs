@@ -32,7 +32,14 @@ pub const MAX_INSPECT_LIMIT: u32 = 100_000;
 ///
 /// Example: `lockbrokerd --socket /tmp/demo.sock --log-level debug`
 #[derive(Debug, Clone, Parser)]
-#[command(name = "lockbrokerd", version, about, long_about = None)]
+#[command(
+    name = "lockbrokerd",
+    version,
+    about,
+    long_about = None,
+    after_help = "Exit status: 0 after SIGTERM or SIGINT; 3 when another lockbrokerd already \
+serves the socket; 1 for any other failure to start (the reason is the last line on stderr)."
+)]
 pub struct Cli {
     /// Serve this socket path (overrides --scope).
     #[arg(long, value_name = "PATH")]

@@ -3,6 +3,10 @@
 use std::io;
 use std::path::PathBuf;
 
+/// `lockbrokerd`'s exit status when another daemon already serves its
+/// address: a tool that autostarted it then connects to that one.
+pub const EXIT_ALREADY_RUNNING: u8 = 3;
+
 /// Why the daemon could not start serving its socket.
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {

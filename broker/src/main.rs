@@ -6,6 +6,7 @@ use anyhow::Context;
 use clap::Parser;
 use lockbroker_proto::address::Env;
 use lockbrokerd::config::{Cli, Config, LogFormat};
+use lockbrokerd::error::{EXIT_ALREADY_RUNNING, StartError};
 use lockbrokerd::{server, transport::Listener};
 use tracing_subscriber::EnvFilter;
 
@@ -15,7 +16,10 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("lockbrokerd: {e:#}");
-            ExitCode::FAILURE
+            match e.downcast_ref::<StartError>() {
+                Some(StartError::AlreadyRunning { .. }) => ExitCode::from(EXIT_ALREADY_RUNNING),
+                _ => ExitCode::FAILURE,
+            }
         }
     }
 }

@@ -858,6 +858,33 @@ fn a_command_under_lock_writes_state_guarded_by_its_own_hold() {
 }
 
 #[test]
+fn an_autostarted_daemon_that_cannot_start_is_reported_at_once() {
+    let runtime = tempfile::tempdir().unwrap();
+    let dir = runtime.path().join("lockbroker");
+    std::fs::create_dir(&dir).unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o777)).unwrap();
+    let started = Instant::now();
+    let out = run(Command::new(CLI)
+        .arg("ping")
+        .env("XDG_RUNTIME_DIR", runtime.path())
+        .env("LOCKBROKERD", daemon_bin())
+        .env_remove("LOCKBROKER_SOCKET")
+        .env_remove("LOCKBROKER_NO_AUTOSTART")
+        .stdin(Stdio::null()));
+    let took = started.elapsed();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(69), "{err}");
+    assert!(
+        err.contains("its mode is 0777"),
+        "the daemon's own error: {err}"
+    );
+    // A bound on the failure mode (the start timeout is 10 s), not a
+    // synchronisation.
+    assert!(took < Duration::from_secs(5), "took {took:?}");
+}
+
+#[test]
 fn state_commands_and_their_exit_statuses() {
     let d = Daemon::start();
     let ok = |args: &[&str]| {

@@ -58,6 +58,8 @@ pub fn nobody_listens(e: &Error) -> bool {
 pub async fn autostart(connector: &Connector, socket: &Path) -> Result<Client, String> {
     let dir = socket.parent().unwrap_or(Path::new("/"));
     let log_path = dir.join("broker.log");
+    // Only what this start appends to the log is this start's error.
+    let log_start = std::fs::metadata(&log_path).map(|m| m.len()).unwrap_or(0);
     let mut child = spawn_detached(dir, &log_path).map_err(|e| {
         format!(
             "cannot start {}: {e} (set LOCKBROKERD to its path)",
@@ -72,8 +74,17 @@ pub async fn autostart(connector: &Connector, socket: &Path) -> Result<Client, S
             Err(e) if nobody_listens(&e) => {}
             Err(e) => return Err(e.to_string()),
         }
-        // Our daemon exits at once if another one won the race; reap it.
-        let _ = child.try_wait();
+        // Our daemon exits at once if another one won the race (status 3):
+        // then wait for the winner. Any other exit is a daemon that cannot
+        // start: say why now, in its own words.
+        if let Ok(Some(status)) = child.try_wait() {
+            if status.code() != Some(EXIT_ALREADY_RUNNING) {
+                return Err(format!(
+                    "lockbrokerd could not start ({status}): {}",
+                    last_error_line(&log_path, log_start)
+                ));
+            }
+        }
         if Instant::now() >= deadline {
             return Err(format!(
                 "lockbrokerd did not start listening on {} within {START_TIMEOUT:?}; see {}",
@@ -83,6 +94,22 @@ pub async fn autostart(connector: &Connector, socket: &Path) -> Result<Client, S
         }
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
+}
+
+/// `lockbrokerd`'s exit status when another daemon serves the socket.
+const EXIT_ALREADY_RUNNING: i32 = 3;
+
+/// The last line the daemon wrote to `log` after byte `from` (its error),
+/// or a pointer to the log.
+fn last_error_line(log: &Path, from: u64) -> String {
+    let text = std::fs::read(log).unwrap_or_default();
+    let start = usize::try_from(from).unwrap_or(0).min(text.len());
+    String::from_utf8_lossy(&text[start..])
+        .lines()
+        .rev()
+        .find(|l| !l.trim().is_empty())
+        .map(|l| l.trim().to_owned())
+        .unwrap_or_else(|| format!("see {}", log.display()))
 }
 
 #[cfg(unix)]
