@@ -3,6 +3,8 @@
 use std::io;
 use std::path::PathBuf;
 
+use lockbroker_proto::address::Untrusted;
+
 /// `lockbrokerd`'s exit status when another daemon already serves its
 /// address: a tool that autostarted it then connects to that one.
 pub const EXIT_ALREADY_RUNNING: u8 = 3;
@@ -16,14 +18,10 @@ pub enum StartError {
         /// The contested address.
         path: PathBuf,
     },
-    /// The socket directory is unsafe to use.
-    #[error("refusing to use {}: {reason}", path.display())]
-    UnsafeDirectory {
-        /// The directory.
-        path: PathBuf,
-        /// What is wrong with it.
-        reason: String,
-    },
+    /// The socket directory is unsafe to use: another user could pose as
+    /// the daemon there.
+    #[error("refusing the socket directory: {0}")]
+    UnsafeDirectory(Untrusted),
     /// Something exists at the socket path that is not a socket.
     #[error("refusing to replace {}: it exists and is not a socket", path.display())]
     NotASocket {

@@ -34,11 +34,11 @@ mod unix {
     use std::fs::{self, DirBuilder, File, OpenOptions};
     use std::io;
     use std::os::fd::AsRawFd;
-    use std::os::unix::fs::{DirBuilderExt, FileTypeExt, MetadataExt, PermissionsExt};
+    use std::os::unix::fs::{DirBuilderExt, FileTypeExt, PermissionsExt};
     use std::os::unix::net::{UnixListener as StdListener, UnixStream as StdStream};
     use std::path::{Path, PathBuf};
 
-    use lockbroker_proto::address::Scope;
+    use lockbroker_proto::address::{self, DirError, Scope};
     use tokio::net::UnixListener;
     use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
 
@@ -131,54 +131,19 @@ mod unix {
         }
     }
 
-    /// The effective user id.
-    fn euid() -> u32 {
-        // SAFETY: geteuid has no preconditions and cannot fail.
-        unsafe { libc::geteuid() }
-    }
-
     /// Creates the scope directory if needed, then refuses one that another
-    /// user could tamper with.
+    /// user could tamper with (the check clients make too).
     fn prepare_dir(dir: &Path, scope: Scope) -> Result<(), StartError> {
-        let mode = match scope {
-            Scope::Local | Scope::Process => 0o700,
-            Scope::Global => 0o755,
-        };
-        match DirBuilder::new().mode(mode).create(dir) {
+        match DirBuilder::new().mode(address::dir_mode(scope)).create(dir) {
             Ok(()) => {}
             Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
             Err(e) => return Err(StartError::io("creating", dir, e)),
         }
-        let meta = fs::symlink_metadata(dir).map_err(|e| StartError::io("inspecting", dir, e))?;
-        let unsafe_dir = |reason: String| StartError::UnsafeDirectory {
-            path: dir.to_owned(),
-            reason,
-        };
-        if meta.file_type().is_symlink() {
-            return Err(unsafe_dir("it is a symbolic link".into()));
+        match address::check_dir(dir, scope, Some(address::euid())) {
+            Ok(_) => Ok(()),
+            Err(DirError::Io { path, source }) => Err(StartError::io("inspecting", path, source)),
+            Err(DirError::Untrusted(u)) => Err(StartError::UnsafeDirectory(u)),
         }
-        if !meta.is_dir() {
-            return Err(unsafe_dir("it is not a directory".into()));
-        }
-        let me = euid();
-        if meta.uid() != me {
-            return Err(unsafe_dir(format!(
-                "it is owned by uid {}, not by this user (uid {me})",
-                meta.uid()
-            )));
-        }
-        let actual = meta.mode() & 0o777;
-        let loose = match scope {
-            Scope::Local | Scope::Process => actual & 0o077 != 0,
-            Scope::Global => actual & 0o022 != 0,
-        };
-        if loose {
-            return Err(unsafe_dir(format!(
-                "its mode is {actual:04o}; it must be {mode:04o} (chmod {mode:o} {})",
-                dir.display()
-            )));
-        }
-        Ok(())
     }
 
     /// Takes the exclusive lock that makes this daemon the socket's only

@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use lockbroker_proto::address::{self, Env, Scope};
+use lockbroker_proto::address::{self, Address, Env, Expected, Scope};
 use lockbroker_proto::io::{FrameReader, write_message};
 use lockbroker_proto::{ClientMessage, Hello, MAGIC, PROTOCOL_VERSION, ServerMessage, frame};
 
@@ -16,6 +16,16 @@ pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Builds a [`Client`]: the address (explicit, else `LOCKBROKER_SOCKET`,
 /// else the scope's default), the name shown by `inspect`, and a timeout.
+///
+/// On Unix, connecting refuses ([`Error::Untrusted`]) a daemon another user
+/// could be posing as: a scope default whose directory is not safe (the
+/// local scope's must be the user's, mode 0700; the global one must not be
+/// writable by others), and, checked on the connected socket's peer
+/// credentials, a daemon running as a user not expected — the local
+/// scope's must be the user; the global scope's root or the owner of
+/// `/run/lockbroker`; one at an explicit socket or `LOCKBROKER_SOCKET` the
+/// user or root. [`allow_server_uid`](Connector::allow_server_uid) opts in
+/// to others.
 ///
 /// ```no_run
 /// # async fn demo() -> lockbroker::Result<()> {
@@ -32,6 +42,8 @@ pub struct Connector {
     scope: Scope,
     client_name: Option<String>,
     timeout: Duration,
+    /// Users trusted to serve the socket besides the defaults.
+    allowed_uids: Vec<u32>,
 }
 
 impl Default for Connector {
@@ -48,6 +60,7 @@ impl Connector {
             scope: Scope::Local,
             client_name: None,
             timeout: DEFAULT_CONNECT_TIMEOUT,
+            allowed_uids: Vec::new(),
         }
     }
 
@@ -76,17 +89,57 @@ impl Connector {
         self
     }
 
+    /// Also accept a daemon running as user `uid`, on any address: for a
+    /// daemon another user (a service account) runs on purpose. The
+    /// directory checks of a scope's default socket are not relaxed.
+    /// Ignored on Windows, where the pipe server's identity is not checked
+    /// yet.
+    pub fn allow_server_uid(mut self, uid: u32) -> Connector {
+        self.allowed_uids.push(uid);
+        self
+    }
+
     /// The address this connector will use: the explicit socket, else
     /// `LOCKBROKER_SOCKET`, else the scope's default.
     pub fn address(&self) -> Result<PathBuf> {
+        Ok(self.resolve()?.path)
+    }
+
+    fn resolve(&self) -> Result<Address> {
         address::resolve(self.socket.clone(), self.scope, &Env::current()).ok_or(Error::NoAddress)
+    }
+
+    /// Checks the directory of a scope's default socket, and says whom to
+    /// accept as the daemon (`None`: not checked on this platform).
+    #[cfg(unix)]
+    fn expected_server(&self, address: &Address) -> Result<Option<Expected>> {
+        use lockbroker_proto::address::DirError;
+        match address::expected_server(address, address::euid(), &self.allowed_uids) {
+            Ok(expected) => Ok(Some(expected)),
+            Err(DirError::Untrusted(u)) => Err(Error::Untrusted(u)),
+            Err(DirError::Io { path: dir, source }) => Err(Error::Connect {
+                path: address.path.clone(),
+                source: std::io::Error::new(
+                    source.kind(),
+                    format!("inspecting {}: {source}", dir.display()),
+                ),
+            }),
+        }
+    }
+
+    #[cfg(windows)]
+    fn expected_server(&self, _address: &Address) -> Result<Option<Expected>> {
+        Ok(None)
     }
 
     /// Connects and shakes hands. Must run within a Tokio runtime.
     pub async fn connect(&self) -> Result<Client> {
-        let path = self.address()?;
+        let address = self.resolve()?;
+        let expected = self.expected_server(&address)?;
+        let path = address.path;
         let name = self.client_name.clone().unwrap_or_else(program_name);
-        match tokio::time::timeout(self.timeout, connect(path.clone(), name)).await {
+        let connecting = connect(path.clone(), name, expected);
+        match tokio::time::timeout(self.timeout, connecting).await {
             Ok(result) => result,
             Err(_) => Err(Error::Connect {
                 path,
@@ -99,14 +152,18 @@ impl Connector {
     }
 }
 
-async fn connect(path: PathBuf, client_name: String) -> Result<Client> {
-    let (reader, mut writer) =
+async fn connect(path: PathBuf, client_name: String, expected: Option<Expected>) -> Result<Client> {
+    let (reader, mut writer, server_uid) =
         transport::connect(&path)
             .await
             .map_err(|source| Error::Connect {
                 path: path.clone(),
                 source,
             })?;
+    // Before anything is sent: a Hello names this program.
+    if let (Some(expected), Some(uid)) = (&expected, server_uid) {
+        address::check_server(&path, uid, expected).map_err(Error::Untrusted)?;
+    }
     let handshake = |code, message: String| Error::Handshake {
         path: path.clone(),
         code,

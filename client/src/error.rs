@@ -3,6 +3,7 @@
 use std::io;
 use std::path::PathBuf;
 
+use lockbroker_proto::address::Untrusted;
 use lockbroker_proto::{ErrorCode, NameError};
 
 /// Everything that can go wrong talking to the daemon.
@@ -23,6 +24,12 @@ pub enum Error {
         /// Why it failed.
         source: io::Error,
     },
+    /// The socket's directory, or the daemon behind the socket, belongs to a
+    /// user this client does not trust: another user could pose as the
+    /// daemon ([`Connector::allow_server_uid`](crate::Connector::allow_server_uid)
+    /// opts in to a daemon run by another user). Nothing was sent.
+    #[error("refusing the lockbroker daemon: {0}")]
+    Untrusted(Untrusted),
     /// The daemon refused the connection or answered the handshake oddly.
     #[error("handshake with the lockbroker daemon at {} failed: {message}", path.display())]
     Handshake {

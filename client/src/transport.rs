@@ -1,7 +1,8 @@
 //! Connecting to the daemon's socket (Unix) or pipe (Windows).
 //!
 //! The stream is close-on-exec (Rust's default), so a child process never
-//! inherits a lock's connection.
+//! inherits a lock's connection. [`connect`] also says which user serves
+//! the socket, for the connector's trust check.
 
 use std::io;
 use std::path::Path;
@@ -9,10 +10,14 @@ use std::path::Path;
 #[cfg(unix)]
 pub(crate) use tokio::net::unix::{OwnedReadHalf as ReadHalf, OwnedWriteHalf as WriteHalf};
 
+/// Connects to `path`; returns the halves and the user id of the process
+/// that listens there (the socket's peer credentials).
 #[cfg(unix)]
-pub(crate) async fn connect(path: &Path) -> io::Result<(ReadHalf, WriteHalf)> {
+pub(crate) async fn connect(path: &Path) -> io::Result<(ReadHalf, WriteHalf, Option<u32>)> {
     let stream = tokio::net::UnixStream::connect(path).await?;
-    Ok(stream.into_split())
+    let uid = stream.peer_cred()?.uid();
+    let (r, w) = stream.into_split();
+    Ok((r, w, Some(uid)))
 }
 
 #[cfg(windows)]
@@ -24,10 +29,14 @@ pub(crate) type WriteHalf = interprocess::os::windows::named_pipe::tokio::SendPi
     interprocess::os::windows::named_pipe::pipe_mode::Bytes,
 >;
 
+/// Connects to the pipe `path`. The pipe server's identity is not
+/// verified yet (no user id: `None`); the daemon creates the pipe as its
+/// first instance with an owner-only security descriptor.
 #[cfg(windows)]
-pub(crate) async fn connect(path: &Path) -> io::Result<(ReadHalf, WriteHalf)> {
+pub(crate) async fn connect(path: &Path) -> io::Result<(ReadHalf, WriteHalf, Option<u32>)> {
     use interprocess::os::windows::named_pipe::pipe_mode::Bytes;
     use interprocess::os::windows::named_pipe::tokio::DuplexPipeStream;
     let stream = DuplexPipeStream::<Bytes>::connect_by_path(path).await?;
-    Ok(stream.split())
+    let (r, w) = stream.split();
+    Ok((r, w, None))
 }

@@ -859,11 +859,14 @@ fn a_command_under_lock_writes_state_guarded_by_its_own_hold() {
 
 #[test]
 fn an_autostarted_daemon_that_cannot_start_is_reported_at_once() {
+    // A file in the socket's place: the client finds nobody listening and
+    // starts the daemon, which refuses to replace it and exits.
     let runtime = tempfile::tempdir().unwrap();
     let dir = runtime.path().join("lockbroker");
     std::fs::create_dir(&dir).unwrap();
     use std::os::unix::fs::PermissionsExt;
-    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o777)).unwrap();
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700)).unwrap();
+    std::fs::write(dir.join("broker.sock"), "").unwrap();
     let started = Instant::now();
     let out = run(Command::new(CLI)
         .arg("ping")
@@ -876,7 +879,7 @@ fn an_autostarted_daemon_that_cannot_start_is_reported_at_once() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(69), "{err}");
     assert!(
-        err.contains("its mode is 0777"),
+        err.contains("lockbrokerd: refusing to replace") && err.contains("is not a socket"),
         "the daemon's own error: {err}"
     );
     // A bound on the failure mode (the start timeout is 10 s), not a
@@ -1054,4 +1057,219 @@ fn every_bench_scenario_runs_and_reports() {
         "{}",
         String::from_utf8_lossy(&blocking.stderr)
     );
+}
+
+// ---- Whom the tool trusts to serve the socket ----
+//
+// The other user is `nobody` (65534): as root, these tests run a daemon
+// (the attacker) or the tool itself as nobody; otherwise they skip those
+// parts, saying so on stderr.
+
+/// `nobody` and `nogroup`.
+const NOBODY: u32 = 65534;
+
+fn euid() -> u32 {
+    // SAFETY: geteuid cannot fail.
+    unsafe { libc::geteuid() }
+}
+
+/// Whether this test can act as nobody; says on stderr what is skipped.
+fn can_be_nobody(what: &str) -> bool {
+    if euid() == 0 {
+        return true;
+    }
+    eprintln!("skipped {what}: running a process as another user needs root");
+    false
+}
+
+/// Makes `cmd` run as nobody:nogroup without supplementary groups.
+fn as_nobody(cmd: &mut Command) -> &mut Command {
+    use std::os::unix::process::CommandExt;
+    // SAFETY: setgroups, setgid and setuid are async-signal-safe system
+    // calls; the closure allocates nothing.
+    unsafe {
+        cmd.pre_exec(|| {
+            if libc::setgroups(0, std::ptr::null()) != 0
+                || libc::setgid(NOBODY) != 0
+                || libc::setuid(NOBODY) != 0
+            {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        })
+    }
+}
+
+fn chmod(path: &Path, mode: u32) {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).unwrap();
+}
+
+/// `runtime/lockbroker`, the local scope's directory, created with `mode`
+/// and given to `owner`; `runtime` itself lets every user through.
+fn local_dir(runtime: &Path, owner: u32, mode: u32) -> PathBuf {
+    chmod(runtime, 0o755);
+    let dir = runtime.join("lockbroker");
+    std::fs::create_dir(&dir).unwrap();
+    chmod(&dir, mode);
+    std::os::unix::fs::chown(&dir, Some(owner), Some(owner)).unwrap();
+    dir
+}
+
+/// A `lockbrokerd --socket SOCKET` run as nobody, killed on drop.
+struct Foreign(Child);
+
+impl Foreign {
+    fn start(socket: &Path) -> Foreign {
+        let mut cmd = Command::new(daemon_bin());
+        cmd.arg("--socket")
+            .arg(socket)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        let child = as_nobody(&mut cmd).spawn().unwrap_or_else(|e| {
+            panic!("cannot start lockbrokerd as nobody (the target directory must be readable by nobody): {e}")
+        });
+        let mut foreign = Foreign(child);
+        wait_until("nobody's daemon listens", || {
+            assert!(foreign.0.try_wait().unwrap().is_none(), "daemon exited");
+            std::os::unix::net::UnixStream::connect(socket).is_ok()
+        });
+        foreign
+    }
+}
+
+impl Drop for Foreign {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// `lockbroker ARGS` with `XDG_RUNTIME_DIR=runtime` and no other address.
+fn tool(runtime: &Path, args: &[&str]) -> Command {
+    let mut cmd = Command::new(CLI);
+    cmd.args(args)
+        .env("XDG_RUNTIME_DIR", runtime)
+        .env("LOCKBROKERD", daemon_bin())
+        .env_remove("LOCKBROKER_SOCKET")
+        .env_remove("LOCKBROKER_NO_AUTOSTART")
+        .current_dir("/")
+        .stdin(Stdio::null());
+    cmd
+}
+
+/// Checks that `out` is a refusal: exit 69 and one line containing every
+/// one of `needles`.
+fn assert_refused(out: &Output, needles: &[&str]) {
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(69), "{err}");
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(
+        err.starts_with("lockbroker: refusing the lockbroker daemon: "),
+        "{err}"
+    );
+    for needle in needles {
+        assert!(err.contains(needle), "no {needle:?} in {err}");
+    }
+}
+
+#[test]
+fn the_local_scope_refuses_a_directory_of_another_user() {
+    if !can_be_nobody("a local directory owned by another user") {
+        return;
+    }
+    // The attack: nobody made the victim's scope directory first and
+    // serves a daemon there.
+    let runtime = tempfile::tempdir().unwrap();
+    let dir = local_dir(runtime.path(), NOBODY, 0o700);
+    let _attacker = Foreign::start(&dir.join("broker.sock"));
+    let path = dir.display().to_string();
+    let owned = format!("is owned by uid 65534, expected uid {}", euid());
+    let out = run(&mut tool(runtime.path(), &["--no-autostart", "ping"]));
+    assert_refused(&out, &[&path, &owned]);
+    // Autostart does not step in, and the command never runs.
+    let marker = runtime.path().join("ran");
+    let script = format!("touch {}", marker.display());
+    let out = run(&mut tool(
+        runtime.path(),
+        &["lock", "x", "--", "sh", "-c", &script],
+    ));
+    assert_refused(&out, &[&path, &owned]);
+    assert!(!marker.exists());
+    assert!(!dir.join("broker.log").exists());
+}
+
+#[test]
+fn the_local_scope_refuses_a_directory_open_to_others() {
+    let runtime = tempfile::tempdir().unwrap();
+    let dir = local_dir(runtime.path(), euid(), 0o777);
+    // Anybody could have put a socket there; as root, nobody does.
+    let _attacker = can_be_nobody("running the daemon in the open directory as nobody")
+        .then(|| Foreign::start(&dir.join("broker.sock")));
+    let out = run(&mut tool(runtime.path(), &["--no-autostart", "ping"]));
+    let path = dir.display().to_string();
+    assert_refused(&out, &[&path, "its mode is 0777", "chmod 700"]);
+}
+
+#[test]
+fn an_explicit_socket_of_another_user_needs_allow_uid() {
+    if !can_be_nobody("the explicit socket of another user") {
+        return;
+    }
+    let theirs = tempfile::tempdir().unwrap();
+    std::os::unix::fs::chown(theirs.path(), Some(NOBODY), Some(NOBODY)).unwrap();
+    let socket = theirs.path().join("broker.sock");
+    let _attacker = Foreign::start(&socket);
+    let runtime = tempfile::tempdir().unwrap();
+    let s = socket.to_str().unwrap();
+    let hint = "(--allow-uid 65534 trusts it)";
+    let server = "runs as uid 65534, expected uid 0";
+    let out = run(&mut tool(runtime.path(), &["--socket", s, "ping"]));
+    assert_refused(&out, &[s, server, hint]);
+    let out = run(tool(runtime.path(), &["ping"]).env("LOCKBROKER_SOCKET", s));
+    assert_refused(&out, &[s, server, hint]);
+    let out = run(&mut tool(
+        runtime.path(),
+        &["--allow-uid", "65534", "--socket", s, "ping"],
+    ));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // Not a number: a usage error.
+    let out = run(&mut tool(
+        runtime.path(),
+        &["--allow-uid", "nobody", "ping"],
+    ));
+    assert_eq!(out.status.code(), Some(2));
+}
+
+#[test]
+fn an_unprivileged_user_gets_the_same_checks() {
+    if !can_be_nobody("running the tool as nobody") {
+        return;
+    }
+    // Root's directory where nobody's scope directory should be.
+    let runtime = tempfile::tempdir().unwrap();
+    let dir = local_dir(runtime.path(), 0, 0o700);
+    let out = run(as_nobody(&mut tool(runtime.path(), &["ping"])));
+    let path = dir.display().to_string();
+    assert_refused(&out, &[&path, "is owned by uid 0, expected uid 65534"]);
+
+    // nobody's own daemon, autostarted in its own directory, is accepted.
+    let runtime = tempfile::tempdir().unwrap();
+    std::os::unix::fs::chown(runtime.path(), Some(NOBODY), Some(NOBODY)).unwrap();
+    let out = run(as_nobody(&mut tool(runtime.path(), &["ping"])));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = run(as_nobody(&mut tool(runtime.path(), &["status", "--json"])));
+    let status: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let pid = status["daemon"]["pid"].as_u64().unwrap() as u32;
+    kill(pid, libc::SIGTERM);
+    wait_until("nobody's daemon exits", || !alive(pid));
 }

@@ -47,6 +47,7 @@ from .errors import (
     NotAnInteger,
     NotHeld,
     QuotaExceeded,
+    Untrusted,
     ValueTooLarge,
     VersionConflict,
 )
@@ -93,5 +94,6 @@ __all__ = [
     "LimitExceeded",
     "ValueTooLarge",
     "QuotaExceeded",
+    "Untrusted",
     "DaemonShuttingDown",
 ]

@@ -40,7 +40,7 @@ import sys
 import threading
 import time
 import weakref
-from typing import TYPE_CHECKING, Dict, Optional, Set, Tuple, Union
+from typing import TYPE_CHECKING, Dict, Iterable, Optional, Set, Tuple, Union
 
 from . import address as _address
 from .errors import (
@@ -50,6 +50,7 @@ from .errors import (
     LockbrokerError,
     NoAnswer,
     NotHeld,
+    Untrusted,
     broker_error,
 )
 from .protocol import (
@@ -188,7 +189,13 @@ class Client:
     answer to a request other than an acquire (None: no bound).
 
     The constructor connects and raises :class:`ConnectFailed` if no daemon
-    answers. A client belongs to the process that created it: in a forked
+    answers, and :class:`Untrusted` if another user could be posing as the
+    daemon: a scope default's directory that is not safe, or a daemon (on
+    any address) running as a user not expected -- the local scope's must
+    be this user; the global scope's root or the owner of
+    ``/run/lockbroker``; one at an explicit path or ``$LOCKBROKER_SOCKET``
+    this user or root. ``allow_uids`` opts in to daemons run by other users
+    (e.g. a service account); it relaxes no directory check. A client belongs to the process that created it: in a forked
     child every call raises :class:`ConnectionLost` (use
     :func:`default_client`, or create a new ``Client`` in the child).
     Usable as a context manager (closes on exit).
@@ -202,6 +209,7 @@ class Client:
         client_name: Optional[str] = None,
         connect_timeout: float = 5.0,
         request_timeout: Optional[float] = 30.0,
+        allow_uids: Iterable[int] = (),
     ) -> None:
         self.address = _address.resolve(path, scope)
         self.request_timeout = request_timeout
@@ -221,10 +229,12 @@ class Client:
         self._pid = os.getpid()
         name = _default_client_name() if client_name is None else client_name
         try:
-            _address.check_local_owner(self.address)
-        except PermissionError as e:
-            raise ConnectFailed(str(e), self.address.path) from e
-        self._sock, self.welcome, buffer = self._connect(name, connect_timeout)
+            expected = _address.expected_server(self.address, allowed=allow_uids)
+        except Untrusted:
+            raise
+        except OSError as e:
+            raise ConnectFailed("cannot inspect the directory of %s: %s" % (self.address.path, e), self.address.path) from e
+        self._sock, self.welcome, buffer = self._connect(name, connect_timeout, expected)
         self._max_send = self.welcome.limits.max_frame_len
         self._reader = threading.Thread(
             target=self._read_loop, args=(buffer,), name="lockbroker-reader", daemon=True
@@ -489,8 +499,11 @@ class Client:
 
     # -------------------------------------------------------------- plumbing
 
-    def _connect(self, client_name: str, timeout: float) -> Tuple[socket.socket, Welcome, FrameBuffer]:
-        """Connect and handshake (PROTOCOL.md 6.1); raises ConnectFailed."""
+    def _connect(
+        self, client_name: str, timeout: float, expected: Tuple[int, ...]
+    ) -> Tuple[socket.socket, Welcome, FrameBuffer]:
+        """Connect, check who serves the socket (PROTOCOL.md 1), and
+        handshake (6.1); raises ConnectFailed."""
         path = self.address.path
         if not hasattr(socket, "AF_UNIX"):
             raise ConnectFailed("this client supports Unix sockets only", path)
@@ -505,6 +518,8 @@ class Client:
                     % (path, self.address.source, e),
                     path,
                 ) from e
+            # Before the Hello, which names this program.
+            _address.check_server(sock, path, expected)
             buffer = FrameBuffer(HANDSHAKE_MAX_FRAME_LEN)
             try:
                 sock.sendall(encode_frame(encode_client_message(Hello(client_name=client_name))))

@@ -4,6 +4,7 @@ Hierarchy::
 
     LockbrokerError
     ├── ConnectFailed (also ConnectionError)   no session could be opened
+    │   └── Untrusted                          ... another user could pose as the daemon
     ├── ConnectionLost (also ConnectionError)  the session ended
     │   └── ClientClosed                       ... because close() was called
     ├── LockTimeout (also TimeoutError)        a context manager gave up
@@ -26,13 +27,14 @@ are for what ``threading`` cannot fail with.
 
 from __future__ import annotations
 
-from typing import Dict, Optional, Type
+from typing import Dict, Optional, Tuple, Type
 
 from .protocol import ErrorCode, ErrorInfo, error_code_name
 
 __all__ = [
     "LockbrokerError",
     "ConnectFailed",
+    "Untrusted",
     "ConnectionLost",
     "ClientClosed",
     "LockTimeout",
@@ -69,6 +71,24 @@ class ConnectFailed(LockbrokerError, ConnectionError):
 
     def __str__(self) -> str:
         return str(self.args[0]) if self.args else ""
+
+
+class Untrusted(ConnectFailed):
+    """The socket's directory, or the daemon behind the socket, belongs to a
+    user this client does not trust (PROTOCOL.md section 1). Nothing was sent.
+
+    ``path`` is the directory or socket checked; ``problem`` one of
+    ``"symbolic_link"``, ``"not_a_directory"``, ``"owner"``, ``"mode"``
+    (the directory is open to other users) or ``"server"`` (the daemon runs
+    as another user); ``owner`` the user id owning the directory or
+    running the daemon; ``expected`` the user ids that were acceptable.
+    """
+
+    def __init__(self, message: str, path: str, problem: str, owner: int, expected: Tuple[int, ...]) -> None:
+        super().__init__(message, path)
+        self.problem = problem
+        self.owner = owner
+        self.expected = expected
 
 
 class ConnectionLost(LockbrokerError, ConnectionError):

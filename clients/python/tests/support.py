@@ -21,7 +21,7 @@ import time
 import unittest
 from concurrent.futures import Future
 from pathlib import Path
-from typing import Any, Callable, List, Optional, Tuple, TypeVar
+from typing import Any, Callable, Dict, List, Optional, Tuple, TypeVar
 
 import lockbroker
 from lockbroker import Client, set_default_client
@@ -77,19 +77,40 @@ def spawn(fn: Callable[..., T], *args: Any, **kwargs: Any) -> "Future[T]":
     return future
 
 
-class Daemon:
-    """A ``lockbrokerd`` on a private socket in a temporary directory."""
+#: The user and group ``nobody`` / ``nogroup``: the other user of the tests
+#: that check whom the client trusts.
+NOBODY = 65534
 
-    def __init__(self, *extra_args: str) -> None:
+
+def nobody_kwargs() -> Dict[str, Any]:
+    """``subprocess.Popen`` arguments that run the child as nobody:nogroup
+    without supplementary groups (the caller must be root)."""
+    return {"user": NOBODY, "group": NOBODY, "extra_groups": []}
+
+
+class Daemon:
+    """A ``lockbrokerd`` on a private socket in a temporary directory.
+
+    ``path``: serve this socket instead (its directory is the caller's).
+    ``as_nobody``: run the daemon as nobody (needs root); its temporary
+    directory is then nobody's.
+    """
+
+    def __init__(self, *extra_args: str, path: Optional[str] = None, as_nobody: bool = False) -> None:
         self.dir = tempfile.mkdtemp(prefix="lockbroker-py-")
-        self.path = os.path.join(self.dir, "broker.sock")
+        self.path = path or os.path.join(self.dir, "broker.sock")
         self.log_path = os.path.join(self.dir, "daemon.log")
         self._log = open(self.log_path, "wb")
+        user: Dict[str, Any] = {}
+        if as_nobody:
+            os.chown(self.dir, NOBODY, NOBODY)
+            user = nobody_kwargs()
         self.proc = subprocess.Popen(
             [daemon_binary(), "--socket", self.path, *extra_args],
             stdin=subprocess.DEVNULL,
             stdout=self._log,
             stderr=self._log,
+            **user,
         )
         self._wait_ready()
 

@@ -1,13 +1,14 @@
-"""Address resolution (PROTOCOL.md section 1) and timeout conversion; no daemon."""
+"""Address resolution and directory checks (PROTOCOL.md section 1), and timeout conversion; no daemon."""
 
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 import unittest
 
-from lockbroker import ConnectFailed
-from lockbroker.address import GLOBAL, LOCAL, Address, check_local_owner, default_path, resolve
+from lockbroker import ConnectFailed, Untrusted
+from lockbroker.address import GLOBAL, LOCAL, Address, default_path, expected_server, resolve
 from lockbroker.client import Client
 from lockbroker.primitives import _lock_timeout_ms, _semaphore_timeout_ms
 
@@ -35,16 +36,60 @@ class ResolveTest(unittest.TestCase):
         with self.assertRaises(ValueError):
             default_path("galaxy", {})
 
-    def test_local_owner_checked_for_the_default_only(self) -> None:
-        # "/" belongs to root; refuse it unless we are root.
-        default = Address("/broker.sock", "scope", LOCAL)
-        if os.getuid() != 0:
-            with self.assertRaises(PermissionError):
-                check_local_owner(default)
-        check_local_owner(Address("/broker.sock", "explicit", LOCAL))
-        check_local_owner(Address("/broker.sock", "scope", GLOBAL))
+    def _scope_dir(self, mode: int) -> str:
+        """``TMP/lockbroker`` with ``mode``, removed after the test."""
+        parent = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, parent, True)
+        directory = os.path.join(parent, "lockbroker")
+        os.mkdir(directory)
+        os.chmod(directory, mode)
+        return directory
+
+    def test_the_local_default_needs_the_users_private_directory(self) -> None:
+        me = os.geteuid()
+        sock = os.path.join(self._scope_dir(0o700), "broker.sock")
+        self.assertEqual(expected_server(Address(sock, "scope", LOCAL)), (me,))
+        self.assertEqual(expected_server(Address(sock, "scope", LOCAL), allowed=[4242]), tuple(sorted((me, 4242))))
+        # Our own directory, as another user sees it.
+        with self.assertRaises(Untrusted) as cm:
+            expected_server(Address(sock, "scope", LOCAL), user=me + 1)
+        e = cm.exception
+        self.assertEqual((e.problem, e.owner, e.expected, e.path), ("owner", me, (me + 1,), os.path.dirname(sock)))
+        self.assertIn("is owned by uid %d, expected uid %d" % (me, me + 1), str(e))
+        self.assertIsInstance(e, ConnectFailed)
+
+        open_dir = self._scope_dir(0o777)
+        with self.assertRaises(Untrusted) as cm:
+            expected_server(Address(os.path.join(open_dir, "broker.sock"), "scope", LOCAL), allowed=[4242])
+        self.assertEqual(cm.exception.problem, "mode")
+        self.assertIn("its mode is 0777; it must be 0700", str(cm.exception))
+
+    def test_a_symlink_is_not_a_scope_directory(self) -> None:
+        directory = self._scope_dir(0o700)
+        link = directory + "-link"
+        os.symlink(directory, link)
+        self.addCleanup(os.unlink, link)
+        with self.assertRaises(Untrusted) as cm:
+            expected_server(Address(os.path.join(link, "broker.sock"), "scope", LOCAL))
+        self.assertEqual(cm.exception.problem, "symbolic_link")
+
+    def test_a_missing_directory_is_left_to_the_connect(self) -> None:
         with tempfile.TemporaryDirectory() as d:
-            check_local_owner(Address(os.path.join(d, "broker.sock"), "scope", LOCAL))
+            sock = os.path.join(d, "absent", "broker.sock")
+            self.assertEqual(expected_server(Address(sock, "scope", LOCAL)), (os.geteuid(),))
+
+    def test_the_global_default_trusts_root_and_the_directory_owner(self) -> None:
+        sock = os.path.join(self._scope_dir(0o755), "broker.sock")
+        self.assertEqual(expected_server(Address(sock, "scope", GLOBAL), user=4242), tuple(sorted({0, os.geteuid()})))
+        with self.assertRaises(Untrusted) as cm:
+            expected_server(Address(os.path.join(self._scope_dir(0o775), "broker.sock"), "scope", GLOBAL))
+        self.assertEqual(cm.exception.problem, "mode")
+
+    def test_an_explicit_address_trusts_the_user_and_root_only(self) -> None:
+        for source in ("explicit", "env"):
+            address = Address("/nonexistent/x.sock", source, LOCAL)
+            self.assertEqual(expected_server(address, user=1000), (0, 1000))
+            self.assertEqual(expected_server(address, user=1000, allowed=[65534]), (0, 1000, 65534))
 
     def test_no_daemon_is_a_clear_error(self) -> None:
         with tempfile.TemporaryDirectory() as d:

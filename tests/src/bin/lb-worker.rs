@@ -7,6 +7,10 @@
 //! - `lb-worker incr SOCKET KEY N`: increment state KEY N times.
 //! - `lb-worker cas SOCKET KEY N`: N times, read KEY and compare-and-set it
 //!   to its value plus one, retrying on conflict.
+//! - `lb-worker ping [UID...]`: connect as the environment says (no
+//!   explicit socket), also trusting the daemon users UID, and ping; prints
+//!   `ok`, or `untrusted PROBLEM OWNER PATH` (exit 3) when the client
+//!   refuses the daemon.
 
 use std::io::Write;
 use std::process::ExitCode;
@@ -20,7 +24,8 @@ fn main() -> ExitCode {
         ["hold", socket, name] => hold(socket, name),
         ["incr", socket, key, n] => incr(socket, key, n),
         ["cas", socket, key, n] => cas(socket, key, n),
-        _ => Err("usage: lb-worker increment|hold|incr|cas ...".into()),
+        ["ping", ref allowed @ ..] => return ping(allowed),
+        _ => Err("usage: lb-worker increment|hold|incr|cas|ping ...".into()),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -90,4 +95,34 @@ fn cas(socket: &str, key: &str, n: &str) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// Connects through the default resolution, so that tests can check the
+/// typed refusal of the Rust client for the local scope's directory.
+fn ping(allowed: &[&str]) -> ExitCode {
+    let mut connector = Connector::new().client_name("lb-worker");
+    for uid in allowed {
+        match uid.parse() {
+            Ok(uid) => connector = connector.allow_server_uid(uid),
+            Err(e) => {
+                eprintln!("lb-worker: bad uid {uid:?}: {e}");
+                return ExitCode::FAILURE;
+            }
+        }
+    }
+    match BlockingClient::connect_with(&connector).and_then(|c| c.ping()) {
+        Ok(_) => {
+            println!("ok");
+            ExitCode::SUCCESS
+        }
+        Err(lockbroker::Error::Untrusted(u)) => {
+            println!("untrusted {:?} {} {}", u.problem, u.owner, u.path.display());
+            eprintln!("lb-worker: {}", lockbroker::Error::Untrusted(u));
+            ExitCode::from(3)
+        }
+        Err(e) => {
+            eprintln!("lb-worker: {e}");
+            ExitCode::FAILURE
+        }
+    }
 }

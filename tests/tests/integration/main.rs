@@ -16,6 +16,7 @@ mod exclusion;
 mod fifo;
 mod rwlock;
 mod semaphore;
+mod server_identity;
 mod state;
 mod timeouts;
 mod util;

@@ -27,7 +27,8 @@ Examples:
 
 Exit status: the command's own; 75 when the lock was not obtained in time
 (--conflict-exit-code); 76 when the lock was lost while the command ran;
-69 when the daemon cannot be reached or refuses; 2 for usage errors;
+69 when the daemon cannot be reached, refuses, or is not trusted
+(--allow-uid); 2 for usage errors;
 `state`: 4 for an absent key, 5 for a version mismatch."
 )]
 pub struct Cli {
@@ -49,6 +50,13 @@ pub struct Cli {
     /// Never start a local daemon (also: LOCKBROKER_NO_AUTOSTART=1).
     #[arg(long, global = true)]
     pub no_autostart: bool,
+
+    /// Also trust a daemon running as this user id (repeatable). By
+    /// default the daemon must run as you (local scope), as root or the
+    /// owner of /run/lockbroker (global scope), or as you or root (--socket,
+    /// LOCKBROKER_SOCKET); anything else is refused with exit status 69.
+    #[arg(long, global = true, value_name = "UID")]
+    pub allow_uid: Vec<u32>,
 
     /// What to do.
     #[command(subcommand)]

@@ -186,20 +186,24 @@ fn rss_bytes(pid: u32) -> Option<u64> {
     Some(kb * 1024)
 }
 
-/// Runs the chosen scenario.
-pub async fn run(args: &BenchArgs, socket: Option<PathBuf>, as_json: bool) -> Result<u8, Failure> {
+/// Runs the chosen scenario against the daemon `connector` reaches, or
+/// (`--spawn`, `None`) a private one.
+pub async fn run(
+    args: &BenchArgs,
+    connector: Option<Connector>,
+    as_json: bool,
+) -> Result<u8, Failure> {
     raise_fd_limit();
-    let (_spawned, socket) = match (args.spawn, socket) {
+    let (_spawned, connector) = match (args.spawn, connector) {
         (true, _) => {
             let (s, p) = spawn_daemon(&args.daemon_args).await?;
-            (Some(s), p)
+            (Some(s), Connector::new().socket(p))
         }
-        (false, Some(p)) => (None, p),
+        (false, Some(c)) => (None, c),
         (false, None) => return Err(fail("no daemon address")),
     };
-    let connector = Connector::new()
-        .socket(&socket)
-        .client_name("lockbroker bench");
+    let socket = connector.address().map_err(fail)?;
+    let connector = connector.client_name("lockbroker bench");
     let report = match args.scenario {
         Scenario::Uncontended => uncontended(&connector, args).await?,
         Scenario::Contended => contended(&connector, args).await?,

@@ -25,7 +25,8 @@ pub mod exit {
     pub const CONFLICT: u8 = 75;
     /// The lock was lost while the command ran.
     pub const LOCK_LOST: u8 = 76;
-    /// The daemon could not be reached, or refused the request.
+    /// The daemon could not be reached, refused the request, or is not
+    /// trusted (another user could be posing as it).
     pub const UNAVAILABLE: u8 = 69;
     /// Anything else that went wrong in lockbroker itself.
     pub const ERROR: u8 = 1;
@@ -169,15 +170,8 @@ async fn run(cli: Cli) -> Result<u8, Failure> {
             Ok(child::exit_code(status))
         }
         Command::Bench(a) => {
-            let socket = if a.spawn {
-                None
-            } else {
-                let scope = scope_of(&cli);
-                let socket = address::resolve(cli.socket.clone(), scope, &Env::current())
-                    .ok_or_else(|| unavailable(lockbroker::Error::NoAddress))?;
-                Some(socket)
-            };
-            bench::run(a, socket, cli.json).await
+            let connector = (!a.spawn).then(|| connector_of(&cli));
+            bench::run(a, connector, cli.json).await
         }
         Command::BenchHold { name } => {
             let client = connect(&cli).await?;
@@ -319,7 +313,13 @@ async fn run_holding(
 }
 
 fn unavailable(e: lockbroker::Error) -> Failure {
-    (exit::UNAVAILABLE, e.to_string())
+    let message = match &e {
+        lockbroker::Error::Untrusted(u) if u.problem == address::Problem::Server => {
+            format!("{e} (--allow-uid {} trusts it)", u.owner)
+        }
+        _ => e.to_string(),
+    };
+    (exit::UNAVAILABLE, message)
 }
 
 async fn connect(cli: &Cli) -> Result<Client, Failure> {
@@ -336,14 +336,23 @@ fn scope_of(cli: &Cli) -> Scope {
     }
 }
 
+/// The connector the global options describe: socket or scope, and the
+/// users trusted besides the defaults.
+fn connector_of(cli: &Cli) -> Connector {
+    let mut connector = Connector::new().scope(scope_of(cli));
+    if let Some(socket) = &cli.socket {
+        connector = connector.socket(socket);
+    }
+    cli.allow_uid
+        .iter()
+        .fold(connector, |c, &uid| c.allow_server_uid(uid))
+}
+
 async fn connect_with_address(cli: &Cli) -> Result<(Client, std::path::PathBuf), Failure> {
     let scope = scope_of(cli);
     let env = Env::current();
-    let socket = address::resolve(cli.socket.clone(), scope, &env)
-        .ok_or_else(|| unavailable(lockbroker::Error::NoAddress))?;
-    let connector = Connector::new()
-        .socket(&socket)
-        .client_name(client_name(cli));
+    let connector = connector_of(cli).client_name(client_name(cli));
+    let socket = connector.address().map_err(unavailable)?;
     match connector.connect().await {
         Ok(client) => Ok((client, socket)),
         Err(e) if daemon::nobody_listens(&e) && may_autostart(cli, scope, &env) => {
