@@ -888,6 +888,29 @@ fn an_autostarted_daemon_that_cannot_start_is_reported_at_once() {
 }
 
 #[test]
+fn autostart_never_follows_a_symlinked_log() {
+    let runtime = tempfile::tempdir().unwrap();
+    let dir = runtime.path().join("lockbroker");
+    std::fs::create_dir(&dir).unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700)).unwrap();
+    let victim = runtime.path().join("victim");
+    std::fs::write(&victim, "precious\n").unwrap();
+    std::os::unix::fs::symlink(&victim, dir.join("broker.log")).unwrap();
+    let out = run(Command::new(CLI)
+        .arg("ping")
+        .env("XDG_RUNTIME_DIR", runtime.path())
+        .env("LOCKBROKERD", daemon_bin())
+        .env_remove("LOCKBROKER_SOCKET")
+        .env_remove("LOCKBROKER_NO_AUTOSTART")
+        .stdin(Stdio::null()));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(69), "{err}");
+    assert!(err.contains("broker.log"), "{err}");
+    assert_eq!(std::fs::read_to_string(&victim).unwrap(), "precious\n");
+}
+
+#[test]
 fn state_commands_and_their_exit_statuses() {
     let d = Daemon::start();
     let ok = |args: &[&str]| {

@@ -114,17 +114,29 @@ fn last_error_line(log: &Path, from: u64) -> String {
 
 #[cfg(unix)]
 fn spawn_detached(dir: &Path, log_path: &Path) -> std::io::Result<Child> {
-    use std::os::unix::fs::DirBuilderExt;
+    use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
     use std::os::unix::process::CommandExt;
-    // The daemon checks this directory's owner and mode itself.
     match std::fs::DirBuilder::new().mode(0o700).create(dir) {
         Err(e) if e.kind() != std::io::ErrorKind::AlreadyExists => return Err(e),
         _ => {}
     }
+    // Another user may have made the directory since the client checked it:
+    // check it again before writing in it, and never follow a symbolic
+    // link to the log (it could point at any file of this user's).
+    lockbroker::address::check_dir(
+        dir,
+        lockbroker::Scope::Local,
+        Some(lockbroker::address::euid()),
+    )
+    .map_err(std::io::Error::other)?;
     let log = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
-        .open(log_path)?;
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(log_path)
+        .map_err(|e| {
+            std::io::Error::new(e.kind(), format!("opening {}: {e}", log_path.display()))
+        })?;
     let mut cmd = Command::new(binary());
     cmd.args(["--scope", "local"])
         .env_remove("LOCKBROKER_SOCKET")
