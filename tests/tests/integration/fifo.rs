@@ -115,7 +115,10 @@ async fn semaphore_head_with_many_permits_is_not_starved() {
             (vec![(sessions[1], 1), (sessions[2], 1)], 1)
         );
         assert!(g1.hold_id() < g2.hold_id());
-        drop((g1, g2));
+        // Released and confirmed: a dropped guard's release is sent on its
+        // own session and could still be on its way when the observer looks.
+        g1.release().await.unwrap();
+        g2.release().await.unwrap();
         let last = tasks.remove(0).await.unwrap();
         assert_eq!(last.permits(), 2);
         assert_eq!(holders().await, (vec![(sessions[3], 2)], 0));
