@@ -104,6 +104,8 @@ struct Signals {
     term: tokio::signal::unix::Signal,
     #[cfg(unix)]
     int: tokio::signal::unix::Signal,
+    #[cfg(not(unix))]
+    ctrl_c: tokio::signal::windows::CtrlC,
 }
 
 impl Signals {
@@ -119,7 +121,9 @@ impl Signals {
             })
         }
         #[cfg(not(unix))]
-        Ok(Signals {})
+        Ok(Signals {
+            ctrl_c: tokio::signal::windows::ctrl_c().context("installing the Ctrl-C handler")?,
+        })
     }
 
     /// Completes on the first of them.
@@ -129,10 +133,12 @@ impl Signals {
             _ = self.term.recv() => tracing::info!("SIGTERM received"),
             _ = self.int.recv() => tracing::info!("SIGINT received"),
         }
+        // Not `tokio::signal::ctrl_c()`: it would install its handler only
+        // when first polled, after the pipe exists.
         #[cfg(not(unix))]
         {
-            let _ = &mut self;
-            let _ = tokio::signal::ctrl_c().await;
+            self.ctrl_c.recv().await;
+            tracing::info!("Ctrl-C received");
         }
     }
 }

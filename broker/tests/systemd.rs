@@ -10,7 +10,7 @@
 
 mod common;
 
-use common::{hold_over_raw, signal, wait_exit};
+use common::{exit_before, hold_over_raw, signal, wait_exit};
 
 use std::os::unix::net::UnixDatagram;
 use std::path::{Path, PathBuf};
@@ -243,4 +243,64 @@ fn readiness_watchdog_and_stopping_are_notified() {
     signal(&child, libc::SIGTERM);
     expect_notify(&notify, "STOPPING=1");
     assert!(wait_exit(&mut child, Duration::from_secs(10)).success());
+}
+
+/// On the socket-activation path too, the signal handlers are installed
+/// before the daemon takes the passed socket and says READY=1: signalled
+/// the moment READY=1 arrives, it says STOPPING=1 and exits 0, every time.
+#[test]
+fn a_signal_the_moment_an_activated_daemon_is_ready_shuts_down_cleanly() {
+    let Some(activate) = tool("systemd-socket-activate") else {
+        return;
+    };
+    const ROUNDS: usize = 100;
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let dir = tempfile::tempdir().unwrap();
+    let notify_path = dir.path().join("notify.sock");
+    let notify = UnixDatagram::bind(&notify_path).unwrap();
+    let mut unclean = Vec::new();
+    for round in 0..ROUNDS {
+        let socket = dir.path().join(format!("{round}.sock"));
+        let mut child = Command::new(&activate)
+            .arg("-l")
+            .arg(&socket)
+            .arg("-E")
+            .arg(format!("NOTIFY_SOCKET={}", notify_path.display()))
+            .arg(BIN)
+            .arg("--socket")
+            .arg(dir.path().join("unused.sock"))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        // The activator execs the daemon on the first connection; spin
+        // (yielding, never sleeping) until it listens.
+        let _connection = loop {
+            if let Ok(stream) = std::os::unix::net::UnixStream::connect(&socket) {
+                break stream;
+            }
+            assert!(child.try_wait().unwrap().is_none(), "activator exited");
+            assert!(Instant::now() < deadline, "the test ran out of time");
+            std::thread::yield_now();
+        };
+        notify
+            .set_read_timeout(Some(deadline.saturating_duration_since(Instant::now())))
+            .unwrap();
+        expect_notify(&notify, "READY=1");
+        signal(&child, libc::SIGTERM);
+        let (status, err) = exit_before(child, deadline);
+        if !status.success() {
+            unclean.push(format!("round {round}: {status}, stderr: {err}"));
+            continue;
+        }
+        // The daemon's last word before exiting 0; already queued.
+        expect_notify(&notify, "STOPPING=1");
+    }
+    assert!(
+        unclean.is_empty(),
+        "{} unclean exits in {ROUNDS} activations:\n{}",
+        unclean.len(),
+        unclean.join("\n")
+    );
 }

@@ -79,3 +79,29 @@ pub async fn hold_over_raw(
     );
     (reader, w)
 }
+
+/// Waits for `child` to exit — blocked on the exit itself, not polling —
+/// and returns its status and stderr (if piped). Kills it and fails the
+/// test if it is still running at `deadline`.
+pub fn exit_before(child: Child, deadline: Instant) -> (std::process::ExitStatus, String) {
+    let pid = child.id();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(child.wait_with_output());
+    });
+    match rx.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
+        Ok(out) => {
+            let out = out.unwrap();
+            (
+                out.status,
+                String::from_utf8_lossy(&out.stderr).into_owned(),
+            )
+        }
+        Err(_) => {
+            // SAFETY: killing a child this test started (not yet reaped:
+            // the waiting thread has not returned).
+            unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+            panic!("process {pid} did not exit in time");
+        }
+    }
+}
