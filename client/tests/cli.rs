@@ -145,11 +145,16 @@ fn sh(script: &str) -> Vec<&str> {
 }
 
 fn run(cmd: &mut Command) -> Output {
-    let mut child = cmd
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    finish(
+        cmd.stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    )
+}
+
+/// Waits for `child` (stdout and stderr piped) and collects its output.
+fn finish(mut child: Child) -> Output {
     let status = wait_child(&mut child, Duration::from_secs(60));
     let mut stdout = Vec::new();
     let mut stderr = Vec::new();
@@ -882,6 +887,45 @@ fn an_autostarted_daemon_that_cannot_start_is_reported_at_once() {
         err.contains("lockbrokerd: refusing to replace") && err.contains("is not a socket"),
         "the daemon's own error: {err}"
     );
+    // A bound on the failure mode (the start timeout is 10 s), not a
+    // synchronisation.
+    assert!(took < Duration::from_secs(5), "took {took:?}");
+}
+
+#[test]
+fn run_reports_a_private_daemon_that_cannot_start_at_once() {
+    let dir = tempfile::tempdir().unwrap();
+    // A real lockbrokerd given a flag value it refuses. The script is
+    // written by another process: a descriptor open for writing in this
+    // one could leak into a concurrent test's child and make exec fail
+    // with ETXTBSY.
+    let wrapper = dir.path().join("lockbrokerd");
+    let status = Command::new("sh")
+        .args([
+            "-c",
+            r#"printf '#!/bin/sh\nexec "%s" "$@" --max-frame-len 10\n' "$0" > "$1" && chmod 755 "$1""#,
+        ])
+        .arg(daemon_bin())
+        .arg(&wrapper)
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let started = Instant::now();
+    let out = run(Command::new(CLI)
+        .args(["run", "--", "true"])
+        .env("LOCKBROKERD", &wrapper)
+        .env_remove("LOCKBROKER_SOCKET")
+        .stdin(Stdio::null()));
+    let took = started.elapsed();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(69), "{err}");
+    // One line: lockbroker's, quoting the daemon's own error.
+    assert!(
+        err.starts_with("lockbroker: the private lockbrokerd could not start"),
+        "{err}"
+    );
+    assert!(err.contains("lockbrokerd: --max-frame-len"), "{err}");
+    assert_eq!(err.lines().count(), 1, "{err}");
     // A bound on the failure mode (the start timeout is 10 s), not a
     // synchronisation.
     assert!(took < Duration::from_secs(5), "took {took:?}");

@@ -104,12 +104,17 @@ const EXIT_ALREADY_RUNNING: i32 = 3;
 fn last_error_line(log: &Path, from: u64) -> String {
     let text = std::fs::read(log).unwrap_or_default();
     let start = usize::try_from(from).unwrap_or(0).min(text.len());
-    String::from_utf8_lossy(&text[start..])
+    last_line(&String::from_utf8_lossy(&text[start..]))
+        .unwrap_or_else(|| format!("see {}", log.display()))
+}
+
+/// The last non-empty line of a daemon's output: the error it exited on.
+fn last_line(output: &str) -> Option<String> {
+    output
         .lines()
         .rev()
         .find(|l| !l.trim().is_empty())
         .map(|l| l.trim().to_owned())
-        .unwrap_or_else(|| format!("see {}", log.display()))
 }
 
 #[cfg(unix)]
@@ -166,29 +171,38 @@ fn spawn_detached(_dir: &Path, _log_path: &Path) -> std::io::Result<Child> {
 /// (and its directory removed) on drop.
 pub struct Private {
     child: Child,
+    /// Copies the daemon's stderr to ours until the daemon exits.
+    relay: Option<std::thread::JoinHandle<()>>,
     socket: PathBuf,
     _dir: tempfile::TempDir,
 }
 
 impl Private {
-    /// Starts the daemon and waits until it accepts connections.
+    /// Starts the daemon and waits until it accepts connections. A daemon
+    /// that exits first is reported at once, in its own words.
     pub async fn start() -> Result<Private, String> {
         let dir = tempfile::Builder::new()
             .prefix("lockbroker-run-")
             .tempdir()
             .map_err(|e| format!("cannot create a temporary directory: {e}"))?;
         let socket = dir.path().join("broker.sock");
-        let child = Command::new(binary())
+        let mut child = Command::new(binary())
             .arg("--socket")
             .arg(&socket)
             .args(["--log-level", "warn"])
             .env_remove("LOCKBROKER_SOCKET")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
+            .stderr(Stdio::piped())
             .spawn()
             .map_err(|e| format!("cannot start {}: {e}", binary().display()))?;
+        // Left unread while the daemon starts: if it exits, its error is
+        // in the pipe; once it listens, a thread passes its output on to
+        // our stderr, where it went before.
+        let mut stderr = child.stderr.take().expect("piped");
         let mut private = Private {
             child,
+            relay: None,
             socket,
             _dir: dir,
         };
@@ -198,12 +212,22 @@ impl Private {
         let deadline = Instant::now() + START_TIMEOUT;
         loop {
             match connector.connect().await {
-                Ok(_) => return Ok(private),
+                Ok(_) => {
+                    private.relay = Some(std::thread::spawn(move || {
+                        let _ = std::io::copy(&mut stderr, &mut std::io::stderr());
+                    }));
+                    return Ok(private);
+                }
                 Err(e) if nobody_listens(&e) => {}
                 Err(e) => return Err(e.to_string()),
             }
             if let Ok(Some(status)) = private.child.try_wait() {
-                return Err(format!("the private lockbrokerd exited with {status}"));
+                let mut output = String::new();
+                let _ = std::io::Read::read_to_string(&mut stderr, &mut output);
+                return Err(format!(
+                    "the private lockbrokerd could not start ({status}): {}",
+                    last_line(&output).unwrap_or_else(|| "it said nothing".into())
+                ));
             }
             if Instant::now() >= deadline {
                 return Err("the private lockbrokerd did not start in time".into());
@@ -230,6 +254,10 @@ impl Drop for Private {
             let _ = self.child.kill();
         }
         let _ = self.child.wait();
+        // The daemon has exited: the copy ends with its last words.
+        if let Some(relay) = self.relay.take() {
+            let _ = relay.join();
+        }
     }
 }
 
