@@ -170,6 +170,9 @@ fn a_second_daemon_on_the_same_socket_is_refused() {
     let out = refused(&["--socket", &sock_arg(&socket)], None);
     let msg = stderr(&out);
     assert!(msg.contains("already serving"), "{msg}");
+    // Its own exit status, so that whoever started it can tell "connect to
+    // the other one" from a failure.
+    assert_eq!(out.status.code(), Some(3), "{msg}");
     assert_eq!(msg.lines().count(), 1, "one clear line: {msg}");
     // The first one is undisturbed.
     assert!(StdStream::connect(&socket).is_ok());
@@ -272,4 +275,13 @@ fn bad_flags_are_refused_with_one_line() {
     let msg = stderr(&out);
     assert!(msg.contains("--max-frame-len"), "{msg}");
     assert_eq!(msg.lines().count(), 1, "{msg}");
+    assert_eq!(out.status.code(), Some(1), "{msg}");
+}
+
+#[test]
+fn the_help_documents_the_exit_statuses() {
+    let out = Command::new(BIN).arg("--help").output().unwrap();
+    assert!(out.status.success());
+    let help = String::from_utf8_lossy(&out.stdout);
+    assert!(help.contains("3 when another lockbrokerd"), "{help}");
 }

@@ -893,6 +893,53 @@ fn an_autostarted_daemon_that_cannot_start_is_reported_at_once() {
 }
 
 #[test]
+fn autostart_waits_for_the_daemon_that_won_the_race() {
+    use std::os::fd::AsRawFd;
+    use std::os::unix::fs::PermissionsExt;
+    let runtime = tempfile::tempdir().unwrap();
+    let dir = runtime.path().join("lockbroker");
+    std::fs::create_dir(&dir).unwrap();
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700)).unwrap();
+    // Stand in for a daemon that has won the race (it holds the lock file)
+    // but does not listen yet: the tool's own daemon loses and exits 3,
+    // which is no reason to give up.
+    let lock = std::fs::File::create(dir.join("broker.sock.lock")).unwrap();
+    // SAFETY: flock on a descriptor this test owns.
+    assert_eq!(unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX) }, 0);
+    let tool = Command::new(CLI)
+        .arg("ping")
+        .env("XDG_RUNTIME_DIR", runtime.path())
+        .env("LOCKBROKERD", daemon_bin())
+        .env_remove("LOCKBROKER_SOCKET")
+        .env_remove("LOCKBROKER_NO_AUTOSTART")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let log = dir.join("broker.log");
+    wait_until("the tool's daemon lost the race", || {
+        std::fs::read_to_string(&log).is_ok_and(|l| l.contains("already serving"))
+    });
+    // Now the winner comes up; the tool, still waiting, connects to it.
+    drop(lock);
+    let mut winner = Command::new(daemon_bin())
+        .env("XDG_RUNTIME_DIR", runtime.path())
+        .env_remove("LOCKBROKER_SOCKET")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let out = finish(tool);
+    kill(winner.id(), libc::SIGTERM);
+    assert!(wait_child(&mut winner, Duration::from_secs(10)).success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{}: {err}", out.status);
+    assert!(String::from_utf8_lossy(&out.stdout).contains("answered"));
+}
+
+#[test]
 fn run_reports_a_private_daemon_that_cannot_start_at_once() {
     let dir = tempfile::tempdir().unwrap();
     // A real lockbrokerd given a flag value it refuses. The script is
