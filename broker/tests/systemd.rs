@@ -178,9 +178,11 @@ fn socket_activation_serves_the_passed_socket() {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    // systemd-socket-activate listens before it starts the daemon.
+    // systemd-socket-activate listens before it starts the daemon. Wait
+    // until it accepts, not until the file exists: between its bind and
+    // its listen, a connect is refused.
     let deadline = Instant::now() + Duration::from_secs(20);
-    while !socket.exists() {
+    while std::os::unix::net::UnixStream::connect(&socket).is_err() {
         assert!(child.try_wait().unwrap().is_none(), "activator exited");
         assert!(Instant::now() < deadline, "the activator never listened");
         std::thread::sleep(Duration::from_millis(5));
