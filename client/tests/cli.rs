@@ -862,24 +862,36 @@ fn a_command_under_lock_writes_state_guarded_by_its_own_hold() {
     assert_eq!(String::from_utf8_lossy(&got.stdout).trim(), "nested");
 }
 
+/// A runtime directory with the local scope's directory in it, 0700.
+fn local_scope() -> (tempfile::TempDir, PathBuf) {
+    use std::os::unix::fs::PermissionsExt;
+    let runtime = tempfile::tempdir().unwrap();
+    let dir = runtime.path().join("lockbroker");
+    std::fs::create_dir(&dir).unwrap();
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700)).unwrap();
+    (runtime, dir)
+}
+
+/// `lockbroker ping` on the local scope of `runtime`, autostart allowed.
+fn autostarting_ping(runtime: &Path) -> Command {
+    let mut cmd = Command::new(CLI);
+    cmd.arg("ping")
+        .env("XDG_RUNTIME_DIR", runtime)
+        .env("LOCKBROKERD", daemon_bin())
+        .env_remove("LOCKBROKER_SOCKET")
+        .env_remove("LOCKBROKER_NO_AUTOSTART")
+        .stdin(Stdio::null());
+    cmd
+}
+
 #[test]
 fn an_autostarted_daemon_that_cannot_start_is_reported_at_once() {
     // A file in the socket's place: the client finds nobody listening and
     // starts the daemon, which refuses to replace it and exits.
-    let runtime = tempfile::tempdir().unwrap();
-    let dir = runtime.path().join("lockbroker");
-    std::fs::create_dir(&dir).unwrap();
-    use std::os::unix::fs::PermissionsExt;
-    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700)).unwrap();
+    let (runtime, dir) = local_scope();
     std::fs::write(dir.join("broker.sock"), "").unwrap();
     let started = Instant::now();
-    let out = run(Command::new(CLI)
-        .arg("ping")
-        .env("XDG_RUNTIME_DIR", runtime.path())
-        .env("LOCKBROKERD", daemon_bin())
-        .env_remove("LOCKBROKER_SOCKET")
-        .env_remove("LOCKBROKER_NO_AUTOSTART")
-        .stdin(Stdio::null()));
+    let out = run(&mut autostarting_ping(runtime.path()));
     let took = started.elapsed();
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(69), "{err}");
@@ -895,24 +907,14 @@ fn an_autostarted_daemon_that_cannot_start_is_reported_at_once() {
 #[test]
 fn autostart_waits_for_the_daemon_that_won_the_race() {
     use std::os::fd::AsRawFd;
-    use std::os::unix::fs::PermissionsExt;
-    let runtime = tempfile::tempdir().unwrap();
-    let dir = runtime.path().join("lockbroker");
-    std::fs::create_dir(&dir).unwrap();
-    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700)).unwrap();
+    let (runtime, dir) = local_scope();
     // Stand in for a daemon that has won the race (it holds the lock file)
     // but does not listen yet: the tool's own daemon loses and exits 3,
     // which is no reason to give up.
     let lock = std::fs::File::create(dir.join("broker.sock.lock")).unwrap();
     // SAFETY: flock on a descriptor this test owns.
     assert_eq!(unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX) }, 0);
-    let tool = Command::new(CLI)
-        .arg("ping")
-        .env("XDG_RUNTIME_DIR", runtime.path())
-        .env("LOCKBROKERD", daemon_bin())
-        .env_remove("LOCKBROKER_SOCKET")
-        .env_remove("LOCKBROKER_NO_AUTOSTART")
-        .stdin(Stdio::null())
+    let tool = autostarting_ping(runtime.path())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
@@ -980,21 +982,11 @@ fn run_reports_a_private_daemon_that_cannot_start_at_once() {
 
 #[test]
 fn autostart_never_follows_a_symlinked_log() {
-    let runtime = tempfile::tempdir().unwrap();
-    let dir = runtime.path().join("lockbroker");
-    std::fs::create_dir(&dir).unwrap();
-    use std::os::unix::fs::PermissionsExt;
-    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700)).unwrap();
+    let (runtime, dir) = local_scope();
     let victim = runtime.path().join("victim");
     std::fs::write(&victim, "precious\n").unwrap();
     std::os::unix::fs::symlink(&victim, dir.join("broker.log")).unwrap();
-    let out = run(Command::new(CLI)
-        .arg("ping")
-        .env("XDG_RUNTIME_DIR", runtime.path())
-        .env("LOCKBROKERD", daemon_bin())
-        .env_remove("LOCKBROKER_SOCKET")
-        .env_remove("LOCKBROKER_NO_AUTOSTART")
-        .stdin(Stdio::null()));
+    let out = run(&mut autostarting_ping(runtime.path()));
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(69), "{err}");
     assert!(err.contains("broker.log"), "{err}");
