@@ -3,10 +3,8 @@
 
 use std::ffi::OsString;
 use std::process::ExitStatus;
-#[cfg(not(unix))]
 use std::time::Duration;
 
-#[cfg(not(unix))]
 use lockbroker::LockGuard;
 use tokio::process::{Child, Command};
 
@@ -55,24 +53,25 @@ pub fn spawn(
     })
 }
 
-/// Waits for `child` while holding `guard`: SIGINT and SIGTERM are passed
-/// on to its process group; losing the lock terminates the group (SIGTERM,
-/// then SIGKILL after `grace`). Unix uses [`holding`] instead.
-#[cfg(not(unix))]
+/// Waits for the command (`exited` completes with its status) while holding
+/// `guard`: SIGINT and SIGTERM are passed on to its process group `pgid`;
+/// losing the lock terminates the group (SIGTERM, then SIGKILL after
+/// `grace`).
 pub async fn supervise(
-    mut child: Child,
+    exited: impl std::future::Future<Output = std::io::Result<ExitStatus>>,
+    pgid: Option<u32>,
     guard: &LockGuard,
     grace: Duration,
 ) -> std::io::Result<Outcome> {
     let signals = Signals::new()?;
-    let pgid = child.id();
     let mut lost = false;
     let kill_at = tokio::time::sleep(Duration::MAX);
     tokio::pin!(kill_at);
     tokio::pin!(signals);
+    tokio::pin!(exited);
     loop {
         tokio::select! {
-            status = child.wait() => {
+            status = &mut exited => {
                 let status = status?;
                 return Ok(if lost { Outcome::LockLost } else { Outcome::Exited(status) });
             }
@@ -225,12 +224,8 @@ pub mod holding {
     use std::os::fd::RawFd;
     use std::os::unix::process::{CommandExt, ExitStatusExt};
     use std::process::{Command, ExitStatus};
-    use std::time::Duration;
 
-    use lockbroker::LockGuard;
     use tokio::signal::unix::{SignalKind, signal};
-
-    use super::{Outcome, Signal, Signals, signal_group};
 
     /// A started command and what watches it.
     pub struct Holding {
@@ -292,49 +287,19 @@ pub mod holding {
     }
 
     impl Holding {
-        /// Waits for the command while holding `guard`, as
-        /// [`super::supervise`] does. Every child that ends is reaped here
-        /// (the command, and orphans re-parented to lockbroker).
-        pub async fn supervise(
-            &mut self,
-            guard: &LockGuard,
-            grace: Duration,
-        ) -> std::io::Result<Outcome> {
-            let signals = Signals::new()?;
-            tokio::pin!(signals);
-            let pgid = self.pid;
-            let mut lost = false;
-            let kill_at = tokio::time::sleep(Duration::MAX);
-            tokio::pin!(kill_at);
+        /// The command's pid, which is also its process group.
+        pub fn pid(&self) -> u32 {
+            self.pid
+        }
+
+        /// Waits for the command to exit. Every child that ends is reaped
+        /// here (the command, and orphans re-parented to lockbroker).
+        pub async fn wait(&mut self) -> std::io::Result<ExitStatus> {
             loop {
                 if let Some(status) = reap(self.pid) {
-                    return Ok(if lost {
-                        Outcome::LockLost
-                    } else {
-                        Outcome::Exited(status)
-                    });
+                    return Ok(status);
                 }
-                tokio::select! {
-                    _ = self.children.recv() => {}
-                    sig = signals.as_mut().recv() => {
-                        if let Some(sig) = sig {
-                            signal_group(pgid, sig);
-                        }
-                    }
-                    () = guard.lost(), if !lost => {
-                        lost = true;
-                        eprintln!(
-                            "lockbroker: lost the lock {:?} (the daemon went away); terminating the command",
-                            guard.name()
-                        );
-                        signal_group(pgid, Signal::Term);
-                        kill_at.as_mut().reset(tokio::time::Instant::now() + grace);
-                    }
-                    () = &mut kill_at, if lost => {
-                        signal_group(pgid, Signal::Kill);
-                        kill_at.as_mut().reset(tokio::time::Instant::now() + Duration::from_secs(86400));
-                    }
-                }
+                self.children.recv().await;
             }
         }
     }

@@ -259,8 +259,8 @@ async fn run_holding(
                 return Err(failure);
             }
         };
-        let outcome = running
-            .supervise(&guard, wait.kill_grace)
+        let pgid = Some(running.pid());
+        let outcome = child::supervise(running.wait(), pgid, &guard, wait.kill_grace)
             .await
             .map_err(|e| (exit::ERROR, format!("waiting for the command: {e}")))?;
         let status = match outcome {
@@ -290,14 +290,15 @@ async fn run_holding(
     #[cfg(not(unix))]
     {
         let _ = client;
-        let child = match child::spawn(command, &env, &remove, true) {
+        let mut child = match child::spawn(command, &env, &remove, true) {
             Ok(child) => child,
             Err(failure) => {
                 let _ = guard.release().await;
                 return Err(failure);
             }
         };
-        let outcome = child::supervise(child, &guard, wait.kill_grace)
+        let pgid = child.id();
+        let outcome = child::supervise(child.wait(), pgid, &guard, wait.kill_grace)
             .await
             .map_err(|e| (exit::ERROR, format!("waiting for the command: {e}")))?;
         match outcome {
