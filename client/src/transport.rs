@@ -1,8 +1,10 @@
 //! Connecting to the daemon's socket (Unix) or pipe (Windows).
 //!
 //! The stream is close-on-exec (Rust's default), so a child process never
-//! inherits a lock's connection. [`connect`] also says which user serves
-//! the socket, for the connector's trust check.
+//! inherits a lock's connection unless the program hands it down on
+//! purpose, as `lockbroker lock` does (`Client::connection_fd`).
+//! [`connect`] also says which user serves the socket, for the connector's
+//! trust check.
 
 use std::io;
 use std::path::Path;

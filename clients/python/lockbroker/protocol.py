@@ -375,7 +375,7 @@ class ReleaseOnClose:
 class StateFenced:
     """``Request::StateFenced``: ``write`` (a StateSet, StateRemove or
     StateIncrement without a guard) applied only while ``lock`` has a live
-    hold with ``fence``, whoever holds it (PROTOCOL.md 10.12)."""
+    hold with ``fence``, whoever holds it (PROTOCOL.md 10.13)."""
 
     lock: str
     fence: int
