@@ -786,6 +786,24 @@ mod tests {
     }
 
     #[test]
+    fn a_session_ended_without_abandoning_leaves_no_flag_and_fences_die_with_holds() {
+        let t = LockTable::new(0);
+        let (a, _) = peer(1);
+        let (b, _) = peer(2);
+        let n = name("m");
+        let m = spec(LockKind::Mutex, 1, 1, None);
+        let first = granted(t.acquire(&n, &a, 1, &m).unwrap());
+        assert!(t.fence_is_live("m", first.fence));
+        assert!(!t.fence_is_live("m", first.fence + 1));
+        assert!(!t.fence_is_live("other", first.fence));
+        assert!(t.end_session("m", 1, false).is_empty());
+        assert!(!t.fence_is_live("m", first.fence));
+        assert!(t.is_empty(), "nothing to remember");
+        let second = granted(t.acquire(&n, &b, 1, &m).unwrap());
+        assert!(!second.abandoned);
+    }
+
+    #[test]
     fn exclusive_head_blocks_later_shared() {
         let t = LockTable::new(0);
         let (a, _) = peer(1);
