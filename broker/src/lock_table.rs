@@ -1,10 +1,19 @@
 //! The lock table: every named lock's capacity, holders and FIFO queue.
 //!
-//! The table is synchronous and does no I/O. Each method changes one entry
-//! under that entry's `DashMap` shard lock and returns what must happen next
-//! (a [`Delivery`] per grant it made to a waiting session); the caller sends
-//! those after the shard lock is gone, as mini-redis `db.rs` drops its state
-//! before notifying. No map reference is held while touching another key.
+//! The table is synchronous and does no I/O. Names are spread by hash over
+//! [`SHARDS`] shards, each an ordered map behind its own mutex. Each method
+//! changes one entry under its shard's lock and returns what must happen
+//! next (a [`Delivery`] per grant it made to a waiting session); the caller
+//! sends those after the lock is gone, as mini-redis `db.rs` drops its state
+//! before notifying. No shard lock is held while taking another shard's.
+//!
+//! The shards are ordered so that a listing costs what it returns:
+//! [`LockTable::list`] merges the shards from a cursor, visiting only the
+//! names it lists, each under a short lock of its own shard. A session can
+//! so page through a million names while every other session is served;
+//! a hash map would have to be walked whole, and sorted, for every page.
+//! Ordered maps also give their memory back when names go, where a hash
+//! table keeps the capacity of its largest moment.
 //!
 //! Every kind of lock is counted permits on one entry:
 //! - a semaphore has capacity N and a request weighs its permits;
@@ -25,13 +34,15 @@
 //! greater than every fence before it, for any name, which is more than the
 //! per-name guarantee needs and survives an entry being forgotten.
 
-use std::collections::VecDeque;
-use std::sync::Arc;
+use std::cmp::Reverse;
+use std::collections::btree_map::Entry as MapEntry;
+use std::collections::{BTreeMap, BinaryHeap, VecDeque};
+use std::hash::{BuildHasher, RandomState};
+use std::ops::Bound;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use dashmap::DashMap;
-use dashmap::mapref::entry::Entry as MapEntry;
 use lockbroker_proto::{
     EntryInfo, EntryKind, ErrorCode, ErrorInfo, Grant, HolderInfo, LockKind, LockName, SessionInfo,
     WaiterInfo,
@@ -40,6 +51,10 @@ use tokio::sync::mpsc;
 
 /// A rwlock's capacity; an exclusive request takes all of it.
 pub const RW_WEIGHT: u64 = u32::MAX as u64;
+
+/// Shards of the table: enough that a few runtime workers seldom meet on
+/// one lock, few enough that merging them for a listing stays cheap.
+pub const SHARDS: usize = 16;
 
 /// A grant made to a waiting session, to be sent by the caller once the
 /// table is no longer locked.
@@ -351,17 +366,68 @@ impl Entry {
             EntryKind::RwLock => 0,
         }
     }
+
+    /// What `inspect` shows of this entry.
+    fn info(&self, name: &LockName) -> EntryInfo {
+        EntryInfo {
+            name: name.as_str().to_owned(),
+            kind: self.kind,
+            capacity: self.info_capacity(),
+            abandoned: self.abandoned,
+            holders: self
+                .holders
+                .iter()
+                .map(|h| HolderInfo {
+                    session: h.peer.info.clone(),
+                    hold_id: h.hold_id,
+                    kind: h.kind,
+                    permits: h.permits,
+                    fence: h.fence,
+                    since_ms: h.since_ms,
+                })
+                .collect(),
+            waiters: self
+                .queue
+                .iter()
+                .map(|w| WaiterInfo {
+                    session: w.peer.info.clone(),
+                    request_id: w.request_id,
+                    kind: w.kind,
+                    permits: w.permits,
+                    since_ms: w.since_ms,
+                    timeout_ms: w.timeout_ms,
+                })
+                .collect(),
+        }
+    }
+}
+
+/// One shard: name → entry, in name order.
+type Shard = BTreeMap<LockName, Entry>;
+
+/// Takes `m`. A panic under a shard lock is a bug, but the other sessions
+/// still need the table, so a poisoned lock is used as it was left.
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// The first name of `shard` within `lower..` that starts with `prefix`.
+fn first_match(shard: &Shard, lower: Bound<&str>, prefix: &str) -> Option<LockName> {
+    let (name, _) = shard.range::<str, _>((lower, Bound::Unbounded)).next()?;
+    name.as_str().starts_with(prefix).then(|| name.clone())
 }
 
 /// Name → lock entry, shared by every session; cheap to clone.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct LockTable {
     inner: Arc<Inner>,
 }
 
-#[derive(Debug, Default)]
+#[derive(Debug)]
 struct Inner {
-    entries: DashMap<LockName, Entry>,
+    shards: Box<[Mutex<Shard>]>,
+    /// Picks a name's shard.
+    hasher: RandomState,
     next_hold: AtomicU64,
     next_fence: AtomicU64,
 }
@@ -369,9 +435,19 @@ struct Inner {
 impl LockTable {
     /// An empty table whose first fence is `fence_floor + 1`.
     pub fn new(fence_floor: u64) -> LockTable {
-        let table = LockTable::default();
-        table.inner.next_fence.store(fence_floor, Ordering::Relaxed);
-        table
+        LockTable {
+            inner: Arc::new(Inner {
+                shards: (0..SHARDS).map(|_| Mutex::default()).collect(),
+                hasher: RandomState::new(),
+                next_hold: AtomicU64::new(0),
+                next_fence: AtomicU64::new(fence_floor),
+            }),
+        }
+    }
+
+    fn shard(&self, name: &str) -> &Mutex<Shard> {
+        let hash = self.inner.hasher.hash_one(name);
+        &self.inner.shards[hash as usize % SHARDS]
     }
 
     /// Asks for `spec` on `name` for `peer`'s acquire `request_id`.
@@ -382,11 +458,9 @@ impl LockTable {
         request_id: u64,
         spec: &AcquireSpec,
     ) -> Result<AcquireOutcome, ErrorInfo> {
-        // The common case (entry exists) needs no allocation for the key.
-        if let Some(mut entry) = self.inner.entries.get_mut(name.as_str()) {
-            return self.acquire_in(&mut entry, name, peer, request_id, spec);
-        }
-        match self.inner.entries.entry(name.clone()) {
+        let mut shard = lock(self.shard(name.as_str()));
+        // One search either way; the key is a shared name, not a copy.
+        match shard.entry(name.clone()) {
             MapEntry::Occupied(mut o) => self.acquire_in(o.get_mut(), name, peer, request_id, spec),
             MapEntry::Vacant(v) => {
                 let mut entry = Entry::new(spec);
@@ -471,13 +545,12 @@ impl LockTable {
         out: &mut Vec<Delivery>,
         f: impl FnOnce(&mut Entry) -> T,
     ) -> Option<T> {
-        let mut entry = self.inner.entries.get_mut(name)?;
-        let result = f(&mut entry);
-        self.grant_ready(&mut entry, out);
-        let idle = entry.is_idle();
-        drop(entry);
-        if idle {
-            self.inner.entries.remove_if(name, |_, e| e.is_idle());
+        let mut shard = lock(self.shard(name));
+        let entry = shard.get_mut(name)?;
+        let result = f(entry);
+        self.grant_ready(entry, out);
+        if entry.is_idle() {
+            shard.remove(name);
         }
         Some(result)
     }
@@ -601,8 +674,7 @@ impl LockTable {
     /// Whether `name` has a live hold with `fence`, whichever session holds
     /// it: the check of a fenced state write.
     pub fn fence_is_live(&self, name: &str, fence: u64) -> bool {
-        self.inner
-            .entries
+        lock(self.shard(name))
             .get(name)
             .is_some_and(|e| e.holders.iter().any(|h| h.fence == fence))
     }
@@ -610,63 +682,60 @@ impl LockTable {
     /// Entries whose name starts with `prefix`, in name order, at most
     /// `limit` of them; the flag says whether more matched.
     pub fn inspect(&self, prefix: &str, limit: usize) -> (Vec<EntryInfo>, bool) {
-        let mut names: Vec<LockName> = self
-            .inner
-            .entries
+        self.list(prefix, "", limit)
+    }
+
+    /// Entries whose name starts with `prefix` and comes after
+    /// `start_after` (every matching one if it is empty), in name order, at
+    /// most `limit` of them; the flag says whether more may follow.
+    ///
+    /// The cost is proportional to the shards plus the entries returned:
+    /// each shard is searched once from the cursor, then the smallest next
+    /// name is taken, each under a short lock of its own shard. Entries are
+    /// shown as they were when visited, not at one instant.
+    pub fn list(&self, prefix: &str, start_after: &str, limit: usize) -> (Vec<EntryInfo>, bool) {
+        let lower = if start_after.is_empty() || start_after < prefix {
+            Bound::Included(prefix)
+        } else {
+            Bound::Excluded(start_after)
+        };
+        let shards = &self.inner.shards;
+        let mut next: BinaryHeap<Reverse<(LockName, usize)>> = shards
             .iter()
-            .filter(|r| r.key().as_str().starts_with(prefix))
-            .map(|r| r.key().clone())
+            .enumerate()
+            .filter_map(|(i, s)| Some(Reverse((first_match(&lock(s), lower, prefix)?, i))))
             .collect();
-        names.sort_unstable();
-        let truncated = names.len() > limit;
-        names.truncate(limit);
-        let infos = names
-            .into_iter()
-            .filter_map(|name| {
-                let e = self.inner.entries.get(name.as_str())?;
-                Some(EntryInfo {
-                    kind: e.kind,
-                    capacity: e.info_capacity(),
-                    abandoned: e.abandoned,
-                    holders: e
-                        .holders
-                        .iter()
-                        .map(|h| HolderInfo {
-                            session: h.peer.info.clone(),
-                            hold_id: h.hold_id,
-                            kind: h.kind,
-                            permits: h.permits,
-                            fence: h.fence,
-                            since_ms: h.since_ms,
-                        })
-                        .collect(),
-                    waiters: e
-                        .queue
-                        .iter()
-                        .map(|w| WaiterInfo {
-                            session: w.peer.info.clone(),
-                            request_id: w.request_id,
-                            kind: w.kind,
-                            permits: w.permits,
-                            since_ms: w.since_ms,
-                            timeout_ms: w.timeout_ms,
-                        })
-                        .collect(),
-                    name: name.into_string(),
-                })
-            })
-            .collect();
-        (infos, truncated)
+        let mut out = Vec::new();
+        while out.len() < limit {
+            let Some(Reverse((name, i))) = next.pop() else {
+                break;
+            };
+            let shard = lock(&shards[i]);
+            let mut from =
+                shard.range::<str, _>((Bound::Included(name.as_str()), Bound::Unbounded));
+            let after = match from.next() {
+                Some((k, e)) if *k == name => {
+                    out.push(e.info(k));
+                    from.next()
+                }
+                // Forgotten since it was found: its successor takes its place.
+                found => found,
+            };
+            if let Some((k, _)) = after.filter(|(k, _)| k.as_str().starts_with(prefix)) {
+                next.push(Reverse((k.clone(), i)));
+            }
+        }
+        (out, !next.is_empty())
     }
 
     /// How many entries the table remembers (busy or abandoned).
     pub fn len(&self) -> usize {
-        self.inner.entries.len()
+        self.inner.shards.iter().map(|s| lock(s).len()).sum()
     }
 
     /// Whether the table remembers no entry.
     pub fn is_empty(&self) -> bool {
-        self.inner.entries.is_empty()
+        self.inner.shards.iter().all(|s| lock(s).is_empty())
     }
 
     /// The last fence granted (or the floor it started from).
@@ -874,6 +943,53 @@ mod tests {
             t.release_count("s", 1, 1).unwrap_err().code,
             ErrorCode::NotHeld
         );
+    }
+
+    #[test]
+    fn listing_pages_through_every_shard_in_name_order() {
+        let t = LockTable::new(0);
+        let (a, _) = peer(1);
+        let m = spec(LockKind::Mutex, 1, 1, None);
+        let mut all: Vec<String> = (0..300)
+            .map(|i| format!("{}/{i}", ["app", "db", "web"][i % 3]))
+            .collect();
+        for (i, n) in all.iter().enumerate() {
+            granted(t.acquire(&name(n), &a, i as u64, &m).unwrap());
+        }
+        all.sort();
+        // Small pages, each from the last name of the one before.
+        let page = |prefix: &str| {
+            let mut got = Vec::new();
+            let mut after = String::new();
+            loop {
+                let (infos, more) = t.list(prefix, &after, 7);
+                got.extend(infos.into_iter().map(|i| i.name));
+                if !more {
+                    return got;
+                }
+                after = got.last().expect("a page before").clone();
+            }
+        };
+        assert_eq!(page(""), all);
+        let db: Vec<String> = all
+            .iter()
+            .filter(|n| n.starts_with("db/"))
+            .cloned()
+            .collect();
+        assert_eq!(page("db/"), db);
+        // A cursor before the prefix starts at the prefix; one past every
+        // match gives nothing; one between names is excluded exactly.
+        assert_eq!(t.list("db/", "a", 1).0[0].name, db[0]);
+        assert_eq!(t.list("db/", "e", 10), (Vec::new(), false));
+        let (infos, more) = t.list("", "db/5", 2);
+        assert_eq!(
+            infos.iter().map(|i| i.name.as_str()).collect::<Vec<_>>(),
+            ["db/52", "db/55"]
+        );
+        assert!(more);
+        let (infos, more) = t.list("web/", &all[all.len() - 2], 5);
+        assert_eq!(infos.len(), 1);
+        assert!(!more, "the last page says so");
     }
 
     mod model {
