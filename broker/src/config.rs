@@ -26,6 +26,10 @@ pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 pub const DEFAULT_INSPECT_LIMIT: u32 = 1000;
 /// Largest number of entries one `Inspect` may ask for.
 pub const MAX_INSPECT_LIMIT: u32 = 100_000;
+/// Default cap on idle names kept only for their abandoned flag: one
+/// session's worth of holds (`--max-holds`), about 200 bytes each, so
+/// about 13 MiB at most.
+pub const DEFAULT_MAX_ABANDONED: usize = 65_536;
 
 /// `lockbrokerd`: serve named mutexes, semaphores and rwlocks on a local
 /// socket.
@@ -64,6 +68,13 @@ pub struct Cli {
     /// Largest frame body accepted or sent, in bytes.
     #[arg(long, default_value_t = DEFAULT_MAX_FRAME_LEN, value_name = "BYTES")]
     pub max_frame_len: u32,
+
+    /// Most idle names whose abandoned flag is remembered (a session ended
+    /// holding them, and nobody took them since). Past this the oldest
+    /// flag is forgotten first, and that name's next grant does not report
+    /// the abandonment; names held or waited for always keep their flag.
+    #[arg(long, default_value_t = DEFAULT_MAX_ABANDONED, value_name = "N")]
+    pub max_abandoned: usize,
 
     /// Runtime worker threads (1 avoids a cross-thread hop per grant).
     #[arg(long, default_value_t = 1, value_name = "N")]
@@ -163,6 +174,8 @@ pub struct Config {
     pub max_connections: usize,
     /// Per-session limits.
     pub limits: SessionLimits,
+    /// Most idle names kept for their abandoned flag.
+    pub max_abandoned: usize,
     /// Runtime worker threads.
     pub workers: usize,
     /// Log filter, if given by flag.
@@ -183,6 +196,7 @@ impl Config {
             scope: None,
             max_connections: DEFAULT_MAX_CONNECTIONS,
             limits: SessionLimits::default(),
+            max_abandoned: DEFAULT_MAX_ABANDONED,
             workers: 1,
             log_level: None,
             log_format: LogFormat::Text,
@@ -243,6 +257,7 @@ impl Config {
                 max_frame_len: cli.max_frame_len,
                 handshake_timeout: HANDSHAKE_TIMEOUT,
             },
+            max_abandoned: cli.max_abandoned,
             workers: cli.workers,
             log_level: cli.log_level,
             log_format: cli.log_format,

@@ -30,6 +30,16 @@
 //! the head fits. Nothing behind the head is ever served first, which is what
 //! keeps a large request (or an exclusive rwlock request) from starving.
 //!
+//! **Abandoned flags.** When a session ends holding a name, the name's flag
+//! is set, and the next grant reports it. A name nobody holds or waits for
+//! is kept only for its flag: a *tombstone*. At most `max_abandoned`
+//! tombstones are kept; past that the oldest (the one idle longest with its
+//! flag) is forgotten first, so the next grant on it reports nothing. A
+//! name in use keeps its flag whatever the count, so memory is bounded by
+//! the names in use (bounded per session) plus `max_abandoned`. The list of
+//! tombstones has its own mutex, taken inside a shard's lock; no shard lock
+//! is ever taken while it is held.
+//!
 //! Fences and hold ids come from daemon-wide counters: a fence is strictly
 //! greater than every fence before it, for any name, which is more than the
 //! per-name guarantee needs and survives an entry being forgotten.
@@ -300,6 +310,9 @@ struct Entry {
     queue: Queue,
     /// The next grant reports that a holder died holding this lock.
     abandoned: bool,
+    /// While the entry is a tombstone (idle, kept for its flag): its
+    /// sequence number in [`Tombstones`]; 0 otherwise.
+    tombstone: u64,
 }
 
 impl Entry {
@@ -315,6 +328,7 @@ impl Entry {
             holders: Vec::new(),
             queue: Queue::default(),
             abandoned: false,
+            tombstone: 0,
         }
     }
 
@@ -331,9 +345,10 @@ impl Entry {
     /// that is only remembered for its abandoned flag.
     fn admit(&mut self, name: &str, spec: &AcquireSpec) -> Result<(), ErrorInfo> {
         if !self.in_use() {
-            let abandoned = self.abandoned;
+            let (abandoned, tombstone) = (self.abandoned, self.tombstone);
             *self = Entry::new(spec);
             self.abandoned = abandoned;
+            self.tombstone = tombstone;
             return Ok(());
         }
         let kind = spec.kind.entry_kind();
@@ -405,6 +420,16 @@ impl Entry {
 /// One shard: name → entry, in name order.
 type Shard = BTreeMap<LockName, Entry>;
 
+/// The tombstones, oldest first.
+#[derive(Debug, Default)]
+struct Tombstones {
+    /// Sequence number → name; numbers only grow, so the first is the
+    /// oldest.
+    by_age: BTreeMap<u64, LockName>,
+    /// The last sequence number given; 0 is never given.
+    last: u64,
+}
+
 /// Takes `m`. A panic under a shard lock is a bug, but the other sessions
 /// still need the table, so a poisoned lock is used as it was left.
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -428,17 +453,23 @@ struct Inner {
     shards: Box<[Mutex<Shard>]>,
     /// Picks a name's shard.
     hasher: RandomState,
+    tombstones: Mutex<Tombstones>,
+    /// Most tombstones kept.
+    max_abandoned: usize,
     next_hold: AtomicU64,
     next_fence: AtomicU64,
 }
 
 impl LockTable {
-    /// An empty table whose first fence is `fence_floor + 1`.
-    pub fn new(fence_floor: u64) -> LockTable {
+    /// An empty table whose first fence is `fence_floor + 1`, keeping the
+    /// abandoned flags of at most `max_abandoned` idle names.
+    pub fn new(fence_floor: u64, max_abandoned: usize) -> LockTable {
         LockTable {
             inner: Arc::new(Inner {
                 shards: (0..SHARDS).map(|_| Mutex::default()).collect(),
                 hasher: RandomState::new(),
+                tombstones: Mutex::default(),
+                max_abandoned,
                 next_hold: AtomicU64::new(0),
                 next_fence: AtomicU64::new(fence_floor),
             }),
@@ -461,7 +492,16 @@ impl LockTable {
         let mut shard = lock(self.shard(name.as_str()));
         // One search either way; the key is a shared name, not a copy.
         match shard.entry(name.clone()) {
-            MapEntry::Occupied(mut o) => self.acquire_in(o.get_mut(), name, peer, request_id, spec),
+            MapEntry::Occupied(mut o) => {
+                let entry = o.get_mut();
+                let outcome = self.acquire_in(entry, name, peer, request_id, spec);
+                if entry.tombstone != 0 && entry.in_use() {
+                    // In use again: no longer a tombstone, and never evicted.
+                    let seq = std::mem::take(&mut entry.tombstone);
+                    lock(&self.inner.tombstones).by_age.remove(&seq);
+                }
+                outcome
+            }
             MapEntry::Vacant(v) => {
                 let mut entry = Entry::new(spec);
                 let outcome = self.acquire_in(&mut entry, name, peer, request_id, spec)?;
@@ -537,8 +577,9 @@ impl LockTable {
         }
     }
 
-    /// Runs `f` on the entry for `name`, then serves its queue and forgets
-    /// it if it became idle. `None` if there is no such entry.
+    /// Runs `f` on the entry for `name`, then serves its queue; an entry
+    /// left idle is forgotten, or kept as a tombstone if its flag is set.
+    /// `None` if there is no such entry.
     fn with_entry<T>(
         &self,
         name: &str,
@@ -549,10 +590,50 @@ impl LockTable {
         let entry = shard.get_mut(name)?;
         let result = f(entry);
         self.grant_ready(entry, out);
-        if entry.is_idle() {
-            shard.remove(name);
+        if entry.in_use() || entry.tombstone != 0 {
+            return Some(result);
         }
+        if !entry.abandoned {
+            shard.remove(name);
+            return Some(result);
+        }
+        let (name, entry) = shard
+            .range_mut::<str, _>((Bound::Included(name), Bound::Included(name)))
+            .next()
+            .expect("the entry is there");
+        let evicted = self.bury(name, entry);
+        drop(shard);
+        self.evict(evicted);
         Some(result)
+    }
+
+    /// Makes an idle entry with its flag set a tombstone; returns the
+    /// tombstones past the bound, oldest first, to be evicted once the
+    /// shard lock is gone.
+    fn bury(&self, name: &LockName, entry: &mut Entry) -> Vec<(u64, LockName)> {
+        // A tombstone keeps its flag, not the room its holders had.
+        entry.holders = Vec::new();
+        let mut t = lock(&self.inner.tombstones);
+        t.last += 1;
+        entry.tombstone = t.last;
+        let seq = t.last;
+        t.by_age.insert(seq, name.clone());
+        let mut evicted = Vec::new();
+        while t.by_age.len() > self.inner.max_abandoned {
+            evicted.extend(t.by_age.pop_first());
+        }
+        evicted
+    }
+
+    /// Forgets tombstones taken off the list by [`LockTable::bury`]; one
+    /// that was used again meanwhile (its number changed) is left alone.
+    fn evict(&self, evicted: Vec<(u64, LockName)>) {
+        for (seq, name) in evicted {
+            let mut shard = lock(self.shard(name.as_str()));
+            if shard.get(name.as_str()).is_some_and(|e| e.tombstone == seq) {
+                shard.remove(name.as_str());
+            }
+        }
     }
 
     /// Removes `peer`'s waiting acquire `request_id` on `name`. Returns
@@ -738,6 +819,11 @@ impl LockTable {
         self.inner.shards.iter().all(|s| lock(s).is_empty())
     }
 
+    /// How many idle names are kept only for their abandoned flag.
+    pub fn tombstones(&self) -> usize {
+        lock(&self.inner.tombstones).by_age.len()
+    }
+
     /// The last fence granted (or the floor it started from).
     pub fn last_fence(&self) -> u64 {
         self.inner.next_fence.load(Ordering::Relaxed)
@@ -783,7 +869,7 @@ mod tests {
 
     #[test]
     fn large_head_is_not_starved_and_try_never_jumps() {
-        let t = LockTable::new(0);
+        let t = LockTable::new(0, 1024);
         let (a, _) = peer(1);
         let (b, _) = peer(2);
         let n = name("pool");
@@ -813,7 +899,7 @@ mod tests {
 
     #[test]
     fn mismatches_are_refused_while_busy_and_forgotten_when_idle() {
-        let t = LockTable::new(0);
+        let t = LockTable::new(0, 1024);
         let (a, _) = peer(1);
         let n = name("x");
         let g = granted(
@@ -838,7 +924,7 @@ mod tests {
 
     #[test]
     fn abandonment_is_reported_once_even_after_the_entry_idles() {
-        let t = LockTable::new(0);
+        let t = LockTable::new(0, 1024);
         let (a, _) = peer(1);
         let (b, _) = peer(2);
         let n = name("m");
@@ -856,7 +942,7 @@ mod tests {
 
     #[test]
     fn a_session_ended_without_abandoning_leaves_no_flag_and_fences_die_with_holds() {
-        let t = LockTable::new(0);
+        let t = LockTable::new(0, 1024);
         let (a, _) = peer(1);
         let (b, _) = peer(2);
         let n = name("m");
@@ -874,7 +960,7 @@ mod tests {
 
     #[test]
     fn exclusive_head_blocks_later_shared() {
-        let t = LockTable::new(0);
+        let t = LockTable::new(0, 1024);
         let (a, _) = peer(1);
         let n = name("rw");
         let shared = spec(LockKind::RwShared, 0, 1, None);
@@ -895,7 +981,7 @@ mod tests {
 
     #[test]
     fn mutex_and_rwlock_requests_share_a_name() {
-        let t = LockTable::new(0);
+        let t = LockTable::new(0, 1024);
         let (a, _) = peer(1);
         let n = name("flock");
         let m = spec(LockKind::Mutex, 0, 1, None);
@@ -921,7 +1007,7 @@ mod tests {
 
     #[test]
     fn release_count_is_oldest_first_and_all_or_nothing() {
-        let t = LockTable::new(0);
+        let t = LockTable::new(0, 1024);
         let (a, _) = peer(1);
         let n = name("s");
         let sem = |k| spec(LockKind::Semaphore, 5, k, None);
@@ -945,9 +1031,89 @@ mod tests {
         );
     }
 
+    /// Holds `names` as mutexes in session `id`, then ends the session,
+    /// name by name in that order, as a session's cleanup does.
+    fn abandon(t: &LockTable, id: u64, names: &[&str]) {
+        let (p, _) = peer(id);
+        let m = spec(LockKind::Mutex, 1, 1, None);
+        for (i, n) in names.iter().enumerate() {
+            granted(t.acquire(&name(n), &p, i as u64, &m).unwrap());
+        }
+        for n in names {
+            assert!(t.end_session(n, id, true).is_empty());
+        }
+    }
+
+    fn abandoned_names(t: &LockTable) -> Vec<String> {
+        let (infos, _) = t.inspect("", 100);
+        infos
+            .into_iter()
+            .filter(|i| i.abandoned)
+            .map(|i| i.name)
+            .collect()
+    }
+
+    #[test]
+    fn tombstones_past_the_bound_are_forgotten_oldest_first() {
+        let t = LockTable::new(0, 2);
+        let m = spec(LockKind::Mutex, 1, 1, None);
+        abandon(&t, 1, &["x", "y", "z"]);
+        assert_eq!(t.tombstones(), 2);
+        assert_eq!(abandoned_names(&t), ["y", "z"], "x, the oldest, went first");
+        assert_eq!(t.len(), 2);
+        let (b, _) = peer(2);
+        let g = granted(t.acquire(&name("x"), &b, 1, &m).unwrap());
+        assert!(!g.abandoned, "x's flag was forgotten");
+        t.release("x", 2, g.hold_id);
+
+        // A tombstone used again and abandoned again is the youngest.
+        abandon(&t, 3, &["y"]);
+        abandon(&t, 4, &["w"]);
+        assert_eq!(abandoned_names(&t), ["w", "y"], "z was the oldest");
+
+        // Taking a tombstone takes it off the list: it is never evicted
+        // while in use, and its grant reports the flag.
+        let g = granted(t.acquire(&name("y"), &b, 2, &m).unwrap());
+        assert!(g.abandoned);
+        assert_eq!(t.tombstones(), 1);
+        abandon(&t, 5, &["v", "u"]);
+        assert_eq!(abandoned_names(&t), ["u", "v"]);
+        assert_eq!(t.inspect("y", 1).0[0].holders.len(), 1);
+    }
+
+    #[test]
+    fn a_flag_on_a_name_in_use_is_never_evicted() {
+        let t = LockTable::new(0, 1);
+        let (a, _) = peer(1);
+        let (b, _) = peer(2);
+        let sem = spec(LockKind::Semaphore, 2, 1, None);
+        let n = name("pool");
+        granted(t.acquire(&n, &a, 1, &sem).unwrap());
+        let held = granted(t.acquire(&n, &b, 1, &sem).unwrap());
+        t.end_session("pool", 1, true);
+        // Many tombstones come and go; the busy name keeps its flag.
+        for i in 0..10 {
+            abandon(&t, 10 + i, &[&format!("t{i}")]);
+        }
+        assert_eq!(t.tombstones(), 1);
+        let info = &t.inspect("pool", 1).0[0];
+        assert!(info.abandoned && info.holders.len() == 1);
+        let (c, _) = peer(3);
+        assert!(granted(t.acquire(&n, &c, 1, &sem).unwrap()).abandoned);
+        t.release("pool", 2, held.hold_id);
+    }
+
+    #[test]
+    fn no_flag_is_kept_for_an_idle_name_with_a_bound_of_zero() {
+        let t = LockTable::new(0, 0);
+        abandon(&t, 1, &["a", "b"]);
+        assert!(t.is_empty());
+        assert_eq!(t.tombstones(), 0);
+    }
+
     #[test]
     fn listing_pages_through_every_shard_in_name_order() {
-        let t = LockTable::new(0);
+        let t = LockTable::new(0, 1024);
         let (a, _) = peer(1);
         let m = spec(LockKind::Mutex, 1, 1, None);
         let mut all: Vec<String> = (0..300)
@@ -1083,9 +1249,14 @@ mod tests {
         proptest! {
             #![proptest_config(ProptestConfig { cases: 256, ..ProptestConfig::default() })]
             #[test]
-            fn table_matches_model(ops in prop::collection::vec(op(), 1..120)) {
-                let t = LockTable::new(0);
+            fn table_matches_model(
+                ops in prop::collection::vec(op(), 1..120),
+                max_abandoned in 0..=3usize,
+            ) {
+                let t = LockTable::new(0, max_abandoned);
                 let mut model: Vec<ModelEntry> = (0..3).map(|_| ModelEntry::default()).collect();
+                // The model's tombstones, oldest first.
+                let mut tombs: VecDeque<usize> = VecDeque::new();
                 // Current incarnation of each of three sessions.
                 let mut sessions: Vec<Arc<Peer>> = (1..=3).map(|i| peer(i).0).collect();
                 let mut next_session = 4;
@@ -1204,6 +1375,8 @@ mod tests {
                                 prop_assert_eq!(out.len(), expected.len() - start);
                                 fill_hold_ids(e, idx, &out);
                                 got.extend(out);
+                                // The table evicts as each name goes idle.
+                                settle(&mut model, &mut tombs, max_abandoned, [n]);
                             }
                             sessions[s] = peer(next_session).0;
                             next_session += 1;
@@ -1215,6 +1388,8 @@ mod tests {
                             }
                         }
                     }
+                    settle(&mut model, &mut tombs, max_abandoned, 0..3);
+                    prop_assert_eq!(t.tombstones(), tombs.len());
                     let got_ids: Vec<(u64, u64, bool)> = got.iter()
                         .map(|d| (d.to.id(), d.request_id, d.grant.abandoned)).collect();
                     prop_assert_eq!(&got_ids, &expected, "grants follow FIFO");
@@ -1239,6 +1414,29 @@ mod tests {
                             prop_assert_eq!(waiters, model_waiters);
                         }
                     }
+                }
+            }
+        }
+
+        /// Tracks which names are tombstones (idle, kept for their flag), in
+        /// the order they became one, and forgets the oldest flags past
+        /// `max`.
+        fn settle(
+            model: &mut [ModelEntry],
+            tombs: &mut VecDeque<usize>,
+            max: usize,
+            names: impl IntoIterator<Item = usize>,
+        ) {
+            for n in names {
+                let e = &model[n];
+                if !e.holders.is_empty() || !e.queue.is_empty() {
+                    tombs.retain(|&t| t != n);
+                } else if e.abandoned && !tombs.contains(&n) {
+                    tombs.push_back(n);
+                }
+                while tombs.len() > max {
+                    let old = tombs.pop_front().expect("over the bound");
+                    model[old].abandoned = false;
                 }
             }
         }

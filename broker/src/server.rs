@@ -49,10 +49,15 @@ pub struct Broker {
 
 impl Broker {
     /// A broker with an empty lock table whose fences start above
-    /// `fence_floor`.
-    pub fn new(limits: SessionLimits, state: State, fence_floor: u64) -> Broker {
+    /// `fence_floor` and which keeps at most `max_abandoned` tombstones.
+    pub fn new(
+        limits: SessionLimits,
+        state: State,
+        fence_floor: u64,
+        max_abandoned: usize,
+    ) -> Broker {
         Broker {
-            table: LockTable::new(fence_floor),
+            table: LockTable::new(fence_floor, max_abandoned),
             state,
             limits,
             started: std::time::Instant::now(),
@@ -106,7 +111,12 @@ impl Server {
     /// state directory cannot be opened or read.
     pub fn new(config: &Config) -> Result<Server, StartError> {
         let (state, epoch) = State::open(&config.state)?;
-        let broker = Broker::new(config.limits, state, epoch << FENCE_EPOCH_SHIFT);
+        let broker = Broker::new(
+            config.limits,
+            state,
+            epoch << FENCE_EPOCH_SHIFT,
+            config.max_abandoned,
+        );
         Ok(Server {
             broker: Arc::new(broker),
             config: config.clone(),
