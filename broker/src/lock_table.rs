@@ -548,6 +548,11 @@ impl LockTable {
             fence: self.inner.next_fence.fetch_add(1, Ordering::Relaxed) + 1,
             abandoned: std::mem::take(&mut entry.abandoned),
         };
+        // Most names have one holder: room for exactly one, not the four a
+        // first push would make (later pushes grow as usual).
+        if entry.holders.capacity() == 0 {
+            entry.holders.reserve_exact(1);
+        }
         entry.holders.push(Holder {
             peer: Arc::clone(peer),
             hold_id: grant.hold_id,
