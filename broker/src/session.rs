@@ -11,6 +11,13 @@
 //! whether a waiter is granted or removed; a timeout or cancel that finds its
 //! waiter already gone knows the grant is on its way and waits for it.
 //!
+//! What a session keeps is bounded whatever it does: holds and waits by its
+//! limits, answers not yet written by `OUTPUT_HIGH_WATER`, requests held
+//! back by `MAX_DEFERRED`, state requests the store has not answered by
+//! `max_pending` and [`STATE_INFLIGHT_BYTES`] (past either, the session
+//! stops reading until the store catches up), and its indexes give back
+//! their room once mostly empty.
+//!
 //! When the loop ends, for any reason, every name the session held or waited
 //! on is handed to [`LockTable::end_session`](crate::lock_table::LockTable::end_session); that also catches grants made
 //! to it that it never read.
@@ -86,7 +93,8 @@ pub async fn run<R, W>(
         changes: None,
         guarded: HashSet::new(),
         deferred: VecDeque::new(),
-        state_inflight: HashSet::new(),
+        state_inflight: HashMap::new(),
+        state_inflight_bytes: 0,
         release_on_close: false,
     };
     session.answer(ServerMessage::Welcome(Welcome {
@@ -203,6 +211,23 @@ const MAX_DEFERRED: usize = 4096;
 /// Output buffer capacity kept between bursts.
 const OUTPUT_KEEP_CAPACITY: usize = 16 * 1024;
 
+/// Stop reading requests while state values of this many bytes wait for
+/// the store (a durable store commits each write to disk, and a client can
+/// send faster than that).
+pub const STATE_INFLIGHT_BYTES: usize = 4 * 1024 * 1024;
+
+/// A hash index with this many slots or more gives back its room when it
+/// is less than a quarter full.
+const INDEX_KEEP_CAPACITY: usize = 64;
+
+/// Shrinks `map` once mostly empty, so a session that held many names
+/// does not keep their room; halving at a quarter full keeps it amortised.
+fn shrink_index<K: std::hash::Hash + Eq, V>(map: &mut HashMap<K, V>) {
+    if map.capacity() >= INDEX_KEEP_CAPACITY && map.len() * 4 < map.capacity() {
+        map.shrink_to(map.len() * 2);
+    }
+}
+
 /// Why a session's loop ended.
 #[derive(Debug)]
 enum End {
@@ -249,8 +274,11 @@ struct Session {
     /// Requests held back, in order, behind a release that waits for the
     /// guarded writes before it.
     deferred: VecDeque<(u64, Request)>,
-    /// Request ids of state requests the store has not answered yet.
-    state_inflight: HashSet<u64>,
+    /// Request ids of state requests the store has not answered yet, with
+    /// the bytes of value each carries.
+    state_inflight: HashMap<u64, usize>,
+    /// Their sum.
+    state_inflight_bytes: usize,
     /// The client asked that its holds end as released, not abandoned,
     /// when the connection closes (`Request::ReleaseOnClose`).
     release_on_close: bool,
@@ -259,6 +287,14 @@ struct Session {
 impl Session {
     fn id(&self) -> u64 {
         self.peer.id()
+    }
+
+    /// Whether to read no further request for now: one waits for something
+    /// the session is still doing, and reading on would only pile up.
+    fn paused(&self) -> bool {
+        self.deferred.len() >= MAX_DEFERRED
+            || self.state_inflight.len() >= self.broker.limits.max_pending as usize
+            || self.state_inflight_bytes >= STATE_INFLIGHT_BYTES
     }
 
     async fn serve<R, W>(
@@ -339,7 +375,7 @@ impl Session {
                     Err(e) => return End::Io(e.to_string()),
                 },
                 msg = reader.read_message::<ClientMessage>(),
-                    if backlog < OUTPUT_HIGH_WATER && self.deferred.len() < MAX_DEFERRED => {
+                    if backlog < OUTPUT_HIGH_WATER && !self.paused() => {
                     let mut next = msg;
                     // Answer everything already buffered before writing.
                     loop {
@@ -360,6 +396,9 @@ impl Session {
                                 }
                                 None => End::Io(e.to_string()),
                             },
+                        }
+                        if self.paused() {
+                            break;
                         }
                         next = match reader.try_next() {
                             Ok(None) => break,
@@ -450,7 +489,7 @@ impl Session {
     /// acquire, a state request the store has not answered, or a watch.
     fn id_in_use(&self, id: u64) -> bool {
         self.pending.contains_key(&id)
-            || self.state_inflight.contains(&id)
+            || self.state_inflight.contains_key(&id)
             || self.watches.contains_key(&id)
             || self.watches_starting.contains_key(&id)
     }
@@ -528,6 +567,7 @@ impl Session {
         }
         self.holds.insert(grant.hold_id, p.name);
         self.respond(request_id, Response::Granted(grant));
+        shrink_index(&mut self.pending);
     }
 
     /// Times out every waiting acquire whose deadline is at or before `now`.
@@ -561,6 +601,7 @@ impl Session {
                     self.deadlines.remove(&(at, request_id));
                 }
             }
+            shrink_index(&mut self.pending);
         }
         removed
     }
@@ -590,6 +631,7 @@ impl Session {
         let Some(name) = self.holds.remove(&hold_id) else {
             return self.error(id, unknown());
         };
+        shrink_index(&mut self.holds);
         let (permits, deliveries) = self.broker.table.release(name.as_str(), self.id(), hold_id);
         deliver(deliveries);
         match permits {
@@ -621,6 +663,7 @@ impl Session {
                 for hold_id in released.ended {
                     self.holds.remove(&hold_id);
                 }
+                shrink_index(&mut self.holds);
                 deliver(released.deliveries);
                 self.respond(id, Response::Released { permits: count });
             }
@@ -681,5 +724,33 @@ async fn recv_change(
     match changes {
         Some(rx) => rx.recv().await,
         None => std::future::pending().await,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A session that held many names and released them gives the room of
+    /// its hold index back, a little at a time.
+    #[test]
+    fn an_index_emptied_gives_back_its_room() {
+        let mut holds: HashMap<u64, u64> = (0..65_536).map(|i| (i, i)).collect();
+        let full = holds.capacity();
+        for i in 10..65_536 {
+            holds.remove(&i);
+            shrink_index(&mut holds);
+        }
+        assert!(
+            holds.capacity() < 100,
+            "{} of {full} slots kept",
+            holds.capacity()
+        );
+        assert_eq!(holds.len(), 10);
+        // A small index is left alone.
+        let mut small: HashMap<u64, u64> = HashMap::with_capacity(50);
+        small.insert(1, 1);
+        shrink_index(&mut small);
+        assert!(small.capacity() >= 50);
     }
 }

@@ -243,7 +243,12 @@ impl Session {
                 return Err(ErrorInfo::new(ErrorCode::Internal, "misrouted request"));
             }
         };
-        self.state_inflight.insert(id);
+        let bytes = match &op {
+            Op::Set { value, .. } => value.len(),
+            _ => 0,
+        };
+        self.state_inflight.insert(id, bytes);
+        self.state_inflight_bytes += bytes;
         self.submit(id, op);
         Ok(())
     }
@@ -251,7 +256,10 @@ impl Session {
     /// An answer from the store.
     pub(super) fn completed(&mut self, done: Completion) {
         let id = done.request_id;
-        self.state_inflight.remove(&id);
+        if let Some(bytes) = self.state_inflight.remove(&id) {
+            self.state_inflight_bytes -= bytes;
+        }
+        super::shrink_index(&mut self.state_inflight);
         self.respond(id, done.response);
         if let Some(start) = done.watch {
             // Kept even if this watch was ended meanwhile: later watches

@@ -716,3 +716,53 @@ async fn the_total_caps_hold_for_everyone() {
     })
     .await
 }
+
+/// The store answers state requests later; a session with `max_pending` of
+/// them unanswered is not read further until one is answered, so it cannot
+/// pile up requests (and values) without end. Everything is sent in one
+/// write, so the daemon has it all at once: only that rule can keep it from
+/// answering the Ping before the store has answered a `StateGet`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unanswered_state_requests_stop_the_reading_at_max_pending() {
+    bounded(async {
+        let daemon = Daemon::start_with(|c| c.limits.max_pending = 2).await;
+        let mut raw = Raw::connect(&daemon.socket).await;
+        let get = |id| ClientMessage::Request {
+            id,
+            request: Request::StateGet { key: "k".into() },
+        };
+        let hello = ClientMessage::Hello(lockbroker_proto::Hello {
+            magic: lockbroker_proto::MAGIC,
+            version: lockbroker_proto::PROTOCOL_VERSION,
+            client_name: "raw".into(),
+        });
+        let ping = ClientMessage::Request {
+            id: 3,
+            request: Request::Ping,
+        };
+        let mut bytes = Vec::new();
+        for msg in [hello, get(1), get(2), ping] {
+            let max = lockbroker_proto::DEFAULT_MAX_FRAME_LEN;
+            lockbroker_proto::frame::encode(&msg, max, &mut bytes).unwrap();
+        }
+        raw.send_bytes(&bytes).await;
+        assert!(matches!(raw.recv().await, Some(ServerMessage::Welcome(_))));
+        let mut order = Vec::new();
+        for _ in 0..3 {
+            let (id, response) = raw.response().await;
+            match id {
+                3 => assert_eq!(response, Response::Pong),
+                _ => assert_eq!(response, Response::StateValue(None)),
+            }
+            order.push(id);
+        }
+        assert_ne!(
+            order[0], 3,
+            "the Ping was answered before any state request: {order:?}"
+        );
+        order.sort_unstable();
+        assert_eq!(order, [1, 2, 3]);
+        daemon.stop().await;
+    })
+    .await
+}
