@@ -11,6 +11,11 @@
 //! whether a waiter is granted or removed; a timeout or cancel that finds its
 //! waiter already gone knows the grant is on its way and waits for it.
 //!
+//! An `Inspect` is gathered [`LIST_CHUNK`] entries per
+//! turn of the loop, yielding to the runtime between turns, so a listing of
+//! any size never holds up the other sessions for long; the session reads
+//! no further request until it is answered.
+//!
 //! What a session keeps is bounded whatever it does: holds and waits by its
 //! limits, answers not yet written by `OUTPUT_HIGH_WATER`, requests held
 //! back by `MAX_DEFERRED`, state requests the store has not answered by
@@ -29,8 +34,8 @@ use std::sync::Arc;
 
 use lockbroker_proto::io::FrameReader;
 use lockbroker_proto::{
-    ClientMessage, ErrorCode, ErrorInfo, Event, FrameError, Grant, Inspection, Limits, LockName,
-    MAGIC, PROTOCOL_VERSION, Request, Response, ServerMessage, SessionInfo, Welcome, frame,
+    ClientMessage, ErrorCode, ErrorInfo, Event, FrameError, Grant, Limits, LockName, MAGIC,
+    PROTOCOL_VERSION, Request, Response, ServerMessage, SessionInfo, Welcome, frame,
 };
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::sync::{broadcast, mpsc};
@@ -95,6 +100,7 @@ pub async fn run<R, W>(
         deferred: VecDeque::new(),
         state_inflight: HashMap::new(),
         state_inflight_bytes: 0,
+        listing: None,
         release_on_close: false,
     };
     session.answer(ServerMessage::Welcome(Welcome {
@@ -216,6 +222,10 @@ const OUTPUT_KEEP_CAPACITY: usize = 16 * 1024;
 /// send faster than that).
 pub const STATE_INFLIGHT_BYTES: usize = 4 * 1024 * 1024;
 
+/// Entries a listing gathers per turn of the loop: a few hundred
+/// microseconds of work at most, so others are served between turns.
+pub const LIST_CHUNK: usize = 128;
+
 /// A hash index with this many slots or more gives back its room when it
 /// is less than a quarter full.
 const INDEX_KEEP_CAPACITY: usize = 64;
@@ -239,6 +249,21 @@ enum End {
     Io(String),
     /// The daemon is shutting down.
     Shutdown,
+}
+
+/// An `Inspect` being gathered, a chunk per turn; each
+/// chunk is encoded as it comes, so no turn encodes the whole answer.
+#[derive(Debug)]
+struct Listing {
+    /// The request.
+    id: u64,
+    prefix: String,
+    /// The cursor: the last name gathered.
+    after: String,
+    /// Entries still wanted.
+    left: usize,
+    /// The answer so far.
+    frame: frame::InspectionFrame,
 }
 
 /// A waiting acquire.
@@ -279,6 +304,8 @@ struct Session {
     state_inflight: HashMap<u64, usize>,
     /// Their sum.
     state_inflight_bytes: usize,
+    /// The listing being gathered, if any.
+    listing: Option<Listing>,
     /// The client asked that its holds end as released, not abandoned,
     /// when the connection closes (`Request::ReleaseOnClose`).
     release_on_close: bool,
@@ -293,6 +320,7 @@ impl Session {
     /// the session is still doing, and reading on would only pile up.
     fn paused(&self) -> bool {
         self.deferred.len() >= MAX_DEFERRED
+            || self.listing.is_some()
             || self.state_inflight.len() >= self.broker.limits.max_pending as usize
             || self.state_inflight_bytes >= STATE_INFLIGHT_BYTES
     }
@@ -358,6 +386,14 @@ impl Session {
                 }
                 () = &mut timer, if armed.is_some() => {
                     self.expire(Instant::now());
+                }
+                // One chunk of a listing per turn; yield_now lets every
+                // other ready task run first.
+                () = tokio::task::yield_now(), if self.listing.is_some() => {
+                    self.list_step();
+                    if self.listing.is_none() {
+                        self.run_deferred();
+                    }
                 }
                 n = writer.write(&self.out[written..]), if backlog > 0 => match n {
                     Ok(0) => return End::Io("the peer stopped reading".into()),
@@ -459,7 +495,10 @@ impl Session {
                 // Requests are carried out in the order they were read: once
                 // one waits (a release behind a guarded write), so do all
                 // after it.
-                if !self.deferred.is_empty() || self.must_wait_for_guarded_writes(&request) {
+                if !self.deferred.is_empty()
+                    || self.listing.is_some()
+                    || self.must_wait_for_guarded_writes(&request)
+                {
                     self.deferred.push_back((id, request));
                     return Ok(());
                 }
@@ -671,6 +710,7 @@ impl Session {
         }
     }
 
+    /// Starts answering an `Inspect`; a small listing is answered at once.
     fn inspect(&mut self, id: u64, prefix: String, limit: u32) {
         if let Err(e) = lockbroker_proto::validate_prefix(&prefix) {
             return self.error(
@@ -682,16 +722,41 @@ impl Session {
             0 => DEFAULT_INSPECT_LIMIT,
             n => n.min(MAX_INSPECT_LIMIT),
         };
-        let (entries, truncated) = self.broker.table.inspect(&prefix, limit as usize);
         let server = self.broker.server_info();
-        self.respond(
+        self.listing = Some(Listing {
             id,
-            Response::Inspection(Inspection {
-                server,
-                entries,
-                truncated,
-            }),
-        );
+            prefix,
+            after: String::new(),
+            left: limit as usize,
+            frame: frame::InspectionFrame::new(id, server, self.broker.limits.max_frame_len),
+        });
+        self.list_step();
+    }
+
+    /// Gathers and encodes the next chunk of the listing, and answers once
+    /// it has all it asked for, or all there is.
+    fn list_step(&mut self) {
+        let Some(mut l) = self.listing.take() else {
+            return;
+        };
+        let table = &self.broker.table;
+        let (chunk, more) = table.list(&l.prefix, &l.after, l.left.min(LIST_CHUNK));
+        l.left -= chunk.len();
+        for entry in &chunk {
+            if let Err(e) = l.frame.push(entry) {
+                // Gathering the rest would only be thrown away.
+                let message = format!("{e}; ask with a narrower prefix or a smaller limit");
+                return self.error(l.id, ErrorInfo::new(ErrorCode::ResponseTooLarge, message));
+            }
+        }
+        if let Some(last) = chunk.last() {
+            l.after.clone_from(&last.name);
+        }
+        if more && l.left > 0 {
+            self.listing = Some(l);
+            return;
+        }
+        l.frame.finish(more, &mut self.out);
     }
 
     /// Releases everything the session held (as abandoned, unless the

@@ -7,10 +7,15 @@
 //! Decoding is two-step, as in mini-redis `frame.rs`: first check that a whole
 //! frame is buffered (an incomplete frame is `Ok(None)`, not an error), and
 //! reject a length above the maximum before anything is allocated for it.
+//!
+//! One message can also be built in pieces: [`InspectionFrame`], so that
+//! the daemon encodes a large listing a few entries at a time.
 
 use bincode::Options;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
+
+use crate::message::{EntryInfo, Inspection, Response, ServerInfo, ServerMessage};
 
 /// Bytes in the length prefix.
 pub const HEADER_LEN: usize = 4;
@@ -122,6 +127,94 @@ pub fn decode<T: DeserializeOwned>(
     Ok(Some((msg, HEADER_LEN + len)))
 }
 
+/// A `Response::Inspection` frame encoded entry by entry.
+///
+/// The encoding is positional, so the frame is the message with no entries
+/// (its entry count and `truncated` being its last 9 bytes) with the
+/// entries spliced in before them: the count is written, and `truncated`
+/// appended, by [`InspectionFrame::finish`].
+#[derive(Debug)]
+pub struct InspectionFrame {
+    /// Header, body up to the entry count, the count, the entries so far.
+    buf: Vec<u8>,
+    /// Where the entry count is.
+    count_at: usize,
+    count: u64,
+    max_len: u32,
+}
+
+/// Bytes after the entries: `Inspection.truncated`.
+const AFTER_ENTRIES: usize = 1;
+
+impl InspectionFrame {
+    /// The answer to request `id`, from `server`, with no entries yet;
+    /// its body may be at most `max_len` bytes.
+    pub fn new(id: u64, server: ServerInfo, max_len: u32) -> InspectionFrame {
+        let empty = ServerMessage::Response {
+            id,
+            response: Response::Inspection(Inspection {
+                server,
+                entries: Vec::new(),
+                truncated: false,
+            }),
+        };
+        let mut buf = vec![0; HEADER_LEN];
+        options(u64::MAX)
+            .serialize_into(&mut buf, &empty)
+            .expect("a message without entries encodes");
+        buf.truncate(buf.len() - AFTER_ENTRIES);
+        InspectionFrame {
+            count_at: buf.len() - 8,
+            buf,
+            count: 0,
+            max_len,
+        }
+    }
+
+    /// Appends `entry`; fails with [`FrameError::TooLarge`], and leaves the
+    /// frame as it was, if the body would then be longer than the maximum.
+    pub fn push(&mut self, entry: &EntryInfo) -> Result<(), FrameError> {
+        let start = self.buf.len();
+        let used = (start - HEADER_LEN + AFTER_ENTRIES) as u64;
+        let room = u64::from(self.max_len).saturating_sub(used);
+        if let Err(e) = options(room).serialize_into(&mut self.buf, entry) {
+            self.buf.truncate(start);
+            return Err(match *e {
+                bincode::ErrorKind::SizeLimit => FrameError::TooLarge {
+                    len: used + options(u64::MAX).serialized_size(entry).unwrap_or(0),
+                    max: self.max_len,
+                },
+                other => FrameError::Malformed(other.to_string()),
+            });
+        }
+        self.count += 1;
+        Ok(())
+    }
+
+    /// Entries appended so far.
+    pub fn len(&self) -> u64 {
+        self.count
+    }
+
+    /// Whether no entry was appended.
+    pub fn is_empty(&self) -> bool {
+        self.count == 0
+    }
+
+    /// Closes the frame with `truncated` and appends it to `out`.
+    pub fn finish(mut self, truncated: bool, out: &mut Vec<u8>) {
+        self.buf[self.count_at..self.count_at + 8].copy_from_slice(&self.count.to_le_bytes());
+        self.buf.push(u8::from(truncated));
+        let body_len = (self.buf.len() - HEADER_LEN) as u32;
+        self.buf[..HEADER_LEN].copy_from_slice(&body_len.to_le_bytes());
+        if out.is_empty() {
+            *out = self.buf;
+        } else {
+            out.extend_from_slice(&self.buf);
+        }
+    }
+}
+
 /// Decodes a frame body (without its length prefix); the whole body must be
 /// one message.
 pub fn decode_body<T: DeserializeOwned>(body: &[u8]) -> Result<T, FrameError> {
@@ -210,6 +303,97 @@ mod tests {
             "{err}"
         );
         assert_eq!(out, [9]);
+    }
+
+    fn entry(name: &str) -> EntryInfo {
+        let session = SessionInfo {
+            session_id: 3,
+            pid: Some(9),
+            uid: None,
+            gid: Some(5),
+            client_name: "x".into(),
+        };
+        EntryInfo {
+            name: name.into(),
+            kind: EntryKind::Semaphore,
+            capacity: 4,
+            abandoned: true,
+            holders: vec![HolderInfo {
+                session: session.clone(),
+                hold_id: 1,
+                kind: LockKind::Semaphore,
+                permits: 2,
+                fence: 7,
+                since_ms: 8,
+            }],
+            waiters: vec![WaiterInfo {
+                session,
+                request_id: 4,
+                kind: LockKind::Semaphore,
+                permits: 3,
+                since_ms: 9,
+                timeout_ms: Some(10),
+            }],
+        }
+    }
+
+    #[test]
+    fn an_inspection_built_entry_by_entry_is_the_whole_message() {
+        let server = ServerInfo {
+            version: "0.1.0".into(),
+            pid: 42,
+            uptime_ms: 5,
+            sessions: 2,
+        };
+        for (n, truncated) in [(0, false), (1, true), (3, false)] {
+            let entries: Vec<EntryInfo> = (0..n).map(|i| entry(&format!("e{i}"))).collect();
+            let whole = ServerMessage::Response {
+                id: 77,
+                response: Response::Inspection(Inspection {
+                    server: server.clone(),
+                    entries: entries.clone(),
+                    truncated,
+                }),
+            };
+            let mut built = InspectionFrame::new(77, server.clone(), DEFAULT_MAX_FRAME_LEN);
+            for e in &entries {
+                built.push(e).unwrap();
+            }
+            assert_eq!(built.len(), n as u64);
+            let mut out = vec![1, 2];
+            built.finish(truncated, &mut out);
+            assert_eq!(
+                out[2..],
+                to_frame(&whole, DEFAULT_MAX_FRAME_LEN).unwrap()[..]
+            );
+        }
+    }
+
+    #[test]
+    fn an_entry_past_the_limit_is_refused_and_leaves_the_frame() {
+        let server = ServerInfo {
+            version: "0.1.0".into(),
+            pid: 42,
+            uptime_ms: 5,
+            sessions: 2,
+        };
+        let whole = |entries: Vec<EntryInfo>| ServerMessage::Response {
+            id: 1,
+            response: Response::Inspection(Inspection {
+                server: server.clone(),
+                entries,
+                truncated: false,
+            }),
+        };
+        // Room for exactly one entry.
+        let max = to_frame(&whole(vec![entry("a")]), u32::MAX).unwrap().len() - HEADER_LEN;
+        let mut built = InspectionFrame::new(1, server.clone(), max as u32);
+        built.push(&entry("a")).unwrap();
+        let err = built.push(&entry("b")).unwrap_err();
+        assert!(matches!(err, FrameError::TooLarge { .. }), "{err}");
+        let mut out = Vec::new();
+        built.finish(false, &mut out);
+        assert_eq!(out, to_frame(&whole(vec![entry("a")]), u32::MAX).unwrap());
     }
 
     #[test]

@@ -332,10 +332,11 @@ impl Session {
             )
     }
 
-    /// Carries out held-back requests, in order, until one must wait again.
-    fn run_deferred(&mut self) {
+    /// Carries out held-back requests, in order, until one must wait again
+    /// (behind guarded writes, or a listing one of them started).
+    pub(super) fn run_deferred(&mut self) {
         while let Some((_, request)) = self.deferred.front() {
-            if self.must_wait_for_guarded_writes(request) {
+            if self.listing.is_some() || self.must_wait_for_guarded_writes(request) {
                 break;
             }
             let (id, request) = self.deferred.pop_front().expect("front exists");

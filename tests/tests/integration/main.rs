@@ -14,6 +14,7 @@ mod client_api;
 mod durability;
 mod exclusion;
 mod fifo;
+mod inspect;
 mod memory;
 mod rwlock;
 mod semaphore;
