@@ -11,7 +11,7 @@
 //! whether a waiter is granted or removed; a timeout or cancel that finds its
 //! waiter already gone knows the grant is on its way and waits for it.
 //!
-//! An `Inspect` is gathered [`LIST_CHUNK`] entries per
+//! An `Inspect` or `InspectAfter` is gathered [`LIST_CHUNK`] entries per
 //! turn of the loop, yielding to the runtime between turns, so a listing of
 //! any size never holds up the other sessions for long; the session reads
 //! no further request until it is answered.
@@ -251,14 +251,14 @@ enum End {
     Shutdown,
 }
 
-/// An `Inspect` being gathered, a chunk per turn; each
+/// An `Inspect` or `InspectAfter` being gathered, a chunk per turn; each
 /// chunk is encoded as it comes, so no turn encodes the whole answer.
 #[derive(Debug)]
 struct Listing {
     /// The request.
     id: u64,
     prefix: String,
-    /// The cursor: the last name gathered.
+    /// The cursor: the last name gathered (or the request's `start_after`).
     after: String,
     /// Entries still wanted.
     left: usize,
@@ -514,7 +514,12 @@ impl Session {
             Request::Cancel { request_id } => self.cancel(id, request_id),
             Request::Release { hold_id } => self.release(id, hold_id),
             Request::ReleaseByName { name, count } => self.release_by_name(id, name, count),
-            Request::Inspect { prefix, limit } => self.inspect(id, prefix, limit),
+            Request::Inspect { prefix, limit } => self.inspect(id, prefix, String::new(), limit),
+            Request::InspectAfter {
+                prefix,
+                start_after,
+                limit,
+            } => self.inspect(id, prefix, start_after, limit),
             Request::Ping => self.respond(id, Response::Pong),
             Request::ReleaseOnClose => {
                 self.release_on_close = true;
@@ -710,8 +715,9 @@ impl Session {
         }
     }
 
-    /// Starts answering an `Inspect`; a small listing is answered at once.
-    fn inspect(&mut self, id: u64, prefix: String, limit: u32) {
+    /// Starts answering an `Inspect` (empty `start_after`) or
+    /// `InspectAfter`; a small listing is answered at once.
+    fn inspect(&mut self, id: u64, prefix: String, start_after: String, limit: u32) {
         if let Err(e) = lockbroker_proto::validate_prefix(&prefix) {
             return self.error(
                 id,
@@ -726,7 +732,7 @@ impl Session {
         self.listing = Some(Listing {
             id,
             prefix,
-            after: String::new(),
+            after: start_after,
             left: limit as usize,
             frame: frame::InspectionFrame::new(id, server, self.broker.limits.max_frame_len),
         });

@@ -217,6 +217,30 @@ impl Client {
         }
     }
 
+    /// One page of the lock entries whose names start with `prefix` and
+    /// come after `start_after` (from the first when it is empty), at most
+    /// `limit` of them (0: the daemon's default). When the answer is
+    /// `truncated`, more follow: ask again with `start_after` = the name of
+    /// its last entry. Pages are small steps for the daemon, so listing a
+    /// million names this way never holds up other sessions.
+    pub async fn inspect_after(
+        &self,
+        prefix: &str,
+        start_after: &str,
+        limit: u32,
+    ) -> Result<Inspection> {
+        let request = Request::InspectAfter {
+            prefix: prefix.to_owned(),
+            start_after: start_after.to_owned(),
+            limit,
+        };
+        match self.call(request).await? {
+            Response::Inspection(i) => Ok(i),
+            Response::Error(e) => Err(refused(format!("inspect {prefix:?}"), e)),
+            other => Err(unexpected("inspect", other)),
+        }
+    }
+
     /// Releases `count` permits this session holds on `name`, oldest holds
     /// first (all or nothing). Guards of fully released holds then release
     /// nothing when dropped, and report an error from

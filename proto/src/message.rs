@@ -200,6 +200,19 @@ pub enum Request {
         /// The write.
         write: Box<Request>,
     },
+    /// One page of lock entries whose name starts with `prefix` and comes
+    /// after `start_after`, in name order: `Inspect` with a cursor.
+    /// Answered by [`Response::Inspection`], whose `truncated` then says
+    /// that more entries follow.
+    InspectAfter {
+        /// Name prefix; empty for every entry.
+        prefix: String,
+        /// Start after this name (empty: from the start); the last name of
+        /// the previous page.
+        start_after: String,
+        /// At most this many entries (0 means the daemon's default).
+        limit: u32,
+    },
 }
 
 /// A state write.

@@ -526,6 +526,17 @@ fn vectors() -> Vec<(&'static str, Message)> {
                 Response::Error(ErrorInfo::new(ErrorCode::StaleFence, "stale fence 42")),
             ),
         ),
+        (
+            "inspect_after",
+            request(
+                26,
+                Request::InspectAfter {
+                    prefix: "deploy/".into(),
+                    start_after: "deploy/a".into(),
+                    limit: 100,
+                },
+            ),
+        ),
     ]
 }
 

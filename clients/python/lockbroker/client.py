@@ -40,7 +40,7 @@ import sys
 import threading
 import time
 import weakref
-from typing import TYPE_CHECKING, Dict, Iterable, Optional, Set, Tuple, Union
+from typing import TYPE_CHECKING, Dict, Iterable, Iterator, Optional, Set, Tuple, Union
 
 from . import address as _address
 from .errors import (
@@ -60,6 +60,7 @@ from .protocol import (
     Cancelled,
     DecodeError,
     Done,
+    EntryInfo,
     ErrorCode,
     ErrorResponse,
     EventMessage,
@@ -69,6 +70,7 @@ from .protocol import (
     Granted,
     Hello,
     Inspect,
+    InspectAfter,
     Inspection,
     Limits,
     LockKind,
@@ -410,6 +412,29 @@ class Client:
         if isinstance(response, Inspection):
             return response
         raise self._unexpected(response)
+
+    def inspect_after(self, prefix: str = "", start_after: str = "", limit: int = 0) -> Inspection:
+        """One page of the lock entries after ``start_after`` (PROTOCOL.md 9.1).
+
+        When the answer is ``truncated``, more follow: ask again with
+        ``start_after`` = the name of its last entry. ``limit`` 0 means the
+        daemon's default (1000).
+        """
+        response = self.call(InspectAfter(prefix, start_after, limit))
+        if isinstance(response, Inspection):
+            return response
+        raise self._unexpected(response)
+
+    def inspect_all(self, prefix: str = "", page: int = 1000) -> Iterator[EntryInfo]:
+        """Every lock entry whose name starts with ``prefix``, in name order,
+        read ``page`` entries at a time with :meth:`inspect_after`."""
+        after = ""
+        while True:
+            inspection = self.inspect_after(prefix, after, page)
+            yield from inspection.entries
+            if not inspection.truncated or not inspection.entries:
+                return
+            after = inspection.entries[-1].name
 
     def ping(self) -> float:
         """Check the daemon and connection are alive; returns the round trip in seconds."""

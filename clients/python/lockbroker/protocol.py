@@ -65,6 +65,7 @@ __all__ = [
     "StateUnwatch",
     "ReleaseOnClose",
     "StateFenced",
+    "InspectAfter",
     "Request",
     "RequestMessage",
     "ClientMessage",
@@ -382,6 +383,20 @@ class StateFenced:
     write: Any
 
 
+@dataclass(frozen=True)
+class InspectAfter:
+    """``Request::InspectAfter``: one page of entries after ``start_after``.
+
+    ``start_after`` is the last name of the previous page (exclusive; empty
+    starts at the first); the answer's ``truncated`` says more follow.
+    ``limit`` 0 means the daemon's default (1000).
+    """
+
+    prefix: str = ""
+    start_after: str = ""
+    limit: int = 0
+
+
 #: Every variant of ``Request``.
 Request = Union[
     Acquire,
@@ -399,6 +414,7 @@ Request = Union[
     StateUnwatch,
     ReleaseOnClose,
     StateFenced,
+    InspectAfter,
 ]
 
 
@@ -1011,6 +1027,7 @@ _REQUEST = _Variants(
         _Struct(StateUnwatch, [("watch_id", _U64)]),  # 12
         _Struct(ReleaseOnClose, []),  # 13
         _Struct(StateFenced, [("lock", _STR), ("fence", _U64), ("write", _Deferred(lambda: _REQUEST))]),  # 14
+        _Struct(InspectAfter, [("prefix", _STR), ("start_after", _STR), ("limit", _U32)]),  # 15
     ],
 )
 

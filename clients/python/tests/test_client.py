@@ -46,6 +46,19 @@ class ClientTest(DaemonTestCase):
         self.assertEqual(holder.session.client_name, "inspector")
         self.assertEqual(holder.session.pid, os.getpid())
 
+    def test_inspect_after_pages(self) -> None:
+        client = self.client("pager")
+        names = ["page/%04d" % i for i in range(25)]
+        for name in names + ["zz"]:
+            self.assertIsNotNone(client.acquire(name, LockKind.MUTEX, timeout_ms=0))
+        first = client.inspect_after("page/", "", limit=10)
+        self.assertEqual([e.name for e in first.entries], names[:10])
+        self.assertTrue(first.truncated)
+        rest = client.inspect_after("page/", first.entries[-1].name, limit=100)
+        self.assertEqual([e.name for e in rest.entries], names[10:])
+        self.assertFalse(rest.truncated)
+        self.assertEqual([e.name for e in client.inspect_all("page/", page=7)], names)
+
     def test_release_by_name(self) -> None:
         client = self.client()
         first = client.acquire("pool", LockKind.SEMAPHORE, capacity=5, permits=3, timeout_ms=0)

@@ -35,6 +35,7 @@ from lockbroker.protocol import (
     Hello,
     HolderInfo,
     Inspect,
+    InspectAfter,
     Inspection,
     Limits,
     LockKind,
@@ -248,6 +249,7 @@ EXPECTED: Dict[str, Tuple[str, Message]] = {
         "s2c",
         ResponseMessage(25, ErrorResponse(ErrorInfo(304, "stale fence 42"))),
     ),
+    "inspect_after": ("c2s", RequestMessage(26, InspectAfter("deploy/", "deploy/a", limit=100))),
 }
 
 

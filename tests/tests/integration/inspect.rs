@@ -1,7 +1,7 @@
-//! Inspecting: a large listing gathered in steps that let other sessions
-//! in between.
+//! Inspecting: paging with `InspectAfter`, the frame limit, and a large
+//! listing gathered in steps that let other sessions in between.
 
-use lockbroker::LockKind;
+use lockbroker::{ErrorCode, LockKind};
 use lockbroker_proto::{ClientMessage, Hello, MAGIC, PROTOCOL_VERSION, Request, Response};
 
 use crate::util::{Daemon, Raw, acquire, bounded};
@@ -19,6 +19,69 @@ async fn hold_many(daemon: &Daemon, prefix: &str, n: usize) -> Raw {
         assert!(matches!(holder.response().await.1, Response::Granted(_)));
     }
     holder
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn inspect_after_pages_through_every_entry_in_order() {
+    bounded(async {
+        let daemon = Daemon::start().await;
+        let _holder = hold_many(&daemon, "page/", 2500).await;
+        let _other = hold_many(&daemon, "zz/", 3).await;
+        let client = daemon.client().await;
+        let mut names = Vec::new();
+        let mut after = String::new();
+        loop {
+            let page = client.inspect_after("page/", &after, 1000).await.unwrap();
+            assert!(page.entries.len() <= 1000);
+            names.extend(page.entries.iter().map(|e| e.name.clone()));
+            if !page.truncated {
+                break;
+            }
+            after = names.last().unwrap().clone();
+        }
+        let want: Vec<String> = (0..2500).map(|i| format!("page/{i:05}")).collect();
+        assert_eq!(names, want);
+        // One Inspect with a large limit is gathered in many steps, and is
+        // still whole and in order.
+        let all = client.inspect_limit("", 100_000).await.unwrap();
+        assert_eq!(all.entries.len(), 2503);
+        assert!(!all.truncated);
+        assert!(all.entries.windows(2).all(|w| w[0].name < w[1].name));
+        let few = client.inspect_limit("page/", 10).await.unwrap();
+        assert_eq!((few.entries.len(), few.truncated), (10, true));
+        // A cursor between names, and one past every match.
+        let page = client
+            .inspect_after("page/", "page/01234x", 2)
+            .await
+            .unwrap();
+        let got: Vec<&str> = page.entries.iter().map(|e| e.name.as_str()).collect();
+        assert_eq!(got, ["page/01235", "page/01236"]);
+        let page = client.inspect_after("page/", "page/99", 10).await.unwrap();
+        assert!(page.entries.is_empty() && !page.truncated);
+        daemon.stop().await;
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_listing_over_the_frame_limit_is_refused_and_the_session_goes_on() {
+    bounded(async {
+        let daemon = Daemon::start_with(|c| c.limits.max_frame_len = 4096).await;
+        let _holder = hold_many(&daemon, "big/", 300).await;
+        let mut raw = daemon.raw().await;
+        let request = Request::InspectAfter {
+            prefix: "big/".into(),
+            start_after: String::new(),
+            limit: 1000,
+        };
+        match raw.call(1, request).await {
+            Response::Error(e) => assert_eq!(e.code, ErrorCode::ResponseTooLarge),
+            other => panic!("expected response_too_large, got {other:?}"),
+        }
+        assert_eq!(raw.call(2, Request::Ping).await, Response::Pong);
+        daemon.stop().await;
+    })
+    .await
 }
 
 /// The daemon and the test share one thread here (a current-thread
