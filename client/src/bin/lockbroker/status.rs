@@ -1,18 +1,23 @@
 //! `lockbroker status`: the daemon's facts and every lock under a prefix,
 //! as a table or as JSON.
+//!
+//! The locks are read a page at a time and printed as they come, so that
+//! a daemon with a million names is listed in small steps for it (other
+//! sessions are served between pages) and in one page's memory here.
 
 use std::fmt::Write as _;
+use std::io::Write as _;
 use std::path::Path;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use lockbroker::Client;
-use lockbroker_proto::{EntryInfo, Inspection, SessionInfo};
+use lockbroker_proto::{EntryInfo, ServerInfo, SessionInfo};
 use serde_json::{Value, json};
 
 use crate::exit;
 
-/// Most entries shown.
-const LIMIT: u32 = 10_000;
+/// Entries asked for per page.
+const PAGE: u32 = 1000;
 
 /// Prints the status; exit status 0.
 pub async fn show(
@@ -21,16 +26,49 @@ pub async fn show(
     prefix: &str,
     as_json: bool,
 ) -> Result<u8, (u8, String)> {
-    let inspection = client
-        .inspect_limit(prefix, LIMIT)
+    let unavailable = |e: lockbroker::Error| (exit::UNAVAILABLE, e.to_string());
+    let broken = |e: std::io::Error| (exit::ERROR, format!("cannot write the status: {e}"));
+    // The first page with Inspect, which every daemon answers; the next
+    // ones from the last name seen.
+    let mut page = client
+        .inspect_limit(prefix, PAGE)
         .await
-        .map_err(|e| (exit::UNAVAILABLE, e.to_string()))?;
+        .map_err(unavailable)?;
     let now = now_ms();
+    let mut out = std::io::BufWriter::new(std::io::stdout().lock());
+    let mut listed = 0usize;
     if as_json {
-        println!("{}", to_json(&inspection, socket, now));
+        let daemon = daemon_json(&page.server, socket);
+        write!(out, "{{\"daemon\":{daemon},\"locks\":[").map_err(broken)?;
     } else {
-        print!("{}", to_table(&inspection, socket, now));
+        write!(out, "{}", header(&page.server, socket)).map_err(broken)?;
     }
+    loop {
+        for e in &page.entries {
+            if as_json {
+                let sep = if listed == 0 { "" } else { "," };
+                write!(out, "{sep}{}", entry_json(e, now)).map_err(broken)?;
+            } else {
+                write!(out, "{}", entry_block(e, now)).map_err(broken)?;
+            }
+            listed += 1;
+        }
+        let Some(last) = page.entries.last().filter(|_| page.truncated) else {
+            break;
+        };
+        let after = last.name.clone();
+        page = client
+            .inspect_after(prefix, &after, PAGE)
+            .await
+            .map_err(unavailable)?;
+    }
+    if as_json {
+        // Every matching lock is listed: nothing is ever left out.
+        writeln!(out, "],\"truncated\":false}}").map_err(broken)?;
+    } else if listed == 0 {
+        writeln!(out, "no locks held or awaited").map_err(broken)?;
+    }
+    out.flush().map_err(broken)?;
     Ok(0)
 }
 
@@ -80,18 +118,15 @@ fn entry_json(e: &EntryInfo, now: u64) -> Value {
     })
 }
 
-/// The JSON form: `{"daemon": {...}, "locks": [...], "truncated": bool}`.
-pub fn to_json(i: &Inspection, socket: &Path, now: u64) -> Value {
+/// The `daemon` object of the JSON form, whose whole is
+/// `{"daemon": {...}, "locks": [...], "truncated": false}`.
+fn daemon_json(s: &ServerInfo, socket: &Path) -> Value {
     json!({
-        "daemon": {
-            "version": i.server.version,
-            "pid": i.server.pid,
-            "socket": socket.display().to_string(),
-            "uptime_ms": i.server.uptime_ms,
-            "sessions": i.server.sessions,
-        },
-        "locks": i.entries.iter().map(|e| entry_json(e, now)).collect::<Vec<_>>(),
-        "truncated": i.truncated,
+        "version": s.version,
+        "pid": s.pid,
+        "socket": socket.display().to_string(),
+        "uptime_ms": s.uptime_ms,
+        "sessions": s.sessions,
     })
 }
 
@@ -116,63 +151,56 @@ fn who(s: &SessionInfo) -> String {
     format!("pid {:<7} uid {:<6} {client}", opt(s.pid), opt(s.uid))
 }
 
-/// The table form.
-pub fn to_table(i: &Inspection, socket: &Path, now: u64) -> String {
-    let mut out = String::new();
-    let s = &i.server;
-    let _ = writeln!(
-        out,
-        "lockbrokerd {} (pid {}) at {}: up {}, {} session{}",
+/// The first line of the table form.
+fn header(s: &ServerInfo, socket: &Path) -> String {
+    format!(
+        "lockbrokerd {} (pid {}) at {}: up {}, {} session{}\n",
         s.version,
         s.pid,
         socket.display(),
         human(Duration::from_millis(s.uptime_ms)),
         s.sessions,
         if s.sessions == 1 { "" } else { "s" }
-    );
-    if i.entries.is_empty() {
-        let _ = writeln!(out, "no locks held or awaited");
-        return out;
+    )
+}
+
+/// One lock of the table form: its line, then its holders and waiters.
+fn entry_block(e: &EntryInfo, now: u64) -> String {
+    let mut out = String::new();
+    let cap = match e.kind {
+        lockbroker_proto::EntryKind::Semaphore => format!(" capacity {}", e.capacity),
+        _ => String::new(),
+    };
+    let flag = if e.abandoned {
+        "  [abandoned: next holder is told]"
+    } else {
+        ""
+    };
+    let _ = writeln!(out, "\n{}  {}{cap}{flag}", e.name, e.kind);
+    for h in &e.holders {
+        let held = human(Duration::from_millis(now.saturating_sub(h.since_ms)));
+        let _ = writeln!(
+            out,
+            "  holder   {}  {} x{}  held {held}  fence {}",
+            who(&h.session),
+            h.kind,
+            h.permits,
+            h.fence
+        );
     }
-    for e in &i.entries {
-        let cap = match e.kind {
-            lockbroker_proto::EntryKind::Semaphore => format!(" capacity {}", e.capacity),
-            _ => String::new(),
-        };
-        let flag = if e.abandoned {
-            "  [abandoned: next holder is told]"
-        } else {
-            ""
-        };
-        let _ = writeln!(out, "\n{}  {}{cap}{flag}", e.name, e.kind);
-        for h in &e.holders {
-            let held = human(Duration::from_millis(now.saturating_sub(h.since_ms)));
-            let _ = writeln!(
-                out,
-                "  holder   {}  {} x{}  held {held}  fence {}",
-                who(&h.session),
-                h.kind,
-                h.permits,
-                h.fence
-            );
-        }
-        for (n, w) in e.waiters.iter().enumerate() {
-            let waited = human(Duration::from_millis(now.saturating_sub(w.since_ms)));
-            let limit = w.timeout_ms.map_or(String::new(), |t| {
-                format!(" of {}", human(Duration::from_millis(t)))
-            });
-            let _ = writeln!(
-                out,
-                "  waiter {:<2}{}  {} x{}  waiting {waited}{limit}",
-                n + 1,
-                who(&w.session),
-                w.kind,
-                w.permits
-            );
-        }
-    }
-    if i.truncated {
-        let _ = writeln!(out, "\n(more locks match; narrow the prefix)");
+    for (n, w) in e.waiters.iter().enumerate() {
+        let waited = human(Duration::from_millis(now.saturating_sub(w.since_ms)));
+        let limit = w.timeout_ms.map_or(String::new(), |t| {
+            format!(" of {}", human(Duration::from_millis(t)))
+        });
+        let _ = writeln!(
+            out,
+            "  waiter {:<2}{}  {} x{}  waiting {waited}{limit}",
+            n + 1,
+            who(&w.session),
+            w.kind,
+            w.permits
+        );
     }
     out
 }
