@@ -207,6 +207,14 @@ pub struct Facts {
     pub abandon_p99_us: f64,
     /// Same, median.
     pub abandon_p50_us: f64,
+    /// Names held while `status --json` lists them.
+    pub inspect_names: u64,
+    /// A bystander's ping p50 and p99 (µs) with nothing else going on.
+    pub idle_ping_us: (f64, f64),
+    /// The same while `status --json` runs over and over.
+    pub listing_ping_us: (f64, f64),
+    /// How long one `status --json` took, median (ms).
+    pub status_ms: f64,
 }
 
 fn rss(pid: u32) -> u64 {
@@ -219,8 +227,9 @@ fn rss(pid: u32) -> u64 {
         .map_or(0, |kb| kb * 1024)
 }
 
-/// Measures the facts of the targets that are not rates.
-pub fn facts(bins: &Bins) -> Facts {
+/// Measures the facts of the targets that are not rates; `quick` lists far
+/// fewer names (CI runs it), the rest is the same.
+pub fn facts(bins: &Bins, quick: bool) -> Facts {
     let m = Measure {
         placement: Placement::CrossCpu,
         clients: 1,
@@ -261,6 +270,20 @@ pub fn facts(bins: &Bins) -> Facts {
     drop(server);
     let server = daemon(bins, &m, &[]);
     let abandon = cli_bench(bins, &m, &server.socket, &["abandon", "--ops", "100"]);
+    drop(server);
+    let (listed, duration) = if quick {
+        ("20000", "300ms")
+    } else {
+        ("1000000", "3s")
+    };
+    let server = daemon(bins, &m, &big);
+    let inspect = cli_bench(
+        bins,
+        &m,
+        &server.socket,
+        &["inspect", "--ops", listed, "--duration", duration],
+    );
+    let f = |key: &str| inspect[key].as_f64().unwrap_or(0.0);
     Facts {
         idle_rss,
         start: starts[starts.len() / 2],
@@ -268,6 +291,10 @@ pub fn facts(bins: &Bins) -> Facts {
         per_name: names["bytes_per_name"].as_f64().unwrap_or(0.0),
         abandon_p99_us: abandon["p99_us"].as_f64().unwrap_or(0.0),
         abandon_p50_us: abandon["p50_us"].as_f64().unwrap_or(0.0),
+        inspect_names: inspect["names"].as_u64().unwrap_or(0),
+        idle_ping_us: (f("idle_p50_us"), f("idle_p99_us")),
+        listing_ping_us: (f("p50_us"), f("p99_us")),
+        status_ms: f("status_median_ms"),
     }
 }
 
@@ -425,6 +452,24 @@ impl Results {
             "1,000,000 names held by one session: ≤ 256 bytes per name",
             format!("{:.0} bytes", facts.per_name),
             facts.per_name <= 256.0,
+        );
+        let (idle, busy) = (facts.idle_ping_us, facts.listing_ping_us);
+        abs(
+            &mut out,
+            &format!(
+                "bystander ping while `status --json` lists {} names: p99 ≤ 2 × idle p99",
+                facts.inspect_names
+            ),
+            format!(
+                "p50 {:.0} µs, p99 {:.0} µs (idle p50 {:.0} µs, p99 {:.0} µs: {:.2}×); one status {:.0} ms",
+                busy.0,
+                busy.1,
+                idle.0,
+                idle.1,
+                busy.1 / idle.1,
+                facts.status_ms
+            ),
+            busy.1 <= 2.0 * idle.1,
         );
         abs(
             &mut out,

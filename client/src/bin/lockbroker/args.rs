@@ -155,12 +155,15 @@ Examples:
   lockbroker bench connections --spawn --ops 10000
   lockbroker bench names --spawn --ops 1000000
   lockbroker bench abandon --spawn --ops 100
+  lockbroker bench inspect --spawn --ops 1000000 --duration 5s
 
 Scenarios: uncontended (each client its own mutex), contended (all on one
 mutex; reports FIFO violations), semaphore (capacity 4), handoff (release to
 next grant), state (50% get, 25% set, 25% incr), connections (daemon memory
 per connection holding a lock), names (daemon memory per held name), abandon
-(kill -9 of a holder to the waiter's grant).")]
+(kill -9 of a holder to the waiter's grant), inspect (a bystander's ping
+latency while `status --json` lists --ops held names, against its idle
+latency).")]
     Bench(BenchArgs),
 
     /// (internal) Hold a lock until killed; used by `bench abandon`.
@@ -301,7 +304,7 @@ pub struct BenchArgs {
     #[arg(long, value_parser = parse_duration, default_value = "2s", value_name = "DURATION")]
     pub duration: Duration,
     /// Operations per client instead of a duration (for connections, names,
-    /// handoff and abandon: the total).
+    /// handoff and abandon: the total; for inspect: the names held).
     #[arg(long, value_name = "N")]
     pub ops: Option<usize>,
     /// Requests in flight per client (uncontended, semaphore, state).
@@ -337,6 +340,8 @@ pub enum Scenario {
     Names,
     /// Time from kill -9 of a holder to the waiter's grant.
     Abandon,
+    /// A bystander's ping latency while `status --json` lists N held names.
+    Inspect,
 }
 
 /// How long to wait for a lock.

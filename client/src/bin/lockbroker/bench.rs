@@ -213,6 +213,7 @@ pub async fn run(
         Scenario::Connections => connections(&connector, args).await?,
         Scenario::Names => names(&connector, args).await?,
         Scenario::Abandon => abandon(&connector, &socket, args).await?,
+        Scenario::Inspect => inspect(&connector, &socket, args).await?,
     };
     report.print(as_json);
     Ok(0)
@@ -550,15 +551,13 @@ async fn connections(connector: &Connector, args: &BenchArgs) -> Result<Report, 
         .with("bytes_per_connection", json!(per.round())))
 }
 
-/// One session holding N names: the daemon's memory per held name.
-async fn names(connector: &Connector, args: &BenchArgs) -> Result<Report, Failure> {
-    let n = args.ops.unwrap_or(1_000_000);
-    let client = connector.connect().await.map_err(fail)?;
-    let pid = client.inspect("").await.map_err(fail)?.server.pid;
-    let before =
-        rss_bytes(pid).ok_or_else(|| fail("cannot read the daemon's memory from /proc"))?;
-    let start = Instant::now();
-    // Many acquires in flight at once on the one connection.
+/// `client` takes mutexes `{prefix}{k:08}` for `k` in `0..n`, many at once
+/// on its one connection; returns the guards and each acquire's latency.
+async fn take_names(
+    client: &Client,
+    prefix: &str,
+    n: usize,
+) -> Result<(Vec<lockbroker::LockGuard>, Samples), Failure> {
     let chunk = 512;
     let mut guards = Vec::with_capacity(n);
     let mut samples = Samples::default();
@@ -567,7 +566,7 @@ async fn names(connector: &Connector, args: &BenchArgs) -> Result<Report, Failur
         let end = (i + chunk).min(n);
         let futs: Vec<_> = (i..end)
             .map(|k| {
-                let m = client.mutex(format!("bench/n/{k:08}"));
+                let m = client.mutex(format!("{prefix}{k:08}"));
                 tokio::spawn(async move {
                     let t = Instant::now();
                     m.acquire().await.map(|g| (g, t.elapsed()))
@@ -581,6 +580,18 @@ async fn names(connector: &Connector, args: &BenchArgs) -> Result<Report, Failur
         }
         i = end;
     }
+    Ok((guards, samples))
+}
+
+/// One session holding N names: the daemon's memory per held name.
+async fn names(connector: &Connector, args: &BenchArgs) -> Result<Report, Failure> {
+    let n = args.ops.unwrap_or(1_000_000);
+    let client = connector.connect().await.map_err(fail)?;
+    let pid = client.inspect("").await.map_err(fail)?.server.pid;
+    let before =
+        rss_bytes(pid).ok_or_else(|| fail("cannot read the daemon's memory from /proc"))?;
+    let start = Instant::now();
+    let (guards, samples) = take_names(&client, "bench/n/", n).await?;
     let elapsed = start.elapsed();
     let after = rss_bytes(pid).unwrap_or(before);
     let per = after.saturating_sub(before) as f64 / n as f64;
@@ -588,6 +599,102 @@ async fn names(connector: &Connector, args: &BenchArgs) -> Result<Report, Failur
     Ok(Report::new("names", 1, elapsed, samples)
         .with("names", json!(n))
         .with("bytes_per_name", json!(per.round())))
+}
+
+/// A bystander's pings, one a millisecond (as a client that is not itself
+/// a load), until `done()`.
+async fn pings(client: &Client, done: impl Fn() -> bool) -> Result<Samples, Failure> {
+    let mut samples = Samples::default();
+    let mut every = tokio::time::interval(Duration::from_millis(1));
+    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    while !done() {
+        every.tick().await;
+        samples.latencies.push(client.ping().await.map_err(fail)?);
+    }
+    Ok(samples)
+}
+
+/// `lockbroker status --json` against `socket`, its output discarded. On
+/// Linux it runs at the idle scheduling class, so that on a small machine
+/// its own formatting does not take the CPU from the bystander: what is
+/// measured is how the daemon serves others while it is listed.
+fn status_command(socket: &Path) -> Result<tokio::process::Command, Failure> {
+    let mut cmd = tokio::process::Command::new(std::env::current_exe().map_err(fail)?);
+    cmd.arg("--socket")
+        .arg(socket)
+        .args(["--json", "--no-autostart", "status"])
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .kill_on_drop(true);
+    #[cfg(target_os = "linux")]
+    // SAFETY: sched_setscheduler is async-signal-safe and touches only the
+    // child being started.
+    unsafe {
+        cmd.pre_exec(|| {
+            let param = libc::sched_param { sched_priority: 0 };
+            libc::sched_setscheduler(0, libc::SCHED_IDLE, &param);
+            Ok(())
+        });
+    }
+    Ok(cmd)
+}
+
+/// One session holds N names; a bystander session pings once a
+/// millisecond, first for `--duration` with nothing else going on, then
+/// while `lockbroker status --json` lists every name, run after run, for
+/// at least `--duration`. The latencies reported are the bystander's during
+/// the listings; the idle ones are beside them.
+async fn inspect(
+    connector: &Connector,
+    socket: &Path,
+    args: &BenchArgs,
+) -> Result<Report, Failure> {
+    let n = args.ops.unwrap_or(1_000_000);
+    let holder = connector.connect().await.map_err(fail)?;
+    let (guards, _) = take_names(&holder, "bench/i/", n).await?;
+    let bystander = connector.connect().await.map_err(fail)?;
+    let idle_until = Instant::now() + args.duration;
+    let mut idle = pings(&bystander, || Instant::now() >= idle_until).await?;
+    idle.latencies.sort_unstable();
+
+    let done = Arc::new(AtomicBool::new(false));
+    let lister = {
+        let (done, socket, duration) = (Arc::clone(&done), socket.to_owned(), args.duration);
+        tokio::spawn(async move {
+            let start = Instant::now();
+            let mut runs = Vec::new();
+            while runs.is_empty() || start.elapsed() < duration {
+                let t = Instant::now();
+                let status = status_command(&socket)?.status().await.map_err(fail)?;
+                if !status.success() {
+                    done.store(true, Ordering::Relaxed);
+                    return Err(fail(format!("lockbroker status failed: {status}")));
+                }
+                runs.push(t.elapsed());
+            }
+            done.store(true, Ordering::Relaxed);
+            Ok::<_, Failure>(runs)
+        })
+    };
+    let start = Instant::now();
+    let during = pings(&bystander, || done.load(Ordering::Relaxed)).await?;
+    let elapsed = start.elapsed();
+    let mut runs = lister.await.map_err(fail)??;
+    runs.sort_unstable();
+    drop(guards);
+    let us = |d: Duration| d.as_nanos() as f64 / 1000.0;
+    let report = Report::new("inspect", 1, elapsed, during);
+    let ratio = us(percentile(&report.latencies, 99.0)) / us(percentile(&idle.latencies, 99.0));
+    Ok(report
+        .with("names", json!(n))
+        .with("idle_pings", json!(idle.latencies.len()))
+        .with("idle_p50_us", json!(us(percentile(&idle.latencies, 50.0))))
+        .with("idle_p90_us", json!(us(percentile(&idle.latencies, 90.0))))
+        .with("idle_p99_us", json!(us(percentile(&idle.latencies, 99.0))))
+        .with("idle_max_us", json!(us(percentile(&idle.latencies, 100.0))))
+        .with("p99_over_idle_p99", json!((ratio * 100.0).round() / 100.0))
+        .with("status_runs", json!(runs.len()))
+        .with("status_median_ms", json!(us(runs[runs.len() / 2]) / 1000.0)))
 }
 
 /// A holder process (`lockbroker bench-hold`) is killed with SIGKILL; the
