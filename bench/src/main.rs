@@ -8,9 +8,14 @@
 //!
 //! Build everything first so the release binaries sit side by side:
 //! `cargo build --release --workspace && target/release/lockbroker-bench`.
+//!
+//! `lockbroker-bench load SCENARIO` runs one load scenario against a daemon
+//! (as redis-benchmark does, on any platform); the harness runs each of its
+//! lockbroker measurements as such a process, pinned to its CPU.
 
 #[cfg(target_os = "linux")]
 mod floor;
+mod load;
 #[cfg(target_os = "linux")]
 mod redis;
 #[cfg(target_os = "linux")]
@@ -24,10 +29,41 @@ use std::time::Duration;
 #[cfg(target_os = "linux")]
 use crate::run::{Measure, Placement};
 
+fn main() {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    match args.first().map(String::as_str) {
+        Some("load") => {
+            let load = <load::LoadArgs as clap::Parser>::parse_from(
+                std::iter::once("lockbroker-bench load".to_owned()).chain(args[1..].to_vec()),
+            );
+            block_on(load::run(&load));
+        }
+        // Internal: the holder the abandon scenario kills.
+        Some("hold") if args.len() == 3 => block_on(load::hold(args[1].as_ref(), &args[2])),
+        _ => harness(args),
+    }
+}
+
+/// Runs `task` on a one-thread runtime (as the `lockbroker` tool does, so
+/// the client side of a scenario is what a user's tool would be); exits 1
+/// with its error.
+fn block_on(task: impl std::future::Future<Output = Result<(), String>>) {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("a runtime");
+    if let Err(e) = runtime.block_on(task) {
+        eprintln!("lockbroker-bench: {e}");
+        std::process::exit(1);
+    }
+}
+
 /// The harness pins CPUs and reads /proc: Linux only.
 #[cfg(not(target_os = "linux"))]
-fn main() {
-    eprintln!("lockbroker-bench runs on Linux only (it pins CPUs and reads /proc)");
+fn harness(_args: Vec<String>) {
+    eprintln!(
+        "the lockbroker-bench harness runs on Linux only (it pins CPUs and reads /proc); `load` runs anywhere"
+    );
     std::process::exit(1);
 }
 
@@ -35,6 +71,7 @@ fn main() {
 fn usage() -> ! {
     eprintln!(
         "usage: lockbroker-bench [--reps N] [--duration SECONDS] [--quick]\n\
+         \x20      lockbroker-bench load SCENARIO [--spawn | --socket PATH] [--json] ... (see load --help)\n\
          \n\
          Runs every scenario in both CPU placements, --reps times, interleaved,\n\
          and prints a markdown table of medians. --quick: 1 rep of 0.3 s, and\n\
@@ -44,8 +81,7 @@ fn usage() -> ! {
 }
 
 #[cfg(target_os = "linux")]
-fn main() {
-    let args: Vec<String> = std::env::args().skip(1).collect();
+fn harness(args: Vec<String>) {
     // Internal: the echo server runs as its own (pinnable) process.
     if let [mode, socket] = &args[..] {
         if mode == "echo-server" {

@@ -1,5 +1,5 @@
-//! Placement, measurement records, the lockbroker runs (through
-//! `lockbroker bench`), and the final table.
+//! Placement, measurement records, the lockbroker runs (each a pinned
+//! `lockbroker-bench load` process), and the final table.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -139,18 +139,21 @@ pub fn daemon(bins: &Bins, m: &Measure, extra: &[&str]) -> Server {
     })
 }
 
-/// Runs `lockbroker bench ARGS --json` pinned to the client CPU.
-fn cli_bench(bins: &Bins, m: &Measure, socket: &Path, args: &[&str]) -> serde_json::Value {
-    let out = pinned(m.placement.client_cpu(), &bins.cli)
+/// Runs `lockbroker-bench load ARGS --json` pinned to the client CPU.
+fn load(bins: &Bins, m: &Measure, socket: &Path, args: &[&str]) -> serde_json::Value {
+    let out = pinned(m.placement.client_cpu(), &bins.me)
+        .arg("load")
+        .args(args)
         .arg("--socket")
         .arg(socket)
-        .args(["--json", "bench"])
-        .args(args)
+        .arg("--cli")
+        .arg(&bins.cli)
+        .arg("--json")
         .output()
-        .expect("run lockbroker bench");
+        .expect("run lockbroker-bench load");
     assert!(
         out.status.success(),
-        "lockbroker bench {args:?}: {}",
+        "lockbroker-bench load {args:?}: {}",
         String::from_utf8_lossy(&out.stderr)
     );
     serde_json::from_slice(&out.stdout).expect("bench JSON")
@@ -167,7 +170,7 @@ fn sample(v: &serde_json::Value) -> Sample {
 pub fn lockbroker(bins: &Bins, m: &Measure, blocking: bool) -> Sample {
     let server = daemon(bins, m, &[]);
     let clients = m.clients.to_string();
-    let duration = format!("{}ms", m.duration.as_millis());
+    let duration = m.duration.as_secs_f64().to_string();
     let mut args = vec![
         "uncontended",
         "--clients",
@@ -178,13 +181,13 @@ pub fn lockbroker(bins: &Bins, m: &Measure, blocking: bool) -> Sample {
     if blocking {
         args.push("--blocking");
     }
-    sample(&cli_bench(bins, m, &server.socket, &args))
+    sample(&load(bins, m, &server.socket, &args))
 }
 
 /// Release → next grant between two clients.
 pub fn handoff(bins: &Bins, m: &Measure) -> Sample {
     let server = daemon(bins, m, &[]);
-    sample(&cli_bench(
+    sample(&load(
         bins,
         m,
         &server.socket,
@@ -263,21 +266,21 @@ pub fn facts(bins: &Bins, quick: bool) -> Facts {
     drop(idle);
     let big = ["--max-connections", "20000", "--max-holds", "2000000"];
     let server = daemon(bins, &m, &big);
-    let conns = cli_bench(bins, &m, &server.socket, &["connections", "--ops", "10000"]);
+    let conns = load(bins, &m, &server.socket, &["connections", "--ops", "10000"]);
     drop(server);
     let server = daemon(bins, &m, &big);
-    let names = cli_bench(bins, &m, &server.socket, &["names", "--ops", "1000000"]);
+    let names = load(bins, &m, &server.socket, &["names", "--ops", "1000000"]);
     drop(server);
     let server = daemon(bins, &m, &[]);
-    let abandon = cli_bench(bins, &m, &server.socket, &["abandon", "--ops", "100"]);
+    let abandon = load(bins, &m, &server.socket, &["abandon", "--ops", "100"]);
     drop(server);
     let (listed, duration) = if quick {
-        ("20000", "300ms")
+        ("20000", "0.3")
     } else {
-        ("1000000", "3s")
+        ("1000000", "3")
     };
     let server = daemon(bins, &m, &big);
-    let inspect = cli_bench(
+    let inspect = load(
         bins,
         &m,
         &server.socket,

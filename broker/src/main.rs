@@ -24,26 +24,8 @@ fn main() -> ExitCode {
     }
 }
 
-/// Raises the open-file limit to its hard maximum: every connection is a
-/// descriptor, and the soft default (often 1024) is far below
-/// --max-connections.
-fn raise_fd_limit() {
-    #[cfg(unix)]
-    // SAFETY: getrlimit/setrlimit on a local struct.
-    unsafe {
-        let mut lim = libc::rlimit {
-            rlim_cur: 0,
-            rlim_max: 0,
-        };
-        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 && lim.rlim_cur < lim.rlim_max {
-            lim.rlim_cur = lim.rlim_max;
-            libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
-        }
-    }
-}
-
 fn run(cli: Cli) -> anyhow::Result<()> {
-    raise_fd_limit();
+    lockbroker_proto::os::raise_fd_limit();
     let mut config = Config::from_cli(cli, &Env::current())?;
     config.systemd = lockbrokerd::systemd::Systemd::from_env();
     init_logging(&config)?;

@@ -84,6 +84,19 @@ impl Error {
             _ => None,
         }
     }
+
+    /// Whether connecting failed because no daemon listens at the address
+    /// (no socket, or nobody accepting on it), as opposed to a daemon that
+    /// answered and refused: the case in which starting one can help.
+    pub fn nobody_listens(&self) -> bool {
+        match self {
+            Error::Connect { source, .. } => matches!(
+                source.kind(),
+                io::ErrorKind::NotFound | io::ErrorKind::ConnectionRefused
+            ),
+            _ => false,
+        }
+    }
 }
 
 /// Results of this crate.

@@ -54,6 +54,7 @@
 //! - [`BlockingClient`] offers the same for code without a Tokio runtime.
 //! - [`Error`] says what went wrong; errors from the daemon carry its stable
 //!   [`ErrorCode`].
+//! - [`launch`] starts `lockbrokerd` and waits until it serves.
 
 mod blocking;
 mod client;
@@ -61,6 +62,7 @@ mod connector;
 mod error;
 mod guard;
 mod handle;
+pub mod launch;
 mod state;
 mod transport;
 
@@ -74,7 +76,10 @@ pub use guard::{BlockingLockGuard, LockGuard};
 pub use handle::{Mutex, RwLock, Semaphore};
 pub use lockbroker_proto::address::{self, Scope};
 pub use lockbroker_proto::{ChangeKind, StateEntry, Versioned};
-pub use lockbroker_proto::{ErrorCode, Inspection, LockKind};
+pub use lockbroker_proto::{
+    EntryInfo, EntryKind, ErrorCode, HolderInfo, Inspection, LockKind, ServerInfo, SessionInfo,
+    WaiterInfo,
+};
 pub use state::{
     RemoveOutcome, State, Watch, WatchEvent, WatchOptions, WriteOptions, WriteOutcome,
 };

@@ -31,6 +31,7 @@ pub mod address;
 pub mod frame;
 pub mod io;
 pub mod message;
+pub mod os;
 
 pub use frame::{DEFAULT_MAX_FRAME_LEN, FrameError, HEADER_LEN, MIN_MAX_FRAME_LEN};
 pub use message::*;

@@ -11,7 +11,7 @@ use std::path::Path;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use lockbroker::Client;
-use lockbroker_proto::{EntryInfo, ServerInfo, SessionInfo};
+use lockbroker::{EntryInfo, EntryKind, ServerInfo, SessionInfo};
 use serde_json::{Value, json};
 
 use crate::exit;
@@ -168,7 +168,7 @@ fn header(s: &ServerInfo, socket: &Path) -> String {
 fn entry_block(e: &EntryInfo, now: u64) -> String {
     let mut out = String::new();
     let cap = match e.kind {
-        lockbroker_proto::EntryKind::Semaphore => format!(" capacity {}", e.capacity),
+        EntryKind::Semaphore => format!(" capacity {}", e.capacity),
         _ => String::new(),
     };
     let flag = if e.abandoned {

@@ -146,33 +146,6 @@ command's.")]
     #[command(subcommand)]
     State(StateCommand),
 
-    /// Measure the daemon under load (like redis-benchmark).
-    #[command(after_help = "\
-Examples:
-  lockbroker bench uncontended --spawn --clients 8 --duration 5s
-  lockbroker bench contended --clients 16        (checks FIFO order too)
-  lockbroker bench handoff --ops 5000 --json
-  lockbroker bench connections --spawn --ops 10000
-  lockbroker bench names --spawn --ops 1000000
-  lockbroker bench abandon --spawn --ops 100
-  lockbroker bench inspect --spawn --ops 1000000 --duration 5s
-
-Scenarios: uncontended (each client its own mutex), contended (all on one
-mutex; reports FIFO violations), semaphore (capacity 4), handoff (release to
-next grant), state (50% get, 25% set, 25% incr), connections (daemon memory
-per connection holding a lock), names (daemon memory per held name), abandon
-(kill -9 of a holder to the waiter's grant), inspect (a bystander's ping
-latency while `status --json` lists --ops held names, against its idle
-latency).")]
-    Bench(BenchArgs),
-
-    /// (internal) Hold a lock until killed; used by `bench abandon`.
-    #[command(hide = true)]
-    BenchHold {
-        /// The mutex.
-        name: String,
-    },
-
     /// Run the daemon (lockbrokerd) in the foreground.
     #[command(after_help = "\
 Examples:
@@ -289,59 +262,6 @@ pub enum StateCommand {
         #[arg(long, value_name = "VERSION", default_value_t = 0)]
         from: u64,
     },
-}
-
-/// `lockbroker bench`.
-#[derive(Debug, Args)]
-pub struct BenchArgs {
-    /// What to measure.
-    #[arg(value_enum)]
-    pub scenario: Scenario,
-    /// Concurrent clients (connections).
-    #[arg(long, default_value_t = 1, value_name = "N")]
-    pub clients: usize,
-    /// Run this long (per scenario).
-    #[arg(long, value_parser = parse_duration, default_value = "2s", value_name = "DURATION")]
-    pub duration: Duration,
-    /// Operations per client instead of a duration (for connections, names,
-    /// handoff and abandon: the total; for inspect: the names held).
-    #[arg(long, value_name = "N")]
-    pub ops: Option<usize>,
-    /// Requests in flight per client (uncontended, semaphore, state).
-    #[arg(long, default_value_t = 1, value_name = "K")]
-    pub pipeline: usize,
-    /// Use the blocking client, one thread per client (uncontended).
-    #[arg(long)]
-    pub blocking: bool,
-    /// Start a private daemon on a temporary socket for the run.
-    #[arg(long)]
-    pub spawn: bool,
-    /// Extra flags for the spawned daemon (e.g. --workers=2).
-    #[arg(long = "daemon-arg", value_name = "FLAG", allow_hyphen_values = true)]
-    pub daemon_args: Vec<String>,
-}
-
-/// `lockbroker bench` scenarios.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum Scenario {
-    /// Each client cycles acquire+release on its own mutex.
-    Uncontended,
-    /// All clients on one mutex; checks FIFO order.
-    Contended,
-    /// Capacity 4, many clients.
-    Semaphore,
-    /// Latency from a holder's release to the next waiter's grant.
-    Handoff,
-    /// Get / set / increment mix.
-    State,
-    /// Daemon memory per connection holding a lock.
-    Connections,
-    /// Daemon memory per held name.
-    Names,
-    /// Time from kill -9 of a holder to the waiter's grant.
-    Abandon,
-    /// A bystander's ping latency while `status --json` lists N held names.
-    Inspect,
 }
 
 /// How long to wait for a lock.

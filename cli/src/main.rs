@@ -2,7 +2,6 @@
 //! who holds what, starts private brokers, and runs the daemon.
 
 mod args;
-mod bench;
 mod child;
 mod daemon;
 mod held;
@@ -168,20 +167,6 @@ async fn run(cli: Cli) -> Result<u8, Failure> {
                 .map_err(|e| (exit::ERROR, format!("waiting for the command: {e}")))?;
             drop(private);
             Ok(child::exit_code(status))
-        }
-        Command::Bench(a) => {
-            let connector = (!a.spawn).then(|| connector_of(&cli));
-            bench::run(a, connector, cli.json).await
-        }
-        Command::BenchHold { name } => {
-            let client = connect(&cli).await?;
-            let _guard = client
-                .mutex(name.clone())
-                .acquire()
-                .await
-                .map_err(unavailable)?;
-            std::future::pending::<()>().await;
-            Ok(0)
         }
         Command::State(command) => {
             let client = connect(&cli).await?;
@@ -356,7 +341,7 @@ async fn connect_with_address(cli: &Cli) -> Result<(Client, std::path::PathBuf),
     let socket = connector.address().map_err(unavailable)?;
     match connector.connect().await {
         Ok(client) => Ok((client, socket)),
-        Err(e) if daemon::nobody_listens(&e) && may_autostart(cli, scope, &env) => {
+        Err(e) if e.nobody_listens() && may_autostart(cli, scope, &env) => {
             let client = daemon::autostart(&connector, &socket)
                 .await
                 .map_err(|e| (exit::UNAVAILABLE, e))?;
@@ -386,8 +371,6 @@ fn client_name(cli: &Cli) -> String {
         Command::Run(_) => "lockbroker run".into(),
         Command::Daemon(_) => "lockbroker daemon".into(),
         Command::State(_) => "lockbroker state".into(),
-        Command::Bench(_) => "lockbroker bench".into(),
-        Command::BenchHold { name } => format!("lockbroker bench holder {name}"),
     };
     let mut name: String = what.chars().filter(|c| !c.is_control()).collect();
     while name.len() > 255 {

@@ -1,22 +1,111 @@
-//! `lockbroker bench`: load scenarios against a daemon, like
+//! `lockbroker-bench load`: one load scenario against a daemon, like
 //! redis-benchmark. Each prints operations per second and latency
-//! percentiles (or JSON).
+//! percentiles (or JSON, which the harness reads).
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
+use clap::{Parser, ValueEnum};
+use lockbroker::launch::{self, START_TIMEOUT};
 use lockbroker::{Client, Connector};
 use serde_json::json;
 
-use crate::args::{BenchArgs, Scenario};
-use crate::exit;
-
-type Failure = (u8, String);
+/// What went wrong, to print before exiting with status 1.
+type Failure = String;
 
 fn fail(e: impl std::fmt::Display) -> Failure {
-    (exit::UNAVAILABLE, e.to_string())
+    e.to_string()
+}
+
+/// `lockbroker-bench load`.
+#[derive(Debug, Parser)]
+#[command(after_help = "\
+Examples:
+  lockbroker-bench load uncontended --spawn --clients 8 --duration 5
+  lockbroker-bench load contended --clients 16        (checks FIFO order too)
+  lockbroker-bench load handoff --ops 5000 --json
+  lockbroker-bench load connections --spawn --ops 10000
+  lockbroker-bench load names --spawn --ops 1000000
+  lockbroker-bench load abandon --spawn --ops 100
+  lockbroker-bench load inspect --spawn --ops 1000000 --duration 5
+
+Scenarios: uncontended (each client its own mutex), contended (all on one
+mutex; reports FIFO violations), semaphore (capacity 4), handoff (release to
+next grant), state (50% get, 25% set, 25% incr), connections (daemon memory
+per connection holding a lock), names (daemon memory per held name), abandon
+(kill -9 of a holder to the waiter's grant), inspect (a bystander's ping
+latency while `lockbroker status --json` lists --ops held names, against its
+idle latency).")]
+pub struct LoadArgs {
+    /// What to measure.
+    #[arg(value_enum)]
+    pub scenario: Scenario,
+    /// The daemon's socket (default: $LOCKBROKER_SOCKET, else the login
+    /// session's daemon).
+    #[arg(long, value_name = "PATH", conflicts_with = "spawn")]
+    pub socket: Option<PathBuf>,
+    /// Start a private daemon on a temporary socket for the run.
+    #[arg(long)]
+    pub spawn: bool,
+    /// Extra flags for the spawned daemon (e.g. --workers=2).
+    #[arg(long = "daemon-arg", value_name = "FLAG", allow_hyphen_values = true)]
+    pub daemon_args: Vec<String>,
+    /// Concurrent clients (connections).
+    #[arg(long, default_value_t = 1, value_name = "N")]
+    pub clients: usize,
+    /// Run this many seconds (per scenario).
+    #[arg(long, default_value = "2", value_parser = parse_seconds, value_name = "SECONDS")]
+    pub duration: Duration,
+    /// Operations per client instead of a duration (for connections, names,
+    /// handoff and abandon: the total; for inspect: the names held).
+    #[arg(long, value_name = "N")]
+    pub ops: Option<usize>,
+    /// Requests in flight per client (uncontended, semaphore, state).
+    #[arg(long, default_value_t = 1, value_name = "K")]
+    pub pipeline: usize,
+    /// Use the blocking client, one thread per client (uncontended).
+    #[arg(long)]
+    pub blocking: bool,
+    /// Print one JSON object instead of a line.
+    #[arg(long)]
+    pub json: bool,
+    /// The `lockbroker` tool (inspect runs its `status`; default: the one
+    /// beside this program, else the first on PATH).
+    #[arg(long, value_name = "PATH")]
+    pub cli: Option<PathBuf>,
+}
+
+/// The scenarios.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Scenario {
+    /// Each client cycles acquire+release on its own mutex.
+    Uncontended,
+    /// All clients on one mutex; checks FIFO order.
+    Contended,
+    /// Capacity 4, many clients.
+    Semaphore,
+    /// Latency from a holder's release to the next waiter's grant.
+    Handoff,
+    /// Get / set / increment mix.
+    State,
+    /// Daemon memory per connection holding a lock.
+    Connections,
+    /// Daemon memory per held name.
+    Names,
+    /// Time from kill -9 of a holder to the waiter's grant.
+    Abandon,
+    /// A bystander's ping latency while `status --json` lists N held names.
+    Inspect,
+}
+
+/// Seconds, fractions allowed.
+fn parse_seconds(text: &str) -> Result<Duration, String> {
+    let secs: f64 = text
+        .parse()
+        .map_err(|_| format!("{text:?} is not a number of seconds"))?;
+    Duration::try_from_secs_f64(secs).map_err(|e| format!("{text:?}: {e}"))
 }
 
 /// Latency samples and a count of operations.
@@ -141,7 +230,7 @@ impl Drop for Spawned {
 async fn spawn_daemon(extra: &[String]) -> Result<(Spawned, PathBuf), Failure> {
     let dir = tempfile::tempdir().map_err(fail)?;
     let socket = dir.path().join("bench.sock");
-    let child = std::process::Command::new(crate::daemon::binary())
+    let child = std::process::Command::new(launch::binary())
         .arg("--socket")
         .arg(&socket)
         .args(["--log-level", "warn", "--max-connections", "20000"])
@@ -150,32 +239,12 @@ async fn spawn_daemon(extra: &[String]) -> Result<(Spawned, PathBuf), Failure> {
         .stdin(std::process::Stdio::null())
         .spawn()
         .map_err(|e| fail(format!("cannot start lockbrokerd: {e}")))?;
-    let spawned = Spawned { child, _dir: dir };
+    let mut spawned = Spawned { child, _dir: dir };
     let connector = Connector::new().socket(&socket);
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while connector.connect().await.is_err() {
-        if Instant::now() > deadline {
-            return Err(fail("the spawned lockbrokerd did not start"));
-        }
-        tokio::time::sleep(Duration::from_millis(2)).await;
-    }
+    launch::wait_until_serving(&mut spawned.child, &connector, START_TIMEOUT, false)
+        .await
+        .map_err(|e| fail(format!("the spawned daemon: {e}")))?;
     Ok((spawned, socket))
-}
-
-/// Raises this process's open-file limit as far as allowed (connections).
-fn raise_fd_limit() {
-    #[cfg(unix)]
-    // SAFETY: plain getrlimit/setrlimit on a local struct.
-    unsafe {
-        let mut lim = libc::rlimit {
-            rlim_cur: 0,
-            rlim_max: 0,
-        };
-        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 {
-            lim.rlim_cur = lim.rlim_max;
-            libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
-        }
-    }
 }
 
 /// The daemon's resident memory in bytes, from /proc.
@@ -186,24 +255,20 @@ fn rss_bytes(pid: u32) -> Option<u64> {
     Some(kb * 1024)
 }
 
-/// Runs the chosen scenario against the daemon `connector` reaches, or
-/// (`--spawn`, `None`) a private one.
-pub async fn run(
-    args: &BenchArgs,
-    connector: Option<Connector>,
-    as_json: bool,
-) -> Result<u8, Failure> {
-    raise_fd_limit();
-    let (_spawned, connector) = match (args.spawn, connector) {
-        (true, _) => {
+/// Runs the chosen scenario against the daemon at `--socket` (or the
+/// default address), or a private one (`--spawn`), and prints its report.
+pub async fn run(args: &LoadArgs) -> Result<(), Failure> {
+    lockbroker_proto::os::raise_fd_limit();
+    let (_spawned, connector) = match (&args.socket, args.spawn) {
+        (_, true) => {
             let (s, p) = spawn_daemon(&args.daemon_args).await?;
             (Some(s), Connector::new().socket(p))
         }
-        (false, Some(c)) => (None, c),
-        (false, None) => return Err(fail("no daemon address")),
+        (Some(socket), false) => (None, Connector::new().socket(socket)),
+        (None, false) => (None, Connector::new()),
     };
     let socket = connector.address().map_err(fail)?;
-    let connector = connector.client_name("lockbroker bench");
+    let connector = connector.client_name("lockbroker-bench");
     let report = match args.scenario {
         Scenario::Uncontended => uncontended(&connector, args).await?,
         Scenario::Contended => contended(&connector, args).await?,
@@ -215,8 +280,8 @@ pub async fn run(
         Scenario::Abandon => abandon(&connector, &socket, args).await?,
         Scenario::Inspect => inspect(&connector, &socket, args).await?,
     };
-    report.print(as_json);
-    Ok(0)
+    report.print(args.json);
+    Ok(())
 }
 
 /// When a load loop stops: after `--ops` per client or at the deadline.
@@ -227,7 +292,7 @@ struct Until {
 }
 
 impl Until {
-    fn new(args: &BenchArgs) -> (Until, Duration) {
+    fn new(args: &LoadArgs) -> (Until, Duration) {
         let stop = Arc::new(AtomicBool::new(false));
         let duration = args.duration;
         if args.ops.is_none() {
@@ -299,7 +364,7 @@ where
     Ok((all, start.elapsed()))
 }
 
-async fn uncontended(connector: &Connector, args: &BenchArgs) -> Result<Report, Failure> {
+async fn uncontended(connector: &Connector, args: &LoadArgs) -> Result<Report, Failure> {
     let (until, _) = Until::new(args);
     if args.blocking {
         return uncontended_blocking(connector, args, until).await;
@@ -317,7 +382,7 @@ async fn uncontended(connector: &Connector, args: &BenchArgs) -> Result<Report, 
 /// The same cycle through `BlockingClient`, one OS thread per client.
 async fn uncontended_blocking(
     connector: &Connector,
-    args: &BenchArgs,
+    args: &LoadArgs,
     until: Until,
 ) -> Result<Report, Failure> {
     let connector = connector.clone();
@@ -359,7 +424,7 @@ async fn uncontended_blocking(
     Ok(Report::new("uncontended", n, result.1, result.0).with("client", json!("blocking")))
 }
 
-async fn contended(connector: &Connector, args: &BenchArgs) -> Result<Report, Failure> {
+async fn contended(connector: &Connector, args: &LoadArgs) -> Result<Report, Failure> {
     let (until, _) = Until::new(args);
     let cs = clients(connector, args.clients).await?;
     let observer = connector.connect().await.map_err(fail)?;
@@ -407,10 +472,7 @@ async fn contended(connector: &Connector, args: &BenchArgs) -> Result<Report, Fa
         .with("fifo_violations", json!(violations));
     if violations > 0 {
         report.print(false);
-        return Err((
-            exit::ERROR,
-            format!("{violations} grants did not follow FIFO order"),
-        ));
+        return Err(format!("{violations} grants did not follow FIFO order"));
     }
     Ok(report)
 }
@@ -447,7 +509,7 @@ fn fifo_check(grants: &[(u64, u64)], snaps: &[(u64, Vec<u64>)]) -> (usize, usize
     (checked, violations)
 }
 
-async fn semaphore(connector: &Connector, args: &BenchArgs) -> Result<Report, Failure> {
+async fn semaphore(connector: &Connector, args: &LoadArgs) -> Result<Report, Failure> {
     let (until, _) = Until::new(args);
     let cs = clients(connector, args.clients).await?;
     let (samples, elapsed) = load(cs, args.pipeline, until, |client, _, _| async move {
@@ -460,7 +522,7 @@ async fn semaphore(connector: &Connector, args: &BenchArgs) -> Result<Report, Fa
 
 /// Two clients pass one mutex back and forth; the latency is from the
 /// holder sending its release to the waiter receiving its grant.
-async fn handoff(connector: &Connector, args: &BenchArgs) -> Result<Report, Failure> {
+async fn handoff(connector: &Connector, args: &LoadArgs) -> Result<Report, Failure> {
     let a = connector.connect().await.map_err(fail)?;
     let b = connector.connect().await.map_err(fail)?;
     let rounds = args.ops.unwrap_or(2000);
@@ -496,7 +558,7 @@ async fn handoff(connector: &Connector, args: &BenchArgs) -> Result<Report, Fail
     Ok(Report::new("handoff", 2, start.elapsed(), samples))
 }
 
-async fn state(connector: &Connector, args: &BenchArgs) -> Result<Report, Failure> {
+async fn state(connector: &Connector, args: &LoadArgs) -> Result<Report, Failure> {
     let (until, _) = Until::new(args);
     let cs = clients(connector, args.clients).await?;
     let (samples, elapsed) = load(cs, args.pipeline, until, |client, i, n| async move {
@@ -521,7 +583,7 @@ async fn state(connector: &Connector, args: &BenchArgs) -> Result<Report, Failur
 }
 
 /// N connections, each holding one lock: the daemon's memory per connection.
-async fn connections(connector: &Connector, args: &BenchArgs) -> Result<Report, Failure> {
+async fn connections(connector: &Connector, args: &LoadArgs) -> Result<Report, Failure> {
     let n = args.ops.unwrap_or(10_000);
     let probe = connector.connect().await.map_err(fail)?;
     let pid = probe.inspect("").await.map_err(fail)?.server.pid;
@@ -584,7 +646,7 @@ async fn take_names(
 }
 
 /// One session holding N names: the daemon's memory per held name.
-async fn names(connector: &Connector, args: &BenchArgs) -> Result<Report, Failure> {
+async fn names(connector: &Connector, args: &LoadArgs) -> Result<Report, Failure> {
     let n = args.ops.unwrap_or(1_000_000);
     let client = connector.connect().await.map_err(fail)?;
     let pid = client.inspect("").await.map_err(fail)?.server.pid;
@@ -618,8 +680,8 @@ async fn pings(client: &Client, done: impl Fn() -> bool) -> Result<Samples, Fail
 /// Linux it runs at the idle scheduling class, so that on a small machine
 /// its own formatting does not take the CPU from the bystander: what is
 /// measured is how the daemon serves others while it is listed.
-fn status_command(socket: &Path) -> Result<tokio::process::Command, Failure> {
-    let mut cmd = tokio::process::Command::new(std::env::current_exe().map_err(fail)?);
+fn status_command(cli: &Path, socket: &Path) -> tokio::process::Command {
+    let mut cmd = tokio::process::Command::new(cli);
     cmd.arg("--socket")
         .arg(socket)
         .args(["--json", "--no-autostart", "status"])
@@ -636,7 +698,21 @@ fn status_command(socket: &Path) -> Result<tokio::process::Command, Failure> {
             Ok(())
         });
     }
-    Ok(cmd)
+    cmd
+}
+
+/// The `lockbroker` tool: `--cli`, else the one beside this program, else
+/// the first on `PATH`.
+fn cli_binary(args: &LoadArgs) -> PathBuf {
+    if let Some(cli) = &args.cli {
+        return cli.clone();
+    }
+    let name = format!("lockbroker{}", std::env::consts::EXE_SUFFIX);
+    std::env::current_exe()
+        .map(|me| me.with_file_name(&name))
+        .ok()
+        .filter(|p| p.is_file())
+        .unwrap_or_else(|| name.into())
 }
 
 /// One session holds N names; a bystander session pings once a
@@ -644,11 +720,7 @@ fn status_command(socket: &Path) -> Result<tokio::process::Command, Failure> {
 /// while `lockbroker status --json` lists every name, run after run, for
 /// at least `--duration`. The latencies reported are the bystander's during
 /// the listings; the idle ones are beside them.
-async fn inspect(
-    connector: &Connector,
-    socket: &Path,
-    args: &BenchArgs,
-) -> Result<Report, Failure> {
+async fn inspect(connector: &Connector, socket: &Path, args: &LoadArgs) -> Result<Report, Failure> {
     let n = args.ops.unwrap_or(1_000_000);
     let holder = connector.connect().await.map_err(fail)?;
     let (guards, _) = take_names(&holder, "bench/i/", n).await?;
@@ -660,12 +732,13 @@ async fn inspect(
     let done = Arc::new(AtomicBool::new(false));
     let lister = {
         let (done, socket, duration) = (Arc::clone(&done), socket.to_owned(), args.duration);
+        let cli = cli_binary(args);
         tokio::spawn(async move {
             let start = Instant::now();
             let mut runs = Vec::new();
             while runs.is_empty() || start.elapsed() < duration {
                 let t = Instant::now();
-                let status = status_command(&socket)?.status().await.map_err(fail)?;
+                let status = status_command(&cli, &socket).status().await.map_err(fail)?;
                 if !status.success() {
                     done.store(true, Ordering::Relaxed);
                     return Err(fail(format!("lockbroker status failed: {status}")));
@@ -697,13 +770,9 @@ async fn inspect(
         .with("status_median_ms", json!(us(runs[runs.len() / 2]) / 1000.0)))
 }
 
-/// A holder process (`lockbroker bench-hold`) is killed with SIGKILL; the
+/// A holder process (`lockbroker-bench hold`) is killed with SIGKILL; the
 /// latency is from the kill to the waiter's grant.
-async fn abandon(
-    connector: &Connector,
-    socket: &Path,
-    args: &BenchArgs,
-) -> Result<Report, Failure> {
+async fn abandon(connector: &Connector, socket: &Path, args: &LoadArgs) -> Result<Report, Failure> {
     let rounds = args.ops.unwrap_or(50);
     let waiter = connector.connect().await.map_err(fail)?;
     let me = std::env::current_exe().map_err(fail)?;
@@ -711,10 +780,9 @@ async fn abandon(
     let start = Instant::now();
     for _ in 0..rounds {
         let mut child = tokio::process::Command::new(&me)
-            .arg("--socket")
+            .arg("hold")
             .arg(socket)
-            .args(["bench-hold", "bench/abandon"])
-            .env("LOCKBROKER_NO_AUTOSTART", "1")
+            .arg("bench/abandon")
             .stdin(std::process::Stdio::null())
             .kill_on_drop(true)
             .spawn()
@@ -748,13 +816,23 @@ async fn abandon(
             .push(granted_at.saturating_duration_since(killed));
         let g = g.map_err(fail)?;
         if !g.abandoned() {
-            return Err((
-                exit::ERROR,
-                "the grant after a kill -9 was not marked abandoned".into(),
-            ));
+            return Err("the grant after a kill -9 was not marked abandoned".into());
         }
         g.release().await.map_err(fail)?;
         let _ = child.wait().await;
     }
     Ok(Report::new("abandon", 1, start.elapsed(), samples))
+}
+
+/// `lockbroker-bench hold SOCKET NAME`: holds the mutex NAME until killed,
+/// for the abandon scenario.
+pub async fn hold(socket: &Path, name: &str) -> Result<(), Failure> {
+    let client = Connector::new()
+        .socket(socket)
+        .client_name("lockbroker-bench hold")
+        .connect()
+        .await
+        .map_err(fail)?;
+    let _guard = client.mutex(name).acquire().await.map_err(fail)?;
+    std::future::pending().await
 }

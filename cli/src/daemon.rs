@@ -4,27 +4,9 @@
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
 
-use lockbroker::{Client, Connector, Error};
-
-/// How long a started daemon has to accept connections.
-const START_TIMEOUT: Duration = Duration::from_secs(10);
-
-/// The `lockbrokerd` binary: `$LOCKBROKERD`, else the one beside this
-/// program, else the first on `PATH`.
-pub fn binary() -> PathBuf {
-    if let Some(path) = std::env::var_os("LOCKBROKERD").filter(|p| !p.is_empty()) {
-        return path.into();
-    }
-    if let Ok(me) = std::env::current_exe() {
-        let sibling = me.with_file_name(format!("lockbrokerd{}", std::env::consts::EXE_SUFFIX));
-        if sibling.is_file() {
-            return sibling;
-        }
-    }
-    PathBuf::from("lockbrokerd")
-}
+use lockbroker::launch::{self, LaunchError, START_TIMEOUT, binary};
+use lockbroker::{Client, Connector};
 
 /// The pid of the daemon this process autostarted, if any.
 static AUTOSTARTED: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
@@ -36,18 +18,6 @@ pub fn autostarted() -> Option<u32> {
     match AUTOSTARTED.load(std::sync::atomic::Ordering::Relaxed) {
         0 => None,
         pid => Some(pid),
-    }
-}
-
-/// Whether connecting failed because nobody listens (as opposed to a
-/// daemon that answered and refused).
-pub fn nobody_listens(e: &Error) -> bool {
-    match e {
-        Error::Connect { source, .. } => matches!(
-            source.kind(),
-            std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused
-        ),
-        _ => false,
     }
 }
 
@@ -67,37 +37,23 @@ pub async fn autostart(connector: &Connector, socket: &Path) -> Result<Client, S
         )
     })?;
     AUTOSTARTED.store(child.id(), std::sync::atomic::Ordering::Relaxed);
-    let deadline = Instant::now() + START_TIMEOUT;
-    loop {
-        match connector.connect().await {
-            Ok(client) => return Ok(client),
-            Err(e) if nobody_listens(&e) => {}
-            Err(e) => return Err(e.to_string()),
-        }
-        // Our daemon exits at once if another one won the race (status 3):
-        // then wait for the winner. Any other exit is a daemon that cannot
-        // start: say why now, in its own words.
-        if let Ok(Some(status)) = child.try_wait() {
-            if status.code() != Some(EXIT_ALREADY_RUNNING) {
-                return Err(format!(
-                    "lockbrokerd could not start ({status}): {}",
-                    last_error_line(&log_path, log_start)
-                ));
-            }
-        }
-        if Instant::now() >= deadline {
-            return Err(format!(
-                "lockbrokerd did not start listening on {} within {START_TIMEOUT:?}; see {}",
-                socket.display(),
-                log_path.display()
-            ));
-        }
-        tokio::time::sleep(Duration::from_millis(5)).await;
+    // A daemon that lost the race to another exits at once (status 3):
+    // then the winner is waited for. Any other exit is a daemon that
+    // cannot start: say why now, in its own words.
+    match launch::wait_until_serving(&mut child, connector, START_TIMEOUT, true).await {
+        Ok(client) => Ok(client),
+        Err(LaunchError::Exited(status)) => Err(format!(
+            "lockbrokerd could not start ({status}): {}",
+            last_error_line(&log_path, log_start)
+        )),
+        Err(LaunchError::TimedOut(t)) => Err(format!(
+            "lockbrokerd did not start listening on {} within {t:?}; see {}",
+            socket.display(),
+            log_path.display()
+        )),
+        Err(LaunchError::Connect(e)) => Err(e.to_string()),
     }
 }
-
-/// `lockbrokerd`'s exit status when another daemon serves the socket.
-const EXIT_ALREADY_RUNNING: i32 = 3;
 
 /// The last line the daemon wrote to `log` after byte `from` (its error),
 /// or a pointer to the log.
@@ -209,30 +165,26 @@ impl Private {
         let connector = Connector::new()
             .socket(&private.socket)
             .client_name("lockbroker run");
-        let deadline = Instant::now() + START_TIMEOUT;
-        loop {
-            match connector.connect().await {
-                Ok(_) => {
-                    private.relay = Some(std::thread::spawn(move || {
-                        let _ = std::io::copy(&mut stderr, &mut std::io::stderr());
-                    }));
-                    return Ok(private);
-                }
-                Err(e) if nobody_listens(&e) => {}
-                Err(e) => return Err(e.to_string()),
+        match launch::wait_until_serving(&mut private.child, &connector, START_TIMEOUT, false).await
+        {
+            Ok(_) => {
+                private.relay = Some(std::thread::spawn(move || {
+                    let _ = std::io::copy(&mut stderr, &mut std::io::stderr());
+                }));
+                Ok(private)
             }
-            if let Ok(Some(status)) = private.child.try_wait() {
+            Err(LaunchError::Exited(status)) => {
                 let mut output = String::new();
                 let _ = std::io::Read::read_to_string(&mut stderr, &mut output);
-                return Err(format!(
+                Err(format!(
                     "the private lockbrokerd could not start ({status}): {}",
                     last_line(&output).unwrap_or_else(|| "it said nothing".into())
-                ));
+                ))
             }
-            if Instant::now() >= deadline {
-                return Err("the private lockbrokerd did not start in time".into());
+            Err(LaunchError::TimedOut(_)) => {
+                Err("the private lockbrokerd did not start in time".into())
             }
-            tokio::time::sleep(Duration::from_millis(5)).await;
+            Err(LaunchError::Connect(e)) => Err(e.to_string()),
         }
     }
 
