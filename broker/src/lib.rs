@@ -6,9 +6,10 @@
 //! - [`config`]: command-line flags and the validated [`Config`].
 //! - [`transport`]: binding the socket safely (one daemon per socket, stale
 //!   socket reclaim, directory checks), accepting, peer credentials.
-//! - [`server`]: the accept loop, connection limit and graceful shutdown;
-//!   [`Broker`](server::Broker) is what every session shares.
-//! - [`session`]: one task per connection: handshake, requests, cleanup.
+//! - [`server`]: the accept loop, connection limit and graceful shutdown.
+//! - [`broker`]: [`Broker`](broker::Broker), what every session shares.
+//! - [`session`]: one task per connection: the handshake and I/O loop, its
+//!   lock requests and its state requests.
 //! - [`lock_table`]: the synchronous lock table (FIFO queues, holds, fences,
 //!   abandonment); it does no I/O.
 //! - [`state`]: the shared key/value store on its own thread (versions,
@@ -29,6 +30,7 @@
 //! # }
 //! ```
 
+pub mod broker;
 pub mod config;
 pub mod error;
 pub mod lock_table;

@@ -86,9 +86,39 @@ impl Delivery {
     }
 }
 
-/// Sends every delivery.
-pub fn deliver(deliveries: Vec<Delivery>) {
-    deliveries.into_iter().for_each(Delivery::send);
+/// The grants one change of the table made to waiting sessions. The
+/// table returns them once its shard lock is gone, and they are sent then:
+/// by [`Grants::send`], or when they are dropped, so a grant can never be
+/// forgotten (its session would wait forever for a lock it holds).
+#[must_use = "grants are sent when dropped; send them where the change is made"]
+#[derive(Debug, Default)]
+pub struct Grants(Vec<Delivery>);
+
+impl Grants {
+    /// Sends every grant to its session.
+    pub fn send(self) {
+        drop(self);
+    }
+
+    fn push(&mut self, delivery: Delivery) {
+        self.0.push(delivery);
+    }
+}
+
+impl std::ops::Deref for Grants {
+    type Target = [Delivery];
+
+    fn deref(&self) -> &[Delivery] {
+        &self.0
+    }
+}
+
+impl Drop for Grants {
+    fn drop(&mut self) {
+        std::mem::take(&mut self.0)
+            .into_iter()
+            .for_each(Delivery::send);
+    }
 }
 
 /// A session as the table sees it: who it is, and where its grants go.
@@ -223,7 +253,7 @@ pub struct Released {
     /// Holds that ended entirely (a partly released one is not listed).
     pub ended: Vec<u64>,
     /// Grants the release made possible.
-    pub deliveries: Vec<Delivery>,
+    pub deliveries: Grants,
 }
 
 #[derive(Debug)]
@@ -565,7 +595,7 @@ impl LockTable {
     }
 
     /// Grants from the head of the queue while the head fits.
-    fn grant_ready(&self, entry: &mut Entry, out: &mut Vec<Delivery>) {
+    fn grant_ready(&self, entry: &mut Entry, out: &mut Grants) {
         while let Some(head) = entry.queue.front() {
             let weight = weight(head.kind, head.permits);
             if weight > u64::from(entry.free) {
@@ -588,7 +618,7 @@ impl LockTable {
     fn with_entry<T>(
         &self,
         name: &str,
-        out: &mut Vec<Delivery>,
+        out: &mut Grants,
         f: impl FnOnce(&mut Entry) -> T,
     ) -> Option<T> {
         let mut shard = lock(self.shard(name));
@@ -644,8 +674,8 @@ impl LockTable {
     /// Removes `peer`'s waiting acquire `request_id` on `name`. Returns
     /// whether it was still waiting; if not, it was granted and its delivery
     /// is on its way.
-    pub fn cancel(&self, name: &str, session_id: u64, request_id: u64) -> (bool, Vec<Delivery>) {
-        let mut out = Vec::new();
+    pub fn cancel(&self, name: &str, session_id: u64, request_id: u64) -> (bool, Grants) {
+        let mut out = Grants::default();
         let removed = self
             .with_entry(name, &mut out, |e| {
                 let pos = e
@@ -660,13 +690,8 @@ impl LockTable {
 
     /// Releases hold `hold_id` of session `session_id` on `name`. Returns
     /// the permits it had, or `None` if the session has no such hold there.
-    pub fn release(
-        &self,
-        name: &str,
-        session_id: u64,
-        hold_id: u64,
-    ) -> (Option<u32>, Vec<Delivery>) {
-        let mut out = Vec::new();
+    pub fn release(&self, name: &str, session_id: u64, hold_id: u64) -> (Option<u32>, Grants) {
+        let mut out = Grants::default();
         let permits = self
             .with_entry(name, &mut out, |e| {
                 let pos = e
@@ -689,7 +714,7 @@ impl LockTable {
         session_id: u64,
         count: u32,
     ) -> Result<Released, ErrorInfo> {
-        let mut deliveries = Vec::new();
+        let mut deliveries = Grants::default();
         let not_held = |held: u64| {
             ErrorInfo::new(
                 ErrorCode::NotHeld,
@@ -736,8 +761,8 @@ impl LockTable {
     /// Ends session `session_id`'s part in `name`: its holds are released
     /// (so the next grant reports abandonment when `abandon`) and its waits
     /// removed.
-    pub fn end_session(&self, name: &str, session_id: u64, abandon: bool) -> Vec<Delivery> {
-        let mut out = Vec::new();
+    pub fn end_session(&self, name: &str, session_id: u64, abandon: bool) -> Grants {
+        let mut out = Grants::default();
         self.with_entry(name, &mut out, |e| {
             e.queue.retain(|w| w.peer.id() != session_id);
             let before = e.holders.len();
@@ -873,6 +898,24 @@ mod tests {
     }
 
     #[test]
+    fn grants_reach_their_session_even_when_dropped() {
+        let t = LockTable::new(0, 1024);
+        let (a, _) = peer(1);
+        let (b, mut b_grants) = peer(2);
+        let n = name("m");
+        let m = spec(LockKind::Mutex, 0, 1, None);
+        let held = granted(t.acquire(&n, &a, 1, &m).unwrap());
+        assert_eq!(t.acquire(&n, &b, 7, &m).unwrap(), AcquireOutcome::Queued);
+        let (permits, grants) = t.release("m", 1, held.hold_id);
+        assert_eq!((permits, grants.len()), (Some(1), 1));
+        assert!(b_grants.try_recv().is_err(), "not sent while still in hand");
+        drop(grants);
+        let (request_id, grant) = b_grants.try_recv().expect("sent on drop");
+        assert_eq!(request_id, 7);
+        assert!(grant.fence > held.fence);
+    }
+
+    #[test]
     fn large_head_is_not_starved_and_try_never_jumps() {
         let t = LockTable::new(0, 1024);
         let (a, _) = peer(1);
@@ -919,7 +962,7 @@ mod tests {
             .acquire(&n, &a, 3, &spec(LockKind::Mutex, 1, 1, None))
             .unwrap_err();
         assert_eq!(err.code, ErrorCode::KindMismatch);
-        t.release("x", 1, g.hold_id);
+        t.release("x", 1, g.hold_id).1.send();
         assert!(t.is_empty(), "an idle entry is forgotten");
         granted(
             t.acquire(&n, &a, 4, &spec(LockKind::Mutex, 1, 1, None))
@@ -940,7 +983,7 @@ mod tests {
         let second = granted(t.acquire(&n, &b, 1, &m).unwrap());
         assert!(second.abandoned);
         assert!(second.fence > first.fence);
-        t.release("m", 2, second.hold_id);
+        t.release("m", 2, second.hold_id).1.send();
         let third = granted(t.acquire(&n, &b, 2, &m).unwrap());
         assert!(!third.abandoned, "reported once");
     }
@@ -1007,7 +1050,7 @@ mod tests {
         let g = granted(t.acquire(&name("only"), &a, 4, &m).unwrap());
         let (info, _) = t.inspect("only", 1);
         assert_eq!((info[0].kind, info[0].capacity), (EntryKind::Mutex, 1));
-        t.release("only", 1, g.hold_id);
+        t.release("only", 1, g.hold_id).1.send();
     }
 
     #[test]
@@ -1069,7 +1112,7 @@ mod tests {
         let (b, _) = peer(2);
         let g = granted(t.acquire(&name("x"), &b, 1, &m).unwrap());
         assert!(!g.abandoned, "x's flag was forgotten");
-        t.release("x", 2, g.hold_id);
+        t.release("x", 2, g.hold_id).1.send();
 
         // A tombstone used again and abandoned again is the youngest.
         abandon(&t, 3, &["y"]);
@@ -1095,7 +1138,7 @@ mod tests {
         let n = name("pool");
         granted(t.acquire(&n, &a, 1, &sem).unwrap());
         let held = granted(t.acquire(&n, &b, 1, &sem).unwrap());
-        t.end_session("pool", 1, true);
+        t.end_session("pool", 1, true).send();
         // Many tombstones come and go; the busy name keeps its flag.
         for i in 0..10 {
             abandon(&t, 10 + i, &[&format!("t{i}")]);
@@ -1105,7 +1148,7 @@ mod tests {
         assert!(info.abandoned && info.holders.len() == 1);
         let (c, _) = peer(3);
         assert!(granted(t.acquire(&n, &c, 1, &sem).unwrap()).abandoned);
-        t.release("pool", 2, held.hold_id);
+        t.release("pool", 2, held.hold_id).1.send();
     }
 
     #[test]
@@ -1269,7 +1312,7 @@ mod tests {
                 let mut last_fence = 0;
                 for op in ops {
                     let mut expected: Vec<(u64, u64, bool)> = Vec::new();
-                    let mut got: Vec<Delivery> = Vec::new();
+                    let mut got = Grants::default();
                     match op {
                         Op::Acquire { s, n, permits, shared, try_ } => {
                             // Names 0 and 2 mix mutex and rwlock requests.
@@ -1369,7 +1412,7 @@ mod tests {
                         Op::Disconnect { s } => {
                             let sid = sessions[s].id();
                             for n in 0..3 {
-                                let out = t.end_session(NAMES[n], sid, true);
+                                let mut out = t.end_session(NAMES[n], sid, true);
                                 let e = &mut model[n];
                                 e.queue.retain(|w| w.0 != sid);
                                 let before = e.holders.len();
@@ -1379,7 +1422,7 @@ mod tests {
                                 let idx = model_grant(n, e, &mut expected);
                                 prop_assert_eq!(out.len(), expected.len() - start);
                                 fill_hold_ids(e, idx, &out);
-                                got.extend(out);
+                                got.0.append(&mut out.0);
                                 // The table evicts as each name goes idle.
                                 settle(&mut model, &mut tombs, max_abandoned, [n]);
                             }
@@ -1398,7 +1441,7 @@ mod tests {
                     let got_ids: Vec<(u64, u64, bool)> = got.iter()
                         .map(|d| (d.to.id(), d.request_id, d.grant.abandoned)).collect();
                     prop_assert_eq!(&got_ids, &expected, "grants follow FIFO");
-                    for d in &got {
+                    for d in got.iter() {
                         prop_assert!(d.grant.fence > last_fence, "fences increase");
                         last_fence = d.grant.fence;
                     }

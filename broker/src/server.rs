@@ -9,17 +9,16 @@
 
 use std::future::Future;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use lockbroker_proto::{ErrorCode, ErrorInfo, ServerInfo, ServerMessage, frame};
+use lockbroker_proto::{ErrorCode, ErrorInfo, ServerMessage, frame};
 use tokio::io::AsyncWriteExt;
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 
-use crate::config::{Config, SessionLimits};
+use crate::broker::Broker;
+use crate::config::Config;
 use crate::error::StartError;
-use crate::lock_table::LockTable;
 use crate::session;
 use crate::shutdown;
 use crate::state::{FENCE_EPOCH_SHIFT, State};
@@ -31,72 +30,6 @@ pub const SHUTDOWN_GRACE: Duration = Duration::from_millis(500);
 /// Pause after a failed accept (e.g. out of file descriptors) before the
 /// next try, so the loop backs off instead of spinning or ending.
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(50);
-
-/// What every session shares: the lock table, the state store, the limits
-/// and counters.
-#[derive(Debug)]
-pub struct Broker {
-    /// Every lock entry.
-    pub table: LockTable,
-    /// The shared state.
-    pub state: State,
-    /// Applied to every session.
-    pub limits: SessionLimits,
-    started: std::time::Instant,
-    open_sessions: AtomicU64,
-    next_session: AtomicU64,
-}
-
-impl Broker {
-    /// A broker with an empty lock table whose fences start above
-    /// `fence_floor` and which keeps at most `max_abandoned` tombstones.
-    pub fn new(
-        limits: SessionLimits,
-        state: State,
-        fence_floor: u64,
-        max_abandoned: usize,
-    ) -> Broker {
-        Broker {
-            table: LockTable::new(fence_floor, max_abandoned),
-            state,
-            limits,
-            started: std::time::Instant::now(),
-            open_sessions: AtomicU64::new(0),
-            next_session: AtomicU64::new(0),
-        }
-    }
-
-    /// A new session id, unique in the daemon's life.
-    pub fn next_session_id(&self) -> u64 {
-        self.next_session.fetch_add(1, Ordering::Relaxed) + 1
-    }
-
-    /// Counts a session as open until the returned guard drops.
-    pub fn session_opened(self: &Arc<Self>) -> OpenSession {
-        self.open_sessions.fetch_add(1, Ordering::Relaxed);
-        OpenSession(Arc::clone(self))
-    }
-
-    /// Facts for `inspect`.
-    pub fn server_info(&self) -> ServerInfo {
-        ServerInfo {
-            version: crate::VERSION.to_owned(),
-            pid: std::process::id(),
-            uptime_ms: self.started.elapsed().as_millis() as u64,
-            sessions: self.open_sessions.load(Ordering::Relaxed),
-        }
-    }
-}
-
-/// Keeps a session counted as open; see [`Broker::session_opened`].
-#[derive(Debug)]
-pub struct OpenSession(Arc<Broker>);
-
-impl Drop for OpenSession {
-    fn drop(&mut self) {
-        self.0.open_sessions.fetch_sub(1, Ordering::Relaxed);
-    }
-}
 
 /// A daemon ready to serve: its state is open (loaded from disk, if
 /// configured), but nothing listens yet.

@@ -1,4 +1,7 @@
-//! One session per connection: handshake, request loop, cleanup.
+//! One session per connection: the handshake and the I/O loop. What the
+//! requests do is in two parts, each with its own fields: `locks`
+//! (acquire, release, cancel, inspect, the cleanup at the end) and
+//! `state_requests` (the store's requests, watches, guarded writes).
 //!
 //! A session is a single task. It `select!`s on four things: the peer's next
 //! frame, grants the lock table made to it while it waited (sent by whichever
@@ -11,7 +14,7 @@
 //! whether a waiter is granted or removed; a timeout or cancel that finds its
 //! waiter already gone knows the grant is on its way and waits for it.
 //!
-//! An `Inspect` or `InspectAfter` is gathered [`LIST_CHUNK`] entries per
+//! An `Inspect` or `InspectAfter` is gathered `LIST_CHUNK` entries per
 //! turn of the loop, yielding to the runtime between turns, so a listing of
 //! any size never holds up the other sessions for long; the session reads
 //! no further request until it is answered.
@@ -19,7 +22,7 @@
 //! What a session keeps is bounded whatever it does: holds and waits by its
 //! limits, answers not yet written by `OUTPUT_HIGH_WATER`, requests held
 //! back by `MAX_DEFERRED`, state requests the store has not answered by
-//! `max_pending` and [`STATE_INFLIGHT_BYTES`] (past either, the session
+//! `max_pending` and `STATE_INFLIGHT_BYTES` (past either, the session
 //! stops reading until the store catches up), and its indexes give back
 //! their room once mostly empty.
 //!
@@ -27,25 +30,25 @@
 //! on is handed to [`LockTable::end_session`](crate::lock_table::LockTable::end_session); that also catches grants made
 //! to it that it never read.
 
+mod locks;
 mod state_requests;
 
-use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
+use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 
 use lockbroker_proto::io::FrameReader;
 use lockbroker_proto::{
-    ClientMessage, ErrorCode, ErrorInfo, Event, FrameError, Grant, Limits, LockName, MAGIC,
-    PROTOCOL_VERSION, Request, Response, ServerMessage, SessionInfo, Welcome, frame,
+    ClientMessage, ErrorCode, ErrorInfo, Event, FrameError, Grant, Limits, MAGIC, PROTOCOL_VERSION,
+    Request, Response, ServerMessage, SessionInfo, Welcome, frame,
 };
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
-use tokio::sync::{broadcast, mpsc};
+use tokio::sync::mpsc;
 use tokio::time::Instant;
 
-use crate::state::{Change, Completion};
+use crate::state::Completion;
 
-use crate::config::{DEFAULT_INSPECT_LIMIT, MAX_INSPECT_LIMIT};
-use crate::lock_table::{AcquireOutcome, AcquireSpec, Peer, deliver};
-use crate::server::Broker;
+use crate::broker::Broker;
+use crate::lock_table::Peer;
 use crate::shutdown::Shutdown;
 use crate::transport::PeerCred;
 
@@ -88,20 +91,10 @@ pub async fn run<R, W>(
     let mut session = Session {
         broker: Arc::clone(&broker),
         peer,
-        holds: HashMap::new(),
-        pending: HashMap::new(),
-        deadlines: BTreeSet::new(),
         out: Vec::new(),
-        completions_tx,
-        watches: HashMap::new(),
-        watches_starting: HashMap::new(),
-        changes: None,
-        guarded: HashSet::new(),
         deferred: VecDeque::new(),
-        state_inflight: HashMap::new(),
-        state_inflight_bytes: 0,
-        listing: None,
-        release_on_close: false,
+        locks: locks::Locks::default(),
+        state: state_requests::StateRequests::new(completions_tx),
     };
     session.answer(ServerMessage::Welcome(Welcome {
         version: PROTOCOL_VERSION,
@@ -217,15 +210,6 @@ const MAX_DEFERRED: usize = 4096;
 /// Output buffer capacity kept between bursts.
 const OUTPUT_KEEP_CAPACITY: usize = 16 * 1024;
 
-/// Stop reading requests while state values of this many bytes wait for
-/// the store (a durable store commits each write to disk, and a client can
-/// send faster than that).
-pub const STATE_INFLIGHT_BYTES: usize = 4 * 1024 * 1024;
-
-/// Entries a listing gathers per turn of the loop: a few hundred
-/// microseconds of work at most, so others are served between turns.
-pub const LIST_CHUNK: usize = 128;
-
 /// A hash index with this many slots or more gives back its room when it
 /// is less than a quarter full.
 const INDEX_KEEP_CAPACITY: usize = 64;
@@ -251,64 +235,21 @@ enum End {
     Shutdown,
 }
 
-/// An `Inspect` or `InspectAfter` being gathered, a chunk per turn; each
-/// chunk is encoded as it comes, so no turn encodes the whole answer.
-#[derive(Debug)]
-struct Listing {
-    /// The request.
-    id: u64,
-    prefix: String,
-    /// The cursor: the last name gathered (or the request's `start_after`).
-    after: String,
-    /// Entries still wanted.
-    left: usize,
-    /// The answer so far.
-    frame: frame::InspectionFrame,
-}
-
-/// A waiting acquire.
-#[derive(Debug)]
-struct Pending {
-    name: LockName,
-    deadline: Option<Instant>,
-}
-
+/// One connection's session: what the I/O loop needs, and the lock and
+/// state parts, each with its own fields.
 struct Session {
     broker: Arc<Broker>,
     peer: Arc<Peer>,
-    /// hold id → name, for every hold the session has.
-    holds: HashMap<u64, LockName>,
-    /// request id → waiting acquire.
-    pending: HashMap<u64, Pending>,
-    /// (deadline, request id) of waiting acquires with a timeout.
-    deadlines: BTreeSet<(Instant, u64)>,
     /// Encoded frames not yet written.
     out: Vec<u8>,
-    /// Where the state store sends this session's answers.
-    completions_tx: mpsc::UnboundedSender<Box<Completion>>,
-    /// Active watches by watch id (the `StateWatch` request id).
-    watches: HashMap<u64, state_requests::Watch>,
-    /// Watches the store has not confirmed yet.
-    watches_starting: HashMap<u64, state_requests::Watch>,
-    /// Every change the store publishes, once the session watches.
-    changes: Option<broadcast::Receiver<Arc<Change>>>,
-    /// Request ids of guarded writes the store has not answered yet. While
-    /// there are any, releases wait in `deferred`, so a guarded write is
-    /// applied only while its hold is held.
-    guarded: HashSet<u64>,
     /// Requests held back, in order, behind a release that waits for the
-    /// guarded writes before it.
+    /// guarded writes before it, or behind a listing being gathered.
     deferred: VecDeque<(u64, Request)>,
-    /// Request ids of state requests the store has not answered yet, with
-    /// the bytes of value each carries.
-    state_inflight: HashMap<u64, usize>,
-    /// Their sum.
-    state_inflight_bytes: usize,
-    /// The listing being gathered, if any.
-    listing: Option<Listing>,
-    /// The client asked that its holds end as released, not abandoned,
-    /// when the connection closes (`Request::ReleaseOnClose`).
-    release_on_close: bool,
+    /// Holds, waits and listings (`locks`).
+    locks: locks::Locks,
+    /// Requests to the store, watches and guarded writes
+    /// (`state_requests`).
+    state: state_requests::StateRequests,
 }
 
 impl Session {
@@ -320,9 +261,10 @@ impl Session {
     /// the session is still doing, and reading on would only pile up.
     fn paused(&self) -> bool {
         self.deferred.len() >= MAX_DEFERRED
-            || self.listing.is_some()
-            || self.state_inflight.len() >= self.broker.limits.max_pending as usize
-            || self.state_inflight_bytes >= STATE_INFLIGHT_BYTES
+            || self.locks.is_listing()
+            || self
+                .state
+                .backed_up(self.broker.limits.max_pending as usize)
     }
 
     async fn serve<R, W>(
@@ -347,7 +289,7 @@ impl Session {
             while let Ok((request_id, grant)) = grants.try_recv() {
                 self.granted_while_waiting(request_id, grant);
             }
-            let next = self.deadlines.first().map(|(at, _)| *at);
+            let next = self.locks.next_deadline();
             if next != armed {
                 if let Some(at) = next {
                     timer.as_mut().reset(at);
@@ -380,8 +322,8 @@ impl Session {
                 // Changes wait while a watch is being set up (it decides
                 // which changes are the new watch's) or output backs up
                 // (a slow watcher then lags instead of growing this buffer).
-                change = recv_change(&mut self.changes),
-                    if self.changes.is_some() && self.watches_starting.is_empty() && backlog < OUTPUT_HIGH_WATER => {
+                change = self.state.next_change(),
+                    if self.state.takes_changes() && backlog < OUTPUT_HIGH_WATER => {
                     self.changed(change);
                 }
                 () = &mut timer, if armed.is_some() => {
@@ -389,9 +331,9 @@ impl Session {
                 }
                 // One chunk of a listing per turn; yield_now lets every
                 // other ready task run first.
-                () = tokio::task::yield_now(), if self.listing.is_some() => {
+                () = tokio::task::yield_now(), if self.locks.is_listing() => {
                     self.list_step();
-                    if self.listing.is_none() {
+                    if !self.locks.is_listing() {
                         self.run_deferred();
                     }
                 }
@@ -496,7 +438,7 @@ impl Session {
                 // one waits (a release behind a guarded write), so do all
                 // after it.
                 if !self.deferred.is_empty()
-                    || self.listing.is_some()
+                    || self.locks.is_listing()
                     || self.must_wait_for_guarded_writes(&request)
                 {
                     self.deferred.push_back((id, request));
@@ -522,7 +464,7 @@ impl Session {
             } => self.inspect(id, prefix, start_after, limit),
             Request::Ping => self.respond(id, Response::Pong),
             Request::ReleaseOnClose => {
-                self.release_on_close = true;
+                self.locks.release_on_close();
                 self.respond(id, Response::Done);
             }
             other => self.state_request(id, other),
@@ -532,269 +474,7 @@ impl Session {
     /// Whether `id` names a request still being answered: a waiting
     /// acquire, a state request the store has not answered, or a watch.
     fn id_in_use(&self, id: u64) -> bool {
-        self.pending.contains_key(&id)
-            || self.state_inflight.contains_key(&id)
-            || self.watches.contains_key(&id)
-            || self.watches_starting.contains_key(&id)
-    }
-
-    fn acquire(&mut self, id: u64, req: lockbroker_proto::Acquire) {
-        if let Err(e) = self.try_acquire(id, req) {
-            self.error(id, e);
-        }
-    }
-
-    fn try_acquire(&mut self, id: u64, req: lockbroker_proto::Acquire) -> Result<(), ErrorInfo> {
-        if self.id_in_use(id) {
-            return Err(ErrorInfo::new(
-                ErrorCode::DuplicateRequestId,
-                format!("request id {id} is already used by a request still being answered"),
-            ));
-        }
-        let name = LockName::new(req.name).map_err(|e| {
-            ErrorInfo::new(ErrorCode::InvalidName, format!("invalid lock name: {e}"))
-        })?;
-        let mut spec = AcquireSpec::validate(req.kind, req.capacity, req.permits, req.timeout_ms)?;
-        let limits = self.broker.limits;
-        if self.holds.len() + self.pending.len() >= limits.max_holds as usize {
-            return Err(ErrorInfo::new(
-                ErrorCode::TooManyHolds,
-                format!(
-                    "this session already has {} holds and waiting acquires (limit {})",
-                    self.holds.len() + self.pending.len(),
-                    limits.max_holds
-                ),
-            ));
-        }
-        let at_pending_limit = self.pending.len() >= limits.max_pending as usize;
-        let is_try = !spec.may_wait;
-        spec.may_wait &= !at_pending_limit;
-        match self.broker.table.acquire(&name, &self.peer, id, &spec)? {
-            AcquireOutcome::Granted(grant) => {
-                self.holds.insert(grant.hold_id, name);
-                self.respond(id, Response::Granted(grant));
-            }
-            AcquireOutcome::WouldBlock if is_try => self.respond(id, Response::TimedOut),
-            AcquireOutcome::WouldBlock => {
-                return Err(ErrorInfo::new(
-                    ErrorCode::TooManyPending,
-                    format!(
-                        "this session already has {} acquires waiting (limit {})",
-                        self.pending.len(),
-                        limits.max_pending
-                    ),
-                ));
-            }
-            AcquireOutcome::Queued => {
-                // A deadline too far to represent is no deadline.
-                let deadline = req.timeout_ms.and_then(|ms| {
-                    Instant::now().checked_add(std::time::Duration::from_millis(ms))
-                });
-                if let Some(at) = deadline {
-                    self.deadlines.insert((at, id));
-                }
-                self.pending.insert(id, Pending { name, deadline });
-            }
-        }
-        Ok(())
-    }
-
-    /// A grant the table made while this session waited.
-    fn granted_while_waiting(&mut self, request_id: u64, grant: Grant) {
-        let Some(p) = self.pending.remove(&request_id) else {
-            // Cannot happen: a waiter stays pending until its grant arrives.
-            tracing::error!(request_id, "grant for an acquire that is not pending");
-            return;
-        };
-        if let Some(at) = p.deadline {
-            self.deadlines.remove(&(at, request_id));
-        }
-        self.holds.insert(grant.hold_id, p.name);
-        self.respond(request_id, Response::Granted(grant));
-        shrink_index(&mut self.pending);
-    }
-
-    /// Times out every waiting acquire whose deadline is at or before `now`.
-    fn expire(&mut self, now: Instant) {
-        while let Some(&(at, request_id)) = self.deadlines.first() {
-            if at > now {
-                break;
-            }
-            self.deadlines.pop_first();
-            if self.withdraw(request_id) {
-                self.respond(request_id, Response::TimedOut);
-            }
-            // Otherwise the grant won the race and is on its way.
-        }
-    }
-
-    /// Takes waiting acquire `request_id` out of its queue; false if it was
-    /// already granted.
-    fn withdraw(&mut self, request_id: u64) -> bool {
-        let Some(p) = self.pending.get(&request_id) else {
-            return false;
-        };
-        let (removed, deliveries) =
-            self.broker
-                .table
-                .cancel(p.name.as_str(), self.id(), request_id);
-        deliver(deliveries);
-        if removed {
-            if let Some(p) = self.pending.remove(&request_id) {
-                if let Some(at) = p.deadline {
-                    self.deadlines.remove(&(at, request_id));
-                }
-            }
-            shrink_index(&mut self.pending);
-        }
-        removed
-    }
-
-    fn cancel(&mut self, id: u64, request_id: u64) {
-        if self.withdraw(request_id) {
-            self.respond(request_id, Response::Cancelled);
-            self.respond(id, Response::Done);
-        } else {
-            self.error(
-                id,
-                ErrorInfo::new(
-                    ErrorCode::NotPending,
-                    format!("no waiting acquire has request id {request_id}"),
-                ),
-            );
-        }
-    }
-
-    fn release(&mut self, id: u64, hold_id: u64) {
-        let unknown = || {
-            ErrorInfo::new(
-                ErrorCode::UnknownHold,
-                format!("this session has no hold {hold_id}"),
-            )
-        };
-        let Some(name) = self.holds.remove(&hold_id) else {
-            return self.error(id, unknown());
-        };
-        shrink_index(&mut self.holds);
-        let (permits, deliveries) = self.broker.table.release(name.as_str(), self.id(), hold_id);
-        deliver(deliveries);
-        match permits {
-            Some(permits) => self.respond(id, Response::Released { permits }),
-            None => {
-                tracing::error!(hold_id, "hold known to the session but not to the table");
-                self.error(id, unknown());
-            }
-        }
-    }
-
-    fn release_by_name(&mut self, id: u64, name: String, count: u32) {
-        let result = (|| {
-            let name = LockName::new(name).map_err(|e| {
-                ErrorInfo::new(ErrorCode::InvalidName, format!("invalid lock name: {e}"))
-            })?;
-            if count == 0 {
-                return Err(ErrorInfo::new(
-                    ErrorCode::InvalidPermits,
-                    "a release must name at least one permit",
-                ));
-            }
-            self.broker
-                .table
-                .release_count(name.as_str(), self.id(), count)
-        })();
-        match result {
-            Ok(released) => {
-                for hold_id in released.ended {
-                    self.holds.remove(&hold_id);
-                }
-                shrink_index(&mut self.holds);
-                deliver(released.deliveries);
-                self.respond(id, Response::Released { permits: count });
-            }
-            Err(e) => self.error(id, e),
-        }
-    }
-
-    /// Starts answering an `Inspect` (empty `start_after`) or
-    /// `InspectAfter`; a small listing is answered at once.
-    fn inspect(&mut self, id: u64, prefix: String, start_after: String, limit: u32) {
-        if let Err(e) = lockbroker_proto::validate_prefix(&prefix) {
-            return self.error(
-                id,
-                ErrorInfo::new(ErrorCode::InvalidName, format!("invalid prefix: {e}")),
-            );
-        }
-        let limit = match limit {
-            0 => DEFAULT_INSPECT_LIMIT,
-            n => n.min(MAX_INSPECT_LIMIT),
-        };
-        let server = self.broker.server_info();
-        self.listing = Some(Listing {
-            id,
-            prefix,
-            after: start_after,
-            left: limit as usize,
-            frame: frame::InspectionFrame::new(id, server, self.broker.limits.max_frame_len),
-        });
-        self.list_step();
-    }
-
-    /// Gathers and encodes the next chunk of the listing, and answers once
-    /// it has all it asked for, or all there is.
-    fn list_step(&mut self) {
-        let Some(mut l) = self.listing.take() else {
-            return;
-        };
-        let table = &self.broker.table;
-        let (chunk, more) = table.list(&l.prefix, &l.after, l.left.min(LIST_CHUNK));
-        l.left -= chunk.len();
-        for entry in &chunk {
-            if let Err(e) = l.frame.push(entry) {
-                // Gathering the rest would only be thrown away.
-                let message = format!("{e}; ask with a narrower prefix or a smaller limit");
-                return self.error(l.id, ErrorInfo::new(ErrorCode::ResponseTooLarge, message));
-            }
-        }
-        if let Some(last) = chunk.last() {
-            l.after.clone_from(&last.name);
-        }
-        if more && l.left > 0 {
-            self.listing = Some(l);
-            return;
-        }
-        l.frame.finish(more, &mut self.out);
-    }
-
-    /// Releases everything the session held (as abandoned, unless the
-    /// client asked otherwise) and withdraws every wait.
-    fn cleanup(&mut self) {
-        let abandon = !self.release_on_close;
-        let names: HashSet<&LockName> = self
-            .holds
-            .values()
-            .chain(self.pending.values().map(|p| &p.name))
-            .collect();
-        for name in names {
-            deliver(
-                self.broker
-                    .table
-                    .end_session(name.as_str(), self.id(), abandon),
-            );
-        }
-        self.holds.clear();
-        self.pending.clear();
-        self.deadlines.clear();
-    }
-}
-
-/// The next change for a session that watches; pends forever otherwise (the
-/// select guard keeps it from being polled then).
-async fn recv_change(
-    changes: &mut Option<broadcast::Receiver<Arc<Change>>>,
-) -> Result<Arc<Change>, broadcast::error::RecvError> {
-    match changes {
-        Some(rx) => rx.recv().await,
-        None => std::future::pending().await,
+        self.locks.is_pending(id) || self.state.uses_id(id)
     }
 }
 

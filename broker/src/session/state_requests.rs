@@ -7,19 +7,92 @@
 //! is still held at the instant the write is applied. A session that ends
 //! waits for its guarded writes before it releases anything.
 
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
 use lockbroker_proto::{ErrorCode, ErrorInfo, Event, LockName, Request, Response, StateSet};
 use tokio::sync::{broadcast, mpsc};
 
-use super::Session;
+use super::{Session, shrink_index};
 use crate::state::{Change, Completion, Op, ReplyTo};
+
+/// Stop reading requests while state values of this many bytes wait for
+/// the store (a durable store commits each write to disk, and a client can
+/// send faster than that).
+pub const STATE_INFLIGHT_BYTES: usize = 4 * 1024 * 1024;
 
 /// Default page of `StateList`.
 const DEFAULT_LIST_LIMIT: u32 = 1000;
 /// Largest page of `StateList`.
 const MAX_LIST_LIMIT: u32 = 100_000;
+
+/// The state part of a session.
+#[derive(Debug)]
+pub(super) struct StateRequests {
+    /// Where the state store sends this session's answers.
+    completions_tx: mpsc::UnboundedSender<Box<Completion>>,
+    /// Active watches by watch id (the `StateWatch` request id).
+    watches: HashMap<u64, Watch>,
+    /// Watches the store has not confirmed yet.
+    watches_starting: HashMap<u64, Watch>,
+    /// Every change the store publishes, once the session watches.
+    changes: Option<broadcast::Receiver<Arc<Change>>>,
+    /// Request ids of guarded writes the store has not answered yet. While
+    /// there are any, releases wait in `deferred`, so a guarded write is
+    /// applied only while its hold is held.
+    guarded: HashSet<u64>,
+    /// Request ids of state requests the store has not answered yet, with
+    /// the bytes of value each carries.
+    inflight: HashMap<u64, usize>,
+    /// Their sum.
+    inflight_bytes: usize,
+}
+
+impl StateRequests {
+    /// Nothing asked yet; the store answers on `completions_tx`.
+    pub(super) fn new(completions_tx: mpsc::UnboundedSender<Box<Completion>>) -> StateRequests {
+        StateRequests {
+            completions_tx,
+            watches: HashMap::new(),
+            watches_starting: HashMap::new(),
+            changes: None,
+            guarded: HashSet::new(),
+            inflight: HashMap::new(),
+            inflight_bytes: 0,
+        }
+    }
+
+    /// Whether the store has answers this session waits for before it
+    /// reads more (past the session's `max_pending`, or too many bytes).
+    pub(super) fn backed_up(&self, max_pending: usize) -> bool {
+        self.inflight.len() >= max_pending || self.inflight_bytes >= STATE_INFLIGHT_BYTES
+    }
+
+    /// Whether `id` names a state request still being answered, or a watch.
+    pub(super) fn uses_id(&self, id: u64) -> bool {
+        self.inflight.contains_key(&id)
+            || self.watches.contains_key(&id)
+            || self.watches_starting.contains_key(&id)
+    }
+
+    /// Whether to take the next published change now: the session
+    /// watches, no watch is being set up (the store's answer decides which
+    /// changes are the new watch's), and the caller's output is not backed
+    /// up (a slow watcher then lags instead of growing its buffer).
+    pub(super) fn takes_changes(&self) -> bool {
+        self.changes.is_some() && self.watches_starting.is_empty()
+    }
+
+    /// The next change for a session that watches; pends forever otherwise
+    /// (the select guard keeps it from being polled then).
+    pub(super) async fn next_change(&mut self) -> Result<Arc<Change>, broadcast::error::RecvError> {
+        match &mut self.changes {
+            Some(rx) => rx.recv().await,
+            None => std::future::pending().await,
+        }
+    }
+}
 
 /// An active watch.
 #[derive(Debug, Clone)]
@@ -53,7 +126,7 @@ impl Session {
 
     fn submit(&mut self, id: u64, op: Op) {
         let reply = ReplyTo {
-            tx: self.completions_tx.clone(),
+            tx: self.state.completions_tx.clone(),
             request_id: id,
         };
         self.broker.state.submit(op, reply);
@@ -64,13 +137,13 @@ impl Session {
         let Some(hold_id) = guard else {
             return Ok(());
         };
-        if !self.holds.contains_key(&hold_id) {
+        if !self.locks.has_hold(hold_id) {
             return Err(ErrorInfo::new(
                 ErrorCode::GuardNotHeld,
                 format!("this session does not hold {hold_id}; the guarded write was refused"),
             ));
         }
-        self.guarded.insert(id);
+        self.state.guarded.insert(id);
         Ok(())
     }
 
@@ -198,7 +271,7 @@ impl Session {
                 } else {
                     LockName::new(key.as_str()).map_err(invalid_key)?;
                 }
-                let count = self.watches.len() + self.watches_starting.len();
+                let count = self.state.watches.len() + self.state.watches_starting.len();
                 let max = self.broker.limits.max_pending as usize;
                 if count >= max {
                     return Err(ErrorInfo::new(
@@ -206,8 +279,9 @@ impl Session {
                         format!("this session already has {count} watches (limit {max})"),
                     ));
                 }
-                let need_receiver = self.changes.is_none() && self.watches_starting.is_empty();
-                self.watches_starting.insert(
+                let need_receiver =
+                    self.state.changes.is_none() && self.state.watches_starting.is_empty();
+                self.state.watches_starting.insert(
                     id,
                     Watch {
                         key: key.clone(),
@@ -226,8 +300,8 @@ impl Session {
             Request::StateUnwatch { watch_id } => {
                 // A watch whose start the store has not confirmed yet ends
                 // too: its confirmation then finds nothing to start.
-                let active = self.watches.remove(&watch_id).is_some();
-                let starting = self.watches_starting.remove(&watch_id).is_some();
+                let active = self.state.watches.remove(&watch_id).is_some();
+                let starting = self.state.watches_starting.remove(&watch_id).is_some();
                 if !active && !starting {
                     return Err(ErrorInfo::new(
                         ErrorCode::NotPending,
@@ -247,8 +321,8 @@ impl Session {
             Op::Set { value, .. } => value.len(),
             _ => 0,
         };
-        self.state_inflight.insert(id, bytes);
-        self.state_inflight_bytes += bytes;
+        self.state.inflight.insert(id, bytes);
+        self.state.inflight_bytes += bytes;
         self.submit(id, op);
         Ok(())
     }
@@ -256,18 +330,18 @@ impl Session {
     /// An answer from the store.
     pub(super) fn completed(&mut self, done: Completion) {
         let id = done.request_id;
-        if let Some(bytes) = self.state_inflight.remove(&id) {
-            self.state_inflight_bytes -= bytes;
+        if let Some(bytes) = self.state.inflight.remove(&id) {
+            self.state.inflight_bytes -= bytes;
         }
-        super::shrink_index(&mut self.state_inflight);
+        shrink_index(&mut self.state.inflight);
         self.respond(id, done.response);
         if let Some(start) = done.watch {
             // Kept even if this watch was ended meanwhile: later watches
             // count on the session's one receiver.
             if start.receiver.is_some() {
-                self.changes = start.receiver;
+                self.state.changes = start.receiver;
             }
-            if let Some(mut watch) = self.watches_starting.remove(&id) {
+            if let Some(mut watch) = self.state.watches_starting.remove(&id) {
                 watch.live_from = start.live_from;
                 if start.lagged {
                     self.event(Event::WatchLagged { watch_id: id });
@@ -275,10 +349,10 @@ impl Session {
                 for change in &start.replay {
                     self.notify(id, &watch, change);
                 }
-                self.watches.insert(id, watch);
+                self.state.watches.insert(id, watch);
             }
         }
-        if self.guarded.remove(&id) && self.guarded.is_empty() {
+        if self.state.guarded.remove(&id) && self.state.guarded.is_empty() {
             self.run_deferred();
         }
     }
@@ -302,6 +376,7 @@ impl Session {
         match change {
             Ok(change) => {
                 let matching: Vec<(u64, Watch)> = self
+                    .state
                     .watches
                     .iter()
                     .filter(|(_, w)| change.version > w.live_from && w.matches(&change.key))
@@ -313,19 +388,19 @@ impl Session {
             }
             Err(broadcast::error::RecvError::Lagged(missed)) => {
                 tracing::debug!(session_id = self.id(), missed, "watcher fell behind");
-                let mut ids: Vec<u64> = self.watches.keys().copied().collect();
+                let mut ids: Vec<u64> = self.state.watches.keys().copied().collect();
                 ids.sort_unstable();
                 for watch_id in ids {
                     self.event(Event::WatchLagged { watch_id });
                 }
             }
-            Err(broadcast::error::RecvError::Closed) => self.changes = None,
+            Err(broadcast::error::RecvError::Closed) => self.state.changes = None,
         }
     }
 
     /// Whether `request` releases something while guarded writes are out.
     pub(super) fn must_wait_for_guarded_writes(&self, request: &Request) -> bool {
-        !self.guarded.is_empty()
+        !self.state.guarded.is_empty()
             && matches!(
                 request,
                 Request::Release { .. } | Request::ReleaseByName { .. }
@@ -336,7 +411,7 @@ impl Session {
     /// (behind guarded writes, or a listing one of them started).
     pub(super) fn run_deferred(&mut self) {
         while let Some((_, request)) = self.deferred.front() {
-            if self.listing.is_some() || self.must_wait_for_guarded_writes(request) {
+            if self.locks.is_listing() || self.must_wait_for_guarded_writes(request) {
                 break;
             }
             let (id, request) = self.deferred.pop_front().expect("front exists");
@@ -350,7 +425,7 @@ impl Session {
         &mut self,
         completions: &mut mpsc::UnboundedReceiver<Box<Completion>>,
     ) {
-        while !self.guarded.is_empty() {
+        while !self.state.guarded.is_empty() {
             match tokio::time::timeout(Duration::from_secs(30), completions.recv()).await {
                 Ok(Some(done)) => self.completed(*done),
                 _ => {
