@@ -26,6 +26,10 @@ Modules:
 * :mod:`lockbroker.protocol` -- wire types, codec and framing;
 * :mod:`lockbroker.address` -- where the daemon's socket is;
 * :mod:`lockbroker.errors` -- exceptions.
+
+They form layers: in ``state``, ``primitives``, ``client``, ``address``,
+``errors``, ``protocol``, each imports only modules to its right, so none
+imports one that imports it back (``tests/test_layering.py`` checks this).
 """
 
 from __future__ import annotations

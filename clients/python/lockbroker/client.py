@@ -29,6 +29,11 @@ from then on the acquire's id is unknown, and the reader releases any
 :func:`default_client` gives the process-wide client that ``Lock("x")`` uses
 when no client is passed; it connects on first use and again after a fork
 (the child must not share the parent's session) or after the session ended.
+
+This module is below :mod:`lockbroker.primitives` and :mod:`lockbroker.state`,
+which are built on it: it imports neither. ``client.state`` makes a
+:class:`lockbroker.State` all the same, the class :mod:`lockbroker.state`
+hands to :func:`_set_state_type` when it is imported.
 """
 
 from __future__ import annotations
@@ -40,7 +45,7 @@ import sys
 import threading
 import time
 import weakref
-from typing import TYPE_CHECKING, Dict, Iterable, Iterator, Optional, Set, Tuple, Union
+from typing import TYPE_CHECKING, Any, Callable, Dict, Iterable, Iterator, Optional, Set, Tuple, Union
 
 from . import address as _address
 from .errors import (
@@ -174,7 +179,22 @@ class _WatchEnd:
 if TYPE_CHECKING:
     #: What a watch's queue holds: events, then possibly one end marker.
     _WatchQueue = queue.SimpleQueue[Union[StateChanged, WatchLagged, _WatchEnd]]
-    from .state import State
+
+
+# What Client.state makes: lockbroker.state.State, set by that module when it
+# is imported (see _set_state_type).
+_state_type: Optional[Callable[["Client"], Any]] = None
+
+
+def _set_state_type(make: Callable[["Client"], Any]) -> None:
+    """Say what :attr:`Client.state` makes (``make(client)``).
+
+    :mod:`lockbroker.state` is built on this module, so this module never
+    imports it; it calls this when it is imported instead (and the package's
+    ``__init__`` always imports it).
+    """
+    global _state_type
+    _state_type = make
 
 
 # Every live client, so that a forked child can drop its parent's sessions.
@@ -224,7 +244,7 @@ class Client:
         # nobody consumes any more, to unwatch when an event shows up.
         self._watches: Dict[int, _WatchQueue] = {}
         self._orphan_watches: Set[int] = set()
-        self._state: Optional[State] = None
+        self._state: Any = None
         self._next_id = 1
         self._ended: Optional[ConnectionLost] = None
         self._shutting_down = False
@@ -292,13 +312,21 @@ class Client:
         return self._shutting_down
 
     @property
-    def state(self) -> "State":
-        """The daemon's shared state through this session (:class:`lockbroker.State`)."""
+    def state(self) -> Any:
+        """The daemon's shared state through this session: a
+        :class:`lockbroker.State`, the same as ``State(client)``, made on
+        first use.
+
+        Typed ``Any``: this module is below :mod:`lockbroker.state` (which
+        imports it), so it cannot name ``State``; annotate
+        ``state: lockbroker.State = client.state`` to have it checked.
+        """
         state = self._state
         if state is None:
-            from .state import State
-
-            state = self._state = State(self)
+            make = _state_type
+            if make is None:
+                raise RuntimeError("lockbroker.state is not imported (import lockbroker)")
+            state = self._state = make(self)
         return state
 
     @property

@@ -36,6 +36,11 @@ Decisions worth knowing:
   :meth:`Watch.close`) stops the watch; when the session ends, iteration
   raises :class:`~lockbroker.errors.ConnectionLost` once the events that
   arrived before are consumed.
+
+This module is built on :mod:`lockbroker.client` (the session, and the queues
+its reader thread fills for watches) and :mod:`lockbroker.primitives` (the
+lock objects a guard may name); neither imports it. When imported it tells
+the client module that ``client.state`` is a :class:`State`.
 """
 
 from __future__ import annotations
@@ -48,7 +53,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any, Callable, Iterator, List, Optional, Tuple, Union
 
-from .client import Client, _WatchEnd, default_client
+from .client import Client, _WatchEnd, _set_state_type, default_client
 from .errors import ConnectionLost, ValueTooLarge, VersionConflict
 from .primitives import _Primitive
 from .protocol import (
@@ -511,3 +516,8 @@ class Watch:
         what = "prefix" if self.prefix else "key"
         state = "closed" if self._closed else "open"
         return "<lockbroker.Watch %d %s %r %s>" % (self._id, what, self.key, state)
+
+
+# Client.state makes a State: the client module is below this one and never
+# imports it, so this module tells it what to make.
+_set_state_type(State)
