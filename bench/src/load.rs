@@ -379,7 +379,7 @@ async fn uncontended(connector: &Connector, args: &LoadArgs) -> Result<Report, F
         .with("pipeline", json!(args.pipeline)))
 }
 
-/// The same cycle through `BlockingClient`, one OS thread per client.
+/// The same cycle through `blocking::Client`, one OS thread per client.
 async fn uncontended_blocking(
     connector: &Connector,
     args: &LoadArgs,
@@ -390,7 +390,7 @@ async fn uncontended_blocking(
     let result = tokio::task::spawn_blocking(move || {
         let mut clients = Vec::new();
         for _ in 0..n {
-            clients.push(lockbroker::BlockingClient::connect_with(&connector)?);
+            clients.push(lockbroker::blocking::Client::connect_with(&connector)?);
         }
         let start = Instant::now();
         let threads: Vec<_> = clients

@@ -602,7 +602,7 @@ fn sigterm_to_lockbroker_reaches_the_command() {
 fn status_lists_every_lock_page_by_page() {
     let d = Daemon::start();
     let connector = lockbroker::Connector::new().socket(d.socket());
-    let client = lockbroker::BlockingClient::connect_with(&connector).unwrap();
+    let client = lockbroker::blocking::Client::connect_with(&connector).unwrap();
     let n = 10_500;
     let guards: Vec<_> = (0..n)
         .map(|i| client.mutex(format!("many/{i:05}")).acquire().unwrap())

@@ -9,7 +9,7 @@ use std::io::{BufRead, BufReader, Write};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use lockbroker::{BlockingClient, Connector, Result};
+use lockbroker::{Connector, Result, blocking};
 
 fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().collect();
@@ -111,7 +111,7 @@ async fn demo() -> Result<()> {
 
 /// The child: hold "job" until killed.
 fn hold(socket: &str) -> Result<()> {
-    let client = BlockingClient::connect_with(&Connector::new().socket(socket))?;
+    let client = blocking::Client::connect_with(&Connector::new().socket(socket))?;
     let guard = client.mutex("job").acquire()?;
     println!("holds job (fence {})", guard.fence());
     std::io::stdout().flush().expect("flush");

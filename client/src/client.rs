@@ -18,16 +18,13 @@ use std::time::{Duration, Instant};
 
 use lockbroker_proto::io::FrameReader;
 use lockbroker_proto::{
-    Acquire, ClientMessage, ErrorInfo, Event, Inspection, Limits, LockKind, LockName, Request,
-    Response, ServerMessage, Welcome, frame,
+    Acquire, ClientMessage, ErrorInfo, Event, Grant, Inspection, Limits, LockKind, LockName,
+    Request, Response, ServerMessage, Welcome, frame,
 };
 use tokio::io::AsyncWriteExt;
 use tokio::sync::{mpsc, oneshot, watch};
 
-use crate::error::{Error, Result};
-use crate::guard::LockGuard;
-use crate::handle::{Mutex, RwLock, Semaphore};
-use crate::state::{State, WatchEvent};
+use crate::error::{Error, Result, refused, unexpected};
 use crate::transport::{ReadHalf, WriteHalf};
 
 /// Stop taking new requests from callers while this many bytes wait to be
@@ -70,7 +67,7 @@ enum Command {
         id: u64,
         request: Request,
         reply: oneshot::Sender<Response>,
-        events: mpsc::UnboundedSender<WatchEvent>,
+        events: mpsc::UnboundedSender<Event>,
     },
     /// Stop routing events of watch `id`, and tell the daemon.
     Unwatch { id: u64 },
@@ -140,27 +137,6 @@ impl Client {
             Response::Error(e) => Err(refused("release on close".into(), e)),
             other => Err(unexpected("release on close", other)),
         }
-    }
-
-    /// A mutex handle for `name`.
-    pub fn mutex(&self, name: impl Into<String>) -> Mutex {
-        Mutex::new(self.clone(), name.into())
-    }
-
-    /// A semaphore handle for `name` with `capacity` permits. Every user of
-    /// the name must agree on the capacity while it is in use.
-    pub fn semaphore(&self, name: impl Into<String>, capacity: u32) -> Semaphore {
-        Semaphore::new(self.clone(), name.into(), capacity)
-    }
-
-    /// A read-write lock handle for `name`.
-    pub fn rwlock(&self, name: impl Into<String>) -> RwLock {
-        RwLock::new(self.clone(), name.into())
-    }
-
-    /// The daemon's shared state.
-    pub fn state(&self) -> State {
-        State::new(self.clone())
     }
 
     /// This session's id, as `inspect` shows it.
@@ -244,7 +220,7 @@ impl Client {
     /// Releases `count` permits this session holds on `name`, oldest holds
     /// first (all or nothing). Guards of fully released holds then release
     /// nothing when dropped, and report an error from
-    /// [`LockGuard::release`].
+    /// [`LockGuard::release`](crate::LockGuard::release).
     pub async fn release_by_name(&self, name: &str, count: u32) -> Result<u32> {
         let request = Request::ReleaseByName {
             name: name.to_owned(),
@@ -257,19 +233,20 @@ impl Client {
         }
     }
 
-    /// Asks for a lock; `Ok(None)` when `timeout` ran out first.
+    /// Asks for `lock` on `name`; `Ok(None)` when `timeout` ran out
+    /// first. Dropping the future before the answer cancels the acquire
+    /// on the daemon (and releases a grant that won the race).
     pub(crate) async fn acquire(
         &self,
         name: &str,
-        kind: LockKind,
-        capacity: u32,
-        permits: u32,
+        lock: LockRequest,
         timeout: Option<Duration>,
-    ) -> Result<Option<LockGuard>> {
+    ) -> Result<Option<Grant>> {
         let checked = LockName::new(name).map_err(|source| Error::InvalidName {
             name: name.to_owned(),
             source,
         })?;
+        let (kind, capacity, permits) = lock.wire();
         let request = Request::Acquire(Acquire {
             name: checked.into_string(),
             kind,
@@ -278,7 +255,6 @@ impl Client {
             timeout_ms: timeout.map(|t| u64::try_from(t.as_millis()).unwrap_or(u64::MAX)),
         });
         let (id, reply) = self.submit(request)?;
-        // Dropping this future before the answer cancels the acquire.
         let cancel = CancelOnDrop {
             client: self,
             id: Some(id),
@@ -286,13 +262,7 @@ impl Client {
         let response = reply.await.map_err(|_| Error::ConnectionLost);
         cancel.disarm();
         match response? {
-            Response::Granted(grant) => Ok(Some(LockGuard::new(
-                self.clone(),
-                name.to_owned(),
-                kind,
-                permits,
-                grant,
-            ))),
+            Response::Granted(grant) => Ok(Some(grant)),
             Response::TimedOut => Ok(None),
             Response::Error(e) => Err(refused(format!("acquire of {name:?}"), e)),
             other => Err(unexpected("acquire", other)),
@@ -321,7 +291,7 @@ impl Client {
         request: Request,
     ) -> Result<(
         u64,
-        mpsc::UnboundedReceiver<WatchEvent>,
+        mpsc::UnboundedReceiver<Event>,
         oneshot::Receiver<Response>,
     )> {
         let id = self.next_id();
@@ -358,6 +328,49 @@ impl Client {
     }
 }
 
+/// What an acquire asks for: each kind with only the numbers it has, so
+/// that no request can give a mutex a capacity or a rwlock permits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum LockRequest {
+    /// The mutex.
+    Mutex,
+    /// `permits` of a semaphore of `capacity`.
+    Semaphore {
+        /// Permits every user of the name agrees on.
+        capacity: u32,
+        /// Permits wanted, granted together.
+        permits: u32,
+    },
+    /// Shared access to a rwlock.
+    Shared,
+    /// Exclusive access to a rwlock.
+    Exclusive,
+}
+
+impl LockRequest {
+    /// The request's kind and permits as the protocol spells them.
+    pub(crate) fn kind(self) -> LockKind {
+        self.wire().0
+    }
+
+    /// Permits the hold will have.
+    pub(crate) fn permits(self) -> u32 {
+        self.wire().2
+    }
+
+    /// Kind, capacity and permits on the wire (PROTOCOL.md 4.7).
+    fn wire(self) -> (LockKind, u32, u32) {
+        match self {
+            LockRequest::Mutex => (LockKind::Mutex, 1, 1),
+            LockRequest::Semaphore { capacity, permits } => {
+                (LockKind::Semaphore, capacity, permits)
+            }
+            LockRequest::Shared => (LockKind::RwShared, 0, 1),
+            LockRequest::Exclusive => (LockKind::RwExclusive, 0, 1),
+        }
+    }
+}
+
 /// Cancels a pending acquire on the daemon if its future is dropped.
 struct CancelOnDrop<'a> {
     client: &'a Client,
@@ -378,18 +391,6 @@ impl Drop for CancelOnDrop<'_> {
     }
 }
 
-pub(crate) fn refused(what: String, e: ErrorInfo) -> Error {
-    Error::Refused {
-        what,
-        code: e.code,
-        message: e.message,
-    }
-}
-
-pub(crate) fn unexpected(what: &str, response: Response) -> Error {
-    Error::Protocol(format!("unexpected answer to {what}: {response:?}"))
-}
-
 /// The connection task.
 struct Task {
     reader: FrameReader<ReadHalf>,
@@ -398,7 +399,7 @@ struct Task {
     /// request id → caller waiting for its answer.
     pending: HashMap<u64, oneshot::Sender<Response>>,
     /// watch id → where its events go.
-    watches: HashMap<u64, mpsc::UnboundedSender<WatchEvent>>,
+    watches: HashMap<u64, mpsc::UnboundedSender<Event>>,
     /// Encoded requests; `out[..written]` is already sent.
     out: Vec<u8>,
     written: usize,
@@ -503,7 +504,7 @@ impl Task {
         }
     }
 
-    fn watch_event(&mut self, watch_id: u64, event: WatchEvent) {
+    fn watch_event(&mut self, watch_id: u64, event: Event) {
         if let Some(events) = self.watches.get(&watch_id) {
             if events.send(event).is_err() {
                 // The Watch was dropped; its Unwatch is on its way.
@@ -537,26 +538,10 @@ impl Task {
                 tracing::info!("the lockbroker daemon is shutting down");
                 Ok(())
             }
-            ServerMessage::Event(Event::StateChanged {
-                watch_id,
-                key,
-                version,
-                change,
-                value,
-            }) => {
-                self.watch_event(
-                    watch_id,
-                    WatchEvent::Changed {
-                        key,
-                        version,
-                        change,
-                        value,
-                    },
-                );
-                Ok(())
-            }
-            ServerMessage::Event(Event::WatchLagged { watch_id }) => {
-                self.watch_event(watch_id, WatchEvent::Lagged);
+            ServerMessage::Event(
+                event @ (Event::StateChanged { watch_id, .. } | Event::WatchLagged { watch_id }),
+            ) => {
+                self.watch_event(watch_id, event);
                 Ok(())
             }
             ServerMessage::Fatal(e) => Err(format!("the daemon closed the connection: {e}")),

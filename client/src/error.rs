@@ -4,7 +4,7 @@ use std::io;
 use std::path::PathBuf;
 
 use lockbroker_proto::address::Untrusted;
-use lockbroker_proto::{ErrorCode, NameError};
+use lockbroker_proto::{ErrorCode, ErrorInfo, NameError, Response};
 
 /// Everything that can go wrong talking to the daemon.
 #[derive(Debug, thiserror::Error)]
@@ -70,6 +70,10 @@ pub enum Error {
         /// The JSON error.
         source: serde_json::Error,
     },
+    /// The blocking client could not start the runtime its connection runs
+    /// on (out of threads or descriptors).
+    #[error("cannot start the client runtime: {0}")]
+    Runtime(io::Error),
     /// The daemon sent something this client does not understand.
     #[error("protocol error: {0}")]
     Protocol(String),
@@ -101,3 +105,18 @@ impl Error {
 
 /// Results of this crate.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// The daemon refused `what`.
+pub(crate) fn refused(what: String, e: ErrorInfo) -> Error {
+    Error::Refused {
+        what,
+        code: e.code,
+        message: e.message,
+    }
+}
+
+/// The daemon answered `what` with something no daemon of this protocol
+/// sends.
+pub(crate) fn unexpected(what: &str, response: Response) -> Error {
+    Error::Protocol(format!("unexpected answer to {what}: {response:?}"))
+}

@@ -5,12 +5,10 @@
 //! [`LockGuard::release`]. Either way the daemon is the backstop: everything
 //! a connection held is released when the connection closes.
 
-use std::time::Duration;
-
 use lockbroker_proto::{Grant, LockKind, Request, Response};
 
-use crate::client::{Client, refused, unexpected};
-use crate::error::Result;
+use crate::client::Client;
+use crate::error::{Result, refused, unexpected};
 
 /// A granted hold on a lock.
 #[derive(Debug)]
@@ -113,67 +111,5 @@ impl Drop for LockGuard {
                 hold_id: self.grant.hold_id,
             });
         }
-    }
-}
-
-/// A [`LockGuard`] for blocking code; see
-/// [`BlockingClient`](crate::BlockingClient).
-#[derive(Debug)]
-#[must_use = "the lock is released as soon as the guard is dropped"]
-pub struct BlockingLockGuard {
-    pub(crate) inner: LockGuard,
-    pub(crate) runtime: crate::blocking::RuntimeRef,
-}
-
-impl BlockingLockGuard {
-    /// The lock's name.
-    pub fn name(&self) -> &str {
-        self.inner.name()
-    }
-
-    /// How the lock was taken.
-    pub fn kind(&self) -> LockKind {
-        self.inner.kind()
-    }
-
-    /// Permits held.
-    pub fn permits(&self) -> u32 {
-        self.inner.permits()
-    }
-
-    /// The hold's id in the daemon.
-    pub fn hold_id(&self) -> u64 {
-        self.inner.hold_id()
-    }
-
-    /// The fencing token; see [`LockGuard::fence`].
-    pub fn fence(&self) -> u64 {
-        self.inner.fence()
-    }
-
-    /// The previous holder died holding the lock; see
-    /// [`LockGuard::abandoned`].
-    pub fn abandoned(&self) -> bool {
-        self.inner.abandoned()
-    }
-
-    /// Whether the connection, and so this hold, is gone.
-    pub fn is_lost(&self) -> bool {
-        self.inner.is_lost()
-    }
-
-    /// Blocks until the connection is lost or `timeout` passes; true if it
-    /// was lost.
-    pub fn wait_lost(&self, timeout: Duration) -> bool {
-        // The timer must be made inside the runtime, hence the async block.
-        self.runtime
-            .block_on(async { tokio::time::timeout(timeout, self.inner.lost()).await })
-            .is_ok()
-    }
-
-    /// Releases the hold and waits for the daemon to confirm it.
-    pub fn release(self) -> Result<()> {
-        let BlockingLockGuard { inner, runtime } = self;
-        runtime.block_on(inner.release())
     }
 }

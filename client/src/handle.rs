@@ -8,11 +8,46 @@
 
 use std::time::Duration;
 
-use lockbroker_proto::LockKind;
-
-use crate::client::Client;
+use crate::client::{Client, LockRequest};
 use crate::error::{Error, Result};
 use crate::guard::LockGuard;
+
+impl Client {
+    /// A mutex handle for `name`.
+    pub fn mutex(&self, name: impl Into<String>) -> Mutex {
+        Mutex::new(self.clone(), name.into())
+    }
+
+    /// A semaphore handle for `name` with `capacity` permits. Every user of
+    /// the name must agree on the capacity while it is in use.
+    pub fn semaphore(&self, name: impl Into<String>, capacity: u32) -> Semaphore {
+        Semaphore::new(self.clone(), name.into(), capacity)
+    }
+
+    /// A read-write lock handle for `name`.
+    pub fn rwlock(&self, name: impl Into<String>) -> RwLock {
+        RwLock::new(self.clone(), name.into())
+    }
+}
+
+/// Asks `client` for `lock` on `name`; the hold, if granted in time.
+async fn acquire(
+    client: &Client,
+    name: &str,
+    lock: LockRequest,
+    timeout: Option<Duration>,
+) -> Result<Option<LockGuard>> {
+    let grant = client.acquire(name, lock, timeout).await?;
+    Ok(grant.map(|grant| {
+        LockGuard::new(
+            client.clone(),
+            name.to_owned(),
+            lock.kind(),
+            lock.permits(),
+            grant,
+        )
+    }))
+}
 
 /// A named mutex: one holder at a time, served in arrival order.
 #[derive(Debug, Clone)]
@@ -48,9 +83,7 @@ impl Mutex {
     }
 
     async fn acquire_with(&self, timeout: Option<Duration>) -> Result<Option<LockGuard>> {
-        self.client
-            .acquire(&self.name, LockKind::Mutex, 1, 1, timeout)
-            .await
+        acquire(&self.client, &self.name, LockRequest::Mutex, timeout).await
     }
 }
 
@@ -122,15 +155,11 @@ impl Semaphore {
         permits: u32,
         timeout: Option<Duration>,
     ) -> Result<Option<LockGuard>> {
-        self.client
-            .acquire(
-                &self.name,
-                LockKind::Semaphore,
-                self.capacity,
-                permits,
-                timeout,
-            )
-            .await
+        let lock = LockRequest::Semaphore {
+            capacity: self.capacity,
+            permits,
+        };
+        acquire(&self.client, &self.name, lock, timeout).await
     }
 }
 
@@ -155,45 +184,45 @@ impl RwLock {
 
     /// Waits for shared access.
     pub async fn read(&self) -> Result<LockGuard> {
-        let guard = self.acquire_with(LockKind::RwShared, None).await?;
+        let guard = self.acquire_with(LockRequest::Shared, None).await?;
         granted(guard)
     }
 
     /// Takes shared access only if it is available and nobody is queued.
     pub async fn try_read(&self) -> Result<Option<LockGuard>> {
-        self.acquire_with(LockKind::RwShared, Some(Duration::ZERO))
+        self.acquire_with(LockRequest::Shared, Some(Duration::ZERO))
             .await
     }
 
     /// Waits at most `timeout` for shared access.
     pub async fn read_timeout(&self, timeout: Duration) -> Result<Option<LockGuard>> {
-        self.acquire_with(LockKind::RwShared, Some(timeout)).await
+        self.acquire_with(LockRequest::Shared, Some(timeout)).await
     }
 
     /// Waits for exclusive access.
     pub async fn write(&self) -> Result<LockGuard> {
-        let guard = self.acquire_with(LockKind::RwExclusive, None).await?;
+        let guard = self.acquire_with(LockRequest::Exclusive, None).await?;
         granted(guard)
     }
 
     /// Takes exclusive access only if the lock is free and nobody is queued.
     pub async fn try_write(&self) -> Result<Option<LockGuard>> {
-        self.acquire_with(LockKind::RwExclusive, Some(Duration::ZERO))
+        self.acquire_with(LockRequest::Exclusive, Some(Duration::ZERO))
             .await
     }
 
     /// Waits at most `timeout` for exclusive access.
     pub async fn write_timeout(&self, timeout: Duration) -> Result<Option<LockGuard>> {
-        self.acquire_with(LockKind::RwExclusive, Some(timeout))
+        self.acquire_with(LockRequest::Exclusive, Some(timeout))
             .await
     }
 
     async fn acquire_with(
         &self,
-        kind: LockKind,
+        lock: LockRequest,
         timeout: Option<Duration>,
     ) -> Result<Option<LockGuard>> {
-        self.client.acquire(&self.name, kind, 0, 1, timeout).await
+        acquire(&self.client, &self.name, lock, timeout).await
     }
 }
 

@@ -51,12 +51,12 @@
 //! - [`State`] is the daemon's versioned key/value store: get, set,
 //!   compare-and-set, remove, increment, list, [`Watch`] (a `Stream` of
 //!   changes), JSON helpers, and writes guarded by a held lock.
-//! - [`BlockingClient`] offers the same for code without a Tokio runtime.
+//! - [`blocking`] offers the same for code without a Tokio runtime.
 //! - [`Error`] says what went wrong; errors from the daemon carry its stable
 //!   [`ErrorCode`].
 //! - [`launch`] starts `lockbrokerd` and waits until it serves.
 
-mod blocking;
+pub mod blocking;
 mod client;
 mod connector;
 mod error;
@@ -66,13 +66,10 @@ pub mod launch;
 mod state;
 mod transport;
 
-pub use blocking::{
-    BlockingClient, BlockingMutex, BlockingRwLock, BlockingSemaphore, BlockingState, BlockingWatch,
-};
 pub use client::Client;
 pub use connector::{Connector, DEFAULT_CONNECT_TIMEOUT};
 pub use error::{Error, Result};
-pub use guard::{BlockingLockGuard, LockGuard};
+pub use guard::LockGuard;
 pub use handle::{Mutex, RwLock, Semaphore};
 pub use lockbroker_proto::address::{self, Scope};
 pub use lockbroker_proto::{ChangeKind, StateEntry, Versioned};

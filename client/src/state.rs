@@ -13,13 +13,13 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use futures_core::Stream;
-use lockbroker_proto::{ChangeKind, Request, Response, StateEntry, StateSet, Versioned};
+use lockbroker_proto::{ChangeKind, Event, Request, Response, StateEntry, StateSet, Versioned};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use tokio::sync::mpsc;
 
-use crate::client::{Client, refused, unexpected};
-use crate::error::{Error, Result};
+use crate::client::Client;
+use crate::error::{Error, Result, refused, unexpected};
 use crate::guard::LockGuard;
 
 /// The result of a conditional write.
@@ -147,11 +147,16 @@ fn ms(d: Duration) -> u64 {
     u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
 }
 
-impl State {
-    pub(crate) fn new(client: Client) -> State {
-        State { client }
+impl Client {
+    /// The daemon's shared state.
+    pub fn state(&self) -> State {
+        State {
+            client: self.clone(),
+        }
     }
+}
 
+impl State {
     async fn call(&self, what: &str, key: &str, request: Request) -> Result<Response> {
         match self.client.call(request).await? {
             Response::Error(e) => Err(refused(format!("{what} of {key:?}"), e)),
@@ -388,13 +393,41 @@ impl State {
 pub struct Watch {
     client: Client,
     id: u64,
-    events: mpsc::UnboundedReceiver<WatchEvent>,
+    /// The events the connection routes to this watch.
+    events: mpsc::UnboundedReceiver<Event>,
+}
+
+impl WatchEvent {
+    /// The event a watch's protocol event stands for.
+    fn from_event(event: Event) -> Option<WatchEvent> {
+        match event {
+            Event::StateChanged {
+                key,
+                version,
+                change,
+                value,
+                ..
+            } => Some(WatchEvent::Changed {
+                key,
+                version,
+                change,
+                value,
+            }),
+            Event::WatchLagged { .. } => Some(WatchEvent::Lagged),
+            // Only watch events are routed to a watch.
+            Event::ShuttingDown => None,
+        }
+    }
 }
 
 impl Watch {
     /// The next change; `None` once the connection is gone.
     pub async fn next(&mut self) -> Option<WatchEvent> {
-        self.events.recv().await
+        loop {
+            if let Some(event) = WatchEvent::from_event(self.events.recv().await?) {
+                return Some(event);
+            }
+        }
     }
 
     /// The watch id (the request id of the watch).
@@ -407,7 +440,17 @@ impl Stream for Watch {
     type Item = WatchEvent;
 
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<WatchEvent>> {
-        self.events.poll_recv(cx)
+        loop {
+            match self.events.poll_recv(cx) {
+                Poll::Ready(Some(event)) => {
+                    if let Some(event) = WatchEvent::from_event(event) {
+                        return Poll::Ready(Some(event));
+                    }
+                }
+                Poll::Ready(None) => return Poll::Ready(None),
+                Poll::Pending => return Poll::Pending,
+            }
+        }
     }
 }
 

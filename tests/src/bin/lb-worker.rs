@@ -15,7 +15,7 @@
 use std::io::Write;
 use std::process::ExitCode;
 
-use lockbroker::{BlockingClient, Connector};
+use lockbroker::{Connector, blocking};
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -38,8 +38,8 @@ fn main() -> ExitCode {
 
 type Result<T> = std::result::Result<T, Box<dyn std::error::Error>>;
 
-fn connect(socket: &str) -> Result<BlockingClient> {
-    Ok(BlockingClient::connect_with(
+fn connect(socket: &str) -> Result<blocking::Client> {
+    Ok(blocking::Client::connect_with(
         &Connector::new().socket(socket).client_name("lb-worker"),
     )?)
 }
@@ -110,7 +110,7 @@ fn ping(allowed: &[&str]) -> ExitCode {
             }
         }
     }
-    match BlockingClient::connect_with(&connector).and_then(|c| c.ping()) {
+    match blocking::Client::connect_with(&connector).and_then(|c| c.ping()) {
         Ok(_) => {
             println!("ok");
             ExitCode::SUCCESS

@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use lockbroker::{BlockingClient, Error};
+use lockbroker::{Error, blocking};
 
 use crate::util::{Daemon, bounded, wait_until};
 
@@ -13,7 +13,7 @@ fn error_is_send_sync_static() {
     assert_bounds::<Error>();
     assert_bounds::<lockbroker::Client>();
     assert_bounds::<lockbroker::LockGuard>();
-    assert_bounds::<lockbroker::BlockingLockGuard>();
+    assert_bounds::<lockbroker::blocking::LockGuard>();
 }
 
 /// One connection, many tasks: a blocked acquire delays nothing else.
@@ -115,8 +115,8 @@ fn blocking_client_has_the_same_surface_and_never_hangs_on_drop() {
     let rt = tokio::runtime::Runtime::new().unwrap();
     let daemon = rt.block_on(Daemon::start());
     let connector = daemon.connector();
-    let a = BlockingClient::connect_with(&connector).unwrap();
-    let b = BlockingClient::connect_with(&connector).unwrap();
+    let a = blocking::Client::connect_with(&connector).unwrap();
+    let b = blocking::Client::connect_with(&connector).unwrap();
     a.ping().unwrap();
     let g = a.mutex("m").acquire().unwrap();
     assert!(b.mutex("m").try_acquire().unwrap().is_none());
