@@ -36,12 +36,12 @@ mod state_requests;
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 
-use lockbroker_proto::io::FrameReader;
+use lockbroker_proto::io::{FrameReader, FrameWriter};
 use lockbroker_proto::{
     ClientMessage, ErrorCode, ErrorInfo, Event, FrameError, Grant, Limits, MAGIC, PROTOCOL_VERSION,
-    Request, Response, ServerMessage, SessionInfo, Welcome, frame,
+    Request, Response, ServerMessage, SessionInfo, Welcome,
 };
-use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 
@@ -55,7 +55,7 @@ use crate::transport::PeerCred;
 /// Runs one connection to completion.
 pub async fn run<R, W>(
     reader: R,
-    mut writer: W,
+    writer: W,
     cred: PeerCred,
     broker: Arc<Broker>,
     mut shutdown: Shutdown,
@@ -65,6 +65,7 @@ pub async fn run<R, W>(
 {
     let limits = broker.limits;
     let mut reader = FrameReader::new(reader, limits.max_frame_len);
+    let mut out = FrameWriter::new(writer, limits.max_frame_len, OUTPUT_HIGH_WATER);
     let hello = tokio::select! {
         hello = tokio::time::timeout(limits.handshake_timeout, reader.read_message()) => hello,
         _ = shutdown.recv() => return,
@@ -72,7 +73,7 @@ pub async fn run<R, W>(
     let client_name = match handshake(hello) {
         Ok(name) => name,
         Err(Some(fatal)) => {
-            let _ = write_fatal(&mut writer, fatal, limits.max_frame_len).await;
+            let _ = write_fatal(&mut out, fatal).await;
             return;
         }
         Err(None) => return,
@@ -91,7 +92,7 @@ pub async fn run<R, W>(
     let mut session = Session {
         broker: Arc::clone(&broker),
         peer,
-        out: Vec::new(),
+        out,
         deferred: VecDeque::new(),
         locks: locks::Locks::default(),
         state: state_requests::StateRequests::new(completions_tx),
@@ -107,13 +108,7 @@ pub async fn run<R, W>(
         },
     }));
     let end = session
-        .serve(
-            &mut reader,
-            &mut writer,
-            grants,
-            &mut completions,
-            &mut shutdown,
-        )
+        .serve(&mut reader, grants, &mut completions, &mut shutdown)
         .await;
     match &end {
         End::Fatal(e) => {
@@ -187,18 +182,15 @@ fn frame_fatal(e: &FrameError) -> Option<ErrorInfo> {
     }
 }
 
+/// Sends `error` after the answers already queued, and closes.
 async fn write_fatal<W: AsyncWrite + Unpin>(
-    writer: &mut W,
+    out: &mut FrameWriter<W>,
     error: ErrorInfo,
-    max_frame_len: u32,
 ) -> std::io::Result<()> {
     tracing::debug!(code = %error.code, message = %error.message, "closing connection");
-    let mut buf = Vec::new();
-    if frame::encode(&ServerMessage::Fatal(error), max_frame_len, &mut buf).is_ok() {
-        writer.write_all(&buf).await?;
-        writer.flush().await?;
-    }
-    writer.shutdown().await
+    // A fatal error is small; one that did not fit would just not be sent.
+    let _ = out.encode(&ServerMessage::Fatal(error));
+    out.shutdown().await
 }
 
 /// Stop reading requests while this many answer bytes wait to be written.
@@ -206,9 +198,6 @@ const OUTPUT_HIGH_WATER: usize = 1 << 20;
 
 /// Stop reading requests while this many wait behind a held-back release.
 const MAX_DEFERRED: usize = 4096;
-
-/// Output buffer capacity kept between bursts.
-const OUTPUT_KEEP_CAPACITY: usize = 16 * 1024;
 
 /// A hash index with this many slots or more gives back its room when it
 /// is less than a quarter full.
@@ -237,11 +226,11 @@ enum End {
 
 /// One connection's session: what the I/O loop needs, and the lock and
 /// state parts, each with its own fields.
-struct Session {
+struct Session<W> {
     broker: Arc<Broker>,
     peer: Arc<Peer>,
-    /// Encoded frames not yet written.
-    out: Vec<u8>,
+    /// Answers and events, written in batches.
+    out: FrameWriter<W>,
     /// Requests held back, in order, behind a release that waits for the
     /// guarded writes before it, or behind a listing being gathered.
     deferred: VecDeque<(u64, Request)>,
@@ -252,7 +241,7 @@ struct Session {
     state: state_requests::StateRequests,
 }
 
-impl Session {
+impl<W: AsyncWrite + Unpin> Session<W> {
     fn id(&self) -> u64 {
         self.peer.id()
     }
@@ -267,23 +256,19 @@ impl Session {
                 .backed_up(self.broker.limits.max_pending as usize)
     }
 
-    async fn serve<R, W>(
+    async fn serve<R>(
         &mut self,
         reader: &mut FrameReader<R>,
-        writer: &mut W,
         mut grants: mpsc::UnboundedReceiver<(u64, Grant)>,
         completions: &mut mpsc::UnboundedReceiver<Box<Completion>>,
         shutdown: &mut Shutdown,
     ) -> End
     where
         R: AsyncRead + Unpin,
-        W: AsyncWrite + Unpin,
     {
         let timer = tokio::time::sleep_until(Instant::now());
         tokio::pin!(timer);
         let mut armed: Option<Instant> = None;
-        // Bytes of `out` already written.
-        let mut written = 0;
         loop {
             // Grants made by this session's own releases join the batch.
             while let Ok((request_id, grant)) = grants.try_recv() {
@@ -299,12 +284,12 @@ impl Session {
             // Reading and writing go on together, so neither side can block
             // the other; reading pauses while too much output is queued,
             // which pushes back on a peer that does not read its answers.
-            let backlog = self.out.len() - written;
+            let backlog = self.out.backlog();
             tokio::select! {
                 biased;
                 _ = shutdown.recv() => {
                     self.event(Event::ShuttingDown);
-                    let _ = writer.write_all(&self.out[written..]).await;
+                    let _ = self.out.flush().await;
                     return End::Shutdown;
                 }
                 grant = grants.recv() => {
@@ -323,7 +308,7 @@ impl Session {
                 // which changes are the new watch's) or output backs up
                 // (a slow watcher then lags instead of growing this buffer).
                 change = self.state.next_change(),
-                    if self.state.takes_changes() && backlog < OUTPUT_HIGH_WATER => {
+                    if self.state.takes_changes() && !self.out.is_full() => {
                     self.changed(change);
                 }
                 () = &mut timer, if armed.is_some() => {
@@ -337,41 +322,28 @@ impl Session {
                         self.run_deferred();
                     }
                 }
-                n = writer.write(&self.out[written..]), if backlog > 0 => match n {
-                    Ok(0) => return End::Io("the peer stopped reading".into()),
-                    Ok(n) => {
-                        written += n;
-                        if written == self.out.len() {
-                            self.out.clear();
-                            written = 0;
-                            // A burst's buffer is not kept by an idle session.
-                            if self.out.capacity() > OUTPUT_KEEP_CAPACITY {
-                                self.out.shrink_to(OUTPUT_KEEP_CAPACITY);
-                            }
-                        }
+                written = self.out.write_some(), if backlog > 0 => {
+                    if let Err(e) = written {
+                        return End::Io(match e.kind() {
+                            std::io::ErrorKind::WriteZero => "the peer stopped reading".into(),
+                            _ => e.to_string(),
+                        });
                     }
-                    Err(e) => return End::Io(e.to_string()),
-                },
+                }
                 msg = reader.read_message::<ClientMessage>(),
-                    if backlog < OUTPUT_HIGH_WATER && !self.paused() => {
+                    if !self.out.is_full() && !self.paused() => {
                     let mut next = msg;
                     // Answer everything already buffered before writing.
                     loop {
                         match next {
                             Ok(Some(msg)) => {
                                 if let Err(fatal) = self.message(msg) {
-                                    let _ = writer.write_all(&self.out[written..]).await;
-                                    self.out.clear();
-                                    return self.fatal(writer, fatal).await;
+                                    return self.fatal(fatal).await;
                                 }
                             }
                             Ok(None) => return End::PeerClosed,
                             Err(e) => return match frame_fatal(&e) {
-                                Some(fatal) => {
-                                    let _ = writer.write_all(&self.out[written..]).await;
-                                    self.out.clear();
-                                    self.fatal(writer, fatal).await
-                                }
+                                Some(fatal) => self.fatal(fatal).await,
                                 None => End::Io(e.to_string()),
                             },
                         }
@@ -389,14 +361,13 @@ impl Session {
     }
 
     /// Sends a fatal error (after any answers already written).
-    async fn fatal<W: AsyncWrite + Unpin>(&mut self, writer: &mut W, error: ErrorInfo) -> End {
-        let _ = write_fatal(writer, error.clone(), self.broker.limits.max_frame_len).await;
+    async fn fatal(&mut self, error: ErrorInfo) -> End {
+        let _ = write_fatal(&mut self.out, error.clone()).await;
         End::Fatal(error)
     }
 
     fn answer(&mut self, msg: ServerMessage) {
-        let max = self.broker.limits.max_frame_len;
-        if let Err(e) = frame::encode(&msg, max, &mut self.out) {
+        if let Err(e) = self.out.encode(&msg) {
             // Only a response can grow past the limit (an inspection).
             let ServerMessage::Response { id, .. } = msg else {
                 tracing::error!(error = %e, "could not encode a message");
@@ -410,7 +381,9 @@ impl Session {
                 id,
                 response: Response::Error(error),
             };
-            frame::encode(&msg, max, &mut self.out).expect("an error response fits any frame");
+            self.out
+                .encode(&msg)
+                .expect("an error response fits any frame");
         }
     }
 

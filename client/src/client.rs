@@ -16,12 +16,11 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use lockbroker_proto::io::FrameReader;
+use lockbroker_proto::io::{FrameReader, FrameWriter};
 use lockbroker_proto::{
     Acquire, ClientMessage, ErrorInfo, Event, Grant, Inspection, Limits, LockKind, LockName,
-    Request, Response, ServerMessage, Welcome, frame,
+    Request, Response, ServerMessage, Welcome,
 };
-use tokio::io::AsyncWriteExt;
 use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::error::{Error, Result, refused, unexpected};
@@ -91,13 +90,10 @@ impl Client {
         let (lost_tx, lost) = watch::channel(false);
         let task = Task {
             reader,
-            writer,
+            out: FrameWriter::new(writer, welcome.limits.max_frame_len, OUTPUT_HIGH_WATER),
             commands: rx,
             pending: HashMap::new(),
             watches: HashMap::new(),
-            out: Vec::new(),
-            written: 0,
-            max_frame_len: welcome.limits.max_frame_len,
         };
         tokio::spawn(async move {
             let why = task.run().await;
@@ -394,16 +390,13 @@ impl Drop for CancelOnDrop<'_> {
 /// The connection task.
 struct Task {
     reader: FrameReader<ReadHalf>,
-    writer: WriteHalf,
+    /// Requests, written in batches.
+    out: FrameWriter<WriteHalf>,
     commands: mpsc::UnboundedReceiver<Command>,
     /// request id → caller waiting for its answer.
     pending: HashMap<u64, oneshot::Sender<Response>>,
     /// watch id → where its events go.
     watches: HashMap<u64, mpsc::UnboundedSender<Event>>,
-    /// Encoded requests; `out[..written]` is already sent.
-    out: Vec<u8>,
-    written: usize,
-    max_frame_len: u32,
 }
 
 impl Task {
@@ -411,20 +404,17 @@ impl Task {
     /// returns why.
     async fn run(mut self) -> String {
         loop {
-            let backlog = self.out.len() - self.written;
+            let backlog = self.out.backlog();
             tokio::select! {
                 biased;
-                n = self.writer.write(&self.out[self.written..]), if backlog > 0 => match n {
-                    Ok(0) => return "the daemon stopped reading".into(),
-                    Ok(n) => {
-                        self.written += n;
-                        if self.written == self.out.len() {
-                            self.out.clear();
-                            self.written = 0;
-                        }
+                written = self.out.write_some(), if backlog > 0 => {
+                    if let Err(e) = written {
+                        return match e.kind() {
+                            std::io::ErrorKind::WriteZero => "the daemon stopped reading".into(),
+                            _ => format!("write failed: {e}"),
+                        };
                     }
-                    Err(e) => return format!("write failed: {e}"),
-                },
+                }
                 msg = self.reader.read_message::<ServerMessage>() => match msg {
                     Ok(Some(msg)) => {
                         if let Err(why) = self.route(msg) {
@@ -445,7 +435,7 @@ impl Task {
                     Ok(None) => return "the daemon closed the connection".into(),
                     Err(e) => return e.to_string(),
                 },
-                cmd = self.commands.recv(), if backlog < OUTPUT_HIGH_WATER => match cmd {
+                cmd = self.commands.recv(), if !self.out.is_full() => match cmd {
                     Some(cmd) => {
                         self.queue(cmd);
                         // Batch whatever else is ready into the same write.
@@ -456,7 +446,7 @@ impl Task {
                     None => {
                         // Every client and guard is gone: say goodbye by
                         // closing, after the last releases are out.
-                        let _ = self.writer.write_all(&self.out[self.written..]).await;
+                        let _ = self.out.flush().await;
                         return "the client was dropped".into();
                     }
                 },
@@ -485,7 +475,7 @@ impl Task {
             }
         };
         let msg = ClientMessage::Request { id, request };
-        match frame::encode(&msg, self.max_frame_len, &mut self.out) {
+        match self.out.encode(&msg) {
             Ok(()) => {
                 if let Some(reply) = reply {
                     self.pending.insert(id, reply);
@@ -529,8 +519,7 @@ impl Task {
                             hold_id: grant.hold_id,
                         },
                     };
-                    frame::encode(&msg, self.max_frame_len, &mut self.out)
-                        .map_err(|e| e.to_string())?;
+                    self.out.encode(&msg).map_err(|e| e.to_string())?;
                 }
                 Ok(())
             }

@@ -2,9 +2,11 @@
 //!
 //! [`FrameReader`] keeps one buffer per connection and hands out whole
 //! messages; [`FrameReader::read_message`] is cancel-safe, so it can sit in a
-//! `select!` beside other events. Writers encode any number of messages into
-//! one buffer with [`crate::frame::encode`] and write it once, so a batch of
-//! answers costs one system call.
+//! `select!` beside other events. [`FrameWriter`] is the other half: any
+//! number of messages are encoded into its one buffer and written together,
+//! so a batch of answers costs one system call, and its high-water mark
+//! tells the owner to stop taking work while the peer does not read. The
+//! daemon's sessions and the client's connection task both use the pair.
 
 use serde::Serialize;
 use serde::de::DeserializeOwned;
@@ -17,8 +19,13 @@ use crate::frame::{self, FrameError};
 /// larger frame grows the buffer to its size.
 const READ_CHUNK: usize = 1024;
 
-/// A buffer grown past this by a large frame shrinks back once empty.
+/// A read buffer grown past this by a large frame shrinks back once empty.
 const KEEP_CAPACITY: usize = 64 * 1024;
+
+/// A write buffer grown past this by a burst shrinks back to it once
+/// written: an idle connection keeps little (the daemon may have tens of
+/// thousands).
+const WRITE_KEEP_CAPACITY: usize = 16 * 1024;
 
 /// Reads whole frames from a stream.
 #[derive(Debug)]
@@ -113,6 +120,108 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
     }
 }
 
+/// Queues frames and writes them in batches.
+///
+/// Encoding never touches the stream; [`FrameWriter::write_some`] writes
+/// what is queued and is cancel-safe (a write either happens and is
+/// counted, or does not happen), so it can sit in a `select!` beside reads.
+#[derive(Debug)]
+pub struct FrameWriter<W> {
+    inner: W,
+    buf: Vec<u8>,
+    /// Bytes of `buf` before this offset are written already.
+    written: usize,
+    max_len: u32,
+    high_water: usize,
+}
+
+impl<W: AsyncWrite + Unpin> FrameWriter<W> {
+    /// Writes frames of at most `max_len` body bytes to `inner`;
+    /// [`FrameWriter::is_full`] once `high_water` bytes wait.
+    pub fn new(inner: W, max_len: u32, high_water: usize) -> Self {
+        FrameWriter {
+            inner,
+            buf: Vec::new(),
+            written: 0,
+            max_len,
+            high_water,
+        }
+    }
+
+    /// Queues `msg` as one frame; a message over the maximum is refused
+    /// and nothing is queued.
+    pub fn encode<T: Serialize>(&mut self, msg: &T) -> Result<(), FrameError> {
+        frame::encode(msg, self.max_len, &mut self.buf)
+    }
+
+    /// Queues frames encoded elsewhere (see
+    /// [`InspectionFrame`](crate::frame::InspectionFrame)).
+    pub fn queue_encoded(&mut self) -> &mut Vec<u8> {
+        &mut self.buf
+    }
+
+    /// The largest frame body this writer sends.
+    pub fn max_len(&self) -> u32 {
+        self.max_len
+    }
+
+    /// Bytes queued and not yet written.
+    pub fn backlog(&self) -> usize {
+        self.buf.len() - self.written
+    }
+
+    /// Whether the backlog reached the high-water mark: the owner should
+    /// take no more work until the peer reads.
+    pub fn is_full(&self) -> bool {
+        self.backlog() >= self.high_water
+    }
+
+    /// Writes some of the backlog (at least one byte); an empty buffer
+    /// shrinks back if a burst grew it. A peer that accepts nothing is
+    /// [`std::io::ErrorKind::WriteZero`].
+    pub async fn write_some(&mut self) -> std::io::Result<()> {
+        let n = self.inner.write(&self.buf[self.written..]).await?;
+        if n == 0 {
+            return Err(std::io::ErrorKind::WriteZero.into());
+        }
+        self.written += n;
+        if self.written == self.buf.len() {
+            self.buf.clear();
+            self.written = 0;
+            // A burst's buffer is not kept by an idle connection.
+            if self.buf.capacity() > WRITE_KEEP_CAPACITY {
+                self.buf.shrink_to(WRITE_KEEP_CAPACITY);
+            }
+        }
+        Ok(())
+    }
+
+    /// Writes the whole backlog and flushes.
+    pub async fn flush(&mut self) -> std::io::Result<()> {
+        while self.backlog() > 0 {
+            self.write_some().await?;
+        }
+        self.inner.flush().await
+    }
+
+    /// Drops the backlog unwritten (what follows replaces it).
+    pub fn discard(&mut self) {
+        self.buf.clear();
+        self.written = 0;
+    }
+
+    /// Writes the backlog, then shuts the stream's write side down.
+    pub async fn shutdown(&mut self) -> std::io::Result<()> {
+        self.flush().await?;
+        self.inner.shutdown().await
+    }
+
+    /// The stream being written.
+    pub fn get_ref(&self) -> &W {
+        &self.inner
+    }
+}
+
 /// Writes `msg` as one frame and flushes.
 pub async fn write_message<W, T>(w: &mut W, msg: &T, max_len: u32) -> Result<(), FrameError>
 where
@@ -177,6 +286,48 @@ mod tests {
             writer.await.unwrap();
             assert_eq!(got, msgs, "chunk size {chunk}");
         }
+    }
+
+    /// Frames queued in several batches, written in pieces through a small
+    /// pipe while a reader drains it, arrive whole and in order; the
+    /// high-water mark says when to stop queueing.
+    #[tokio::test]
+    async fn the_writer_batches_and_says_when_it_is_full() {
+        let msgs = messages();
+        let (tx, rx) = tokio::io::duplex(16);
+        let one = frame::to_frame(&msgs[1], DEFAULT_MAX_FRAME_LEN)
+            .unwrap()
+            .len();
+        let mut writer = FrameWriter::new(tx, DEFAULT_MAX_FRAME_LEN, 3 * one);
+        let reader = tokio::spawn(async move {
+            let mut reader = FrameReader::new(rx, DEFAULT_MAX_FRAME_LEN);
+            let mut got = Vec::new();
+            while let Some(m) = reader.read_message::<ClientMessage>().await.unwrap() {
+                got.push(m);
+            }
+            got
+        });
+        for batch in msgs.chunks(4) {
+            for m in batch {
+                writer.encode(m).unwrap();
+            }
+            assert_eq!(writer.is_full(), writer.backlog() >= 3 * one);
+            while writer.backlog() > 0 {
+                writer.write_some().await.unwrap();
+            }
+            assert!(!writer.is_full());
+        }
+        writer.shutdown().await.unwrap();
+        assert_eq!(reader.await.unwrap(), msgs);
+    }
+
+    #[tokio::test]
+    async fn a_message_over_the_limit_queues_nothing() {
+        let (tx, _rx) = tokio::io::duplex(16);
+        let mut writer = FrameWriter::new(tx, 8, usize::MAX);
+        let err = writer.encode(&messages()[1]).unwrap_err();
+        assert!(matches!(err, FrameError::TooLarge { .. }), "{err}");
+        assert_eq!(writer.backlog(), 0);
     }
 
     #[tokio::test]

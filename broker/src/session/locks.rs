@@ -7,6 +7,8 @@ use std::collections::{BTreeSet, HashMap, HashSet};
 use lockbroker_proto::{ErrorCode, ErrorInfo, Grant, LockName, Response, frame};
 use tokio::time::Instant;
 
+use tokio::io::AsyncWrite;
+
 use super::{Session, shrink_index};
 use crate::config::{DEFAULT_INSPECT_LIMIT, MAX_INSPECT_LIMIT};
 use crate::lock_table::{AcquireOutcome, AcquireSpec};
@@ -82,7 +84,7 @@ impl Locks {
     }
 }
 
-impl Session {
+impl<W: AsyncWrite + Unpin> Session<W> {
     pub(super) fn acquire(&mut self, id: u64, req: lockbroker_proto::Acquire) {
         if let Err(e) = self.try_acquire(id, req) {
             self.error(id, e);
@@ -306,7 +308,7 @@ impl Session {
             self.locks.listing = Some(l);
             return;
         }
-        l.frame.finish(more, &mut self.out);
+        l.frame.finish(more, self.out.queue_encoded());
     }
 
     /// Releases everything the session held (as abandoned, unless the

@@ -14,6 +14,8 @@ use std::time::Duration;
 use lockbroker_proto::{ErrorCode, ErrorInfo, Event, LockName, Request, Response, StateSet};
 use tokio::sync::{broadcast, mpsc};
 
+use tokio::io::AsyncWrite;
+
 use super::{Session, shrink_index};
 use crate::state::{Change, Completion, Op, ReplyTo};
 
@@ -118,7 +120,7 @@ fn invalid_key(e: impl std::fmt::Display) -> ErrorInfo {
     ErrorInfo::new(ErrorCode::InvalidName, format!("invalid key: {e}"))
 }
 
-impl Session {
+impl<W: AsyncWrite + Unpin> Session<W> {
     fn uid(&self) -> u32 {
         // Quotas of peers without credentials (Windows) share one bucket.
         self.peer.info.uid.unwrap_or(u32::MAX)
