@@ -38,6 +38,21 @@ pub enum StartError {
         /// The error.
         source: io::Error,
     },
+    /// The state database cannot be opened or read. The daemon refuses to
+    /// start rather than start with empty state.
+    #[error(
+        "cannot use the state database {}: {reason}; refusing to start rather than start with empty state (move the file away to start afresh)",
+        path.display()
+    )]
+    StateDatabase {
+        /// The database file.
+        path: PathBuf,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// The state store's thread could not be started.
+    #[error("cannot start the state store's thread: {0}")]
+    Thread(io::Error),
     /// The configuration is invalid.
     #[error("{0}")]
     Config(String),
