@@ -1,5 +1,5 @@
-//! [`Broker`]: what every session shares — the lock table, the state
-//! store, the limits and the session counters. The server makes one and
+//! [`Broker`]: what every session shares — the backend (the lock table
+//! and the state store), the limits and the session counters. The server makes one and
 //! hands it to each session it starts; sessions use nothing else of the
 //! server's.
 
@@ -8,18 +8,17 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use lockbroker_proto::ServerInfo;
 
+use crate::backend::{Backend, Local};
 use crate::config::SessionLimits;
 use crate::lock_table::LockTable;
 use crate::state::State;
 
-/// What every session shares: the lock table, the state store, the limits
+/// What every session shares: the backend (locks and state), the limits
 /// and counters.
 #[derive(Debug)]
 pub struct Broker {
-    /// Every lock entry.
-    pub table: LockTable,
-    /// The shared state.
-    pub state: State,
+    /// The locks and the state.
+    pub backend: Box<dyn Backend>,
     /// Applied to every session.
     pub limits: SessionLimits,
     started: std::time::Instant,
@@ -36,9 +35,17 @@ impl Broker {
         fence_floor: u64,
         max_abandoned: usize,
     ) -> Broker {
-        Broker {
+        let local = Local {
             table: LockTable::new(fence_floor, max_abandoned),
             state,
+        };
+        Broker::with_backend(limits, Box::new(local))
+    }
+
+    /// A broker whose sessions use `backend`.
+    pub fn with_backend(limits: SessionLimits, backend: Box<dyn Backend>) -> Broker {
+        Broker {
+            backend,
             limits,
             started: std::time::Instant::now(),
             open_sessions: AtomicU64::new(0),

@@ -8,6 +8,8 @@
 //!   socket reclaim, directory checks), accepting, peer credentials.
 //! - [`server`]: the accept loop, connection limit and graceful shutdown.
 //! - [`broker`]: [`Broker`](broker::Broker), what every session shares.
+//! - [`backend`]: the seam between sessions and what keeps the locks and
+//!   the state; [`Local`](backend::Local) is the in-memory table and store.
 //! - [`session`]: one task per connection: the handshake and I/O loop, its
 //!   lock requests and its state requests.
 //! - [`lock_table`]: the synchronous lock table (FIFO queues, holds, fences,
@@ -30,6 +32,7 @@
 //! # }
 //! ```
 
+pub mod backend;
 pub mod broker;
 pub mod config;
 pub mod error;

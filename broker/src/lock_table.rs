@@ -66,6 +66,90 @@ pub const RW_WEIGHT: u64 = u32::MAX as u64;
 /// one lock, few enough that merging them for a listing stays cheap.
 pub const SHARDS: usize = 16;
 
+/// Why the table refused a request. The session turns it into the
+/// protocol's error (its stable code and this message).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum LockError {
+    /// An acquire of no permits.
+    #[error("an acquire must ask for at least one permit")]
+    NoPermits,
+    /// A mutex has one permit.
+    #[error("{permits} permits asked of a mutex, whose capacity is 1")]
+    MutexPermits {
+        /// Permits asked for.
+        permits: u32,
+    },
+    /// A semaphore of no permits.
+    #[error("a semaphore's capacity must be at least 1")]
+    ZeroCapacity,
+    /// More permits than the semaphore has.
+    #[error("{permits} permits asked of a semaphore of capacity {capacity}")]
+    AboveCapacity {
+        /// Permits asked for.
+        permits: u32,
+        /// The semaphore's capacity.
+        capacity: u32,
+    },
+    /// A rwlock request is one permit.
+    #[error("a rwlock request takes exactly 1 permit, not {permits}")]
+    RwPermits {
+        /// Permits asked for.
+        permits: u32,
+    },
+    /// The name is in use as another kind of lock.
+    #[error("{name:?} is in use as a {in_use}, not a {asked}")]
+    KindMismatch {
+        /// The name.
+        name: String,
+        /// What it is in use as.
+        in_use: EntryKind,
+        /// What was asked for.
+        asked: EntryKind,
+    },
+    /// The semaphore is in use with another capacity.
+    #[error("semaphore {name:?} is in use with capacity {in_use}, not {asked}")]
+    CapacityMismatch {
+        /// The name.
+        name: String,
+        /// Its capacity in use.
+        in_use: u32,
+        /// The capacity asked for.
+        asked: u32,
+    },
+    /// A release of more permits than the session holds on the name.
+    #[error("cannot release {count} permits of {name:?}: this session holds {held}")]
+    NotHeld {
+        /// The name.
+        name: String,
+        /// Permits asked to release.
+        count: u32,
+        /// Permits the session holds there.
+        held: u64,
+    },
+}
+
+impl LockError {
+    /// The protocol's stable code for it.
+    pub fn code(&self) -> ErrorCode {
+        match self {
+            LockError::NoPermits | LockError::RwPermits { .. } => ErrorCode::InvalidPermits,
+            LockError::MutexPermits { .. } | LockError::AboveCapacity { .. } => {
+                ErrorCode::PermitsAboveCapacity
+            }
+            LockError::ZeroCapacity => ErrorCode::InvalidCapacity,
+            LockError::KindMismatch { .. } => ErrorCode::KindMismatch,
+            LockError::CapacityMismatch { .. } => ErrorCode::CapacityMismatch,
+            LockError::NotHeld { .. } => ErrorCode::NotHeld,
+        }
+    }
+}
+
+impl From<LockError> for ErrorInfo {
+    fn from(e: LockError) -> ErrorInfo {
+        ErrorInfo::new(e.code(), e.to_string())
+    }
+}
+
 /// A grant made to a waiting session, to be sent by the caller once the
 /// table is no longer locked.
 #[derive(Debug)]
@@ -167,44 +251,29 @@ impl AcquireSpec {
         capacity: u32,
         permits: u32,
         timeout_ms: Option<u64>,
-    ) -> Result<AcquireSpec, ErrorInfo> {
+    ) -> Result<AcquireSpec, LockError> {
         if permits == 0 {
-            return Err(ErrorInfo::new(
-                ErrorCode::InvalidPermits,
-                "an acquire must ask for at least one permit",
-            ));
+            return Err(LockError::NoPermits);
         }
         let capacity = match kind {
             LockKind::Mutex => {
                 if permits > 1 {
-                    return Err(ErrorInfo::new(
-                        ErrorCode::PermitsAboveCapacity,
-                        format!("{permits} permits asked of a mutex, whose capacity is 1"),
-                    ));
+                    return Err(LockError::MutexPermits { permits });
                 }
                 1
             }
             LockKind::Semaphore => {
                 if capacity == 0 {
-                    return Err(ErrorInfo::new(
-                        ErrorCode::InvalidCapacity,
-                        "a semaphore's capacity must be at least 1",
-                    ));
+                    return Err(LockError::ZeroCapacity);
                 }
                 if permits > capacity {
-                    return Err(ErrorInfo::new(
-                        ErrorCode::PermitsAboveCapacity,
-                        format!("{permits} permits asked of a semaphore of capacity {capacity}"),
-                    ));
+                    return Err(LockError::AboveCapacity { permits, capacity });
                 }
                 capacity
             }
             LockKind::RwShared | LockKind::RwExclusive => {
                 if permits != 1 {
-                    return Err(ErrorInfo::new(
-                        ErrorCode::InvalidPermits,
-                        format!("a rwlock request takes exactly 1 permit, not {permits}"),
-                    ));
+                    return Err(LockError::RwPermits { permits });
                 }
                 0
             }
@@ -373,7 +442,7 @@ impl Entry {
 
     /// Checks that `spec` may be used on this entry, re-shaping an entry
     /// that is only remembered for its abandoned flag.
-    fn admit(&mut self, name: &str, spec: &AcquireSpec) -> Result<(), ErrorInfo> {
+    fn admit(&mut self, name: &str, spec: &AcquireSpec) -> Result<(), LockError> {
         if !self.in_use() {
             let (abandoned, tombstone) = (self.abandoned, self.tombstone);
             *self = Entry::new(spec);
@@ -383,23 +452,22 @@ impl Entry {
         }
         let kind = spec.kind.entry_kind();
         if !compatible(self.kind, spec.kind) {
-            return Err(ErrorInfo::new(
-                ErrorCode::KindMismatch,
-                format!("{name:?} is in use as a {}, not a {kind}", self.kind),
-            ));
+            return Err(LockError::KindMismatch {
+                name: name.to_owned(),
+                in_use: self.kind,
+                asked: kind,
+            });
         }
         // A mutex that someone takes a side of is shown as a rwlock.
         if kind == EntryKind::RwLock {
             self.kind = EntryKind::RwLock;
         }
         if kind == EntryKind::Semaphore && spec.capacity != self.capacity {
-            return Err(ErrorInfo::new(
-                ErrorCode::CapacityMismatch,
-                format!(
-                    "semaphore {name:?} is in use with capacity {}, not {}",
-                    self.capacity, spec.capacity
-                ),
-            ));
+            return Err(LockError::CapacityMismatch {
+                name: name.to_owned(),
+                in_use: self.capacity,
+                asked: spec.capacity,
+            });
         }
         Ok(())
     }
@@ -518,7 +586,7 @@ impl LockTable {
         peer: &Arc<Peer>,
         request_id: u64,
         spec: &AcquireSpec,
-    ) -> Result<AcquireOutcome, ErrorInfo> {
+    ) -> Result<AcquireOutcome, LockError> {
         let mut shard = lock(self.shard(name.as_str()));
         // One search either way; the key is a shared name, not a copy.
         match shard.entry(name.clone()) {
@@ -550,7 +618,7 @@ impl LockTable {
         peer: &Arc<Peer>,
         request_id: u64,
         spec: &AcquireSpec,
-    ) -> Result<AcquireOutcome, ErrorInfo> {
+    ) -> Result<AcquireOutcome, LockError> {
         entry.admit(name.as_str(), spec)?;
         let weight = spec.weight();
         if entry.queue.is_empty() && weight <= u64::from(entry.free) {
@@ -713,13 +781,12 @@ impl LockTable {
         name: &str,
         session_id: u64,
         count: u32,
-    ) -> Result<Released, ErrorInfo> {
+    ) -> Result<Released, LockError> {
         let mut deliveries = Grants::default();
-        let not_held = |held: u64| {
-            ErrorInfo::new(
-                ErrorCode::NotHeld,
-                format!("cannot release {count} permits of {name:?}: this session holds {held}"),
-            )
+        let not_held = |held: u64| LockError::NotHeld {
+            name: name.to_owned(),
+            count,
+            held,
         };
         let result = self.with_entry(name, &mut deliveries, |e| {
             let held: u64 = e
@@ -957,11 +1024,11 @@ mod tests {
         let err = t
             .acquire(&n, &a, 2, &spec(LockKind::Semaphore, 3, 1, None))
             .unwrap_err();
-        assert_eq!(err.code, ErrorCode::CapacityMismatch);
+        assert_eq!(err.code(), ErrorCode::CapacityMismatch);
         let err = t
             .acquire(&n, &a, 3, &spec(LockKind::Mutex, 1, 1, None))
             .unwrap_err();
-        assert_eq!(err.code, ErrorCode::KindMismatch);
+        assert_eq!(err.code(), ErrorCode::KindMismatch);
         t.release("x", 1, g.hold_id).1.send();
         assert!(t.is_empty(), "an idle entry is forgotten");
         granted(
@@ -1062,7 +1129,7 @@ mod tests {
         let g1 = granted(t.acquire(&n, &a, 1, &sem(2)).unwrap());
         let g2 = granted(t.acquire(&n, &a, 2, &sem(2)).unwrap());
         let err = t.release_count("s", 1, 5).unwrap_err();
-        assert_eq!(err.code, ErrorCode::NotHeld);
+        assert_eq!(err.code(), ErrorCode::NotHeld);
         let r = t.release_count("s", 1, 3).unwrap();
         assert_eq!(r.ended, [g1.hold_id]);
         let (info, _) = t.inspect("", 10);
@@ -1074,7 +1141,7 @@ mod tests {
         assert_eq!(t.release_count("s", 1, 1).unwrap().ended, [g2.hold_id]);
         assert!(t.is_empty());
         assert_eq!(
-            t.release_count("s", 1, 1).unwrap_err().code,
+            t.release_count("s", 1, 1).unwrap_err().code(),
             ErrorCode::NotHeld
         );
     }
@@ -1372,7 +1439,7 @@ mod tests {
                             let held: u32 = model[n].holders.iter().filter(|h| h.0 == sid).map(|h| h.3).sum();
                             let r = t.release_count(NAMES[n], sid, count);
                             if held < count {
-                                prop_assert_eq!(r.unwrap_err().code, ErrorCode::NotHeld);
+                                prop_assert_eq!(r.unwrap_err().code(), ErrorCode::NotHeld);
                                 continue;
                             }
                             let r = r.unwrap();

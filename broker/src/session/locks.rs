@@ -116,7 +116,7 @@ impl<W: AsyncWrite + Unpin> Session<W> {
         let at_pending_limit = self.locks.pending.len() >= limits.max_pending as usize;
         let is_try = !spec.may_wait;
         spec.may_wait &= !at_pending_limit;
-        match self.broker.table.acquire(&name, &self.peer, id, &spec)? {
+        match self.broker.backend.acquire(&name, &self.peer, id, &spec)? {
             AcquireOutcome::Granted(grant) => {
                 self.locks.holds.insert(grant.hold_id, name);
                 self.respond(id, Response::Granted(grant));
@@ -183,7 +183,7 @@ impl<W: AsyncWrite + Unpin> Session<W> {
         };
         let (removed, grants) = self
             .broker
-            .table
+            .backend
             .cancel(p.name.as_str(), self.id(), request_id);
         grants.send();
         if removed {
@@ -216,7 +216,10 @@ impl<W: AsyncWrite + Unpin> Session<W> {
         // The index and the table change together, so a hold is in both or
         // in neither: one answer for a hold this session does not have.
         let permits = self.locks.holds.remove(&hold_id).and_then(|name| {
-            let (permits, grants) = self.broker.table.release(name.as_str(), self.id(), hold_id);
+            let (permits, grants) = self
+                .broker
+                .backend
+                .release(name.as_str(), self.id(), hold_id);
             grants.send();
             permits
         });
@@ -245,8 +248,9 @@ impl<W: AsyncWrite + Unpin> Session<W> {
                 ));
             }
             self.broker
-                .table
+                .backend
                 .release_count(name.as_str(), self.id(), count)
+                .map_err(ErrorInfo::from)
         })();
         match result {
             Ok(released) => {
@@ -291,7 +295,7 @@ impl<W: AsyncWrite + Unpin> Session<W> {
         let Some(mut l) = self.locks.listing.take() else {
             return;
         };
-        let table = &self.broker.table;
+        let table = &self.broker.backend;
         let (chunk, more) = table.list(&l.prefix, &l.after, l.left.min(LIST_CHUNK));
         l.left -= chunk.len();
         for entry in &chunk {
@@ -323,7 +327,7 @@ impl<W: AsyncWrite + Unpin> Session<W> {
             .collect();
         for name in names {
             self.broker
-                .table
+                .backend
                 .end_session(name.as_str(), self.id(), abandon)
                 .send();
         }

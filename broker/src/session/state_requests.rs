@@ -131,7 +131,7 @@ impl<W: AsyncWrite + Unpin> Session<W> {
             tx: self.state.completions_tx.clone(),
             request_id: id,
         };
-        self.broker.state.submit(op, reply);
+        self.broker.backend.submit_state(op, reply);
     }
 
     /// Checks a write's guard; the write is then tracked until answered.
@@ -169,7 +169,7 @@ impl<W: AsyncWrite + Unpin> Session<W> {
                 "a fenced write must be a state set, remove or increment without a guard of its own",
             ));
         }
-        if !self.broker.table.fence_is_live(lock.as_str(), fence) {
+        if !self.broker.backend.fence_is_live(lock.as_str(), fence) {
             return Err(ErrorInfo::new(
                 ErrorCode::StaleFence,
                 format!("lock {lock:?} has no live hold with fence {fence}; the write was refused"),
@@ -207,7 +207,7 @@ impl<W: AsyncWrite + Unpin> Session<W> {
                 guard,
             }) => {
                 let key = LockName::new(key).map_err(invalid_key)?;
-                let max = self.broker.state.max_value_len();
+                let max = self.broker.backend.max_value_len();
                 if value.len() > max as usize {
                     return Err(ErrorInfo::new(
                         ErrorCode::ValueTooLarge,
