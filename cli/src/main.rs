@@ -12,7 +12,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::Parser;
-use lockbroker::address::{self, Env};
+use lockbroker::address;
 use lockbroker::{Client, Connector, LockGuard, Scope};
 
 use crate::args::{Cli, Command, ScopeArg, WaitArgs};
@@ -336,12 +336,11 @@ fn connector_of(cli: &Cli) -> Connector {
 
 async fn connect_with_address(cli: &Cli) -> Result<(Client, std::path::PathBuf), Failure> {
     let scope = scope_of(cli);
-    let env = Env::current();
     let connector = connector_of(cli).client_name(client_name(cli));
     let socket = connector.address().map_err(unavailable)?;
     match connector.connect().await {
         Ok(client) => Ok((client, socket)),
-        Err(e) if e.nobody_listens() && may_autostart(cli, scope, &env) => {
+        Err(e) if e.nobody_listens() && may_autostart(cli, scope) => {
             let client = daemon::autostart(&connector, &socket)
                 .await
                 .map_err(|e| (exit::UNAVAILABLE, e))?;
@@ -352,13 +351,10 @@ async fn connect_with_address(cli: &Cli) -> Result<(Client, std::path::PathBuf),
 }
 
 /// Autostart only for the local scope's own default socket.
-fn may_autostart(cli: &Cli, scope: Scope, env: &Env) -> bool {
+fn may_autostart(cli: &Cli, scope: Scope) -> bool {
     let disabled = std::env::var_os(NO_AUTOSTART_ENV).is_some_and(|v| !v.is_empty() && v != "0");
-    scope == Scope::Local
-        && cli.socket.is_none()
-        && env.socket.is_none()
-        && !cli.no_autostart
-        && !disabled
+    let socket_named = std::env::var_os(address::SOCKET_ENV).is_some_and(|v| !v.is_empty());
+    scope == Scope::Local && cli.socket.is_none() && !socket_named && !cli.no_autostart && !disabled
 }
 
 /// `lockbroker lock NAME` shows as `lockbroker lock NAME` in `status`.

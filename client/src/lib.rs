@@ -56,6 +56,7 @@
 //!   [`ErrorCode`].
 //! - [`launch`] starts `lockbrokerd` and waits until it serves.
 
+pub mod address;
 pub mod blocking;
 mod client;
 mod connector;
@@ -66,16 +67,16 @@ pub mod launch;
 mod state;
 mod transport;
 
+pub use address::Scope;
 pub use client::Client;
 pub use connector::{Connector, DEFAULT_CONNECT_TIMEOUT};
 pub use error::{Error, Result};
 pub use guard::LockGuard;
 pub use handle::{Mutex, RwLock, Semaphore};
-pub use lockbroker_proto::address::{self, Scope};
 pub use lockbroker_proto::{ChangeKind, StateEntry, Versioned};
 pub use lockbroker_proto::{
-    EntryInfo, EntryKind, ErrorCode, HolderInfo, Inspection, LockKind, ServerInfo, SessionInfo,
-    WaiterInfo,
+    EntryInfo, EntryKind, ErrorCode, HolderInfo, Inspection, Limits, LockKind, NameError,
+    ServerInfo, SessionInfo, WaiterInfo,
 };
 pub use state::{
     RemoveOutcome, State, Watch, WatchEvent, WatchOptions, WriteOptions, WriteOutcome,

@@ -13,7 +13,9 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use futures_core::Stream;
-use lockbroker_proto::{ChangeKind, Event, Request, Response, StateEntry, StateSet, Versioned};
+use lockbroker_proto::{
+    ChangeKind, Event, LockName, Request, Response, StateEntry, StateSet, Versioned,
+};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use tokio::sync::mpsc;
@@ -156,8 +158,24 @@ impl Client {
     }
 }
 
+/// Checks a key as the daemon would (the rules of lock names), or a
+/// prefix (which may also be empty), before anything is sent.
+fn check_key(key: &str, prefix: bool) -> Result<()> {
+    let checked = if prefix {
+        lockbroker_proto::validate_prefix(key)
+    } else {
+        LockName::new(key).map(drop)
+    };
+    checked.map_err(|source| Error::InvalidName {
+        name: key.to_owned(),
+        source,
+    })
+}
+
 impl State {
     async fn call(&self, what: &str, key: &str, request: Request) -> Result<Response> {
+        let prefix = matches!(request, Request::StateList { .. });
+        check_key(key, prefix)?;
         match self.client.call(request).await? {
             Response::Error(e) => Err(refused(format!("{what} of {key:?}"), e)),
             other => Ok(other),
@@ -343,6 +361,7 @@ impl State {
 
     /// Watches as `options` say.
     pub async fn watch_with(&self, key: &str, options: WatchOptions) -> Result<Watch> {
+        check_key(key, options.prefix)?;
         let request = Request::StateWatch {
             key: key.into(),
             prefix: options.prefix,

@@ -82,6 +82,41 @@ async fn tasks_sharing_a_client_exclude_each_other() {
     .await
 }
 
+/// A bad state key is refused by the client itself, as a bad lock name
+/// is: nothing is sent, and the connection goes on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_state_keys_are_refused_before_anything_is_sent() {
+    bounded(async {
+        let daemon = Daemon::start().await;
+        let client = daemon.client().await;
+        let state = client.state();
+        let long = "k".repeat(300);
+        for key in ["", "a\nb", long.as_str()] {
+            let refused = |r: Result<(), Error>| match r {
+                Err(Error::InvalidName { name, .. }) => assert_eq!(name, key),
+                other => panic!("{key:?}: expected InvalidName, got {other:?}"),
+            };
+            refused(state.get(key).await.map(drop));
+            refused(state.set(key, "v").await.map(drop));
+            refused(state.remove(key).await.map(drop));
+            refused(state.increment(key, 1).await.map(drop));
+            refused(state.watch(key).await.map(drop));
+        }
+        // A prefix may be empty; a bad one is refused.
+        assert!(state.list("", false).await.unwrap().is_empty());
+        assert!(matches!(
+            state.watch_prefix("a\nb").await,
+            Err(Error::InvalidName { .. })
+        ));
+        assert!(matches!(
+            state.list("a\nb", false).await,
+            Err(Error::InvalidName { .. })
+        ));
+        client.ping().await.unwrap();
+    })
+    .await
+}
+
 /// When the daemon goes away, guards can tell and pending calls fail.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn losing_the_connection_is_visible() {
