@@ -1,8 +1,8 @@
 //! Configuration: the raw command-line flags ([`Cli`]) and the validated
 //! [`Config`] passed down to the server.
 //!
-//! Flags are parsed once, here; nothing deeper reads the environment
-//! (ripgrep's `lowargs` → `hiargs` split).
+//! Flags are parsed once, here, into a validated [`Config`]; nothing
+//! deeper reads the command line or the environment.
 
 use std::path::PathBuf;
 use std::time::Duration;

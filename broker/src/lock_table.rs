@@ -4,8 +4,8 @@
 //! [`SHARDS`] shards, each an ordered map behind its own mutex. Each method
 //! changes one entry under its shard's lock and returns what must happen
 //! next (a [`Delivery`] per grant it made to a waiting session); the caller
-//! sends those after the lock is gone, as mini-redis `db.rs` drops its state
-//! before notifying. No shard lock is held while taking another shard's.
+//! sends those after the lock is gone, so no session is woken while a
+//! shard is locked. No shard lock is held while taking another shard's.
 //!
 //! The shards are ordered so that a listing costs what it returns:
 //! [`LockTable::list`] merges the shards from a cursor, visiting only the

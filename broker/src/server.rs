@@ -1,7 +1,7 @@
 //! The accept loop, the connection limit, and shutdown.
 //!
-//! [`run`] takes a bound [`Listener`] and a shutdown future, as mini-redis
-//! `server::run` does: `main.rs` chooses the signals, tests pass their own.
+//! [`run`] takes a bound [`Listener`] and a shutdown future: `main.rs`
+//! chooses the signals, tests pass their own.
 //! Each connection gets a session task in a `JoinSet`; on shutdown the loop
 //! stops accepting, fires the [`Shutdown`](crate::shutdown::Shutdown) signal
 //! (each session sends the shutting-down event and releases everything), and

@@ -1,8 +1,8 @@
 //! The shutdown signal handed to every session.
 //!
 //! The server owns the sending side ([`ShutdownTrigger`]); each session gets
-//! a [`Shutdown`] and selects on [`Shutdown::recv`] beside its socket, as
-//! mini-redis `shutdown.rs` does. A `watch` channel is used so a session that
+//! a [`Shutdown`] and selects on [`Shutdown::recv`] beside its socket. A
+//! `watch` channel is used so a session that
 //! starts after the signal still sees it.
 
 use tokio::sync::watch;

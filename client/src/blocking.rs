@@ -1,6 +1,6 @@
 //! The same surface for programs without a Tokio runtime:
 //! [`blocking::Client`](Client), its handles, guards, state and watches,
-//! as `reqwest::blocking` mirrors `reqwest`.
+//! each the async type of the same name with its waits blocking.
 //!
 //! A [`Client`] wraps the async [`crate::Client`] and owns a one-worker
 //! multi-thread runtime: the connection task must keep running between

@@ -1,6 +1,6 @@
 //! The async [`Client`] and the task that owns its connection.
 //!
-//! One task owns the socket (watchman's `ClientTask`). Callers hand it a
+//! One task owns the socket. Callers hand it a
 //! request and a oneshot sender over an unbounded channel; the task writes
 //! requests in batches, reads responses and routes each to its caller by
 //! request id. When the task ends, every pending caller gets

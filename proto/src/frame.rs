@@ -4,7 +4,7 @@
 //! limit equal to the frame length and trailing bytes rejected. This is the
 //! only module that knows bincode, so replacing it touches one file.
 //!
-//! Decoding is two-step, as in mini-redis `frame.rs`: first check that a whole
+//! Decoding is two-step: first check that a whole
 //! frame is buffered (an incomplete frame is `Ok(None)`, not an error), and
 //! reject a length above the maximum before anything is allocated for it.
 //!

@@ -261,8 +261,8 @@ mod tests {
         v
     }
 
-    /// Feeds the decoder the same bytes in 1-byte, small and whole chunks
-    /// (as watchman's `test_decoder` does).
+    /// Feeds the decoder the same bytes in 1-byte, small and whole chunks:
+    /// a frame may arrive split anywhere.
     #[tokio::test]
     async fn decodes_any_chunking() {
         let msgs = messages();
