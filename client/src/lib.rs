@@ -82,7 +82,8 @@ pub use state::{
     RemoveOutcome, State, Watch, WatchEvent, WatchOptions, WriteOptions, WriteOutcome,
 };
 
-/// The README's examples, compiled as doctests so they stay true.
+/// This crate's README, compiled as doctests so its example stays true
+/// (the README is packaged with the crate).
 #[cfg(doctest)]
-#[doc = include_str!("../../README.md")]
+#[doc = include_str!("../README.md")]
 pub struct ReadmeDoctests;
