@@ -436,14 +436,12 @@ async fn contended(connector: &Connector, args: &LoadArgs) -> Result<Report, Fai
         tokio::spawn(async move {
             let mut snaps = Vec::new();
             while !stop.load(Ordering::Relaxed) {
-                if let Ok(i) = observer.inspect("bench/contended").await {
-                    if let Some(e) = i.entries.first() {
-                        if let Some(h) = e.holders.first() {
-                            let order: Vec<u64> =
-                                e.waiters.iter().map(|w| w.session.session_id).collect();
-                            snaps.push((h.fence, order));
-                        }
-                    }
+                if let Ok(i) = observer.inspect("bench/contended").await
+                    && let Some(e) = i.entries.first()
+                    && let Some(h) = e.holders.first()
+                {
+                    let order: Vec<u64> = e.waiters.iter().map(|w| w.session.session_id).collect();
+                    snaps.push((h.fence, order));
                 }
                 tokio::time::sleep(Duration::from_millis(1)).await;
             }

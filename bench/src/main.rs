@@ -83,11 +83,11 @@ fn usage() -> ! {
 #[cfg(target_os = "linux")]
 fn harness(args: Vec<String>) {
     // Internal: the echo server runs as its own (pinnable) process.
-    if let [mode, socket] = &args[..] {
-        if mode == "echo-server" {
-            floor::serve(socket.into());
-            return;
-        }
+    if let [mode, socket] = &args[..]
+        && mode == "echo-server"
+    {
+        floor::serve(socket.into());
+        return;
     }
     let mut reps = 5;
     let mut duration = Duration::from_secs(2);

@@ -111,11 +111,10 @@ async fn serve(broker: Arc<Broker>, listener: Listener, config: &Config, shutdow
                 }
             },
             Some(done) = sessions.join_next(), if !sessions.is_empty() => {
-                if let Err(e) = done {
-                    if e.is_panic() {
+                if let Err(e) = done
+                    && e.is_panic() {
                         tracing::error!(error = %e, "a session panicked");
                     }
-                }
             }
         }
     }

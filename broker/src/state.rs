@@ -213,17 +213,17 @@ impl State {
 
     /// Sends `op`; its answer arrives on `reply`.
     pub fn submit(&self, op: Op, reply: ReplyTo) {
-        if let Some(ops) = &self.ops {
-            if let Err(std_mpsc::SendError((_, reply))) = ops.send((op, reply)) {
-                let _ = reply.tx.send(Box::new(Completion {
-                    request_id: reply.request_id,
-                    response: Response::Error(ErrorInfo::new(
-                        ErrorCode::ShuttingDown,
-                        "the state store has stopped",
-                    )),
-                    watch: None,
-                }));
-            }
+        if let Some(ops) = &self.ops
+            && let Err(std_mpsc::SendError((_, reply))) = ops.send((op, reply))
+        {
+            let _ = reply.tx.send(Box::new(Completion {
+                request_id: reply.request_id,
+                response: Response::Error(ErrorInfo::new(
+                    ErrorCode::ShuttingDown,
+                    "the state store has stopped",
+                )),
+                watch: None,
+            }));
         }
     }
 

@@ -42,10 +42,10 @@ impl Systemd {
     }
 
     fn send(&self, state: sd_notify::NotifyState<'_>) {
-        if self.notify {
-            if let Err(e) = sd_notify::notify(&[state]) {
-                tracing::warn!(error = %e, "cannot notify systemd");
-            }
+        if self.notify
+            && let Err(e) = sd_notify::notify(&[state])
+        {
+            tracing::warn!(error = %e, "cannot notify systemd");
         }
     }
 }

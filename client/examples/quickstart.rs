@@ -13,10 +13,10 @@ use lockbroker::{Connector, Result, blocking};
 
 fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().collect();
-    if let [_, mode, socket] = &args[..] {
-        if mode == "hold" {
-            return hold(socket);
-        }
+    if let [_, mode, socket] = &args[..]
+        && mode == "hold"
+    {
+        return hold(socket);
     }
     tokio::runtime::Runtime::new()
         .expect("runtime")

@@ -495,11 +495,11 @@ impl Task {
     }
 
     fn watch_event(&mut self, watch_id: u64, event: Event) {
-        if let Some(events) = self.watches.get(&watch_id) {
-            if events.send(event).is_err() {
-                // The Watch was dropped; its Unwatch is on its way.
-                self.watches.remove(&watch_id);
-            }
+        if let Some(events) = self.watches.get(&watch_id)
+            && events.send(event).is_err()
+        {
+            // The Watch was dropped; its Unwatch is on its way.
+            self.watches.remove(&watch_id);
         }
     }
 

@@ -85,13 +85,11 @@ pub async fn wait_until_serving(
             Err(e) if e.nobody_listens() => {}
             Err(e) => return Err(LaunchError::Connect(e)),
         }
-        if !exited {
-            if let Ok(Some(status)) = child.try_wait() {
-                if !(winner_may_serve && status.code() == Some(EXIT_ALREADY_RUNNING)) {
-                    return Err(LaunchError::Exited(status));
-                }
-                exited = true;
+        if !exited && let Ok(Some(status)) = child.try_wait() {
+            if !(winner_may_serve && status.code() == Some(EXIT_ALREADY_RUNNING)) {
+                return Err(LaunchError::Exited(status));
             }
+            exited = true;
         }
         if Instant::now() >= deadline {
             return Err(LaunchError::TimedOut(timeout));

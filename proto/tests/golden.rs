@@ -605,7 +605,7 @@ fn repo_file(relative: &str) -> (PathBuf, String) {
 
 fn hex_to_bytes(hex: &str, context: &str) -> Vec<u8> {
     assert!(
-        hex.len() % 2 == 0,
+        hex.len().is_multiple_of(2),
         "{context}: odd number of hex digits in {hex}"
     );
     assert!(

@@ -187,10 +187,10 @@ impl<W: AsyncWrite + Unpin> Session<W> {
             .cancel(p.name.as_str(), self.id(), request_id);
         grants.send();
         if removed {
-            if let Some(p) = self.locks.pending.remove(&request_id) {
-                if let Some(at) = p.deadline {
-                    self.locks.deadlines.remove(&(at, request_id));
-                }
+            if let Some(p) = self.locks.pending.remove(&request_id)
+                && let Some(at) = p.deadline
+            {
+                self.locks.deadlines.remove(&(at, request_id));
             }
             shrink_index(&mut self.locks.pending);
         }
