@@ -920,11 +920,6 @@ impl LockTable {
     pub fn tombstones(&self) -> usize {
         lock(&self.inner.tombstones).by_age.len()
     }
-
-    /// The last fence granted (or the floor it started from).
-    pub fn last_fence(&self) -> u64 {
-        self.inner.next_fence.load(Ordering::Relaxed)
-    }
 }
 
 /// Milliseconds since the Unix epoch, for `inspect`.

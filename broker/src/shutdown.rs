@@ -36,11 +36,6 @@ impl Drop for ShutdownTrigger {
 }
 
 impl Shutdown {
-    /// Whether the signal has fired.
-    pub fn is_shutdown(&self) -> bool {
-        *self.0.borrow()
-    }
-
     /// Waits until the signal fires (or its trigger is gone). Cancel-safe.
     pub async fn recv(&mut self) {
         // An error means the trigger was dropped, which fires the signal.

@@ -116,11 +116,6 @@ mod unix {
             let (r, w) = stream.into_split();
             Ok((r, w, cred))
         }
-
-        /// The socket path, if this listener created it.
-        pub fn path(&self) -> Option<&Path> {
-            self.path.as_deref()
-        }
     }
 
     impl Drop for Listener {
@@ -281,11 +276,6 @@ mod windows {
             };
             let (r, w) = stream.split();
             Ok((r, w, cred))
-        }
-
-        /// Pipes leave no file behind.
-        pub fn path(&self) -> Option<&Path> {
-            None
         }
     }
 }

@@ -108,16 +108,6 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
         };
         self.buf.reserve(want.max(READ_CHUNK));
     }
-
-    /// The stream being read.
-    pub fn get_ref(&self) -> &R {
-        &self.inner
-    }
-
-    /// The stream being read.
-    pub fn get_mut(&mut self) -> &mut R {
-        &mut self.inner
-    }
 }
 
 /// Queues frames and writes them in batches.
@@ -214,11 +204,6 @@ impl<W: AsyncWrite + Unpin> FrameWriter<W> {
     pub async fn shutdown(&mut self) -> std::io::Result<()> {
         self.flush().await?;
         self.inner.shutdown().await
-    }
-
-    /// The stream being written.
-    pub fn get_ref(&self) -> &W {
-        &self.inner
     }
 }
 

@@ -16,10 +16,10 @@
 //! that the file, this test and `PROTOCOL.md` name the same vectors with the
 //! same bytes, so none of them can drift from the others.
 //!
-//! To add a vector, add it to [`vectors`], print its line with
-//! `cargo test -p lockbroker-proto --test golden -- --ignored --nocapture`,
-//! and paste the line into `proto/golden/v1.txt` and into the `golden-v1`
-//! block of `PROTOCOL.md`, with a row for it in that section's table.
+//! To add a vector, add it to [`vectors`] and run this test: its failure
+//! prints the new line, to paste into `proto/golden/v1.txt` and into the
+//! `golden-v1` block of `PROTOCOL.md`, with a row for it in that section's
+//! table.
 
 use std::collections::BTreeSet;
 use std::path::PathBuf;
@@ -714,7 +714,27 @@ fn the_file_and_this_test_have_the_same_vectors_in_the_same_order() {
     unique_names(ours.iter().map(|(n, _)| *n), "vectors()");
     let file_names: Vec<&str> = file.iter().map(|v| v.name.as_str()).collect();
     let our_names: Vec<&str> = ours.iter().map(|(n, _)| *n).collect();
-    assert_eq!(file_names, our_names);
+    // A vector added here but not to the file: say the line to paste.
+    let lines: Vec<String> = ours
+        .iter()
+        .filter(|(name, _)| !file_names.contains(name))
+        .map(|(name, message)| vector_line(name, message))
+        .collect();
+    assert_eq!(
+        file_names,
+        our_names,
+        "lines for the vectors missing from proto/golden/v1.txt (and the golden-v1 block of PROTOCOL.md):\n{}",
+        lines.join("\n")
+    );
+}
+
+/// `message`'s line in `proto/golden/v1.txt`.
+fn vector_line(name: &str, message: &Message) -> String {
+    format!(
+        "{name} {} {}",
+        message.direction(),
+        bytes_to_hex(&message.to_frame())
+    )
 }
 
 #[test]
@@ -841,17 +861,4 @@ fn protocol_md_annotated_state_frames_match_the_vectors() {
             "event_state_changed",
         ],
     );
-}
-
-/// Prints every vector as a line of `proto/golden/v1.txt`.
-#[test]
-#[ignore = "prints the vector lines to paste when adding a vector"]
-fn print_vectors() {
-    for (name, message) in vectors() {
-        println!(
-            "{name} {} {}",
-            message.direction(),
-            bytes_to_hex(&message.to_frame())
-        );
-    }
 }
