@@ -1,14 +1,7 @@
 //! The `lockbrokerd` binary: signals, exit codes, one daemon per socket,
 //! stale sockets, and the per-user directory checks.
-//!
-//! Unix only: the tests use Unix sockets, signals and `/proc`; on Windows
-//! the code is compiled, not run.
 
-#![cfg(unix)]
-
-mod common;
-
-use common::{hold_over_raw, signal, wait_exit};
+use super::common::{hold_over_raw, signal, wait_exit};
 
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::os::unix::net::UnixStream as StdStream;
@@ -18,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use lockbroker_proto::{Event, ServerMessage};
 
-const BIN: &str = env!("CARGO_BIN_EXE_lockbrokerd");
+use super::BIN;
 
 fn daemon(args: &[&str], runtime_dir: Option<&Path>) -> Command {
     let mut cmd = Command::new(BIN);

@@ -6,18 +6,14 @@
 //! installed, unless LOCKBROKER_REQUIRE_SYSTEMD=1 (set by CI) makes that a
 //! failure.
 
-#![cfg(unix)]
-
-mod common;
-
-use common::{exit_before, hold_over_raw, signal, wait_exit};
+use super::common::{exit_before, hold_over_raw, signal, wait_exit};
 
 use std::os::unix::net::UnixDatagram;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-const BIN: &str = env!("CARGO_BIN_EXE_lockbrokerd");
+use super::BIN;
 
 fn repo() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
