@@ -3,6 +3,7 @@
 //!
 //! # Layout
 //!
+//! - [`program`]: the `lockbrokerd` program (`main.rs` only calls it).
 //! - [`config`]: command-line flags and the validated [`Config`].
 //! - [`transport`]: binding the socket safely (one daemon per socket, stale
 //!   socket reclaim, directory checks), accepting, peer credentials.
@@ -37,6 +38,7 @@ pub mod broker;
 pub mod config;
 pub mod error;
 pub mod lock_table;
+pub mod program;
 pub mod server;
 pub mod session;
 pub mod shutdown;

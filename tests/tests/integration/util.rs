@@ -209,28 +209,9 @@ pub fn worker() -> &'static str {
 }
 
 /// The `lockbrokerd` binary, for tests that kill or restart the daemon
-/// process. Built (a no-op under `cargo test --workspace`) beside this
-/// package's binaries.
-pub fn daemon_bin() -> &'static std::path::Path {
-    static BIN: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
-    BIN.get_or_init(|| {
-        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-        let status = std::process::Command::new(cargo)
-            .args([
-                "build",
-                "--quiet",
-                "-p",
-                "lockbrokerd",
-                "--bin",
-                "lockbrokerd",
-            ])
-            .status()
-            .expect("run cargo build");
-        assert!(status.success(), "building lockbrokerd failed");
-        let bin = Path::new(worker()).with_file_name("lockbrokerd");
-        assert!(bin.is_file(), "no {}", bin.display());
-        bin
-    })
+/// process.
+pub fn daemon_bin() -> &'static Path {
+    Path::new(env!("CARGO_BIN_EXE_lb-daemon"))
 }
 
 /// A `lockbrokerd` process on `socket`, with extra flags.

@@ -14,4 +14,4 @@ mod python_client;
 mod systemd;
 
 /// The daemon binary under test.
-const BIN: &str = env!("CARGO_BIN_EXE_lockbrokerd");
+const BIN: &str = env!("CARGO_BIN_EXE_lb-daemon");

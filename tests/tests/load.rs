@@ -4,35 +4,20 @@
 
 #![cfg(unix)]
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Stdio};
-use std::sync::OnceLock;
 
-const BENCH: &str = env!("CARGO_BIN_EXE_lockbroker-bench");
+/// `lockbroker-bench` under test.
+const BENCH: &str = env!("CARGO_BIN_EXE_lb-bench");
 
-/// A binary of another package of the workspace, built beside this one's.
-/// `cargo test --workspace` has built it already; building again here is
-/// then a no-op.
-fn sibling(package: &str, bin: &str) -> PathBuf {
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    let status = Command::new(cargo)
-        .args(["build", "--quiet", "-p", package, "--bin", bin])
-        .status()
-        .expect("run cargo build");
-    assert!(status.success(), "building {bin} failed");
-    let path = Path::new(BENCH).with_file_name(bin);
-    assert!(path.is_file(), "no {}", path.display());
-    path
-}
-
+/// The daemon it spawns.
 fn daemon_bin() -> &'static Path {
-    static BIN: OnceLock<PathBuf> = OnceLock::new();
-    BIN.get_or_init(|| sibling("lockbrokerd", "lockbrokerd"))
+    Path::new(env!("CARGO_BIN_EXE_lb-daemon"))
 }
 
+/// The tool whose `status` the inspect scenario runs.
 fn cli_bin() -> &'static Path {
-    static BIN: OnceLock<PathBuf> = OnceLock::new();
-    BIN.get_or_init(|| sibling("lockbroker-cli", "lockbroker"))
+    Path::new(env!("CARGO_BIN_EXE_lb-cli"))
 }
 
 /// `lockbroker-bench load ARGS --spawn --json`, its JSON report.

@@ -6,34 +6,14 @@
 use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
-use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
-const CLI: &str = env!("CARGO_BIN_EXE_lockbroker");
+/// The `lockbroker` tool under test.
+const CLI: &str = env!("CARGO_BIN_EXE_lb-cli");
 
-/// `lockbrokerd`, built beside this package's binaries. `cargo test
-/// --workspace` has built it already; building again here is then a no-op,
-/// and it keeps `cargo test -p lockbroker` from using a stale daemon.
+/// The daemon it starts and talks to.
 fn daemon_bin() -> &'static Path {
-    static BIN: OnceLock<PathBuf> = OnceLock::new();
-    BIN.get_or_init(|| {
-        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-        let status = Command::new(cargo)
-            .args([
-                "build",
-                "--quiet",
-                "-p",
-                "lockbrokerd",
-                "--bin",
-                "lockbrokerd",
-            ])
-            .status()
-            .expect("run cargo build");
-        assert!(status.success(), "building lockbrokerd failed");
-        let sibling = Path::new(CLI).with_file_name("lockbrokerd");
-        assert!(sibling.is_file(), "no {}", sibling.display());
-        sibling
-    })
+    Path::new(env!("CARGO_BIN_EXE_lb-daemon"))
 }
 
 /// Fails the test if `cond` does not hold within 20 seconds.
@@ -714,7 +694,7 @@ fn twenty_first_uses_at_once_start_exactly_one_daemon() {
             .filter(|p| {
                 let cmd = std::fs::read(format!("/proc/{p}/cmdline")).unwrap_or_default();
                 let env = std::fs::read(format!("/proc/{p}/environ")).unwrap_or_default();
-                String::from_utf8_lossy(&cmd).contains("lockbrokerd")
+                String::from_utf8_lossy(&cmd).contains(&*daemon_bin().to_string_lossy())
                     && String::from_utf8_lossy(&env)
                         .split('\0')
                         .any(|v| v == marker)

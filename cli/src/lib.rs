@@ -1,0 +1,379 @@
+//! `lockbroker`: the command-line tool. Takes locks around commands, shows
+//! who holds what, starts private brokers, and runs the daemon. `main.rs`
+//! is just [`main`], so that test packages can build the same program as a
+//! binary of their own.
+
+mod args;
+mod child;
+mod daemon;
+mod held;
+mod state_cmd;
+mod status;
+
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::Parser;
+use lockbroker::address;
+use lockbroker::{Client, Connector, LockGuard, Scope};
+
+use crate::args::{Cli, Command, ScopeArg, WaitArgs};
+use crate::child::Outcome;
+
+/// Exit statuses of lockbroker itself.
+pub mod exit {
+    /// The lock was not obtained in time (`--conflict-exit-code`).
+    pub const CONFLICT: u8 = 75;
+    /// The lock was lost while the command ran.
+    pub const LOCK_LOST: u8 = 76;
+    /// The daemon could not be reached, refused the request, or is not
+    /// trusted (another user could be posing as it).
+    pub const UNAVAILABLE: u8 = 69;
+    /// Anything else that went wrong in lockbroker itself.
+    pub const ERROR: u8 = 1;
+    // `lockbroker state` adds 4 (absent key) and 5 (version mismatch).
+}
+
+/// Environment variable that turns autostart off.
+const NO_AUTOSTART_ENV: &str = "LOCKBROKER_NO_AUTOSTART";
+
+/// Runs `lockbroker` with this process's arguments; its exit status.
+pub fn main() -> ExitCode {
+    // Like other Unix tools, die quietly when stdout is a closed pipe
+    // (`lockbroker state watch | head -1`) rather than panic on the write.
+    // Sockets are written with MSG_NOSIGNAL, so the daemon's going away is
+    // still an error, not a signal.
+    #[cfg(unix)]
+    // SAFETY: restoring the default disposition before any thread starts.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
+    let cli = Cli::parse();
+    if let Command::Daemon(d) = cli.command {
+        let mut args = Vec::new();
+        if let Some(socket) = &cli.socket {
+            args.push("--socket".into());
+            args.push(socket.into());
+        } else if cli.scope == ScopeArg::Global {
+            args.extend(["--scope".into(), "global".into()]);
+        }
+        args.extend(d.args);
+        return match daemon::exec(args) {
+            Ok(never) => match never {},
+            Err(e) => fail(exit::ERROR, &e),
+        };
+    }
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => return fail(exit::ERROR, &format!("cannot start the runtime: {e}")),
+    };
+    match runtime.block_on(run(cli)) {
+        Ok(code) => ExitCode::from(code),
+        Err((code, message)) => fail(code, &message),
+    }
+}
+
+/// Prints one line on stderr and exits with `code`.
+fn fail(code: u8, message: &str) -> ExitCode {
+    eprintln!("lockbroker: {message}");
+    ExitCode::from(code)
+}
+
+type Failure = (u8, String);
+
+async fn run(cli: Cli) -> Result<u8, Failure> {
+    match &cli.command {
+        Command::Lock(a) => {
+            let client = connect(&cli).await?;
+            let handle_kind = if a.shared { "shared lock" } else { "lock" };
+            let rw = client.rwlock(a.name.clone());
+            let mutex = client.mutex(a.name.clone());
+            let guard = wait_for(&a.wait, handle_kind, &a.name, |timeout| async move {
+                match (a.shared, timeout) {
+                    (true, None) => rw.read().await.map(Some),
+                    (true, Some(t)) => rw.read_timeout(t).await,
+                    (false, None) => mutex.acquire().await.map(Some),
+                    (false, Some(t)) => mutex.acquire_timeout(t).await,
+                }
+            })
+            .await?;
+            match guard {
+                Some(guard) => run_holding(&client, guard, &a.name, &a.command, &a.wait).await,
+                None => Ok(a.wait.conflict_exit_code),
+            }
+        }
+        Command::Sem(a) => {
+            let client = connect(&cli).await?;
+            let sem = client.semaphore(a.name.clone(), a.capacity);
+            let permits = a.permits;
+            let guard = wait_for(&a.wait, "semaphore", &a.name, |timeout| async move {
+                match timeout {
+                    None => sem.acquire_many(permits).await.map(Some),
+                    Some(t) => sem.acquire_many_timeout(permits, t).await,
+                }
+            })
+            .await?;
+            match guard {
+                Some(guard) => run_holding(&client, guard, &a.name, &a.command, &a.wait).await,
+                None => Ok(a.wait.conflict_exit_code),
+            }
+        }
+        Command::Status(a) => {
+            let (client, socket) = connect_with_address(&cli).await?;
+            status::show(&client, &socket, &a.prefix, cli.json).await
+        }
+        Command::Ping => {
+            let (client, socket) = connect_with_address(&cli).await?;
+            let rtt = client.ping().await.map_err(unavailable)?;
+            if cli.json {
+                println!(
+                    "{}",
+                    serde_json::json!({
+                        "version": client.server_version(),
+                        "socket": socket.display().to_string(),
+                        "rtt_us": rtt.as_micros() as u64,
+                    })
+                );
+            } else {
+                println!(
+                    "lockbrokerd {} at {} answered in {} µs",
+                    client.server_version(),
+                    socket.display(),
+                    rtt.as_micros()
+                );
+            }
+            Ok(0)
+        }
+        Command::Run(a) => {
+            let private = daemon::Private::start()
+                .await
+                .map_err(|e| (exit::UNAVAILABLE, e))?;
+            let socket = private.socket().display().to_string();
+            // Locks of an enclosing wrapper belong to another daemon.
+            let inherited = [
+                "LOCKBROKER_FENCE",
+                "LOCKBROKER_HOLD",
+                held::LOCK_ENV,
+                held::LOCKS_ENV,
+            ];
+            let child = child::spawn(
+                &a.command,
+                &[(address::SOCKET_ENV, socket)],
+                &inherited,
+                false,
+            )?;
+            let status = child::wait_passing_term(child)
+                .await
+                .map_err(|e| (exit::ERROR, format!("waiting for the command: {e}")))?;
+            drop(private);
+            Ok(child::exit_code(status))
+        }
+        Command::State(command) => {
+            let client = connect(&cli).await?;
+            state_cmd::run(&client, command, cli.json).await
+        }
+        Command::Daemon(_) => unreachable!("handled before the runtime starts"),
+    }
+}
+
+/// Acquires with the `--timeout` / `--nonblock` of `wait`; `Ok(None)` (after
+/// saying so on stderr) when the lock was not obtained.
+async fn wait_for<F, Fut>(
+    wait: &WaitArgs,
+    what: &str,
+    name: &str,
+    acquire: F,
+) -> Result<Option<LockGuard>, Failure>
+where
+    F: FnOnce(Option<Duration>) -> Fut,
+    Fut: std::future::Future<Output = lockbroker::Result<Option<LockGuard>>>,
+{
+    let timeout = if wait.nonblock {
+        Some(Duration::ZERO)
+    } else {
+        wait.timeout
+    };
+    let guard = acquire(timeout).await.map_err(unavailable)?;
+    if guard.is_none() {
+        match timeout {
+            Some(t) if !t.is_zero() => {
+                eprintln!("lockbroker: {what} {name:?} not obtained within {t:?}")
+            }
+            _ => eprintln!("lockbroker: {what} {name:?} is busy"),
+        }
+    }
+    Ok(guard)
+}
+
+/// Runs the command while `guard` is held, then releases it.
+///
+/// On Unix the command inherits the lock's connection (see
+/// [`child::holding`]). When it exits, the lock is released at once, unless
+/// processes it started still run and `--close` was not given: then, as
+/// with `flock(1)`, the lock stays with them and ends (not abandoned) when
+/// the last of them closes the connection.
+async fn run_holding(
+    client: &Client,
+    guard: LockGuard,
+    name: &str,
+    command: &[std::ffi::OsString],
+    wait: &WaitArgs,
+) -> Result<u8, Failure> {
+    let mut env = vec![
+        ("LOCKBROKER_FENCE", guard.fence().to_string()),
+        ("LOCKBROKER_HOLD", guard.hold_id().to_string()),
+        (held::LOCK_ENV, name.to_owned()),
+        (held::LOCKS_ENV, held::with(name, guard.fence())),
+    ];
+    let mut remove = Vec::new();
+    if guard.abandoned() {
+        env.push(("LOCKBROKER_ABANDONED", "1".into()));
+    } else {
+        remove.push("LOCKBROKER_ABANDONED");
+    }
+    #[cfg(unix)]
+    {
+        use child::holding;
+        let fd = client.connection_fd();
+        let mut running = match holding::spawn(command, &env, &remove, fd) {
+            Ok(running) => running,
+            Err(failure) => {
+                // A clean release: the next holder must not be told this
+                // lock was abandoned.
+                let _ = guard.release().await;
+                return Err(failure);
+            }
+        };
+        let pgid = Some(running.pid());
+        let outcome = child::supervise(running.wait(), pgid, &guard, wait.kill_grace)
+            .await
+            .map_err(|e| (exit::ERROR, format!("waiting for the command: {e}")))?;
+        let status = match outcome {
+            Outcome::LockLost => return Ok(exit::LOCK_LOST),
+            Outcome::Exited(status) => status,
+        };
+        let left_running =
+            !wait.close && holding::descendants_remain(daemon::autostarted()) == Some(true);
+        if left_running {
+            if let Err(e) = client.release_on_close().await {
+                eprintln!("lockbroker: {e}");
+            }
+            guard.keep_until_session_ends();
+            // Exit before the client is dropped: dropping it shuts the
+            // socket down for every process that shares it.
+            std::process::exit(i32::from(child::exit_code(status)));
+        } else {
+            if let Err(e) = guard.release().await {
+                eprintln!("lockbroker: releasing the lock: {e}");
+            }
+            if wait.close {
+                holding::shut_down(fd);
+            }
+        }
+        Ok(child::exit_code(status))
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = client;
+        let mut child = match child::spawn(command, &env, &remove, true) {
+            Ok(child) => child,
+            Err(failure) => {
+                let _ = guard.release().await;
+                return Err(failure);
+            }
+        };
+        let pgid = child.id();
+        let outcome = child::supervise(child.wait(), pgid, &guard, wait.kill_grace)
+            .await
+            .map_err(|e| (exit::ERROR, format!("waiting for the command: {e}")))?;
+        match outcome {
+            Outcome::LockLost => Ok(exit::LOCK_LOST),
+            Outcome::Exited(status) => {
+                if let Err(e) = guard.release().await {
+                    eprintln!("lockbroker: releasing the lock: {e}");
+                }
+                Ok(child::exit_code(status))
+            }
+        }
+    }
+}
+
+fn unavailable(e: lockbroker::Error) -> Failure {
+    let message = match &e {
+        lockbroker::Error::Untrusted(u) if u.problem == address::Problem::Server => {
+            format!("{e} (--allow-uid {} trusts it)", u.owner)
+        }
+        _ => e.to_string(),
+    };
+    (exit::UNAVAILABLE, message)
+}
+
+async fn connect(cli: &Cli) -> Result<Client, Failure> {
+    Ok(connect_with_address(cli).await?.0)
+}
+
+/// Connects as the global options say, starting the local daemon when
+/// nobody answers at the local scope's default socket.
+fn scope_of(cli: &Cli) -> Scope {
+    match cli.scope {
+        ScopeArg::Process => Scope::Process,
+        ScopeArg::Local => Scope::Local,
+        ScopeArg::Global => Scope::Global,
+    }
+}
+
+/// The connector the global options describe: socket or scope, and the
+/// users trusted besides the defaults.
+fn connector_of(cli: &Cli) -> Connector {
+    let mut connector = Connector::new().scope(scope_of(cli));
+    if let Some(socket) = &cli.socket {
+        connector = connector.socket(socket);
+    }
+    cli.allow_uid
+        .iter()
+        .fold(connector, |c, &uid| c.allow_server_uid(uid))
+}
+
+async fn connect_with_address(cli: &Cli) -> Result<(Client, std::path::PathBuf), Failure> {
+    let scope = scope_of(cli);
+    let connector = connector_of(cli).client_name(client_name(cli));
+    let socket = connector.address().map_err(unavailable)?;
+    match connector.connect().await {
+        Ok(client) => Ok((client, socket)),
+        Err(e) if e.nobody_listens() && may_autostart(cli, scope) => {
+            let client = daemon::autostart(&connector, &socket)
+                .await
+                .map_err(|e| (exit::UNAVAILABLE, e))?;
+            Ok((client, socket))
+        }
+        Err(e) => Err(unavailable(e)),
+    }
+}
+
+/// Autostart only for the local scope's own default socket.
+fn may_autostart(cli: &Cli, scope: Scope) -> bool {
+    let disabled = std::env::var_os(NO_AUTOSTART_ENV).is_some_and(|v| !v.is_empty() && v != "0");
+    let socket_named = std::env::var_os(address::SOCKET_ENV).is_some_and(|v| !v.is_empty());
+    scope == Scope::Local && cli.socket.is_none() && !socket_named && !cli.no_autostart && !disabled
+}
+
+/// `lockbroker lock NAME` shows as `lockbroker lock NAME` in `status`.
+fn client_name(cli: &Cli) -> String {
+    let what = match &cli.command {
+        Command::Lock(a) => format!("lockbroker lock {}", a.name),
+        Command::Sem(a) => format!("lockbroker sem {}", a.name),
+        Command::Status(_) => "lockbroker status".into(),
+        Command::Ping => "lockbroker ping".into(),
+        Command::Run(_) => "lockbroker run".into(),
+        Command::Daemon(_) => "lockbroker daemon".into(),
+        Command::State(_) => "lockbroker state".into(),
+    };
+    let mut name: String = what.chars().filter(|c| !c.is_control()).collect();
+    while name.len() > 255 {
+        name.pop();
+    }
+    name
+}
