@@ -9,6 +9,11 @@ use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 /// The `lockbroker` tool under test.
+use lockbroker_tests::unix::{
+    NOBODY, alive, as_nobody, can_be_nobody, chmod, euid, signal, wait_exit,
+};
+
+/// placeholder
 const CLI: &str = env!("CARGO_BIN_EXE_lb-cli");
 
 /// The daemon it starts and talks to.
@@ -22,39 +27,6 @@ fn wait_until(what: &str, mut cond: impl FnMut() -> bool) {
     while !cond() {
         assert!(Instant::now() < deadline, "timed out waiting until {what}");
         std::thread::sleep(Duration::from_millis(5));
-    }
-}
-
-/// Waits for `child` to exit, killing it after `limit`.
-fn wait_child(child: &mut Child, limit: Duration) -> std::process::ExitStatus {
-    let deadline = Instant::now() + limit;
-    loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            return status;
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            panic!("process did not exit within {limit:?}");
-        }
-        std::thread::sleep(Duration::from_millis(5));
-    }
-}
-
-fn kill(pid: u32, sig: i32) {
-    // SAFETY: signalling a process this test started.
-    unsafe { libc::kill(pid as i32, sig) };
-}
-
-fn alive(pid: u32) -> bool {
-    // A zombie is dead for our purposes.
-    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-        Ok(stat) => !stat
-            .rsplit(')')
-            .next()
-            .unwrap_or("")
-            .trim_start()
-            .starts_with('Z'),
-        Err(_) => false,
     }
 }
 
@@ -146,7 +118,7 @@ fn finish(mut child: Child) -> Output {
     };
     let stdout = drain(Box::new(child.stdout.take().unwrap()));
     let stderr = drain(Box::new(child.stderr.take().unwrap()));
-    let status = wait_child(&mut child, Duration::from_secs(60));
+    let status = wait_exit(&mut child, Duration::from_secs(60));
     Output {
         status,
         stdout: stdout.join().unwrap(),
@@ -240,8 +212,8 @@ fn killing_the_wrapper_leaves_the_lock_with_the_command_tree() {
         .unwrap();
     let cmd_pid = read_pid(&d.path("cmd.pid"));
     let bg_pid = read_pid(&d.path("bg.pid"));
-    kill(first.id(), libc::SIGKILL);
-    assert!(!wait_child(&mut first, Duration::from_secs(20)).success());
+    signal(first.id(), libc::SIGKILL);
+    assert!(!wait_exit(&mut first, Duration::from_secs(20)).success());
     let second_script =
         "test -e cmd.done && test -e bg.done && echo \"${LOCKBROKER_ABANDONED:-no}\" > second";
     let mut second = d
@@ -261,7 +233,7 @@ fn killing_the_wrapper_leaves_the_lock_with_the_command_tree() {
     assert!(second.try_wait().unwrap().is_none());
     // Only once the whole tree is gone does the next holder start.
     std::fs::write(&go_bg, "").unwrap();
-    assert!(wait_child(&mut second, Duration::from_secs(20)).success());
+    assert!(wait_exit(&mut second, Duration::from_secs(20)).success());
     assert_eq!(
         std::fs::read_to_string(d.path("second")).unwrap().trim(),
         "1",
@@ -360,10 +332,10 @@ fn a_storm_of_killed_wrappers_never_lets_two_holders_in() {
                     // connecting, waiting, or holding.
                     if rng.below(3) == 0 {
                         std::thread::sleep(Duration::from_millis(rng.below(40)));
-                        kill(w.id(), libc::SIGKILL);
+                        signal(w.id(), libc::SIGKILL);
                         killed.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                     }
-                    wait_child(&mut w, Duration::from_secs(120));
+                    wait_exit(&mut w, Duration::from_secs(120));
                 }
             });
         }
@@ -415,7 +387,7 @@ fn eight_processes_increment_a_counter_file_exactly() {
         })
         .collect();
     for c in &mut children {
-        assert!(wait_child(c, Duration::from_secs(120)).success());
+        assert!(wait_exit(c, Duration::from_secs(120)).success());
     }
     assert_eq!(
         std::fs::read_to_string(d.path("counter")).unwrap().trim(),
@@ -443,7 +415,7 @@ fn hold(d: &Daemon, args: &[&str], tag: &str) -> Child {
 
 fn release(d: &Daemon, mut child: Child, tag: &str) {
     std::fs::write(d.path(&format!("{tag}.go")), "").unwrap();
-    assert!(wait_child(&mut child, Duration::from_secs(20)).success());
+    assert!(wait_exit(&mut child, Duration::from_secs(20)).success());
 }
 
 #[test]
@@ -512,7 +484,7 @@ fn a_semaphore_of_two_never_has_three_inside() {
         })
         .collect();
     for c in &mut children {
-        assert!(wait_child(c, Duration::from_secs(60)).success());
+        assert!(wait_exit(c, Duration::from_secs(60)).success());
     }
     let counts = std::fs::read_to_string(d.path("counts")).unwrap();
     let counts: Vec<u32> = counts.lines().map(|l| l.trim().parse().unwrap()).collect();
@@ -542,7 +514,7 @@ fn losing_the_lock_terminates_the_command_group() {
     assert!(alive(bg));
     d.child.kill().unwrap(); // the daemon dies: the lock is lost
     d.child.wait().unwrap();
-    let status = wait_child(&mut child, Duration::from_secs(20));
+    let status = wait_exit(&mut child, Duration::from_secs(20));
     assert_eq!(status.code(), Some(76));
     let mut err = String::new();
     child
@@ -567,8 +539,8 @@ fn sigterm_to_lockbroker_reaches_the_command() {
         .spawn()
         .unwrap();
     wait_until("the command starts", || d.path("started").exists());
-    kill(child.id(), libc::SIGTERM);
-    let status = wait_child(&mut child, Duration::from_secs(20));
+    signal(child.id(), libc::SIGTERM);
+    let status = wait_exit(&mut child, Duration::from_secs(20));
     assert_eq!(status.code(), Some(0), "the command's own status");
     assert_eq!(
         std::fs::read_to_string(d.path("term")).unwrap().trim(),
@@ -651,7 +623,7 @@ fn status_json_lists_holder_pid_and_waiters_in_order() {
     assert!(text.contains(&format!("pid {}", holder.id())), "{text}");
     release(&d, holder, "h");
     for mut w in waiters {
-        assert!(wait_child(&mut w, Duration::from_secs(20)).success());
+        assert!(wait_exit(&mut w, Duration::from_secs(20)).success());
     }
 }
 
@@ -677,7 +649,7 @@ fn twenty_first_uses_at_once_start_exactly_one_daemon() {
         })
         .collect();
     for t in &mut tools {
-        let status = wait_child(t, Duration::from_secs(60));
+        let status = wait_exit(t, Duration::from_secs(60));
         let mut err = String::new();
         t.stderr.take().unwrap().read_to_string(&mut err).unwrap();
         assert!(status.success(), "{status}: {err}");
@@ -705,7 +677,7 @@ fn twenty_first_uses_at_once_start_exactly_one_daemon() {
     wait_until("one daemon is left", || daemons().len() == 1);
     assert_eq!(daemons(), [pid]);
     // Autostart can be turned off, and the global scope never autostarts.
-    kill(pid, libc::SIGTERM);
+    signal(pid, libc::SIGTERM);
     wait_until("the daemon exits", || !alive(pid));
     let out = cli(&["--no-autostart", "ping"]).output().unwrap();
     assert_eq!(out.status.code(), Some(69));
@@ -740,8 +712,8 @@ fn run_gives_each_tree_its_own_broker_and_passes_the_status() {
     };
     let mut a = tree("a", "b");
     let mut b = tree("b", "a");
-    assert!(wait_child(&mut a, Duration::from_secs(60)).success());
-    assert!(wait_child(&mut b, Duration::from_secs(60)).success());
+    assert!(wait_exit(&mut a, Duration::from_secs(60)).success());
+    assert!(wait_exit(&mut b, Duration::from_secs(60)).success());
     let out = Command::new(CLI)
         .args([
             "run",
@@ -811,8 +783,8 @@ fn lockbroker_daemon_runs_lockbrokerd_in_the_foreground() {
         .output()
         .unwrap();
     assert!(out.status.success());
-    kill(child.id(), libc::SIGTERM);
-    assert!(wait_child(&mut child, Duration::from_secs(10)).success());
+    signal(child.id(), libc::SIGTERM);
+    assert!(wait_exit(&mut child, Duration::from_secs(10)).success());
     assert!(!socket.exists());
 }
 
@@ -952,8 +924,8 @@ fn autostart_waits_for_the_daemon_that_won_the_race() {
         .spawn()
         .unwrap();
     let out = finish(tool);
-    kill(winner.id(), libc::SIGTERM);
-    assert!(wait_child(&mut winner, Duration::from_secs(10)).success());
+    signal(winner.id(), libc::SIGTERM);
+    assert!(wait_exit(&mut winner, Duration::from_secs(10)).success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{}: {err}", out.status);
     assert!(String::from_utf8_lossy(&out.stdout).contains("answered"));
@@ -1066,7 +1038,7 @@ fn state_commands_and_their_exit_statuses() {
         .spawn()
         .unwrap();
     std::io::Write::write_all(&mut child.stdin.take().unwrap(), b"line one\nline two\n").unwrap();
-    assert!(wait_child(&mut child, Duration::from_secs(20)).success());
+    assert!(wait_exit(&mut child, Duration::from_secs(20)).success());
     assert_eq!(ok(&["state", "get", "deploy/log"]), "line one\nline two\n");
     let listing = ok(&["state", "list", "build/", "--values"]);
     assert_eq!(listing, format!("build/status\t{v2}\tdone\n"));
@@ -1112,8 +1084,8 @@ fn state_watch_prints_one_line_per_change() {
     let va: u64 = a.split(' ').next().unwrap().parse().unwrap();
     let vb: u64 = b.split(' ').next().unwrap().parse().unwrap();
     assert!(vb > va);
-    kill(watch.id(), libc::SIGTERM);
-    let _ = wait_child(&mut watch, Duration::from_secs(10));
+    signal(watch.id(), libc::SIGTERM);
+    let _ = wait_exit(&mut watch, Duration::from_secs(10));
 }
 
 // ---- Whom the tool trusts to serve the socket ----
@@ -1121,46 +1093,6 @@ fn state_watch_prints_one_line_per_change() {
 // The other user is `nobody` (65534): as root, these tests run a daemon
 // (the attacker) or the tool itself as nobody; otherwise they skip those
 // parts, saying so on stderr.
-
-/// `nobody` and `nogroup`.
-const NOBODY: u32 = 65534;
-
-fn euid() -> u32 {
-    // SAFETY: geteuid cannot fail.
-    unsafe { libc::geteuid() }
-}
-
-/// Whether this test can act as nobody; says on stderr what is skipped.
-fn can_be_nobody(what: &str) -> bool {
-    if euid() == 0 {
-        return true;
-    }
-    eprintln!("skipped {what}: running a process as another user needs root");
-    false
-}
-
-/// Makes `cmd` run as nobody:nogroup without supplementary groups.
-fn as_nobody(cmd: &mut Command) -> &mut Command {
-    use std::os::unix::process::CommandExt;
-    // SAFETY: setgroups, setgid and setuid are async-signal-safe system
-    // calls; the closure allocates nothing.
-    unsafe {
-        cmd.pre_exec(|| {
-            if libc::setgroups(0, std::ptr::null()) != 0
-                || libc::setgid(NOBODY) != 0
-                || libc::setuid(NOBODY) != 0
-            {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        })
-    }
-}
-
-fn chmod(path: &Path, mode: u32) {
-    use std::os::unix::fs::PermissionsExt;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).unwrap();
-}
 
 /// `runtime/lockbroker`, the local scope's directory, created with `mode`
 /// and given to `owner`; `runtime` itself lets every user through.
@@ -1327,6 +1259,6 @@ fn an_unprivileged_user_gets_the_same_checks() {
     let out = run(as_nobody(&mut tool(runtime.path(), &["status", "--json"])));
     let status: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     let pid = status["daemon"]["pid"].as_u64().unwrap() as u32;
-    kill(pid, libc::SIGTERM);
+    signal(pid, libc::SIGTERM);
     wait_until("nobody's daemon exits", || !alive(pid));
 }

@@ -1,7 +1,9 @@
 //! The `lockbrokerd` binary: signals, exit codes, one daemon per socket,
 //! stale sockets, and the per-user directory checks.
 
-use super::common::{hold_over_raw, signal, wait_exit};
+use lockbroker_tests::unix::{signal, wait_exit};
+
+use super::common::hold_over_raw;
 
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::os::unix::net::UnixStream as StdStream;
@@ -87,7 +89,7 @@ fn sigterm_tells_sessions_releases_and_exits_0_within_a_second() {
         let (mut reader, _writer) = hold_over_raw(&socket, "held").await;
 
         let signalled = Instant::now();
-        signal(&child, libc::SIGTERM);
+        assert!(signal(child.id(), libc::SIGTERM));
         let event: ServerMessage = reader.read_message().await.unwrap().unwrap();
         assert_eq!(event, ServerMessage::Event(Event::ShuttingDown));
         assert!(
@@ -110,7 +112,7 @@ fn sigint_also_shuts_down_cleanly() {
     let dir = tempfile::tempdir().unwrap();
     let socket = dir.path().join("broker.sock");
     let mut child = serve(&socket);
-    signal(&child, libc::SIGINT);
+    assert!(signal(child.id(), libc::SIGINT));
     assert!(wait_exit(&mut child, Duration::from_secs(5)).success());
     assert!(!socket.exists());
 }
@@ -142,7 +144,7 @@ fn a_signal_right_after_start_always_shuts_down_cleanly() {
         } else {
             libc::SIGINT
         };
-        signal(&child, sig);
+        assert!(signal(child.id(), sig));
         let status = wait_exit(&mut child, Duration::from_secs(5));
         if !status.success() || socket.exists() {
             unclean.push((round, status, socket.exists()));
@@ -169,7 +171,7 @@ fn a_second_daemon_on_the_same_socket_is_refused() {
     assert_eq!(msg.lines().count(), 1, "one clear line: {msg}");
     // The first one is undisturbed.
     assert!(StdStream::connect(&socket).is_ok());
-    signal(&first, libc::SIGTERM);
+    assert!(signal(first.id(), libc::SIGTERM));
     assert!(wait_exit(&mut first, Duration::from_secs(5)).success());
 }
 
@@ -178,11 +180,11 @@ fn a_stale_socket_of_a_killed_daemon_is_reclaimed() {
     let dir = tempfile::tempdir().unwrap();
     let socket = dir.path().join("broker.sock");
     let mut first = serve(&socket);
-    signal(&first, libc::SIGKILL);
+    assert!(signal(first.id(), libc::SIGKILL));
     first.wait().unwrap();
     assert!(socket.exists(), "SIGKILL leaves the socket file");
     let mut second = serve(&socket);
-    signal(&second, libc::SIGTERM);
+    assert!(signal(second.id(), libc::SIGTERM));
     assert!(wait_exit(&mut second, Duration::from_secs(5)).success());
 }
 
@@ -208,7 +210,7 @@ fn the_local_scope_creates_a_private_directory() {
     assert_eq!(meta.permissions().mode() & 0o777, 0o700);
     let sock_mode = std::fs::metadata(&socket).unwrap().permissions().mode() & 0o777;
     assert_eq!(sock_mode, 0o600);
-    signal(&child, libc::SIGTERM);
+    assert!(signal(child.id(), libc::SIGTERM));
     assert!(wait_exit(&mut child, Duration::from_secs(5)).success());
 }
 

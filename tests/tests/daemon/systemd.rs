@@ -6,7 +6,9 @@
 //! installed, unless LOCKBROKER_REQUIRE_SYSTEMD=1 (set by CI) makes that a
 //! failure.
 
-use super::common::{exit_before, hold_over_raw, signal, wait_exit};
+use lockbroker_tests::unix::{exit_before, signal, wait_exit};
+
+use super::common::hold_over_raw;
 
 use std::os::unix::net::UnixDatagram;
 use std::path::{Path, PathBuf};
@@ -195,7 +197,7 @@ fn socket_activation_serves_the_passed_socket() {
         .expect("a lock through the activated socket");
     });
     assert!(!unused.exists(), "the daemon bound its own socket too");
-    signal(&child, libc::SIGTERM);
+    assert!(signal(child.id(), libc::SIGTERM));
     assert!(wait_exit(&mut child, Duration::from_secs(10)).success());
 }
 
@@ -238,7 +240,7 @@ fn readiness_watchdog_and_stopping_are_notified() {
     std::os::unix::net::UnixStream::connect(&socket).expect("ready means listening");
     expect_notify(&notify, "WATCHDOG=1");
     expect_notify(&notify, "WATCHDOG=1");
-    signal(&child, libc::SIGTERM);
+    assert!(signal(child.id(), libc::SIGTERM));
     expect_notify(&notify, "STOPPING=1");
     assert!(wait_exit(&mut child, Duration::from_secs(10)).success());
 }
@@ -286,7 +288,7 @@ fn a_signal_the_moment_an_activated_daemon_is_ready_shuts_down_cleanly() {
             .set_read_timeout(Some(deadline.saturating_duration_since(Instant::now())))
             .unwrap();
         expect_notify(&notify, "READY=1");
-        signal(&child, libc::SIGTERM);
+        assert!(signal(child.id(), libc::SIGTERM));
         let (status, err) = exit_before(child, deadline);
         if !status.success() {
             unclean.push(format!("round {round}: {status}, stderr: {err}"));

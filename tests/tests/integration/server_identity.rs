@@ -9,8 +9,6 @@
 //! blocking client) in a child with its own `XDG_RUNTIME_DIR`, since the
 //! scope default is read from the environment.
 
-use std::os::unix::fs::PermissionsExt;
-use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
@@ -18,44 +16,9 @@ use std::time::{Duration, Instant};
 use lockbroker::Connector;
 use lockbroker::address::{Expected, Problem};
 
+use lockbroker_tests::unix::{NOBODY, as_nobody, can_be_nobody, chmod, euid};
+
 use crate::util::{bounded, daemon_bin, worker};
-
-/// `nobody` and `nogroup`.
-const NOBODY: u32 = 65534;
-
-fn euid() -> u32 {
-    lockbroker::address::euid()
-}
-
-/// Whether this test can act as nobody; says on stderr what is skipped.
-fn can_be_nobody(what: &str) -> bool {
-    if euid() == 0 {
-        return true;
-    }
-    eprintln!("skipped {what}: running a process as another user needs root");
-    false
-}
-
-/// Makes `cmd` run as nobody:nogroup without supplementary groups.
-fn as_nobody(cmd: &mut Command) -> &mut Command {
-    // SAFETY: setgroups, setgid and setuid are async-signal-safe system
-    // calls; the closure allocates nothing.
-    unsafe {
-        cmd.pre_exec(|| {
-            if libc::setgroups(0, std::ptr::null()) != 0
-                || libc::setgid(NOBODY) != 0
-                || libc::setuid(NOBODY) != 0
-            {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        })
-    }
-}
-
-fn chmod(path: &Path, mode: u32) {
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).unwrap();
-}
 
 /// A temporary directory, mode `mode`, owned by `owner`.
 fn dir_of(owner: u32, mode: u32) -> tempfile::TempDir {
