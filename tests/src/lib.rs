@@ -1,10 +1,13 @@
-//! What the `tests` package's test binaries share: processes (signals,
-//! bounded waits for an exit, acting as another user) and file modes. The
+//! What the `tests` package's test binaries share: daemons in-process and
+//! as processes, a raw protocol client, bounded waits (`harness`), and
+//! processes and users (`unix`: signals, exit waits, acting as nobody). The
 //! tests themselves are in `tests/`, the programs they drive in `src/bin/`.
 //!
 //! The repository README's Rust examples are compiled here as doctests, so
 //! they stay true; the published crates carry their own READMEs instead.
 
+#[cfg(unix)]
+pub mod harness;
 #[cfg(unix)]
 pub mod unix;
 

@@ -8,7 +8,6 @@
 
 #![cfg(unix)]
 
-mod common;
 mod process;
 mod python_client;
 mod systemd;

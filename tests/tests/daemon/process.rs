@@ -1,9 +1,8 @@
 //! The `lockbrokerd` binary: signals, exit codes, one daemon per socket,
 //! stale sockets, and the per-user directory checks.
 
+use lockbroker_tests::harness::hold_over_raw;
 use lockbroker_tests::unix::{signal, wait_exit};
-
-use super::common::hold_over_raw;
 
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::os::unix::net::UnixStream as StdStream;
@@ -86,19 +85,13 @@ fn sigterm_tells_sessions_releases_and_exits_0_within_a_second() {
         .build()
         .unwrap();
     rt.block_on(async {
-        let (mut reader, _writer) = hold_over_raw(&socket, "held").await;
+        let mut raw = hold_over_raw(&socket, "held").await;
 
         let signalled = Instant::now();
         assert!(signal(child.id(), libc::SIGTERM));
-        let event: ServerMessage = reader.read_message().await.unwrap().unwrap();
+        let event = raw.recv().await.expect("an event before the close");
         assert_eq!(event, ServerMessage::Event(Event::ShuttingDown));
-        assert!(
-            reader
-                .read_message::<ServerMessage>()
-                .await
-                .unwrap()
-                .is_none()
-        );
+        raw.assert_closed().await;
         let status = wait_exit(&mut child, Duration::from_secs(5));
         let took = signalled.elapsed();
         assert!(status.success(), "exit status {status}");

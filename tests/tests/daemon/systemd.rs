@@ -6,9 +6,8 @@
 //! installed, unless LOCKBROKER_REQUIRE_SYSTEMD=1 (set by CI) makes that a
 //! failure.
 
+use lockbroker_tests::harness::hold_over_raw;
 use lockbroker_tests::unix::{exit_before, signal, wait_exit};
-
-use super::common::hold_over_raw;
 
 use std::os::unix::net::UnixDatagram;
 use std::path::{Path, PathBuf};
