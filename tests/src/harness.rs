@@ -225,31 +225,59 @@ pub fn acquire(
     })
 }
 
-/// The daemon program `bin` as a process on `socket`, with extra flags,
-/// once it accepts connections.
-pub async fn spawn_daemon(
-    bin: &Path,
-    socket: &Path,
-    flags: &[&std::ffi::OsStr],
-) -> tokio::process::Child {
-    let mut child = tokio::process::Command::new(bin)
-        .arg("--socket")
-        .arg(socket)
-        .args(flags)
-        .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .kill_on_drop(true)
-        .spawn()
-        .expect("spawn lockbrokerd");
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-    while UnixStream::connect(socket).await.is_err() {
-        assert!(child.try_wait().unwrap().is_none(), "lockbrokerd exited");
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "lockbrokerd never listened"
-        );
-        tokio::time::sleep(Duration::from_millis(5)).await;
+/// The daemon program as a process of this test, killed when dropped.
+pub struct DaemonProcess(std::process::Child);
+
+impl DaemonProcess {
+    /// Starts `bin` on `socket` with extra flags, and waits until it
+    /// serves — with the product's own wait (`lockbroker::launch`), so a
+    /// daemon that exits at start fails the test at once.
+    pub async fn start(bin: &Path, socket: &Path, flags: &[&std::ffi::OsStr]) -> DaemonProcess {
+        let child = std::process::Command::new(bin)
+            .arg("--socket")
+            .arg(socket)
+            .args(flags)
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("spawn lockbrokerd");
+        let mut daemon = DaemonProcess(child);
+        let connector = Connector::new().socket(socket).client_name("harness");
+        lockbroker::launch::wait_until_serving(
+            &mut daemon.0,
+            &connector,
+            Duration::from_secs(20),
+            false,
+        )
+        .await
+        .unwrap_or_else(|e| panic!("the daemon at {}: {e}", socket.display()));
+        daemon
     }
-    child
+
+    /// [`DaemonProcess::start`] for a test without a runtime.
+    pub fn start_blocking(bin: &Path, socket: &Path, flags: &[&std::ffi::OsStr]) -> DaemonProcess {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("a runtime")
+            .block_on(DaemonProcess::start(bin, socket, flags))
+    }
+
+    /// Its process id.
+    pub fn id(&self) -> u32 {
+        self.0.id()
+    }
+
+    /// Kills it with SIGKILL (no chance to clean up) and reaps it.
+    pub fn kill(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+impl Drop for DaemonProcess {
+    fn drop(&mut self) {
+        self.kill();
+    }
 }

@@ -9,6 +9,7 @@ use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 /// The `lockbroker` tool under test.
+use lockbroker_tests::harness::DaemonProcess;
 use lockbroker_tests::unix::{
     NOBODY, alive, as_nobody, can_be_nobody, chmod, euid, signal, wait_exit,
 };
@@ -33,25 +34,14 @@ fn wait_until(what: &str, mut cond: impl FnMut() -> bool) {
 /// A daemon on a socket in its own temporary directory.
 struct Daemon {
     dir: tempfile::TempDir,
-    child: Child,
+    child: DaemonProcess,
 }
 
 impl Daemon {
     fn start() -> Daemon {
         let dir = tempfile::tempdir().unwrap();
         let socket = dir.path().join("broker.sock");
-        let mut child = Command::new(daemon_bin())
-            .arg("--socket")
-            .arg(&socket)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        wait_until("the daemon listens", || {
-            assert!(child.try_wait().unwrap().is_none(), "daemon exited");
-            std::os::unix::net::UnixStream::connect(&socket).is_ok()
-        });
+        let child = DaemonProcess::start_blocking(daemon_bin(), &socket, &[]);
         Daemon { dir, child }
     }
 
@@ -82,13 +72,6 @@ impl Daemon {
             String::from_utf8_lossy(&out.stderr)
         );
         serde_json::from_slice(&out.stdout).unwrap()
-    }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }
 
@@ -512,8 +495,7 @@ fn losing_the_lock_terminates_the_command_group() {
         .parse()
         .unwrap();
     assert!(alive(bg));
-    d.child.kill().unwrap(); // the daemon dies: the lock is lost
-    d.child.wait().unwrap();
+    d.child.kill(); // the daemon dies: the lock is lost
     let status = wait_exit(&mut child, Duration::from_secs(20));
     assert_eq!(status.code(), Some(76));
     let mut err = String::new();

@@ -50,8 +50,7 @@ async fn acknowledged_writes_survive_sigkill_and_fences_keep_growing() {
             }
             tokio::time::sleep(Duration::from_millis(2)).await;
         }
-        daemon.start_kill().unwrap(); // SIGKILL
-        daemon.wait().await.unwrap();
+        daemon.kill(); // SIGKILL
         let mut acked = Vec::new();
         for w in writers {
             acked.extend(w.await.unwrap());
@@ -76,8 +75,7 @@ async fn acknowledged_writes_survive_sigkill_and_fences_keep_growing() {
         let g = client.mutex("fenced").acquire().await.unwrap();
         assert!(g.fence() > *fences.iter().max().unwrap());
         drop(g);
-        daemon.start_kill().unwrap();
-        daemon.wait().await.unwrap();
+        daemon.kill();
     })
     .await
 }
@@ -99,8 +97,7 @@ async fn expired_keys_are_dropped_on_load() {
         let ttl = lockbroker::WriteOptions::default().ttl(Duration::from_millis(50));
         state.set_with("short", "x", ttl).await.unwrap();
         state.set("long", "y").await.unwrap();
-        daemon.start_kill().unwrap();
-        daemon.wait().await.unwrap();
+        daemon.kill();
         // Outlive the TTL while the daemon is down.
         tokio::time::sleep(Duration::from_millis(100)).await;
         let mut daemon = spawn_daemon(&socket, &flags).await;
@@ -112,8 +109,7 @@ async fn expired_keys_are_dropped_on_load() {
             .state();
         assert_eq!(state.get("short").await.unwrap(), None);
         assert_eq!(state.get("long").await.unwrap().unwrap().value, b"y");
-        daemon.start_kill().unwrap();
-        daemon.wait().await.unwrap();
+        daemon.kill();
     })
     .await
 }

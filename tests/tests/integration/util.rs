@@ -17,7 +17,7 @@ pub fn daemon_bin() -> &'static Path {
 }
 
 /// The daemon program as a process on `socket`, with extra flags, once it
-/// accepts connections.
-pub async fn spawn_daemon(socket: &Path, flags: &[&std::ffi::OsStr]) -> tokio::process::Child {
-    lockbroker_tests::harness::spawn_daemon(daemon_bin(), socket, flags).await
+/// serves.
+pub async fn spawn_daemon(socket: &Path, flags: &[&std::ffi::OsStr]) -> DaemonProcess {
+    DaemonProcess::start(daemon_bin(), socket, flags).await
 }
