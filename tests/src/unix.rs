@@ -108,3 +108,14 @@ pub fn chmod(path: &Path, mode: u32) {
     use std::os::unix::fs::PermissionsExt;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).unwrap();
 }
+
+/// `runtime/lockbroker`, the local scope's directory, created with `mode`
+/// and given to `owner`; `runtime` itself lets every user through.
+pub fn local_dir(runtime: &Path, owner: u32, mode: u32) -> std::path::PathBuf {
+    chmod(runtime, 0o755);
+    let dir = runtime.join("lockbroker");
+    std::fs::create_dir(&dir).unwrap();
+    chmod(&dir, mode);
+    std::os::unix::fs::chown(&dir, Some(owner), Some(owner)).unwrap();
+    dir
+}

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 /// The `lockbroker` tool under test.
 use lockbroker_tests::harness::DaemonProcess;
 use lockbroker_tests::unix::{
-    NOBODY, alive, as_nobody, can_be_nobody, chmod, euid, signal, wait_exit,
+    NOBODY, alive, as_nobody, can_be_nobody, euid, local_dir, signal, wait_exit,
 };
 
 /// placeholder
@@ -1075,17 +1075,6 @@ fn state_watch_prints_one_line_per_change() {
 // The other user is `nobody` (65534): as root, these tests run a daemon
 // (the attacker) or the tool itself as nobody; otherwise they skip those
 // parts, saying so on stderr.
-
-/// `runtime/lockbroker`, the local scope's directory, created with `mode`
-/// and given to `owner`; `runtime` itself lets every user through.
-fn local_dir(runtime: &Path, owner: u32, mode: u32) -> PathBuf {
-    chmod(runtime, 0o755);
-    let dir = runtime.join("lockbroker");
-    std::fs::create_dir(&dir).unwrap();
-    chmod(&dir, mode);
-    std::os::unix::fs::chown(&dir, Some(owner), Some(owner)).unwrap();
-    dir
-}
 
 /// A `lockbrokerd --socket SOCKET` run as nobody, killed on drop.
 struct Foreign(Child);

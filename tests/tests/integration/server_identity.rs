@@ -9,14 +9,14 @@
 //! blocking client) in a child with its own `XDG_RUNTIME_DIR`, since the
 //! scope default is read from the environment.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use lockbroker::Connector;
 use lockbroker::address::{Expected, Problem};
 
-use lockbroker_tests::unix::{NOBODY, as_nobody, can_be_nobody, chmod, euid};
+use lockbroker_tests::unix::{NOBODY, as_nobody, can_be_nobody, chmod, euid, local_dir};
 
 use crate::util::{bounded, daemon_bin, worker};
 
@@ -104,17 +104,6 @@ fn verdict(out: &Output) -> String {
         Some(0) | Some(3) => stdout,
         _ => panic!("lb-worker ping failed ({}): {stderr}", out.status),
     }
-}
-
-/// `runtime/lockbroker`, the local scope's directory, created with `mode`
-/// and given to `owner`; `runtime` itself lets every user through.
-fn local_dir(runtime: &Path, owner: u32, mode: u32) -> PathBuf {
-    chmod(runtime, 0o755);
-    let dir = runtime.join("lockbroker");
-    std::fs::create_dir(&dir).unwrap();
-    chmod(&dir, mode);
-    std::os::unix::fs::chown(&dir, Some(owner), Some(owner)).unwrap();
-    dir
 }
 
 #[tokio::test]
