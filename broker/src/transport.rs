@@ -209,20 +209,19 @@ mod windows {
     use std::path::Path;
 
     use interprocess::os::windows::named_pipe::pipe_mode::Bytes;
-    use interprocess::os::windows::named_pipe::tokio::{
-        PipeListener, RecvPipeStream, SendPipeStream,
-    };
+    use interprocess::os::windows::named_pipe::tokio::PipeListener;
     use interprocess::os::windows::named_pipe::{PipeListenerOptions, PipeMode};
     use interprocess::os::windows::security_descriptor::SecurityDescriptor;
     use lockbroker_proto::address::Scope;
+    use lockbroker_proto::pipe::{PipeReader, PipeWriter};
 
     use super::PeerCred;
     use crate::error::StartError;
 
     /// The reading half of an accepted connection.
-    pub type ReadHalf = RecvPipeStream<Bytes>;
+    pub type ReadHalf = PipeReader;
     /// The writing half of an accepted connection.
-    pub type WriteHalf = SendPipeStream<Bytes>;
+    pub type WriteHalf = PipeWriter;
 
     /// Only the pipe's owner — the user running the daemon — may connect
     /// (SDDL: protected DACL, generic-all for OWNER RIGHTS).
@@ -275,7 +274,7 @@ mod windows {
                 gid: None,
             };
             let (r, w) = stream.split();
-            Ok((r, w, cred))
+            Ok((r, PipeWriter::new(w), cred))
         }
     }
 }

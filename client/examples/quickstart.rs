@@ -24,9 +24,10 @@ fn main() -> Result<()> {
 }
 
 async fn demo() -> Result<()> {
-    // The daemon, in this process, on a socket in a fresh directory.
+    // The daemon, in this process, on a socket in a fresh directory (a
+    // pipe of its own on Windows).
     let dir = tempfile::tempdir().expect("temporary directory");
-    let socket = dir.path().join("broker.sock");
+    let socket = lockbroker::address::private_address(dir.path()).expect("an address");
     let config = lockbrokerd::Config::for_socket(&socket);
     let listener = lockbrokerd::transport::Listener::bind(&socket, None).expect("bind");
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();

@@ -4,6 +4,9 @@
 //! part a client program needs: scopes, the variable that names a socket,
 //! the directory check and the refusals.
 
-pub use lockbroker_proto::address::{DirError, Expected, Problem, SOCKET_ENV, Scope, Untrusted};
+pub use lockbroker_proto::address::{
+    DirError, Expected, Identity, Problem, SOCKET_ENV, Scope, Untrusted, UntrustedPipe,
+    private_address,
+};
 #[cfg(unix)]
 pub use lockbroker_proto::address::{check_dir, euid};

@@ -3,7 +3,9 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use lockbroker_proto::address::{self, Address, Env, Expected, Scope};
+#[cfg(unix)]
+use lockbroker_proto::address::Expected;
+use lockbroker_proto::address::{self, Address, Env, Scope};
 use lockbroker_proto::io::{FrameReader, write_message};
 use lockbroker_proto::{ClientMessage, Hello, MAGIC, PROTOCOL_VERSION, ServerMessage, frame};
 
@@ -17,15 +19,19 @@ pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// Builds a [`Client`]: the address (explicit, else `LOCKBROKER_SOCKET`,
 /// else the scope's default), the name shown by `inspect`, and a timeout.
 ///
-/// On Unix, connecting refuses ([`Error::Untrusted`]) a daemon another user
-/// could be posing as: a scope default whose directory is not safe (the
+/// Connecting refuses a daemon another user could be posing as. On Unix
+/// ([`Error::Untrusted`]): a scope default whose directory is not safe (the
 /// local scope's must be the user's, mode 0700; the global one must not be
 /// writable by others), and, checked on the connected socket's peer
 /// credentials, a daemon running as a user not expected — the local
 /// scope's must be the user; the global scope's root or the owner of
 /// `/run/lockbroker`; one at an explicit socket or `LOCKBROKER_SOCKET` the
 /// user or root. [`allow_server_uid`](Connector::allow_server_uid) opts in
-/// to others.
+/// to others. On Windows ([`Error::UntrustedPipe`]), checked on the pipe
+/// server's process token: the local pipe must be served by the user; the
+/// global pipe by SYSTEM or an elevated process; a pipe named explicitly
+/// or by `LOCKBROKER_SOCKET` by any of them.
+/// [`allow_server_sid`](Connector::allow_server_sid) opts in to others.
 ///
 /// ```no_run
 /// # async fn demo() -> lockbroker::Result<()> {
@@ -44,6 +50,8 @@ pub struct Connector {
     timeout: Duration,
     /// Users trusted to serve the socket besides the defaults.
     allowed_uids: Vec<u32>,
+    /// The same on Windows, as SIDs.
+    allowed_sids: Vec<String>,
 }
 
 impl Default for Connector {
@@ -61,6 +69,7 @@ impl Connector {
             client_name: None,
             timeout: DEFAULT_CONNECT_TIMEOUT,
             allowed_uids: Vec::new(),
+            allowed_sids: Vec::new(),
         }
     }
 
@@ -92,10 +101,19 @@ impl Connector {
     /// Also accept a daemon running as user `uid`, on any address: for a
     /// daemon another user (a service account) runs on purpose. The
     /// directory checks of a scope's default socket are not relaxed.
-    /// Ignored on Windows, where the pipe server's identity is not checked
-    /// yet.
+    /// Unix only in effect: on Windows see
+    /// [`allow_server_sid`](Connector::allow_server_sid).
     pub fn allow_server_uid(mut self, uid: u32) -> Connector {
         self.allowed_uids.push(uid);
+        self
+    }
+
+    /// Also accept a pipe served by the user with this SID (`S-1-5-…`), on
+    /// any address: the Windows counterpart of
+    /// [`allow_server_uid`](Connector::allow_server_uid). Windows only in
+    /// effect.
+    pub fn allow_server_sid(mut self, sid: impl Into<String>) -> Connector {
+        self.allowed_sids.push(sid.into());
         self
     }
 
@@ -110,12 +128,12 @@ impl Connector {
     }
 
     /// Checks the directory of a scope's default socket, and says whom to
-    /// accept as the daemon (`None`: not checked on this platform).
+    /// accept as the daemon.
     #[cfg(unix)]
-    fn expected_server(&self, address: &Address) -> Result<Option<Expected>> {
+    fn expected_server(&self, address: &Address) -> Result<Trust> {
         use lockbroker_proto::address::DirError;
         match address::expected_server(address, address::euid(), &self.allowed_uids) {
-            Ok(expected) => Ok(Some(expected)),
+            Ok(expected) => Ok(Trust(expected)),
             Err(DirError::Untrusted(u)) => Err(Error::Untrusted(u)),
             Err(DirError::Io { path: dir, source }) => Err(Error::Connect {
                 path: address.path.clone(),
@@ -127,18 +145,30 @@ impl Connector {
         }
     }
 
+    /// Says whom to accept as the pipe's server.
     #[cfg(windows)]
-    fn expected_server(&self, _address: &Address) -> Result<Option<Expected>> {
-        Ok(None)
+    fn expected_server(&self, address: &Address) -> Result<Trust> {
+        let me = lockbroker_proto::pipe::current_identity().map_err(|source| Error::Connect {
+            path: address.path.clone(),
+            source: std::io::Error::new(
+                source.kind(),
+                format!("reading this process's user: {source}"),
+            ),
+        })?;
+        Ok(Trust(address::expected_pipe_server(
+            address,
+            &me,
+            &self.allowed_sids,
+        )))
     }
 
     /// Connects and shakes hands. Must run within a Tokio runtime.
     pub async fn connect(&self) -> Result<Client> {
         let address = self.resolve()?;
-        let expected = self.expected_server(&address)?;
+        let trust = self.expected_server(&address)?;
         let path = address.path;
         let name = self.client_name.clone().unwrap_or_else(program_name);
-        let connecting = connect(path.clone(), name, expected);
+        let connecting = connect(path.clone(), name, trust);
         match tokio::time::timeout(self.timeout, connecting).await {
             Ok(result) => result,
             Err(_) => Err(Error::Connect {
@@ -152,8 +182,36 @@ impl Connector {
     }
 }
 
-async fn connect(path: PathBuf, client_name: String, expected: Option<Expected>) -> Result<Client> {
-    let (reader, mut writer, server_uid) =
+/// Whom a connector accepts as the daemon: users (Unix) or SIDs (Windows).
+struct Trust(#[cfg(unix)] Expected, #[cfg(windows)] Vec<String>);
+
+impl Trust {
+    /// Refuses the daemon that serves `path` as `server` (its uid on
+    /// Unix, its process id on Windows) unless it is trusted.
+    fn verify(&self, path: &std::path::Path, server: u32) -> Result<()> {
+        #[cfg(unix)]
+        {
+            address::check_server(path, server, &self.0).map_err(Error::Untrusted)
+        }
+        #[cfg(windows)]
+        {
+            let identity =
+                lockbroker_proto::pipe::identity_of(server).map_err(|source| Error::Connect {
+                    path: path.to_owned(),
+                    source: std::io::Error::new(
+                        source.kind(),
+                        format!(
+                            "reading the user of the pipe's server, process {server}: {source}"
+                        ),
+                    ),
+                })?;
+            address::check_pipe_server(path, &identity, &self.0).map_err(Error::UntrustedPipe)
+        }
+    }
+}
+
+async fn connect(path: PathBuf, client_name: String, trust: Trust) -> Result<Client> {
+    let (reader, mut writer, server) =
         transport::connect(&path)
             .await
             .map_err(|source| Error::Connect {
@@ -161,9 +219,7 @@ async fn connect(path: PathBuf, client_name: String, expected: Option<Expected>)
                 source,
             })?;
     // Before anything is sent: a Hello names this program.
-    if let (Some(expected), Some(uid)) = (&expected, server_uid) {
-        address::check_server(&path, uid, expected).map_err(Error::Untrusted)?;
-    }
+    trust.verify(&path, server)?;
     let handshake = |code, message: String| Error::Handshake {
         path: path.clone(),
         code,

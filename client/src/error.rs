@@ -3,7 +3,7 @@
 use std::io;
 use std::path::PathBuf;
 
-use lockbroker_proto::address::Untrusted;
+use lockbroker_proto::address::{Untrusted, UntrustedPipe};
 use lockbroker_proto::{ErrorCode, ErrorInfo, NameError, Response};
 
 /// Everything that can go wrong talking to the daemon.
@@ -30,6 +30,12 @@ pub enum Error {
     /// opts in to a daemon run by another user). Nothing was sent.
     #[error("refusing the lockbroker daemon: {0}")]
     Untrusted(Untrusted),
+    /// The pipe's server (Windows) runs as a user not trusted: another user
+    /// may have created the pipe first
+    /// ([`Connector::allow_server_sid`](crate::Connector::allow_server_sid)
+    /// opts in to a daemon run by another user). Nothing was sent.
+    #[error("refusing the lockbroker daemon: {0}")]
+    UntrustedPipe(UntrustedPipe),
     /// The daemon refused the connection or answered the handshake oddly.
     #[error("handshake with the lockbroker daemon at {} failed: {message}", path.display())]
     Handshake {

@@ -8,7 +8,7 @@
 //! # #[tokio::main(flavor = "current_thread")]
 //! # async fn main() -> lockbroker::Result<()> {
 //! # let dir = tempfile::tempdir().unwrap();
-//! # let socket = dir.path().join("broker.sock");
+//! # let socket = lockbroker::address::private_address(dir.path()).unwrap();
 //! # let config = lockbrokerd::Config::for_socket(&socket);
 //! # let listener = lockbrokerd::transport::Listener::bind(&socket, None).unwrap();
 //! # tokio::spawn(async move {

@@ -3,8 +3,8 @@
 //! The stream is close-on-exec (Rust's default), so a child process never
 //! inherits a lock's connection unless the program hands it down on
 //! purpose, as `lockbroker lock` does (`Client::connection_fd`).
-//! [`connect`] also says which user serves the socket, for the connector's
-//! trust check.
+//! [`connect`] also says who serves the socket (its uid on Unix, the
+//! pipe server's process id on Windows), for the connector's trust check.
 
 use std::io;
 use std::path::Path;
@@ -15,30 +15,19 @@ pub(crate) use tokio::net::unix::{OwnedReadHalf as ReadHalf, OwnedWriteHalf as W
 /// Connects to `path`; returns the halves and the user id of the process
 /// that listens there (the socket's peer credentials).
 #[cfg(unix)]
-pub(crate) async fn connect(path: &Path) -> io::Result<(ReadHalf, WriteHalf, Option<u32>)> {
+pub(crate) async fn connect(path: &Path) -> io::Result<(ReadHalf, WriteHalf, u32)> {
     let stream = tokio::net::UnixStream::connect(path).await?;
     let uid = stream.peer_cred()?.uid();
     let (r, w) = stream.into_split();
-    Ok((r, w, Some(uid)))
+    Ok((r, w, uid))
 }
 
 #[cfg(windows)]
-pub(crate) type ReadHalf = interprocess::os::windows::named_pipe::tokio::RecvPipeStream<
-    interprocess::os::windows::named_pipe::pipe_mode::Bytes,
->;
-#[cfg(windows)]
-pub(crate) type WriteHalf = interprocess::os::windows::named_pipe::tokio::SendPipeStream<
-    interprocess::os::windows::named_pipe::pipe_mode::Bytes,
->;
+pub(crate) use lockbroker_proto::pipe::{PipeReader as ReadHalf, PipeWriter as WriteHalf};
 
-/// Connects to the pipe `path`. The pipe server's identity is not
-/// verified yet (no user id: `None`); the daemon creates the pipe as its
-/// first instance with an owner-only security descriptor.
+/// Connects to the pipe `path`; returns the halves and the process id of
+/// the pipe's server.
 #[cfg(windows)]
-pub(crate) async fn connect(path: &Path) -> io::Result<(ReadHalf, WriteHalf, Option<u32>)> {
-    use interprocess::os::windows::named_pipe::pipe_mode::Bytes;
-    use interprocess::os::windows::named_pipe::tokio::DuplexPipeStream;
-    let stream = DuplexPipeStream::<Bytes>::connect_by_path(path).await?;
-    let (r, w) = stream.split();
-    Ok((r, w, None))
+pub(crate) async fn connect(path: &Path) -> io::Result<(ReadHalf, WriteHalf, u32)> {
+    lockbroker_proto::pipe::connect(path).await
 }

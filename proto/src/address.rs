@@ -90,6 +90,29 @@ pub fn default_address(scope: Scope, env: &Env) -> Option<PathBuf> {
     }
 }
 
+/// A new private address for a daemon only its starter knows: on Unix the
+/// socket `broker.sock` in `dir` (a directory the caller made private), on
+/// Windows an unguessable pipe name (`\\.\pipe\lockbroker-<user>-<128
+/// random bits>`; `dir` is unused) that the daemon creates with an
+/// owner-only security descriptor. The self scope of `lockbroker run` and
+/// the tests' daemons use it.
+pub fn private_address(dir: &Path) -> std::io::Result<PathBuf> {
+    #[cfg(windows)]
+    {
+        let _ = dir;
+        let mut bytes = [0u8; 16];
+        getrandom::fill(&mut bytes).map_err(std::io::Error::other)?;
+        let hex: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+        let user: String = current_user()
+            .chars()
+            .map(|c| if c == '\\' || c.is_control() { '_' } else { c })
+            .collect();
+        Ok(format!(r"\\.\pipe\lockbroker-{user}-{hex}").into())
+    }
+    #[cfg(not(windows))]
+    Ok(dir.join("broker.sock"))
+}
+
 /// The directory holding `scope`'s default socket (Unix).
 pub fn scope_dir(scope: Scope, env: &Env) -> Option<PathBuf> {
     match (scope, &env.runtime_dir) {
@@ -249,6 +272,120 @@ pub enum DirError {
     #[error(transparent)]
     Untrusted(#[from] Untrusted),
 }
+
+/// The user a process runs as, on Windows (from its token).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Identity {
+    /// The user's SID in string form (`S-1-5-21-…`): what trust checks
+    /// compare, and what a Windows peer's `uid` is derived from
+    /// ([`windows_uid`]).
+    pub sid: String,
+    /// The owner SID of the process's token: the user, or
+    /// [`ADMINISTRATORS_SID`] for an elevated process.
+    pub owner_sid: String,
+    /// `DOMAIN\user`, or the SID when the account cannot be looked up.
+    pub account: String,
+    /// The number a peer's `uid` holds for this user ([`windows_uid`]).
+    pub uid: Option<u32>,
+}
+
+impl fmt::Display for Identity {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} ({})", self.account, self.sid)
+    }
+}
+
+/// The SID of the local system account (services run as it).
+pub const SYSTEM_SID: &str = "S-1-5-18";
+/// The SID of the Administrators group (the owner of an elevated
+/// process's token).
+pub const ADMINISTRATORS_SID: &str = "S-1-5-32-544";
+
+/// The number a Windows peer's `uid` holds (PROTOCOL.md 4.17), from its
+/// SID, as Cygwin and MSYS2 number Windows accounts: a well-known
+/// `S-1-5-N` is N (SYSTEM: 18), a built-in `S-1-5-32-N` is 0x20000 + N,
+/// an account of this machine (`local`: its domain is the computer's) is
+/// 0x30000 + its RID, any other account 0x100000 + its RID. Quotas are
+/// kept per number. `None` for a SID of another shape.
+pub fn windows_uid(sid: &str, local: bool) -> Option<u32> {
+    let rest = sid.strip_prefix("S-1-5-")?;
+    let parts: Vec<u32> = rest
+        .split('-')
+        .map(|p| p.parse().ok())
+        .collect::<Option<_>>()?;
+    let rid = *parts.last()?;
+    match parts.as_slice() {
+        [n] => Some(*n),
+        [32, n] => 0x2_0000u32.checked_add(*n),
+        [21, .., _] if local => 0x3_0000u32.checked_add(rid),
+        [21, .., _] => 0x10_0000u32.checked_add(rid),
+        _ => None,
+    }
+}
+
+/// Whom a client running as `user` accepts as the pipe server at
+/// `address` (Windows), as SIDs: the local scope's pipe must be served by
+/// the user; the global pipe by SYSTEM (the service) or an elevated
+/// process (its token owned by Administrators); an explicit address or
+/// `LOCKBROKER_SOCKET` by any of the three. `allowed` adds the SIDs the
+/// caller opted in to trust.
+pub fn expected_pipe_server(address: &Address, user: &Identity, allowed: &[String]) -> Vec<String> {
+    let mut sids = allowed.to_vec();
+    let admin = [SYSTEM_SID.to_owned(), ADMINISTRATORS_SID.to_owned()];
+    match address.default_of {
+        Some(Scope::Local | Scope::Process) => sids.push(user.sid.clone()),
+        Some(Scope::Global) => sids.extend(admin),
+        None => {
+            sids.push(user.sid.clone());
+            sids.extend(admin);
+        }
+    }
+    sids
+}
+
+/// Refuses the pipe server `server` of `pipe` unless its user, or its
+/// token's owner, is one of `expected` (SIDs).
+pub fn check_pipe_server(
+    pipe: &Path,
+    server: &Identity,
+    expected: &[String],
+) -> Result<(), UntrustedPipe> {
+    let matches = |sid: &str| expected.iter().any(|e| e.eq_ignore_ascii_case(sid));
+    if matches(&server.sid) || matches(&server.owner_sid) {
+        return Ok(());
+    }
+    Err(UntrustedPipe {
+        path: pipe.to_owned(),
+        server: Box::new(server.clone()),
+        expected: expected.to_vec(),
+    })
+}
+
+/// A pipe (Windows) whose server runs as a user a client does not trust:
+/// somebody else created the pipe first and could answer the user's locks.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UntrustedPipe {
+    /// The pipe.
+    pub path: PathBuf,
+    /// Who serves it.
+    pub server: Box<Identity>,
+    /// The SIDs that were acceptable.
+    pub expected: Vec<String>,
+}
+
+impl fmt::Display for UntrustedPipe {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "the daemon at {} runs as {}, expected {}",
+            self.path.display(),
+            self.server,
+            self.expected.join(" or ")
+        )
+    }
+}
+
+impl std::error::Error for UntrustedPipe {}
 
 /// The effective user id of this process (Unix).
 #[cfg(unix)]
@@ -548,5 +685,78 @@ mod tests {
         );
         let allowed = expected_server(&address, 1000, &[65534]).unwrap();
         assert!(check_server(path, 65534, &allowed).is_ok());
+    }
+}
+
+/// The Windows trust rules are pure functions of SIDs: tested on every
+/// platform (the pipe server's identity itself is read under Wine).
+#[cfg(test)]
+mod pipe_trust_tests {
+    use super::*;
+
+    fn identity(sid: &str, owner: &str) -> Identity {
+        Identity {
+            sid: sid.into(),
+            owner_sid: owner.into(),
+            account: "HOST\\someone".into(),
+            uid: None,
+        }
+    }
+
+    const ME: &str = "S-1-5-21-1-2-3-1001";
+    const OTHER: &str = "S-1-5-21-1-2-3-1002";
+
+    fn expected(default_of: Option<Scope>, allowed: &[String]) -> Vec<String> {
+        let address = Address {
+            path: r"\\.\pipe\x".into(),
+            default_of,
+        };
+        expected_pipe_server(&address, &identity(ME, ME), allowed)
+    }
+
+    #[test]
+    fn uids_are_numbered_as_cygwin_numbers_accounts() {
+        assert_eq!(windows_uid(SYSTEM_SID, false), Some(18));
+        assert_eq!(windows_uid(ADMINISTRATORS_SID, false), Some(0x20220));
+        assert_eq!(windows_uid(ME, true), Some(0x30000 + 1001));
+        assert_eq!(windows_uid(ME, false), Some(0x100000 + 1001));
+        assert_eq!(windows_uid("S-1-1-0", false), None);
+        assert_eq!(windows_uid("S-1-5-x", false), None);
+        assert_eq!(windows_uid("garbage", true), None);
+    }
+
+    #[test]
+    fn the_local_pipe_must_be_served_by_the_user() {
+        let want = expected(Some(Scope::Local), &[]);
+        let pipe = Path::new(r"\\.\pipe\lockbroker-me");
+        assert!(check_pipe_server(pipe, &identity(ME, ME), &want).is_ok());
+        let refused = check_pipe_server(pipe, &identity(OTHER, OTHER), &want).unwrap_err();
+        assert_eq!(refused.server.sid, OTHER);
+        assert!(refused.to_string().contains(OTHER), "{refused}");
+        assert!(refused.to_string().contains(ME), "{refused}");
+        // Even an elevated process of another user: not the user.
+        assert!(check_pipe_server(pipe, &identity(OTHER, ADMINISTRATORS_SID), &want).is_err());
+        assert!(check_pipe_server(pipe, &identity(SYSTEM_SID, SYSTEM_SID), &want).is_err());
+    }
+
+    #[test]
+    fn the_global_pipe_must_be_served_by_system_or_an_elevated_process() {
+        let want = expected(Some(Scope::Global), &[]);
+        let pipe = Path::new(r"\\.\pipe\lockbroker");
+        assert!(check_pipe_server(pipe, &identity(SYSTEM_SID, SYSTEM_SID), &want).is_ok());
+        assert!(check_pipe_server(pipe, &identity(OTHER, ADMINISTRATORS_SID), &want).is_ok());
+        assert!(check_pipe_server(pipe, &identity(OTHER, OTHER), &want).is_err());
+        assert!(check_pipe_server(pipe, &identity(ME, ME), &want).is_err());
+    }
+
+    #[test]
+    fn an_explicit_pipe_takes_the_user_or_an_administrator_or_whom_the_caller_allows() {
+        let want = expected(None, &[]);
+        let pipe = Path::new(r"\\.\pipe\mine");
+        assert!(check_pipe_server(pipe, &identity(ME, ME), &want).is_ok());
+        assert!(check_pipe_server(pipe, &identity(SYSTEM_SID, SYSTEM_SID), &want).is_ok());
+        assert!(check_pipe_server(pipe, &identity(OTHER, OTHER), &want).is_err());
+        let want = expected(None, &[OTHER.to_lowercase()]);
+        assert!(check_pipe_server(pipe, &identity(OTHER, OTHER), &want).is_ok());
     }
 }

@@ -26,12 +26,16 @@
 //! - [`frame`]: length prefix and body codec; the only module that knows
 //!   bincode.
 //! - [`io`]: async reading and writing of frames over Tokio's I/O traits.
+//! - `pipe` (Windows): the named-pipe transport and the identity of a
+//!   pipe's peer.
 
 pub mod address;
 pub mod frame;
 pub mod io;
 pub mod message;
 pub mod os;
+#[cfg(windows)]
+pub mod pipe;
 
 pub use frame::{DEFAULT_MAX_FRAME_LEN, FrameError, HEADER_LEN, MIN_MAX_FRAME_LEN};
 pub use message::*;

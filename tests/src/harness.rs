@@ -1,5 +1,6 @@
 //! The harness: an in-process daemon on a socket in its own temporary
-//! directory, with a shutdown handle the test owns; the daemon program
+//! directory (a pipe of its own on Windows), with a shutdown handle the
+//! test owns; the daemon program
 //! started as a process and waited for; a raw protocol client for
 //! byte-level tests; helpers that wait on conditions with a bound.
 
@@ -17,8 +18,6 @@ use lockbrokerd::config::Config;
 use lockbrokerd::server;
 use lockbrokerd::transport::Listener;
 use tokio::io::AsyncWriteExt;
-use tokio::net::UnixStream;
-use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
@@ -49,10 +48,16 @@ where
     }
 }
 
+/// A new private address for a test's daemon: `broker.sock` in `dir` on
+/// Unix, a pipe name of its own on Windows (as `lockbroker run` makes).
+pub fn address(dir: &Path) -> PathBuf {
+    lockbroker_proto::address::private_address(dir).expect("a private address")
+}
+
 /// A daemon running in this process.
 pub struct Daemon {
     _dir: tempfile::TempDir,
-    /// Its socket.
+    /// Its socket (a pipe name on Windows).
     pub socket: PathBuf,
     stop: Option<oneshot::Sender<()>>,
     task: Option<JoinHandle<()>>,
@@ -67,7 +72,7 @@ impl Daemon {
     /// Starts a daemon after `configure` adjusts its configuration.
     pub async fn start_with(configure: impl FnOnce(&mut Config)) -> Daemon {
         let dir = tempfile::tempdir().expect("temp dir");
-        let socket = dir.path().join("broker.sock");
+        let socket = address(dir.path());
         let mut config = Config::for_socket(&socket);
         configure(&mut config);
         let listener = Listener::bind(&socket, None).expect("bind");
@@ -113,17 +118,35 @@ impl Daemon {
     }
 }
 
+#[cfg(windows)]
+pub use lockbroker_proto::pipe::{PipeReader as ReadHalf, PipeWriter as WriteHalf};
+/// The halves of a raw connection: the transport the product uses.
+#[cfg(unix)]
+pub use tokio::net::unix::{OwnedReadHalf as ReadHalf, OwnedWriteHalf as WriteHalf};
+
+/// Opens a raw connection to `socket` (a pipe name on Windows).
+pub async fn connect_raw(socket: &Path) -> std::io::Result<(ReadHalf, WriteHalf)> {
+    #[cfg(unix)]
+    {
+        Ok(tokio::net::UnixStream::connect(socket).await?.into_split())
+    }
+    #[cfg(windows)]
+    {
+        let (r, w, _server) = lockbroker_proto::pipe::connect(socket).await?;
+        Ok((r, w))
+    }
+}
+
 /// A client speaking the protocol by hand, for byte-level tests.
 pub struct Raw {
-    reader: FrameReader<OwnedReadHalf>,
-    writer: OwnedWriteHalf,
+    reader: FrameReader<ReadHalf>,
+    writer: WriteHalf,
 }
 
 impl Raw {
     /// Connects without a handshake.
     pub async fn connect(socket: &Path) -> Raw {
-        let stream = UnixStream::connect(socket).await.expect("connect");
-        let (r, w) = stream.into_split();
+        let (r, w) = connect_raw(socket).await.expect("connect");
         Raw {
             reader: FrameReader::new(r, DEFAULT_MAX_FRAME_LEN),
             writer: w,
@@ -160,7 +183,8 @@ impl Raw {
         self.writer.write_all(bytes).await.expect("write");
     }
 
-    /// Closes the sending side.
+    /// Closes the sending side (Unix: a pipe has no half-close).
+    #[cfg(unix)]
     pub async fn shutdown_write(&mut self) {
         let _ = self.writer.shutdown().await;
     }

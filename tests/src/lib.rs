@@ -6,7 +6,6 @@
 //! The repository README's Rust examples are compiled here as doctests, so
 //! they stay true; the published crates carry their own READMEs instead.
 
-#[cfg(unix)]
 pub mod harness;
 #[cfg(unix)]
 pub mod unix;

@@ -4,7 +4,7 @@
 use lockbroker::{ErrorCode, LockGuard, LockKind};
 use lockbroker_proto::{ClientMessage, Hello, MAGIC, Request, Response, ServerMessage};
 
-use crate::util::{Daemon, Raw, acquire, bounded};
+use crate::util::{Daemon, Raw, acquire, bounded, hold_over_raw};
 
 /// A bystander session holding a lock; checked after every bad input.
 struct Bystander {
@@ -79,12 +79,18 @@ async fn bad_frames_and_handshakes_close_only_their_connection() {
         raw.send_bytes(&[0, 0, 0, 0]).await;
         expect_fatal(&mut raw, ErrorCode::Malformed).await;
 
-        // A truncated frame, then the client goes away.
-        let mut raw = Raw::connect(&daemon.socket).await;
-        raw.send_bytes(&[100, 0, 0, 0, 1, 2, 3]).await;
-        raw.shutdown_write().await;
-        assert!(raw.recv().await.is_none());
-        bystander.still_fine().await;
+        // A truncated frame, then the client half-closes: the daemon
+        // closes too. (A pipe has no half-close; on both platforms
+        // `a_client_gone_mid_frame_loses_its_holds` closes the whole
+        // connection instead.)
+        #[cfg(unix)]
+        {
+            let mut raw = Raw::connect(&daemon.socket).await;
+            raw.send_bytes(&[100, 0, 0, 0, 1, 2, 3]).await;
+            raw.shutdown_write().await;
+            assert!(raw.recv().await.is_none());
+            bystander.still_fine().await;
+        }
 
         // Wrong magic, wrong version, a bad client name.
         let mut raw = Raw::connect(&daemon.socket).await;
@@ -108,6 +114,26 @@ async fn bad_frames_and_handshakes_close_only_their_connection() {
         expect_fatal(&mut raw, ErrorCode::UnexpectedHello).await;
 
         bystander.still_fine().await;
+        daemon.stop().await;
+    })
+    .await
+}
+
+/// A client that goes away in the middle of a frame (the whole connection
+/// closed, as a killed process closes a pipe) loses what it held: the
+/// waiter is granted, told the lock was abandoned.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_gone_mid_frame_loses_its_holds() {
+    bounded(async {
+        let daemon = Daemon::start().await;
+        let mut raw = hold_over_raw(&daemon.socket, "held").await;
+        let client = daemon.client().await;
+        let waiter = client.mutex("held");
+        let waiting = tokio::spawn(async move { waiter.acquire().await });
+        raw.send_bytes(&[100, 0, 0, 0, 1, 2, 3]).await;
+        drop(raw);
+        let g = waiting.await.unwrap().unwrap();
+        assert!(g.abandoned());
         daemon.stop().await;
     })
     .await
