@@ -1,6 +1,6 @@
 //! The `lockbrokerd` program: flags → config → bind → serve until SIGTERM
-//! or SIGINT. `main.rs` is just [`main`], so that test packages can build
-//! the same program as a binary of their own.
+//! or SIGINT (a console event on Windows). `main.rs` is just [`main`], so
+//! that test packages can build the same program as a binary of their own.
 
 use std::process::ExitCode;
 
@@ -83,18 +83,27 @@ fn init_logging(config: &Config) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// SIGTERM and SIGINT (Ctrl-C on Windows), installed at once.
+/// SIGTERM and SIGINT; on Windows the console's events (Ctrl-C,
+/// Ctrl-Break, its window closed, logoff, shutdown). Installed at once.
 struct Signals {
     #[cfg(unix)]
     term: tokio::signal::unix::Signal,
     #[cfg(unix)]
     int: tokio::signal::unix::Signal,
-    #[cfg(not(unix))]
-    ctrl_c: tokio::signal::windows::CtrlC,
+    #[cfg(windows)]
+    c: tokio::signal::windows::CtrlC,
+    #[cfg(windows)]
+    brk: tokio::signal::windows::CtrlBreak,
+    #[cfg(windows)]
+    close: tokio::signal::windows::CtrlClose,
+    #[cfg(windows)]
+    logoff: tokio::signal::windows::CtrlLogoff,
+    #[cfg(windows)]
+    shutdown: tokio::signal::windows::CtrlShutdown,
 }
 
 impl Signals {
-    /// Installs the handlers; from here on neither signal kills the
+    /// Installs the handlers; from here on none of them kills the
     /// process. Must run within the runtime.
     fn install() -> anyhow::Result<Signals> {
         #[cfg(unix)]
@@ -105,10 +114,21 @@ impl Signals {
                 int: signal(SignalKind::interrupt()).context("installing the SIGINT handler")?,
             })
         }
-        #[cfg(not(unix))]
-        Ok(Signals {
-            ctrl_c: tokio::signal::windows::ctrl_c().context("installing the Ctrl-C handler")?,
-        })
+        // For a closed window, a logoff or a shutdown, Windows waits (up to
+        // its timeout) while the handler runs, and Tokio's handler blocks
+        // until the process exits: the sessions are told and released
+        // before the system ends the process.
+        #[cfg(windows)]
+        {
+            use tokio::signal::windows as w;
+            Ok(Signals {
+                c: w::ctrl_c().context("installing the Ctrl-C handler")?,
+                brk: w::ctrl_break().context("installing the Ctrl-Break handler")?,
+                close: w::ctrl_close().context("installing the console-close handler")?,
+                logoff: w::ctrl_logoff().context("installing the logoff handler")?,
+                shutdown: w::ctrl_shutdown().context("installing the shutdown handler")?,
+            })
+        }
     }
 
     /// Completes on the first of them.
@@ -120,10 +140,13 @@ impl Signals {
         }
         // Not `tokio::signal::ctrl_c()`: it would install its handler only
         // when first polled, after the pipe exists.
-        #[cfg(not(unix))]
-        {
-            self.ctrl_c.recv().await;
-            tracing::info!("Ctrl-C received");
+        #[cfg(windows)]
+        tokio::select! {
+            _ = self.c.recv() => tracing::info!("Ctrl-C received"),
+            _ = self.brk.recv() => tracing::info!("Ctrl-Break received"),
+            _ = self.close.recv() => tracing::info!("the console was closed"),
+            _ = self.logoff.recv() => tracing::info!("the user is logging off"),
+            _ = self.shutdown.recv() => tracing::info!("the system is shutting down"),
         }
     }
 }

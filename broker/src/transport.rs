@@ -198,12 +198,20 @@ mod unix {
 
 #[cfg(windows)]
 mod windows {
-    //! Named pipes through `interprocess`. The first instance is created
-    //! with `FILE_FLAG_FIRST_PIPE_INSTANCE`, so a second daemon (or a
-    //! squatter that created the pipe first) makes binding fail; remote
-    //! clients are rejected; and a security descriptor admits only the
-    //! user (local scope) or SYSTEM, Administrators and Authenticated Users
-    //! (global scope).
+    //! Named pipes through `interprocess`. Exactly one daemon serves a
+    //! pipe, settled twice: a named mutex of this session's namespace,
+    //! held for the daemon's life, settles daemons of one login session
+    //! starting at once (autostart), as the `flock` does on Unix; and the
+    //! first instance is created with `FILE_FLAG_FIRST_PIPE_INSTANCE`, so
+    //! a daemon of another session (or a squatter that created the pipe
+    //! first) makes binding fail. (Wine ignores that flag; the mutex is
+    //! what holds there.) Remote clients are rejected, and a security
+    //! descriptor admits only the user (local scope) or SYSTEM,
+    //! Administrators and Authenticated Users (global scope).
+    //!
+    //! Each connection's peer is identified by its process's token: the
+    //! `uid` quotas are kept under is derived from the user's SID
+    //! ([`windows_uid`](lockbroker_proto::address::windows_uid)).
 
     use std::io;
     use std::path::Path;
@@ -235,6 +243,60 @@ mod windows {
     #[derive(Debug)]
     pub struct Listener {
         inner: PipeListener<Bytes, Bytes>,
+        /// Held for the listener's life: this daemon is the pipe's only one.
+        _instance: Instance,
+    }
+
+    /// The named mutex that makes a daemon its pipe's only server.
+    #[derive(Debug)]
+    struct Instance(windows_sys::Win32::Foundation::HANDLE);
+
+    // SAFETY: a kernel handle, usable from any thread.
+    unsafe impl Send for Instance {}
+    // SAFETY: as above; it is only closed, on drop.
+    unsafe impl Sync for Instance {}
+
+    impl Drop for Instance {
+        fn drop(&mut self) {
+            // SAFETY: the handle this value owns.
+            unsafe { windows_sys::Win32::Foundation::CloseHandle(self.0) };
+        }
+    }
+
+    /// Creates the mutex named after `pipe` in this login session's
+    /// namespace; `AlreadyRunning` when it exists (another daemon holds it).
+    /// The system closes it when the process ends, however it ends.
+    fn claim(pipe: &Path) -> Result<Instance, StartError> {
+        use windows_sys::Win32::Foundation::{ERROR_ALREADY_EXISTS, GetLastError};
+        use windows_sys::Win32::System::Threading::CreateMutexW;
+        // Kernel object names may not hold a backslash past the namespace.
+        let name: String = pipe
+            .to_string_lossy()
+            .chars()
+            .map(|c| if c == '\\' { '/' } else { c })
+            .collect();
+        let wide = widestring::U16CString::from_str(format!("Local\\lockbroker-daemon:{name}"))
+            .map_err(|e| {
+                StartError::io("naming the instance mutex of", pipe, io::Error::other(e))
+            })?;
+        // SAFETY: a NUL-terminated name; default security (this user's).
+        let handle = unsafe { CreateMutexW(std::ptr::null(), 0, wide.as_ptr()) };
+        // SAFETY: read at once after the call that set it.
+        let error = unsafe { GetLastError() };
+        if handle.is_null() {
+            return Err(StartError::io(
+                "creating the instance mutex of",
+                pipe,
+                io::Error::from_raw_os_error(error as i32),
+            ));
+        }
+        let instance = Instance(handle);
+        if error == ERROR_ALREADY_EXISTS {
+            return Err(StartError::AlreadyRunning {
+                path: pipe.to_owned(),
+            });
+        }
+        Ok(instance)
     }
 
     impl Listener {
@@ -245,6 +307,7 @@ mod windows {
                 Some(Scope::Global) => GLOBAL_SDDL,
                 _ => USER_SDDL,
             };
+            let instance = claim(name)?;
             let wide = widestring::U16CString::from_str(sddl).expect("no NUL in the SDDL");
             let descriptor = SecurityDescriptor::deserialize(&wide)
                 .map_err(|e| StartError::io("building the security descriptor of", name, e))?;
@@ -262,15 +325,25 @@ mod windows {
                     }
                     _ => StartError::io("creating the pipe", name, e),
                 })?;
-            Ok(Listener { inner })
+            Ok(Listener {
+                inner,
+                _instance: instance,
+            })
         }
 
         /// Waits for the next connection.
         pub async fn accept(&self) -> io::Result<(ReadHalf, WriteHalf, PeerCred)> {
             let stream = self.inner.accept().await?;
+            let pid = stream.client_process_id().ok();
+            // A client whose token this daemon may not read (another
+            // user's elevated process, for a daemon not run as SYSTEM)
+            // gets no uid, as on a platform without credentials.
+            let uid = pid
+                .and_then(|pid| lockbroker_proto::pipe::identity_of(pid).ok())
+                .and_then(|identity| identity.uid);
             let cred = PeerCred {
-                pid: stream.client_process_id().ok(),
-                uid: None,
+                pid,
+                uid,
                 gid: None,
             };
             let (r, w) = stream.split();

@@ -123,8 +123,8 @@ fn spawn_detached(_dir: &Path, _log_path: &Path) -> std::io::Result<Child> {
     ))
 }
 
-/// A private daemon on a socket in its own temporary directory, stopped
-/// (and its directory removed) on drop.
+/// A private daemon on a socket in its own temporary directory (a private
+/// pipe on Windows), stopped (and its directory removed) on drop.
 pub struct Private {
     child: Child,
     /// Copies the daemon's stderr to ours until the daemon exits.
@@ -141,7 +141,10 @@ impl Private {
             .prefix("lockbroker-run-")
             .tempdir()
             .map_err(|e| format!("cannot create a temporary directory: {e}"))?;
-        let socket = dir.path().join("broker.sock");
+        // A socket in the private directory; on Windows an unguessable
+        // pipe name, created owner-only.
+        let socket = lockbroker::address::private_address(dir.path())
+            .map_err(|e| format!("cannot choose a private pipe name: {e}"))?;
         let mut child = Command::new(binary())
             .arg("--socket")
             .arg(&socket)

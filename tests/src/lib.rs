@@ -1,6 +1,7 @@
 //! What the `tests` package's test binaries share: daemons in-process and
 //! as processes, a raw protocol client, bounded waits (`harness`), and
-//! processes and users (`unix`: signals, exit waits, acting as nobody). The
+//! processes and users (`unix`: signals, exit waits, acting as nobody;
+//! `windows`: console control events, telling Wine from Windows). The
 //! tests themselves are in `tests/`, the programs they drive in `src/bin/`.
 //!
 //! The repository README's Rust examples are compiled here as doctests, so
@@ -9,6 +10,8 @@
 pub mod harness;
 #[cfg(unix)]
 pub mod unix;
+#[cfg(windows)]
+pub mod windows;
 
 /// The repository README's examples.
 #[cfg(doctest)]

@@ -5,7 +5,9 @@
 use std::os::unix::process::CommandExt;
 use std::path::Path;
 use std::process::{Child, Command, ExitStatus};
-use std::time::{Duration, Instant};
+
+pub use crate::harness::wait_exit;
+use std::time::Instant;
 
 /// `nobody` and `nogroup`: the other user of the trust tests.
 pub const NOBODY: u32 = 65534;
@@ -14,22 +16,6 @@ pub const NOBODY: u32 = 65534;
 pub fn signal(pid: u32, signal: i32) -> bool {
     // SAFETY: signalling a process the test started.
     unsafe { libc::kill(pid as i32, signal) == 0 }
-}
-
-/// Waits for `child` to exit, at most `limit`; kills it and fails the test
-/// past that.
-pub fn wait_exit(child: &mut Child, limit: Duration) -> ExitStatus {
-    let deadline = Instant::now() + limit;
-    loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            return status;
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            panic!("process {} did not exit within {limit:?}", child.id());
-        }
-        std::thread::sleep(Duration::from_millis(2));
-    }
 }
 
 /// Waits for `child` to exit — blocked on the exit itself, not polling —

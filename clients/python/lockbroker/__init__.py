@@ -23,18 +23,23 @@ Modules:
   and ``Watch``, an iterator of ``Changed`` / ``Lagged`` events;
 * :mod:`lockbroker.client` -- ``Client``, one session shared by all threads,
   and the process-wide ``default_client()``;
+* :mod:`lockbroker.transport` -- the connection: a Unix socket, or a
+  named pipe on Windows, checked before anything is sent;
+* :mod:`lockbroker.pipe` -- Windows named pipes (overlapped I/O) and who
+  serves one;
+* :mod:`lockbroker.address` -- where the daemon listens, and whom to trust;
 * :mod:`lockbroker.protocol` -- wire types, codec and framing;
-* :mod:`lockbroker.address` -- where the daemon's socket is;
 * :mod:`lockbroker.errors` -- exceptions.
 
-They form layers: in ``state``, ``primitives``, ``client``, ``address``,
-``errors``, ``protocol``, each imports only modules to its right, so none
-imports one that imports it back (``tests/test_layering.py`` checks this).
+They form layers: in ``state``, ``primitives``, ``client``, ``transport``,
+``pipe``, ``address``, ``errors``, ``protocol``, each imports only modules
+to its right, so none imports one that imports it back
+(``tests/test_layering.py`` checks this).
 """
 
 from __future__ import annotations
 
-from .address import GLOBAL, LOCAL
+from .address import GLOBAL, LOCAL, PROCESS
 from .client import Client, default_client, set_default_client
 from .errors import (
     BrokerError,
@@ -64,6 +69,7 @@ __version__ = "0.1.0"
 __all__ = [
     "LOCAL",
     "GLOBAL",
+    "PROCESS",
     "Client",
     "default_client",
     "set_default_client",

@@ -1,6 +1,7 @@
 """One session with the daemon, shared safely by every thread of a process.
 
-A :class:`Client` owns one socket and one reader thread:
+A :class:`Client` owns one connection (a Unix socket, or a named pipe on
+Windows: :mod:`lockbroker.transport`) and one reader thread:
 
 * a caller allocates a request id, registers a :class:`_Call` in
   ``_pending`` and writes its frame (writes are serialized by
@@ -40,7 +41,6 @@ from __future__ import annotations
 
 import os
 import queue
-import socket
 import sys
 import threading
 import time
@@ -48,6 +48,7 @@ import weakref
 from typing import TYPE_CHECKING, Any, Callable, Dict, Iterable, Iterator, Optional, Set, Tuple, Union
 
 from . import address as _address
+from . import transport as _transport
 from .errors import (
     ClientClosed,
     ConnectFailed,
@@ -55,7 +56,6 @@ from .errors import (
     LockbrokerError,
     NoAnswer,
     NotHeld,
-    Untrusted,
     broker_error,
 )
 from .protocol import (
@@ -204,8 +204,9 @@ _CLIENTS: "weakref.WeakSet[Client]" = weakref.WeakSet()
 class Client:
     """One session with the lockbroker daemon, safe to share between threads.
 
-    ``path``: the socket (else ``$LOCKBROKER_SOCKET``, else the default of
-    ``scope``, ``"local"`` or ``"global"``). ``client_name`` is shown by
+    ``path``: the socket, or on Windows the pipe (else
+    ``$LOCKBROKER_SOCKET``, else the default of ``scope``, ``"local"`` or
+    ``"global"``; ``"self"`` has none). ``client_name`` is shown by
     Inspect (default: the program's name). ``connect_timeout`` bounds the
     connect and handshake; ``request_timeout`` bounds the wait for the
     answer to a request other than an acquire (None: no bound).
@@ -217,7 +218,12 @@ class Client:
     be this user; the global scope's root or the owner of
     ``/run/lockbroker``; one at an explicit path or ``$LOCKBROKER_SOCKET``
     this user or root. ``allow_uids`` opts in to daemons run by other users
-    (e.g. a service account); it relaxes no directory check. A client belongs to the process that created it: in a forked
+    (e.g. a service account); it relaxes no directory check. On Windows the
+    pipe server's process token is checked instead: the local scope's pipe
+    must be served by this user, the global one by SYSTEM or an elevated
+    process, an explicit or ``$LOCKBROKER_SOCKET`` pipe by any of them;
+    ``allow_sids`` (SIDs, ``"S-1-5-..."``) opts in to others there.
+    A client belongs to the process that created it: in a forked
     child every call raises :class:`ConnectionLost` (use
     :func:`default_client`, or create a new ``Client`` in the child).
     Usable as a context manager (closes on exit).
@@ -232,6 +238,7 @@ class Client:
         connect_timeout: float = 5.0,
         request_timeout: Optional[float] = 30.0,
         allow_uids: Iterable[int] = (),
+        allow_sids: Iterable[str] = (),
     ) -> None:
         self.address = _address.resolve(path, scope)
         self.request_timeout = request_timeout
@@ -250,13 +257,7 @@ class Client:
         self._shutting_down = False
         self._pid = os.getpid()
         name = _default_client_name() if client_name is None else client_name
-        try:
-            expected = _address.expected_server(self.address, allowed=allow_uids)
-        except Untrusted:
-            raise
-        except OSError as e:
-            raise ConnectFailed("cannot inspect the directory of %s: %s" % (self.address.path, e), self.address.path) from e
-        self._sock, self.welcome, buffer = self._connect(name, connect_timeout, expected)
+        self._sock, self.welcome, buffer = self._connect(name, connect_timeout, allow_uids, allow_sids)
         self._max_send = self.welcome.limits.max_frame_len
         self._reader = threading.Thread(
             target=self._read_loop, args=(buffer,), name="lockbroker-reader", daemon=True
@@ -268,7 +269,7 @@ class Client:
 
     @property
     def path(self) -> str:
-        """The socket path this client connected to."""
+        """The socket path (pipe name on Windows) this client connected to."""
         return self.address.path
 
     @property
@@ -354,11 +355,8 @@ class Client:
         with self._lock:
             if self._ended is None:
                 self._ended = ClientClosed("the client was closed")
-        try:
-            # Shutdown (not just close) wakes the reader thread from recv.
-            self._sock.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
+        # Shutdown (not just close) wakes the reader thread from recv.
+        self._sock.shutdown()
         if self._reader is not threading.current_thread():
             self._reader.join(timeout=5.0)
 
@@ -553,26 +551,14 @@ class Client:
     # -------------------------------------------------------------- plumbing
 
     def _connect(
-        self, client_name: str, timeout: float, expected: Tuple[int, ...]
-    ) -> Tuple[socket.socket, Welcome, FrameBuffer]:
-        """Connect, check who serves the socket (PROTOCOL.md 1), and
+        self, client_name: str, timeout: float, allow_uids: Iterable[int], allow_sids: Iterable[str]
+    ) -> Tuple[_transport.Connection, Welcome, FrameBuffer]:
+        """Connect, check who serves the socket or pipe (PROTOCOL.md 1), and
         handshake (6.1); raises ConnectFailed."""
         path = self.address.path
-        if not hasattr(socket, "AF_UNIX"):
-            raise ConnectFailed("this client supports Unix sockets only", path)
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        # Checks who serves it before returning: nothing is sent before.
+        sock = _transport.connect(self.address, timeout, allow_uids, allow_sids)
         try:
-            sock.settimeout(timeout)
-            try:
-                sock.connect(path)
-            except OSError as e:
-                raise ConnectFailed(
-                    "cannot connect to the lockbroker daemon at %s (%s source): %s"
-                    % (path, self.address.source, e),
-                    path,
-                ) from e
-            # Before the Hello, which names this program.
-            _address.check_server(sock, path, expected)
             buffer = FrameBuffer(HANDSHAKE_MAX_FRAME_LEN)
             try:
                 sock.sendall(encode_frame(encode_client_message(Hello(client_name=client_name))))
@@ -839,10 +825,7 @@ class Client:
             call.fail(ended)
         for events in watches.values():
             events.put(_WatchEnd(ended))
-        try:
-            self._sock.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
+        self._sock.shutdown()
         if threading.current_thread() is self._reader:
             self._sock.close()
 

@@ -27,7 +27,7 @@ are for what ``threading`` cannot fail with.
 
 from __future__ import annotations
 
-from typing import Dict, Optional, Tuple, Type
+from typing import Dict, Optional, Tuple, Type, Union
 
 from .protocol import ErrorCode, ErrorInfo, error_code_name
 
@@ -74,17 +74,28 @@ class ConnectFailed(LockbrokerError, ConnectionError):
 
 
 class Untrusted(ConnectFailed):
-    """The socket's directory, or the daemon behind the socket, belongs to a
-    user this client does not trust (PROTOCOL.md section 1). Nothing was sent.
+    """The socket's directory, or the daemon behind the socket or pipe,
+    belongs to a user this client does not trust (PROTOCOL.md section 1).
+    Nothing was sent.
 
-    ``path`` is the directory or socket checked; ``problem`` one of
+    ``path`` is the directory, socket or pipe checked; ``problem`` one of
     ``"symbolic_link"``, ``"not_a_directory"``, ``"owner"``, ``"mode"``
     (the directory is open to other users) or ``"server"`` (the daemon runs
-    as another user); ``owner`` the user id owning the directory or
-    running the daemon; ``expected`` the user ids that were acceptable.
+    as another user); ``owner`` the user owning the directory or running
+    the daemon; ``expected`` the users that were acceptable. On Unix users
+    are user ids (``int``); for a Windows named pipe (always ``"server"``)
+    they are SIDs in string form (``"S-1-5-21-..."``): ``owner`` is the
+    user of the pipe server's process token.
     """
 
-    def __init__(self, message: str, path: str, problem: str, owner: int, expected: Tuple[int, ...]) -> None:
+    def __init__(
+        self,
+        message: str,
+        path: str,
+        problem: str,
+        owner: Union[int, str],
+        expected: Tuple[Union[int, str], ...],
+    ) -> None:
         super().__init__(message, path)
         self.problem = problem
         self.owner = owner
