@@ -53,13 +53,31 @@ pub fn spawn(
     })
 }
 
+/// What a command runs as, signalled as a whole: its process group (Unix)
+/// or its Job Object (Windows).
+pub trait Tree {
+    /// Passes `sig` on to every process of the tree.
+    fn signal(&self, sig: Signal);
+}
+
+/// A process group (Unix), named by its leader's pid.
+#[cfg(unix)]
+pub struct Group(pub u32);
+
+#[cfg(unix)]
+impl Tree for Group {
+    fn signal(&self, sig: Signal) {
+        signal_group(self.0, sig);
+    }
+}
+
 /// Waits for the command (`exited` completes with its status) while holding
-/// `guard`: SIGINT and SIGTERM are passed on to its process group `pgid`;
-/// losing the lock terminates the group (SIGTERM, then SIGKILL after
-/// `grace`).
+/// `guard`: SIGINT and SIGTERM (Ctrl-C and Ctrl-Break on Windows) are
+/// passed on to its `tree`; losing the lock terminates the tree (SIGTERM,
+/// or a Ctrl-Break, then after `grace` SIGKILL, or the job terminated).
 pub async fn supervise(
     exited: impl std::future::Future<Output = std::io::Result<ExitStatus>>,
-    pgid: Option<u32>,
+    tree: &impl Tree,
     guard: &LockGuard,
     grace: Duration,
 ) -> std::io::Result<Outcome> {
@@ -76,8 +94,8 @@ pub async fn supervise(
                 return Ok(if lost { Outcome::LockLost } else { Outcome::Exited(status) });
             }
             sig = signals.as_mut().recv() => {
-                if let (Some(sig), Some(pgid)) = (sig, pgid) {
-                    signal_group(pgid, sig);
+                if let Some(sig) = sig {
+                    tree.signal(sig);
                 }
             }
             () = guard.lost(), if !lost => {
@@ -86,15 +104,11 @@ pub async fn supervise(
                     "lockbroker: lost the lock {:?} (the daemon went away); terminating the command",
                     guard.name()
                 );
-                if let Some(pgid) = pgid {
-                    signal_group(pgid, Signal::Term);
-                }
+                tree.signal(Signal::Term);
                 kill_at.as_mut().reset(tokio::time::Instant::now() + grace);
             }
             () = &mut kill_at, if lost => {
-                if let Some(pgid) = pgid {
-                    signal_group(pgid, Signal::Kill);
-                }
+                tree.signal(Signal::Kill);
                 kill_at.as_mut().reset(tokio::time::Instant::now() + Duration::from_secs(86400));
             }
         }
@@ -134,15 +148,15 @@ pub fn exit_code(status: ExitStatus) -> u8 {
     exit::ERROR
 }
 
-/// Signals lockbroker handles.
+/// Signals lockbroker handles (on Windows: Ctrl-C, Ctrl-Break, and
+/// terminating the job).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-#[cfg_attr(not(unix), allow(dead_code))]
 pub enum Signal {
-    /// SIGINT.
+    /// SIGINT; Ctrl-C.
     Int,
-    /// SIGTERM.
+    /// SIGTERM; Ctrl-Break.
     Term,
-    /// SIGKILL (only sent, never received).
+    /// SIGKILL; `TerminateJobObject` (only sent, never received).
     Kill,
 }
 
@@ -168,18 +182,19 @@ fn signal_pid(pid: u32, sig: Signal) {
 }
 
 #[cfg(not(unix))]
-fn signal_group(_pgid: u32, _sig: Signal) {}
-
-#[cfg(not(unix))]
 fn signal_pid(_pid: u32, _sig: Signal) {}
 
-/// SIGINT and SIGTERM as a stream; installing it stops them from killing
-/// lockbroker itself.
+/// SIGINT and SIGTERM (Ctrl-C and Ctrl-Break on Windows) as a stream;
+/// installing it stops them from killing lockbroker itself.
 struct Signals {
     #[cfg(unix)]
     int: tokio::signal::unix::Signal,
     #[cfg(unix)]
     term: tokio::signal::unix::Signal,
+    #[cfg(windows)]
+    int: tokio::signal::windows::CtrlC,
+    #[cfg(windows)]
+    term: tokio::signal::windows::CtrlBreak,
 }
 
 impl Signals {
@@ -192,23 +207,18 @@ impl Signals {
                 term: signal(SignalKind::terminate())?,
             })
         }
-        #[cfg(not(unix))]
-        Ok(Signals {})
+        #[cfg(windows)]
+        Ok(Signals {
+            int: tokio::signal::windows::ctrl_c()?,
+            term: tokio::signal::windows::ctrl_break()?,
+        })
     }
 
     async fn recv(self: std::pin::Pin<&mut Self>) -> Option<Signal> {
-        #[cfg(unix)]
-        {
-            let this = self.get_mut();
-            tokio::select! {
-                s = this.int.recv() => s.map(|()| Signal::Int),
-                s = this.term.recv() => s.map(|()| Signal::Term),
-            }
-        }
-        #[cfg(not(unix))]
-        {
-            let _ = self;
-            std::future::pending().await
+        let this = self.get_mut();
+        tokio::select! {
+            s = this.int.recv() => s.map(|()| Signal::Int),
+            s = this.term.recv() => s.map(|()| Signal::Term),
         }
     }
 }
@@ -365,5 +375,293 @@ pub mod holding {
     pub fn shut_down(fd: RawFd) {
         // SAFETY: shutdown on our own connection's descriptor.
         unsafe { libc::shutdown(fd, libc::SHUT_RDWR) };
+    }
+}
+
+/// A command that runs holding a lock, on Windows: the counterpart of the
+/// Unix module of the same name. The command holds a copy of the lock's
+/// pipe handle, so the daemon sees the session end only when lockbroker *and*
+/// every process that inherited the handle have closed it — a
+/// `taskkill /F` of lockbroker leaves the lock with the command's tree.
+/// The command starts suspended in a Job Object of its own (with its own
+/// console process group) and is resumed once inside, so that none of its
+/// descendants escapes the job unless it breaks away on purpose: the job is
+/// how the whole tree is found (what it left running) and terminated (the
+/// lock lost).
+#[cfg(windows)]
+pub mod holding {
+    use std::ffi::OsString;
+    use std::os::windows::io::RawHandle;
+    use std::process::ExitStatus;
+
+    use windows_sys::Win32::Foundation::{
+        CloseHandle, DUPLICATE_SAME_ACCESS, DuplicateHandle, HANDLE, INVALID_HANDLE_VALUE,
+    };
+    use windows_sys::Win32::System::Console::{CTRL_BREAK_EVENT, GenerateConsoleCtrlEvent};
+    use windows_sys::Win32::System::Diagnostics::ToolHelp::{
+        CreateToolhelp32Snapshot, TH32CS_SNAPTHREAD, THREADENTRY32, Thread32First, Thread32Next,
+    };
+    use windows_sys::Win32::System::JobObjects::{
+        AssignProcessToJobObject, CreateJobObjectW, JOB_OBJECT_LIMIT_BREAKAWAY_OK,
+        JOB_OBJECT_LIMIT_KILL_ON_JOB_CLOSE, JOBOBJECT_BASIC_ACCOUNTING_INFORMATION,
+        JOBOBJECT_EXTENDED_LIMIT_INFORMATION, JobObjectBasicAccountingInformation,
+        JobObjectExtendedLimitInformation, QueryInformationJobObject, SetInformationJobObject,
+        TerminateJobObject,
+    };
+    use windows_sys::Win32::System::Threading::{
+        CREATE_NEW_PROCESS_GROUP, CREATE_SUSPENDED, GetCurrentProcess, OpenThread, ResumeThread,
+        THREAD_SUSPEND_RESUME, TerminateProcess,
+    };
+
+    use super::{Signal, Tree};
+
+    /// The status a command terminated with its job exits with: as a
+    /// `taskkill /F` leaves it.
+    const TERMINATED: u32 = 1;
+
+    /// A started command, its job, and what watches it.
+    pub struct Holding {
+        child: tokio::process::Child,
+        job: Job,
+        /// The command's pid, which also names its console process group.
+        pid: u32,
+    }
+
+    /// A Job Object handle, closed on drop. Once the command runs, closing
+    /// it does not end the processes in the job: the lock stays with them.
+    struct Job(HANDLE);
+
+    // SAFETY: a kernel handle, usable from any thread.
+    unsafe impl Send for Job {}
+    // SAFETY: as above; the calls made on it are thread-safe.
+    unsafe impl Sync for Job {}
+
+    impl Drop for Job {
+        fn drop(&mut self) {
+            // SAFETY: the handle this value owns.
+            unsafe { CloseHandle(self.0) };
+        }
+    }
+
+    fn last_error(what: &str) -> (u8, String) {
+        (
+            crate::exit::ERROR,
+            format!("{what}: {}", std::io::Error::last_os_error()),
+        )
+    }
+
+    /// Sets the job's limits: processes may break away on purpose (a
+    /// daemon the command autostarts must not die with it), and, while
+    /// `kill_on_close`, the job's processes end with its last handle.
+    fn set_limits(job: &Job, kill_on_close: bool) -> Result<(), (u8, String)> {
+        let kill = if kill_on_close {
+            JOB_OBJECT_LIMIT_KILL_ON_JOB_CLOSE
+        } else {
+            0
+        };
+        // SAFETY: a zeroed limit structure is valid; it is passed by size.
+        unsafe {
+            let mut limits: JOBOBJECT_EXTENDED_LIMIT_INFORMATION = std::mem::zeroed();
+            limits.BasicLimitInformation.LimitFlags = JOB_OBJECT_LIMIT_BREAKAWAY_OK | kill;
+            if SetInformationJobObject(
+                job.0,
+                JobObjectExtendedLimitInformation,
+                (&raw const limits).cast(),
+                std::mem::size_of_val(&limits) as u32,
+            ) == 0
+            {
+                return Err(last_error("cannot configure the command's job"));
+            }
+        }
+        Ok(())
+    }
+
+    /// A new job, killing its processes if lockbroker dies before the
+    /// command holds the lock's handle and runs (see [`spawn`]).
+    fn new_job() -> Result<Job, (u8, String)> {
+        // SAFETY: a plain call; no name, default security.
+        let job = unsafe { CreateJobObjectW(std::ptr::null(), std::ptr::null()) };
+        if job.is_null() {
+            return Err(last_error("cannot create a job for the command"));
+        }
+        let job = Job(job);
+        set_limits(&job, true)?;
+        Ok(job)
+    }
+
+    /// Gives the suspended process `process` a copy of `handle` (the lock's
+    /// pipe): from then on the session lasts as long as the command's tree
+    /// holds it.
+    fn hand_over(handle: RawHandle, process: HANDLE) -> Result<(), (u8, String)> {
+        let mut copy: HANDLE = std::ptr::null_mut();
+        // SAFETY: both process handles are valid; the copy is the child's
+        // (never closed here: it is the child's to keep).
+        let ok = unsafe {
+            DuplicateHandle(
+                GetCurrentProcess(),
+                handle as HANDLE,
+                process,
+                &mut copy,
+                0,
+                0,
+                DUPLICATE_SAME_ACCESS,
+            )
+        };
+        if ok == 0 {
+            return Err(last_error("cannot hand the lock to the command"));
+        }
+        Ok(())
+    }
+
+    /// Resumes every thread of the suspended process `pid` (its first).
+    fn resume(pid: u32) -> Result<(), (u8, String)> {
+        // SAFETY: a snapshot handle closed below; entries sized as the API
+        // requires.
+        unsafe {
+            let snapshot = CreateToolhelp32Snapshot(TH32CS_SNAPTHREAD, 0);
+            if snapshot == INVALID_HANDLE_VALUE {
+                return Err(last_error("cannot list the command's threads"));
+            }
+            let mut entry: THREADENTRY32 = std::mem::zeroed();
+            entry.dwSize = std::mem::size_of::<THREADENTRY32>() as u32;
+            let mut resumed = 0;
+            let mut more = Thread32First(snapshot, &mut entry) != 0;
+            while more {
+                if entry.th32OwnerProcessID == pid {
+                    let thread = OpenThread(THREAD_SUSPEND_RESUME, 0, entry.th32ThreadID);
+                    if !thread.is_null() {
+                        if ResumeThread(thread) != u32::MAX {
+                            resumed += 1;
+                        }
+                        CloseHandle(thread);
+                    }
+                }
+                more = Thread32Next(snapshot, &mut entry) != 0;
+            }
+            CloseHandle(snapshot);
+            if resumed == 0 {
+                return Err(last_error("cannot resume the command"));
+            }
+        }
+        Ok(())
+    }
+
+    /// Spawns `command` suspended, in a job and a console process group of
+    /// its own; gives it the lock's pipe `handle`; then resumes it.
+    ///
+    /// If lockbroker dies on the way, the lock is never left with a
+    /// command that cannot run: once the command is in its job, the job
+    /// kills it with lockbroker's death (kill-on-close) until it holds the
+    /// handle and runs; then kill-on-close is cleared, and the lock stays
+    /// with the command's tree. The handle is copied into the command
+    /// rather than inherited for the same reason: a command created but
+    /// not yet in its job holds nothing. (That moment, between creation
+    /// and the job, is the one left: a death exactly there leaves the
+    /// command suspended, without the lock.)
+    pub fn spawn(
+        command: &[OsString],
+        env: &[(&str, String)],
+        remove: &[&str],
+        handle: RawHandle,
+    ) -> Result<Holding, (u8, String)> {
+        let job = new_job()?;
+        let (program, args) = command.split_first().expect("clap requires a command");
+        let mut cmd = tokio::process::Command::new(program);
+        cmd.args(args)
+            .creation_flags(CREATE_SUSPENDED | CREATE_NEW_PROCESS_GROUP);
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        for k in remove {
+            cmd.env_remove(k);
+        }
+        let child = cmd.spawn().map_err(|e| {
+            let code = match e.kind() {
+                std::io::ErrorKind::NotFound => 127,
+                _ => 126,
+            };
+            (
+                code,
+                format!("cannot run {}: {e}", program.to_string_lossy()),
+            )
+        })?;
+        let pid = child.id().expect("a child not yet waited for");
+        let process = child.raw_handle().expect("a child not yet waited for") as HANDLE;
+        // SAFETY: both handles are alive; the process has not run yet.
+        if unsafe { AssignProcessToJobObject(job.0, process) } == 0 {
+            let failure = last_error("cannot put the command in its job");
+            // SAFETY: ending the suspended process we made.
+            unsafe { TerminateProcess(process, TERMINATED) };
+            return Err(failure);
+        }
+        let started = hand_over(handle, process)
+            .and_then(|()| resume(pid))
+            .and_then(|()| set_limits(&job, false));
+        if let Err(failure) = started {
+            // SAFETY: our job, holding the command.
+            unsafe { TerminateJobObject(job.0, TERMINATED) };
+            return Err(failure);
+        }
+        Ok(Holding { child, job, pid })
+    }
+
+    impl Holding {
+        /// Whether a process the command started still runs in its job (a
+        /// daemon the command autostarted broke away and is not counted).
+        pub fn descendants_remain(&self) -> Option<bool> {
+            // SAFETY: a query into a local structure, by size.
+            unsafe {
+                let mut info: JOBOBJECT_BASIC_ACCOUNTING_INFORMATION = std::mem::zeroed();
+                let ok = QueryInformationJobObject(
+                    self.job.0,
+                    JobObjectBasicAccountingInformation,
+                    (&raw mut info).cast(),
+                    std::mem::size_of_val(&info) as u32,
+                    std::ptr::null_mut(),
+                );
+                (ok != 0).then_some(info.ActiveProcesses > 0)
+            }
+        }
+
+        /// The command's exit, and its tree for
+        /// [`supervise`](super::supervise), to be awaited together.
+        pub fn split(
+            &mut self,
+        ) -> (
+            impl std::future::Future<Output = std::io::Result<ExitStatus>> + '_,
+            JobTree<'_>,
+        ) {
+            let tree = JobTree {
+                job: &self.job,
+                group: self.pid,
+            };
+            (self.child.wait(), tree)
+        }
+    }
+
+    /// A command's job as a [`Tree`]: Ctrl-C and Ctrl-Break go to its
+    /// console process group as a Ctrl-Break (a new group has Ctrl-C
+    /// disabled); a kill terminates every process of the job.
+    pub struct JobTree<'a> {
+        job: &'a Job,
+        group: u32,
+    }
+
+    impl Tree for JobTree<'_> {
+        fn signal(&self, sig: Signal) {
+            // SAFETY: plain calls on our child's group and our job.
+            unsafe {
+                match sig {
+                    Signal::Int | Signal::Term => {
+                        // Without a console there is nobody to tell; the
+                        // job is terminated after the grace.
+                        GenerateConsoleCtrlEvent(CTRL_BREAK_EVENT, self.group);
+                    }
+                    Signal::Kill => {
+                        TerminateJobObject(self.job.0, TERMINATED);
+                    }
+                }
+            }
+        }
     }
 }

@@ -21,12 +21,15 @@ pub fn autostarted() -> Option<u32> {
     }
 }
 
-/// Starts the local daemon detached — its own session, output appended to
-/// `broker.log` beside the socket — and connects once it is ready. Several
+/// Starts the local daemon detached — its own session (on Windows: no
+/// console, its own process group, out of any job), output appended to
+/// `broker.log` beside the socket (on Windows in `%LOCALAPPDATA%\lockbroker`)
+/// — and connects once it is ready. Several
 /// tools may race here; the daemons settle who serves the socket, and every
 /// tool connects to the winner.
 pub async fn autostart(connector: &Connector, socket: &Path) -> Result<Client, String> {
-    let dir = socket.parent().unwrap_or(Path::new("/"));
+    let dir = log_dir(socket)?;
+    let dir = dir.as_path();
     let log_path = dir.join("broker.log");
     // Only what this start appends to the log is this start's error.
     let log_start = std::fs::metadata(&log_path).map(|m| m.len()).unwrap_or(0);
@@ -116,11 +119,76 @@ fn spawn_detached(dir: &Path, log_path: &Path) -> std::io::Result<Child> {
     cmd.spawn()
 }
 
-#[cfg(not(unix))]
-fn spawn_detached(_dir: &Path, _log_path: &Path) -> std::io::Result<Child> {
-    Err(std::io::Error::other(
-        "autostart is not supported on this platform",
-    ))
+/// Where the autostarted daemon's log goes: beside the socket.
+#[cfg(unix)]
+fn log_dir(socket: &Path) -> Result<PathBuf, String> {
+    Ok(socket.parent().unwrap_or(Path::new("/")).to_owned())
+}
+
+/// Where the autostarted daemon's log goes: a pipe has no directory, so
+/// the user's own `%LOCALAPPDATA%\lockbroker`.
+#[cfg(windows)]
+fn log_dir(_socket: &Path) -> Result<PathBuf, String> {
+    let base = std::env::var_os("LOCALAPPDATA")
+        .filter(|v| !v.is_empty())
+        .ok_or("cannot autostart lockbrokerd: LOCALAPPDATA is not set (start it by hand)")?;
+    Ok(PathBuf::from(base).join("lockbroker"))
+}
+
+#[cfg(windows)]
+fn spawn_detached(dir: &Path, log_path: &Path) -> std::io::Result<Child> {
+    use std::os::windows::process::CommandExt;
+    use windows_sys::Win32::Foundation::{
+        HANDLE_FLAG_INHERIT, INVALID_HANDLE_VALUE, SetHandleInformation,
+    };
+    use windows_sys::Win32::System::Console::{
+        GetStdHandle, STD_ERROR_HANDLE, STD_INPUT_HANDLE, STD_OUTPUT_HANDLE,
+    };
+    // No console (its own, hidden, so console events of ours never reach
+    // it), a process group of its own, and out of the job of a command
+    // running under `lockbroker lock`, so that it outlives all of them.
+    const DETACHED_PROCESS: u32 = 0x0000_0008;
+    const CREATE_NEW_PROCESS_GROUP: u32 = 0x0000_0200;
+    const CREATE_BREAKAWAY_FROM_JOB: u32 = 0x0100_0000;
+    std::fs::create_dir_all(dir)?;
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log_path)
+        .map_err(|e| {
+            std::io::Error::new(e.kind(), format!("opening {}: {e}", log_path.display()))
+        })?;
+    let spawn = |flags: u32| {
+        Command::new(binary())
+            .args(["--scope", "local"])
+            .env_remove("LOCKBROKER_SOCKET")
+            .current_dir(dir)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log.try_clone()?)
+            .creation_flags(flags)
+            .spawn()
+    };
+    // Windows hands a child every inheritable handle, not only its stdio:
+    // our own stdout and stderr (a pipe, when a script captures
+    // lockbroker's output) would stay open in the daemon for its whole
+    // life, and whoever reads them would never see their end. They need
+    // not be inheritable: a child given them as stdio gets a copy.
+    for std_handle in [STD_INPUT_HANDLE, STD_OUTPUT_HANDLE, STD_ERROR_HANDLE] {
+        // SAFETY: flags of this process's own standard handles.
+        unsafe {
+            let handle = GetStdHandle(std_handle);
+            if !handle.is_null() && handle != INVALID_HANDLE_VALUE {
+                SetHandleInformation(handle, HANDLE_FLAG_INHERIT, 0);
+            }
+        }
+    }
+    let flags = DETACHED_PROCESS | CREATE_NEW_PROCESS_GROUP;
+    match spawn(flags | CREATE_BREAKAWAY_FROM_JOB) {
+        // A job that forbids breaking away: the daemon stays in it.
+        Err(e) if e.raw_os_error() == Some(5) => spawn(flags),
+        other => other,
+    }
 }
 
 /// A private daemon on a socket in its own temporary directory (a private

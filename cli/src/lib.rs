@@ -247,8 +247,8 @@ async fn run_holding(
                 return Err(failure);
             }
         };
-        let pgid = Some(running.pid());
-        let outcome = child::supervise(running.wait(), pgid, &guard, wait.kill_grace)
+        let group = child::Group(running.pid());
+        let outcome = child::supervise(running.wait(), &group, &guard, wait.kill_grace)
             .await
             .map_err(|e| (exit::ERROR, format!("waiting for the command: {e}")))?;
         let status = match outcome {
@@ -275,29 +275,42 @@ async fn run_holding(
         }
         Ok(child::exit_code(status))
     }
-    #[cfg(not(unix))]
+    #[cfg(windows)]
     {
-        let _ = client;
-        let mut child = match child::spawn(command, &env, &remove, true) {
-            Ok(child) => child,
+        use child::holding;
+        let handle = client.connection_handle();
+        let mut running = match holding::spawn(command, &env, &remove, handle) {
+            Ok(running) => running,
             Err(failure) => {
                 let _ = guard.release().await;
                 return Err(failure);
             }
         };
-        let pgid = child.id();
-        let outcome = child::supervise(child.wait(), pgid, &guard, wait.kill_grace)
-            .await
-            .map_err(|e| (exit::ERROR, format!("waiting for the command: {e}")))?;
-        match outcome {
-            Outcome::LockLost => Ok(exit::LOCK_LOST),
-            Outcome::Exited(status) => {
-                if let Err(e) = guard.release().await {
-                    eprintln!("lockbroker: releasing the lock: {e}");
-                }
-                Ok(child::exit_code(status))
+        let outcome = {
+            // The tree borrows the job while `wait` borrows the child.
+            let (wait_on, tree) = running.split();
+            child::supervise(wait_on, &tree, &guard, wait.kill_grace)
+                .await
+                .map_err(|e| (exit::ERROR, format!("waiting for the command: {e}")))?
+        };
+        let status = match outcome {
+            Outcome::LockLost => return Ok(exit::LOCK_LOST),
+            Outcome::Exited(status) => status,
+        };
+        let left_running = !wait.close && running.descendants_remain() == Some(true);
+        if left_running {
+            if let Err(e) = client.release_on_close().await {
+                eprintln!("lockbroker: {e}");
             }
+            guard.keep_until_session_ends();
+            std::process::exit(i32::from(child::exit_code(status)));
         }
+        // With `--close`, what the command left running keeps the pipe
+        // open but holds nothing: the lock is released here.
+        if let Err(e) = guard.release().await {
+            eprintln!("lockbroker: releasing the lock: {e}");
+        }
+        Ok(child::exit_code(status))
     }
 }
 

@@ -49,6 +49,10 @@ struct Inner {
     /// The connection's descriptor, for [`Client::connection_fd`].
     #[cfg(unix)]
     fd: std::os::fd::RawFd,
+    /// The pipe's handle, for [`Client::connection_handle`] (an address,
+    /// kept as a number so that the client stays `Send`).
+    #[cfg(windows)]
+    handle: usize,
 }
 
 #[derive(Debug)]
@@ -86,6 +90,11 @@ impl Client {
     ) -> Client {
         #[cfg(unix)]
         let fd = std::os::fd::AsRawFd::as_raw_fd(writer.as_ref());
+        #[cfg(windows)]
+        let handle = {
+            use std::os::windows::io::{AsHandle, AsRawHandle};
+            writer.as_handle().as_raw_handle() as usize
+        };
         let (commands, rx) = mpsc::unbounded_channel();
         let (lost_tx, lost) = watch::channel(false);
         let task = Task {
@@ -108,6 +117,8 @@ impl Client {
                 lost,
                 #[cfg(unix)]
                 fd,
+                #[cfg(windows)]
+                handle,
             }),
         }
     }
@@ -122,6 +133,17 @@ impl Client {
     #[cfg(unix)]
     pub fn connection_fd(&self) -> std::os::fd::RawFd {
         self.inner.fd
+    }
+
+    /// The pipe's handle (Windows), the counterpart of
+    /// [`connection_fd`](Client::connection_fd): not inheritable; a
+    /// program that wants child processes to keep this session alive after
+    /// it dies makes it inheritable for their spawn, as `lockbroker lock`
+    /// does. The session ends when every process holding the handle has
+    /// closed it. Valid while the client lives; never read or write it.
+    #[cfg(windows)]
+    pub fn connection_handle(&self) -> std::os::windows::io::RawHandle {
+        self.inner.handle as std::os::windows::io::RawHandle
     }
 
     /// Asks the daemon to end this session's holds as released, not

@@ -41,6 +41,12 @@ impl PipeWriter {
     }
 }
 
+impl std::os::windows::io::AsHandle for PipeWriter {
+    fn as_handle(&self) -> std::os::windows::io::BorrowedHandle<'_> {
+        self.0.as_handle()
+    }
+}
+
 impl AsyncWrite for PipeWriter {
     fn poll_write(
         self: Pin<&mut Self>,

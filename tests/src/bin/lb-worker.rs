@@ -11,6 +11,19 @@
 //!   explicit socket), also trusting the daemon users UID, and ping; prints
 //!   `ok`, or `untrusted PROBLEM OWNER PATH` (exit 3) when the client
 //!   refuses the daemon.
+//!
+//! And commands for `lockbroker lock` to run, the same on every platform
+//! (the CLI tests use them where a shell script would not run on Windows):
+//!
+//! - `lb-worker pidfile FILE`: write this process's pid to FILE (complete
+//!   once it exists), then wait until killed.
+//! - `lb-worker tree FILE`: start `lb-worker pidfile FILE.child`, wait
+//!   until its pid is written, then do as `pidfile FILE`.
+//! - `lb-worker critical FILE`: the critical section of the exclusion
+//!   storm: create FILE, which must not exist (else exit 2: two holders
+//!   at once), keep it a moment, remove it.
+//! - `lb-worker env NAME...`: print `NAME=value` (or `NAME unset`) for
+//!   each variable.
 
 use std::io::Write;
 use std::process::ExitCode;
@@ -25,7 +38,21 @@ fn main() -> ExitCode {
         ["incr", socket, key, n] => incr(socket, key, n),
         ["cas", socket, key, n] => cas(socket, key, n),
         ["ping", ref allowed @ ..] => return ping(allowed),
-        _ => Err("usage: lb-worker increment|hold|incr|cas|ping ...".into()),
+        ["pidfile", file] => pidfile(file),
+        ["tree", file] => tree(file),
+        ["critical", file] => return critical(file),
+        ["env", ref names @ ..] => {
+            for name in names {
+                match std::env::var(name) {
+                    Ok(v) => println!("{name}={v}"),
+                    Err(_) => println!("{name} unset"),
+                }
+            }
+            Ok(())
+        }
+        _ => Err(
+            "usage: lb-worker increment|hold|incr|cas|ping|pidfile|tree|critical|env ...".into(),
+        ),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -122,6 +149,62 @@ fn ping(allowed: &[&str]) -> ExitCode {
         }
         Err(e) => {
             eprintln!("lb-worker: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Writes this process's pid to `file` atomically (a reader never sees a
+/// partial one), then waits until killed.
+fn pidfile(file: &str) -> Result<()> {
+    let partial = format!("{file}.partial");
+    std::fs::write(&partial, std::process::id().to_string())?;
+    std::fs::rename(&partial, file)?;
+    loop {
+        std::thread::park();
+    }
+}
+
+/// A child `pidfile FILE.child`, then `pidfile FILE`: a tree of two.
+fn tree(file: &str) -> Result<()> {
+    let child_file = format!("{file}.child");
+    let mut child = std::process::Command::new(std::env::current_exe()?)
+        .args(["pidfile", &child_file])
+        .spawn()?;
+    // Polls a file the child writes once: there is no event to wait on
+    // across processes that the test can also see.
+    while !std::path::Path::new(&child_file).exists() {
+        if let Some(status) = child.try_wait()? {
+            return Err(format!("the child exited first: {status}").into());
+        }
+        std::thread::sleep(std::time::Duration::from_millis(2));
+    }
+    pidfile(file)
+}
+
+/// Inside the lock: FILE must not exist; exit 2 if it does.
+fn critical(file: &str) -> ExitCode {
+    match std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(file)
+    {
+        Ok(_) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+            eprintln!("lb-worker: {file} exists: two holders at once");
+            return ExitCode::from(2);
+        }
+        Err(e) => {
+            eprintln!("lb-worker: creating {file}: {e}");
+            return ExitCode::FAILURE;
+        }
+    }
+    // The time spent holding: a window for a second holder to show.
+    std::thread::sleep(std::time::Duration::from_millis(25));
+    match std::fs::remove_file(file) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("lb-worker: removing {file}: {e}");
             ExitCode::FAILURE
         }
     }

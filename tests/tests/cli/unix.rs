@@ -1,20 +1,19 @@
-//! Black-box tests of the `lockbroker` command-line tool and the real
-//! `lockbrokerd` binary.
-
-#![cfg(unix)]
+//! The CLI on Unix: these use `sh -c` scripts as the commands, signals,
+//! `/proc`, socket files and directory modes. Their Windows counterparts,
+//! with `lb-worker` as the command, are in `windows.rs`; what has none yet
+//! is listed there.
 
 use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-/// The `lockbroker` tool under test.
 use lockbroker_tests::harness::DaemonProcess;
 use lockbroker_tests::unix::{
     NOBODY, alive, as_nobody, can_be_nobody, euid, local_dir, signal, wait_exit,
 };
 
-/// placeholder
+/// The `lockbroker` tool under test.
 const CLI: &str = env!("CARGO_BIN_EXE_lb-cli");
 
 /// The daemon it starts and talks to.

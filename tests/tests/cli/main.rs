@@ -1,0 +1,7 @@
+//! Black-box tests of the `lockbroker` command-line tool and the real
+//! `lockbrokerd` binary, on each platform with the commands it can run.
+
+#[cfg(unix)]
+mod unix;
+#[cfg(windows)]
+mod windows;
