@@ -84,8 +84,27 @@ fn session_json(s: &SessionInfo) -> Value {
         "pid": s.pid,
         "uid": s.uid,
         "gid": s.gid,
+        "user": account(s),
         "client": s.client_name,
     })
+}
+
+/// The account a Windows session runs as (`DOMAIN\user`), read from its
+/// process's token: the protocol carries only the number derived from the
+/// SID (`uid`), and the name is for people. Only when the process can be
+/// read and its user still has that number (a pid reused since would
+/// not); `None` on Unix, where `uid` says it.
+fn account(s: &SessionInfo) -> Option<String> {
+    #[cfg(windows)]
+    {
+        let identity = lockbroker::address::identity_of(s.pid?).ok()?;
+        (identity.uid == s.uid).then_some(identity.account)
+    }
+    #[cfg(not(windows))]
+    {
+        let _ = s;
+        None
+    }
 }
 
 fn merge(mut a: Value, b: Value) -> Value {
@@ -148,7 +167,10 @@ fn who(s: &SessionInfo) -> String {
     } else {
         &s.client_name
     };
-    format!("pid {:<7} uid {:<6} {client}", opt(s.pid), opt(s.uid))
+    match account(s) {
+        Some(user) => format!("pid {:<7} user {user} {client}", opt(s.pid)),
+        None => format!("pid {:<7} uid {:<6} {client}", opt(s.pid), opt(s.uid)),
+    }
 }
 
 /// The first line of the table form.

@@ -10,3 +10,5 @@ pub use lockbroker_proto::address::{
 };
 #[cfg(unix)]
 pub use lockbroker_proto::address::{check_dir, euid};
+#[cfg(windows)]
+pub use lockbroker_proto::pipe::{current_identity, identity_of};

@@ -365,3 +365,31 @@ fn twenty_first_uses_at_once_start_exactly_one_daemon() {
     assert_eq!(listening, 1, "{}", std::fs::read_to_string(&log).unwrap());
     assert!(kill(pid));
 }
+
+/// Counterpart of `status_json_lists_holder_pid_and_waiters_in_order`, for
+/// what differs on Windows: a session's user is the account its process
+/// runs as (the protocol's `uid` is the number of its SID).
+#[test]
+fn status_names_the_account_of_each_session() {
+    let d = Daemon::start();
+    let pidfile = d.path("holder.pid");
+    let mut holder = d
+        .lock(&["st"], &["pidfile", pidfile.to_str().unwrap()])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let command = read_pid(&pidfile);
+    let me = lockbroker::address::current_identity().unwrap();
+    let out = run(d.cli().args(["status", "--json", "st"]));
+    assert!(out.status.success(), "{out:?}");
+    let status: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let session = &status["locks"][0]["holders"][0];
+    assert_eq!(session["user"], me.account.as_str(), "{status}");
+    assert_eq!(session["uid"], me.uid.unwrap(), "{status}");
+    let out = run(d.cli().args(["status", "st"]));
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains(&format!("user {}", me.account)), "{text}");
+    assert!(kill(command));
+    wait_exit(&mut holder, Duration::from_secs(20));
+}
