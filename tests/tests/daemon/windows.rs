@@ -47,8 +47,8 @@ fn serve(pipe: &Path) -> Child {
 
 /// Counterpart of `sigterm_tells_sessions_releases_and_exits_0_within_a_second`.
 /// Not under a headless Wine, which can make no console to send the event
-/// through (README, "What Wine cannot prove"); the service's stop, which
-/// takes the same shutdown path, is tested there instead.
+/// through (README, "Tested under Wine"): the shutdown it starts is the
+/// one the Unix signals start, tested on Linux.
 #[test]
 fn ctrl_break_tells_sessions_releases_and_exits_0() {
     if !has_console() {

@@ -14,14 +14,15 @@ mod durability;
 mod exclusion;
 mod fifo;
 mod inspect;
-// Reads the daemon's resident memory from /proc. No Windows counterpart:
-// what bounds memory is the platform-independent lock table, and Wine does
-// not report another process's working set.
+// Reads the daemon's resident memory from /proc. No Windows counterpart
+// yet: what bounds memory is the platform-independent lock table.
 #[cfg(unix)]
 mod memory;
 mod rwlock;
 mod semaphore;
-// Directory modes and uids. Windows counterpart: `pipe_identity`.
+// Directory modes and uids. Windows counterparts: the SID trust rules
+// unit tests (`lockbroker_proto::address`) and the daemon tests' identity
+// test (`daemon/windows.rs`).
 #[cfg(unix)]
 mod server_identity;
 mod state;
