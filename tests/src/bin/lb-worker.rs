@@ -22,6 +22,9 @@
 //! - `lb-worker critical FILE`: the critical section of the exclusion
 //!   storm: create FILE, which must not exist (else exit 2: two holders
 //!   at once), keep it a moment, remove it.
+//! - `lb-worker inside DIR MAX`: the critical section of a semaphore:
+//!   add this process to DIR, count who is there (exit 2 if more than
+//!   MAX), stay a moment, leave.
 //! - `lb-worker env NAME...`: print `NAME=value` (or `NAME unset`) for
 //!   each variable.
 
@@ -41,6 +44,7 @@ fn main() -> ExitCode {
         ["pidfile", file] => pidfile(file),
         ["tree", file] => tree(file),
         ["critical", file] => return critical(file),
+        ["inside", dir, max] => return inside(dir, max),
         ["env", ref names @ ..] => {
             for name in names {
                 match std::env::var(name) {
@@ -51,7 +55,8 @@ fn main() -> ExitCode {
             Ok(())
         }
         _ => Err(
-            "usage: lb-worker increment|hold|incr|cas|ping|pidfile|tree|critical|env ...".into(),
+            "usage: lb-worker increment|hold|incr|cas|ping|pidfile|tree|critical|inside|env ..."
+                .into(),
         ),
     };
     match result {
@@ -205,6 +210,34 @@ fn critical(file: &str) -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("lb-worker: removing {file}: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Inside a semaphore of capacity `max`: at most `max` processes in `dir`.
+fn inside(dir: &str, max: &str) -> ExitCode {
+    let me = std::path::Path::new(dir).join(std::process::id().to_string());
+    let counted = (|| -> Result<usize> {
+        std::fs::write(&me, "")?;
+        let count = std::fs::read_dir(dir)?.count();
+        // The time spent holding: a window for one too many to show.
+        std::thread::sleep(std::time::Duration::from_millis(25));
+        std::fs::remove_file(&me)?;
+        Ok(count)
+    })();
+    match (counted, max.parse::<usize>()) {
+        (Ok(count), Ok(max)) if count <= max => ExitCode::SUCCESS,
+        (Ok(count), Ok(_)) => {
+            eprintln!("lb-worker: {count} inside {dir}");
+            ExitCode::from(2)
+        }
+        (Err(e), _) => {
+            eprintln!("lb-worker: {e}");
+            ExitCode::FAILURE
+        }
+        (_, Err(e)) => {
+            eprintln!("lb-worker: MAX: {e}");
             ExitCode::FAILURE
         }
     }

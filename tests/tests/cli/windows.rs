@@ -4,8 +4,7 @@
 //!
 //! Not yet ported (their Unix tests stand; the code they drive is the
 //! same on both platforms): paging of `status`, the state commands,
-//! `watch`, shared and semaphore holds, `--nonblock`/`--timeout` exit
-//! codes beyond the one below, and the directory-trust tests (Unix only:
+//! `watch`, the file counter of 8 processes, and the directory-trust tests (Unix only:
 //! the pipe's counterpart is the server check, tested in the integration
 //! and unit tests).
 
@@ -392,4 +391,89 @@ fn status_names_the_account_of_each_session() {
     assert!(text.contains(&format!("user {}", me.account)), "{text}");
     assert!(kill(command));
     wait_exit(&mut holder, Duration::from_secs(20));
+}
+
+/// `lockbroker ARGS -- lb-worker pidfile TAG.pid`, once its command runs
+/// (holding): the wrapper and the command's pid.
+fn hold(d: &Daemon, args: &[&str], tag: &str) -> (Child, u32) {
+    let pidfile = d.path(&format!("{tag}.pid"));
+    let mut cmd = d.cli();
+    cmd.args(args)
+        .args(["--", WORKER, "pidfile", pidfile.to_str().unwrap()])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    let wrapper = cmd.spawn().unwrap();
+    let command = read_pid(&pidfile);
+    (wrapper, command)
+}
+
+/// Ends a [`hold`]: its command is killed, so its wrapper exits.
+fn release((mut wrapper, command): (Child, u32)) {
+    assert!(kill(command));
+    wait_exit(&mut wrapper, Duration::from_secs(20));
+}
+
+/// Counterpart of `nonblock_and_timeout_give_the_conflict_exit_code`.
+#[test]
+fn nonblock_and_timeout_give_the_conflict_exit_code() {
+    let d = Daemon::start();
+    let holder = hold(&d, &["lock", "busy"], "h");
+    let out = run(&mut d.lock(&["--nonblock", "busy"], &["env", "X"]));
+    assert_eq!(out.status.code(), Some(CONFLICT), "{out:?}");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("busy"), "{err}");
+    let start = Instant::now();
+    let out = run(&mut d.lock(&["--timeout", "300ms", "busy"], &["env", "X"]));
+    assert_eq!(out.status.code(), Some(CONFLICT), "{out:?}");
+    assert!(
+        start.elapsed() >= Duration::from_millis(300),
+        "gave up early"
+    );
+    let out = run(&mut d.lock(&["-n", "--conflict-exit-code", "9", "busy"], &["env", "X"]));
+    assert_eq!(out.status.code(), Some(9), "{out:?}");
+    release(holder);
+    wait_until("the lock is free", || d.is_free("busy"));
+}
+
+/// Counterpart of `shared_holders_overlap_and_an_exclusive_one_does_not`.
+#[test]
+fn shared_holders_overlap_and_an_exclusive_one_does_not() {
+    let d = Daemon::start();
+    let r1 = hold(&d, &["lock", "--shared", "rw"], "r1");
+    let r2 = hold(&d, &["lock", "--shared", "rw"], "r2"); // both inside at once
+    assert!(!d.is_free("rw"), "exclusive while readers hold");
+    release(r1);
+    release(r2);
+    let w = hold(&d, &["lock", "rw"], "w");
+    let out = run(&mut d.lock(&["--shared", "--nonblock", "rw"], &["env", "X"]));
+    assert_eq!(
+        out.status.code(),
+        Some(CONFLICT),
+        "shared while a writer holds"
+    );
+    release(w);
+}
+
+/// Counterpart of `a_semaphore_of_two_never_has_three_inside`.
+#[test]
+fn a_semaphore_of_two_never_has_three_inside() {
+    let d = Daemon::start();
+    let inside = d.path("inside");
+    std::fs::create_dir(&inside).unwrap();
+    let children: Vec<Child> = (0..6)
+        .map(|_| {
+            d.cli()
+                .args(["sem", "pool", "--capacity", "2", "--", WORKER, "inside"])
+                .arg(&inside)
+                .arg("2")
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    for c in children {
+        let out = finish(c);
+        assert!(out.status.success(), "{out:?}");
+    }
 }
