@@ -156,7 +156,7 @@ pub enum Signal {
     Int,
     /// SIGTERM; Ctrl-Break.
     Term,
-    /// SIGKILL; `TerminateJobObject` (only sent, never received).
+    /// SIGKILL; terminating every process of the job (only sent, never received).
     Kill,
 }
 
@@ -405,12 +405,12 @@ pub mod holding {
         AssignProcessToJobObject, CreateJobObjectW, JOB_OBJECT_LIMIT_BREAKAWAY_OK,
         JOB_OBJECT_LIMIT_KILL_ON_JOB_CLOSE, JOBOBJECT_BASIC_ACCOUNTING_INFORMATION,
         JOBOBJECT_EXTENDED_LIMIT_INFORMATION, JobObjectBasicAccountingInformation,
-        JobObjectExtendedLimitInformation, QueryInformationJobObject, SetInformationJobObject,
-        TerminateJobObject,
+        JobObjectBasicProcessIdList, JobObjectExtendedLimitInformation, QueryInformationJobObject,
+        SetInformationJobObject,
     };
     use windows_sys::Win32::System::Threading::{
-        CREATE_NEW_PROCESS_GROUP, CREATE_SUSPENDED, GetCurrentProcess, OpenThread, ResumeThread,
-        THREAD_SUSPEND_RESUME, TerminateProcess,
+        CREATE_NEW_PROCESS_GROUP, CREATE_SUSPENDED, GetCurrentProcess, OpenProcess, OpenThread,
+        PROCESS_TERMINATE, ResumeThread, THREAD_SUSPEND_RESUME, TerminateProcess,
     };
 
     use super::{Signal, Tree};
@@ -476,8 +476,9 @@ pub mod holding {
         Ok(())
     }
 
-    /// A new job, killing its processes if lockbroker dies before the
-    /// command holds the lock's handle and runs (see [`spawn`]).
+    /// A new job, killing its processes (lockbroker's own included) if
+    /// lockbroker dies before the command holds the lock's handle and runs
+    /// (see [`spawn`]).
     fn new_job() -> Result<Job, (u8, String)> {
         // SAFETY: a plain call; no name, default security.
         let job = unsafe { CreateJobObjectW(std::ptr::null(), std::ptr::null()) };
@@ -550,14 +551,13 @@ pub mod holding {
     /// its own; gives it the lock's pipe `handle`; then resumes it.
     ///
     /// If lockbroker dies on the way, the lock is never left with a
-    /// command that cannot run: once the command is in its job, the job
-    /// kills it with lockbroker's death (kill-on-close) until it holds the
-    /// handle and runs; then kill-on-close is cleared, and the lock stays
-    /// with the command's tree. The handle is copied into the command
-    /// rather than inherited for the same reason: a command created but
-    /// not yet in its job holds nothing. (That moment, between creation
-    /// and the job, is the one left: a death exactly there leaves the
-    /// command suspended, without the lock.)
+    /// command that cannot run, nor a command left suspended: lockbroker
+    /// joins the job first, so the command is born in it, and the job
+    /// kills its processes with lockbroker's death (kill-on-close) until
+    /// the command holds the handle and runs; then kill-on-close is
+    /// cleared, and the lock stays with the command's tree. (Windows can
+    /// put a new process in a job only after it exists, or by an attribute
+    /// std does not offer; joining first closes that gap.)
     pub fn spawn(
         command: &[OsString],
         env: &[(&str, String)],
@@ -565,6 +565,13 @@ pub mod holding {
         handle: RawHandle,
     ) -> Result<Holding, (u8, String)> {
         let job = new_job()?;
+        // SAFETY: our own process into our job.
+        if unsafe { AssignProcessToJobObject(job.0, GetCurrentProcess()) } == 0 {
+            let failure = last_error("cannot make a job for the command");
+            // Not killed with the job's handle when it is dropped.
+            let _ = set_limits(&job, false);
+            return Err(failure);
+        }
         let (program, args) = command.split_first().expect("clap requires a command");
         let mut cmd = tokio::process::Command::new(program);
         cmd.args(args)
@@ -575,39 +582,84 @@ pub mod holding {
         for k in remove {
             cmd.env_remove(k);
         }
-        let child = cmd.spawn().map_err(|e| {
-            let code = match e.kind() {
-                std::io::ErrorKind::NotFound => 127,
-                _ => 126,
-            };
-            (
-                code,
-                format!("cannot run {}: {e}", program.to_string_lossy()),
-            )
-        })?;
+        let child = match cmd.spawn() {
+            Ok(child) => child,
+            Err(e) => {
+                let _ = set_limits(&job, false);
+                let code = match e.kind() {
+                    std::io::ErrorKind::NotFound => 127,
+                    _ => 126,
+                };
+                return Err((
+                    code,
+                    format!("cannot run {}: {e}", program.to_string_lossy()),
+                ));
+            }
+        };
         let pid = child.id().expect("a child not yet waited for");
         let process = child.raw_handle().expect("a child not yet waited for") as HANDLE;
-        // SAFETY: both handles are alive; the process has not run yet.
-        if unsafe { AssignProcessToJobObject(job.0, process) } == 0 {
-            let failure = last_error("cannot put the command in its job");
-            // SAFETY: ending the suspended process we made.
-            unsafe { TerminateProcess(process, TERMINATED) };
-            return Err(failure);
-        }
         let started = hand_over(handle, process)
             .and_then(|()| resume(pid))
             .and_then(|()| set_limits(&job, false));
         if let Err(failure) = started {
-            // SAFETY: our job, holding the command.
-            unsafe { TerminateJobObject(job.0, TERMINATED) };
+            terminate_others(&job);
+            let _ = set_limits(&job, false);
             return Err(failure);
         }
         Ok(Holding { child, job, pid })
     }
 
+    /// Terminates every process of `job` but lockbroker, until none is
+    /// left (what they start meanwhile is born in the job too).
+    fn terminate_others(job: &Job) {
+        let me = std::process::id();
+        for _ in 0..64 {
+            let pids = job_processes(job);
+            let others: Vec<usize> = pids.into_iter().filter(|&p| p != me as usize).collect();
+            if others.is_empty() {
+                return;
+            }
+            for pid in others {
+                // SAFETY: a handle opened and closed here.
+                unsafe {
+                    let process = OpenProcess(PROCESS_TERMINATE, 0, pid as u32);
+                    if !process.is_null() {
+                        TerminateProcess(process, TERMINATED);
+                        CloseHandle(process);
+                    }
+                }
+            }
+        }
+    }
+
+    /// The pids of `job`'s processes (at most 4096).
+    fn job_processes(job: &Job) -> Vec<usize> {
+        const MAX: usize = 4096;
+        // The list's header (two u32s) and then pids (usize each), in a
+        // buffer aligned for both.
+        let mut buf = vec![0usize; 1 + MAX];
+        // SAFETY: a query into `buf`, by its size.
+        let ok = unsafe {
+            QueryInformationJobObject(
+                job.0,
+                JobObjectBasicProcessIdList,
+                buf.as_mut_ptr().cast(),
+                (buf.len() * std::mem::size_of::<usize>()) as u32,
+                std::ptr::null_mut(),
+            )
+        };
+        if ok == 0 {
+            return Vec::new();
+        }
+        // SAFETY: the header's second u32 is the count written.
+        let listed = unsafe { *buf.as_ptr().cast::<u32>().add(1) } as usize;
+        buf[1..1 + listed.min(MAX)].to_vec()
+    }
+
     impl Holding {
         /// Whether a process the command started still runs in its job (a
-        /// daemon the command autostarted broke away and is not counted).
+        /// daemon the command autostarted broke away and is not counted;
+        /// lockbroker itself is in the job and is not counted either).
         pub fn descendants_remain(&self) -> Option<bool> {
             // SAFETY: a query into a local structure, by size.
             unsafe {
@@ -619,7 +671,7 @@ pub mod holding {
                     std::mem::size_of_val(&info) as u32,
                     std::ptr::null_mut(),
                 );
-                (ok != 0).then_some(info.ActiveProcesses > 0)
+                (ok != 0).then_some(info.ActiveProcesses > 1)
             }
         }
 
@@ -641,7 +693,7 @@ pub mod holding {
 
     /// A command's job as a [`Tree`]: Ctrl-C and Ctrl-Break go to its
     /// console process group as a Ctrl-Break (a new group has Ctrl-C
-    /// disabled); a kill terminates every process of the job.
+    /// disabled); a kill terminates every process of the job but lockbroker.
     pub struct JobTree<'a> {
         job: &'a Job,
         group: u32,
@@ -657,9 +709,7 @@ pub mod holding {
                         // job is terminated after the grace.
                         GenerateConsoleCtrlEvent(CTRL_BREAK_EVENT, self.group);
                     }
-                    Signal::Kill => {
-                        TerminateJobObject(self.job.0, TERMINATED);
-                    }
+                    Signal::Kill => terminate_others(self.job),
                 }
             }
         }
