@@ -118,6 +118,29 @@ pub struct Cli {
     /// told it lagged.
     #[arg(long, value_name = "N", default_value_t = StateConfig::default().history)]
     pub watch_history: usize,
+
+    /// Windows: install lockbrokerd as a service (started at boot, as
+    /// SYSTEM) that runs with the other flags given here, then exit.
+    #[cfg(windows)]
+    #[arg(long, conflicts_with_all = ["uninstall_service", "service"])]
+    pub install_service: bool,
+
+    /// Windows: stop and remove the service, then exit.
+    #[cfg(windows)]
+    #[arg(long, conflicts_with = "service")]
+    pub uninstall_service: bool,
+
+    /// Windows: run under the service control manager (how the installed
+    /// service starts; not for use by hand). Logs go to
+    /// `%ProgramData%\lockbroker\<service name>.log`.
+    #[cfg(windows)]
+    #[arg(long, hide = true)]
+    pub service: bool,
+
+    /// Windows: the service's name.
+    #[cfg(windows)]
+    #[arg(long, value_name = "NAME", default_value = "lockbroker")]
+    pub service_name: String,
 }
 
 /// `--scope` values the daemon serves.

@@ -19,6 +19,8 @@
 //!   expiry, quotas, watches, redb persistence).
 //! - [`shutdown`]: the signal fanned out to sessions.
 //! - [`systemd`]: socket activation, readiness and the watchdog.
+//! - `service` (Windows): installing, removing and running as a Windows
+//!   service.
 //!
 //! # Example
 //!
@@ -40,6 +42,8 @@ pub mod error;
 pub mod lock_table;
 pub mod program;
 pub mod server;
+#[cfg(windows)]
+pub mod service;
 pub mod session;
 pub mod shutdown;
 pub mod state;

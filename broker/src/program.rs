@@ -1,5 +1,6 @@
 //! The `lockbrokerd` program: flags → config → bind → serve until SIGTERM
-//! or SIGINT (a console event on Windows). `main.rs` is just [`main`], so
+//! or SIGINT (a console event on Windows, or the service control manager's
+//! stop when it runs as a Windows service). `main.rs` is just [`main`], so
 //! that test packages can build the same program as a binary of their own.
 
 use std::process::ExitCode;
@@ -28,26 +29,88 @@ pub fn main() -> ExitCode {
 }
 
 fn run(cli: Cli) -> anyhow::Result<()> {
+    #[cfg(windows)]
+    if cli.install_service || cli.uninstall_service || cli.service {
+        return windows_service(cli);
+    }
     lockbroker_proto::os::raise_fd_limit();
     let mut config = Config::from_cli(cli, &Env::current())?;
     config.systemd = crate::systemd::Systemd::from_env();
-    init_logging(&config)?;
+    use std::io::IsTerminal;
+    init_logging(&config, std::io::stderr, std::io::stderr().is_terminal())?;
+    // Signal handlers before the socket exists: once a client can
+    // connect, SIGTERM and SIGINT shut the daemon down cleanly rather
+    // than kill it with the socket file left behind.
+    serve(&config, || Ok(Signals::install()?.recv()), || {})
+}
+
+/// Serves `config` until the future `shutdown` makes (within the runtime,
+/// before the socket exists) completes; `listening` is called once
+/// clients can connect.
+pub(crate) fn serve<Fut: std::future::Future>(
+    config: &Config,
+    shutdown: impl FnOnce() -> anyhow::Result<Fut>,
+    listening: impl FnOnce(),
+) -> anyhow::Result<()> {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(config.workers)
         .enable_all()
         .build()
         .context("starting the runtime")?;
     runtime.block_on(async {
-        // Signal handlers before the socket exists: once a client can
-        // connect, SIGTERM and SIGINT shut the daemon down cleanly rather
-        // than kill it with the socket file left behind.
-        let shutdown = Signals::install()?;
+        let shutdown = shutdown()?;
         // State first: a daemon that cannot load it must not listen.
-        let server = server::Server::new(&config)?;
-        let listener = bind(&config)?;
-        server.run(listener, shutdown.recv()).await;
+        let server = server::Server::new(config)?;
+        let listener = bind(config)?;
+        listening();
+        server.run(listener, shutdown).await;
         Ok(())
     })
+}
+
+/// `--install-service`, `--uninstall-service` and `--service`.
+#[cfg(windows)]
+fn windows_service(cli: Cli) -> anyhow::Result<()> {
+    let name = cli.service_name.clone();
+    if cli.install_service {
+        let mut args: Vec<std::ffi::OsString> = std::env::args_os()
+            .skip(1)
+            .filter(|a| a != "--install-service")
+            .collect();
+        // A service serves every user: the global pipe, unless told.
+        let named = |flag: &str| {
+            args.iter().any(|a| {
+                a.to_str()
+                    .is_some_and(|a| a == flag || a.starts_with(&format!("{flag}=")))
+            })
+        };
+        if !named("--socket") && !named("--scope") {
+            args.extend(["--scope".into(), "global".into()]);
+        }
+        crate::service::install(&name, args)?;
+        println!("lockbrokerd: installed the service {name}; start it with `sc start {name}`");
+        return Ok(());
+    }
+    if cli.uninstall_service {
+        crate::service::uninstall(&name)?;
+        println!("lockbrokerd: removed the service {name}");
+        return Ok(());
+    }
+    let config = Config::from_cli(cli, &Env::current())?;
+    // A service has no console: its log is a file.
+    let dir = std::path::PathBuf::from(
+        std::env::var_os("ProgramData").unwrap_or_else(|| r"C:\ProgramData".into()),
+    )
+    .join("lockbroker");
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    let path = dir.join(format!("{name}.log"));
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&path)
+        .with_context(|| format!("opening {}", path.display()))?;
+    init_logging(&config, std::sync::Mutex::new(log), false)?;
+    crate::service::run(name, config)
 }
 
 /// The socket systemd passed, else the configured one.
@@ -65,17 +128,20 @@ fn bind(config: &Config) -> anyhow::Result<Listener> {
     Ok(listener)
 }
 
-fn init_logging(config: &Config) -> anyhow::Result<()> {
+/// Logs to `writer`: stderr, or a service's log file. Colours (`ansi`)
+/// only for a person watching, not for journald or a log file.
+fn init_logging<W>(config: &Config, writer: W, ansi: bool) -> anyhow::Result<()>
+where
+    W: for<'a> tracing_subscriber::fmt::MakeWriter<'a> + Send + Sync + 'static,
+{
     let filter = match &config.log_level {
         Some(level) => EnvFilter::try_new(level).context("invalid --log-level")?,
         None => EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
     };
-    use std::io::IsTerminal;
-    // Colours only for a person watching, not for journald or a log file.
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_ansi(std::io::stderr().is_terminal())
-        .with_writer(std::io::stderr);
+        .with_ansi(ansi)
+        .with_writer(writer);
     match config.log_format {
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder.json().init(),

@@ -127,3 +127,68 @@ fn a_session_carries_the_users_number() {
         assert_eq!(session.pid, Some(std::process::id()));
     });
 }
+
+/// `sc NAME ARGS…` (the system's service tool); its output.
+fn sc(args: &[&str]) -> std::process::Output {
+    Command::new("sc")
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap()
+}
+
+/// Counterpart of the systemd tests: lockbrokerd installs itself as a
+/// service, the service control manager starts it, its stop shuts the
+/// daemon down cleanly (every session told `ShuttingDown` and released),
+/// and it removes itself. Skipped where this user may not install
+/// services (not an administrator).
+#[test]
+fn the_service_serves_until_the_service_manager_stops_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let pipe = address(dir.path());
+    let name = format!("lockbroker-test-{}", std::process::id());
+    let out = Command::new(BIN)
+        .args(["--install-service", "--service-name", &name, "--socket"])
+        .arg(&pipe)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    if !out.status.success() && err.contains("os error 5") {
+        eprintln!("skipped: this user may not install services ({err})");
+        return;
+    }
+    assert!(out.status.success(), "{err}");
+    /// Removes the service whatever happens to the test.
+    struct Installed<'a>(&'a str);
+    impl Drop for Installed<'_> {
+        fn drop(&mut self) {
+            let _ = Command::new(BIN)
+                .args(["--uninstall-service", "--service-name", self.0])
+                .output();
+        }
+    }
+    let installed = Installed(&name);
+    let started = sc(&["start", &name]);
+    assert!(started.status.success(), "{started:?}");
+    runtime().block_on(bounded(async {
+        let connector = lockbroker::Connector::new().socket(&pipe);
+        // The service listens a moment after the manager reports it
+        // started: only connecting can tell.
+        lockbroker_tests::harness::wait_until("the service serves", || async {
+            connector.connect().await.is_ok()
+        })
+        .await;
+        let mut raw = hold_over_raw(&pipe, "held").await;
+        let stopped = sc(&["stop", &name]);
+        assert!(stopped.status.success(), "{stopped:?}");
+        let event = raw.recv().await.expect("an event before the close");
+        assert_eq!(event, ServerMessage::Event(Event::ShuttingDown));
+        raw.assert_closed().await;
+    }));
+    drop(installed);
+    let gone = sc(&["query", &name]);
+    assert!(
+        !gone.status.success(),
+        "the service is still there: {gone:?}"
+    );
+}
