@@ -108,15 +108,57 @@ fn spawn_detached(dir: &Path, log_path: &Path) -> std::io::Result<Child> {
         .stdin(Stdio::null())
         .stdout(log.try_clone()?)
         .stderr(log);
-    // SAFETY: setsid is async-signal-safe; it detaches the daemon from our
-    // session and terminal so it outlives us.
+    // SAFETY: setsid and the calls of `no_inherited_fds` are
+    // async-signal-safe; setsid detaches the daemon from our session and
+    // terminal so it outlives us.
     unsafe {
         cmd.pre_exec(|| {
             libc::setsid();
+            no_inherited_fds();
             Ok(())
         });
     }
     cmd.spawn()
+}
+
+/// Marks every descriptor but stdio close-on-exec, in a child about to
+/// exec a daemon. Under `lockbroker lock` this process inherited the
+/// lock's connection: a daemon that kept a copy would hold that lock for
+/// its whole life. (Closing them instead would also close the pipe std
+/// reports a failed exec through.)
+#[cfg(unix)]
+fn no_inherited_fds() {
+    #[cfg(target_os = "linux")]
+    // SAFETY: a plain system call (Linux 5.11+); on failure, the loop.
+    unsafe {
+        if libc::syscall(
+            libc::SYS_close_range,
+            3u32,
+            u32::MAX,
+            libc::CLOSE_RANGE_CLOEXEC,
+        ) == 0
+        {
+            return;
+        }
+    }
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit and fcntl on descriptors of this process only.
+    unsafe {
+        let top = if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) == 0 {
+            limit.rlim_cur.min(1 << 20) as libc::c_int
+        } else {
+            1024
+        };
+        for fd in 3..top {
+            let flags = libc::fcntl(fd, libc::F_GETFD);
+            if flags >= 0 && flags & libc::FD_CLOEXEC == 0 {
+                libc::fcntl(fd, libc::F_SETFD, flags | libc::FD_CLOEXEC);
+            }
+        }
+    }
 }
 
 /// Where the autostarted daemon's log goes: beside the socket.
@@ -213,14 +255,23 @@ impl Private {
         // pipe name, created owner-only.
         let socket = lockbroker::address::private_address(dir.path())
             .map_err(|e| format!("cannot choose a private pipe name: {e}"))?;
-        let mut child = Command::new(binary())
-            .arg("--socket")
+        let mut cmd = Command::new(binary());
+        cmd.arg("--socket")
             .arg(&socket)
             .args(["--log-level", "warn"])
             .env_remove("LOCKBROKER_SOCKET")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
-            .stderr(Stdio::piped())
+            .stderr(Stdio::piped());
+        #[cfg(unix)]
+        // SAFETY: see `no_inherited_fds`.
+        unsafe {
+            std::os::unix::process::CommandExt::pre_exec(&mut cmd, || {
+                no_inherited_fds();
+                Ok(())
+            });
+        }
+        let mut child = cmd
             .spawn()
             .map_err(|e| format!("cannot start {}: {e}", binary().display()))?;
         // Left unread while the daemon starts: if it exits, its error is

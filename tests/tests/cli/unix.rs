@@ -253,6 +253,8 @@ fn what_the_command_leaves_running_keeps_the_lock_unless_close() {
     assert_eq!(free.status.code(), Some(0), "-o leaves nothing holding x");
     assert!(alive(bg_pid));
     std::fs::write(&go, "").unwrap();
+    // Waited for: once the directory is gone it would wait for ever.
+    wait_until("the background child exits", || !alive(bg_pid));
 }
 
 /// A small xorshift generator: the storm's randomness, reproducible from
@@ -949,6 +951,36 @@ fn run_reports_a_private_daemon_that_cannot_start_at_once() {
     // A bound on the failure mode (the start timeout is 10 s), not a
     // synchronisation.
     assert!(took < Duration::from_secs(5), "took {took:?}");
+}
+
+/// A `lockbroker` under `lockbroker lock` that autostarts the local
+/// scope's daemon must not hand that daemon the lock's connection: the
+/// lock ends with the command, not with a daemon that outlives it.
+#[test]
+fn a_daemon_autostarted_under_a_lock_does_not_keep_it() {
+    let d = Daemon::start();
+    let (runtime, _dir) = local_scope();
+    let out = run(d
+        .cli()
+        .env_remove("LOCKBROKER_SOCKET")
+        .env_remove("LOCKBROKER_NO_AUTOSTART")
+        .env("XDG_RUNTIME_DIR", runtime.path())
+        .arg("--socket")
+        .arg(d.socket())
+        .args(["lock", "x", "--", CLI, "ping"]));
+    let free = run(d.cli().args(["lock", "-n", "x", "--", "true"]));
+    // Stop the autostarted daemon before judging.
+    let status = run(Command::new(CLI)
+        .args(["status", "--json"])
+        .env("XDG_RUNTIME_DIR", runtime.path())
+        .env("LOCKBROKER_NO_AUTOSTART", "1")
+        .env_remove("LOCKBROKER_SOCKET"));
+    let status: serde_json::Value = serde_json::from_slice(&status.stdout).unwrap();
+    let pid = status["daemon"]["pid"].as_u64().unwrap() as u32;
+    assert!(signal(pid, libc::SIGTERM));
+    wait_until("the autostarted daemon exits", || !alive(pid));
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(free.status.code(), Some(0), "the daemon kept the lock");
 }
 
 #[test]
