@@ -97,7 +97,8 @@ until the command and every process it started that kept the connection
 have exited (the next holder is then told it was abandoned). When the
 command exits and processes it started still run, the lock stays with them
 until the last one exits. With -o/--close those left-behind processes do
-not keep it: the lock is released when the command itself exits.
+not keep it: the lock is released when the command itself exits. (On
+Windows the lock always ends with the command itself.)
 
 The command runs in its own process group; SIGINT and SIGTERM sent to
 lockbroker are passed on to it. If the lock is lost while it runs (the

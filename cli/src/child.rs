@@ -381,13 +381,14 @@ pub mod holding {
 /// A command that runs holding a lock, on Windows: the counterpart of the
 /// Unix module of the same name. The command holds a copy of the lock's
 /// pipe handle, so the daemon sees the session end only when lockbroker *and*
-/// every process that inherited the handle have closed it — a
-/// `taskkill /F` of lockbroker leaves the lock with the command's tree.
+/// the command have closed it — a `taskkill /F` of lockbroker leaves the
+/// lock with the command. The copy is not inheritable: Windows cannot
+/// keep a handle from a daemon the command's tree starts (there is no
+/// `pre_exec`), and such a daemon would hold the lock for its whole life.
 /// The command starts suspended in a Job Object of its own (with its own
 /// console process group) and is resumed once inside, so that none of its
 /// descendants escapes the job unless it breaks away on purpose: the job is
-/// how the whole tree is found (what it left running) and terminated (the
-/// lock lost).
+/// how the whole tree is terminated when the lock is lost.
 #[cfg(windows)]
 pub mod holding {
     use std::ffi::OsString;
@@ -403,8 +404,7 @@ pub mod holding {
     };
     use windows_sys::Win32::System::JobObjects::{
         AssignProcessToJobObject, CreateJobObjectW, JOB_OBJECT_LIMIT_BREAKAWAY_OK,
-        JOB_OBJECT_LIMIT_KILL_ON_JOB_CLOSE, JOBOBJECT_BASIC_ACCOUNTING_INFORMATION,
-        JOBOBJECT_EXTENDED_LIMIT_INFORMATION, JobObjectBasicAccountingInformation,
+        JOB_OBJECT_LIMIT_KILL_ON_JOB_CLOSE, JOBOBJECT_EXTENDED_LIMIT_INFORMATION,
         JobObjectBasicProcessIdList, JobObjectExtendedLimitInformation, QueryInformationJobObject,
         SetInformationJobObject,
     };
@@ -657,24 +657,6 @@ pub mod holding {
     }
 
     impl Holding {
-        /// Whether a process the command started still runs in its job (a
-        /// daemon the command autostarted broke away and is not counted;
-        /// lockbroker itself is in the job and is not counted either).
-        pub fn descendants_remain(&self) -> Option<bool> {
-            // SAFETY: a query into a local structure, by size.
-            unsafe {
-                let mut info: JOBOBJECT_BASIC_ACCOUNTING_INFORMATION = std::mem::zeroed();
-                let ok = QueryInformationJobObject(
-                    self.job.0,
-                    JobObjectBasicAccountingInformation,
-                    (&raw mut info).cast(),
-                    std::mem::size_of_val(&info) as u32,
-                    std::ptr::null_mut(),
-                );
-                (ok != 0).then_some(info.ActiveProcesses > 1)
-            }
-        }
-
         /// The command's exit, and its tree for
         /// [`supervise`](super::supervise), to be awaited together.
         pub fn split(

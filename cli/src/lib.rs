@@ -214,7 +214,9 @@ where
 /// [`child::holding`]). When it exits, the lock is released at once, unless
 /// processes it started still run and `--close` was not given: then, as
 /// with `flock(1)`, the lock stays with them and ends (not abandoned) when
-/// the last of them closes the connection.
+/// the last of them closes the connection. On Windows the command holds a
+/// copy of the pipe handle that its children do not inherit: the lock ends
+/// with the command.
 async fn run_holding(
     client: &Client,
     guard: LockGuard,
@@ -297,16 +299,10 @@ async fn run_holding(
             Outcome::LockLost => return Ok(exit::LOCK_LOST),
             Outcome::Exited(status) => status,
         };
-        let left_running = !wait.close && running.descendants_remain() == Some(true);
-        if left_running {
-            if let Err(e) = client.release_on_close().await {
-                eprintln!("lockbroker: {e}");
-            }
-            guard.keep_until_session_ends();
-            std::process::exit(i32::from(child::exit_code(status)));
-        }
-        // With `--close`, what the command left running keeps the pipe
-        // open but holds nothing: the lock is released here.
+        // The command's copy of the pipe handle is not inheritable (so no
+        // daemon it starts can keep the lock for ever): the lock cannot
+        // outlive the command, and what it left running never holds it,
+        // as with `--close` on Unix.
         if let Err(e) = guard.release().await {
             eprintln!("lockbroker: releasing the lock: {e}");
         }

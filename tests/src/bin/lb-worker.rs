@@ -19,6 +19,9 @@
 //!   once it exists), then wait until killed.
 //! - `lb-worker tree FILE`: start `lb-worker pidfile FILE.child`, wait
 //!   until its pid is written, then do as `pidfile FILE`.
+//! - `lb-worker leave FILE`: start `lb-worker pidfile FILE` (its output
+//!   not ours), wait until its pid is written, and exit: a command that
+//!   leaves a process running.
 //! - `lb-worker critical FILE`: the critical section of the exclusion
 //!   storm: create FILE, which must not exist (else exit 2: two holders
 //!   at once), keep it a moment, remove it.
@@ -43,6 +46,7 @@ fn main() -> ExitCode {
         ["ping", ref allowed @ ..] => return ping(allowed),
         ["pidfile", file] => pidfile(file),
         ["tree", file] => tree(file),
+        ["leave", file] => leave(file),
         ["critical", file] => return critical(file),
         ["inside", dir, max] => return inside(dir, max),
         ["env", ref names @ ..] => {
@@ -55,7 +59,7 @@ fn main() -> ExitCode {
             Ok(())
         }
         _ => Err(
-            "usage: lb-worker increment|hold|incr|cas|ping|pidfile|tree|critical|inside|env ..."
+            "usage: lb-worker increment|hold|incr|cas|ping|pidfile|tree|leave|critical|inside|env ..."
                 .into(),
         ),
     };
@@ -173,18 +177,34 @@ fn pidfile(file: &str) -> Result<()> {
 /// A child `pidfile FILE.child`, then `pidfile FILE`: a tree of two.
 fn tree(file: &str) -> Result<()> {
     let child_file = format!("{file}.child");
-    let mut child = std::process::Command::new(std::env::current_exe()?)
-        .args(["pidfile", &child_file])
-        .spawn()?;
+    start_pidfile(
+        &child_file,
+        std::process::Command::new(std::env::current_exe()?),
+    )?;
+    pidfile(file)
+}
+
+/// A child `pidfile FILE` left running: this process exits.
+fn leave(file: &str) -> Result<()> {
+    let mut cmd = std::process::Command::new(std::env::current_exe()?);
+    cmd.stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null());
+    start_pidfile(file, cmd)
+}
+
+/// Starts `cmd pidfile FILE` and returns once the pid is written.
+fn start_pidfile(file: &str, mut cmd: std::process::Command) -> Result<()> {
+    let mut child = cmd.args(["pidfile", file]).spawn()?;
     // Polls a file the child writes once: there is no event to wait on
     // across processes that the test can also see.
-    while !std::path::Path::new(&child_file).exists() {
+    while !std::path::Path::new(file).exists() {
         if let Some(status) = child.try_wait()? {
             return Err(format!("the child exited first: {status}").into());
         }
         std::thread::sleep(std::time::Duration::from_millis(2));
     }
-    pidfile(file)
+    Ok(())
 }
 
 /// Inside the lock: FILE must not exist; exit 2 if it does.

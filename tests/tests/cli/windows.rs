@@ -186,6 +186,31 @@ fn killing_the_wrapper_leaves_the_lock_with_the_command() {
     wait_until("the lock is free", || d.is_free("k"));
 }
 
+/// Counterpart of `what_the_command_leaves_running_keeps_the_lock_unless_close`,
+/// for what differs on Windows: the command's copy of the pipe handle is
+/// not inherited, so what it leaves running does not keep the lock (as
+/// with `--close`), with or without `-o`.
+#[test]
+fn what_the_command_leaves_running_does_not_keep_the_lock() {
+    let d = Daemon::start();
+    for (i, flags) in [&["x"][..], &["-o", "x"][..]].into_iter().enumerate() {
+        let pidfile = d.path(&format!("left{i}.pid"));
+        // Not piped: the process left running inherits every inheritable
+        // handle of the command, its output pipes among them.
+        let mut wrapper = d
+            .lock(flags, &["leave", pidfile.to_str().unwrap()])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        assert!(wait_exit(&mut wrapper, Duration::from_secs(20)).success());
+        let left = read_pid(&pidfile);
+        assert!(alive(left), "the command left a process running");
+        assert!(d.is_free("x"), "{flags:?}: nothing holds x");
+        assert!(kill(left));
+    }
+}
+
 /// Counterpart of `losing_the_lock_terminates_the_command_group`: the
 /// daemon dies, lockbroker terminates the command's whole job (a process
 /// the command started included) after `--kill-grace`, and exits 76.
