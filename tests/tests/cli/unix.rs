@@ -8,104 +8,13 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use lockbroker_tests::harness::DaemonProcess;
+use crate::fixture::{CLI, DAEMON, Daemon, finish, read_pid, run, wait_until};
 use lockbroker_tests::unix::{
     NOBODY, alive, as_nobody, can_be_nobody, euid, local_dir, signal, wait_exit,
 };
 
-/// The `lockbroker` tool under test.
-const CLI: &str = env!("CARGO_BIN_EXE_lb-cli");
-
-/// The daemon it starts and talks to.
-fn daemon_bin() -> &'static Path {
-    Path::new(env!("CARGO_BIN_EXE_lb-daemon"))
-}
-
-/// Fails the test if `cond` does not hold within 20 seconds.
-fn wait_until(what: &str, mut cond: impl FnMut() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while !cond() {
-        assert!(Instant::now() < deadline, "timed out waiting until {what}");
-        std::thread::sleep(Duration::from_millis(5));
-    }
-}
-
-/// A daemon on a socket in its own temporary directory.
-struct Daemon {
-    dir: tempfile::TempDir,
-    child: DaemonProcess,
-}
-
-impl Daemon {
-    fn start() -> Daemon {
-        let dir = tempfile::tempdir().unwrap();
-        let socket = dir.path().join("broker.sock");
-        let child = DaemonProcess::start_blocking(daemon_bin(), &socket, &[]);
-        Daemon { dir, child }
-    }
-
-    fn socket(&self) -> PathBuf {
-        self.dir.path().join("broker.sock")
-    }
-
-    fn path(&self, name: &str) -> PathBuf {
-        self.dir.path().join(name)
-    }
-
-    /// `lockbroker` aimed at this daemon.
-    fn cli(&self) -> Command {
-        let mut cmd = Command::new(CLI);
-        cmd.env("LOCKBROKER_SOCKET", self.socket())
-            .env("LOCKBROKERD", daemon_bin())
-            .env_remove("LOCKBROKER_ABANDONED")
-            .current_dir(self.dir.path())
-            .stdin(Stdio::null());
-        cmd
-    }
-
-    fn status_json(&self) -> serde_json::Value {
-        let out = self.cli().args(["status", "--json"]).output().unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        serde_json::from_slice(&out.stdout).unwrap()
-    }
-}
-
 fn sh(script: &str) -> Vec<&str> {
     vec!["--", "sh", "-c", script]
-}
-
-fn run(cmd: &mut Command) -> Output {
-    finish(
-        cmd.stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap(),
-    )
-}
-
-/// Waits for `child` (stdout and stderr piped) and collects its output.
-fn finish(mut child: Child) -> Output {
-    // Read while the command runs: an output larger than a pipe's buffer
-    // would otherwise block it.
-    let drain = |mut r: Box<dyn Read + Send>| {
-        std::thread::spawn(move || {
-            let mut bytes = Vec::new();
-            r.read_to_end(&mut bytes).unwrap();
-            bytes
-        })
-    };
-    let stdout = drain(Box::new(child.stdout.take().unwrap()));
-    let stderr = drain(Box::new(child.stderr.take().unwrap()));
-    let status = wait_exit(&mut child, Duration::from_secs(60));
-    Output {
-        status,
-        stdout: stdout.join().unwrap(),
-        stderr: stderr.join().unwrap(),
-    }
 }
 
 #[test]
@@ -146,17 +55,6 @@ fn the_command_inherits_the_lock_connection_and_no_other_socket() {
 /// A shell loop that waits for `file` to exist.
 fn wait_for(file: &Path) -> String {
     format!("while [ ! -e {} ]; do sleep 0.01; done", file.display())
-}
-
-fn read_pid(path: &Path) -> u32 {
-    let mut pid = None;
-    wait_until("the pid file is written", || {
-        pid = std::fs::read_to_string(path)
-            .ok()
-            .and_then(|s| s.trim().parse().ok());
-        pid.is_some()
-    });
-    pid.unwrap()
 }
 
 fn holders_and_waiters(d: &Daemon, name: &str) -> (usize, usize) {
@@ -403,80 +301,6 @@ fn release(d: &Daemon, mut child: Child, tag: &str) {
 }
 
 #[test]
-fn nonblock_and_timeout_give_the_conflict_exit_code() {
-    let d = Daemon::start();
-    let holder = hold(&d, &["lock", "busy"], "h");
-    let start = Instant::now();
-    let out = run(d.cli().args(["lock", "--nonblock", "busy", "--", "true"]));
-    assert_eq!(out.status.code(), Some(75));
-    assert!(start.elapsed() < Duration::from_secs(10));
-    let err = String::from_utf8(out.stderr).unwrap();
-    assert!(err.contains("busy"), "{err}");
-    let start = Instant::now();
-    let out = run(d
-        .cli()
-        .args(["lock", "--timeout", "300ms", "busy", "--", "true"]));
-    assert_eq!(out.status.code(), Some(75));
-    assert!(
-        start.elapsed() >= Duration::from_millis(300),
-        "gave up early"
-    );
-    let out = run(d.cli().args([
-        "lock",
-        "-n",
-        "--conflict-exit-code",
-        "9",
-        "busy",
-        "--",
-        "true",
-    ]));
-    assert_eq!(out.status.code(), Some(9));
-    release(&d, holder, "h");
-    let out = run(d.cli().args(["lock", "--nonblock", "busy", "--", "true"]));
-    assert_eq!(out.status.code(), Some(0));
-}
-
-#[test]
-fn shared_holders_overlap_and_an_exclusive_one_does_not() {
-    let d = Daemon::start();
-    let r1 = hold(&d, &["lock", "--shared", "rw"], "r1");
-    let r2 = hold(&d, &["lock", "--shared", "rw"], "r2"); // both inside at once
-    let out = run(d.cli().args(["lock", "--nonblock", "rw", "--", "true"]));
-    assert_eq!(out.status.code(), Some(75), "exclusive while readers hold");
-    release(&d, r1, "r1");
-    release(&d, r2, "r2");
-    let w = hold(&d, &["lock", "rw"], "w");
-    let out = run(d
-        .cli()
-        .args(["lock", "--shared", "--nonblock", "rw", "--", "true"]));
-    assert_eq!(out.status.code(), Some(75), "shared while a writer holds");
-    release(&d, w, "w");
-}
-
-#[test]
-fn a_semaphore_of_two_never_has_three_inside() {
-    let d = Daemon::start();
-    std::fs::create_dir(d.path("inside")).unwrap();
-    let script = "touch inside/$$; ls inside | wc -l >> counts; sleep 0.05; rm inside/$$";
-    let mut children: Vec<Child> = (0..6)
-        .map(|_| {
-            d.cli()
-                .args(["sem", "pool", "--capacity", "2"])
-                .args(sh(script))
-                .spawn()
-                .unwrap()
-        })
-        .collect();
-    for c in &mut children {
-        assert!(wait_exit(c, Duration::from_secs(60)).success());
-    }
-    let counts = std::fs::read_to_string(d.path("counts")).unwrap();
-    let counts: Vec<u32> = counts.lines().map(|l| l.trim().parse().unwrap()).collect();
-    assert_eq!(counts.len(), 6);
-    assert!(counts.iter().all(|&n| (1..=2).contains(&n)), "{counts:?}");
-}
-
-#[test]
 fn losing_the_lock_terminates_the_command_group() {
     let mut d = Daemon::start();
     // The command ignores SIGTERM and has a child of its own: the group
@@ -496,7 +320,7 @@ fn losing_the_lock_terminates_the_command_group() {
         .parse()
         .unwrap();
     assert!(alive(bg));
-    d.child.kill(); // the daemon dies: the lock is lost
+    d.process.kill(); // the daemon dies: the lock is lost
     let status = wait_exit(&mut child, Duration::from_secs(20));
     assert_eq!(status.code(), Some(76));
     let mut err = String::new();
@@ -529,47 +353,6 @@ fn sigterm_to_lockbroker_reaches_the_command() {
         std::fs::read_to_string(d.path("term")).unwrap().trim(),
         "got-term"
     );
-}
-
-/// More locks than one page of the daemon's (1000), and than the 10,000
-/// the tool used to show at most: all are listed, in order.
-#[test]
-fn status_lists_every_lock_page_by_page() {
-    let d = Daemon::start();
-    let connector = lockbroker::Connector::new().socket(d.socket());
-    let client = lockbroker::blocking::Client::connect_with(&connector).unwrap();
-    let n = 10_500;
-    let guards: Vec<_> = (0..n)
-        .map(|i| client.mutex(format!("many/{i:05}")).acquire().unwrap())
-        .collect();
-    let _other = client.mutex("other").acquire().unwrap();
-    let out = run(d.cli().args(["status", "--json", "many/"]));
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let status: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    let names: Vec<&str> = status["locks"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|l| l["name"].as_str().unwrap())
-        .collect();
-    assert_eq!(names.len(), n, "every lock listed");
-    let want: Vec<String> = (0..n).map(|i| format!("many/{i:05}")).collect();
-    assert!(names == want, "in name order");
-    assert_eq!(status["truncated"], false);
-    assert_eq!(status["daemon"]["socket"], d.socket().display().to_string());
-    let table = run(d.cli().args(["status"]));
-    let text = String::from_utf8(table.stdout).unwrap();
-    assert_eq!(
-        text.matches("\nmany/").count(),
-        n,
-        "every lock in the table"
-    );
-    assert!(text.contains("\nother  mutex"), "{}", &text[..200]);
-    drop(guards);
 }
 
 #[test]
@@ -617,7 +400,7 @@ fn twenty_first_uses_at_once_start_exactly_one_daemon() {
         let mut cmd = Command::new(CLI);
         cmd.args(args)
             .env("XDG_RUNTIME_DIR", runtime.path())
-            .env("LOCKBROKERD", daemon_bin())
+            .env("LOCKBROKERD", DAEMON)
             .env_remove("LOCKBROKER_SOCKET")
             .env_remove("LOCKBROKER_NO_AUTOSTART")
             .stdin(Stdio::null());
@@ -649,7 +432,7 @@ fn twenty_first_uses_at_once_start_exactly_one_daemon() {
             .filter(|p| {
                 let cmd = std::fs::read(format!("/proc/{p}/cmdline")).unwrap_or_default();
                 let env = std::fs::read(format!("/proc/{p}/environ")).unwrap_or_default();
-                String::from_utf8_lossy(&cmd).contains(&*daemon_bin().to_string_lossy())
+                String::from_utf8_lossy(&cmd).contains(DAEMON)
                     && String::from_utf8_lossy(&env)
                         .split('\0')
                         .any(|v| v == marker)
@@ -686,7 +469,7 @@ fn run_gives_each_tree_its_own_broker_and_passes_the_status() {
         Command::new(CLI)
             .args(["run", "--", "sh", "-c", &script])
             .env("PATH", &path)
-            .env("LOCKBROKERD", daemon_bin())
+            .env("LOCKBROKERD", DAEMON)
             .env_remove("LOCKBROKER_SOCKET")
             .current_dir(dir.path())
             .stdin(Stdio::null())
@@ -705,7 +488,7 @@ fn run_gives_each_tree_its_own_broker_and_passes_the_status() {
             "-c",
             "test -S \"$LOCKBROKER_SOCKET\" && exit 7",
         ])
-        .env("LOCKBROKERD", daemon_bin())
+        .env("LOCKBROKERD", DAEMON)
         .output()
         .unwrap();
     assert_eq!(out.status.code(), Some(7));
@@ -720,30 +503,6 @@ fn run_gives_each_tree_its_own_broker_and_passes_the_status() {
 }
 
 #[test]
-fn ping_and_help() {
-    let d = Daemon::start();
-    let out = run(d.cli().args(["ping", "--json"]));
-    assert!(out.status.success());
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    assert_eq!(v["version"], env!("CARGO_PKG_VERSION"));
-    for cmd in ["lock", "sem", "status", "ping", "run", "daemon"] {
-        let out = Command::new(CLI).args([cmd, "--help"]).output().unwrap();
-        assert!(out.status.success());
-        let help = String::from_utf8(out.stdout).unwrap();
-        assert!(help.contains("Examples:"), "`{cmd} --help` has no example");
-    }
-    // A daemon that is not there: one clear line.
-    let out = Command::new(CLI)
-        .args(["--socket", "/nonexistent/broker.sock", "ping"])
-        .output()
-        .unwrap();
-    assert_eq!(out.status.code(), Some(69));
-    let err = String::from_utf8(out.stderr).unwrap();
-    assert_eq!(err.lines().count(), 1, "{err}");
-    assert!(err.starts_with("lockbroker: cannot connect"), "{err}");
-}
-
-#[test]
 fn lockbroker_daemon_runs_lockbrokerd_in_the_foreground() {
     let dir = tempfile::tempdir().unwrap();
     let socket = dir.path().join("fg.sock");
@@ -751,7 +510,7 @@ fn lockbroker_daemon_runs_lockbrokerd_in_the_foreground() {
         .arg("--socket")
         .arg(&socket)
         .args(["daemon", "--log-level", "warn"])
-        .env("LOCKBROKERD", daemon_bin())
+        .env("LOCKBROKERD", DAEMON)
         .stdin(Stdio::null())
         .spawn()
         .unwrap();
@@ -771,70 +530,6 @@ fn lockbroker_daemon_runs_lockbrokerd_in_the_foreground() {
     assert!(!socket.exists());
 }
 
-#[test]
-fn a_command_under_lock_writes_state_guarded_by_its_own_hold() {
-    let d = Daemon::start();
-    let bin_dir = Path::new(CLI).parent().unwrap();
-    let path = format!("{}:{}", bin_dir.display(), std::env::var("PATH").unwrap());
-    // Today's README example: it must not queue behind its own wrapper.
-    let out = run(d.cli().env("PATH", &path).args([
-        "lock",
-        "deploy",
-        "--",
-        "lockbroker",
-        "state",
-        "set",
-        "--lock",
-        "deploy",
-        "deploy/status",
-        "step 3 of 7",
-    ]));
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let got = run(d.cli().args(["state", "get", "deploy/status"]));
-    assert_eq!(String::from_utf8_lossy(&got.stdout).trim(), "step 3 of 7");
-    // Nested wrappers: the outer lock's hold is found too.
-    let out = run(d
-        .cli()
-        .env("PATH", &path)
-        .args(["lock", "outer", "--", "lockbroker", "lock", "inner", "--"])
-        .args([
-            "lockbroker",
-            "state",
-            "set",
-            "--lock",
-            "outer",
-            "deploy/status",
-            "nested",
-        ]));
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    // A fence that is no longer live (the wrapper's environment, replayed
-    // after it ended) is refused and changes nothing.
-    let stale = run(d.cli().env("LOCKBROKER_LOCKS", "1 deploy").args([
-        "state",
-        "set",
-        "--lock",
-        "deploy",
-        "deploy/status",
-        "late",
-    ]));
-    assert_eq!(stale.status.code(), Some(69));
-    assert!(
-        String::from_utf8_lossy(&stale.stderr).contains("stale_fence"),
-        "{}",
-        String::from_utf8_lossy(&stale.stderr)
-    );
-    let got = run(d.cli().args(["state", "get", "deploy/status"]));
-    assert_eq!(String::from_utf8_lossy(&got.stdout).trim(), "nested");
-}
-
 /// A runtime directory with the local scope's directory in it, 0700.
 fn local_scope() -> (tempfile::TempDir, PathBuf) {
     use std::os::unix::fs::PermissionsExt;
@@ -850,7 +545,7 @@ fn autostarting_ping(runtime: &Path) -> Command {
     let mut cmd = Command::new(CLI);
     cmd.arg("ping")
         .env("XDG_RUNTIME_DIR", runtime)
-        .env("LOCKBROKERD", daemon_bin())
+        .env("LOCKBROKERD", DAEMON)
         .env_remove("LOCKBROKER_SOCKET")
         .env_remove("LOCKBROKER_NO_AUTOSTART")
         .stdin(Stdio::null());
@@ -898,7 +593,7 @@ fn autostart_waits_for_the_daemon_that_won_the_race() {
     });
     // Now the winner comes up; the tool, still waiting, connects to it.
     drop(lock);
-    let mut winner = Command::new(daemon_bin())
+    let mut winner = Command::new(DAEMON)
         .env("XDG_RUNTIME_DIR", runtime.path())
         .env_remove("LOCKBROKER_SOCKET")
         .stdin(Stdio::null())
@@ -927,7 +622,7 @@ fn run_reports_a_private_daemon_that_cannot_start_at_once() {
             "-c",
             r#"printf '#!/bin/sh\nexec "%s" "$@" --max-frame-len 10\n' "$0" > "$1" && chmod 755 "$1""#,
         ])
-        .arg(daemon_bin())
+        .arg(DAEMON)
         .arg(&wrapper)
         .status()
         .unwrap();
@@ -996,111 +691,6 @@ fn autostart_never_follows_a_symlinked_log() {
     assert_eq!(std::fs::read_to_string(&victim).unwrap(), "precious\n");
 }
 
-#[test]
-fn state_commands_and_their_exit_statuses() {
-    let d = Daemon::start();
-    let ok = |args: &[&str]| {
-        let out = run(d.cli().args(args));
-        assert!(
-            out.status.success(),
-            "{args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8(out.stdout).unwrap()
-    };
-    let v1: u64 = ok(&["state", "set", "build/status", "running"])
-        .trim()
-        .parse()
-        .unwrap();
-    assert_eq!(ok(&["state", "get", "build/status"]), "running\n");
-    let json: serde_json::Value =
-        serde_json::from_str(&ok(&["--json", "state", "get", "build/status"])).unwrap();
-    assert_eq!(
-        (json["value"].as_str(), json["version"].as_u64()),
-        (Some("running"), Some(v1))
-    );
-    // Absent key: 4. Version mismatch: 5; nothing changes.
-    assert_eq!(
-        run(d.cli().args(["state", "get", "nope"])).status.code(),
-        Some(4)
-    );
-    assert_eq!(
-        run(d.cli().args(["state", "rm", "nope"])).status.code(),
-        Some(4)
-    );
-    let out = run(d
-        .cli()
-        .args(["state", "cas", "build/status", &(v1 + 100).to_string(), "x"]));
-    assert_eq!(out.status.code(), Some(5));
-    assert!(String::from_utf8_lossy(&out.stderr).contains("version mismatch"));
-    let v2: u64 = ok(&["state", "cas", "build/status", &v1.to_string(), "done"])
-        .trim()
-        .parse()
-        .unwrap();
-    assert!(v2 > v1);
-    // Increments, including negative deltas.
-    assert_eq!(ok(&["state", "incr", "visits"]), "1\n");
-    assert_eq!(ok(&["state", "incr", "visits", "10"]), "11\n");
-    assert_eq!(ok(&["state", "incr", "--", "visits", "-3"]), "8\n");
-    // A value from stdin, and a guarded write under a lock.
-    let mut child = d
-        .cli()
-        .args(["state", "set", "--lock", "deploy", "deploy/log", "-"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::null())
-        .spawn()
-        .unwrap();
-    std::io::Write::write_all(&mut child.stdin.take().unwrap(), b"line one\nline two\n").unwrap();
-    assert!(wait_exit(&mut child, Duration::from_secs(20)).success());
-    assert_eq!(ok(&["state", "get", "deploy/log"]), "line one\nline two\n");
-    let listing = ok(&["state", "list", "build/", "--values"]);
-    assert_eq!(listing, format!("build/status\t{v2}\tdone\n"));
-    assert_eq!(ok(&["state", "rm", "build/status"]), "done\n");
-    // The lock taken for the guarded write was released.
-    assert_eq!(d.status_json()["locks"].as_array().unwrap().len(), 0);
-}
-
-#[test]
-fn state_watch_prints_one_line_per_change() {
-    let d = Daemon::start();
-    let out = run(d.cli().args(["state", "set", "jobs/0", "first"]));
-    let v0 = String::from_utf8(out.stdout).unwrap().trim().to_owned();
-    // --from replays jobs/0, so its line proves the watch is in place.
-    let mut watch = d
-        .cli()
-        .args(["state", "watch", "--prefix", "jobs/", "--from", &v0])
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let stdout = watch.stdout.take().unwrap();
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        use std::io::BufRead;
-        for line in std::io::BufReader::new(stdout).lines() {
-            if tx.send(line.unwrap()).is_err() {
-                break;
-            }
-        }
-    });
-    let next = || {
-        rx.recv_timeout(Duration::from_secs(20))
-            .expect("a watch line")
-    };
-    assert_eq!(next(), format!("{v0} set jobs/0 first"));
-    run(d.cli().args(["state", "set", "jobs/1", "queued"]));
-    run(d.cli().args(["state", "set", "other", "x"]));
-    run(d.cli().args(["state", "rm", "jobs/1"]));
-    let a = next();
-    let b = next();
-    assert!(a.ends_with(" set jobs/1 queued"), "{a}");
-    assert!(b.ends_with(" removed jobs/1"), "{b}");
-    let va: u64 = a.split(' ').next().unwrap().parse().unwrap();
-    let vb: u64 = b.split(' ').next().unwrap().parse().unwrap();
-    assert!(vb > va);
-    signal(watch.id(), libc::SIGTERM);
-    let _ = wait_exit(&mut watch, Duration::from_secs(10));
-}
-
 // ---- Whom the tool trusts to serve the socket ----
 //
 // The other user is `nobody` (65534): as root, these tests run a daemon
@@ -1112,7 +702,7 @@ struct Foreign(Child);
 
 impl Foreign {
     fn start(socket: &Path) -> Foreign {
-        let mut cmd = Command::new(daemon_bin());
+        let mut cmd = Command::new(DAEMON);
         cmd.arg("--socket")
             .arg(socket)
             .stdin(Stdio::null())
@@ -1142,7 +732,7 @@ fn tool(runtime: &Path, args: &[&str]) -> Command {
     let mut cmd = Command::new(CLI);
     cmd.args(args)
         .env("XDG_RUNTIME_DIR", runtime)
-        .env("LOCKBROKERD", daemon_bin())
+        .env("LOCKBROKERD", DAEMON)
         .env_remove("LOCKBROKER_SOCKET")
         .env_remove("LOCKBROKER_NO_AUTOSTART")
         .current_dir("/")
