@@ -248,13 +248,23 @@ fn a_storm_of_killed_wrappers_never_lets_two_holders_in() {
     );
 }
 
+/// A `PATH` whose first directory (made in `dir`) has `lockbroker`, the
+/// tool under test, for scripts that call it by name: cargo names it
+/// `lb-cli`, and the real `lockbroker` in the target directory may be stale
+/// or not built at all.
+fn path_with_lockbroker(dir: &Path) -> String {
+    let bin = dir.join("bin");
+    std::fs::create_dir(&bin).unwrap();
+    std::os::unix::fs::symlink(CLI, bin.join("lockbroker")).unwrap();
+    format!("{}:{}", bin.display(), std::env::var("PATH").unwrap())
+}
+
 #[test]
 fn eight_processes_increment_a_counter_file_exactly() {
     let d = Daemon::start();
     std::fs::write(d.path("counter"), "0\n").unwrap();
     let script = "for i in $(seq 50); do lockbroker lock counter -- sh -c 'n=$(cat counter); echo $((n + 1)) > counter' || exit 1; done";
-    let bin_dir = Path::new(CLI).parent().unwrap();
-    let path = format!("{}:{}", bin_dir.display(), std::env::var("PATH").unwrap());
+    let path = path_with_lockbroker(d.dir.path());
     let mut children: Vec<Child> = (0..8)
         .map(|_| {
             Command::new("sh")
@@ -458,8 +468,7 @@ fn twenty_first_uses_at_once_start_exactly_one_daemon() {
 #[test]
 fn run_gives_each_tree_its_own_broker_and_passes_the_status() {
     let dir = tempfile::tempdir().unwrap();
-    let bin_dir = Path::new(CLI).parent().unwrap();
-    let path = format!("{}:{}", bin_dir.display(), std::env::var("PATH").unwrap());
+    let path = path_with_lockbroker(dir.path());
     // Each tree takes the same lock name without waiting, and holds it until
     // the other tree holds it too: only possible with separate brokers.
     let tree = |me: &str, other: &str| {
@@ -676,6 +685,31 @@ fn a_daemon_autostarted_under_a_lock_does_not_keep_it() {
     wait_until("the autostarted daemon exits", || !alive(pid));
     assert!(out.status.success(), "{out:?}");
     assert_eq!(free.status.code(), Some(0), "the daemon kept the lock");
+}
+
+/// Nor does `lockbroker run`'s private daemon get the lock's connection,
+/// which the command under `run` inherited: its socket is not among the
+/// daemon's descriptors.
+#[test]
+fn a_private_daemon_under_a_lock_does_not_get_it() {
+    let d = Daemon::start();
+    let script = r#"
+        for f in /proc/$$/fd/*; do
+            case $(readlink "$f") in socket:*) readlink "$f";; esac
+        done > mine
+        test -s mine || exit 8
+        pid=$("$LB" status --json | tr -d ' \n' | sed 's/.*"daemon":{[^}]*"pid":\([0-9]*\).*/\1/')
+        for f in /proc/$pid/fd/*; do readlink "$f"; done > theirs
+        ! grep -qxFf mine theirs
+    "#;
+    let out = run(d
+        .cli()
+        .env("LB", CLI)
+        .args(["lock", "x", "--", CLI, "run", "--", "sh", "-c", script]));
+    assert!(
+        out.status.success(),
+        "the private daemon got the lock's connection: {out:?}"
+    );
 }
 
 #[test]
