@@ -2,70 +2,42 @@
 //! [`blocking::Client`](Client), its handles, guards, state and watches,
 //! each the async type of the same name with its waits blocking.
 //!
-//! A [`Client`] wraps the async [`crate::Client`] and owns a one-worker
-//! multi-thread runtime: the connection task must keep running between
-//! calls (to route answers and keep the session alive), which a
-//! `current_thread` runtime would only do inside `block_on`. Guards share
-//! the runtime, and dropping a guard never blocks: it queues the release.
-//! Do not call these methods from async code.
+//! On Unix a [`Client`] has no runtime and no thread of its own: the
+//! thread that asks writes its request and, unless another thread of the
+//! same client is already reading, reads the socket itself until its
+//! answer comes (handing answers and events meant for other threads to
+//! them), so an uncontended acquire costs one write and one read, as a
+//! bare socket does. Any number of threads may share one client. On
+//! Windows a client wraps the async [`crate::Client`] on a one-worker
+//! runtime of its own.
+//!
+//! Dropping a guard never waits for the daemon: it sends the release and
+//! returns. A client, like its session, belongs to the process that made
+//! it: a forked child makes its own. Do not call these methods from async
+//! code.
 
-use std::fmt;
+#[cfg(windows)]
+mod windows;
+
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use lockbroker_proto::{Inspection, LockKind, StateEntry, Versioned};
-use tokio::runtime::Runtime;
+use lockbroker_proto::{Grant, Inspection, Limits, LockKind, Request, StateEntry, Versioned};
 
+use crate::client::LockRequest;
 use crate::connector::Connector;
-use crate::error::{Error, Result};
+#[cfg(unix)]
+use crate::direct::{Conn, WatchHandle};
+use crate::error::Result;
+use crate::ops;
 use crate::state::{RemoveOutcome, WatchEvent, WatchOptions, WriteOptions, WriteOutcome};
+#[cfg(windows)]
+use windows::{Conn, WatchHandle};
 
-/// A shared runtime that shuts down without waiting when the last user
-/// drops it, so no drop can hang (or panic inside async code).
-#[derive(Clone)]
-struct RuntimeRef(Arc<OwnedRuntime>);
-
-struct OwnedRuntime(Option<Runtime>);
-
-impl Drop for OwnedRuntime {
-    fn drop(&mut self) {
-        if let Some(rt) = self.0.take() {
-            rt.shutdown_background();
-        }
-    }
-}
-
-impl RuntimeRef {
-    fn new() -> Result<RuntimeRef> {
-        let rt = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(1)
-            .thread_name("lockbroker-client")
-            .enable_all()
-            .build()
-            .map_err(Error::Runtime)?;
-        Ok(RuntimeRef(Arc::new(OwnedRuntime(Some(rt)))))
-    }
-
-    fn block_on<F: std::future::Future>(&self, f: F) -> F::Output {
-        self.0
-            .0
-            .as_ref()
-            .expect("runtime lives until drop")
-            .block_on(f)
-    }
-}
-
-impl fmt::Debug for RuntimeRef {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("RuntimeRef")
-    }
-}
-
-/// A blocking connection to the daemon; cheap to clone.
+/// A blocking connection to the daemon — one session; cheap to clone.
 #[derive(Debug, Clone)]
 pub struct Client {
-    client: crate::Client,
-    runtime: RuntimeRef,
+    conn: Arc<Conn>,
 }
 
 impl Client {
@@ -76,140 +48,163 @@ impl Client {
 
     /// Connects as `connector` says.
     pub fn connect_with(connector: &Connector) -> Result<Client> {
-        let runtime = RuntimeRef::new()?;
-        let client = runtime.block_on(connector.connect())?;
-        Ok(Client { client, runtime })
-    }
-
-    /// The async client underneath (usable from the client's own runtime).
-    pub fn as_async(&self) -> &crate::Client {
-        &self.client
+        Ok(Client {
+            conn: Conn::connect(connector)?,
+        })
     }
 
     /// A mutex handle for `name`.
     pub fn mutex(&self, name: impl Into<String>) -> Mutex {
         Mutex {
-            inner: self.client.mutex(name),
-            runtime: self.runtime.clone(),
+            conn: Arc::clone(&self.conn),
+            name: name.into(),
         }
     }
 
     /// A semaphore handle for `name` with `capacity` permits.
     pub fn semaphore(&self, name: impl Into<String>, capacity: u32) -> Semaphore {
         Semaphore {
-            inner: self.client.semaphore(name, capacity),
-            runtime: self.runtime.clone(),
+            conn: Arc::clone(&self.conn),
+            name: name.into(),
+            capacity,
         }
     }
 
     /// A read-write lock handle for `name`.
     pub fn rwlock(&self, name: impl Into<String>) -> RwLock {
         RwLock {
-            inner: self.client.rwlock(name),
-            runtime: self.runtime.clone(),
+            conn: Arc::clone(&self.conn),
+            name: name.into(),
         }
     }
 
     /// The daemon's shared state.
     pub fn state(&self) -> State {
         State {
-            inner: self.client.state(),
-            runtime: self.runtime.clone(),
+            conn: Arc::clone(&self.conn),
         }
     }
 
     /// This session's id.
     pub fn session_id(&self) -> u64 {
-        self.client.session_id()
+        self.conn.welcome().session_id
     }
 
     /// The daemon's software version.
     pub fn server_version(&self) -> &str {
-        self.client.server_version()
+        &self.conn.welcome().server_version
     }
 
-    /// Whether the connection is gone.
+    /// The limits the daemon applies to this session.
+    pub fn limits(&self) -> &Limits {
+        &self.conn.welcome().limits
+    }
+
+    /// Whether the connection is gone (and with it every hold).
     pub fn is_lost(&self) -> bool {
-        self.client.is_lost()
+        self.conn.is_lost()
     }
 
     /// Round-trip time of one ping.
     pub fn ping(&self) -> Result<Duration> {
-        self.runtime.block_on(self.client.ping())
+        let start = Instant::now();
+        self.conn.run(ops::ping())?;
+        Ok(start.elapsed())
     }
 
     /// See [`crate::Client::inspect`].
     pub fn inspect(&self, prefix: &str) -> Result<Inspection> {
-        self.runtime.block_on(self.client.inspect(prefix))
+        self.conn.run(ops::inspect(prefix, "", 0, false))
+    }
+
+    /// See [`crate::Client::inspect_after`].
+    pub fn inspect_after(&self, prefix: &str, start_after: &str, limit: u32) -> Result<Inspection> {
+        self.conn
+            .run(ops::inspect(prefix, start_after, limit, true))
     }
 
     /// See [`crate::Client::release_by_name`].
     pub fn release_by_name(&self, name: &str, count: u32) -> Result<u32> {
-        self.runtime
-            .block_on(self.client.release_by_name(name, count))
+        self.conn.run(ops::release_by_name(name, count))
     }
 }
 
-/// Wraps the async result in a blocking guard.
-fn wrap(runtime: &RuntimeRef, guard: crate::LockGuard) -> LockGuard {
-    LockGuard {
-        inner: guard,
-        runtime: runtime.clone(),
-    }
+/// Asks for `lock` on `name`; the guard, if granted in time.
+fn acquire(
+    conn: &Arc<Conn>,
+    name: &str,
+    lock: LockRequest,
+    timeout: Option<Duration>,
+) -> Result<Option<LockGuard>> {
+    let grant = conn.run(ops::acquire(name, lock, timeout)?)?;
+    Ok(grant.map(|grant| LockGuard {
+        conn: Arc::clone(conn),
+        name: name.to_owned(),
+        kind: lock.kind(),
+        permits: lock.permits(),
+        grant,
+        released: false,
+    }))
 }
 
-fn wrap_opt(runtime: &RuntimeRef, guard: Option<crate::LockGuard>) -> Option<LockGuard> {
-    guard.map(|g| wrap(runtime, g))
+/// The guard of an acquire without a timeout, which always has one.
+fn granted(guard: Option<LockGuard>) -> Result<LockGuard> {
+    guard.ok_or_else(|| crate::Error::Protocol("an acquire without a timeout timed out".into()))
 }
 
 /// A blocking [`crate::Mutex`].
 #[derive(Debug, Clone)]
 pub struct Mutex {
-    inner: crate::Mutex,
-    runtime: RuntimeRef,
+    conn: Arc<Conn>,
+    name: String,
 }
 
 impl Mutex {
     /// The lock's name.
     pub fn name(&self) -> &str {
-        self.inner.name()
+        &self.name
     }
 
     /// Blocks until the mutex is granted.
     pub fn acquire(&self) -> Result<LockGuard> {
-        let g = self.runtime.block_on(self.inner.acquire())?;
-        Ok(wrap(&self.runtime, g))
+        granted(acquire(&self.conn, &self.name, LockRequest::Mutex, None)?)
     }
 
     /// Takes the mutex only if it is free and nobody is queued.
     pub fn try_acquire(&self) -> Result<Option<LockGuard>> {
-        let g = self.runtime.block_on(self.inner.try_acquire())?;
-        Ok(wrap_opt(&self.runtime, g))
+        self.acquire_timeout(Duration::ZERO)
     }
 
     /// Blocks at most `timeout`; `Ok(None)` if it ran out.
     pub fn acquire_timeout(&self, timeout: Duration) -> Result<Option<LockGuard>> {
-        let g = self.runtime.block_on(self.inner.acquire_timeout(timeout))?;
-        Ok(wrap_opt(&self.runtime, g))
+        acquire(&self.conn, &self.name, LockRequest::Mutex, Some(timeout))
     }
 }
 
 /// A blocking [`crate::Semaphore`].
 #[derive(Debug, Clone)]
 pub struct Semaphore {
-    inner: crate::Semaphore,
-    runtime: RuntimeRef,
+    conn: Arc<Conn>,
+    name: String,
+    capacity: u32,
 }
 
 impl Semaphore {
     /// The semaphore's name.
     pub fn name(&self) -> &str {
-        self.inner.name()
+        &self.name
     }
 
     /// The capacity this handle asks for.
     pub fn capacity(&self) -> u32 {
-        self.inner.capacity()
+        self.capacity
+    }
+
+    fn lock(&self, permits: u32) -> LockRequest {
+        LockRequest::Semaphore {
+            capacity: self.capacity,
+            permits,
+        }
     }
 
     /// Blocks for one permit.
@@ -219,8 +214,7 @@ impl Semaphore {
 
     /// Blocks for `permits` permits, granted together.
     pub fn acquire_many(&self, permits: u32) -> Result<LockGuard> {
-        let g = self.runtime.block_on(self.inner.acquire_many(permits))?;
-        Ok(wrap(&self.runtime, g))
+        granted(acquire(&self.conn, &self.name, self.lock(permits), None)?)
     }
 
     /// Takes one permit only if free and nobody is queued.
@@ -235,10 +229,7 @@ impl Semaphore {
 
     /// Takes `permits` permits only if free and nobody is queued.
     pub fn try_acquire_many(&self, permits: u32) -> Result<Option<LockGuard>> {
-        let g = self
-            .runtime
-            .block_on(self.inner.try_acquire_many(permits))?;
-        Ok(wrap_opt(&self.runtime, g))
+        self.acquire_many_timeout(permits, Duration::ZERO)
     }
 
     /// Blocks at most `timeout` for `permits` permits.
@@ -247,79 +238,79 @@ impl Semaphore {
         permits: u32,
         timeout: Duration,
     ) -> Result<Option<LockGuard>> {
-        let g = self
-            .runtime
-            .block_on(self.inner.acquire_many_timeout(permits, timeout))?;
-        Ok(wrap_opt(&self.runtime, g))
+        acquire(&self.conn, &self.name, self.lock(permits), Some(timeout))
     }
 }
 
 /// A blocking [`crate::RwLock`].
 #[derive(Debug, Clone)]
 pub struct RwLock {
-    inner: crate::RwLock,
-    runtime: RuntimeRef,
+    conn: Arc<Conn>,
+    name: String,
 }
 
 impl RwLock {
     /// The lock's name.
     pub fn name(&self) -> &str {
-        self.inner.name()
+        &self.name
     }
 
     /// Blocks for shared access.
     pub fn read(&self) -> Result<LockGuard> {
-        let g = self.runtime.block_on(self.inner.read())?;
-        Ok(wrap(&self.runtime, g))
+        granted(acquire(&self.conn, &self.name, LockRequest::Shared, None)?)
     }
 
     /// Shared access only if available and nobody is queued.
     pub fn try_read(&self) -> Result<Option<LockGuard>> {
-        let g = self.runtime.block_on(self.inner.try_read())?;
-        Ok(wrap_opt(&self.runtime, g))
+        self.read_timeout(Duration::ZERO)
     }
 
     /// Blocks at most `timeout` for shared access.
     pub fn read_timeout(&self, timeout: Duration) -> Result<Option<LockGuard>> {
-        let g = self.runtime.block_on(self.inner.read_timeout(timeout))?;
-        Ok(wrap_opt(&self.runtime, g))
+        acquire(&self.conn, &self.name, LockRequest::Shared, Some(timeout))
     }
 
     /// Blocks for exclusive access.
     pub fn write(&self) -> Result<LockGuard> {
-        let g = self.runtime.block_on(self.inner.write())?;
-        Ok(wrap(&self.runtime, g))
+        granted(acquire(
+            &self.conn,
+            &self.name,
+            LockRequest::Exclusive,
+            None,
+        )?)
     }
 
     /// Exclusive access only if the lock is free and nobody is queued.
     pub fn try_write(&self) -> Result<Option<LockGuard>> {
-        let g = self.runtime.block_on(self.inner.try_write())?;
-        Ok(wrap_opt(&self.runtime, g))
+        self.write_timeout(Duration::ZERO)
     }
 
     /// Blocks at most `timeout` for exclusive access.
     pub fn write_timeout(&self, timeout: Duration) -> Result<Option<LockGuard>> {
-        let g = self.runtime.block_on(self.inner.write_timeout(timeout))?;
-        Ok(wrap_opt(&self.runtime, g))
+        acquire(
+            &self.conn,
+            &self.name,
+            LockRequest::Exclusive,
+            Some(timeout),
+        )
     }
 }
 
 /// A blocking [`crate::State`].
 #[derive(Debug, Clone)]
 pub struct State {
-    inner: crate::State,
-    runtime: RuntimeRef,
+    conn: Arc<Conn>,
 }
 
 impl State {
     /// See [`crate::State::get`].
     pub fn get(&self, key: &str) -> Result<Option<Versioned>> {
-        self.runtime.block_on(self.inner.get(key))
+        self.conn.run(ops::get(key)?)
     }
 
     /// See [`crate::State::set`].
     pub fn set(&self, key: &str, value: impl Into<Vec<u8>>) -> Result<u64> {
-        self.runtime.block_on(self.inner.set(key, value))
+        ops::written(self.set_with(key, value, WriteOptions::default())?)
     }
 
     /// See [`crate::State::set_with`].
@@ -329,8 +320,7 @@ impl State {
         value: impl Into<Vec<u8>>,
         options: WriteOptions,
     ) -> Result<WriteOutcome> {
-        self.runtime
-            .block_on(self.inner.set_with(key, value, options))
+        self.conn.run(ops::set(key, value.into(), options)?)
     }
 
     /// See [`crate::State::compare_and_set`].
@@ -340,97 +330,113 @@ impl State {
         version: u64,
         value: impl Into<Vec<u8>>,
     ) -> Result<WriteOutcome> {
-        self.runtime
-            .block_on(self.inner.compare_and_set(key, version, value))
+        self.set_with(key, value, WriteOptions::default().if_version(version))
     }
 
     /// See [`crate::State::remove`].
     pub fn remove(&self, key: &str) -> Result<Option<Versioned>> {
-        self.runtime.block_on(self.inner.remove(key))
+        ops::removed(self.remove_with(key, WriteOptions::default())?)
     }
 
     /// See [`crate::State::remove_with`].
     pub fn remove_with(&self, key: &str, options: WriteOptions) -> Result<RemoveOutcome> {
-        self.runtime.block_on(self.inner.remove_with(key, options))
+        self.conn.run(ops::remove(key, options)?)
     }
 
     /// See [`crate::State::increment`].
     pub fn increment(&self, key: &str, delta: i64) -> Result<i64> {
-        self.runtime.block_on(self.inner.increment(key, delta))
+        self.conn.run(ops::increment(key, delta, None, None)?)
     }
 
     /// See [`crate::State::increment_fenced`].
     pub fn increment_fenced(&self, key: &str, delta: i64, lock: &str, fence: u64) -> Result<i64> {
-        self.runtime
-            .block_on(self.inner.increment_fenced(key, delta, lock, fence))
+        let fence = Some((lock.to_owned(), fence));
+        self.conn.run(ops::increment(key, delta, None, fence)?)
     }
 
     /// See [`crate::State::increment_guarded`].
     pub fn increment_guarded(&self, key: &str, delta: i64, guard: &LockGuard) -> Result<i64> {
-        self.runtime
-            .block_on(self.inner.increment_guarded(key, delta, &guard.inner))
+        let hold = Some(guard.hold_id());
+        self.conn.run(ops::increment(key, delta, hold, None)?)
     }
 
     /// See [`crate::State::list`].
     pub fn list(&self, prefix: &str, with_values: bool) -> Result<Vec<StateEntry>> {
-        self.runtime.block_on(self.inner.list(prefix, with_values))
+        let mut all = Vec::new();
+        let mut after = String::new();
+        loop {
+            let (page, more) = self.list_page(prefix, &after, 0, with_values)?;
+            if let Some(last) = page.last() {
+                after = last.key.clone();
+            }
+            all.extend(page);
+            if !more {
+                return Ok(all);
+            }
+        }
+    }
+
+    /// See [`crate::State::list_page`].
+    pub fn list_page(
+        &self,
+        prefix: &str,
+        start_after: &str,
+        limit: u32,
+        with_values: bool,
+    ) -> Result<(Vec<StateEntry>, bool)> {
+        self.conn
+            .run(ops::list_page(prefix, start_after, limit, with_values)?)
     }
 
     /// See [`crate::State::watch`].
     pub fn watch(&self, key: &str) -> Result<Watch> {
-        let inner = self.runtime.block_on(self.inner.watch(key))?;
-        Ok(Watch {
-            inner,
-            runtime: self.runtime.clone(),
-        })
+        self.watch_with(key, WatchOptions::values())
     }
 
     /// See [`crate::State::watch_prefix`].
     pub fn watch_prefix(&self, prefix: &str) -> Result<Watch> {
-        let inner = self.runtime.block_on(self.inner.watch_prefix(prefix))?;
-        Ok(Watch {
-            inner,
-            runtime: self.runtime.clone(),
-        })
+        let options = WatchOptions {
+            prefix: true,
+            ..WatchOptions::values()
+        };
+        self.watch_with(prefix, options)
     }
 
     /// See [`crate::State::watch_with`].
     pub fn watch_with(&self, key: &str, options: WatchOptions) -> Result<Watch> {
-        let inner = self.runtime.block_on(self.inner.watch_with(key, options))?;
+        let handle = self.conn.watch(ops::watch(key, &options)?)?;
         Ok(Watch {
-            inner,
-            runtime: self.runtime.clone(),
+            conn: Arc::clone(&self.conn),
+            handle,
         })
     }
 
     /// See [`crate::State::get_json`].
     pub fn get_json<T: serde::de::DeserializeOwned>(&self, key: &str) -> Result<Option<(T, u64)>> {
-        self.runtime.block_on(self.inner.get_json(key))
+        ops::from_json(key, self.get(key)?)
     }
 
     /// See [`crate::State::set_json`].
     pub fn set_json<T: serde::Serialize + ?Sized>(&self, key: &str, value: &T) -> Result<u64> {
-        self.runtime.block_on(self.inner.set_json(key, value))
+        self.set(key, ops::to_json(key, value)?)
     }
 }
 
 /// A blocking [`crate::Watch`]: an iterator of changes that ends when the
-/// connection does.
+/// connection does; unwatches when dropped.
 #[derive(Debug)]
 pub struct Watch {
-    inner: crate::Watch,
-    runtime: RuntimeRef,
+    conn: Arc<Conn>,
+    handle: WatchHandle,
 }
 
 impl Watch {
     /// The next change, waiting at most `timeout`; `None` on timeout or a
     /// lost connection.
     pub fn next_timeout(&mut self, timeout: Duration) -> Option<WatchEvent> {
-        let inner = &mut self.inner;
-        self.runtime
-            .block_on(async { tokio::time::timeout(timeout, inner.next()).await })
-            .ok()
-            .flatten()
+        // A timeout too far to compute waits for ever.
+        let deadline = Instant::now().checked_add(timeout);
+        self.conn.next_event(&mut self.handle, deadline)
     }
 }
 
@@ -438,69 +444,85 @@ impl Iterator for Watch {
     type Item = WatchEvent;
 
     fn next(&mut self) -> Option<WatchEvent> {
-        let inner = &mut self.inner;
-        self.runtime.block_on(inner.next())
+        self.conn.next_event(&mut self.handle, None)
     }
 }
 
-/// A [`crate::LockGuard`] for blocking code; see
-/// [`Client`].
+impl Drop for Watch {
+    fn drop(&mut self) {
+        self.conn.unwatch(&mut self.handle);
+    }
+}
+
+/// A held lock of a blocking [`Client`]; released when dropped.
 #[derive(Debug)]
 #[must_use = "the lock is released as soon as the guard is dropped"]
 pub struct LockGuard {
-    inner: crate::LockGuard,
-    runtime: RuntimeRef,
+    conn: Arc<Conn>,
+    name: String,
+    kind: LockKind,
+    permits: u32,
+    grant: Grant,
+    /// Whether the release has been sent already.
+    released: bool,
 }
 
 impl LockGuard {
     /// The lock's name.
     pub fn name(&self) -> &str {
-        self.inner.name()
+        &self.name
     }
 
     /// How the lock was taken.
     pub fn kind(&self) -> LockKind {
-        self.inner.kind()
+        self.kind
     }
 
     /// Permits held.
     pub fn permits(&self) -> u32 {
-        self.inner.permits()
+        self.permits
     }
 
     /// The hold's id in the daemon.
     pub fn hold_id(&self) -> u64 {
-        self.inner.hold_id()
+        self.grant.hold_id
     }
 
     /// The fencing token; see [`crate::LockGuard::fence`].
     pub fn fence(&self) -> u64 {
-        self.inner.fence()
+        self.grant.fence
     }
 
     /// The previous holder died holding the lock; see
     /// [`crate::LockGuard::abandoned`].
     pub fn abandoned(&self) -> bool {
-        self.inner.abandoned()
+        self.grant.abandoned
     }
 
     /// Whether the connection, and so this hold, is gone.
     pub fn is_lost(&self) -> bool {
-        self.inner.is_lost()
+        self.conn.is_lost()
     }
 
     /// Blocks until the connection is lost or `timeout` passes; true if it
     /// was lost.
     pub fn wait_lost(&self, timeout: Duration) -> bool {
-        // The timer must be made inside the runtime, hence the async block.
-        self.runtime
-            .block_on(async { tokio::time::timeout(timeout, self.inner.lost()).await })
-            .is_ok()
+        self.conn.wait_lost(timeout)
     }
 
     /// Releases the hold and waits for the daemon to confirm it.
-    pub fn release(self) -> Result<()> {
-        let LockGuard { inner, runtime } = self;
-        runtime.block_on(inner.release())
+    pub fn release(mut self) -> Result<()> {
+        self.released = true;
+        self.conn.run(ops::release(&self.name, self.grant.hold_id))
+    }
+}
+
+impl Drop for LockGuard {
+    fn drop(&mut self) {
+        if !self.released {
+            self.conn.forget(Request::Release {
+                hold_id: self.grant.hold_id,
+            });
+        }
     }
 }

@@ -18,12 +18,13 @@ use std::time::{Duration, Instant};
 
 use lockbroker_proto::io::{FrameReader, FrameWriter};
 use lockbroker_proto::{
-    Acquire, ClientMessage, ErrorInfo, Event, Grant, Inspection, Limits, LockKind, LockName,
-    Request, Response, ServerMessage, Welcome,
+    ClientMessage, ErrorInfo, Event, Grant, Inspection, Limits, LockKind, Request, Response,
+    ServerMessage, Welcome,
 };
 use tokio::sync::{mpsc, oneshot, watch};
 
-use crate::error::{Error, Result, refused, unexpected};
+use crate::error::{Error, Result};
+use crate::ops::{self, Op};
 use crate::transport::{ReadHalf, WriteHalf};
 
 /// Stop taking new requests from callers while this many bytes wait to be
@@ -150,11 +151,13 @@ impl Client {
     /// abandoned, when the connection closes — for a connection that child
     /// processes share and close last.
     pub async fn release_on_close(&self) -> Result<()> {
-        match self.call(Request::ReleaseOnClose).await? {
-            Response::Done => Ok(()),
-            Response::Error(e) => Err(refused("release on close".into(), e)),
-            other => Err(unexpected("release on close", other)),
-        }
+        self.run(ops::release_on_close()).await
+    }
+
+    /// The daemon's greeting.
+    #[cfg(windows)]
+    pub(crate) fn welcome(&self) -> &Welcome {
+        &self.inner.welcome
     }
 
     /// This session's id, as `inspect` shows it.
@@ -186,10 +189,8 @@ impl Client {
     /// Round-trip time of one ping.
     pub async fn ping(&self) -> Result<Duration> {
         let start = Instant::now();
-        match self.call(Request::Ping).await? {
-            Response::Pong => Ok(start.elapsed()),
-            other => Err(unexpected("ping", other)),
-        }
+        self.run(ops::ping()).await?;
+        Ok(start.elapsed())
     }
 
     /// Lock entries whose names start with `prefix`, in name order (at most
@@ -200,15 +201,7 @@ impl Client {
 
     /// Like [`Client::inspect`], with at most `limit` entries.
     pub async fn inspect_limit(&self, prefix: &str, limit: u32) -> Result<Inspection> {
-        let request = Request::Inspect {
-            prefix: prefix.to_owned(),
-            limit,
-        };
-        match self.call(request).await? {
-            Response::Inspection(i) => Ok(i),
-            Response::Error(e) => Err(refused(format!("inspect {prefix:?}"), e)),
-            other => Err(unexpected("inspect", other)),
-        }
+        self.run(ops::inspect(prefix, "", limit, false)).await
     }
 
     /// One page of the lock entries whose names start with `prefix` and
@@ -223,16 +216,8 @@ impl Client {
         start_after: &str,
         limit: u32,
     ) -> Result<Inspection> {
-        let request = Request::InspectAfter {
-            prefix: prefix.to_owned(),
-            start_after: start_after.to_owned(),
-            limit,
-        };
-        match self.call(request).await? {
-            Response::Inspection(i) => Ok(i),
-            Response::Error(e) => Err(refused(format!("inspect {prefix:?}"), e)),
-            other => Err(unexpected("inspect", other)),
-        }
+        self.run(ops::inspect(prefix, start_after, limit, true))
+            .await
     }
 
     /// Releases `count` permits this session holds on `name`, oldest holds
@@ -240,15 +225,7 @@ impl Client {
     /// nothing when dropped, and report an error from
     /// [`LockGuard::release`](crate::LockGuard::release).
     pub async fn release_by_name(&self, name: &str, count: u32) -> Result<u32> {
-        let request = Request::ReleaseByName {
-            name: name.to_owned(),
-            count,
-        };
-        match self.call(request).await? {
-            Response::Released { permits } => Ok(permits),
-            Response::Error(e) => Err(refused(format!("release of {name:?}"), e)),
-            other => Err(unexpected("release", other)),
-        }
+        self.run(ops::release_by_name(name, count)).await
     }
 
     /// Asks for `lock` on `name`; `Ok(None)` when `timeout` ran out
@@ -260,31 +237,21 @@ impl Client {
         lock: LockRequest,
         timeout: Option<Duration>,
     ) -> Result<Option<Grant>> {
-        let checked = LockName::new(name).map_err(|source| Error::InvalidName {
-            name: name.to_owned(),
-            source,
-        })?;
-        let (kind, capacity, permits) = lock.wire();
-        let request = Request::Acquire(Acquire {
-            name: checked.into_string(),
-            kind,
-            capacity,
-            permits,
-            timeout_ms: timeout.map(|t| u64::try_from(t.as_millis()).unwrap_or(u64::MAX)),
-        });
-        let (id, reply) = self.submit(request)?;
+        let op = ops::acquire(name, lock, timeout)?;
+        let (id, reply) = self.submit(op.request)?;
         let cancel = CancelOnDrop {
             client: self,
             id: Some(id),
         };
         let response = reply.await.map_err(|_| Error::ConnectionLost);
         cancel.disarm();
-        match response? {
-            Response::Granted(grant) => Ok(Some(grant)),
-            Response::TimedOut => Ok(None),
-            Response::Error(e) => Err(refused(format!("acquire of {name:?}"), e)),
-            other => Err(unexpected("acquire", other)),
-        }
+        op.answer.read(response?)
+    }
+
+    /// Sends `op`'s request and reads its answer.
+    pub(crate) async fn run<T>(&self, op: Op<T>) -> Result<T> {
+        let response = self.call(op.request).await?;
+        op.answer.read(response)
     }
 
     /// Sends `request` and waits for its answer.
@@ -377,7 +344,7 @@ impl LockRequest {
     }
 
     /// Kind, capacity and permits on the wire (PROTOCOL.md 4.7).
-    fn wire(self) -> (LockKind, u32, u32) {
+    pub(crate) fn wire(self) -> (LockKind, u32, u32) {
         match self {
             LockRequest::Mutex => (LockKind::Mutex, 1, 1),
             LockRequest::Semaphore { capacity, permits } => {

@@ -7,7 +7,9 @@ use std::time::Duration;
 use lockbroker_proto::address::Expected;
 use lockbroker_proto::address::{self, Address, Env, Scope};
 use lockbroker_proto::io::{FrameReader, write_message};
-use lockbroker_proto::{ClientMessage, Hello, MAGIC, PROTOCOL_VERSION, ServerMessage, frame};
+use lockbroker_proto::{
+    ClientMessage, Hello, MAGIC, PROTOCOL_VERSION, ServerMessage, Welcome, frame,
+};
 
 use crate::client::Client;
 use crate::error::{Error, Result};
@@ -164,10 +166,7 @@ impl Connector {
 
     /// Connects and shakes hands. Must run within a Tokio runtime.
     pub async fn connect(&self) -> Result<Client> {
-        let address = self.resolve()?;
-        let trust = self.expected_server(&address)?;
-        let path = address.path;
-        let name = self.client_name.clone().unwrap_or_else(program_name);
+        let (path, name, trust) = self.prepare()?;
         let connecting = connect(path.clone(), name, trust);
         match tokio::time::timeout(self.timeout, connecting).await {
             Ok(result) => result,
@@ -182,13 +181,30 @@ impl Connector {
     }
 }
 
+impl Connector {
+    /// Where to connect, the name to give, and whom to trust there.
+    pub(crate) fn prepare(&self) -> Result<(PathBuf, String, Trust)> {
+        let address = self.resolve()?;
+        let trust = self.expected_server(&address)?;
+        let name = self.client_name.clone().unwrap_or_else(program_name);
+        Ok((address.path, name, trust))
+    }
+
+    /// How long connecting and the handshake may take.
+    #[cfg(unix)]
+    pub(crate) fn connect_timeout(&self) -> Duration {
+        self.timeout
+    }
+}
+
 /// Whom a connector accepts as the daemon: users (Unix) or SIDs (Windows).
-struct Trust(#[cfg(unix)] Expected, #[cfg(windows)] Vec<String>);
+pub(crate) struct Trust(#[cfg(unix)] Expected, #[cfg(windows)] Vec<String>);
 
 impl Trust {
     /// Refuses the daemon that serves `path` as `server` (its uid on
     /// Unix, its process id on Windows) unless it is trusted.
-    fn verify(&self, path: &std::path::Path, server: u32) -> Result<()> {
+    /// Checks who serves `path` (its uid on Unix, its process on Windows).
+    pub(crate) fn verify(&self, path: &std::path::Path, server: u32) -> Result<()> {
         #[cfg(unix)]
         {
             address::check_server(path, server, &self.0).map_err(Error::Untrusted)
@@ -220,29 +236,45 @@ async fn connect(path: PathBuf, client_name: String, trust: Trust) -> Result<Cli
             })?;
     // Before anything is sent: a Hello names this program.
     trust.verify(&path, server)?;
-    let handshake = |code, message: String| Error::Handshake {
-        path: path.clone(),
-        code,
-        message,
-    };
-    let hello = ClientMessage::Hello(Hello {
-        magic: MAGIC,
-        version: PROTOCOL_VERSION,
-        client_name,
-    });
-    // Before the Welcome the daemon's limit is unknown; a Hello is small.
-    let max = lockbroker_proto::MIN_MAX_FRAME_LEN;
     // A daemon that refuses us (e.g. at its connection limit) may answer
     // and close before reading the Hello, so a failed write is only final
     // if no answer can be read either.
-    let sent = write_message(&mut writer, &hello, max).await;
+    let sent = write_message(&mut writer, &hello(client_name), HELLO_MAX).await;
     let mut reader = FrameReader::new(reader, frame::DEFAULT_MAX_FRAME_LEN);
     let answer = reader.read_message::<ServerMessage>().await;
+    let welcome = welcome(&path, answer, sent.map_err(|e| e.to_string()))?;
+    reader.set_max_len(welcome.limits.max_frame_len);
+    Ok(Client::start(reader, writer, welcome))
+}
+
+/// Before the Welcome the daemon's limit is unknown; a Hello is small.
+pub(crate) const HELLO_MAX: u32 = lockbroker_proto::MIN_MAX_FRAME_LEN;
+
+/// The first frame this client sends.
+pub(crate) fn hello(client_name: String) -> ClientMessage {
+    ClientMessage::Hello(Hello {
+        magic: MAGIC,
+        version: PROTOCOL_VERSION,
+        client_name,
+    })
+}
+
+/// What the daemon's first answer means, given whether the Hello was sent.
+pub(crate) fn welcome(
+    path: &std::path::Path,
+    answer: std::result::Result<Option<ServerMessage>, lockbroker_proto::FrameError>,
+    sent: std::result::Result<(), String>,
+) -> Result<Welcome> {
+    let handshake = |code, message: String| Error::Handshake {
+        path: path.to_owned(),
+        code,
+        message,
+    };
     let welcome = match (answer, sent) {
         (Ok(Some(ServerMessage::Fatal(e))), _) => {
             return Err(handshake(Some(e.code), e.message));
         }
-        (_, Err(e)) => return Err(handshake(None, e.to_string())),
+        (_, Err(e)) => return Err(handshake(None, e)),
         (Ok(Some(ServerMessage::Welcome(w))), Ok(())) => w,
         (Ok(Some(other)), Ok(())) => {
             return Err(handshake(
@@ -264,8 +296,7 @@ async fn connect(path: PathBuf, client_name: String, trust: Trust) -> Result<Cli
             ),
         ));
     }
-    reader.set_max_len(welcome.limits.max_frame_len);
-    Ok(Client::start(reader, writer, welcome))
+    Ok(welcome)
 }
 
 /// The running program's file name, the default client name.

@@ -5,10 +5,10 @@
 //! [`LockGuard::release`]. Either way the daemon is the backstop: everything
 //! a connection held is released when the connection closes.
 
-use lockbroker_proto::{Grant, LockKind, Request, Response};
+use lockbroker_proto::{Grant, LockKind, Request};
 
 use crate::client::Client;
-use crate::error::{Result, refused, unexpected};
+use crate::error::Result;
 
 /// A granted hold on a lock.
 #[derive(Debug)]
@@ -86,12 +86,8 @@ impl LockGuard {
     /// Releases the hold and waits for the daemon to confirm it.
     pub async fn release(mut self) -> Result<()> {
         self.released = true;
-        let hold_id = self.grant.hold_id;
-        match self.client.call(Request::Release { hold_id }).await? {
-            Response::Released { .. } => Ok(()),
-            Response::Error(e) => Err(refused(format!("release of {:?}", self.name), e)),
-            other => Err(unexpected("release", other)),
-        }
+        let op = crate::ops::release(&self.name, self.grant.hold_id);
+        self.client.run(op).await
     }
 }
 

@@ -60,10 +60,13 @@ pub mod address;
 pub mod blocking;
 mod client;
 mod connector;
+#[cfg(unix)]
+mod direct;
 mod error;
 mod guard;
 mod handle;
 pub mod launch;
+mod ops;
 mod state;
 mod transport;
 

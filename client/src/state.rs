@@ -13,16 +13,15 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use futures_core::Stream;
-use lockbroker_proto::{
-    ChangeKind, Event, LockName, Request, Response, StateEntry, StateSet, Versioned,
-};
+use lockbroker_proto::{ChangeKind, Event, StateEntry, Versioned};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use tokio::sync::mpsc;
 
 use crate::client::Client;
-use crate::error::{Error, Result, refused, unexpected};
+use crate::error::{Error, Result};
 use crate::guard::LockGuard;
+use crate::ops;
 
 /// The result of a conditional write.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -96,18 +95,6 @@ impl WriteOptions {
     }
 }
 
-/// `write`, wrapped in a fenced write when `fence` names one.
-fn fenced(write: Request, fence: Option<(String, u64)>) -> Request {
-    match fence {
-        Some((lock, fence)) => Request::StateFenced {
-            lock,
-            fence,
-            write: Box::new(write),
-        },
-        None => write,
-    }
-}
-
 /// A change seen by a [`Watch`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum WatchEvent {
@@ -139,14 +126,20 @@ pub struct WatchOptions {
     pub with_values: bool,
 }
 
+impl WatchOptions {
+    /// A watch of one key from now on, with values.
+    pub(crate) fn values() -> WatchOptions {
+        WatchOptions {
+            with_values: true,
+            ..WatchOptions::default()
+        }
+    }
+}
+
 /// The shared state of the daemon, through this client's connection.
 #[derive(Debug, Clone)]
 pub struct State {
     client: Client,
-}
-
-fn ms(d: Duration) -> u64 {
-    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
 }
 
 impl Client {
@@ -158,47 +151,15 @@ impl Client {
     }
 }
 
-/// Checks a key as the daemon would (the rules of lock names), or a
-/// prefix (which may also be empty), before anything is sent.
-fn check_key(key: &str, prefix: bool) -> Result<()> {
-    let checked = if prefix {
-        lockbroker_proto::validate_prefix(key)
-    } else {
-        LockName::new(key).map(drop)
-    };
-    checked.map_err(|source| Error::InvalidName {
-        name: key.to_owned(),
-        source,
-    })
-}
-
 impl State {
-    async fn call(&self, what: &str, key: &str, request: Request) -> Result<Response> {
-        let prefix = matches!(request, Request::StateList { .. });
-        check_key(key, prefix)?;
-        match self.client.call(request).await? {
-            Response::Error(e) => Err(refused(format!("{what} of {key:?}"), e)),
-            other => Ok(other),
-        }
-    }
-
     /// The value and version at `key`, or `None`.
     pub async fn get(&self, key: &str) -> Result<Option<Versioned>> {
-        let request = Request::StateGet { key: key.into() };
-        match self.call("get", key, request).await? {
-            Response::StateValue(v) => Ok(v),
-            other => Err(unexpected("get", other)),
-        }
+        self.client.run(ops::get(key)?).await
     }
 
     /// Stores `value` at `key`; returns the new version.
     pub async fn set(&self, key: &str, value: impl Into<Vec<u8>>) -> Result<u64> {
-        match self.set_with(key, value, WriteOptions::default()).await? {
-            WriteOutcome::Written { version } => Ok(version),
-            WriteOutcome::Conflict { .. } => Err(Error::Protocol(
-                "an unconditional write reported a conflict".into(),
-            )),
-        }
+        ops::written(self.set_with(key, value, WriteOptions::default()).await?)
     }
 
     /// Stores `value` at `key` as `options` say.
@@ -208,19 +169,7 @@ impl State {
         value: impl Into<Vec<u8>>,
         options: WriteOptions,
     ) -> Result<WriteOutcome> {
-        let write = Request::StateSet(StateSet {
-            key: key.into(),
-            value: value.into(),
-            if_version: options.if_version,
-            ttl_ms: options.ttl.map(ms),
-            guard: options.guard,
-        });
-        let request = fenced(write, options.fence);
-        match self.call("set", key, request).await? {
-            Response::StateWritten { version } => Ok(WriteOutcome::Written { version }),
-            Response::StateConflict { current } => Ok(WriteOutcome::Conflict { current }),
-            other => Err(unexpected("set", other)),
-        }
+        self.client.run(ops::set(key, value.into(), options)?).await
     }
 
     /// Stores `value` only if `key`'s version is `version` (0: absent).
@@ -236,39 +185,26 @@ impl State {
 
     /// Removes `key`; returns what it held.
     pub async fn remove(&self, key: &str) -> Result<Option<Versioned>> {
-        match self.remove_with(key, WriteOptions::default()).await? {
-            RemoveOutcome::Removed(old) => Ok(old),
-            RemoveOutcome::Conflict { .. } => Err(Error::Protocol(
-                "an unconditional remove reported a conflict".into(),
-            )),
-        }
+        ops::removed(self.remove_with(key, WriteOptions::default()).await?)
     }
 
     /// Removes `key` as `options` say (`ttl` is ignored).
     pub async fn remove_with(&self, key: &str, options: WriteOptions) -> Result<RemoveOutcome> {
-        let write = Request::StateRemove {
-            key: key.into(),
-            if_version: options.if_version,
-            guard: options.guard,
-        };
-        let request = fenced(write, options.fence);
-        match self.call("remove", key, request).await? {
-            Response::StateRemoved(old) => Ok(RemoveOutcome::Removed(old)),
-            Response::StateConflict { current } => Ok(RemoveOutcome::Conflict { current }),
-            other => Err(unexpected("remove", other)),
-        }
+        self.client.run(ops::remove(key, options)?).await
     }
 
     /// Adds `delta` to the decimal integer at `key` (absent counts as 0);
     /// returns the new value.
     pub async fn increment(&self, key: &str, delta: i64) -> Result<i64> {
-        self.increment_with(key, delta, None, None).await
+        self.client
+            .run(ops::increment(key, delta, None, None)?)
+            .await
     }
 
     /// Like [`State::increment`], applied only while `guard` is held.
     pub async fn increment_guarded(&self, key: &str, delta: i64, guard: &LockGuard) -> Result<i64> {
-        self.increment_with(key, delta, Some(guard.hold_id()), None)
-            .await
+        let op = ops::increment(key, delta, Some(guard.hold_id()), None)?;
+        self.client.run(op).await
     }
 
     /// Like [`State::increment`], applied only while `lock` has a live hold
@@ -280,27 +216,8 @@ impl State {
         lock: &str,
         fence: u64,
     ) -> Result<i64> {
-        self.increment_with(key, delta, None, Some((lock.to_owned(), fence)))
-            .await
-    }
-
-    async fn increment_with(
-        &self,
-        key: &str,
-        delta: i64,
-        guard: Option<u64>,
-        fence: Option<(String, u64)>,
-    ) -> Result<i64> {
-        let write = Request::StateIncrement {
-            key: key.into(),
-            delta,
-            guard,
-        };
-        let request = fenced(write, fence);
-        match self.call("increment", key, request).await? {
-            Response::StateCounter { value, .. } => Ok(value),
-            other => Err(unexpected("increment", other)),
-        }
+        let op = ops::increment(key, delta, None, Some((lock.to_owned(), fence)))?;
+        self.client.run(op).await
     }
 
     /// Every key under `prefix`, in key order, with values if asked.
@@ -328,47 +245,32 @@ impl State {
         limit: u32,
         with_values: bool,
     ) -> Result<(Vec<StateEntry>, bool)> {
-        let request = Request::StateList {
-            prefix: prefix.into(),
-            start_after: start_after.into(),
-            limit,
-            with_values,
-        };
-        match self.call("list", prefix, request).await? {
-            Response::StateEntries { entries, more } => Ok((entries, more)),
-            other => Err(unexpected("list", other)),
-        }
+        let op = ops::list_page(prefix, start_after, limit, with_values)?;
+        self.client.run(op).await
     }
 
     /// Watches `key` from now on, with values.
     pub async fn watch(&self, key: &str) -> Result<Watch> {
-        let options = WatchOptions {
-            with_values: true,
-            ..WatchOptions::default()
-        };
-        self.watch_with(key, options).await
+        self.watch_with(key, WatchOptions::values()).await
     }
 
     /// Watches every key under `prefix` from now on, with values.
     pub async fn watch_prefix(&self, prefix: &str) -> Result<Watch> {
         let options = WatchOptions {
             prefix: true,
-            with_values: true,
-            ..WatchOptions::default()
+            ..WatchOptions::values()
         };
         self.watch_with(prefix, options).await
     }
 
     /// Watches as `options` say.
     pub async fn watch_with(&self, key: &str, options: WatchOptions) -> Result<Watch> {
-        check_key(key, options.prefix)?;
-        let request = Request::StateWatch {
-            key: key.into(),
-            prefix: options.prefix,
-            from_version: options.from_version,
-            with_values: options.with_values,
-        };
-        let (id, events, reply) = self.client.submit_watch(request)?;
+        self.watch_op(ops::watch(key, &options)?).await
+    }
+
+    /// Starts the watch `op` asks for.
+    pub(crate) async fn watch_op(&self, op: ops::Op<()>) -> Result<Watch> {
+        let (id, events, reply) = self.client.submit_watch(op.request)?;
         // From here on a Watch owns the id, so dropping this future (or an
         // error) ends the watch on the daemon too.
         let watch = Watch {
@@ -376,34 +278,19 @@ impl State {
             id,
             events,
         };
-        match reply.await.map_err(|_| Error::ConnectionLost)? {
-            Response::Done => Ok(watch),
-            Response::Error(e) => Err(refused(format!("watch of {key:?}"), e)),
-            other => Err(unexpected("watch", other)),
-        }
+        op.answer
+            .read(reply.await.map_err(|_| Error::ConnectionLost)?)?;
+        Ok(watch)
     }
 
     /// The value at `key` decoded from JSON.
     pub async fn get_json<T: DeserializeOwned>(&self, key: &str) -> Result<Option<(T, u64)>> {
-        match self.get(key).await? {
-            None => Ok(None),
-            Some(v) => {
-                let value = serde_json::from_slice(&v.value).map_err(|e| Error::Json {
-                    key: key.into(),
-                    source: e,
-                })?;
-                Ok(Some((value, v.version)))
-            }
-        }
+        ops::from_json(key, self.get(key).await?)
     }
 
     /// Stores `value` as JSON at `key`; returns the new version.
     pub async fn set_json<T: Serialize + ?Sized>(&self, key: &str, value: &T) -> Result<u64> {
-        let bytes = serde_json::to_vec(value).map_err(|e| Error::Json {
-            key: key.into(),
-            source: e,
-        })?;
-        self.set(key, bytes).await
+        self.set(key, ops::to_json(key, value)?).await
     }
 }
 
@@ -418,7 +305,7 @@ pub struct Watch {
 
 impl WatchEvent {
     /// The event a watch's protocol event stands for.
-    fn from_event(event: Event) -> Option<WatchEvent> {
+    pub(crate) fn from_event(event: Event) -> Option<WatchEvent> {
         match event {
             Event::StateChanged {
                 key,

@@ -37,7 +37,7 @@ pub struct FrameReader<R> {
     max_len: u32,
 }
 
-impl<R: AsyncRead + Unpin> FrameReader<R> {
+impl<R> FrameReader<R> {
     /// Reads frames of at most `max_len` body bytes from `inner`.
     pub fn new(inner: R, max_len: u32) -> Self {
         FrameReader {
@@ -72,6 +72,46 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
         }
     }
 
+    /// Reads more bytes with `read`, handed the buffer's free room, for an
+    /// owner that does its own (blocking) I/O, as the blocking client does;
+    /// returns what `read` returned (`Ok(0)`: the stream ended).
+    pub fn fill_with(
+        &mut self,
+        read: impl FnOnce(&mut [u8]) -> std::io::Result<usize>,
+    ) -> std::io::Result<usize> {
+        let room = self.make_room();
+        let len = self.buf.len();
+        self.buf.resize(len + room, 0);
+        let got = read(&mut self.buf[len..]);
+        self.buf.truncate(len + got.as_ref().map_or(0, |n| *n));
+        got
+    }
+
+    /// Whether a frame has been read in part.
+    pub fn has_partial(&self) -> bool {
+        self.start < self.buf.len()
+    }
+
+    /// Makes sure the next read has room for the rest of the pending frame,
+    /// moving a partial frame to the front instead of growing without end;
+    /// returns the room made.
+    fn make_room(&mut self) -> usize {
+        if self.start > 0 {
+            self.buf.drain(..self.start);
+            self.start = 0;
+        }
+        // peek_len cannot fail here: try_next just checked the header.
+        let want = match frame::peek_len(&self.buf, self.max_len) {
+            Ok(Some(len)) => (frame::HEADER_LEN + len).saturating_sub(self.buf.len()),
+            _ => 0,
+        };
+        let room = want.max(READ_CHUNK);
+        self.buf.reserve(room);
+        room
+    }
+}
+
+impl<R: AsyncRead + Unpin> FrameReader<R> {
     /// Reads the next message. `Ok(None)` means the stream ended cleanly
     /// between frames; ending inside a frame is [`FrameError::Truncated`].
     ///
@@ -92,21 +132,6 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
                 };
             }
         }
-    }
-
-    /// Makes sure the next read has room for the rest of the pending frame,
-    /// moving a partial frame to the front instead of growing without end.
-    fn make_room(&mut self) {
-        if self.start > 0 {
-            self.buf.drain(..self.start);
-            self.start = 0;
-        }
-        // peek_len cannot fail here: try_next just checked the header.
-        let want = match frame::peek_len(&self.buf, self.max_len) {
-            Ok(Some(len)) => (frame::HEADER_LEN + len).saturating_sub(self.buf.len()),
-            _ => 0,
-        };
-        self.buf.reserve(want.max(READ_CHUNK));
     }
 }
 

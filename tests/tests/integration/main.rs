@@ -8,6 +8,7 @@
 
 mod abandon;
 mod bad_input;
+mod blocking;
 mod cancel;
 mod client_api;
 mod durability;

@@ -21,3 +21,16 @@ pub fn daemon_bin() -> &'static Path {
 pub async fn spawn_daemon(socket: &Path, flags: &[&std::ffi::OsStr]) -> DaemonProcess {
     DaemonProcess::start(daemon_bin(), socket, flags).await
 }
+
+/// Fails the test if `cond` does not hold within 20 seconds, asking again
+/// every few milliseconds: for what only a blocking client can see.
+pub fn wait_until_blocking(what: &str, mut cond: impl FnMut() -> bool) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while !cond() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "timed out waiting until {what}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(2));
+    }
+}
