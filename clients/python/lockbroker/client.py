@@ -1,17 +1,33 @@
 """One session with the daemon, shared safely by every thread of a process.
 
 A :class:`Client` owns one connection (a Unix socket, or a named pipe on
-Windows: :mod:`lockbroker.transport`) and one reader thread:
+Windows: :mod:`lockbroker.transport`):
 
 * a caller allocates a request id, registers a :class:`_Call` in
   ``_pending`` and writes its frame (writes are serialized by
-  ``_write_lock``), then blocks on its own ``_Call`` only;
-* the reader thread decodes every frame the daemon sends and routes each
-  ``Response`` to the ``_Call`` with its id, so an acquire that waits never
-  delays another thread's request (PROTOCOL.md section 7);
+  ``_write_lock``), then waits for its own ``_Call`` only;
+* one thread at a time reads: it decodes every frame the daemon sends and
+  routes each ``Response`` to the ``_Call`` with its id, so an acquire that
+  waits never delays another thread's request (PROTOCOL.md section 7);
 * when the connection ends for any reason, the reader fails every pending
   call with :class:`ConnectionLost`, and every later call raises it too; a
   ``Client`` is one session and never reconnects (``client.lost`` tells).
+
+Who reads. On a Unix socket the waiting caller reads itself: whoever finds
+the frame buffer (``_buffer``) free takes it and reads until its own answer
+has come, routing frames meant for other threads to them, while those
+sleep on a condition of their own until their answer is routed or the
+buffer is free; whoever leaves with the buffer free wakes a sleeper, so
+while anyone waits someone reads. An uncontended call is then one
+``sendall`` and one ``recv`` in the calling thread, with no thread switch.
+``client.lost`` and ``client.shutting_down`` read what has arrived before
+answering. On a Windows pipe a reader thread of the client's own reads
+every frame instead, and callers block on their ``_Call``. A frame read is
+always routed: an interrupt (``KeyboardInterrupt``) that lands while a
+caller routes frames it read ends the session (so no answer or grant is
+lost with it: the daemon releases everything, and every waiting call fails
+with ``ConnectionLost``); one that lands while it waits in ``recv``
+interrupts only its own call.
 
 State watches (PROTOCOL.md 10.11) add a second routing table: a watch's
 events carry its id (the ``StateWatch`` request id), and ``_watches`` maps
@@ -25,7 +41,10 @@ consumer side is :class:`lockbroker.state.Watch`.
 A caller that stops waiting for an acquire (its local safety deadline ran
 out, or ``KeyboardInterrupt``) removes its ``_Call`` and sends ``Cancel``;
 from then on the acquire's id is unknown, and the reader releases any
-``Granted`` that arrives for an unknown id (PROTOCOL.md 7 and 8.7).
+``Granted`` that arrives for an unknown id (PROTOCOL.md 7 and 8.7). When
+callers read for themselves, the one that cancels also waits (briefly) for
+the answer to its ``Cancel``: a grant that raced it comes before, so it is
+read and released then, not whenever the client is next used.
 
 :func:`default_client` gives the process-wide client that ``Lock("x")`` uses
 when no client is passed; it connects on first use and again after a fork
@@ -41,11 +60,12 @@ from __future__ import annotations
 
 import os
 import queue
+import select
 import sys
 import threading
 import time
 import weakref
-from typing import TYPE_CHECKING, Any, Callable, Dict, Iterable, Iterator, Optional, Set, Tuple, Union
+from typing import TYPE_CHECKING, Any, Callable, Dict, Iterable, Iterator, List, Optional, Set, Tuple, Union
 
 from . import address as _address
 from . import transport as _transport
@@ -108,6 +128,15 @@ __all__ = ["Client", "default_client", "set_default_client", "ACQUIRE_GRACE"]
 #: itself, so this only bounds the wait on a daemon that stopped answering.
 ACQUIRE_GRACE = 10.0
 
+#: Seconds a caller that cancels an acquire waits for the ``Cancel``'s
+#: answer, when callers read for themselves (see the module's doc).
+CANCEL_WAIT = 5.0
+
+#: Whether callers read the socket themselves (True) or a reader thread
+#: does (False, always so on Windows). Tests set it to run the suite both
+#: ways.
+_READ_IN_CALLER = True
+
 
 def _default_client_name() -> str:
     """``basename(argv[0])`` made valid: no control characters, <= 255 bytes."""
@@ -157,6 +186,11 @@ class _Call:
         if timeout is None:
             return self._signal.acquire()
         return self._signal.acquire(timeout=max(timeout, 0.0))
+
+    @property
+    def done(self) -> bool:
+        """Whether the outcome is set."""
+        return self.response is not None or self.error is not None
 
     def outcome(self) -> Response:
         """The response, or raise the error the call failed with."""
@@ -259,10 +293,18 @@ class Client:
         name = _default_client_name() if client_name is None else client_name
         self._sock, self.welcome, buffer = self._connect(name, connect_timeout, allow_uids, allow_sids)
         self._max_send = self.welcome.limits.max_frame_len
-        self._reader = threading.Thread(
-            target=self._read_loop, args=(buffer,), name="lockbroker-reader", daemon=True
-        )
-        self._reader.start()
+        # Callers read for themselves on a socket; a pipe has a reader thread.
+        self._direct = _READ_IN_CALLER and isinstance(self._sock, _transport.SocketConnection)
+        # The frame buffer, held by nobody (None while a caller reads).
+        self._buffer: Optional[FrameBuffer] = buffer if self._direct else None
+        # Callers asleep while another reads, with what each waits for.
+        self._sleepers: List[Tuple[threading.Condition, object]] = []
+        self._reader: Optional[threading.Thread] = None
+        if not self._direct:
+            self._reader = threading.Thread(
+                target=self._read_loop, args=(buffer,), name="lockbroker-reader", daemon=True
+            )
+            self._reader.start()
         _CLIENTS.add(self)
 
     # ----------------------------------------------------------------- state
@@ -294,6 +336,7 @@ class Client:
         Every hold of the session is then gone, and every call raises
         :class:`ConnectionLost`.
         """
+        self._read_arrived()
         ended = self._ended
         return ended is not None and not isinstance(ended, ClientClosed)
 
@@ -310,6 +353,7 @@ class Client:
     @property
     def shutting_down(self) -> bool:
         """True once the daemon announced it is stopping (``ShuttingDown``)."""
+        self._read_arrived()
         return self._shutting_down
 
     @property
@@ -357,7 +401,10 @@ class Client:
                 self._ended = ClientClosed("the client was closed")
         # Shutdown (not just close) wakes the reader thread from recv.
         self._sock.shutdown()
-        if self._reader is not threading.current_thread():
+        if self._reader is None:
+            # Fail what still waits, and end the watches, here.
+            self._abort(ClientClosed("the client was closed"))
+        elif self._reader is not threading.current_thread():
             self._reader.join(timeout=5.0)
 
     # ------------------------------------------------------- public requests
@@ -385,7 +432,7 @@ class Client:
             local = None  # too far away for a local wait: as good as forever
         rid, call = self._start(Acquire(name, LockKind(kind), capacity, permits, timeout_ms))
         try:
-            answered = call.wait(local)
+            answered = self._await(call, local)
         except BaseException:
             # Interrupted: cancel, and release a grant that won the race.
             try:
@@ -483,7 +530,7 @@ class Client:
         rid, call = self._start(request, events)
         bound = self.request_timeout if timeout == -1.0 else timeout
         try:
-            answered = call.wait(bound)
+            answered = self._await(call, bound)
         except BaseException:
             self._orphan_watch(rid)
             raise
@@ -532,7 +579,7 @@ class Client:
         rid, call = self._start(request)
         bound = self.request_timeout if timeout == -1.0 else timeout
         try:
-            answered = call.wait(bound)
+            answered = self._await(call, bound)
         except BaseException:
             try:
                 late = self._give_up(rid, call, cancel=isinstance(request, Acquire))
@@ -667,7 +714,13 @@ class Client:
         if still_pending:
             if cancel:
                 try:
-                    self._send_untracked(Cancel(rid))
+                    if self._direct:
+                        # A grant that raced the cancel comes before its
+                        # answer: read it now, so it is released now.
+                        _, answer = self._start(Cancel(rid))
+                        self._await(answer, CANCEL_WAIT)
+                    else:
+                        self._send_untracked(Cancel(rid))
                 except (LockbrokerError, OSError):
                     pass  # session gone: nothing is held or waiting any more
             return None
@@ -727,49 +780,173 @@ class Client:
         return LockbrokerError("unexpected response from the daemon: %r" % (response,))
 
     def _read_loop(self, buffer: FrameBuffer) -> None:
-        """The reader thread: route every frame until the connection ends."""
-        error: ConnectionLost
+        """The reader thread (pipes): route every frame until the connection ends."""
+        error: Optional[ConnectionLost] = None
         try:
             while True:
-                body = buffer.next_body()
-                if body is None:
-                    data = self._sock.recv(65536)
-                    if not data:
-                        if buffer.has_partial():
-                            error = ConnectionLost("the connection broke in the middle of a frame")
-                        else:
-                            error = ConnectionLost("the daemon closed the connection")
-                        break
-                    buffer.feed(data)
-                    continue
-                message = decode_server_message(body)
-                if isinstance(message, ResponseMessage):
-                    self._route(message)
-                elif isinstance(message, EventMessage):
-                    event = message.event
-                    if isinstance(event, ShuttingDown):
-                        # Every hold is about to be lost (PROTOCOL.md 9.3).
-                        self._shutting_down = True
-                    else:
-                        self._route_event(event)
-                elif isinstance(message, Fatal):
-                    info = message.error
-                    error = ConnectionLost(
-                        "the daemon ended the session: %s (%d): %s"
-                        % (error_code_name(info.code), info.code, info.message),
-                        info,
-                    )
+                data = self._sock.recv(65536)
+                if not data:
+                    error = self._closed(buffer)
                     break
-                else:
-                    error = ConnectionLost("unexpected frame from the daemon: %r" % (message,))
+                buffer.feed(data)
+                error = self._drain(buffer)
+                if error is not None:
                     break
         except OSError as e:
             error = ConnectionLost("the connection to the daemon failed: %s" % e)
-        except DecodeError as e:
-            error = ConnectionLost("undecodable frame from the daemon: %s" % e)
         except Exception as e:  # a bug here must not leave callers hanging
             error = ConnectionLost("the client's reader failed: %r" % (e,))
+        assert error is not None
         self._abort(error)
+
+    @staticmethod
+    def _closed(buffer: FrameBuffer) -> ConnectionLost:
+        """Why the session ended, at the end of the stream."""
+        if buffer.has_partial():
+            return ConnectionLost("the connection broke in the middle of a frame")
+        return ConnectionLost("the daemon closed the connection")
+
+    def _drain(self, buffer: FrameBuffer) -> Optional[ConnectionLost]:
+        """Route every whole frame in ``buffer``; an error that ends the session."""
+        while True:
+            body = buffer.next_body()
+            if body is None:
+                return None
+            try:
+                message = decode_server_message(body)
+            except DecodeError as e:
+                return ConnectionLost("undecodable frame from the daemon: %s" % e)
+            error = self._handle(message)
+            if error is not None:
+                return error
+
+    def _handle(self, message: Any) -> Optional[ConnectionLost]:
+        """Route one frame; an error that ends the session."""
+        if isinstance(message, ResponseMessage):
+            self._route(message)
+        elif isinstance(message, EventMessage):
+            event = message.event
+            if isinstance(event, ShuttingDown):
+                # Every hold is about to be lost (PROTOCOL.md 9.3).
+                self._shutting_down = True
+            else:
+                self._route_event(event)
+        elif isinstance(message, Fatal):
+            info = message.error
+            return ConnectionLost(
+                "the daemon ended the session: %s (%d): %s"
+                % (error_code_name(info.code), info.code, info.message),
+                info,
+            )
+        else:
+            return ConnectionLost("unexpected frame from the daemon: %r" % (message,))
+        return None
+
+    # ------------------------------------------------- callers that read
+
+    def _await(self, call: _Call, timeout: Optional[float]) -> bool:
+        """Wait at most ``timeout`` for ``call``'s outcome; whether it came."""
+        if not self._direct:
+            return call.wait(timeout)
+        deadline = None if timeout is None else time.monotonic() + max(timeout, 0.0)
+        return self._lead(lambda: call.done, deadline, call)
+
+    def _watch_item(self, watch_id: int, events: "_WatchQueue", timeout: Optional[float]) -> Any:
+        """The next item of a watch's queue, waiting at most ``timeout``;
+        raises ``queue.Empty`` if none came."""
+        if not self._direct:
+            return events.get() if timeout is None else events.get(timeout=max(timeout, 0.0))
+        deadline = None if timeout is None else time.monotonic() + max(timeout, 0.0)
+        self._lead(lambda: not events.empty(), deadline, ("watch", watch_id))
+        return events.get_nowait()
+
+    def _read_arrived(self) -> None:
+        """Route what the daemon has sent, without waiting, if nobody reads."""
+        if self._direct and self._ended is None and self._pid == os.getpid():
+            self._lead(lambda: False, time.monotonic(), None)
+
+    def _lead(self, ready: Callable[[], bool], deadline: Optional[float], key: object) -> bool:
+        """Wait until ``ready()`` (checked under ``_lock``) or ``deadline``:
+        read while the buffer is free, else sleep until woken. Whether
+        ``ready()`` became true. A deadline already passed still reads
+        once, without waiting, what has arrived."""
+        lock = self._lock
+        cond: Optional[threading.Condition] = None
+        read_once = False
+        lock.acquire()
+        try:
+            while True:
+                if ready():
+                    return True
+                if self._ended is not None:
+                    return ready()
+                now = time.monotonic()
+                expired = deadline is not None and deadline <= now
+                if expired and read_once:
+                    return False
+                buffer, self._buffer = self._buffer, None
+                if buffer is not None:
+                    lock.release()
+                    try:
+                        read_once = True
+                        self._read_some(buffer, deadline)
+                    finally:
+                        lock.acquire()
+                        self._buffer = buffer
+                    continue
+                if expired:
+                    return False
+                if cond is None:
+                    cond = threading.Condition(lock)
+                entry = (cond, key)
+                self._sleepers.append(entry)
+                try:
+                    cond.wait(None if deadline is None else deadline - now)
+                finally:
+                    self._sleepers.remove(entry)
+        finally:
+            # Whoever leaves with the buffer free wakes a sleeper to read.
+            if self._buffer is not None and self._sleepers:
+                self._sleepers[0][0].notify()
+            lock.release()
+
+    def _read_some(self, buffer: FrameBuffer, deadline: Optional[float]) -> None:
+        """Read once, waiting until ``deadline`` at most, and route what came.
+        Called without ``_lock``, by the one caller holding the buffer."""
+        sock = self._sock
+        assert isinstance(sock, _transport.SocketConnection)
+        try:
+            if deadline is not None:
+                left_ms = max(0, int((deadline - time.monotonic()) * 1000.0 + 0.999))
+                poller = select.poll()
+                poller.register(sock.sock, select.POLLIN)
+                if not poller.poll(left_ms):
+                    return
+            data = sock.recv(65536)
+        except OSError as e:
+            self._abort(ConnectionLost("the connection to the daemon failed: %s" % e))
+            return
+        # What was read is routed, or the session ends: an answer dropped by
+        # an interrupt would leave its caller waiting, or a grant held.
+        try:
+            if not data:
+                error: Optional[ConnectionLost] = self._closed(buffer)
+            else:
+                buffer.feed(data)
+                error = self._drain(buffer)
+        except BaseException as e:
+            self._abort(ConnectionLost("interrupted while routing the daemon's answers: %r" % (e,)))
+            if isinstance(e, Exception):
+                return  # a bug here must not leave callers hanging
+            raise
+        if error is not None:
+            self._abort(error)
+
+    def _wake(self, key: object) -> None:
+        """Wake the sleepers waiting for ``key``. Called with ``_lock`` held."""
+        for cond, waits_for in self._sleepers:
+            if waits_for is key or waits_for == key:
+                cond.notify()
 
     def _route(self, message: ResponseMessage) -> None:
         """Hand a response to the call waiting for its id."""
@@ -780,6 +957,11 @@ class Client:
             return
         with self._lock:
             call = self._pending.pop(message.id, None)
+            if call is not None and self._direct:
+                # Under the lock, so a caller giving up sees it resolved.
+                call.resolve(response)
+                self._wake(call)
+                return
         if call is not None:
             call.resolve(response)
         elif isinstance(response, Granted):
@@ -804,6 +986,9 @@ class Client:
                 self._orphan_watches.discard(wid)
         if events is not None:
             events.put(event)
+            if self._direct:
+                with self._lock:
+                    self._wake(("watch", wid))
         elif orphan:
             # Nobody consumes this watch any more: stop it, from another
             # thread so the reader never blocks on a write.
@@ -821,10 +1006,12 @@ class Client:
             ended = self._ended
             pending, self._pending = self._pending, {}
             watches, self._watches = self._watches, {}
-        for call in pending.values():
-            call.fail(ended)
-        for events in watches.values():
-            events.put(_WatchEnd(ended))
+            for call in pending.values():
+                call.fail(ended)
+            for events in watches.values():
+                events.put(_WatchEnd(ended))
+            for cond, _ in self._sleepers:
+                cond.notify()
         self._sock.shutdown()
         if threading.current_thread() is self._reader:
             self._sock.close()

@@ -463,10 +463,8 @@ class Watch:
         if self._closed:
             return None
         try:
-            if timeout is None:
-                item = self._events.get()
-            else:
-                item = self._events.get(timeout=max(float(timeout), 0.0))
+            # On a socket the consumer itself may read the daemon's frames.
+            item = self.client._watch_item(self._id, self._events, None if timeout is None else float(timeout))
         except queue.Empty:
             return None
         if isinstance(item, _WatchEnd):

@@ -150,6 +150,44 @@ class ClientTest(DaemonTestCase):
         lock.release()
 
 
+class CallersThatReadTest(DaemonTestCase):
+    """Threads sharing a client while one of them reads for all."""
+
+    def test_others_are_answered_while_one_waits_for_a_grant(self) -> None:
+        holder, client = self.client("holder"), self.client("shared")
+        self.assertTrue(Lock("busy", holder).acquire(timeout=WAIT))
+        waiting = spawn(Lock("busy", client).acquire, timeout=WAIT)
+        self.wait_waiters(holder, "busy", 1)
+        watch = client.state.watch("w")
+        # A timed wait ends on time whoever reads.
+        started = time.monotonic()
+        self.assertIsNone(watch.next_event(timeout=0.1))
+        self.assertGreaterEqual(time.monotonic() - started, 0.1)
+
+        def calls(i: int) -> int:
+            done = 0
+            for n in range(40):
+                self.assertEqual(client.state.increment("c/%d" % i), n + 1)
+                done += 1
+            return done
+
+        workers = [spawn(calls, i) for i in range(6)]
+        holder.state.set("w", "x")
+        event = watch.next_event(timeout=WAIT)
+        self.assertIsNotNone(event)
+        self.assertEqual(sum(w.result(timeout=WAIT * 2) for w in workers), 240)
+        self.assertFalse(waiting.done())
+        holder.close()
+        self.assertTrue(waiting.result(timeout=WAIT))
+        watch.close()
+
+    def test_lost_is_seen_without_a_call(self) -> None:
+        client = self.client()
+        self.assertFalse(client.lost)
+        self.assertEqual(self.daemon.stop(), 0)
+        wait_until(lambda: client.lost, "the client to see the daemon gone")
+
+
 class ConnectionLossTest(DaemonTestCase):
     """A stopped daemon fails waiting callers and marks the client lost."""
 

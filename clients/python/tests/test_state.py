@@ -271,7 +271,7 @@ class StateTest(DaemonTestCase):
         count = DEFAULT_PAGE + 3  # more than one page of the daemon's default
         pending = [self.c._start(StateSet("p/%05d" % i, b"%d" % i)) for i in range(count)]
         for _, call in pending:  # sent back to back, without waiting
-            self.assertTrue(call.wait(WAIT))
+            self.assertTrue(self.c._await(call, WAIT))
             self.assertIsInstance(call.outcome(), StateWritten)
         state.set("q", "outside the prefix")
         page, more = state.list_page("p/")
@@ -396,7 +396,7 @@ class GuardTest(DaemonTestCase):
         # the daemon applies the write while the lock is still held.
         _, write = c._start(StateSet("ordered", b"v", guard=lock.grant.hold_id))
         lock.release()
-        self.assertTrue(write.wait(WAIT))
+        self.assertTrue(c._await(write, WAIT))
         self.assertIsInstance(write.outcome(), StateWritten)
         self.assertTrue(Lock("order", other).acquire(timeout=WAIT))
         got = other.state.get("ordered")
@@ -543,7 +543,8 @@ class WatchTest(DaemonTestCase):
         state = self.state
         watch = state.watch("k")
         version = state.set("k", "last")
-        wait_until(lambda: not watch._events.empty(), "the event to be queued")
+        # Read what arrived (callers read for themselves on a socket).
+        wait_until(lambda: self.c._read_arrived() or not watch._events.empty(), "the event to be queued")
         self.c.close()
         self.assertEqual(next_change(watch), Changed("k", version, ChangeKind.SET, b"last"))
         for _ in range(2):  # and again: the end is not consumed
