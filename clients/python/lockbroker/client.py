@@ -61,6 +61,8 @@ from __future__ import annotations
 import os
 import queue
 import select
+import socket
+import struct
 import sys
 import threading
 import time
@@ -131,6 +133,12 @@ ACQUIRE_GRACE = 10.0
 #: Seconds a caller that cancels an acquire waits for the ``Cancel``'s
 #: answer, when callers read for themselves (see the module's doc).
 CANCEL_WAIT = 5.0
+
+#: Seconds a caller's ``recv`` blocks at most (``SO_RCVTIMEO``) when
+#: callers read for themselves: a wait with a deadline further away than
+#: this reads without a ``poll`` first, and looks at its deadline again
+#: when the ``recv`` gives up. Only a wait's safety bound is so coarse.
+_RECV_SLICE = 0.25
 
 #: Whether callers read the socket themselves (True) or a reader thread
 #: does (False, always so on Windows). Tests set it to run the suite both
@@ -300,7 +308,12 @@ class Client:
         # Callers asleep while another reads, with what each waits for.
         self._sleepers: List[Tuple[threading.Condition, object]] = []
         self._reader: Optional[threading.Thread] = None
-        if not self._direct:
+        if self._direct:
+            assert isinstance(self._sock, _transport.SocketConnection)
+            self._sock.sock.setsockopt(
+                socket.SOL_SOCKET, socket.SO_RCVTIMEO, struct.pack("ll", 0, int(_RECV_SLICE * 1e6))
+            )
+        else:
             self._reader = threading.Thread(
                 target=self._read_loop, args=(buffer,), name="lockbroker-reader", daemon=True
             )
@@ -917,12 +930,15 @@ class Client:
         assert isinstance(sock, _transport.SocketConnection)
         try:
             if deadline is not None:
-                left_ms = max(0, int((deadline - time.monotonic()) * 1000.0 + 0.999))
-                poller = select.poll()
-                poller.register(sock.sock, select.POLLIN)
-                if not poller.poll(left_ms):
-                    return
+                left = deadline - time.monotonic()
+                if left < _RECV_SLICE:
+                    poller = select.poll()
+                    poller.register(sock.sock, select.POLLIN)
+                    if not poller.poll(max(0, int(left * 1000.0 + 0.999))):
+                        return
             data = sock.recv(65536)
+        except BlockingIOError:
+            return  # SO_RCVTIMEO ran out: the caller looks at its deadline
         except OSError as e:
             self._abort(ConnectionLost("the connection to the daemon failed: %s" % e))
             return

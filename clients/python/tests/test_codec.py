@@ -426,6 +426,55 @@ class MalformedTest(unittest.TestCase):
             decode_server_message(body[:-9])  # cut inside the value: length 3, fewer bytes left
 
 
+class FastPathTest(unittest.TestCase):
+    """The lock cycle's frames skip the codecs: the bytes must be the same."""
+
+    def test_fast_requests_are_the_codecs_bytes(self) -> None:
+        from lockbroker import protocol
+
+        messages = [
+            RequestMessage(i, request)
+            for i in (0, 1, 2**64 - 1)
+            for request in (
+                Release(0),
+                Release(2**64 - 1),
+                Acquire("x", LockKind.MUTEX, 1, 1, None),
+                Acquire("caf\u00e9/\U0001f512", LockKind.SEMAPHORE, 2**32 - 1, 7, 0),
+                Acquire("", LockKind.RW_SHARED, 0, 1, 2**64 - 1),
+                Acquire("n" * 300, LockKind.RW_EXCLUSIVE, 0, 1, 5),
+            )
+        ]
+        for message in messages:
+            fast = protocol._fast_request(message)
+            self.assertIsNotNone(fast, message)
+            self.assertEqual(fast, protocol._encode(protocol._CLIENT_MESSAGE, message), message)
+            self.assertEqual(decode_client_message(encode_client_message(message)), message)
+        # What the fast path does not take, the codecs refuse as before.
+        for bad in (Release(-1), Release(2**64), Release(True), Acquire("x", LockKind.MUTEX, 1, 1, -5)):
+            with self.assertRaises(EncodeError):
+                encode_client_message(RequestMessage(1, bad))  # type: ignore[arg-type]
+
+    def test_fast_answers_are_the_codecs_values(self) -> None:
+        from lockbroker import protocol
+
+        for message in (
+            ResponseMessage(5, Granted(Grant(1, 2, False))),
+            ResponseMessage(2**64 - 1, Granted(Grant(2**64 - 1, 2**64 - 1, True))),
+            ResponseMessage(3, Released(0)),
+            ResponseMessage(3, Released(2**32 - 1)),
+        ):
+            body = encode_server_message(message)
+            self.assertEqual(decode_server_message(body), message)
+            self.assertEqual(protocol._decode(protocol._SERVER_MESSAGE, body), message)
+        # A bool other than 0 or 1 is still malformed, and so is a cut body.
+        body = bytearray(encode_server_message(ResponseMessage(5, Granted(Grant(1, 2, True)))))
+        body[-1] = 2
+        with self.assertRaises(DecodeError):
+            decode_server_message(bytes(body))
+        with self.assertRaises(DecodeError):
+            decode_server_message(bytes(body[:-1]))
+
+
 class FrameBufferTest(unittest.TestCase):
     """Framing: split and merged reads, the maximum checked before the body."""
 
