@@ -46,7 +46,9 @@ pub fn drive<C: Send + 'static>(
             let mut ctx = setup();
             let (stop, cycle) = (Arc::clone(&stop), Arc::clone(&cycle));
             std::thread::spawn(move || {
-                pin_thread(cpu);
+                if let Some(cpu) = cpu {
+                    pin_thread(cpu);
+                }
                 let mut times = Vec::new();
                 while !stop.load(Ordering::Relaxed) {
                     let t = Instant::now();
@@ -73,14 +75,19 @@ pub fn drive<C: Send + 'static>(
     }
 }
 
-/// `round_trips` echo exchanges per cycle against an echo server pinned to
-/// the server CPU.
-pub fn run(bins: &Bins, m: &Measure, round_trips: usize) -> Sample {
-    let server = Server::start(|socket| {
+/// The echo server, pinned to the server CPU.
+pub fn echo_server(bins: &Bins, m: &Measure) -> Server {
+    Server::start(|socket| {
         let mut cmd = pinned(m.placement.server_cpu(), &bins.me);
         cmd.arg("echo-server").arg(socket);
         cmd
-    });
+    })
+}
+
+/// `round_trips` echo exchanges per cycle against an echo server pinned to
+/// the server CPU.
+pub fn run(bins: &Bins, m: &Measure, round_trips: usize) -> Sample {
+    let server = echo_server(bins, m);
     let socket = server.socket.clone();
     drive(
         m,

@@ -1,8 +1,10 @@
 //! The side-by-side benchmark harness: in one run, on one machine, it
 //! measures the floor (a minimal Unix-socket echo server, one and two round
-//! trips per cycle), lockbroker (async and blocking clients, handoff), a
-//! Redis lock done the standard way (when `redis-server` is installed) and
-//! `flock(2)`, in both CPU placements, over interleaved repetitions; then
+//! trips per cycle), lockbroker (async and blocking clients, 1, 8 and 32 of
+//! them; handoff), a Redis lock done the standard way (when `redis-server`
+//! is installed) and `flock(2)`, in both CPU placements, and the Python
+//! locks (lockbroker's, redis-py's, filelock's) in those and unpinned, over
+//! interleaved repetitions; then
 //! prints one markdown table of medians with ratios to the floor, and the
 //! issue's targets with where they land.
 //!
@@ -19,6 +21,8 @@
 #[cfg(target_os = "linux")]
 mod floor;
 mod load;
+#[cfg(target_os = "linux")]
+mod python;
 #[cfg(target_os = "linux")]
 mod redis;
 #[cfg(target_os = "linux")]
@@ -131,11 +135,12 @@ fn harness(args: Vec<String>) {
     if !redis {
         eprintln!("note: redis-server is not installed; the Redis lock is skipped");
     }
+    let python = python::available(redis);
     let mut results = run::Results::default();
     for rep in 0..reps {
         eprintln!("repetition {}/{reps}", rep + 1);
         for &placement in &placements {
-            for clients in [1usize, 8] {
+            for clients in [1usize, 8, 32] {
                 let m = Measure {
                     placement,
                     clients,
@@ -160,6 +165,16 @@ fn harness(args: Vec<String>) {
                 &m,
                 run::handoff(&bins, &m),
             );
+        }
+        for placement in placements.iter().copied().chain([Placement::Unpinned]) {
+            let m = Measure {
+                placement,
+                clients: 1,
+                duration,
+            };
+            for &kind in &python {
+                results.add(kind.scenario(), &m, python::run(&bins, &m, kind));
+            }
         }
     }
     let facts = run::facts(&bins, quick);

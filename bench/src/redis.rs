@@ -54,15 +54,21 @@ impl Conn {
     }
 }
 
-/// Uncontended lock cycles, each client on its own key.
-pub fn run(m: &Measure) -> Sample {
-    let server = Server::start(|socket| {
+/// A `redis-server` on a temporary Unix socket, pinned as `m` says, with
+/// nothing saved.
+pub fn server(m: &Measure) -> Server {
+    Server::start(|socket| {
         let mut cmd = pinned(m.placement.server_cpu(), Path::new("redis-server"));
         cmd.args(["--port", "0", "--save", "", "--appendonly", "no"])
             .arg("--unixsocket")
             .arg(socket);
         cmd
-    });
+    })
+}
+
+/// Uncontended lock cycles, each client on its own key.
+pub fn run(m: &Measure) -> Sample {
+    let server = server(m);
     let socket = server.socket.clone();
     let mut next = 0;
     drive(
