@@ -4,7 +4,7 @@
 //! server's.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use lockbroker_proto::ServerInfo;
 
@@ -24,6 +24,10 @@ pub struct Broker {
     started: std::time::Instant,
     open_sessions: AtomicU64,
     next_session: AtomicU64,
+    /// Raised when shutdown begins: from then on no grant is written
+    /// straight into a socket (`direct`), so, as before, a session that
+    /// is ending answers no grant made by another's end.
+    ending: Arc<AtomicBool>,
 }
 
 impl Broker {
@@ -50,7 +54,18 @@ impl Broker {
             started: std::time::Instant::now(),
             open_sessions: AtomicU64::new(0),
             next_session: AtomicU64::new(0),
+            ending: Arc::new(AtomicBool::new(false)),
         }
+    }
+
+    /// Shutdown begins: say so before the sessions are told.
+    pub fn begin_ending(&self) {
+        self.ending.store(true, Ordering::Release);
+    }
+
+    /// The flag [`Broker::begin_ending`] raises, for the sessions' gates.
+    pub fn ending(&self) -> Arc<AtomicBool> {
+        Arc::clone(&self.ending)
     }
 
     /// A new session id, unique in the daemon's life.

@@ -38,6 +38,7 @@
 pub mod backend;
 pub mod broker;
 pub mod config;
+pub mod direct;
 pub mod error;
 pub mod lock_table;
 pub mod program;

@@ -59,6 +59,8 @@ use lockbroker_proto::{
 };
 use tokio::sync::mpsc;
 
+use crate::direct::Gate;
+
 /// A rwlock's capacity; an exclusive request takes all of it.
 pub const RW_WEIGHT: u64 = u32::MAX as u64;
 
@@ -163,10 +165,24 @@ pub struct Delivery {
 }
 
 impl Delivery {
-    /// Hands the grant to its session. If the session has already gone, its
-    /// cleanup has released (or will release) the hold, so nothing is lost.
+    /// Hands the grant to its session: written into its socket now if
+    /// its gate allows ([`crate::direct`]), and through its channel either
+    /// way, so that it records the hold. If the session has already gone,
+    /// its cleanup has released (or will release) the hold, so nothing is
+    /// lost.
     pub fn send(self) {
-        let _ = self.to.grants.send((self.request_id, self.grant));
+        let Delivery {
+            to,
+            request_id,
+            grant,
+        } = self;
+        let note = |sent| {
+            let _ = to.grants.send((request_id, grant, sent));
+        };
+        match &to.gate {
+            Some(gate) => gate.send_grant(request_id, grant, note),
+            None => note(false),
+        }
     }
 }
 
@@ -210,16 +226,51 @@ impl Drop for Grants {
 pub struct Peer {
     /// Identity shown by `inspect`.
     pub info: SessionInfo,
-    /// Grants made while the session waited. The session's task owns the
+    /// Grants made while the session waited, each with whether it was
+    /// written into the socket already. The session's task owns the
     /// receiver; it closes when the session ends.
-    grants: mpsc::UnboundedSender<(u64, Grant)>,
+    grants: mpsc::UnboundedSender<(u64, Grant, bool)>,
+    /// Where grants may be written straight into the session's socket.
+    gate: Option<Arc<Gate>>,
 }
 
+/// What a session receives for each grant made while it waited: the
+/// request, the hold, and whether the grant was written to its peer
+/// already.
+pub type GrantsReceiver = mpsc::UnboundedReceiver<(u64, Grant, bool)>;
+
 impl Peer {
-    /// A peer whose grants arrive on the returned receiver.
-    pub fn new(info: SessionInfo) -> (Arc<Peer>, mpsc::UnboundedReceiver<(u64, Grant)>) {
+    /// A peer whose grants arrive on the returned receiver only.
+    pub fn new(info: SessionInfo) -> (Arc<Peer>, GrantsReceiver) {
+        Peer::with_gate(info, None)
+    }
+
+    /// A peer whose grants are also written through `gate` when it can.
+    pub fn with_gate(info: SessionInfo, gate: Option<Arc<Gate>>) -> (Arc<Peer>, GrantsReceiver) {
         let (grants, rx) = mpsc::unbounded_channel();
-        (Arc::new(Peer { info, grants }), rx)
+        (Arc::new(Peer { info, grants, gate }), rx)
+    }
+
+    /// Makes every grant already written to the session's peer visible on
+    /// its receiver: call before reading the grants to handle a request,
+    /// which may name a hold the peer learnt of that way.
+    pub fn barrier(&self) {
+        if let Some(gate) = &self.gate {
+            gate.barrier();
+        }
+    }
+
+    /// Writes no more grants into the session's socket (it is ending).
+    pub fn close_gate(&self) {
+        if let Some(gate) = &self.gate {
+            gate.close();
+        }
+    }
+
+    /// Whether part of a grant written into the socket waits for the
+    /// session to finish writing it.
+    pub fn has_spill(&self) -> bool {
+        self.gate.as_ref().is_some_and(|g| g.has_spill())
     }
 
     /// The session id.
@@ -934,7 +985,7 @@ pub fn now_ms() -> u64 {
 mod tests {
     use super::*;
 
-    fn peer(id: u64) -> (Arc<Peer>, mpsc::UnboundedReceiver<(u64, Grant)>) {
+    fn peer(id: u64) -> (Arc<Peer>, GrantsReceiver) {
         Peer::new(SessionInfo {
             session_id: id,
             pid: None,
@@ -972,7 +1023,7 @@ mod tests {
         assert_eq!((permits, grants.len()), (Some(1), 1));
         assert!(b_grants.try_recv().is_err(), "not sent while still in hand");
         drop(grants);
-        let (request_id, grant) = b_grants.try_recv().expect("sent on drop");
+        let (request_id, grant, _) = b_grants.try_recv().expect("sent on drop");
         assert_eq!(request_id, 7);
         assert!(grant.fence > held.fence);
     }

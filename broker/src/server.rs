@@ -121,6 +121,7 @@ async fn serve(broker: Arc<Broker>, listener: Listener, config: &Config, shutdow
     tracing::info!("shutting down");
     systemd.stopping();
     drop(listener);
+    broker.begin_ending();
     trigger.fire();
     let drained = tokio::time::timeout(SHUTDOWN_GRACE, async {
         while sessions.join_next().await.is_some() {}

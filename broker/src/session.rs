@@ -38,7 +38,7 @@ use std::sync::Arc;
 
 use lockbroker_proto::io::{FrameReader, FrameWriter};
 use lockbroker_proto::{
-    ClientMessage, ErrorCode, ErrorInfo, Event, FrameError, Grant, Limits, MAGIC, PROTOCOL_VERSION,
+    ClientMessage, ErrorCode, ErrorInfo, Event, FrameError, Limits, MAGIC, PROTOCOL_VERSION,
     Request, Response, ServerMessage, SessionInfo, Welcome,
 };
 use tokio::io::{AsyncRead, AsyncWrite};
@@ -48,7 +48,8 @@ use tokio::time::Instant;
 use crate::state::Completion;
 
 use crate::broker::Broker;
-use crate::lock_table::Peer;
+use crate::direct::{DirectFd, Gated};
+use crate::lock_table::{GrantsReceiver, Peer};
 use crate::shutdown::Shutdown;
 use crate::transport::PeerCred;
 
@@ -61,10 +62,13 @@ pub async fn run<R, W>(
     mut shutdown: Shutdown,
 ) where
     R: AsyncRead + Unpin,
-    W: AsyncWrite + Unpin,
+    W: AsyncWrite + Unpin + DirectFd,
 {
     let limits = broker.limits;
     let mut reader = FrameReader::new(reader, limits.max_frame_len);
+    // Other sessions may write this one's grants into its socket
+    // (`direct`), between its own frames.
+    let (writer, gate) = Gated::new(writer, broker.ending());
     let mut out = FrameWriter::new(writer, limits.max_frame_len, OUTPUT_HIGH_WATER);
     let hello = tokio::select! {
         hello = tokio::time::timeout(limits.handshake_timeout, reader.read_message()) => hello,
@@ -79,13 +83,16 @@ pub async fn run<R, W>(
         Err(None) => return,
     };
     let session_id = broker.next_session_id();
-    let (peer, grants) = Peer::new(SessionInfo {
-        session_id,
-        pid: cred.pid,
-        uid: cred.uid,
-        gid: cred.gid,
-        client_name,
-    });
+    let (peer, grants) = Peer::with_gate(
+        SessionInfo {
+            session_id,
+            pid: cred.pid,
+            uid: cred.uid,
+            gid: cred.gid,
+            client_name,
+        },
+        Some(gate),
+    );
     let _open = broker.session_opened();
     tracing::debug!(session_id, pid = ?cred.pid, uid = ?cred.uid, "session started");
     let (completions_tx, mut completions) = mpsc::unbounded_channel();
@@ -110,6 +117,8 @@ pub async fn run<R, W>(
     let end = session
         .serve(&mut reader, grants, &mut completions, &mut shutdown)
         .await;
+    // Grants made from now on are caught by the cleanup, not written.
+    session.peer.close_gate();
     match &end {
         End::Fatal(e) => {
             tracing::debug!(session_id, code = %e.code, "session ended: {}", e.message)
@@ -259,7 +268,7 @@ impl<W: AsyncWrite + Unpin> Session<W> {
     async fn serve<R>(
         &mut self,
         reader: &mut FrameReader<R>,
-        mut grants: mpsc::UnboundedReceiver<(u64, Grant)>,
+        mut grants: GrantsReceiver,
         completions: &mut mpsc::UnboundedReceiver<Box<Completion>>,
         shutdown: &mut Shutdown,
     ) -> End
@@ -271,8 +280,8 @@ impl<W: AsyncWrite + Unpin> Session<W> {
         let mut armed: Option<Instant> = None;
         loop {
             // Grants made by this session's own releases join the batch.
-            while let Ok((request_id, grant)) = grants.try_recv() {
-                self.granted_while_waiting(request_id, grant);
+            while let Ok((request_id, grant, sent)) = grants.try_recv() {
+                self.granted_while_waiting(request_id, grant, sent);
             }
             let next = self.locks.next_deadline();
             if next != armed {
@@ -288,14 +297,16 @@ impl<W: AsyncWrite + Unpin> Session<W> {
             tokio::select! {
                 biased;
                 _ = shutdown.recv() => {
+                    // Nothing is granted through the socket after the event.
+                    self.peer.close_gate();
                     self.event(Event::ShuttingDown);
                     let _ = self.out.flush().await;
                     return End::Shutdown;
                 }
                 grant = grants.recv() => {
                     // The sender lives in `self.peer`, so this never ends.
-                    if let Some((request_id, grant)) = grant {
-                        self.granted_while_waiting(request_id, grant);
+                    if let Some((request_id, grant, sent)) = grant {
+                        self.granted_while_waiting(request_id, grant, sent);
                     }
                 }
                 done = completions.recv() => {
@@ -322,7 +333,15 @@ impl<W: AsyncWrite + Unpin> Session<W> {
                         self.run_deferred();
                     }
                 }
-                written = self.out.write_some(), if backlog > 0 => {
+                // With nothing of its own to write, a flush finishes what
+                // another session left of a grant it wrote here.
+                written = async {
+                    if backlog > 0 {
+                        self.out.write_some().await
+                    } else {
+                        self.out.flush().await
+                    }
+                }, if backlog > 0 || self.peer.has_spill() => {
                     if let Err(e) = written {
                         return End::Io(match e.kind() {
                             std::io::ErrorKind::WriteZero => "the peer stopped reading".into(),
@@ -337,6 +356,13 @@ impl<W: AsyncWrite + Unpin> Session<W> {
                     loop {
                         match next {
                             Ok(Some(msg)) => {
+                                // A grant another session wrote to the peer
+                                // may be what this request names: record it
+                                // first.
+                                self.peer.barrier();
+                                while let Ok((request_id, grant, sent)) = grants.try_recv() {
+                                    self.granted_while_waiting(request_id, grant, sent);
+                                }
                                 if let Err(fatal) = self.message(msg) {
                                     return self.fatal(fatal).await;
                                 }

@@ -146,8 +146,9 @@ impl<W: AsyncWrite + Unpin> Session<W> {
         Ok(())
     }
 
-    /// A grant the table made while this session waited.
-    pub(super) fn granted_while_waiting(&mut self, request_id: u64, grant: Grant) {
+    /// A grant the table made while this session waited: records the hold of a waiting acquire now granted, and answers it
+    /// unless the grant was `sent` to the peer already (`direct`).
+    pub(super) fn granted_while_waiting(&mut self, request_id: u64, grant: Grant, sent: bool) {
         let Some(p) = self.locks.pending.remove(&request_id) else {
             // Cannot happen: a waiter stays pending until its grant arrives.
             tracing::error!(request_id, "grant for an acquire that is not pending");
@@ -157,7 +158,9 @@ impl<W: AsyncWrite + Unpin> Session<W> {
             self.locks.deadlines.remove(&(at, request_id));
         }
         self.locks.holds.insert(grant.hold_id, p.name);
-        self.respond(request_id, Response::Granted(grant));
+        if !sent {
+            self.respond(request_id, Response::Granted(grant));
+        }
         shrink_index(&mut self.locks.pending);
     }
 

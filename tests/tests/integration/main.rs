@@ -14,6 +14,7 @@ mod client_api;
 mod durability;
 mod exclusion;
 mod fifo;
+mod handoff;
 mod inspect;
 // Reads the daemon's resident memory from /proc. No Windows counterpart
 // yet: what bounds memory is the platform-independent lock table.
