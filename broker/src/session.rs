@@ -191,6 +191,16 @@ fn frame_fatal(e: &FrameError) -> Option<ErrorInfo> {
     }
 }
 
+/// Polls `f` once, without a waker to call: its output if it is ready.
+/// For cancel-safe futures only (the future is dropped if it is not).
+fn poll_once<F: std::future::Future>(f: F) -> Option<F::Output> {
+    let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+    match std::pin::pin!(f).poll(&mut cx) {
+        std::task::Poll::Ready(out) => Some(out),
+        std::task::Poll::Pending => None,
+    }
+}
+
 /// Sends `error` after the answers already queued, and closes.
 async fn write_fatal<W: AsyncWrite + Unpin>(
     out: &mut FrameWriter<W>,
@@ -277,6 +287,10 @@ impl<W: AsyncWrite + Unpin> Session<W> {
     {
         let timer = tokio::time::sleep_until(Instant::now());
         tokio::pin!(timer);
+        // One future for the whole loop, not one registered and dropped per
+        // turn.
+        let stop = shutdown.recv();
+        tokio::pin!(stop);
         let mut armed: Option<Instant> = None;
         loop {
             // Grants made by this session's own releases join the batch.
@@ -296,7 +310,7 @@ impl<W: AsyncWrite + Unpin> Session<W> {
             let backlog = self.out.backlog();
             tokio::select! {
                 biased;
-                _ = shutdown.recv() => {
+                () = &mut stop => {
                     // Nothing is granted through the socket after the event.
                     self.peer.close_gate();
                     self.event(Event::ShuttingDown);
@@ -380,6 +394,13 @@ impl<W: AsyncWrite + Unpin> Session<W> {
                             Ok(None) => break,
                             other => other,
                         };
+                    }
+                    // Answer in the same pass, before the runtime parks
+                    // this task: one turn of the loop less per request.
+                    if self.out.backlog() > 0
+                        && let Some(Err(e)) = poll_once(self.out.write_some())
+                    {
+                        return End::Io(e.to_string());
                     }
                 }
             }
