@@ -215,6 +215,11 @@ async fn write_fatal<W: AsyncWrite + Unpin>(
 /// Stop reading requests while this many answer bytes wait to be written.
 const OUTPUT_HIGH_WATER: usize = 1 << 20;
 
+/// How long a session whose peer can no longer read waits for each of the
+/// requests it sent before (which a peer that closed has all sent: its
+/// end follows at once).
+const LAST_REQUESTS_WAIT: std::time::Duration = std::time::Duration::from_secs(1);
+
 /// Stop reading requests while this many wait behind a held-back release.
 const MAX_DEFERRED: usize = 4096;
 
@@ -357,6 +362,7 @@ impl<W: AsyncWrite + Unpin> Session<W> {
                     }
                 }, if backlog > 0 || self.peer.has_spill() => {
                     if let Err(e) = written {
+                        self.take_last_requests(reader, &mut grants).await;
                         return End::Io(match e.kind() {
                             std::io::ErrorKind::WriteZero => "the peer stopped reading".into(),
                             _ => e.to_string(),
@@ -400,9 +406,39 @@ impl<W: AsyncWrite + Unpin> Session<W> {
                     if self.out.backlog() > 0
                         && let Some(Err(e)) = poll_once(self.out.write_some())
                     {
+                        self.take_last_requests(reader, &mut grants).await;
                         return End::Io(e.to_string());
                     }
                 }
+            }
+        }
+    }
+
+    /// The peer can no longer read (a write failed: it closed): carries
+    /// out the requests it sent before, already here to be read, with no
+    /// answers — so the releases a client sends just before it closes are
+    /// releases, and the next holders are not told "abandoned".
+    /// A peer that closed only its reading side is not waited for longer
+    /// than [`LAST_REQUESTS_WAIT`] between requests.
+    async fn take_last_requests<R>(
+        &mut self,
+        reader: &mut FrameReader<R>,
+        grants: &mut GrantsReceiver,
+    ) where
+        R: AsyncRead + Unpin,
+    {
+        self.out.discard();
+        while let Ok(Ok(Some(msg))) =
+            tokio::time::timeout(LAST_REQUESTS_WAIT, reader.read_message::<ClientMessage>()).await
+        {
+            self.peer.barrier();
+            while let Ok((request_id, grant, sent)) = grants.try_recv() {
+                self.granted_while_waiting(request_id, grant, sent);
+            }
+            let done = self.message(msg);
+            self.out.discard();
+            if done.is_err() || self.paused() {
+                break;
             }
         }
     }
