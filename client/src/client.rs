@@ -1,19 +1,25 @@
 //! The async [`Client`] and the task that owns its connection.
 //!
-//! One task owns the socket. Callers hand it a
-//! request and a oneshot sender over an unbounded channel; the task writes
-//! requests in batches, reads responses and routes each to its caller by
-//! request id. When the task ends, every pending caller gets
-//! [`Error::ConnectionLost`] (their oneshot senders are dropped) and the
-//! `lost` flag is raised for guards to see.
+//! A caller writes its own request: it registers a oneshot sender under a
+//! fresh id, encodes the request into the connection's buffer and, when
+//! nothing else waits to be written, writes it at once, without waking
+//! any task (so an uncontended call costs the caller one write and the
+//! connection task one read). The connection task reads every answer and
+//! routes it to its caller by request id, and writes what a caller could
+//! not (a full socket, or a batch behind a write in progress). When the
+//! task ends, every pending caller gets [`Error::ConnectionLost`] (their
+//! oneshot senders are dropped) and the `lost` flag is raised for guards
+//! to see.
 //!
 //! A caller that stops waiting for an acquire (its future is dropped) sends
 //! a `Cancel`; if the grant wins the race anyway, the task sees that nobody
 //! wants it and releases the hold at once, so nothing leaks.
 
 use std::collections::HashMap;
-use std::sync::Arc;
+use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
 
 use lockbroker_proto::io::{FrameReader, FrameWriter};
@@ -21,7 +27,7 @@ use lockbroker_proto::{
     ClientMessage, ErrorInfo, Event, Grant, Inspection, Limits, LockKind, Request, Response,
     ServerMessage, Welcome,
 };
-use tokio::sync::{mpsc, oneshot, watch};
+use tokio::sync::{Notify, mpsc, oneshot, watch};
 
 use crate::error::{Error, Result};
 use crate::ops::{self, Op};
@@ -41,8 +47,9 @@ pub struct Client {
 
 #[derive(Debug)]
 struct Inner {
-    /// To the connection task; it ends when every sender is gone.
-    commands: mpsc::UnboundedSender<Command>,
+    /// What callers and the connection task share; the task ends once
+    /// this `Inner` is dropped (every client and guard is gone).
+    conn: Arc<Conn>,
     next_id: AtomicU64,
     welcome: Welcome,
     /// Raised by the connection task when it ends.
@@ -56,25 +63,81 @@ struct Inner {
     handle: usize,
 }
 
+/// The connection as callers and its task share it.
 #[derive(Debug)]
-enum Command {
-    /// Send a request and route its answer to `reply`.
-    Call {
-        id: u64,
-        request: Request,
-        reply: oneshot::Sender<Response>,
-    },
-    /// Send a request whose answer nobody waits for.
-    Forget { id: u64, request: Request },
-    /// Send a watch request; its events go to `events`.
-    Watch {
-        id: u64,
-        request: Request,
-        reply: oneshot::Sender<Response>,
-        events: mpsc::UnboundedSender<Event>,
-    },
-    /// Stop routing events of watch `id`, and tell the daemon.
-    Unwatch { id: u64 },
+struct Conn {
+    io: Mutex<Io>,
+    /// Wakes the task: bytes wait to be written, or the clients are gone.
+    wake: Notify,
+}
+
+/// What is touched under [`Conn`]'s lock.
+#[derive(Debug)]
+struct Io {
+    /// Requests, encoded, and the writing half they go to.
+    out: FrameWriter<WriteHalf>,
+    /// request id → caller waiting for its answer.
+    pending: HashMap<u64, oneshot::Sender<Response>>,
+    /// watch id → where its events go.
+    watches: HashMap<u64, mpsc::UnboundedSender<Event>>,
+    /// The task has ended: nothing more is sent or answered.
+    ended: bool,
+    /// Every client and guard is gone: the task flushes and ends.
+    dropped: bool,
+}
+
+impl Conn {
+    fn io(&self) -> MutexGuard<'_, Io> {
+        // Nothing panics while holding it with `Io` half-changed.
+        self.io.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+impl Io {
+    /// Encodes `request`, registering `reply` for its answer; a request
+    /// too large for a frame is answered here, as the daemon would.
+    fn queue(&mut self, id: u64, request: Request, reply: Option<oneshot::Sender<Response>>) {
+        let msg = ClientMessage::Request { id, request };
+        match self.out.encode(&msg) {
+            Ok(()) => {
+                if let Some(reply) = reply {
+                    self.pending.insert(id, reply);
+                }
+            }
+            Err(e) => {
+                if let Some(reply) = reply {
+                    let info = ErrorInfo::new(
+                        lockbroker_proto::ErrorCode::FrameTooLarge,
+                        format!("request not sent: {e}"),
+                    );
+                    let _ = reply.send(Response::Error(info));
+                }
+            }
+        }
+    }
+
+    /// Writes what it can of the backlog now, without waiting; whether
+    /// some is left for the task (or the write failed, which the task
+    /// will meet again and end on).
+    fn write_now(&mut self) -> bool {
+        let mut cx = Context::from_waker(Waker::noop());
+        while self.out.backlog() > 0 {
+            match std::pin::pin!(self.out.write_some()).poll(&mut cx) {
+                Poll::Ready(Ok(())) => {}
+                Poll::Ready(Err(_)) | Poll::Pending => return true,
+            }
+        }
+        false
+    }
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        // The last client and guard are gone: the task says goodbye by
+        // closing, after the last releases are out.
+        self.conn.io().dropped = true;
+        self.conn.wake.notify_one();
+    }
 }
 
 impl Client {
@@ -96,14 +159,20 @@ impl Client {
             use std::os::windows::io::{AsHandle, AsRawHandle};
             writer.as_handle().as_raw_handle() as usize
         };
-        let (commands, rx) = mpsc::unbounded_channel();
         let (lost_tx, lost) = watch::channel(false);
+        let conn = Arc::new(Conn {
+            io: Mutex::new(Io {
+                out: FrameWriter::new(writer, welcome.limits.max_frame_len, OUTPUT_HIGH_WATER),
+                pending: HashMap::new(),
+                watches: HashMap::new(),
+                ended: false,
+                dropped: false,
+            }),
+            wake: Notify::new(),
+        });
         let task = Task {
             reader,
-            out: FrameWriter::new(writer, welcome.limits.max_frame_len, OUTPUT_HIGH_WATER),
-            commands: rx,
-            pending: HashMap::new(),
-            watches: HashMap::new(),
+            conn: Arc::clone(&conn),
         };
         tokio::spawn(async move {
             let why = task.run().await;
@@ -112,7 +181,7 @@ impl Client {
         });
         Client {
             inner: Arc::new(Inner {
-                commands,
+                conn,
                 next_id: AtomicU64::new(1),
                 welcome,
                 lost,
@@ -263,11 +332,37 @@ impl Client {
     fn submit(&self, request: Request) -> Result<(u64, oneshot::Receiver<Response>)> {
         let id = self.next_id();
         let (reply, rx) = oneshot::channel();
-        self.inner
-            .commands
-            .send(Command::Call { id, request, reply })
-            .map_err(|_| Error::ConnectionLost)?;
+        self.send(id, request, Some(reply), None)?;
         Ok((id, rx))
+    }
+
+    /// Queues `request` (its answer to `reply`, a watch's events to
+    /// `events`) and writes it now if nothing is ahead of it.
+    fn send(
+        &self,
+        id: u64,
+        request: Request,
+        reply: Option<oneshot::Sender<Response>>,
+        events: Option<mpsc::UnboundedSender<Event>>,
+    ) -> Result<()> {
+        let conn = &self.inner.conn;
+        let mut io = conn.io();
+        if io.ended {
+            return Err(Error::ConnectionLost);
+        }
+        // Registered before the request is sent, so no event of the watch
+        // can arrive unrouted.
+        if let Some(events) = events {
+            io.watches.insert(id, events);
+        }
+        let behind = io.out.backlog() > 0;
+        io.queue(id, request, reply);
+        // Behind a write the task has under way, the task writes this too.
+        if behind || io.write_now() {
+            drop(io);
+            conn.wake.notify_one();
+        }
+        Ok(())
     }
 
     /// Sends a watch request; returns its id, its events and its answer.
@@ -284,28 +379,21 @@ impl Client {
         // Unbounded: the connection task must never wait on a slow
         // consumer; the daemon tells a watcher that falls far behind.
         let (events, events_rx) = mpsc::unbounded_channel();
-        self.inner
-            .commands
-            .send(Command::Watch {
-                id,
-                request,
-                reply,
-                events,
-            })
-            .map_err(|_| Error::ConnectionLost)?;
+        self.send(id, request, Some(reply), Some(events))?;
         Ok((id, events_rx, rx))
     }
 
     /// Ends watch `id` without waiting.
     pub(crate) fn forget_watch(&self, id: u64) {
-        let _ = self.inner.commands.send(Command::Unwatch { id });
+        self.inner.conn.io().watches.remove(&id);
+        let _ = self.send(0, Request::StateUnwatch { watch_id: id }, None, None);
     }
 
     /// Sends `request` without waiting for (or caring about) its answer.
     /// Never blocks; a lost connection already released everything.
     pub(crate) fn forget(&self, request: Request) {
         let id = self.next_id();
-        let _ = self.inner.commands.send(Command::Forget { id, request });
+        let _ = self.send(id, request, None, None);
     }
 
     fn next_id(&self) -> u64 {
@@ -376,27 +464,51 @@ impl Drop for CancelOnDrop<'_> {
     }
 }
 
-/// The connection task.
+/// Writes some of `conn`'s backlog, waiting for the socket to take it; the
+/// lock is held only while a write is tried.
+async fn write_some(conn: &Conn) -> std::io::Result<()> {
+    std::future::poll_fn(|cx| {
+        let mut io = conn.io();
+        if io.out.backlog() == 0 {
+            return Poll::Ready(Ok(()));
+        }
+        std::pin::pin!(io.out.write_some()).poll(cx)
+    })
+    .await
+}
+
+/// The connection task: reads and routes every answer, and writes what
+/// callers could not.
 struct Task {
     reader: FrameReader<ReadHalf>,
-    /// Requests, written in batches.
-    out: FrameWriter<WriteHalf>,
-    commands: mpsc::UnboundedReceiver<Command>,
-    /// request id → caller waiting for its answer.
-    pending: HashMap<u64, oneshot::Sender<Response>>,
-    /// watch id → where its events go.
-    watches: HashMap<u64, mpsc::UnboundedSender<Event>>,
+    conn: Arc<Conn>,
 }
 
 impl Task {
     /// Runs until the connection fails or every `Client` and guard is gone;
-    /// returns why.
+    /// returns why. Either way nothing more is sent, and every caller
+    /// still waiting is told the connection is lost.
     async fn run(mut self) -> String {
+        let why = self.serve().await;
+        let mut io = self.conn.io();
+        io.ended = true;
+        io.pending.clear();
+        io.watches.clear();
+        why
+    }
+
+    async fn serve(&mut self) -> String {
         loop {
-            let backlog = self.out.backlog();
+            let (backlog, dropped) = {
+                let io = self.conn.io();
+                (io.out.backlog() > 0, io.dropped)
+            };
+            if dropped && !backlog {
+                return "the client was dropped".into();
+            }
             tokio::select! {
                 biased;
-                written = self.out.write_some(), if backlog > 0 => {
+                written = write_some(&self.conn), if backlog => {
                     if let Err(e) = written {
                         return match e.kind() {
                             std::io::ErrorKind::WriteZero => "the daemon stopped reading".into(),
@@ -424,91 +536,27 @@ impl Task {
                     Ok(None) => return "the daemon closed the connection".into(),
                     Err(e) => return e.to_string(),
                 },
-                cmd = self.commands.recv(), if !self.out.is_full() => match cmd {
-                    Some(cmd) => {
-                        self.queue(cmd);
-                        // Batch whatever else is ready into the same write.
-                        while let Ok(cmd) = self.commands.try_recv() {
-                            self.queue(cmd);
-                        }
-                    }
-                    None => {
-                        // Every client and guard is gone: say goodbye by
-                        // closing, after the last releases are out.
-                        let _ = self.out.flush().await;
-                        return "the client was dropped".into();
-                    }
-                },
+                () = self.conn.wake.notified() => {}
             }
-        }
-    }
-
-    fn queue(&mut self, cmd: Command) {
-        let (id, request, reply) = match cmd {
-            Command::Call { id, request, reply } => (id, request, Some(reply)),
-            Command::Forget { id, request } => (id, request, None),
-            Command::Watch {
-                id,
-                request,
-                reply,
-                events,
-            } => {
-                // Registered before the request is sent, so no event of
-                // the watch can arrive unrouted.
-                self.watches.insert(id, events);
-                (id, request, Some(reply))
-            }
-            Command::Unwatch { id } => {
-                self.watches.remove(&id);
-                (0, Request::StateUnwatch { watch_id: id }, None)
-            }
-        };
-        let msg = ClientMessage::Request { id, request };
-        match self.out.encode(&msg) {
-            Ok(()) => {
-                if let Some(reply) = reply {
-                    self.pending.insert(id, reply);
-                }
-            }
-            Err(e) => {
-                // Answer locally, as the daemon would have.
-                if let Some(reply) = reply {
-                    let info = ErrorInfo::new(
-                        lockbroker_proto::ErrorCode::FrameTooLarge,
-                        format!("request not sent: {e}"),
-                    );
-                    let _ = reply.send(Response::Error(info));
-                }
-            }
-        }
-    }
-
-    fn watch_event(&mut self, watch_id: u64, event: Event) {
-        if let Some(events) = self.watches.get(&watch_id)
-            && events.send(event).is_err()
-        {
-            // The Watch was dropped; its Unwatch is on its way.
-            self.watches.remove(&watch_id);
         }
     }
 
     fn route(&mut self, msg: ServerMessage) -> Result<(), String> {
         match msg {
             ServerMessage::Response { id, response } => {
-                let Some(reply) = self.pending.remove(&id) else {
+                let mut io = self.conn.io();
+                let Some(reply) = io.pending.remove(&id) else {
                     // The answer to a forgotten request.
                     return Ok(());
                 };
                 if let Err(Response::Granted(grant)) = reply.send(response) {
                     // Its caller gave up (the future was dropped) but the
                     // grant won the race: give the hold back.
-                    let msg = ClientMessage::Request {
-                        id: 0,
-                        request: Request::Release {
-                            hold_id: grant.hold_id,
-                        },
+                    let release = Request::Release {
+                        hold_id: grant.hold_id,
                     };
-                    self.out.encode(&msg).map_err(|e| e.to_string())?;
+                    io.queue(0, release, None);
+                    io.write_now();
                 }
                 Ok(())
             }
@@ -519,7 +567,13 @@ impl Task {
             ServerMessage::Event(
                 event @ (Event::StateChanged { watch_id, .. } | Event::WatchLagged { watch_id }),
             ) => {
-                self.watch_event(watch_id, event);
+                let mut io = self.conn.io();
+                if let Some(events) = io.watches.get(&watch_id)
+                    && events.send(event).is_err()
+                {
+                    // The Watch was dropped; its Unwatch is on its way.
+                    io.watches.remove(&watch_id);
+                }
                 Ok(())
             }
             ServerMessage::Fatal(e) => Err(format!("the daemon closed the connection: {e}")),

@@ -192,3 +192,74 @@ fn blocking_client_has_the_same_surface_and_never_hangs_on_drop() {
     drop(b);
     drop(a);
 }
+
+/// Callers write their own requests; the connection task writes what the
+/// socket did not take at once. Tasks on worker threads race their writes
+/// while far more is in flight than a socket holds: every answer reaches
+/// its own caller.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn callers_writing_at_once_each_get_their_own_answers() {
+    bounded(async {
+        let daemon = Daemon::start().await;
+        let client = daemon.client().await;
+        let tasks: Vec<_> = (0..16u64)
+            .map(|t| {
+                let client = client.clone();
+                tokio::spawn(async move {
+                    let state = client.state();
+                    let key = format!("n/{t}");
+                    // 2000 increments in flight at once, then in turn.
+                    let burst: Vec<_> = (0..2000)
+                        .map(|_| {
+                            let state = state.clone();
+                            let key = key.clone();
+                            tokio::spawn(async move { state.increment(&key, 1).await.unwrap() })
+                        })
+                        .collect();
+                    let mut seen = Vec::new();
+                    for b in burst {
+                        seen.push(b.await.unwrap());
+                    }
+                    seen.sort_unstable();
+                    assert_eq!(seen, (1..=2000).collect::<Vec<i64>>(), "task {t}");
+                    for round in 0..50 {
+                        let g = client.mutex(format!("m/{t}")).acquire().await.unwrap();
+                        assert_eq!(state.increment(&key, 1).await.unwrap(), 2001 + round);
+                        g.release().await.unwrap();
+                    }
+                })
+            })
+            .collect();
+        for t in tasks {
+            t.await.unwrap();
+        }
+    })
+    .await
+}
+
+/// The last client and guard dropped: their releases go out before the
+/// connection closes, so the next holders are not told "abandoned".
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn releases_of_dropped_guards_go_out_before_the_close() {
+    bounded(async {
+        let daemon = Daemon::start().await;
+        let client = daemon.client().await;
+        let mut guards = Vec::new();
+        for i in 0..200 {
+            guards.push(client.mutex(format!("d/{i}")).acquire().await.unwrap());
+        }
+        drop(guards);
+        drop(client);
+        let other = daemon.client().await;
+        for i in 0..200 {
+            let g = other
+                .mutex(format!("d/{i}"))
+                .acquire_timeout(Duration::from_secs(10))
+                .await
+                .unwrap()
+                .expect("the lock was freed");
+            assert!(!g.abandoned(), "d/{i} was abandoned, not released");
+        }
+    })
+    .await
+}
