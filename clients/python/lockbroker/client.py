@@ -409,15 +409,18 @@ class Client:
         """
         if self._pid != os.getpid():
             return  # the parent's session is not ours to end
+        if self._reader is None:
+            # Callers read: mark the session closed and fail what waits in
+            # one step (a waiter must never see it ended but not failed),
+            # then shut the socket down, which wakes a caller in recv.
+            self._abort(ClientClosed("the client was closed"))
+            return
         with self._lock:
             if self._ended is None:
                 self._ended = ClientClosed("the client was closed")
         # Shutdown (not just close) wakes the reader thread from recv.
         self._sock.shutdown()
-        if self._reader is None:
-            # Fail what still waits, and end the watches, here.
-            self._abort(ClientClosed("the client was closed"))
-        elif self._reader is not threading.current_thread():
+        if self._reader is not threading.current_thread():
             self._reader.join(timeout=5.0)
 
     # ------------------------------------------------------- public requests
@@ -681,7 +684,17 @@ class Client:
                 self._watches[rid] = watch
         try:
             self._write(RequestMessage(rid, request))
-        except BaseException:
+        except BaseException as e:
+            if getattr(e, "_lockbroker_sent", False) and isinstance(request, Acquire):
+                # Interrupted once the acquire was out: cancel it, as an
+                # interrupted wait does.
+                try:
+                    late = self._give_up(rid, call, cancel=True)
+                except LockbrokerError:
+                    late = None
+                if isinstance(late, Granted):
+                    self._release_orphan(late.grant.hold_id)
+                raise
             with self._lock:
                 self._pending.pop(rid, None)
                 self._watches.pop(rid, None)
@@ -696,14 +709,44 @@ class Client:
                 "request of %d bytes exceeds the daemon's max_frame_len of %d" % (len(body), self._max_send)
             )
         frame = encode_frame(body)
+        sock = self._sock
         with self._write_lock:
+            if not isinstance(sock, _transport.SocketConnection):
+                try:
+                    sock.sendall(frame)
+                except BaseException as e:
+                    # A partly written frame would corrupt the stream: end it.
+                    self._abort(ConnectionLost("writing to the daemon failed: %r" % (e,)))
+                    if isinstance(e, OSError):
+                        raise self._ended or ConnectionLost(str(e)) from e
+                    raise
+                return
+            # socket.sendall raises an interrupt that arrives while it runs
+            # even when every byte went out, so the bytes sent are counted
+            # here instead -- by list.extend, in C, so an interrupt raised
+            # as a send returns still finds its count in ``sent``.
+            view = memoryview(frame)
+            sent: List[int] = []
             try:
-                self._sock.sendall(frame)
+                while sum(sent) < len(view):
+                    sent.extend(map(sock.sock.send, (view[sum(sent) :],)))
             except BaseException as e:
-                # A partly written frame would corrupt the stream: end it.
-                self._abort(ConnectionLost("writing to the daemon failed: %r" % (e,)))
-                if isinstance(e, OSError):
-                    raise self._ended or ConnectionLost(str(e)) from e
+                done = sum(sent)
+                if not isinstance(e, OSError) and done < len(view):
+                    # Interrupted inside the frame: finish it, so the stream
+                    # stays whole and the session goes on.
+                    try:
+                        sock.sendall(view[done:])
+                        done = len(view)
+                    except BaseException:
+                        pass
+                if isinstance(e, OSError) or done < len(view):
+                    self._abort(ConnectionLost("writing to the daemon failed: %r" % (e,)))
+                    if isinstance(e, OSError):
+                        raise self._ended or ConnectionLost(str(e)) from e
+                    raise
+                # The whole frame is out: only the caller was interrupted.
+                e._lockbroker_sent = True  # type: ignore[attr-defined]
                 raise
 
     def _send_untracked(self, request: Request) -> None:
