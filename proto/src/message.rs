@@ -682,10 +682,11 @@ pub const MAX_NAME_LEN: usize = 255;
 ///
 /// The wire carries names as plain strings so that a bad name is an error
 /// response rather than an undecodable frame; the daemon validates them into
-/// this type. Clones share one allocation (the daemon keeps a name in its
-/// lock table and in the holding session).
+/// this type. A name of up to 23 bytes is kept inline, with no allocation
+/// (the daemon keeps a name in its lock table and in the holding session,
+/// for every name held); a longer one is shared by its clones.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct LockName(std::sync::Arc<str>);
+pub struct LockName(smol_str::SmolStr);
 
 /// Why a string is not a valid [`LockName`].
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -717,12 +718,12 @@ impl LockName {
         if name.is_empty() {
             return Err(NameError::Empty);
         }
-        Ok(LockName(name.into()))
+        Ok(LockName(smol_str::SmolStr::from(name)))
     }
 
     /// The name as a string.
     pub fn as_str(&self) -> &str {
-        &self.0
+        self.0.as_str()
     }
 
     /// The name as an owned string.
