@@ -455,8 +455,9 @@ struct Entry {
     capacity: u32,
     /// Weight not held.
     free: u32,
-    /// Grant order, oldest first.
-    holders: Vec<Holder>,
+    /// Grant order, oldest first. A thin vec (one pointer in the entry,
+    /// its length in the allocation): every held name has an entry.
+    holders: thin_vec::ThinVec<Holder>,
     queue: Queue,
     /// The next grant reports that a holder died holding this lock.
     abandoned: bool,
@@ -475,7 +476,7 @@ impl Entry {
             kind: spec.kind.entry_kind(),
             capacity,
             free: capacity,
-            holders: Vec::new(),
+            holders: thin_vec::ThinVec::new(),
             queue: Queue::default(),
             abandoned: false,
             tombstone: 0,
@@ -766,7 +767,7 @@ impl LockTable {
     /// shard lock is gone.
     fn bury(&self, name: &LockName, entry: &mut Entry) -> Vec<(u64, LockName)> {
         // A tombstone keeps its flag, not the room its holders had.
-        entry.holders = Vec::new();
+        entry.holders = thin_vec::ThinVec::new();
         let mut t = lock(&self.inner.tombstones);
         t.last += 1;
         entry.tombstone = t.last;
