@@ -260,6 +260,11 @@ fn every_waiting_thread_is_woken_when_the_connection_ends() {
     ));
 }
 
+// Unix only: there the client's threads read the socket themselves, and
+// this is their way out of a full socket. On Windows the blocking client's
+// connection task reads all the time (`blocking/windows.rs`), so there is
+// no such path to test (and 120,000 acquires under Wine outlast the bound).
+#[cfg(unix)]
 #[test]
 fn a_client_that_sends_far_more_than_it_reads_never_gets_stuck() {
     // Dropped guards send releases and wait for nothing: their answers
