@@ -188,9 +188,22 @@ impl<W> Gated<W> {
 }
 
 impl<W: AsyncWrite + Unpin> Gated<W> {
-    /// Writes what another session left in the spill; ready once it is
-    /// empty.
-    fn poll_spill(inner: &mut W, g: &mut GateState, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+    /// Writes what another session left in the spill, under the gate's
+    /// lock; ready once it is empty, with the lock still held.
+    fn poll_spill(
+        &mut self,
+        cx: &mut Context<'_>,
+    ) -> Poll<io::Result<(MutexGuard<'_, GateState>, &mut W)>> {
+        let Gated { inner, gate } = self;
+        let mut g = gate.state();
+        match Self::write_spill(inner, &mut g, cx) {
+            Poll::Ready(Ok(())) => Poll::Ready(Ok((g, inner))),
+            Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
+            Poll::Pending => Poll::Pending,
+        }
+    }
+
+    fn write_spill(inner: &mut W, g: &mut GateState, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         while !g.spill.is_empty() {
             match Pin::new(&mut *inner).poll_write(cx, &g.spill) {
                 Poll::Ready(Ok(0)) => return Poll::Ready(Err(io::ErrorKind::WriteZero.into())),
@@ -211,15 +224,8 @@ impl<W: AsyncWrite + Unpin> AsyncWrite for Gated<W> {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        let this = self.get_mut();
-        let gate = Arc::clone(&this.gate);
-        let mut g = gate.state();
-        match Self::poll_spill(&mut this.inner, &mut g, cx) {
-            Poll::Ready(Ok(())) => {}
-            Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
-            Poll::Pending => return Poll::Pending,
-        }
-        let written = Pin::new(&mut this.inner).poll_write(cx, buf);
+        let (mut g, inner) = std::task::ready!(self.get_mut().poll_spill(cx))?;
+        let written = Pin::new(inner).poll_write(cx, buf);
         if let Poll::Ready(Ok(n)) = written {
             // The session always hands over whole frames to their end.
             g.partial = n < buf.len();
@@ -228,29 +234,17 @@ impl<W: AsyncWrite + Unpin> AsyncWrite for Gated<W> {
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        let this = self.get_mut();
-        let gate = Arc::clone(&this.gate);
-        let mut g = gate.state();
-        match Self::poll_spill(&mut this.inner, &mut g, cx) {
-            Poll::Ready(Ok(())) => {}
-            other => return other,
-        }
+        let (g, inner) = std::task::ready!(self.get_mut().poll_spill(cx))?;
         drop(g);
-        Pin::new(&mut this.inner).poll_flush(cx)
+        Pin::new(inner).poll_flush(cx)
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        let this = self.get_mut();
-        let gate = Arc::clone(&this.gate);
-        let mut g = gate.state();
-        match Self::poll_spill(&mut this.inner, &mut g, cx) {
-            Poll::Ready(Ok(())) => {}
-            other => return other,
-        }
+        let (mut g, inner) = std::task::ready!(self.get_mut().poll_spill(cx))?;
         // No one may write a frame after the end.
         g.fd = None;
         drop(g);
-        Pin::new(&mut this.inner).poll_shutdown(cx)
+        Pin::new(inner).poll_shutdown(cx)
     }
 }
 
