@@ -33,10 +33,6 @@ use crate::error::{Error, Result};
 use crate::ops::{self, Op};
 use crate::transport::{ReadHalf, WriteHalf};
 
-/// Stop taking new requests from callers while this many bytes wait to be
-/// written; the daemon reads them as fast as it answers.
-const OUTPUT_HIGH_WATER: usize = 1 << 20;
-
 /// A connection to the lockbroker daemon — one session — shared by every
 /// clone. Cheap to clone; the connection closes (and the daemon releases
 /// everything it held) when the last clone and the last guard are dropped.
@@ -162,7 +158,10 @@ impl Client {
         let (lost_tx, lost) = watch::channel(false);
         let conn = Arc::new(Conn {
             io: Mutex::new(Io {
-                out: FrameWriter::new(writer, welcome.limits.max_frame_len, OUTPUT_HIGH_WATER),
+                // No high-water mark: a caller is never held back (its
+                // request is encoded at once), and the daemon reads
+                // requests as fast as it answers them.
+                out: FrameWriter::new(writer, welcome.limits.max_frame_len, usize::MAX),
                 pending: HashMap::new(),
                 watches: HashMap::new(),
                 ended: false,
