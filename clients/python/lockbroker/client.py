@@ -450,13 +450,7 @@ class Client:
         try:
             answered = self._await(call, local)
         except BaseException:
-            # Interrupted: cancel, and release a grant that won the race.
-            try:
-                response = self._give_up(rid, call, cancel=True)
-            except LockbrokerError:
-                response = None
-            if isinstance(response, Granted):
-                self._release_orphan(response.grant.hold_id)
+            self._interrupted(rid, call, cancel=True)
             raise
         if answered:
             response = call.outcome()
@@ -597,12 +591,7 @@ class Client:
         try:
             answered = self._await(call, bound)
         except BaseException:
-            try:
-                late = self._give_up(rid, call, cancel=isinstance(request, Acquire))
-            except LockbrokerError:
-                late = None
-            if isinstance(late, Granted):
-                self._release_orphan(late.grant.hold_id)
+            self._interrupted(rid, call, cancel=isinstance(request, Acquire))
             raise
         if not answered:
             late = self._give_up(rid, call, cancel=isinstance(request, Acquire))
@@ -688,12 +677,7 @@ class Client:
             if getattr(e, "_lockbroker_sent", False) and isinstance(request, Acquire):
                 # Interrupted once the acquire was out: cancel it, as an
                 # interrupted wait does.
-                try:
-                    late = self._give_up(rid, call, cancel=True)
-                except LockbrokerError:
-                    late = None
-                if isinstance(late, Granted):
-                    self._release_orphan(late.grant.hold_id)
+                self._interrupted(rid, call, cancel=True)
                 raise
             with self._lock:
                 self._pending.pop(rid, None)
@@ -782,6 +766,16 @@ class Client:
             return None
         call.wait(None)
         return call.outcome()
+
+    def _interrupted(self, rid: int, call: _Call, cancel: bool) -> None:
+        """A caller was interrupted waiting for ``rid``: stop waiting (with a
+        ``Cancel`` if ``cancel``) and release a grant that won the race."""
+        try:
+            late = self._give_up(rid, call, cancel=cancel)
+        except LockbrokerError:
+            late = None
+        if isinstance(late, Granted):
+            self._release_orphan(late.grant.hold_id)
 
     def _release_orphan(self, hold_id: int) -> None:
         """Release a hold nobody will use; errors mean it is gone anyway."""
