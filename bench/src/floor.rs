@@ -1,5 +1,7 @@
 //! The floor: a minimal Unix-socket echo server and client exchanging
-//! messages of a lock request's size; and `flock(2)` for reference.
+//! messages of a lock request's size; the same echo served from a tokio
+//! runtime shaped as the daemon's (what tokio's scheduling costs a server
+//! before it does any work); and `flock(2)` for reference.
 
 use std::io::{Read, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
@@ -28,6 +30,31 @@ pub fn serve(socket: PathBuf) {
             }
         });
     }
+}
+
+/// The echo server as the daemon serves: a multi-thread tokio runtime with
+/// the daemon's default of one worker, a task per connection, reading and
+/// writing through the runtime's reactor.
+pub fn serve_tokio(socket: PathBuf) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_io()
+        .build()
+        .expect("a runtime");
+    runtime.block_on(async move {
+        let listener = tokio::net::UnixListener::bind(&socket).expect("bind");
+        while let Ok((mut stream, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut buf = [0u8; MESSAGE];
+                while stream.read_exact(&mut buf).await.is_ok() {
+                    if stream.write_all(&buf).await.is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+    });
 }
 
 /// Runs `cycle` on `m.clients` threads pinned to the client CPU until the
@@ -75,19 +102,38 @@ pub fn drive<C: Send + 'static>(
     }
 }
 
+/// Which echo server the floor runs against.
+#[derive(Debug, Clone, Copy)]
+pub enum Echo {
+    /// A blocking thread per connection: the floor.
+    Threads,
+    /// A tokio runtime shaped as the daemon's.
+    Tokio,
+}
+
+impl Echo {
+    /// The harness's internal command that serves it.
+    pub fn mode(self) -> &'static str {
+        match self {
+            Echo::Threads => "echo-server",
+            Echo::Tokio => "tokio-echo-server",
+        }
+    }
+}
+
 /// The echo server, pinned to the server CPU.
-pub fn echo_server(bins: &Bins, m: &Measure) -> Server {
+pub fn echo_server(bins: &Bins, m: &Measure, echo: Echo) -> Server {
     Server::start(|socket| {
         let mut cmd = pinned(m.placement.server_cpu(), &bins.me);
-        cmd.arg("echo-server").arg(socket);
+        cmd.arg(echo.mode()).arg(socket);
         cmd
     })
 }
 
 /// `round_trips` echo exchanges per cycle against an echo server pinned to
 /// the server CPU.
-pub fn run(bins: &Bins, m: &Measure, round_trips: usize) -> Sample {
-    let server = echo_server(bins, m);
+pub fn run(bins: &Bins, m: &Measure, echo: Echo, round_trips: usize) -> Sample {
+    let server = echo_server(bins, m, echo);
     let socket = server.socket.clone();
     drive(
         m,

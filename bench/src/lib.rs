@@ -91,11 +91,15 @@ fn usage() -> ! {
 #[cfg(target_os = "linux")]
 fn harness(args: Vec<String>) {
     // Internal: the echo server runs as its own (pinnable) process.
-    if let [mode, socket] = &args[..]
-        && mode == "echo-server"
-    {
-        floor::serve(socket.into());
-        return;
+    if let [mode, socket] = &args[..] {
+        if mode == floor::Echo::Threads.mode() {
+            floor::serve(socket.into());
+            return;
+        }
+        if mode == floor::Echo::Tokio.mode() {
+            floor::serve_tokio(socket.into());
+            return;
+        }
     }
     let mut reps = 5;
     let mut duration = Duration::from_secs(2);
@@ -146,8 +150,14 @@ fn harness(args: Vec<String>) {
                     clients,
                     duration,
                 };
-                results.add("floor, 1 round trip", &m, floor::run(&bins, &m, 1));
-                results.add("floor, 2 round trips", &m, floor::run(&bins, &m, 2));
+                use floor::Echo::{Threads, Tokio};
+                results.add("floor, 1 round trip", &m, floor::run(&bins, &m, Threads, 1));
+                results.add(
+                    "floor, 2 round trips",
+                    &m,
+                    floor::run(&bins, &m, Threads, 2),
+                );
+                results.add(run::TOKIO_ECHO, &m, floor::run(&bins, &m, Tokio, 2));
                 results.add("lockbroker async", &m, run::lockbroker(&bins, &m, false));
                 results.add("lockbroker blocking", &m, run::lockbroker(&bins, &m, true));
                 if redis {

@@ -123,7 +123,7 @@ pub fn run(bins: &Bins, m: &Measure, kind: Kind) -> Sample {
             lock_file
         }
         Kind::Floor => {
-            let server = crate::floor::echo_server(bins, m);
+            let server = crate::floor::echo_server(bins, m, crate::floor::Echo::Threads);
             let socket = server.socket.clone();
             _server = Some(server);
             socket

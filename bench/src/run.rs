@@ -487,6 +487,32 @@ impl Results {
                     );
                 }
             }
+            // What the daemon's runtime costs before any work: the echo
+            // served from tokio against the thread-per-connection floor,
+            // and lockbroker against that echo (p50 for one client,
+            // cycles/s for many).
+            for clients in [1, 8, 32] {
+                let (Some(f2), Some(t)) = (get(clients, FLOOR_2), get(clients, TOKIO_ECHO)) else {
+                    continue;
+                };
+                let measure = |lb: (f64, f64, usize), base: (f64, f64, usize)| {
+                    if clients == 1 {
+                        format!("p50 {:.2}×", lb.1 / base.1)
+                    } else {
+                        format!("cycles/s {:.2}×", lb.0 / base.0)
+                    }
+                };
+                let mut line = format!(
+                    "- {name}, {clients} clients (no target): {TOKIO_ECHO} = {} the floor",
+                    measure(t, f2)
+                );
+                for client in [ASYNC, BLOCKING] {
+                    if let Some(lb) = get(clients, client) {
+                        let _ = write!(line, "; {client} = {} the tokio echo", measure(lb, t));
+                    }
+                }
+                let _ = writeln!(out, "{line}");
+            }
         }
         let abs = |out: &mut String, what: &str, value: String, ok: bool| {
             let _ = writeln!(
@@ -555,6 +581,7 @@ impl Results {
 
 const FLOOR_1: &str = "floor, 1 round trip";
 const FLOOR_2: &str = "floor, 2 round trips";
+pub(crate) const TOKIO_ECHO: &str = "tokio echo, 2 round trips";
 const ASYNC: &str = "lockbroker async";
 const BLOCKING: &str = "lockbroker blocking";
 const REDIS: &str = "Redis lock (SET NX PX + Lua release)";
