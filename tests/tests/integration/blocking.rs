@@ -30,6 +30,77 @@ fn daemon() -> (tokio::runtime::Runtime, Daemon) {
     (rt, daemon)
 }
 
+/// The calling thread's voluntary context switches so far.
+#[cfg(target_os = "linux")]
+fn sleeps_so_far() -> u64 {
+    let status = std::fs::read_to_string("/proc/thread-self/status").unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("voluntary_ctxt_switches:"))
+        .expect("a voluntary_ctxt_switches line")
+        .trim()
+        .parse()
+        .unwrap()
+}
+
+/// Pins the calling thread to `cpu`.
+#[cfg(target_os = "linux")]
+fn pin(cpu: usize) {
+    // SAFETY: a zeroed set is empty; CPU_SET adds one CPU to it.
+    let rc = unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(cpu, &mut set);
+        libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set)
+    };
+    assert_eq!(rc, 0, "{}", std::io::Error::last_os_error());
+}
+
+/// The first CPU this thread may run on.
+#[cfg(target_os = "linux")]
+fn first_cpu() -> usize {
+    // SAFETY: the set is filled in by sched_getaffinity.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut set);
+        (0..libc::CPU_SETSIZE as usize)
+            .find(|&c| libc::CPU_ISSET(c, &set))
+            .expect("some CPU")
+    }
+}
+
+/// A thread asleep in `recv` is woken as well when the daemon reads its
+/// request (the room that frees in the socket): two sleeps a call, and
+/// two context switches more, where the daemon shares its CPU. Waiting in
+/// `poll`, a call sleeps once, until its answer has come, or not at all.
+/// The daemon and the caller share one CPU here, which is where it shows.
+#[cfg(target_os = "linux")]
+#[test]
+fn a_call_sleeps_at_most_once_waiting_for_its_answer() {
+    let cpu = first_cpu();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .on_thread_start(move || pin(cpu))
+        .enable_all()
+        .build()
+        .unwrap();
+    let daemon = rt.block_on(Daemon::start());
+    let client = blocking::Client::connect_with(&daemon.connector()).unwrap();
+    bounded(Duration::from_secs(60), move || {
+        pin(cpu);
+        client.ping().unwrap();
+        const CALLS: u64 = 2000;
+        let before = sleeps_so_far();
+        for _ in 0..CALLS {
+            client.ping().unwrap();
+        }
+        let slept = sleeps_so_far() - before;
+        assert!(
+            slept <= CALLS + CALLS / 100,
+            "{slept} sleeps for {CALLS} calls"
+        );
+    });
+}
+
 #[test]
 fn threads_sharing_a_client_each_get_their_own_answers_and_events() {
     let (_rt, daemon) = daemon();
