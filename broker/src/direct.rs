@@ -49,10 +49,10 @@ pub trait DirectFd {
 }
 
 #[cfg(unix)]
-impl DirectFd for lockbroker_proto::stream::WriteHalf {
+impl DirectFd for tokio::net::unix::OwnedWriteHalf {
     fn direct_fd(&self) -> Option<Fd> {
         use std::os::fd::AsRawFd;
-        Some(self.as_raw_fd())
+        Some(self.as_ref().as_raw_fd())
     }
 }
 
@@ -259,10 +259,9 @@ impl<W> Drop for Gated<W> {
 mod tests {
     use super::*;
     use lockbroker_proto::io::FrameReader;
-    use lockbroker_proto::stream::{self, ReadHalf};
     use lockbroker_proto::{Response, ServerMessage, frame};
-    use std::os::unix::net::UnixStream;
     use tokio::io::AsyncWriteExt;
+    use tokio::net::UnixStream;
 
     fn grant(hold_id: u64) -> Grant {
         Grant {
@@ -272,7 +271,7 @@ mod tests {
         }
     }
 
-    async fn next(reader: &mut FrameReader<ReadHalf>) -> ServerMessage {
+    async fn next(reader: &mut FrameReader<tokio::net::unix::OwnedReadHalf>) -> ServerMessage {
         reader.read_message().await.unwrap().unwrap()
     }
 
@@ -289,9 +288,9 @@ mod tests {
     #[tokio::test]
     async fn a_grant_is_written_between_frames_and_noted_either_way() {
         let (ours, theirs) = UnixStream::pair().unwrap();
-        let (_r, w) = stream::split(ours).unwrap();
+        let (_r, w) = ours.into_split();
         let (mut gated, gate) = Gated::new(w, Arc::default());
-        let mut reader = FrameReader::new(stream::split(theirs).unwrap().0, 4 << 20);
+        let mut reader = FrameReader::new(theirs.into_split().0, 4 << 20);
         let mut noted = Vec::new();
         gate.send_grant(7, grant(1), |sent| noted.push(sent));
         assert_eq!(noted, [true]);
@@ -337,9 +336,9 @@ mod tests {
     #[tokio::test]
     async fn what_a_grant_left_unwritten_goes_before_the_owners_bytes() {
         let (ours, theirs) = UnixStream::pair().unwrap();
-        let (_r, w) = stream::split(ours).unwrap();
+        let (_r, w) = ours.into_split();
         let (mut gated, gate) = Gated::new(w, Arc::default());
-        let mut reader = FrameReader::new(stream::split(theirs).unwrap().0, 1 << 20);
+        let mut reader = FrameReader::new(theirs.into_split().0, 1 << 20);
         let whole = frame::to_frame(
             &ServerMessage::Response {
                 id: 5,

@@ -40,15 +40,15 @@ mod unix {
 
     use lockbroker_proto::address::{self, DirError, Scope};
     use tokio::net::UnixListener;
+    use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
 
     use super::PeerCred;
     use crate::error::StartError;
 
-    /// The reading half of an accepted connection (registered with the
-    /// reactor for reading only: see [`lockbroker_proto::stream`]).
-    pub type ReadHalf = lockbroker_proto::stream::ReadHalf;
+    /// The reading half of an accepted connection.
+    pub type ReadHalf = OwnedReadHalf;
     /// The writing half of an accepted connection.
-    pub type WriteHalf = lockbroker_proto::stream::WriteHalf;
+    pub type WriteHalf = OwnedWriteHalf;
 
     /// A bound, listening socket.
     #[derive(Debug)]
@@ -113,7 +113,7 @@ mod unix {
                     gid: Some(c.gid()),
                 })
                 .unwrap_or_default();
-            let (r, w) = lockbroker_proto::stream::split(stream.into_std()?)?;
+            let (r, w) = stream.into_split();
             Ok((r, w, cred))
         }
     }

@@ -149,7 +149,7 @@ impl Client {
         welcome: Welcome,
     ) -> Client {
         #[cfg(unix)]
-        let fd = std::os::fd::AsRawFd::as_raw_fd(&writer);
+        let fd = std::os::fd::AsRawFd::as_raw_fd(writer.as_ref());
         #[cfg(windows)]
         let handle = {
             use std::os::windows::io::{AsHandle, AsRawHandle};

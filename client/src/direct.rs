@@ -1,7 +1,6 @@
 //! The blocking client's connection on Unix: no runtime and no thread of
-//! its own, so an uncontended call costs one `send`, one `poll` and one
-//! `recv`, and two context switches on one CPU, as the bare socket's floor
-//! should (`Conn::read` says why it waits in `poll`).
+//! its own, so an uncontended call costs one `send` and one `recv`, as a
+//! bare socket does.
 //!
 //! A caller writes its request itself, then waits. One thread at a time
 //! reads the socket: whoever holds the *reader* (the frame buffer). A
@@ -356,14 +355,17 @@ impl Conn {
     /// Reads once into `reader`, waiting until `deadline` at most.
     fn read(&self, reader: &mut FrameReader<()>, deadline: Option<Instant>) -> Read {
         loop {
-            // Waiting in poll, not in recv: a recv asleep on the socket is
-            // woken each time the daemon reads one of our requests (the
-            // room it frees), and on one CPU that is a context switch pair
-            // per call for nothing; poll sleeps until there is data.
-            if !poll(self.fd(), libc::POLLIN, deadline) {
-                return Read::Nothing;
-            }
-            match reader.fill_with(|buf| recv(self.fd(), buf, libc::MSG_DONTWAIT)) {
+            let flags = match deadline {
+                // The common case: block in recv itself, one system call.
+                None => 0,
+                Some(d) => {
+                    if !poll(self.fd(), libc::POLLIN, d) {
+                        return Read::Nothing;
+                    }
+                    libc::MSG_DONTWAIT
+                }
+            };
+            match reader.fill_with(|buf| recv(self.fd(), buf, flags)) {
                 Ok(0) if reader.has_partial() => {
                     return Read::Ended("the connection broke in the middle of a frame".into());
                 }
@@ -462,13 +464,13 @@ impl Conn {
         let mut g = self.shared();
         let Some(mut reader) = g.reader.take() else {
             drop(g);
-            poll(self.fd(), libc::POLLOUT, Some(deadline));
+            poll(self.fd(), libc::POLLOUT, deadline);
             return Vec::new();
         };
         drop(g);
         // Room, or something to read (which the read below takes, not
         // waiting again).
-        poll(self.fd(), libc::POLLIN | libc::POLLOUT, Some(deadline));
+        poll(self.fd(), libc::POLLIN | libc::POLLOUT, deadline);
         let read = self.read(&mut reader, Some(Instant::now()));
         g = self.shared();
         let orphans = self.absorb(&mut g, &mut reader, read);
@@ -567,15 +569,12 @@ const MSG_NOSIGNAL: libc::c_int = libc::MSG_NOSIGNAL;
 const MSG_NOSIGNAL: libc::c_int = 0;
 
 /// Waits until `fd` has one of `events` (or an error or hang-up, which the
-/// next read or write reports) or `deadline` passes (never, if `None`);
-/// whether it has.
-fn poll(fd: RawFd, events: libc::c_short, deadline: Option<Instant>) -> bool {
+/// next read or write reports) or `deadline` passes; whether it has.
+fn poll(fd: RawFd, events: libc::c_short, deadline: Instant) -> bool {
     loop {
-        let ms = deadline.map_or(-1, |d| {
-            let left = d.saturating_duration_since(Instant::now());
-            // Rounded up, so a wait never ends just before its deadline.
-            left.as_micros().div_ceil(1000).min(i32::MAX as u128) as libc::c_int
-        });
+        let left = deadline.saturating_duration_since(Instant::now());
+        // Rounded up, so a wait never ends just before its deadline.
+        let ms = left.as_micros().div_ceil(1000).min(i32::MAX as u128) as libc::c_int;
         let mut pfd = libc::pollfd {
             fd,
             events,

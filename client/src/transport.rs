@@ -10,16 +10,15 @@ use std::io;
 use std::path::Path;
 
 #[cfg(unix)]
-pub(crate) use lockbroker_proto::stream::{ReadHalf, WriteHalf};
+pub(crate) use tokio::net::unix::{OwnedReadHalf as ReadHalf, OwnedWriteHalf as WriteHalf};
 
-/// Connects to `path`; returns the halves (registered with the reactor
-/// for reading only: [`lockbroker_proto::stream`]) and the user id of the
-/// process that listens there (the socket's peer credentials).
+/// Connects to `path`; returns the halves and the user id of the process
+/// that listens there (the socket's peer credentials).
 #[cfg(unix)]
 pub(crate) async fn connect(path: &Path) -> io::Result<(ReadHalf, WriteHalf, u32)> {
     let stream = tokio::net::UnixStream::connect(path).await?;
     let uid = stream.peer_cred()?.uid();
-    let (r, w) = lockbroker_proto::stream::split(stream.into_std()?)?;
+    let (r, w) = stream.into_split();
     Ok((r, w, uid))
 }
 

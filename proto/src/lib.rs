@@ -26,8 +26,6 @@
 //! - [`frame`]: length prefix and body codec; the only module that knows
 //!   bincode.
 //! - [`io`]: async reading and writing of frames over Tokio's I/O traits.
-//! - `stream` (Unix): the socket transport, registered with Tokio's
-//!   reactor for reading only.
 //! - `pipe` (Windows): the named-pipe transport and the identity of a
 //!   pipe's peer.
 
@@ -38,8 +36,6 @@ pub mod message;
 pub mod os;
 #[cfg(windows)]
 pub mod pipe;
-#[cfg(unix)]
-pub mod stream;
 
 pub use frame::{DEFAULT_MAX_FRAME_LEN, FrameError, HEADER_LEN, MIN_MAX_FRAME_LEN};
 pub use message::*;
