@@ -45,7 +45,12 @@ mod unix {
     use super::PeerCred;
     use crate::error::StartError;
 
-    /// The reading half of an accepted connection.
+    /// The reading half of an accepted connection. Tokio registers the
+    /// socket for writing too, so the reactor also wakes when the client
+    /// reads an answer: that readies this CPU just before the client's
+    /// next request, worth more across CPUs than the wake-up costs on one
+    /// (a read-only registration was measured and dropped: BENCHMARKS.md,
+    /// issue 12).
     pub type ReadHalf = OwnedReadHalf;
     /// The writing half of an accepted connection.
     pub type WriteHalf = OwnedWriteHalf;

@@ -357,6 +357,10 @@ impl Conn {
         loop {
             let flags = match deadline {
                 // The common case: block in recv itself, one system call.
+                // (Asleep in recv, the thread is also woken when the daemon
+                // reads the request; that early wake readies this CPU for
+                // the answer, which is worth more off the daemon's CPU than
+                // the switch pair it costs on it: BENCHMARKS.md, issue 12.)
                 None => 0,
                 Some(d) => {
                     if !poll(self.fd(), libc::POLLIN, d) {
