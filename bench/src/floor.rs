@@ -33,8 +33,10 @@ pub fn serve(socket: PathBuf) {
 }
 
 /// The echo server as the daemon serves: a multi-thread tokio runtime with
-/// the daemon's default of one worker, a task per connection, reading and
-/// writing through the runtime's reactor.
+/// the daemon's default of one worker, a task per connection, reading what
+/// has come into a buffer as the daemon's frame reader does (one `recv` a
+/// message: a short read tells Tokio the socket is drained) and writing
+/// back every whole message.
 pub fn serve_tokio(socket: PathBuf) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -46,11 +48,16 @@ pub fn serve_tokio(socket: PathBuf) {
         let listener = tokio::net::UnixListener::bind(&socket).expect("bind");
         while let Ok((mut stream, _)) = listener.accept().await {
             tokio::spawn(async move {
-                let mut buf = [0u8; MESSAGE];
-                while stream.read_exact(&mut buf).await.is_ok() {
-                    if stream.write_all(&buf).await.is_err() {
+                let mut buf = vec![0u8; 64 * MESSAGE];
+                let mut have = 0;
+                while let Ok(n @ 1..) = stream.read(&mut buf[have..]).await {
+                    have += n;
+                    let whole = have / MESSAGE * MESSAGE;
+                    if stream.write_all(&buf[..whole]).await.is_err() {
                         break;
                     }
+                    buf.copy_within(whole..have, 0);
+                    have -= whole;
                 }
             });
         }

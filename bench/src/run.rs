@@ -502,8 +502,9 @@ impl Results {
                         format!("cycles/s {:.2}×", lb.0 / base.0)
                     }
                 };
+                let who = if clients == 1 { "client" } else { "clients" };
                 let mut line = format!(
-                    "- {name}, {clients} clients (no target): {TOKIO_ECHO} = {} the floor",
+                    "- {name}, {clients} {who} (no target): {TOKIO_ECHO} = {} the floor",
                     measure(t, f2)
                 );
                 for client in [ASYNC, BLOCKING] {
