@@ -9,6 +9,9 @@
 use std::io;
 use std::path::Path;
 
+// Tokio's halves, registered for writing as well: the reactor's wake-up
+// when the daemon reads a request readies this CPU for the answer (a
+// read-only registration was measured and dropped: BENCHMARKS.md, issue 12).
 #[cfg(unix)]
 pub(crate) use tokio::net::unix::{OwnedReadHalf as ReadHalf, OwnedWriteHalf as WriteHalf};
 
