@@ -112,15 +112,18 @@ impl Conn {
             path: path.clone(),
             source,
         };
-        let stream = UnixStream::connect(&path).map_err(failed)?;
+        // One bound for connecting and the handshake, as the async
+        // connector's.
+        let deadline = Instant::now() + connector.connect_timeout();
+        let stream = connect_within(&path, connector.connect_timeout()).map_err(failed)?;
         // Before anything is sent: a Hello names this program.
         trust.verify(&path, peer_uid(stream.as_raw_fd()).map_err(failed)?)?;
-        stream
-            .set_read_timeout(Some(connector.connect_timeout()))
-            .map_err(failed)?;
-        stream
-            .set_write_timeout(Some(connector.connect_timeout()))
-            .map_err(failed)?;
+        // What is left of it (a zero timeout would mean none at all).
+        let left = deadline
+            .saturating_duration_since(Instant::now())
+            .max(Duration::from_millis(1));
+        stream.set_read_timeout(Some(left)).map_err(failed)?;
+        stream.set_write_timeout(Some(left)).map_err(failed)?;
         let mut bytes = Vec::new();
         let sent = frame::encode(&hello(name), HELLO_MAX, &mut bytes)
             .map_err(|e| e.to_string())
@@ -565,6 +568,67 @@ fn send_all(fd: RawFd, mut buf: &[u8]) -> io::Result<()> {
     }
     Ok(())
 }
+
+/// Connects to `path`, waiting at most `timeout`. A daemon whose listen
+/// queue is full (too busy to accept) makes Linux's `connect` wait for
+/// room, for as long as the socket's send timeout allows; elsewhere it is
+/// refused at once.
+fn connect_within(path: &std::path::Path, timeout: Duration) -> io::Result<UnixStream> {
+    use std::os::fd::FromRawFd;
+    use std::os::unix::ffi::OsStrExt;
+    let bytes = path.as_os_str().as_bytes();
+    // SAFETY: all-zero is a valid sockaddr_un.
+    let mut addr: libc::sockaddr_un = unsafe { std::mem::zeroed() };
+    if bytes.len() >= addr.sun_path.len() || bytes.contains(&0) {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "the socket path is too long, or holds a NUL byte",
+        ));
+    }
+    addr.sun_family = libc::AF_UNIX as libc::sa_family_t;
+    for (d, s) in addr.sun_path.iter_mut().zip(bytes) {
+        *d = *s as libc::c_char;
+    }
+    // SAFETY: a plain socket call; the descriptor is owned at once.
+    let fd = unsafe { libc::socket(libc::AF_UNIX, SOCK_CLOEXEC | libc::SOCK_STREAM, 0) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: `fd` is a fresh descriptor nobody else owns.
+    let stream = UnixStream::from(unsafe { OwnedFd::from_raw_fd(fd) });
+    #[cfg(not(any(target_os = "linux", target_os = "android")))]
+    // SAFETY: sets a flag of our own descriptor.
+    unsafe {
+        libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC);
+    }
+    // The send timeout is what bounds a connect waiting for room.
+    stream.set_write_timeout(Some(timeout.max(Duration::from_millis(1))))?;
+    let len = std::mem::size_of::<libc::sockaddr_un>() as libc::socklen_t;
+    loop {
+        // SAFETY: `addr` is a valid sockaddr_un of `len` bytes.
+        if unsafe { libc::connect(fd, (&raw const addr).cast(), len) } == 0 {
+            return Ok(stream);
+        }
+        let e = io::Error::last_os_error();
+        match e.kind() {
+            // Nothing was under way: asking again is asking afresh.
+            io::ErrorKind::Interrupted => {}
+            io::ErrorKind::WouldBlock => {
+                return Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    format!("the daemon's listen queue stayed full for {timeout:?}"),
+                ));
+            }
+            _ => return Err(e),
+        }
+    }
+}
+
+#[cfg(any(target_os = "linux", target_os = "android"))]
+const SOCK_CLOEXEC: libc::c_int = libc::SOCK_CLOEXEC;
+// Elsewhere the flag is set right after (no SOCK_CLOEXEC there).
+#[cfg(not(any(target_os = "linux", target_os = "android")))]
+const SOCK_CLOEXEC: libc::c_int = 0;
 
 #[cfg(any(target_os = "linux", target_os = "android"))]
 const MSG_NOSIGNAL: libc::c_int = libc::MSG_NOSIGNAL;

@@ -30,6 +30,48 @@ fn daemon() -> (tokio::runtime::Runtime, Daemon) {
     (rt, daemon)
 }
 
+/// A daemon too busy to accept (its listen queue full) makes Linux's
+/// `connect` wait for room: the connector's timeout bounds that wait too,
+/// as the async connector's does.
+#[cfg(target_os = "linux")]
+#[test]
+fn connecting_to_a_full_listen_queue_ends_at_the_timeout() {
+    use std::os::fd::{FromRawFd, OwnedFd};
+    use std::os::unix::ffi::OsStrExt;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("full.sock");
+    // A listener with a queue of one that never accepts.
+    // SAFETY: a fresh socket, bound to a path that fits, then listened on.
+    let listener = unsafe {
+        let fd = libc::socket(libc::AF_UNIX, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0);
+        assert!(fd >= 0);
+        let listener = OwnedFd::from_raw_fd(fd);
+        let mut addr: libc::sockaddr_un = std::mem::zeroed();
+        addr.sun_family = libc::AF_UNIX as libc::sa_family_t;
+        for (d, s) in addr.sun_path.iter_mut().zip(path.as_os_str().as_bytes()) {
+            *d = *s as libc::c_char;
+        }
+        let len = std::mem::size_of::<libc::sockaddr_un>() as libc::socklen_t;
+        assert_eq!(libc::bind(fd, (&raw const addr).cast(), len), 0);
+        assert_eq!(libc::listen(fd, 0), 0);
+        listener
+    };
+    let _queued = std::os::unix::net::UnixStream::connect(&path).unwrap();
+    let connector = lockbroker::Connector::new()
+        .socket(&path)
+        .timeout(Duration::from_millis(200));
+    let outcome = bounded(Duration::from_secs(30), move || {
+        let start = Instant::now();
+        let outcome = blocking::Client::connect_with(&connector).map(|_| ());
+        (outcome, start.elapsed())
+    });
+    let (outcome, took) = outcome;
+    let e = outcome.expect_err("nobody accepts: the connect must fail");
+    assert!(e.to_string().contains("full"), "{e}");
+    assert!(took >= Duration::from_millis(200), "{took:?}");
+    drop(listener);
+}
+
 #[test]
 fn threads_sharing_a_client_each_get_their_own_answers_and_events() {
     let (_rt, daemon) = daemon();
