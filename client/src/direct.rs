@@ -571,8 +571,8 @@ fn send_all(fd: RawFd, mut buf: &[u8]) -> io::Result<()> {
 
 /// Connects to `path`, waiting at most `timeout`. A daemon whose listen
 /// queue is full (too busy to accept) makes Linux's `connect` wait for
-/// room, for as long as the socket's send timeout allows; elsewhere it is
-/// refused at once.
+/// room, for as long as the socket's send timeout allows (`std`'s connect
+/// sets no timeout, so it waited for ever).
 fn connect_within(path: &std::path::Path, timeout: Duration) -> io::Result<UnixStream> {
     use std::os::fd::FromRawFd;
     use std::os::unix::ffi::OsStrExt;

@@ -36,26 +36,14 @@ fn daemon() -> (tokio::runtime::Runtime, Daemon) {
 #[cfg(target_os = "linux")]
 #[test]
 fn connecting_to_a_full_listen_queue_ends_at_the_timeout() {
-    use std::os::fd::{FromRawFd, OwnedFd};
-    use std::os::unix::ffi::OsStrExt;
+    use std::os::fd::AsRawFd;
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("full.sock");
-    // A listener with a queue of one that never accepts.
-    // SAFETY: a fresh socket, bound to a path that fits, then listened on.
-    let listener = unsafe {
-        let fd = libc::socket(libc::AF_UNIX, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0);
-        assert!(fd >= 0);
-        let listener = OwnedFd::from_raw_fd(fd);
-        let mut addr: libc::sockaddr_un = std::mem::zeroed();
-        addr.sun_family = libc::AF_UNIX as libc::sa_family_t;
-        for (d, s) in addr.sun_path.iter_mut().zip(path.as_os_str().as_bytes()) {
-            *d = *s as libc::c_char;
-        }
-        let len = std::mem::size_of::<libc::sockaddr_un>() as libc::socklen_t;
-        assert_eq!(libc::bind(fd, (&raw const addr).cast(), len), 0);
-        assert_eq!(libc::listen(fd, 0), 0);
-        listener
-    };
+    // A listener that never accepts, its queue cut to one (listening again
+    // sets the queue's length).
+    let listener = std::os::unix::net::UnixListener::bind(&path).unwrap();
+    // SAFETY: listen on our own listening socket.
+    assert_eq!(unsafe { libc::listen(listener.as_raw_fd(), 0) }, 0);
     let _queued = std::os::unix::net::UnixStream::connect(&path).unwrap();
     let connector = lockbroker::Connector::new()
         .socket(&path)
