@@ -22,15 +22,29 @@ use std::sync::Arc;
 
 use lockbroker_proto::{EntryInfo, LockName};
 
-use crate::lock_table::{
-    AcquireOutcome, AcquireSpec, Grants, LockError, LockTable, Peer, Released,
-};
+use crate::lock_table::{AcquireOutcome, AcquireSpec, LockError, LockTable, Peer};
 use crate::state::{Op, ReplyTo, State};
 
+/// Whether a change a session asked for is applied when the call returns.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[must_use = "a change applied later is answered only when it is"]
+pub enum Applied {
+    /// Applied: answer now.
+    Now,
+    /// Applied later: [`Notice::Applied`](crate::lock_table::Notice) with
+    /// the call's token says when, and the answers wait for it.
+    Later,
+}
+
 /// What sessions need from the locks and the state.
+///
+/// Calls that change something take the session's `token` for the change;
+/// a backend that applies it elsewhere returns [`Applied::Later`] and
+/// notifies the session's [`Peer`] with that token once it is applied.
 pub trait Backend: Send + Sync + std::fmt::Debug + 'static {
     /// Asks for `spec` on `name` for `peer`'s acquire `request_id`: granted
-    /// now, queued (the grant is sent to `peer` later), or not possible
+    /// now, queued (the outcome is sent to `peer` later: a grant, or, from
+    /// a backend that decides elsewhere, a refusal), or not possible
     /// without waiting.
     fn acquire(
         &self,
@@ -40,29 +54,52 @@ pub trait Backend: Send + Sync + std::fmt::Debug + 'static {
         spec: &AcquireSpec,
     ) -> Result<AcquireOutcome, LockError>;
 
-    /// Withdraws session `session_id`'s waiting acquire `request_id` on
-    /// `name`; false if it was granted meanwhile (the grant is on its way).
-    fn cancel(&self, name: &str, session_id: u64, request_id: u64) -> (bool, Grants);
+    /// Withdraws `peer`'s waiting acquire `request_id` on `name`; `None`
+    /// if it was granted meanwhile (the grant is on its way).
+    fn cancel(&self, name: &str, peer: &Arc<Peer>, request_id: u64, token: u64) -> Option<Applied>;
 
-    /// Releases hold `hold_id` of the session on `name`: the permits it
-    /// had, or `None` if there is no such hold.
-    fn release(&self, name: &str, session_id: u64, hold_id: u64) -> (Option<u32>, Grants);
+    /// Releases hold `hold_id` of `peer` on `name`: the permits it had,
+    /// or `None` if there is no such hold.
+    fn release(
+        &self,
+        name: &str,
+        peer: &Arc<Peer>,
+        hold_id: u64,
+        token: u64,
+    ) -> Option<(u32, Applied)>;
 
-    /// Releases `count` permits of the session's holds on `name`, oldest
-    /// first, all or nothing.
-    fn release_count(&self, name: &str, session_id: u64, count: u32)
-    -> Result<Released, LockError>;
+    /// Releases `count` permits of `peer`'s holds on `name`, oldest first,
+    /// all or nothing: the holds that ended entirely.
+    fn release_count(
+        &self,
+        name: &str,
+        peer: &Arc<Peer>,
+        count: u32,
+        token: u64,
+    ) -> Result<(Vec<u64>, Applied), LockError>;
 
     /// Ends the session's holds and waits on `name`; its holds count as
     /// abandoned when `abandon`.
-    fn end_session(&self, name: &str, session_id: u64, abandon: bool) -> Grants;
+    fn end_session(&self, name: &str, peer: &Arc<Peer>, abandon: bool);
+
+    /// The session has ended: every name it used was given to
+    /// [`Backend::end_session`].
+    fn session_ended(&self, _peer: &Arc<Peer>, _abandon: bool) {}
 
     /// Whether `name` has a live hold with `fence`, of any session.
     fn fence_is_live(&self, name: &str, fence: u64) -> bool;
 
     /// Up to `limit` entries under `prefix` after `start_after`, in name
-    /// order; whether more may follow.
-    fn list(&self, prefix: &str, start_after: &str, limit: usize) -> (Vec<EntryInfo>, bool);
+    /// order, and whether more may follow; `None` if they are sent to
+    /// `peer` later, with `token`.
+    fn list(
+        &self,
+        prefix: &str,
+        start_after: &str,
+        limit: usize,
+        peer: &Arc<Peer>,
+        token: u64,
+    ) -> Option<(Vec<EntryInfo>, bool)>;
 
     /// Hands a state operation over; its answer comes on `reply`.
     fn submit_state(&self, op: Op, reply: ReplyTo);
@@ -80,6 +117,8 @@ pub struct Local {
     pub state: State,
 }
 
+// Every change is applied by the call; grants it made are sent once the
+// table's shard lock is gone, which it is when the table's call returns.
 impl Backend for Local {
     fn acquire(
         &self,
@@ -91,33 +130,53 @@ impl Backend for Local {
         self.table.acquire(name, peer, request_id, spec)
     }
 
-    fn cancel(&self, name: &str, session_id: u64, request_id: u64) -> (bool, Grants) {
-        self.table.cancel(name, session_id, request_id)
+    fn cancel(&self, name: &str, peer: &Arc<Peer>, request_id: u64, _: u64) -> Option<Applied> {
+        let (removed, grants) = self.table.cancel(name, peer.id(), request_id);
+        grants.send();
+        removed.then_some(Applied::Now)
     }
 
-    fn release(&self, name: &str, session_id: u64, hold_id: u64) -> (Option<u32>, Grants) {
-        self.table.release(name, session_id, hold_id)
+    fn release(
+        &self,
+        name: &str,
+        peer: &Arc<Peer>,
+        hold_id: u64,
+        _: u64,
+    ) -> Option<(u32, Applied)> {
+        let (permits, grants) = self.table.release(name, peer.id(), hold_id);
+        grants.send();
+        permits.map(|p| (p, Applied::Now))
     }
 
     fn release_count(
         &self,
         name: &str,
-        session_id: u64,
+        peer: &Arc<Peer>,
         count: u32,
-    ) -> Result<Released, LockError> {
-        self.table.release_count(name, session_id, count)
+        _: u64,
+    ) -> Result<(Vec<u64>, Applied), LockError> {
+        let released = self.table.release_count(name, peer.id(), count)?;
+        released.deliveries.send();
+        Ok((released.ended, Applied::Now))
     }
 
-    fn end_session(&self, name: &str, session_id: u64, abandon: bool) -> Grants {
-        self.table.end_session(name, session_id, abandon)
+    fn end_session(&self, name: &str, peer: &Arc<Peer>, abandon: bool) {
+        self.table.end_session(name, peer.id(), abandon).send();
     }
 
     fn fence_is_live(&self, name: &str, fence: u64) -> bool {
         self.table.fence_is_live(name, fence)
     }
 
-    fn list(&self, prefix: &str, start_after: &str, limit: usize) -> (Vec<EntryInfo>, bool) {
-        self.table.list(prefix, start_after, limit)
+    fn list(
+        &self,
+        prefix: &str,
+        start_after: &str,
+        limit: usize,
+        _: &Arc<Peer>,
+        _: u64,
+    ) -> Option<(Vec<EntryInfo>, bool)> {
+        Some(self.table.list(prefix, start_after, limit))
     }
 
     fn submit_state(&self, op: Op, reply: ReplyTo) {
@@ -141,15 +200,25 @@ mod tests {
     use super::*;
     use crate::broker::Broker;
     use crate::config::SessionLimits;
-    use crate::lock_table::Delivery;
+    use crate::lock_table::{Delivery, Notice};
     use crate::state::StateConfig;
     use crate::transport::PeerCred;
 
-    /// The local backend, except that no acquire is granted at once: each
-    /// grant is sent a moment later from another task, as a backend whose
-    /// grants come back over the network would send them.
+    /// The local backend, except that nothing is answered at once: each
+    /// grant, each applied change and each page of a listing is sent a
+    /// moment later from another task, as a backend that applies them
+    /// over the network (etcd) sends them.
     #[derive(Debug)]
     struct Later(Local);
+
+    /// Sends `notice` to `peer` from another task, after a turn.
+    fn later(peer: &Arc<Peer>, notice: Notice) {
+        let peer = Arc::clone(peer);
+        tokio::spawn(async move {
+            tokio::task::yield_now().await;
+            peer.notify(notice);
+        });
+    }
 
     impl Backend for Later {
         fn acquire(
@@ -170,33 +239,72 @@ mod tests {
                         tokio::task::yield_now().await;
                         delivery.send();
                     });
-                    Ok(AcquireOutcome::Queued)
                 }
-                other => Ok(other),
+                AcquireOutcome::WouldBlock => later(peer, Notice::WouldBlock { request_id }),
+                AcquireOutcome::Queued => {}
             }
+            Ok(AcquireOutcome::Queued)
         }
-        fn cancel(&self, name: &str, session_id: u64, request_id: u64) -> (bool, Grants) {
-            self.0.cancel(name, session_id, request_id)
+        fn cancel(
+            &self,
+            name: &str,
+            peer: &Arc<Peer>,
+            request_id: u64,
+            token: u64,
+        ) -> Option<Applied> {
+            let applied = self.0.cancel(name, peer, request_id, token)?;
+            assert_eq!(applied, Applied::Now);
+            later(peer, Notice::Applied { token });
+            Some(Applied::Later)
         }
-        fn release(&self, name: &str, session_id: u64, hold_id: u64) -> (Option<u32>, Grants) {
-            self.0.release(name, session_id, hold_id)
+        fn release(
+            &self,
+            name: &str,
+            peer: &Arc<Peer>,
+            hold_id: u64,
+            token: u64,
+        ) -> Option<(u32, Applied)> {
+            let (permits, applied) = self.0.release(name, peer, hold_id, token)?;
+            assert_eq!(applied, Applied::Now);
+            later(peer, Notice::Applied { token });
+            Some((permits, Applied::Later))
         }
         fn release_count(
             &self,
             name: &str,
-            session_id: u64,
+            peer: &Arc<Peer>,
             count: u32,
-        ) -> Result<Released, LockError> {
-            self.0.release_count(name, session_id, count)
+            token: u64,
+        ) -> Result<(Vec<u64>, Applied), LockError> {
+            let (ended, applied) = self.0.release_count(name, peer, count, token)?;
+            assert_eq!(applied, Applied::Now);
+            later(peer, Notice::Applied { token });
+            Ok((ended, Applied::Later))
         }
-        fn end_session(&self, name: &str, session_id: u64, abandon: bool) -> Grants {
-            self.0.end_session(name, session_id, abandon)
+        fn end_session(&self, name: &str, peer: &Arc<Peer>, abandon: bool) {
+            self.0.end_session(name, peer, abandon);
         }
         fn fence_is_live(&self, name: &str, fence: u64) -> bool {
             self.0.fence_is_live(name, fence)
         }
-        fn list(&self, prefix: &str, start_after: &str, limit: usize) -> (Vec<EntryInfo>, bool) {
-            self.0.list(prefix, start_after, limit)
+        fn list(
+            &self,
+            prefix: &str,
+            start_after: &str,
+            limit: usize,
+            peer: &Arc<Peer>,
+            token: u64,
+        ) -> Option<(Vec<EntryInfo>, bool)> {
+            let (entries, more) = self.0.list(prefix, start_after, limit, peer, token)?;
+            later(
+                peer,
+                Notice::Listed {
+                    token,
+                    entries,
+                    more,
+                },
+            );
+            None
         }
         fn submit_state(&self, op: Op, reply: ReplyTo) {
             self.0.submit_state(op, reply);
@@ -216,9 +324,10 @@ mod tests {
         })
     }
 
-    /// A session over a backend whose grants all arrive later is served as
+    /// A session over a backend that answers everything later is served as
     /// over the local one: the grant is answered, a second acquire of the
-    /// same mutex waits (and times out) behind it, and a release frees it.
+    /// same mutex waits (and times out) behind it, a try fails, a wait is
+    /// cancelled, the listing shows the hold, and a release frees it.
     #[tokio::test]
     async fn a_backend_whose_grants_arrive_later_serves_sessions() {
         let state = State::open(&StateConfig::default()).unwrap().0;
@@ -265,8 +374,45 @@ mod tests {
         };
         assert_eq!(id, 1);
         assert_eq!(next().await, (2, Response::TimedOut));
+        // A try is answered later too; a withdrawn wait once its
+        // withdrawal is applied; a listing a page at a time, later.
+        send.clear();
+        for (id, request) in [
+            (3, acquire("m", Some(0))),
+            (4, acquire("m", None)),
+            (5, Request::Cancel { request_id: 4 }),
+            (
+                6,
+                Request::Inspect {
+                    prefix: String::new(),
+                    limit: 0,
+                },
+            ),
+        ] {
+            let msg = ClientMessage::Request { id, request };
+            frame::encode(&msg, DEFAULT_MAX_FRAME_LEN, &mut send).unwrap();
+        }
+        w.write_all(&send).await.unwrap();
+        // Answers may come in any order (PROTOCOL.md 7).
+        let mut answers = std::collections::BTreeMap::new();
+        while answers.len() < 4 {
+            let (id, response) = next().await;
+            assert!(
+                answers.insert(id, response).is_none(),
+                "{id} answered twice"
+            );
+        }
+        assert_eq!(answers[&3], Response::TimedOut);
+        assert_eq!(answers[&4], Response::Cancelled);
+        assert_eq!(answers[&5], Response::Done);
+        let Some(Response::Inspection(inspection)) = answers.remove(&6) else {
+            panic!("expected an inspection, got {answers:?}");
+        };
+        assert_eq!(inspection.entries.len(), 1);
+        assert_eq!(inspection.entries[0].holders[0].hold_id, grant.hold_id);
+        assert!(inspection.entries[0].waiters.is_empty());
         let release = ClientMessage::Request {
-            id: 3,
+            id: 7,
             request: Request::Release {
                 hold_id: grant.hold_id,
             },
@@ -274,6 +420,6 @@ mod tests {
         send.clear();
         frame::encode(&release, DEFAULT_MAX_FRAME_LEN, &mut send).unwrap();
         w.write_all(&send).await.unwrap();
-        assert_eq!(next().await, (3, Response::Released { permits: 1 }));
+        assert_eq!(next().await, (7, Response::Released { permits: 1 }));
     }
 }

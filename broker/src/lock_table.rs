@@ -177,7 +177,11 @@ impl Delivery {
             grant,
         } = self;
         let note = |sent| {
-            let _ = to.grants.send((request_id, grant, sent));
+            let _ = to.grants.send(Notice::Granted {
+                request_id,
+                grant,
+                sent,
+            });
         };
         match &to.gate {
             Some(gate) => gate.send_grant(request_id, grant, note),
@@ -229,15 +233,64 @@ pub struct Peer {
     /// Grants made while the session waited, each with whether it was
     /// written into the socket already. The session's task owns the
     /// receiver; it closes when the session ends.
-    grants: mpsc::UnboundedSender<(u64, Grant, bool)>,
+    grants: mpsc::UnboundedSender<Notice>,
     /// Where grants may be written straight into the session's socket.
     gate: Option<Arc<Gate>>,
 }
 
-/// What a session receives for each grant made while it waited: the
-/// request, the hold, and whether the grant was written to its peer
-/// already.
-pub type GrantsReceiver = mpsc::UnboundedReceiver<(u64, Grant, bool)>;
+/// What a backend tells a session after the call that asked: a grant
+/// made while it waited, and (from a backend whose changes are applied
+/// elsewhere, as over etcd) the other ends of requests it answered later.
+#[derive(Debug)]
+pub enum Notice {
+    /// Waiting acquire `request_id` was granted `grant`; `sent`: the
+    /// answer was written to the session's peer already.
+    Granted {
+        /// The acquire.
+        request_id: u64,
+        /// The hold it got.
+        grant: Grant,
+        /// Written to the peer already ([`crate::direct`]).
+        sent: bool,
+    },
+    /// Acquire `request_id` could not be granted without waiting, and may
+    /// not wait (a try, or the session was at its pending limit).
+    WouldBlock {
+        /// The acquire.
+        request_id: u64,
+    },
+    /// Acquire `request_id` was refused.
+    Refused {
+        /// The acquire.
+        request_id: u64,
+        /// Why.
+        error: ErrorInfo,
+    },
+    /// Every hold and wait of the session is lost (its lease may have
+    /// expired): the session must end, saying why.
+    Lost {
+        /// Why, for the client.
+        error: ErrorInfo,
+    },
+    /// The change the session asked for under `token` (a release, a
+    /// withdrawn wait) is applied: its answers may go out.
+    Applied {
+        /// The session's token for the change.
+        token: u64,
+    },
+    /// A page of a listing asked for under `token`.
+    Listed {
+        /// The session's token for the listing.
+        token: u64,
+        /// Entries in name order.
+        entries: Vec<EntryInfo>,
+        /// Whether more may follow.
+        more: bool,
+    },
+}
+
+/// What a session receives from the backend: [`Notice`]s.
+pub type GrantsReceiver = mpsc::UnboundedReceiver<Notice>;
 
 impl Peer {
     /// A peer whose grants arrive on the returned receiver only.
@@ -276,6 +329,11 @@ impl Peer {
     /// The session id.
     pub fn id(&self) -> u64 {
         self.info.session_id
+    }
+
+    /// Tells the session `notice` (nothing if it has ended).
+    pub fn notify(&self, notice: Notice) {
+        let _ = self.grants.send(notice);
     }
 }
 
@@ -1042,7 +1100,12 @@ mod tests {
         assert_eq!((permits, grants.len()), (Some(1), 1));
         assert!(b_grants.try_recv().is_err(), "not sent while still in hand");
         drop(grants);
-        let (request_id, grant, _) = b_grants.try_recv().expect("sent on drop");
+        let Notice::Granted {
+            request_id, grant, ..
+        } = b_grants.try_recv().expect("sent on drop")
+        else {
+            panic!("not a grant");
+        };
         assert_eq!(request_id, 7);
         assert!(grant.fence > held.fence);
     }

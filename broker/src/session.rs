@@ -103,6 +103,7 @@ pub async fn run<R, W>(
         deferred: VecDeque::new(),
         locks: locks::Locks::default(),
         state: state_requests::StateRequests::new(completions_tx),
+        lost: None,
     };
     session.answer(ServerMessage::Welcome(Welcome {
         version: PROTOCOL_VERSION,
@@ -263,6 +264,8 @@ struct Session<W> {
     /// Requests to the store, watches and guarded writes
     /// (`state_requests`).
     state: state_requests::StateRequests,
+    /// The backend lost the session's holds: the session ends with this.
+    lost: Option<ErrorInfo>,
 }
 
 impl<W: AsyncWrite + Unpin> Session<W> {
@@ -299,8 +302,11 @@ impl<W: AsyncWrite + Unpin> Session<W> {
         let mut armed: Option<Instant> = None;
         loop {
             // Grants made by this session's own releases join the batch.
-            while let Ok((request_id, grant, sent)) = grants.try_recv() {
-                self.granted_while_waiting(request_id, grant, sent);
+            while let Ok(notice) = grants.try_recv() {
+                self.notice(notice);
+            }
+            if let Some(lost) = self.lost.take() {
+                return self.fatal(lost).await;
             }
             let next = self.locks.next_deadline();
             if next != armed {
@@ -324,8 +330,8 @@ impl<W: AsyncWrite + Unpin> Session<W> {
                 }
                 grant = grants.recv() => {
                     // The sender lives in `self.peer`, so this never ends.
-                    if let Some((request_id, grant, sent)) = grant {
-                        self.granted_while_waiting(request_id, grant, sent);
+                    if let Some(notice) = grant {
+                        self.notice(notice);
                     }
                 }
                 done = completions.recv() => {
@@ -346,7 +352,7 @@ impl<W: AsyncWrite + Unpin> Session<W> {
                 }
                 // One chunk of a listing per turn; yield_now lets every
                 // other ready task run first.
-                () = tokio::task::yield_now(), if self.locks.is_listing() => {
+                () = tokio::task::yield_now(), if self.locks.can_list() => {
                     self.list_step();
                     if !self.locks.is_listing() {
                         self.run_deferred();
@@ -380,8 +386,8 @@ impl<W: AsyncWrite + Unpin> Session<W> {
                                 // may be what this request names: record it
                                 // first.
                                 self.peer.barrier();
-                                while let Ok((request_id, grant, sent)) = grants.try_recv() {
-                                    self.granted_while_waiting(request_id, grant, sent);
+                                while let Ok(notice) = grants.try_recv() {
+                                    self.notice(notice);
                                 }
                                 if let Err(fatal) = self.message(msg) {
                                     return self.fatal(fatal).await;
@@ -432,8 +438,8 @@ impl<W: AsyncWrite + Unpin> Session<W> {
             tokio::time::timeout(LAST_REQUESTS_WAIT, reader.read_message::<ClientMessage>()).await
         {
             self.peer.barrier();
-            while let Ok((request_id, grant, sent)) = grants.try_recv() {
-                self.granted_while_waiting(request_id, grant, sent);
+            while let Ok(notice) = grants.try_recv() {
+                self.notice(notice);
             }
             let done = self.message(msg);
             self.out.discard();

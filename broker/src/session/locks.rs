@@ -10,8 +10,9 @@ use tokio::time::Instant;
 use tokio::io::AsyncWrite;
 
 use super::{Session, shrink_index};
+use crate::backend::Applied;
 use crate::config::{DEFAULT_INSPECT_LIMIT, MAX_INSPECT_LIMIT};
-use crate::lock_table::{AcquireOutcome, AcquireSpec};
+use crate::lock_table::{AcquireOutcome, AcquireSpec, Notice};
 
 /// Entries a listing gathers per turn of the loop: a few hundred
 /// microseconds of work at most, so others are served between turns.
@@ -37,6 +38,10 @@ struct Listing {
 struct Pending {
     name: LockName,
     deadline: Option<Instant>,
+    /// A try, answered `TimedOut` if it cannot be granted at once; else
+    /// an acquire that may not wait because the session is at its
+    /// pending limit (both only from a backend that decides later).
+    is_try: bool,
 }
 
 /// The lock part of a session.
@@ -51,6 +56,14 @@ pub(super) struct Locks {
     deadlines: BTreeSet<(Instant, u64)>,
     /// The listing being gathered, if any.
     listing: Option<Listing>,
+    /// The token of the page the backend will send the listing, while it
+    /// is being fetched.
+    listing_token: Option<u64>,
+    /// Answers that wait for the change the backend applies later under
+    /// their token.
+    after_apply: HashMap<u64, Vec<(u64, Response)>>,
+    /// The last token handed to the backend.
+    last_token: u64,
     /// The client asked that its holds end as released, not abandoned,
     /// when the connection closes (`Request::ReleaseOnClose`).
     release_on_close: bool,
@@ -66,6 +79,17 @@ impl Locks {
     /// carries out nothing else).
     pub(super) fn is_listing(&self) -> bool {
         self.listing.is_some()
+    }
+
+    /// Whether the listing has its next page to gather now (not waiting
+    /// for the backend to send it).
+    pub(super) fn can_list(&self) -> bool {
+        self.listing.is_some() && self.listing_token.is_none()
+    }
+
+    fn token(&mut self) -> u64 {
+        self.last_token += 1;
+        self.last_token
     }
 
     /// Whether `request_id` is a waiting acquire.
@@ -122,46 +146,126 @@ impl<W: AsyncWrite + Unpin> Session<W> {
                 self.respond(id, Response::Granted(grant));
             }
             AcquireOutcome::WouldBlock if is_try => self.respond(id, Response::TimedOut),
-            AcquireOutcome::WouldBlock => {
-                return Err(ErrorInfo::new(
-                    ErrorCode::TooManyPending,
-                    format!(
-                        "this session already has {} acquires waiting (limit {})",
-                        self.locks.pending.len(),
-                        limits.max_pending
-                    ),
-                ));
-            }
+            AcquireOutcome::WouldBlock => return Err(self.too_many_pending()),
             AcquireOutcome::Queued => {
-                // A deadline too far to represent is no deadline.
-                let deadline = req.timeout_ms.and_then(|ms| {
+                // A deadline too far to represent is no deadline; a try or
+                // an acquire that may not wait has none (its backend says
+                // at once, later, whether it was granted).
+                let deadline = req.timeout_ms.filter(|_| spec.may_wait).and_then(|ms| {
                     Instant::now().checked_add(std::time::Duration::from_millis(ms))
                 });
                 if let Some(at) = deadline {
                     self.locks.deadlines.insert((at, id));
                 }
-                self.locks.pending.insert(id, Pending { name, deadline });
+                self.locks.pending.insert(
+                    id,
+                    Pending {
+                        name,
+                        deadline,
+                        is_try,
+                    },
+                );
             }
         }
         Ok(())
     }
 
-    /// A grant the table made while this session waited: records the hold of a waiting acquire now granted, and answers it
-    /// unless the grant was `sent` to the peer already (`direct`).
-    pub(super) fn granted_while_waiting(&mut self, request_id: u64, grant: Grant, sent: bool) {
-        let Some(p) = self.locks.pending.remove(&request_id) else {
-            // Cannot happen: a waiter stays pending until its grant arrives.
-            tracing::error!(request_id, "grant for an acquire that is not pending");
+    /// What the backend tells the session after the call that asked.
+    pub(super) fn notice(&mut self, notice: Notice) {
+        match notice {
+            Notice::Granted {
+                request_id,
+                grant,
+                sent,
+            } => self.granted_while_waiting(request_id, grant, sent),
+            Notice::WouldBlock { request_id } => {
+                if let Some(p) = self.end_pending(request_id) {
+                    let response = if p.is_try {
+                        Response::TimedOut
+                    } else {
+                        Response::Error(self.too_many_pending())
+                    };
+                    self.respond(request_id, response);
+                }
+            }
+            Notice::Refused { request_id, error } => {
+                if self.end_pending(request_id).is_some() {
+                    self.error(request_id, error);
+                }
+            }
+            Notice::Lost { error } => self.lost = Some(error),
+            Notice::Applied { token } => {
+                for (id, response) in self.locks.after_apply.remove(&token).unwrap_or_default() {
+                    self.respond(id, response);
+                }
+                shrink_index(&mut self.locks.after_apply);
+            }
+            Notice::Listed {
+                token,
+                entries,
+                more,
+            } => {
+                if self.locks.listing_token == Some(token) {
+                    self.locks.listing_token = None;
+                    self.listed(entries, more);
+                    if !self.locks.is_listing() {
+                        self.run_deferred();
+                    }
+                }
+            }
+        }
+    }
+
+    /// Answers `id` with `response` once `applied`.
+    fn answer_when(&mut self, applied: Applied, token: u64, answers: Vec<(u64, Response)>) {
+        match applied {
+            Applied::Now => answers
+                .into_iter()
+                .for_each(|(id, response)| self.respond(id, response)),
+            Applied::Later => {
+                self.locks.after_apply.insert(token, answers);
+            }
+        }
+    }
+
+    /// Takes acquire `request_id` out of the waiting ones.
+    fn end_pending(&mut self, request_id: u64) -> Option<Pending> {
+        let p = self.locks.pending.remove(&request_id);
+        match &p {
+            Some(p) => {
+                if let Some(at) = p.deadline {
+                    self.locks.deadlines.remove(&(at, request_id));
+                }
+                shrink_index(&mut self.locks.pending);
+            }
+            // Cannot happen: a waiter stays pending until it is answered.
+            None => tracing::error!(request_id, "an answer for an acquire that is not pending"),
+        }
+        p
+    }
+
+    fn too_many_pending(&self) -> ErrorInfo {
+        let limit = self.broker.limits.max_pending;
+        ErrorInfo::new(
+            ErrorCode::TooManyPending,
+            format!(
+                "this session already has {} acquires waiting (limit {limit})",
+                self.locks.pending.len(),
+            ),
+        )
+    }
+
+    /// A grant the table made while this session waited: records the hold
+    /// of a waiting acquire now granted, and answers it unless the grant
+    /// was `sent` to the peer already (`direct`).
+    fn granted_while_waiting(&mut self, request_id: u64, grant: Grant, sent: bool) {
+        let Some(p) = self.end_pending(request_id) else {
             return;
         };
-        if let Some(at) = p.deadline {
-            self.locks.deadlines.remove(&(at, request_id));
-        }
         self.locks.holds.insert(grant.hold_id, p.name);
         if !sent {
             self.respond(request_id, Response::Granted(grant));
         }
-        shrink_index(&mut self.locks.pending);
     }
 
     /// Times out every waiting acquire whose deadline is at or before `now`.
@@ -171,39 +275,32 @@ impl<W: AsyncWrite + Unpin> Session<W> {
                 break;
             }
             self.locks.deadlines.pop_first();
-            if self.withdraw(request_id) {
-                self.respond(request_id, Response::TimedOut);
+            let token = self.locks.token();
+            if let Some(applied) = self.withdraw(request_id, token) {
+                self.answer_when(applied, token, vec![(request_id, Response::TimedOut)]);
             }
             // Otherwise the grant won the race and is on its way.
         }
     }
 
-    /// Takes waiting acquire `request_id` out of its queue; false if it was
-    /// already granted.
-    fn withdraw(&mut self, request_id: u64) -> bool {
-        let Some(p) = self.locks.pending.get(&request_id) else {
-            return false;
-        };
-        let (removed, grants) = self
+    /// Takes waiting acquire `request_id` out of its queue (under `token`
+    /// if the backend applies that later); `None` if it was already
+    /// granted.
+    fn withdraw(&mut self, request_id: u64, token: u64) -> Option<Applied> {
+        let p = self.locks.pending.get(&request_id)?;
+        let applied = self
             .broker
             .backend
-            .cancel(p.name.as_str(), self.id(), request_id);
-        grants.send();
-        if removed {
-            if let Some(p) = self.locks.pending.remove(&request_id)
-                && let Some(at) = p.deadline
-            {
-                self.locks.deadlines.remove(&(at, request_id));
-            }
-            shrink_index(&mut self.locks.pending);
-        }
-        removed
+            .cancel(p.name.as_str(), &self.peer, request_id, token)?;
+        self.end_pending(request_id);
+        Some(applied)
     }
 
     pub(super) fn cancel(&mut self, id: u64, request_id: u64) {
-        if self.withdraw(request_id) {
-            self.respond(request_id, Response::Cancelled);
-            self.respond(id, Response::Done);
+        let token = self.locks.token();
+        if let Some(applied) = self.withdraw(request_id, token) {
+            let answers = vec![(request_id, Response::Cancelled), (id, Response::Done)];
+            self.answer_when(applied, token, answers);
         } else {
             self.error(
                 id,
@@ -218,17 +315,17 @@ impl<W: AsyncWrite + Unpin> Session<W> {
     pub(super) fn release(&mut self, id: u64, hold_id: u64) {
         // The index and the table change together, so a hold is in both or
         // in neither: one answer for a hold this session does not have.
-        let permits = self.locks.holds.remove(&hold_id).and_then(|name| {
-            let (permits, grants) = self
-                .broker
+        let token = self.locks.token();
+        let released = self.locks.holds.remove(&hold_id).and_then(|name| {
+            self.broker
                 .backend
-                .release(name.as_str(), self.id(), hold_id);
-            grants.send();
-            permits
+                .release(name.as_str(), &self.peer, hold_id, token)
         });
         shrink_index(&mut self.locks.holds);
-        match permits {
-            Some(permits) => self.respond(id, Response::Released { permits }),
+        match released {
+            Some((permits, applied)) => {
+                self.answer_when(applied, token, vec![(id, Response::Released { permits })])
+            }
             None => self.error(
                 id,
                 ErrorInfo::new(
@@ -240,6 +337,7 @@ impl<W: AsyncWrite + Unpin> Session<W> {
     }
 
     pub(super) fn release_by_name(&mut self, id: u64, name: String, count: u32) {
+        let token = self.locks.token();
         let result = (|| {
             let name = LockName::new(name).map_err(|e| {
                 ErrorInfo::new(ErrorCode::InvalidName, format!("invalid lock name: {e}"))
@@ -252,17 +350,17 @@ impl<W: AsyncWrite + Unpin> Session<W> {
             }
             self.broker
                 .backend
-                .release_count(name.as_str(), self.id(), count)
+                .release_count(name.as_str(), &self.peer, count, token)
                 .map_err(ErrorInfo::from)
         })();
         match result {
-            Ok(released) => {
-                for hold_id in released.ended {
+            Ok((ended, applied)) => {
+                for hold_id in ended {
                     self.locks.holds.remove(&hold_id);
                 }
                 shrink_index(&mut self.locks.holds);
-                released.deliveries.send();
-                self.respond(id, Response::Released { permits: count });
+                let answer = (id, Response::Released { permits: count });
+                self.answer_when(applied, token, vec![answer]);
             }
             Err(e) => self.error(id, e),
         }
@@ -292,15 +390,26 @@ impl<W: AsyncWrite + Unpin> Session<W> {
         self.list_step();
     }
 
-    /// Gathers and encodes the next chunk of the listing, and answers once
-    /// it has all it asked for, or all there is.
+    /// Gathers the next chunk of the listing (or asks the backend for it).
     pub(super) fn list_step(&mut self) {
+        let token = self.locks.token();
+        let Some(l) = &self.locks.listing else {
+            return;
+        };
+        let want = l.left.min(LIST_CHUNK);
+        match (self.broker.backend).list(&l.prefix, &l.after, want, &self.peer, token) {
+            Some((chunk, more)) => self.listed(chunk, more),
+            None => self.locks.listing_token = Some(token),
+        }
+    }
+
+    /// Encodes a chunk of the listing, and answers once it has all it
+    /// asked for, or all there is.
+    fn listed(&mut self, chunk: Vec<lockbroker_proto::EntryInfo>, more: bool) {
         let Some(mut l) = self.locks.listing.take() else {
             return;
         };
-        let table = &self.broker.backend;
-        let (chunk, more) = table.list(&l.prefix, &l.after, l.left.min(LIST_CHUNK));
-        l.left -= chunk.len();
+        l.left = l.left.saturating_sub(chunk.len());
         for entry in &chunk {
             if let Err(e) = l.frame.push(entry) {
                 // Gathering the rest would only be thrown away.
@@ -331,9 +440,9 @@ impl<W: AsyncWrite + Unpin> Session<W> {
         for name in names {
             self.broker
                 .backend
-                .end_session(name.as_str(), self.id(), abandon)
-                .send();
+                .end_session(name.as_str(), &self.peer, abandon);
         }
+        self.broker.backend.session_ended(&self.peer, abandon);
         self.locks.holds.clear();
         self.locks.pending.clear();
         self.locks.deadlines.clear();
