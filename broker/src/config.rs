@@ -119,6 +119,50 @@ pub struct Cli {
     #[arg(long, value_name = "N", default_value_t = StateConfig::default().history)]
     pub watch_history: usize,
 
+    /// Where the locks are kept: this daemon's memory (`local`), or an etcd
+    /// cluster shared with the daemons of other hosts (`etcd`).
+    #[arg(long, value_enum, default_value_t = BackendArg::Local)]
+    pub backend: BackendArg,
+
+    /// `--backend etcd`: the client URLs of the cluster's members,
+    /// comma-separated (e.g. `http://10.0.0.1:2379,http://10.0.0.2:2379`).
+    #[arg(long, value_name = "URL[,URL...]", value_delimiter = ',')]
+    pub etcd_endpoints: Vec<String>,
+
+    /// `--backend etcd`: every key lockbroker writes starts with this;
+    /// daemons share their locks when they name the same cluster and
+    /// prefix.
+    #[arg(long, value_name = "P", default_value = DEFAULT_ETCD_PREFIX)]
+    pub etcd_prefix: String,
+
+    /// `--backend etcd`: the TTL of each session's lease, e.g. `10s` or
+    /// `1m`: how long the locks of a daemon (or host) that died or was cut
+    /// off stay held. Whole seconds, at least 1.
+    #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = parse_duration)]
+    pub lease_ttl: Duration,
+
+    /// `--backend etcd`: TLS, trusting the CA certificate in this PEM file.
+    #[arg(long, value_name = "PATH")]
+    pub etcd_ca_cert: Option<PathBuf>,
+
+    /// `--backend etcd`: TLS client certificate (PEM), with --etcd-key.
+    #[arg(long, value_name = "PATH", requires = "etcd_key")]
+    pub etcd_cert: Option<PathBuf>,
+
+    /// `--backend etcd`: TLS client private key (PEM), with --etcd-cert.
+    #[arg(long, value_name = "PATH", requires = "etcd_cert")]
+    pub etcd_key: Option<PathBuf>,
+
+    /// `--backend etcd`: the etcd user to authenticate as; the password is
+    /// read from the file --etcd-password-file names.
+    #[arg(long, value_name = "NAME", requires = "etcd_password_file")]
+    pub etcd_user: Option<String>,
+
+    /// `--backend etcd`: a file holding the etcd user's password (its
+    /// first line), so that it appears in no process listing.
+    #[arg(long, value_name = "PATH", requires = "etcd_user")]
+    pub etcd_password_file: Option<PathBuf>,
+
     /// Windows: install lockbrokerd as a service (started at boot, as
     /// SYSTEM) that runs with the other flags given here, then exit.
     #[cfg(windows)]
@@ -150,6 +194,79 @@ pub enum ScopeArg {
     Local,
     /// Every user of the machine.
     Global,
+}
+
+/// `--backend` values.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum BackendArg {
+    /// This daemon's own memory: the locks of one host.
+    Local,
+    /// An etcd cluster, shared with the daemons of other hosts.
+    Etcd,
+}
+
+/// The default `--etcd-prefix`.
+pub const DEFAULT_ETCD_PREFIX: &str = "/lockbroker";
+
+/// Parses `500ms`, `10s`, `2m` or `1h` (a bare number is seconds).
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    let split = text
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(text.len());
+    let (number, unit) = text.split_at(split);
+    let n: u64 = number
+        .parse()
+        .map_err(|_| format!("{text:?} is not a duration such as 10s, 500ms or 2m"))?;
+    let ms = match unit {
+        "ms" => Some(n),
+        "" | "s" => n.checked_mul(1000),
+        "m" => n.checked_mul(60_000),
+        "h" => n.checked_mul(3_600_000),
+        _ => return Err(format!("{text:?}: the unit must be ms, s, m or h")),
+    };
+    ms.map(Duration::from_millis)
+        .ok_or_else(|| format!("{text:?} is too long"))
+}
+
+/// Where the locks are kept.
+#[derive(Debug, Clone)]
+pub enum BackendConfig {
+    /// In this daemon's memory.
+    Local,
+    /// In an etcd cluster.
+    Etcd(Box<EtcdConfig>),
+}
+
+/// How to reach an etcd cluster, and the daemon's part in it.
+#[derive(Debug, Clone)]
+pub struct EtcdConfig {
+    /// Client URLs of the cluster's members.
+    pub endpoints: Vec<String>,
+    /// Every key lockbroker writes starts with this.
+    pub prefix: String,
+    /// The TTL of each session's lease (whole seconds).
+    pub lease_ttl: Duration,
+    /// TLS: the CA certificate to trust.
+    pub ca_cert: Option<PathBuf>,
+    /// TLS: the client's certificate and private key.
+    pub identity: Option<(PathBuf, PathBuf)>,
+    /// User name and password, for a cluster with authentication on.
+    pub user: Option<(String, String)>,
+}
+
+impl EtcdConfig {
+    /// A cluster at `endpoints`, with the default prefix and a lease TTL
+    /// of `lease_ttl`.
+    pub fn new(endpoints: Vec<String>, prefix: &str, lease_ttl: Duration) -> EtcdConfig {
+        EtcdConfig {
+            endpoints,
+            prefix: prefix.to_owned(),
+            lease_ttl,
+            ca_cert: None,
+            identity: None,
+            user: None,
+        }
+    }
 }
 
 /// `--log-format` values.
@@ -209,6 +326,8 @@ pub struct Config {
     pub systemd: crate::systemd::Systemd,
     /// Shared state: storage and limits.
     pub state: StateConfig,
+    /// Where the locks are kept.
+    pub backend: BackendConfig,
 }
 
 impl Config {
@@ -225,6 +344,7 @@ impl Config {
             log_format: LogFormat::Text,
             systemd: Default::default(),
             state: StateConfig::default(),
+            backend: BackendConfig::Local,
         }
     }
 
@@ -259,6 +379,7 @@ impl Config {
                 cli.max_value_len, cli.max_frame_len
             ));
         }
+        let backend = backend_config(&cli)?;
         let scope = match cli.scope {
             ScopeArg::Local => Scope::Local,
             ScopeArg::Global => Scope::Global,
@@ -294,7 +415,63 @@ impl Config {
                 max_bytes: cli.state_max_bytes,
                 history: cli.watch_history,
             },
+            backend,
         })
+    }
+}
+
+/// `--backend` and the etcd flags, checked.
+fn backend_config(cli: &Cli) -> Result<BackendConfig, StartError> {
+    let bad = |msg: &str| Err(StartError::Config(msg.into()));
+    let etcd_flags = !cli.etcd_endpoints.is_empty()
+        || cli.etcd_ca_cert.is_some()
+        || cli.etcd_cert.is_some()
+        || cli.etcd_user.is_some();
+    match cli.backend {
+        BackendArg::Local if etcd_flags => bad("the --etcd-* flags need --backend etcd"),
+        BackendArg::Local => Ok(BackendConfig::Local),
+        BackendArg::Etcd if !cfg!(feature = "etcd") => {
+            bad("this lockbrokerd was built without the etcd backend (cargo feature `etcd`)")
+        }
+        BackendArg::Etcd => {
+            if cli.etcd_endpoints.iter().all(|e| e.trim().is_empty()) {
+                return bad("--backend etcd needs --etcd-endpoints URL[,URL...]");
+            }
+            let prefix = cli.etcd_prefix.trim_end_matches('/');
+            if prefix.is_empty() || !prefix.starts_with('/') {
+                return bad("--etcd-prefix must start with / and name more than the root");
+            }
+            let ttl = cli.lease_ttl;
+            if ttl < Duration::from_secs(1) || ttl.subsec_millis() != 0 {
+                return bad("--lease-ttl must be whole seconds, at least 1s");
+            }
+            let user = match (&cli.etcd_user, &cli.etcd_password_file) {
+                (Some(user), Some(file)) => {
+                    let text = std::fs::read_to_string(file).map_err(|e| {
+                        StartError::Config(format!(
+                            "cannot read --etcd-password-file {}: {e}",
+                            file.display()
+                        ))
+                    })?;
+                    let password = text.lines().next().unwrap_or("").to_owned();
+                    Some((user.clone(), password))
+                }
+                _ => None,
+            };
+            Ok(BackendConfig::Etcd(Box::new(EtcdConfig {
+                endpoints: cli
+                    .etcd_endpoints
+                    .iter()
+                    .map(|e| e.trim().to_owned())
+                    .filter(|e| !e.is_empty())
+                    .collect(),
+                prefix: prefix.to_owned(),
+                lease_ttl: ttl,
+                ca_cert: cli.etcd_ca_cert.clone(),
+                identity: cli.etcd_cert.clone().zip(cli.etcd_key.clone()),
+                user,
+            })))
+        }
     }
 }
 
@@ -330,12 +507,59 @@ mod tests {
     }
 
     #[test]
+    fn the_etcd_backend_flags() {
+        let c = parse(&[
+            "--backend",
+            "etcd",
+            "--etcd-endpoints",
+            "http://127.0.0.1:2379,http://127.0.0.1:2479",
+            "--etcd-prefix",
+            "/locks/",
+            "--lease-ttl",
+            "2m",
+        ])
+        .unwrap();
+        let BackendConfig::Etcd(etcd) = c.backend else {
+            panic!("not the etcd backend");
+        };
+        assert_eq!(
+            etcd.endpoints,
+            ["http://127.0.0.1:2379", "http://127.0.0.1:2479"]
+        );
+        assert_eq!(etcd.prefix, "/locks");
+        assert_eq!(etcd.lease_ttl, Duration::from_secs(120));
+        assert!(matches!(parse(&[]).unwrap().backend, BackendConfig::Local));
+        assert_eq!(parse_duration("1500ms"), Ok(Duration::from_millis(1500)));
+        assert_eq!(parse_duration("7"), Ok(Duration::from_secs(7)));
+        assert!(parse_duration("7 days").is_err());
+        assert!(parse_duration("s").is_err());
+    }
+
+    #[test]
     fn bad_limits_are_refused() {
         for args in [
             &["--max-connections", "0"][..],
             &["--max-pending", "0"],
             &["--max-frame-len", "100"],
             &["--workers", "0"],
+            &["--etcd-endpoints", "http://127.0.0.1:2379"],
+            &["--backend", "etcd"],
+            &[
+                "--backend",
+                "etcd",
+                "--etcd-endpoints",
+                "http://a:1",
+                "--lease-ttl",
+                "500ms",
+            ],
+            &[
+                "--backend",
+                "etcd",
+                "--etcd-endpoints",
+                "http://a:1",
+                "--etcd-prefix",
+                "x",
+            ],
         ] {
             let err = parse(args).unwrap_err();
             assert!(matches!(err, StartError::Config(_)), "{args:?}: {err}");

@@ -50,6 +50,9 @@ pub enum StartError {
         /// What is wrong with it.
         reason: String,
     },
+    /// The backend (the etcd cluster) cannot be used.
+    #[error("cannot use the etcd cluster: {0}")]
+    Backend(String),
     /// The state store's thread could not be started.
     #[error("cannot start the state store's thread: {0}")]
     Thread(io::Error),

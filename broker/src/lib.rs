@@ -13,6 +13,8 @@
 //!   the state; [`Local`](backend::Local) is the in-memory table and store.
 //! - [`session`]: one task per connection: the handshake and I/O loop, its
 //!   lock requests and its state requests.
+//! - `etcd` (feature `etcd`): the backend that keeps every lock in an
+//!   etcd cluster, shared by the daemons of several hosts.
 //! - [`lock_table`]: the synchronous lock table (FIFO queues, holds, fences,
 //!   abandonment); it does no I/O.
 //! - [`state`]: the shared key/value store on its own thread (versions,
@@ -40,6 +42,8 @@ pub mod broker;
 pub mod config;
 pub mod direct;
 pub mod error;
+#[cfg(feature = "etcd")]
+pub mod etcd;
 pub mod lock_table;
 pub mod program;
 pub mod server;

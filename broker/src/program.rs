@@ -60,7 +60,7 @@ pub(crate) fn serve<Fut: std::future::Future>(
     runtime.block_on(async {
         let shutdown = shutdown()?;
         // State first: a daemon that cannot load it must not listen.
-        let server = server::Server::new(config)?;
+        let server = server::Server::new(config).await?;
         let listener = bind(config)?;
         listening();
         server.run(listener, shutdown).await;

@@ -17,7 +17,7 @@ use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 
 use crate::broker::Broker;
-use crate::config::Config;
+use crate::config::{BackendConfig, Config};
 use crate::error::StartError;
 use crate::session;
 use crate::shutdown;
@@ -40,16 +40,33 @@ pub struct Server {
 }
 
 impl Server {
-    /// Opens the state store. Fails (and the daemon must not start) if a
-    /// state directory cannot be opened or read.
-    pub fn new(config: &Config) -> Result<Server, StartError> {
+    /// Opens the state store, and connects to the etcd cluster if the
+    /// locks are kept there. Fails (and the daemon must not start) if a
+    /// state directory cannot be opened or read, or no member of the
+    /// cluster answers.
+    pub async fn new(config: &Config) -> Result<Server, StartError> {
         let (state, epoch) = State::open(&config.state)?;
-        let broker = Broker::new(
-            config.limits,
-            state,
-            epoch << FENCE_EPOCH_SHIFT,
-            config.max_abandoned,
-        );
+        let broker = match &config.backend {
+            BackendConfig::Local => Broker::new(
+                config.limits,
+                state,
+                epoch << FENCE_EPOCH_SHIFT,
+                config.max_abandoned,
+            ),
+            #[cfg(feature = "etcd")]
+            BackendConfig::Etcd(etcd) => {
+                let backend = crate::etcd::Etcd::connect(etcd, state)
+                    .await
+                    .map_err(StartError::Backend)?;
+                Broker::with_backend(config.limits, Box::new(backend))
+            }
+            #[cfg(not(feature = "etcd"))]
+            BackendConfig::Etcd(_) => {
+                return Err(StartError::Backend(
+                    "this lockbrokerd was built without the etcd backend".into(),
+                ));
+            }
+        };
         Ok(Server {
             broker: Arc::new(broker),
             config: config.clone(),
@@ -70,7 +87,7 @@ pub async fn run(
     config: &Config,
     shutdown: impl Future,
 ) -> Result<(), StartError> {
-    Server::new(config)?.run(listener, shutdown).await;
+    Server::new(config).await?.run(listener, shutdown).await;
     Ok(())
 }
 

@@ -660,6 +660,13 @@ error_codes! {
     ShuttingDown = 500, "shutting_down";
     /// A bug in the daemon; the request had no effect.
     Internal = 501, "internal";
+    /// What the daemon keeps its locks in (its etcd cluster) did not
+    /// answer; the request had no effect.
+    Unavailable = 502, "unavailable";
+    /// Fatal: the daemon lost contact with its etcd cluster for long
+    /// enough that the session's lease may expire there; every hold of the
+    /// session is lost, and the connection closes.
+    HoldsLost = 503, "holds_lost";
 }
 
 impl From<ErrorCode> for u16 {

@@ -196,6 +196,8 @@ class ErrorCode(IntEnum):
     QUOTA_EXCEEDED = 404
     SHUTTING_DOWN = 500
     INTERNAL = 501
+    UNAVAILABLE = 502
+    HOLDS_LOST = 503
 
 
 def error_code_name(code: int) -> str:

@@ -8,12 +8,12 @@ use tokio::io::{AsyncBufReadExt, BufReader};
 use lockbroker::LockKind;
 use lockbroker_proto::Response;
 
-use crate::util::{Daemon, acquire, bounded, wait_until, worker};
+use crate::util::{acquire, bounded, on_both_backends, wait_until, worker};
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn kill_9_of_a_holder_hands_the_lock_on_as_abandoned() {
+on_both_backends! {
+async fn kill_9_of_a_holder_hands_the_lock_on_as_abandoned(backend) {
     bounded(async {
-        let daemon = Daemon::start().await;
+        let daemon = backend.start().await;
         let mut child = tokio::process::Command::new(worker())
             .arg("hold")
             .arg(&daemon.socket)
@@ -61,12 +61,13 @@ async fn kill_9_of_a_holder_hands_the_lock_on_as_abandoned() {
     })
     .await
 }
+}
 
+on_both_backends! {
 /// Abandonment is remembered when nobody was waiting at the time.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn abandonment_is_reported_to_a_later_acquirer() {
+async fn abandonment_is_reported_to_a_later_acquirer(backend) {
     bounded(async {
-        let daemon = Daemon::start().await;
+        let daemon = backend.start().await;
         let mut raw = daemon.raw().await;
         let granted = raw
             .call(1, acquire("later", LockKind::Mutex, 0, 1, None))
@@ -86,4 +87,5 @@ async fn abandonment_is_reported_to_a_later_acquirer() {
         daemon.stop().await;
     })
     .await
+}
 }

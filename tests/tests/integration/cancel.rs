@@ -5,12 +5,12 @@ use std::time::Duration;
 use lockbroker::{ErrorCode, LockKind};
 use lockbroker_proto::{Request, Response};
 
-use crate::util::{Daemon, acquire, bounded, wait_until};
+use crate::util::{acquire, bounded, on_both_backends, wait_until};
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn dropping_the_acquire_future_removes_the_waiter() {
+on_both_backends! {
+async fn dropping_the_acquire_future_removes_the_waiter(backend) {
     bounded(async {
-        let daemon = Daemon::start().await;
+        let daemon = backend.start().await;
         let a = daemon.client().await;
         let b = daemon.client().await;
         let c = daemon.client().await;
@@ -41,13 +41,14 @@ async fn dropping_the_acquire_future_removes_the_waiter() {
     })
     .await
 }
+}
 
+on_both_backends! {
 /// A future dropped just as the grant arrives must not leak the hold: the
 /// client releases a grant nobody waits for.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_cancel_racing_a_grant_leaks_nothing() {
+async fn a_cancel_racing_a_grant_leaks_nothing(backend) {
     bounded(async {
-        let daemon = Daemon::start().await;
+        let daemon = backend.start().await;
         let a = daemon.client().await;
         let b = daemon.client().await;
         for i in 0..200u64 {
@@ -75,11 +76,12 @@ async fn a_cancel_racing_a_grant_leaks_nothing() {
     })
     .await
 }
+}
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn cancel_request_answers_the_acquire_then_itself() {
+on_both_backends! {
+async fn cancel_request_answers_the_acquire_then_itself(backend) {
     bounded(async {
-        let daemon = Daemon::start().await;
+        let daemon = backend.start().await;
         let a = daemon.client().await;
         let held = a.mutex("x").acquire().await.unwrap();
         let mut raw = daemon.raw().await;
@@ -108,4 +110,5 @@ async fn cancel_request_answers_the_acquire_then_itself() {
         daemon.stop().await;
     })
     .await
+}
 }

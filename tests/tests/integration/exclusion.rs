@@ -2,14 +2,14 @@
 
 use std::process::Stdio;
 
-use crate::util::{Daemon, bounded, worker};
+use crate::util::{bounded, on_both_backends, worker};
 
+on_both_backends! {
 /// 8 processes × 300 read-increment-write cycles of one counter file under
 /// one mutex end at exactly 2400: no update is lost.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn processes_increment_a_file_under_a_mutex() {
+async fn processes_increment_a_file_under_a_mutex(backend) {
     bounded(async {
-        let daemon = Daemon::start().await;
+        let daemon = backend.start().await;
         let dir = tempfile::tempdir().unwrap();
         let counter = dir.path().join("counter");
         std::fs::write(&counter, "0\n").unwrap();
@@ -37,4 +37,5 @@ async fn processes_increment_a_file_under_a_mutex() {
         daemon.stop().await;
     })
     .await
+}
 }

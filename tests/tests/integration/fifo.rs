@@ -4,7 +4,7 @@ use std::sync::{Arc, Mutex as StdMutex};
 
 use lockbroker::Client;
 
-use crate::util::{Daemon, bounded, wait_until};
+use crate::util::{bounded, on_both_backends, wait_until};
 
 /// Waits until `name` has `n` waiters.
 async fn waiters(client: &Client, name: &str, n: usize) {
@@ -15,10 +15,10 @@ async fn waiters(client: &Client, name: &str, n: usize) {
     .await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn mutex_waiters_are_granted_in_arrival_order() {
+on_both_backends! {
+async fn mutex_waiters_are_granted_in_arrival_order(backend) {
     bounded(async {
-        let daemon = Daemon::start().await;
+        let daemon = backend.start().await;
         let observer = daemon.client().await;
         let holder = daemon.client().await.mutex("q").acquire().await.unwrap();
         let order = Arc::new(StdMutex::new(Vec::new()));
@@ -46,11 +46,12 @@ async fn mutex_waiters_are_granted_in_arrival_order() {
     })
     .await
 }
+}
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_try_fails_while_anyone_waits_even_with_free_permits() {
+on_both_backends! {
+async fn a_try_fails_while_anyone_waits_even_with_free_permits(backend) {
     bounded(async {
-        let daemon = Daemon::start().await;
+        let daemon = backend.start().await;
         let a = daemon.client().await;
         let b = daemon.client().await;
         let pool = a.semaphore("pool", 3);
@@ -70,13 +71,14 @@ async fn a_try_fails_while_anyone_waits_even_with_free_permits() {
     })
     .await
 }
+}
 
+on_both_backends! {
 /// A k=3 request at the head is not starved by k=1 requests behind it,
 /// though they would fit sooner.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn semaphore_head_with_many_permits_is_not_starved() {
+async fn semaphore_head_with_many_permits_is_not_starved(backend) {
     bounded(async {
-        let daemon = Daemon::start().await;
+        let daemon = backend.start().await;
         let observer = daemon.client().await;
         let first = observer.semaphore("s", 3).acquire_many(2).await.unwrap();
         let mut sessions = Vec::new();
@@ -125,4 +127,5 @@ async fn semaphore_head_with_many_permits_is_not_starved() {
         daemon.stop().await;
     })
     .await
+}
 }

@@ -4,7 +4,7 @@
 use lockbroker::{ErrorCode, LockKind};
 use lockbroker_proto::{ClientMessage, Hello, MAGIC, PROTOCOL_VERSION, Request, Response};
 
-use crate::util::{Daemon, Raw, acquire, bounded};
+use crate::util::{Daemon, Raw, acquire, bounded, on_both_backends};
 
 /// One session takes mutexes `{prefix}{i:05}` for `i` in `0..n`, pipelined.
 async fn hold_many(daemon: &Daemon, prefix: &str, n: usize) -> Raw {
@@ -21,10 +21,10 @@ async fn hold_many(daemon: &Daemon, prefix: &str, n: usize) -> Raw {
     holder
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn inspect_after_pages_through_every_entry_in_order() {
+on_both_backends! {
+async fn inspect_after_pages_through_every_entry_in_order(backend) {
     bounded(async {
-        let daemon = Daemon::start().await;
+        let daemon = backend.start().await;
         let _holder = hold_many(&daemon, "page/", 2500).await;
         let _other = hold_many(&daemon, "zz/", 3).await;
         let client = daemon.client().await;
@@ -62,11 +62,12 @@ async fn inspect_after_pages_through_every_entry_in_order() {
     })
     .await
 }
+}
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_listing_over_the_frame_limit_is_refused_and_the_session_goes_on() {
+on_both_backends! {
+async fn a_listing_over_the_frame_limit_is_refused_and_the_session_goes_on(backend) {
     bounded(async {
-        let daemon = Daemon::start_with(|c| c.limits.max_frame_len = 4096).await;
+        let daemon = backend.start_with(|c| c.limits.max_frame_len = 4096).await;
         let _holder = hold_many(&daemon, "big/", 300).await;
         let mut raw = daemon.raw().await;
         let request = Request::InspectAfter {
@@ -82,6 +83,7 @@ async fn a_listing_over_the_frame_limit_is_refused_and_the_session_goes_on() {
         daemon.stop().await;
     })
     .await
+}
 }
 
 /// The daemon and the test share one thread here (a current-thread

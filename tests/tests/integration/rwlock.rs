@@ -2,12 +2,12 @@
 
 use std::time::Duration;
 
-use crate::util::{Daemon, bounded, wait_until};
+use crate::util::{bounded, on_both_backends, wait_until};
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn readers_share_writers_exclude_and_a_waiting_writer_blocks_new_readers() {
+on_both_backends! {
+async fn readers_share_writers_exclude_and_a_waiting_writer_blocks_new_readers(backend) {
     bounded(async {
-        let daemon = Daemon::start().await;
+        let daemon = backend.start().await;
         let a = daemon.client().await;
         let b = daemon.client().await;
         let c = daemon.client().await;
@@ -53,4 +53,5 @@ async fn readers_share_writers_exclude_and_a_waiting_writer_blocks_new_readers()
         daemon.stop().await;
     })
     .await
+}
 }

@@ -5,12 +5,12 @@ use std::sync::atomic::{AtomicU32, Ordering};
 
 use lockbroker::ErrorCode;
 
-use crate::util::{Daemon, bounded};
+use crate::util::{bounded, on_both_backends};
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn capacity_is_never_exceeded_by_32_clients() {
+on_both_backends! {
+async fn capacity_is_never_exceeded_by_32_clients(backend) {
     bounded(async {
-        let daemon = Daemon::start().await;
+        let daemon = backend.start().await;
         let in_use = Arc::new(AtomicU32::new(0));
         let peak = Arc::new(AtomicU32::new(0));
         let mut tasks = Vec::new();
@@ -44,11 +44,12 @@ async fn capacity_is_never_exceeded_by_32_clients() {
     })
     .await
 }
+}
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn release_by_count_and_over_release() {
+on_both_backends! {
+async fn release_by_count_and_over_release(backend) {
     bounded(async {
-        let daemon = Daemon::start().await;
+        let daemon = backend.start().await;
         let client = daemon.client().await;
         let sem = client.semaphore("pool", 5);
         let a = sem.acquire_many(2).await.unwrap();
@@ -71,11 +72,12 @@ async fn release_by_count_and_over_release() {
     })
     .await
 }
+}
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn capacity_mismatch_while_busy_then_free_to_change() {
+on_both_backends! {
+async fn capacity_mismatch_while_busy_then_free_to_change(backend) {
     bounded(async {
-        let daemon = Daemon::start().await;
+        let daemon = backend.start().await;
         let client = daemon.client().await;
         let g = client.semaphore("m", 3).acquire().await.unwrap();
         let err = client.semaphore("m", 4).acquire().await.unwrap_err();
@@ -86,4 +88,5 @@ async fn capacity_mismatch_while_busy_then_free_to_change() {
         daemon.stop().await;
     })
     .await
+}
 }

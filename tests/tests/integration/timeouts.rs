@@ -6,12 +6,12 @@ use std::time::Duration;
 use lockbroker::LockKind;
 use lockbroker_proto::{Request, Response};
 
-use crate::util::{Daemon, acquire, bounded};
+use crate::util::{Backend, acquire, bounded, on_both_backends};
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_expired_wait_holds_nothing() {
+on_both_backends! {
+async fn an_expired_wait_holds_nothing(backend) {
     bounded(async {
-        let daemon = Daemon::start().await;
+        let daemon = backend.start().await;
         let a = daemon.client().await;
         let b = daemon.client().await;
         let held = a.mutex("t").acquire().await.unwrap();
@@ -40,22 +40,29 @@ async fn an_expired_wait_holds_nothing() {
     })
     .await
 }
+}
 
+on_both_backends! {
 /// Thousands of acquires whose deadlines land near other sessions'
 /// releases: every acquire is answered exactly once, granted or timed out,
 /// and at the end every permit is free.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn deadlines_racing_grants_end_exactly_once() {
+async fn deadlines_racing_grants_end_exactly_once(backend) {
     bounded(async {
-        let daemon = Daemon::start().await;
+        let daemon = backend.start().await;
+        // Deadlines in steps of about a grant's cost: a millisecond here,
+        // tens over etcd (whose cluster takes fewer acquires at once).
+        let (n, step) = match backend {
+            Backend::Local => (300, 1),
+            Backend::Etcd => (40, 15),
+        };
         let mut sessions = Vec::new();
         for s in 0..8u64 {
             let mut raw = daemon.raw().await;
             sessions.push(tokio::spawn(async move {
-                const N: u64 = 300;
-                // Pipeline every acquire at once, with deadlines of 0..4 ms.
-                for id in 1..=N {
-                    let timeout = (id * 7 + s) % 5;
+                // Pipeline every acquire at once, with deadlines of 0..4
+                // steps.
+                for id in 1..=n {
+                    let timeout = (id * 7 + s) % 5 * step;
                     raw.request(
                         id,
                         acquire("race", LockKind::Semaphore, 2, 1, Some(timeout)),
@@ -65,9 +72,9 @@ async fn deadlines_racing_grants_end_exactly_once() {
                 let mut outcome: HashMap<u64, Response> = HashMap::new();
                 let mut releases = 0;
                 let mut granted = 0;
-                while (outcome.len() as u64) < N || releases < granted {
+                while (outcome.len() as u64) < n || releases < granted {
                     let (id, response) = raw.response().await;
-                    if id > N {
+                    if id > n {
                         assert!(
                             matches!(response, Response::Released { permits: 1 }),
                             "{response:?}"
@@ -77,7 +84,7 @@ async fn deadlines_racing_grants_end_exactly_once() {
                     }
                     if let Response::Granted(g) = &response {
                         granted += 1;
-                        raw.request(N + g.hold_id, Request::Release { hold_id: g.hold_id })
+                        raw.request(n + g.hold_id, Request::Release { hold_id: g.hold_id })
                             .await;
                     } else {
                         assert_eq!(response, Response::TimedOut);
@@ -104,13 +111,14 @@ async fn deadlines_racing_grants_end_exactly_once() {
     })
     .await
 }
+}
 
+on_both_backends! {
 /// Deadlines run on the daemon's clock; a long one does not fire early and
 /// an absurd one means "wait forever" rather than an error.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn huge_timeouts_wait_like_none() {
+async fn huge_timeouts_wait_like_none(backend) {
     bounded(async {
-        let daemon = Daemon::start().await;
+        let daemon = backend.start().await;
         let a = daemon.client().await;
         let mut raw = daemon.raw().await;
         let held = a.mutex("h").acquire().await.unwrap();
@@ -124,4 +132,5 @@ async fn huge_timeouts_wait_like_none() {
         daemon.stop().await;
     })
     .await
+}
 }

@@ -1,0 +1,1651 @@
+//! The etcd backend (`--backend etcd`): the locks of every daemon that
+//! names the same etcd cluster and prefix are one set of locks, so
+//! processes on several hosts share them through their own local daemons.
+//!
+//! Each session gets one etcd lease, granted at its first acquire and
+//! kept alive by its daemon; each hold or wait is one key on that lease
+//! ([`queue`] has the layout and the rule that decides who holds). A
+//! session that ends has its lease revoked at once, so its keys vanish
+//! and every daemon that waits on them grants the next in line; a daemon
+//! or host that dies stops keeping its leases alive, and etcd deletes
+//! their keys after the lease's TTL.
+//!
+//! An acquire is one transaction: put the key, read the name's keys. The
+//! key's create revision is its place in the queue and its fence. If it
+//! is not granted at once, the daemon watches the name from the revision
+//! after the one it read (one watch per name per daemon, shared by its
+//! waiters there; a watch that starts at or below etcd's current
+//! revision is served by etcd's slower catch-up loop) and grants its
+//! waiters as the keys before them go. Every change a session asks for
+//! (release, withdrawal) is answered once etcd has applied it, so a
+//! release that was answered has freed the lock for every host.
+//!
+//! The daemon tracks when each lease was last confirmed alive. If the
+//! lease could expire in etcd before it is confirmed again (the daemon
+//! lost contact), the session is ended with `holds_lost` first, so its
+//! client learns it no longer holds anything before anyone else can be
+//! granted its locks.
+
+mod queue;
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use etcd_client::{
+    Client, Compare, CompareOp, ConnectOptions, EventType, GetOptions, PutOptions, SortOrder,
+    SortTarget, TxnOp, TxnOpResponse, WatchOptions,
+};
+use lockbroker_proto::{EntryInfo, ErrorCode, ErrorInfo, Grant, LockName};
+use tokio::sync::{OnceCell, mpsc};
+
+use crate::backend::{Applied, Backend};
+use crate::config::EtcdConfig;
+use crate::lock_table::{AcquireOutcome, AcquireSpec, Delivery, LockError, Notice, Peer, now_ms};
+use crate::state::{Op, ReplyTo, State};
+use queue::{Queued, Record};
+
+/// How long one request to etcd may take before it is retried (or, for
+/// the first connection, the daemon gives up starting).
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Pause before retrying a change etcd did not confirm.
+const RETRY_PAUSE: Duration = Duration::from_millis(100);
+
+/// Keys read per page when listing.
+const LIST_PAGE: i64 = 1000;
+
+/// How long an abandonment nobody took the lock after is remembered.
+const MARKER_TTL: Duration = Duration::from_secs(3600);
+
+/// A lease shared by many keys that need not outlive it by much: one at a
+/// time, replaced once half its TTL has passed and never kept alive, so
+/// what is put with it is gone within a TTL.
+struct Rotating {
+    ttl: Duration,
+    current: tokio::sync::Mutex<Option<(i64, Instant)>>,
+}
+
+impl Rotating {
+    fn new(ttl: Duration) -> Rotating {
+        Rotating {
+            ttl,
+            current: tokio::sync::Mutex::new(None),
+        }
+    }
+
+    async fn get(&self, client: &Client) -> Result<i64, ErrorInfo> {
+        let mut current = self.current.lock().await;
+        if let Some((id, at)) = *current
+            && at.elapsed() < self.ttl / 2
+        {
+            return Ok(id);
+        }
+        let ttl = self.ttl.as_secs().max(1) as i64;
+        let granted = client
+            .clone()
+            .lease_grant(ttl, None)
+            .await
+            .map_err(unavailable)?;
+        *current = Some((granted.id(), Instant::now()));
+        Ok(granted.id())
+    }
+
+    /// The lease expired under its user: the next asks for a new one.
+    async fn forget(&self) {
+        *self.current.lock().await = None;
+    }
+}
+
+/// The etcd backend; see the module's documentation.
+#[derive(Debug)]
+pub struct Etcd {
+    shared: Arc<Shared>,
+    /// Shared state stays on the local store until it moves to etcd.
+    state: State,
+}
+
+struct Shared {
+    client: Client,
+    /// For the sessions' lease keepalives only.
+    keepalive_client: Client,
+    prefix: String,
+    ttl: Duration,
+    /// Makes this daemon's key tags unique among all daemons.
+    instance: u64,
+    host: String,
+    next_hold: AtomicU64,
+    core: Mutex<Core>,
+    watches: mpsc::UnboundedSender<WatchCmd>,
+    /// The lease release notes are put with: short, never kept alive.
+    note_lease: Rotating,
+    /// The lease abandonment markers are put with: an hour.
+    marker_lease: Rotating,
+}
+
+impl std::fmt::Debug for Shared {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Shared")
+            .field("prefix", &self.prefix)
+            .field("ttl", &self.ttl)
+            .finish_non_exhaustive()
+    }
+}
+
+/// What this daemon knows of its sessions and of the names they wait on.
+#[derive(Default)]
+struct Core {
+    sessions: HashMap<u64, SessionState>,
+    names: HashMap<LockName, NameState>,
+    /// Watch id → the name it watches.
+    watching: HashMap<i64, LockName>,
+    last_watch: i64,
+    /// Abandonment markers whose abandonment a grant here has told, to be
+    /// removed once the core is unlocked.
+    consume: Vec<(LockName, i64)>,
+}
+
+/// One session's lease: granted once, at its first acquire.
+type LeaseCell = OnceCell<Result<i64, ErrorInfo>>;
+
+struct SessionState {
+    peer: Arc<Peer>,
+    lease: Arc<LeaseCell>,
+    /// Request id → wait.
+    waits: HashMap<u64, Wait>,
+    /// Hold id → hold.
+    holds: HashMap<u64, Hold>,
+    /// Ends the lease's keepalive task.
+    stop_keepalive: Option<tokio::sync::oneshot::Sender<()>>,
+    /// Clean releases of a closing session (`ReleaseOnClose`), which
+    /// its lease's revocation waits for.
+    closing: Vec<tokio::task::JoinHandle<()>>,
+}
+
+struct Wait {
+    name: LockName,
+    tag: String,
+    record: Record,
+    /// Its create revision, once its key is put.
+    revision: Option<i64>,
+    /// Withdrawn before its key was put: delete the key once it is, then
+    /// tell the session this token.
+    withdrawn: Option<u64>,
+}
+
+struct Hold {
+    name: LockName,
+    tag: String,
+    record: Record,
+}
+
+/// A name some of this daemon's sessions wait on: its queue as etcd has
+/// it, kept current by a watch.
+struct NameState {
+    /// Keys by create revision.
+    queue: BTreeMap<i64, Queued>,
+    /// The revision the queue reflects.
+    revision: i64,
+    /// This name's watch.
+    watch: i64,
+    /// Local waiters: create revision → (session, request).
+    waiters: BTreeMap<i64, (u64, u64)>,
+    /// A holder's key went without a release: the next grant is told.
+    abandoned: bool,
+    /// The mod revision of the name's abandonment marker, if it has one.
+    marker: Option<i64>,
+}
+
+impl NameState {
+    fn queue(&self) -> Vec<Queued> {
+        self.queue.values().cloned().collect()
+    }
+
+    /// Revisions of the keys granted now.
+    fn granted(&self) -> Vec<i64> {
+        let queue = self.queue();
+        queue[..queue::granted_len(&queue)]
+            .iter()
+            .map(|q| q.revision)
+            .collect()
+    }
+}
+
+enum WatchCmd {
+    Start { id: i64, key: Vec<u8>, from: i64 },
+    Cancel { id: i64 },
+}
+
+fn unavailable(e: impl std::fmt::Display) -> ErrorInfo {
+    ErrorInfo::new(
+        ErrorCode::Unavailable,
+        format!("the etcd cluster did not answer: {e}"),
+    )
+}
+
+fn host_name() -> String {
+    #[cfg(unix)]
+    {
+        let mut buf = [0u8; 256];
+        // SAFETY: the buffer is valid for its length; gethostname writes a
+        // NUL-terminated name into it (truncated if longer).
+        if unsafe { libc::gethostname(buf.as_mut_ptr().cast(), buf.len()) } == 0 {
+            let end = buf.iter().position(|b| *b == 0).unwrap_or(buf.len());
+            return String::from_utf8_lossy(&buf[..end]).into_owned();
+        }
+        String::new()
+    }
+    #[cfg(windows)]
+    {
+        std::env::var("COMPUTERNAME").unwrap_or_default()
+    }
+}
+
+impl Etcd {
+    /// Connects to the cluster (failing if no member answers in time) and
+    /// starts the watch task. `state` serves shared-state requests.
+    pub async fn connect(config: &EtcdConfig, state: State) -> Result<Etcd, String> {
+        // No timeout per request: it would cut the watch and keepalive
+        // streams too. The keepalives' own clock bounds how long the
+        // daemon goes on without etcd.
+        let mut options = ConnectOptions::new()
+            .with_connect_timeout(REQUEST_TIMEOUT)
+            .with_keep_alive(Duration::from_secs(2), Duration::from_secs(2));
+        if let Some((user, password)) = &config.user {
+            options = options.with_user(user.clone(), password.clone());
+        }
+        if config.ca_cert.is_some() || config.identity.is_some() {
+            options = options.with_tls(tls_options(config)?);
+        }
+        let connect = || async {
+            Client::connect(&config.endpoints, Some(options.clone()))
+                .await
+                .map_err(|e| format!("cannot connect to etcd at {:?}: {e}", config.endpoints))
+        };
+        let mut client = connect().await?;
+        // Keepalives have a connection of their own, so that they never
+        // queue behind the daemon's lock traffic: a renewal that waits in
+        // the client's queue is a lease nearer expiry.
+        let keepalive_client = connect().await?;
+        // One round trip now: a cluster that cannot be reached fails the
+        // start, not the first acquire.
+        let probe = client.get(
+            format!("{}/", config.prefix),
+            Some(GetOptions::new().with_count_only()),
+        );
+        match tokio::time::timeout(REQUEST_TIMEOUT, probe).await {
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => {
+                return Err(format!(
+                    "etcd at {:?} does not answer: {e}",
+                    config.endpoints
+                ));
+            }
+            Err(_) => {
+                return Err(format!(
+                    "etcd at {:?} did not answer within {REQUEST_TIMEOUT:?}",
+                    config.endpoints
+                ));
+            }
+        }
+        let mut seed = [0u8; 8];
+        getrandom::fill(&mut seed).map_err(|e| format!("no randomness: {e}"))?;
+        let (watches, commands) = mpsc::unbounded_channel();
+        let shared = Arc::new(Shared {
+            client,
+            keepalive_client,
+            prefix: config.prefix.trim_end_matches('/').to_owned(),
+            ttl: config.lease_ttl,
+            instance: u64::from_le_bytes(seed),
+            host: host_name(),
+            next_hold: AtomicU64::new(0),
+            core: Mutex::new(Core::default()),
+            watches,
+            note_lease: Rotating::new(config.lease_ttl),
+            marker_lease: Rotating::new(MARKER_TTL),
+        });
+        tokio::spawn(watch_task(Arc::clone(&shared), commands));
+        Ok(Etcd { shared, state })
+    }
+}
+
+fn tls_options(tls: &EtcdConfig) -> Result<etcd_client::TlsOptions, String> {
+    let read = |p: &std::path::Path| {
+        std::fs::read(p).map_err(|e| format!("cannot read {}: {e}", p.display()))
+    };
+    let mut options = etcd_client::TlsOptions::new();
+    if let Some(ca) = &tls.ca_cert {
+        options = options.ca_certificate(etcd_client::Certificate::from_pem(read(ca)?));
+    }
+    if let Some((cert, key)) = &tls.identity {
+        options = options.identity(etcd_client::Identity::from_pem(read(cert)?, read(key)?));
+    }
+    Ok(options)
+}
+
+impl Shared {
+    fn core(&self) -> MutexGuard<'_, Core> {
+        self.core.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn name_range(&self, name: &str) -> Vec<u8> {
+        queue::name_range(&self.prefix, name)
+    }
+
+    /// The session's lease, granted (and its keepalive started) by the
+    /// first caller.
+    async fn lease(self: &Arc<Self>, session_id: u64, cell: &LeaseCell) -> Result<i64, ErrorInfo> {
+        cell.get_or_init(|| async {
+            let ttl = self.ttl.as_secs().max(1) as i64;
+            let asked = Instant::now();
+            let mut client = self.client.clone();
+            let granted = client.lease_grant(ttl, None).await.map_err(unavailable)?;
+            let id = granted.id();
+            let (stop, stopped) = tokio::sync::oneshot::channel();
+            let peer = {
+                let mut core = self.core();
+                match core.sessions.get_mut(&session_id) {
+                    Some(s) => {
+                        s.stop_keepalive = Some(stop);
+                        Some(Arc::clone(&s.peer))
+                    }
+                    None => None,
+                }
+            };
+            match peer {
+                Some(peer) => {
+                    tokio::spawn(keepalive(Arc::clone(self), id, asked, peer, stopped));
+                }
+                // The session ended while its lease was being granted.
+                None => {
+                    let _ = client.lease_revoke(id).await;
+                }
+            }
+            Ok(id)
+        })
+        .await
+        .clone()
+    }
+
+    /// Puts abandonment markers for `names` (each with the record of a
+    /// hold abandoned there), retrying until etcd confirms.
+    async fn mark_abandoned(&self, marks: Vec<(String, Record)>) {
+        loop {
+            let lease = match self.marker_lease.get(&self.client).await {
+                Ok(lease) => lease,
+                Err(e) => {
+                    tracing::warn!("no lease for abandonment markers: {}", e.message);
+                    tokio::time::sleep(RETRY_PAUSE).await;
+                    continue;
+                }
+            };
+            let ops: Vec<TxnOp> = marks
+                .iter()
+                .map(|(name, record)| {
+                    TxnOp::put(
+                        queue::marker_key(&self.prefix, name),
+                        record.encode(),
+                        Some(PutOptions::new().with_lease(lease)),
+                    )
+                })
+                .collect();
+            let txn = etcd_client::Txn::new().and_then(ops);
+            match self.client.clone().kv_client().txn(txn).await {
+                Ok(_) => return,
+                Err(e) if e.to_string().contains("lease not found") => {
+                    self.marker_lease.forget().await;
+                }
+                Err(e) => {
+                    tracing::warn!("cannot mark an abandonment, retrying: {e}");
+                    tokio::time::sleep(RETRY_PAUSE).await;
+                }
+            }
+        }
+    }
+
+    fn record(&self, peer: &Peer, request_id: u64, hold_id: u64, spec: &AcquireSpec) -> Record {
+        Record {
+            kind: spec.kind,
+            capacity: spec.capacity,
+            permits: spec.permits,
+            hold_id,
+            request_id,
+            session: peer.info.clone(),
+            host: self.host.clone(),
+            since_ms: now_ms(),
+            timeout_ms: spec.timeout_ms,
+        }
+    }
+
+    /// Puts acquire `request_id`'s key and reads the front of its queue;
+    /// then grants it, refuses it, or leaves it waiting on the name's
+    /// watch.
+    async fn put_wait(self: Arc<Self>, session_id: u64, request_id: u64, may_wait: bool) {
+        let Some((lease, name, tag, record, peer)) = ({
+            let core = self.core();
+            core.sessions.get(&session_id).and_then(|s| {
+                let w = s.waits.get(&request_id)?;
+                Some((
+                    Arc::clone(&s.lease),
+                    w.name.clone(),
+                    w.tag.clone(),
+                    w.record.clone(),
+                    Arc::clone(&s.peer),
+                ))
+            })
+        }) else {
+            return;
+        };
+        let refuse = |error: ErrorInfo| {
+            if let Some(s) = self.core().sessions.get_mut(&session_id) {
+                s.waits.remove(&request_id);
+            }
+            peer.notify(Notice::Refused { request_id, error });
+        };
+        let lease = match self.lease(session_id, &lease).await {
+            Ok(lease) => lease,
+            Err(e) => return refuse(e),
+        };
+        let key = queue::hold_key(&self.prefix, name.as_str(), &tag);
+        let marker = queue::marker_key(&self.prefix, name.as_str());
+        // The front of the queue is enough to know whether the new key is
+        // granted, and reading all of it each time would cost as much as
+        // the queue is long.
+        let front = GetOptions::new()
+            .with_prefix()
+            .with_sort(SortTarget::Create, SortOrder::Ascend)
+            .with_limit(queue::front_len(record.kind, record.capacity));
+        let txn = etcd_client::Txn::new().and_then([
+            TxnOp::put(
+                key.clone(),
+                record.encode(),
+                Some(PutOptions::new().with_lease(lease)),
+            ),
+            TxnOp::get(self.name_range(name.as_str()), Some(front)),
+            TxnOp::get(marker.clone(), None),
+        ]);
+        // Put again when etcd did not answer (a leader change, say): the
+        // key is the same, so a put applied twice keeps its first create
+        // revision. An acquire waits for etcd as it waits for the lock:
+        // until its timeout or cancel withdraws it, or its session ends
+        // (which a daemon cut off from etcd does to its sessions).
+        let response = loop {
+            match self.client.clone().kv_client().txn(txn.clone()).await {
+                Ok(r) => break r,
+                Err(e) => {
+                    tracing::debug!("etcd did not take an acquire, retrying: {e}");
+                    tokio::time::sleep(RETRY_PAUSE).await;
+                    let withdrawn = {
+                        let core = self.core();
+                        core.sessions
+                            .get(&session_id)
+                            .and_then(|s| s.waits.get(&request_id))
+                            .map(|w| w.withdrawn)
+                    };
+                    match withdrawn {
+                        Some(None) => {}
+                        // The put may have been applied: take it back.
+                        Some(Some(token)) => {
+                            if let Some(s) = self.core().sessions.get_mut(&session_id) {
+                                s.waits.remove(&request_id);
+                            }
+                            self.delete_later(vec![key], Some((peer, token)));
+                            return;
+                        }
+                        None => return self.delete_later(vec![key], None),
+                    }
+                }
+            }
+        };
+        let revision = response.header().map_or(0, |h| h.revision());
+        let mut gets = response.op_responses().into_iter().filter_map(|r| match r {
+            TxnOpResponse::Get(g) => Some(g),
+            _ => None,
+        });
+        let front = gets
+            .next()
+            .map(|g| self.queued(name.as_str(), g.kvs()))
+            .unwrap_or_default();
+        let marked = gets
+            .next()
+            .and_then(|g| g.kvs().first().map(|kv| kv.mod_revision()));
+        let me = Queued {
+            revision,
+            tag: tag.clone().into_bytes(),
+            record: record.clone(),
+        };
+        // Every key before this one is in what was read if this one is.
+        let complete = front.iter().any(|q| q.revision == revision);
+        let decision = if let Some((in_use, capacity)) =
+            queue::mismatch(&front, record.kind, record.capacity)
+        {
+            let error = if in_use == record.kind.entry_kind() {
+                LockError::CapacityMismatch {
+                    name: name.to_string(),
+                    in_use: capacity,
+                    asked: record.capacity,
+                }
+            } else {
+                LockError::KindMismatch {
+                    name: name.to_string(),
+                    in_use,
+                    asked: record.kind.entry_kind(),
+                }
+            };
+            Decision::Refuse(Notice::Refused {
+                request_id,
+                error: error.into(),
+            })
+        } else if complete {
+            let upto: Vec<Queued> = front
+                .into_iter()
+                .filter(|q| q.revision <= revision)
+                .collect();
+            if queue::granted_len(&upto) == upto.len() {
+                Decision::Grant
+            } else if !may_wait {
+                Decision::Refuse(Notice::WouldBlock { request_id })
+            } else {
+                Decision::Wait(None)
+            }
+        } else {
+            // Too many keys before it to tell from the front alone.
+            Decision::Wait(None)
+        };
+        // The first waiter of a name here reads the whole queue once, to
+        // start the name's watch from it; so does a try the front could
+        // not decide.
+        let decision = match decision {
+            Decision::Wait(None) if !complete || !self.core().names.contains_key(name.as_str()) => {
+                match self.read_queue(name.as_str(), revision).await {
+                    Ok(queue) => {
+                        let upto: Vec<Queued> = queue
+                            .iter()
+                            .filter(|q| q.revision <= revision)
+                            .cloned()
+                            .collect();
+                        if upto.last().is_some_and(|q| q.revision == revision)
+                            && queue::granted_len(&upto) == upto.len()
+                        {
+                            Decision::Grant
+                        } else if !may_wait {
+                            Decision::Refuse(Notice::WouldBlock { request_id })
+                        } else {
+                            Decision::Wait(Some(queue))
+                        }
+                    }
+                    Err(e) => {
+                        self.delete_later(vec![key], None);
+                        return refuse(e);
+                    }
+                }
+            }
+            other => other,
+        };
+        let mut deliveries = Vec::new();
+        let mut consume_marker = None;
+        let after = {
+            let mut core = self.core();
+            let core = &mut *core;
+            let Some(s) = core.sessions.get_mut(&session_id) else {
+                // The session ended meanwhile; its lease's revocation
+                // takes the key.
+                return;
+            };
+            let Some(w) = s.waits.get_mut(&request_id) else {
+                return;
+            };
+            w.revision = Some(revision);
+            if let Some(token) = w.withdrawn {
+                // Withdrawn while its key was being put.
+                s.waits.remove(&request_id);
+                After::Delete(Some(Notice::Applied { token }))
+            } else {
+                match decision {
+                    Decision::Refuse(notice) => {
+                        s.waits.remove(&request_id);
+                        After::Delete(Some(notice))
+                    }
+                    Decision::Grant => {
+                        // Abandonment seen by this daemon's watch, or
+                        // marked by the daemon of a session that ended
+                        // holding the name while nobody waited.
+                        let seen = core
+                            .names
+                            .get_mut(name.as_str())
+                            .is_some_and(|state| std::mem::take(&mut state.abandoned));
+                        consume_marker = marked;
+                        let w = s.waits.remove(&request_id).expect("looked up above");
+                        deliveries.push(grant(
+                            s,
+                            request_id,
+                            w,
+                            revision,
+                            seen || marked.is_some(),
+                        ));
+                        After::Nothing
+                    }
+                    Decision::Wait(queue) => {
+                        if let Some(state) = core.names.get_mut(name.as_str()) {
+                            // The name's watch decides, once it has shown
+                            // this key (and so every key before it).
+                            state.waiters.insert(revision, (session_id, request_id));
+                            deliveries.extend(evaluate(core, &self.watches, &name, &[]));
+                        } else {
+                            // Watch the name from the revision after the
+                            // one read.
+                            let queue = queue.unwrap_or_else(|| vec![me]);
+                            core.last_watch += 1;
+                            let watch = core.last_watch;
+                            let mut state = NameState {
+                                queue: queue.into_iter().map(|q| (q.revision, q)).collect(),
+                                revision,
+                                watch,
+                                waiters: BTreeMap::new(),
+                                abandoned: marked.is_some(),
+                                marker: marked,
+                            };
+                            state.waiters.insert(revision, (session_id, request_id));
+                            core.names.insert(name.clone(), state);
+                            core.watching.insert(watch, name.clone());
+                            let _ = self.watches.send(WatchCmd::Start {
+                                id: watch,
+                                key: self.name_range(name.as_str()),
+                                from: revision + 1,
+                            });
+                        }
+                        After::Nothing
+                    }
+                }
+            }
+        };
+        if let Some(at) = consume_marker {
+            self.core().consume.push((name.clone(), at));
+        }
+        self.finish(deliveries);
+        match after {
+            After::Nothing => {}
+            After::Delete(Some(Notice::Applied { token })) => {
+                self.delete_later(vec![key], Some((peer, token)));
+            }
+            // The answer waits for the key to go, so a try or a refusal
+            // leaves nothing behind in the queue.
+            After::Delete(Some(notice)) => self.delete_then(vec![key], peer, notice).await,
+            After::Delete(None) => self.delete_later(vec![key], None),
+        }
+    }
+
+    /// Sends grants made under the core's lock, and removes the markers
+    /// of abandonments they told.
+    fn finish(self: &Arc<Self>, deliveries: Vec<Delivery>) {
+        deliveries.into_iter().for_each(Delivery::send);
+        let consume = std::mem::take(&mut self.core().consume);
+        for (name, revision) in consume {
+            self.consume_marker(name.as_str(), revision);
+        }
+    }
+
+    /// Every key of `name` at `revision`, in queue order.
+    async fn read_queue(&self, name: &str, revision: i64) -> Result<Vec<Queued>, ErrorInfo> {
+        let options = GetOptions::new().with_prefix().with_revision(revision);
+        let read = self
+            .client
+            .clone()
+            .get(self.name_range(name), Some(options))
+            .await
+            .map_err(unavailable)?;
+        Ok(self.queued(name, read.kvs()))
+    }
+
+    /// Deletes `name`'s abandonment marker, if it is still the one put at
+    /// `revision`: its abandonment has been told.
+    fn consume_marker(self: &Arc<Self>, name: &str, revision: i64) {
+        let key = queue::marker_key(&self.prefix, name);
+        let mut kv = self.client.clone().kv_client();
+        tokio::spawn(async move {
+            let txn = etcd_client::Txn::new()
+                .when([Compare::mod_revision(
+                    key.clone(),
+                    CompareOp::Equal,
+                    revision,
+                )])
+                .and_then([TxnOp::delete(key, None)]);
+            if let Err(e) = kv.txn(txn).await {
+                tracing::warn!("cannot remove an abandonment marker: {e}");
+            }
+        });
+    }
+
+    /// The keys of `name` among `kvs`, as its queue (release notes and
+    /// keys that are not ours left out).
+    fn queued(&self, name: &str, kvs: &[etcd_client::KeyValue]) -> Vec<Queued> {
+        let mut queue: Vec<Queued> = kvs
+            .iter()
+            .filter_map(|kv| {
+                let (n, tag) = queue::split_key(&self.prefix, kv.key())?;
+                if n != name || !queue::is_tag(tag) {
+                    return None;
+                }
+                Some(Queued {
+                    revision: kv.create_revision(),
+                    tag: tag.to_vec(),
+                    record: Record::decode(kv.value())?,
+                })
+            })
+            .collect();
+        queue.sort_by_key(|q| q.revision);
+        queue
+    }
+
+    /// Deletes `keys`, retrying until etcd confirms; then tells `peer`
+    /// `notice`.
+    async fn delete_then(&self, keys: Vec<Vec<u8>>, peer: Arc<Peer>, notice: Notice) {
+        self.delete(keys, None).await;
+        peer.notify(notice);
+    }
+
+    fn delete_later(self: &Arc<Self>, keys: Vec<Vec<u8>>, applied: Option<(Arc<Peer>, u64)>) {
+        let shared = Arc::clone(self);
+        tokio::spawn(async move {
+            shared.delete(keys, None).await;
+            if let Some((peer, token)) = applied {
+                peer.notify(Notice::Applied { token });
+            }
+        });
+    }
+
+    /// Applies a release: deletes `ended` (with the name's release note
+    /// naming them, so nobody takes them for abandoned) and rewrites
+    /// `shrunk` (a hold that keeps fewer permits), retrying until etcd
+    /// confirms. Keys whose lease is gone are gone already.
+    async fn delete(&self, ended: Vec<Vec<u8>>, note: Option<Release>) {
+        loop {
+            let mut ops: Vec<TxnOp> = ended
+                .iter()
+                .map(|k| TxnOp::delete(k.clone(), None))
+                .collect();
+            if let Some(Release { name, shrunk }) = &note {
+                let lease = match self.note_lease.get(&self.client).await {
+                    Ok(lease) => lease,
+                    Err(e) => {
+                        tracing::warn!("no lease for a release note: {}", e.message);
+                        tokio::time::sleep(RETRY_PAUSE).await;
+                        continue;
+                    }
+                };
+                let tags: Vec<String> = ended
+                    .iter()
+                    .filter_map(|k| queue::split_key(&self.prefix, k))
+                    .map(|(_, tag)| String::from_utf8_lossy(tag).into_owned())
+                    .collect();
+                if !tags.is_empty() {
+                    ops.push(TxnOp::put(
+                        queue::note_key(&self.prefix, name),
+                        serde_json::to_vec(&tags).expect("tags encode"),
+                        Some(PutOptions::new().with_lease(lease)),
+                    ));
+                }
+                for Rewrite { key, value, lease } in shrunk {
+                    // Only while the hold is there: a put would bring
+                    // back a key its lease took.
+                    ops.push(TxnOp::txn(
+                        etcd_client::Txn::new()
+                            .when([Compare::version(key.clone(), CompareOp::Greater, 0)])
+                            .and_then([TxnOp::put(
+                                key.clone(),
+                                value.clone(),
+                                Some(PutOptions::new().with_lease(*lease)),
+                            )]),
+                    ));
+                }
+            }
+            if ops.is_empty() {
+                return;
+            }
+            match self
+                .client
+                .clone()
+                .kv_client()
+                .txn(etcd_client::Txn::new().and_then(ops))
+                .await
+            {
+                Ok(_) => return,
+                Err(e) => {
+                    let text = e.to_string();
+                    if text.contains("lease not found") {
+                        // The note's lease expired under us: a new one.
+                        self.note_lease.forget().await;
+                        continue;
+                    }
+                    tracing::warn!("etcd did not apply a release, retrying: {text}");
+                    tokio::time::sleep(RETRY_PAUSE).await;
+                }
+            }
+        }
+    }
+}
+
+/// A release of holds on one name: its note names the keys deleted, and
+/// `shrunk` rewrites the holds that keep fewer permits.
+struct Release {
+    name: String,
+    shrunk: Vec<Rewrite>,
+}
+
+/// A hold's key put again with fewer permits (its create revision, so
+/// its place and its fence, unchanged).
+struct Rewrite {
+    key: Vec<u8>,
+    value: Vec<u8>,
+    lease: i64,
+}
+
+impl Release {
+    fn of(name: impl Into<String>) -> Option<Release> {
+        Some(Release {
+            name: name.into(),
+            shrunk: Vec::new(),
+        })
+    }
+}
+
+/// What the first read of a new key decided.
+enum Decision {
+    Grant,
+    Refuse(Notice),
+    /// Wait; with the whole queue if it was read.
+    Wait(Option<Vec<Queued>>),
+}
+
+/// What is left to do once the decision is recorded.
+enum After {
+    Nothing,
+    /// Delete the key, then tell the session this.
+    Delete(Option<Notice>),
+}
+
+/// Moves wait `request_id` of `s`, granted at `revision`, to its holds.
+fn grant(
+    s: &mut SessionState,
+    request_id: u64,
+    w: Wait,
+    revision: i64,
+    abandoned: bool,
+) -> Delivery {
+    let hold_id = w.record.hold_id;
+    s.holds.insert(
+        hold_id,
+        Hold {
+            name: w.name,
+            tag: w.tag,
+            record: w.record,
+        },
+    );
+    Delivery {
+        to: Arc::clone(&s.peer),
+        request_id,
+        grant: Grant {
+            hold_id,
+            fence: revision as u64,
+            abandoned,
+        },
+    }
+}
+
+/// Grants the local waiters of `name` that its queue now admits; those in
+/// `newly` (revisions granted by the change just applied, in order) are
+/// checked for the abandoned flag.
+fn evaluate(
+    core: &mut Core,
+    watches: &mpsc::UnboundedSender<WatchCmd>,
+    name: &LockName,
+    newly: &[i64],
+) -> Vec<Delivery> {
+    let Some(state) = core.names.get_mut(name) else {
+        return Vec::new();
+    };
+    let granted = state.granted();
+    let mut deliveries = Vec::new();
+    // The flag goes to the first key granted after the abandonment, on
+    // whichever daemon it waits.
+    let flagged = if state.abandoned {
+        newly.first().copied()
+    } else {
+        None
+    };
+    if flagged.is_some() {
+        state.abandoned = false;
+    }
+    let mut told = false;
+    for revision in granted {
+        let Some((session_id, request_id)) = state.waiters.remove(&revision) else {
+            continue;
+        };
+        let Some(s) = core.sessions.get_mut(&session_id) else {
+            continue;
+        };
+        let Some(w) = s.waits.remove(&request_id) else {
+            continue;
+        };
+        let abandoned = flagged == Some(revision);
+        told |= abandoned;
+        deliveries.push(grant(s, request_id, w, revision, abandoned));
+    }
+    if told
+        && let Some(marker) = core
+            .names
+            .get_mut(name.as_str())
+            .and_then(|s| s.marker.take())
+    {
+        core.consume.push((name.clone(), marker));
+    }
+    forget_if_unwaited(core, watches, name.as_str());
+    deliveries
+}
+
+/// Drops what this daemon knows of `name`, and its watch, once none of
+/// its sessions waits there.
+fn forget_if_unwaited(core: &mut Core, watches: &mpsc::UnboundedSender<WatchCmd>, name: &str) {
+    if let Some(state) = core.names.get(name)
+        && state.waiters.is_empty()
+    {
+        let watch = state.watch;
+        core.names.remove(name);
+        core.watching.remove(&watch);
+        let _ = watches.send(WatchCmd::Cancel { id: watch });
+    }
+}
+
+impl Shared {
+    /// Applies one watch response's events to the name watched by `id`.
+    fn apply_events(&self, id: i64, events: &[etcd_client::Event]) -> Vec<Delivery> {
+        let mut core = self.core();
+        let core = &mut *core;
+        let Some(name) = core.watching.get(&id).cloned() else {
+            return Vec::new();
+        };
+        let Some(state) = core.names.get_mut(&name) else {
+            return Vec::new();
+        };
+        // By revision: a transaction's events share one.
+        let mut by_revision: BTreeMap<i64, Vec<&etcd_client::Event>> = BTreeMap::new();
+        for e in events {
+            if let Some(kv) = e.kv()
+                && kv.mod_revision() > state.revision
+            {
+                by_revision.entry(kv.mod_revision()).or_default().push(e);
+            }
+        }
+        let mut newly = Vec::new();
+        for (revision, events) in by_revision {
+            let before = state.granted();
+            // Tags a release note of this revision names.
+            let released: Vec<String> = events
+                .iter()
+                .filter(|e| e.event_type() == EventType::Put)
+                .filter_map(|e| e.kv())
+                .filter(|kv| {
+                    queue::split_key(&self.prefix, kv.key()).is_some_and(|(_, t)| t == queue::NOTE)
+                })
+                .filter_map(|kv| serde_json::from_slice::<Vec<String>>(kv.value()).ok())
+                .flatten()
+                .collect();
+            for e in &events {
+                let Some(kv) = e.kv() else { continue };
+                let Some((_, tag)) = queue::split_key(&self.prefix, kv.key()) else {
+                    continue;
+                };
+                if tag == queue::NOTE {
+                    continue;
+                }
+                if tag == queue::MARKER {
+                    // Put by the daemon of a session that ended holding
+                    // the name, before its lease's revocation takes the
+                    // session's keys.
+                    match e.event_type() {
+                        EventType::Put => {
+                            state.abandoned = true;
+                            state.marker = Some(kv.mod_revision());
+                        }
+                        EventType::Delete => state.marker = None,
+                    }
+                    continue;
+                }
+                match e.event_type() {
+                    EventType::Put => {
+                        if let Some(record) = Record::decode(kv.value()) {
+                            state.queue.insert(
+                                kv.create_revision(),
+                                Queued {
+                                    revision: kv.create_revision(),
+                                    tag: tag.to_vec(),
+                                    record,
+                                },
+                            );
+                        }
+                    }
+                    EventType::Delete => {
+                        let gone = state
+                            .queue
+                            .iter()
+                            .find(|(_, q)| q.tag == tag)
+                            .map(|(r, _)| *r);
+                        if let Some(r) = gone {
+                            state.queue.remove(&r);
+                            let was_holder = before.contains(&r);
+                            let noted = released.iter().any(|t| t.as_bytes() == tag);
+                            if was_holder && !noted {
+                                state.abandoned = true;
+                            }
+                        }
+                    }
+                }
+            }
+            state.revision = revision;
+            let after = state.granted();
+            newly.extend(after.into_iter().filter(|r| !before.contains(r)));
+        }
+        evaluate(core, &self.watches, &name, &newly)
+    }
+}
+
+/// Keeps lease `id` alive for `peer`'s session; ends the session with
+/// `holds_lost` once the lease could expire in etcd before it is
+/// confirmed again.
+async fn keepalive(
+    shared: Arc<Shared>,
+    id: i64,
+    asked: Instant,
+    peer: Arc<Peer>,
+    mut stop: tokio::sync::oneshot::Receiver<()>,
+) {
+    let ttl = shared.ttl.max(Duration::from_secs(1));
+    // etcd counts the TTL from when it renewed the lease, which is after
+    // the renewal was sent: counted from the sending, it ends no later
+    // there than here. A quarter is left for the client to stop.
+    let safe = ttl * 3 / 4;
+    let every = ttl / 4;
+    let mut confirmed = asked;
+    'stream: loop {
+        let mut client = shared.keepalive_client.clone();
+        let opened = tokio::select! {
+            _ = &mut stop => return,
+            () = tokio::time::sleep_until((confirmed + safe).into()) => break 'stream,
+            opened = client.lease_keep_alive(id) => opened,
+        };
+        let Ok((mut keeper, mut stream)) = opened else {
+            tokio::select! {
+                _ = &mut stop => return,
+                () = tokio::time::sleep(RETRY_PAUSE) => continue 'stream,
+            }
+        };
+        let mut sent: VecDeque<Instant> = VecDeque::new();
+        let mut next = Instant::now();
+        loop {
+            tokio::select! {
+                _ = &mut stop => return,
+                () = tokio::time::sleep_until((confirmed + safe).into()) => break 'stream,
+                () = tokio::time::sleep_until(next.into()) => {
+                    next = Instant::now() + every;
+                    let at = Instant::now();
+                    if keeper.keep_alive().await.is_err() {
+                        continue 'stream;
+                    }
+                    sent.push_back(at);
+                }
+                msg = stream.message() => match msg {
+                    Ok(Some(r)) if r.ttl() > 0 => {
+                        if let Some(at) = sent.pop_front() {
+                            confirmed = confirmed.max(at);
+                        }
+                    }
+                    // The lease is gone in etcd.
+                    Ok(Some(_)) => break 'stream,
+                    Ok(None) | Err(_) => continue 'stream,
+                },
+            }
+        }
+    }
+    tracing::warn!(
+        lease = id,
+        session_id = peer.id(),
+        since_confirmed = ?confirmed.elapsed(),
+        "lost contact with etcd: the session's holds are lost"
+    );
+    peer.notify(Notice::Lost {
+        error: ErrorInfo::new(
+            ErrorCode::HoldsLost,
+            format!(
+                "the daemon lost contact with etcd for {:?}: its lease there may expire, so every hold of this session is lost",
+                safe
+            ),
+        ),
+    });
+}
+
+/// Serves the daemon's watches on one etcd watch stream: starts and
+/// cancels them as names gain and lose local waiters, applies their
+/// events, and after a broken stream starts again from what etcd has.
+async fn watch_task(shared: Arc<Shared>, mut commands: mpsc::UnboundedReceiver<WatchCmd>) {
+    loop {
+        // The stream opens with a watch of its own, on a key nobody writes.
+        let idle = format!("{}/w", shared.prefix);
+        let opened = shared.client.clone().watch(idle, None).await;
+        let mut stream = match opened {
+            Ok(stream) => stream,
+            Err(e) => {
+                tracing::warn!("cannot open an etcd watch stream: {e}");
+                tokio::time::sleep(RETRY_PAUSE).await;
+                continue;
+            }
+        };
+        // Every name waited on is read afresh: events may have been
+        // missed while there was no stream.
+        let names: Vec<LockName> = shared.core().names.keys().cloned().collect();
+        for name in names {
+            resync(&shared, &name).await;
+        }
+        loop {
+            tokio::select! {
+                cmd = commands.recv() => {
+                    let Some(cmd) = cmd else { return };
+                    let sent = match cmd {
+                        WatchCmd::Start { id, key, from } => {
+                            let options = WatchOptions::new()
+                                .with_prefix()
+                                .with_start_revision(from)
+                                .with_watch_id(id);
+                            stream.watch(key, Some(options)).await
+                        }
+                        WatchCmd::Cancel { id } => stream.cancel(id).await,
+                    };
+                    if sent.is_err() {
+                        break;
+                    }
+                }
+                msg = stream.message() => {
+                    let response = match msg {
+                        Ok(Some(r)) => r,
+                        _ => break,
+                    };
+                    if response.canceled() && response.compact_revision() > 0 {
+                        // Started below the compacted revision: read again.
+                        let name = shared.core().watching.get(&response.watch_id()).cloned();
+                        if let Some(name) = name {
+                            resync(&shared, &name).await;
+                        }
+                        continue;
+                    }
+                    let deliveries = shared.apply_events(response.watch_id(), response.events());
+                    shared.finish(deliveries);
+                }
+            }
+        }
+        tracing::warn!("the etcd watch stream broke; opening another");
+    }
+}
+
+/// Reads `name`'s queue afresh and watches it from there, under a new
+/// watch id.
+async fn resync(shared: &Arc<Shared>, name: &LockName) {
+    let range = shared.name_range(name.as_str());
+    let read = loop {
+        match shared
+            .client
+            .clone()
+            .get(range.clone(), Some(GetOptions::new().with_prefix()))
+            .await
+        {
+            Ok(r) => break r,
+            Err(e) => {
+                tracing::warn!("cannot read {name:?} from etcd: {e}");
+                tokio::time::sleep(RETRY_PAUSE).await;
+            }
+        }
+    };
+    let revision = read.header().map_or(0, |h| h.revision());
+    let queue = shared.queued(name.as_str(), read.kvs());
+    let deliveries = {
+        let mut core = shared.core();
+        let core = &mut *core;
+        core.last_watch += 1;
+        let watch = core.last_watch;
+        let Some(state) = core.names.get_mut(name) else {
+            return;
+        };
+        let before = state.granted();
+        core.watching.remove(&state.watch);
+        state.watch = watch;
+        state.queue = queue.into_iter().map(|q| (q.revision, q)).collect();
+        state.revision = revision;
+        let newly: Vec<i64> = state
+            .granted()
+            .into_iter()
+            .filter(|r| !before.contains(r))
+            .collect();
+        core.watching.insert(watch, name.clone());
+        let _ = shared.watches.send(WatchCmd::Start {
+            id: watch,
+            key: range,
+            from: revision + 1,
+        });
+        evaluate(core, &shared.watches, name, &newly)
+    };
+    shared.finish(deliveries);
+}
+
+impl Backend for Etcd {
+    fn acquire(
+        &self,
+        name: &LockName,
+        peer: &Arc<Peer>,
+        request_id: u64,
+        spec: &AcquireSpec,
+    ) -> Result<AcquireOutcome, LockError> {
+        let shared = &self.shared;
+        let hold_id = shared.next_hold.fetch_add(1, Ordering::Relaxed) + 1;
+        let record = shared.record(peer, request_id, hold_id, spec);
+        // Hold ids are never reused, so neither are keys.
+        let tag = format!("{:016x}-{hold_id:x}", shared.instance);
+        {
+            let mut core = shared.core();
+            let s = core
+                .sessions
+                .entry(peer.id())
+                .or_insert_with(|| SessionState {
+                    peer: Arc::clone(peer),
+                    lease: Arc::new(LeaseCell::new()),
+                    waits: HashMap::new(),
+                    holds: HashMap::new(),
+                    stop_keepalive: None,
+                    closing: Vec::new(),
+                });
+            s.waits.insert(
+                request_id,
+                Wait {
+                    name: name.clone(),
+                    tag,
+                    record,
+                    revision: None,
+                    withdrawn: None,
+                },
+            );
+        }
+        tokio::spawn(Arc::clone(shared).put_wait(peer.id(), request_id, spec.may_wait));
+        Ok(AcquireOutcome::Queued)
+    }
+
+    fn cancel(&self, name: &str, peer: &Arc<Peer>, request_id: u64, token: u64) -> Option<Applied> {
+        let shared = &self.shared;
+        let mut core = shared.core();
+        let core = &mut *core;
+        let s = core.sessions.get_mut(&peer.id())?;
+        let w = s.waits.get_mut(&request_id)?;
+        let Some(revision) = w.revision else {
+            // Its key is still being put: it goes once it is.
+            w.withdrawn = Some(token);
+            return Some(Applied::Later);
+        };
+        let w = s.waits.remove(&request_id).expect("looked up above");
+        let key = queue::hold_key(&shared.prefix, name, &w.tag);
+        if let Some(state) = core.names.get_mut(name) {
+            state.waiters.remove(&revision);
+        }
+        forget_if_unwaited(core, &shared.watches, name);
+        shared.delete_later(vec![key], Some((Arc::clone(peer), token)));
+        Some(Applied::Later)
+    }
+
+    fn release(
+        &self,
+        name: &str,
+        peer: &Arc<Peer>,
+        hold_id: u64,
+        token: u64,
+    ) -> Option<(u32, Applied)> {
+        let shared = &self.shared;
+        let hold = {
+            let mut core = shared.core();
+            core.sessions.get_mut(&peer.id())?.holds.remove(&hold_id)?
+        };
+        let permits = hold.record.permits;
+        let key = queue::hold_key(&shared.prefix, name, &hold.tag);
+        let shared2 = Arc::clone(shared);
+        let peer = Arc::clone(peer);
+        let name = hold.name.to_string();
+        tokio::spawn(async move {
+            shared2.delete(vec![key], Release::of(name)).await;
+            peer.notify(Notice::Applied { token });
+        });
+        Some((permits, Applied::Later))
+    }
+
+    fn release_count(
+        &self,
+        name: &str,
+        peer: &Arc<Peer>,
+        count: u32,
+        token: u64,
+    ) -> Result<(Vec<u64>, Applied), LockError> {
+        let shared = &self.shared;
+        let (ended, shrunk) = {
+            let mut core = shared.core();
+            let s = core.sessions.get_mut(&peer.id());
+            let mut mine: Vec<(u64, &mut Hold)> = match s {
+                Some(s) => s
+                    .holds
+                    .iter_mut()
+                    .filter(|(_, h)| h.name.as_str() == name)
+                    .map(|(id, h)| (*id, h))
+                    .collect(),
+                None => Vec::new(),
+            };
+            // Oldest first: hold ids grow with time.
+            mine.sort_by_key(|(id, _)| *id);
+            let held: u64 = mine.iter().map(|(_, h)| u64::from(h.record.permits)).sum();
+            if held < u64::from(count) {
+                return Err(LockError::NotHeld {
+                    name: name.to_owned(),
+                    count,
+                    held,
+                });
+            }
+            let mut left = count;
+            let mut ended = Vec::new();
+            let mut shrunk = None;
+            for (id, h) in mine {
+                if left == 0 {
+                    break;
+                }
+                if h.record.permits <= left {
+                    left -= h.record.permits;
+                    ended.push(id);
+                } else {
+                    h.record.permits -= left;
+                    left = 0;
+                    shrunk = Some((id, h.tag.clone(), h.record.clone()));
+                }
+            }
+            let s = core.sessions.get_mut(&peer.id()).expect("has holds");
+            let ended: Vec<(u64, Hold)> = ended
+                .into_iter()
+                .filter_map(|id| s.holds.remove(&id).map(|h| (id, h)))
+                .collect();
+            let lease = s.lease.get().and_then(|l| l.as_ref().ok().copied());
+            (
+                ended,
+                shrunk.map(|(id, tag, record)| (id, tag, record, lease)),
+            )
+        };
+        let keys: Vec<Vec<u8>> = ended
+            .iter()
+            .map(|(_, h)| queue::hold_key(&shared.prefix, name, &h.tag))
+            .collect();
+        let shrunk: Vec<Rewrite> = shrunk
+            .into_iter()
+            .filter_map(|(_, tag, record, lease)| {
+                Some(Rewrite {
+                    key: queue::hold_key(&shared.prefix, name, &tag),
+                    value: record.encode(),
+                    lease: lease?,
+                })
+            })
+            .collect();
+        let ids = ended.iter().map(|(id, _)| *id).collect();
+        let shared2 = Arc::clone(shared);
+        let peer = Arc::clone(peer);
+        let name = name.to_owned();
+        tokio::spawn(async move {
+            shared2.delete(keys, Some(Release { name, shrunk })).await;
+            peer.notify(Notice::Applied { token });
+        });
+        Ok((ids, Applied::Later))
+    }
+
+    fn end_session(&self, name: &str, peer: &Arc<Peer>, abandon: bool) {
+        let shared = &self.shared;
+        let mut core = shared.core();
+        let core = &mut *core;
+        let Some(s) = core.sessions.get_mut(&peer.id()) else {
+            return;
+        };
+        let waits: Vec<u64> = s
+            .waits
+            .iter()
+            .filter(|(_, w)| w.name.as_str() == name)
+            .map(|(id, _)| *id)
+            .collect();
+        let mut revisions = Vec::new();
+        for id in waits {
+            if let Some(w) = s.waits.remove(&id)
+                && let Some(r) = w.revision
+            {
+                revisions.push(r);
+            }
+        }
+        let holds: Vec<u64> = s
+            .holds
+            .iter()
+            .filter(|(_, h)| h.name.as_str() == name)
+            .map(|(id, _)| *id)
+            .collect();
+        let mut released = Vec::new();
+        let mut abandoned = None;
+        for id in holds {
+            if let Some(h) = s.holds.remove(&id) {
+                released.push(queue::hold_key(&shared.prefix, name, &h.tag));
+                abandoned = Some(h.record);
+            }
+        }
+        if abandon && let Some(record) = abandoned {
+            // Marked before the lease is revoked, so that whoever takes
+            // the name next, now or later, on any host, is told.
+            let shared2 = Arc::clone(shared);
+            let owned = name.to_owned();
+            s.closing.push(tokio::spawn(async move {
+                shared2.mark_abandoned(vec![(owned, record)]).await;
+            }));
+        }
+        if !abandon && !released.is_empty() {
+            // Released, not abandoned: the keys go with a release note
+            // before the lease is revoked.
+            let shared2 = Arc::clone(shared);
+            let owned = name.to_owned();
+            s.closing.push(tokio::spawn(async move {
+                shared2.delete(released, Release::of(owned)).await;
+            }));
+        }
+        if let Some(state) = core.names.get_mut(name) {
+            for r in revisions {
+                state.waiters.remove(&r);
+            }
+        }
+        forget_if_unwaited(core, &shared.watches, name);
+    }
+
+    fn session_ended(&self, peer: &Arc<Peer>, _abandon: bool) {
+        let shared = Arc::clone(&self.shared);
+        let Some(mut s) = shared.core().sessions.remove(&peer.id()) else {
+            return;
+        };
+        let releases = std::mem::take(&mut s.closing);
+        if let Some(stop) = s.stop_keepalive.take() {
+            let _ = stop.send(());
+        }
+        let lease = Arc::clone(&s.lease);
+        tokio::spawn(async move {
+            for r in releases {
+                let _ = r.await;
+            }
+            // A lease being granted is waited for; one not asked for yet
+            // never will be.
+            let ended =
+                || async { Err(ErrorInfo::new(ErrorCode::Internal, "the session has ended")) };
+            let Ok(id) = lease.get_or_init(ended).await.clone() else {
+                return;
+            };
+            // Revoking takes every key of the session at once; its
+            // waiters elsewhere are granted, told "abandoned" for holds.
+            loop {
+                match shared.client.clone().lease_revoke(id).await {
+                    Ok(_) => return,
+                    Err(e) if e.to_string().contains("lease not found") => return,
+                    Err(e) => {
+                        tracing::warn!(lease = id, "cannot revoke a lease, retrying: {e}");
+                        tokio::time::sleep(RETRY_PAUSE).await;
+                    }
+                }
+            }
+        });
+    }
+
+    fn fence_is_live(&self, _name: &str, _fence: u64) -> bool {
+        false
+    }
+
+    fn list(
+        &self,
+        prefix: &str,
+        start_after: &str,
+        limit: usize,
+        peer: &Arc<Peer>,
+        token: u64,
+    ) -> Option<(Vec<EntryInfo>, bool)> {
+        let shared = Arc::clone(&self.shared);
+        let peer = Arc::clone(peer);
+        let prefix = prefix.to_owned();
+        let start_after = start_after.to_owned();
+        tokio::spawn(async move {
+            let (entries, more) = match shared.list(&prefix, &start_after, limit).await {
+                Ok(page) => page,
+                Err(e) => {
+                    tracing::warn!("cannot list from etcd: {}", e.message);
+                    (Vec::new(), false)
+                }
+            };
+            peer.notify(Notice::Listed {
+                token,
+                entries,
+                more,
+            });
+        });
+        None
+    }
+
+    fn submit_state(&self, op: Op, reply: ReplyTo) {
+        self.state.submit(op, reply);
+    }
+
+    fn max_value_len(&self) -> u32 {
+        self.state.max_value_len()
+    }
+}
+
+impl Shared {
+    /// Up to `limit` names under `prefix` after `start_after`, each with
+    /// its queue in etcd's order.
+    async fn list(
+        &self,
+        prefix: &str,
+        start_after: &str,
+        limit: usize,
+    ) -> Result<(Vec<EntryInfo>, bool), ErrorInfo> {
+        // Past every key of `start_after` (its keys continue with \0),
+        // and no lower than the prefix.
+        let mut after = queue::locks_range(&self.prefix, start_after);
+        after.push(1);
+        let mut from = queue::locks_range(&self.prefix, prefix).max(after);
+        let mut end = queue::locks_range(&self.prefix, prefix);
+        prefix_end(&mut end);
+        let mut names: BTreeMap<String, Vec<Queued>> = BTreeMap::new();
+        let mut markers: HashMap<String, Record> = HashMap::new();
+        let mut revision = 0;
+        loop {
+            let mut options = GetOptions::new()
+                .with_range(end.clone())
+                .with_limit(LIST_PAGE);
+            if revision > 0 {
+                options = options.with_revision(revision);
+            }
+            let page = self
+                .client
+                .clone()
+                .get(from.clone(), Some(options))
+                .await
+                .map_err(unavailable)?;
+            if revision == 0 {
+                revision = page.header().map_or(0, |h| h.revision());
+            }
+            for kv in page.kvs() {
+                let Some((name, tag)) = queue::split_key(&self.prefix, kv.key()) else {
+                    continue;
+                };
+                if tag == queue::NOTE {
+                    continue;
+                }
+                let Some(record) = Record::decode(kv.value()) else {
+                    continue;
+                };
+                if tag == queue::MARKER {
+                    markers.insert(name.to_owned(), record);
+                    names.entry(name.to_owned()).or_default();
+                    continue;
+                }
+                names.entry(name.to_owned()).or_default().push(Queued {
+                    revision: kv.create_revision(),
+                    tag: tag.to_vec(),
+                    record,
+                });
+            }
+            let more = page.more();
+            if let Some(last) = page.kvs().last() {
+                from = last.key().to_vec();
+                from.push(0);
+            }
+            // One name more than asked says whether more follow.
+            if !more || names.len() > limit {
+                break;
+            }
+        }
+        let seen: HashMap<String, bool> = {
+            let core = self.core();
+            names
+                .keys()
+                .map(|n| {
+                    (
+                        n.clone(),
+                        core.names.get(n.as_str()).is_some_and(|s| s.abandoned),
+                    )
+                })
+                .collect()
+        };
+        let more = names.len() > limit;
+        let entries = names
+            .into_iter()
+            .take(limit)
+            .filter_map(|(name, mut queue)| {
+                queue.sort_by_key(|q| q.revision);
+                let marker = markers.remove(&name);
+                let abandoned = seen[&name] || marker.is_some();
+                queue::entry_info(&name, &queue, abandoned).or_else(|| {
+                    // Nobody holds or waits: the marker says what it was.
+                    marker.map(|r| queue::idle_entry(&name, &r))
+                })
+            })
+            .collect();
+        Ok((entries, more))
+    }
+}
+
+/// Turns `key` into the end of the range of keys it starts.
+fn prefix_end(key: &mut Vec<u8>) {
+    while let Some(last) = key.pop() {
+        if last < 0xff {
+            key.push(last + 1);
+            return;
+        }
+    }
+    // All 0xff (or empty): to the end of the keyspace.
+    key.push(0);
+}
