@@ -15,6 +15,9 @@ mod durability;
 mod exclusion;
 mod fifo;
 mod handoff;
+// Several daemons on one etcd cluster (etcd runs on Unix here).
+#[cfg(unix)]
+mod hosts;
 mod inspect;
 // Reads the daemon's resident memory from /proc. No Windows counterpart
 // yet: what bounds memory is the platform-independent lock table.
