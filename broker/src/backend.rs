@@ -20,7 +20,7 @@
 
 use std::sync::Arc;
 
-use lockbroker_proto::{EntryInfo, LockName};
+use lockbroker_proto::{EntryInfo, ErrorCode, ErrorInfo, LockName, Response};
 
 use crate::lock_table::{AcquireOutcome, AcquireSpec, LockError, LockTable, Peer};
 use crate::state::{Op, ReplyTo, State};
@@ -85,9 +85,6 @@ pub trait Backend: Send + Sync + std::fmt::Debug + 'static {
     /// The session has ended: every name it used was given to
     /// [`Backend::end_session`].
     fn session_ended(&self, _peer: &Arc<Peer>, _abandon: bool) {}
-
-    /// Whether `name` has a live hold with `fence`, of any session.
-    fn fence_is_live(&self, name: &str, fence: u64) -> bool;
 
     /// Up to `limit` entries under `prefix` after `start_after`, in name
     /// order, and whether more may follow; `None` if they are sent to
@@ -164,10 +161,6 @@ impl Backend for Local {
         self.table.end_session(name, peer.id(), abandon).send();
     }
 
-    fn fence_is_live(&self, name: &str, fence: u64) -> bool {
-        self.table.fence_is_live(name, fence)
-    }
-
     fn list(
         &self,
         prefix: &str,
@@ -180,12 +173,31 @@ impl Backend for Local {
     }
 
     fn submit_state(&self, op: Op, reply: ReplyTo) {
+        // The fence is checked now and the write handed to the store with
+        // nothing between, so a release that comes later (and any write by
+        // the next holder) is ordered after it.
+        if let Op::Fenced { lock, fence, write } = op {
+            if self.table.fence_is_live(lock.as_str(), fence) {
+                self.state.submit(*write, reply);
+            } else {
+                reply.answer(Response::Error(stale_fence(&lock, fence)));
+            }
+            return;
+        }
         self.state.submit(op, reply);
     }
 
     fn max_value_len(&self) -> u32 {
         self.state.max_value_len()
     }
+}
+
+/// The refusal of a fenced write whose fence is not live.
+pub fn stale_fence(lock: &LockName, fence: u64) -> ErrorInfo {
+    ErrorInfo::new(
+        ErrorCode::StaleFence,
+        format!("lock {lock:?} has no live hold with fence {fence}; the write was refused"),
+    )
 }
 
 #[cfg(test)]
@@ -283,9 +295,6 @@ mod tests {
         }
         fn end_session(&self, name: &str, peer: &Arc<Peer>, abandon: bool) {
             self.0.end_session(name, peer, abandon);
-        }
-        fn fence_is_live(&self, name: &str, fence: u64) -> bool {
-            self.0.fence_is_live(name, fence)
         }
         fn list(
             &self,

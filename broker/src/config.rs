@@ -434,6 +434,11 @@ fn backend_config(cli: &Cli) -> Result<BackendConfig, StartError> {
             bad("this lockbrokerd was built without the etcd backend (cargo feature `etcd`)")
         }
         BackendArg::Etcd => {
+            if cli.state_dir.is_some() {
+                return bad(
+                    "--state-dir keeps state on this host; with --backend etcd it lives in etcd",
+                );
+            }
             if cli.etcd_endpoints.iter().all(|e| e.trim().is_empty()) {
                 return bad("--backend etcd needs --etcd-endpoints URL[,URL...]");
             }

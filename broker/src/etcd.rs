@@ -27,6 +27,7 @@
 //! granted its locks.
 
 mod queue;
+mod state;
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -43,7 +44,7 @@ use tokio::sync::{OnceCell, mpsc};
 use crate::backend::{Applied, Backend};
 use crate::config::EtcdConfig;
 use crate::lock_table::{AcquireOutcome, AcquireSpec, Delivery, LockError, Notice, Peer, now_ms};
-use crate::state::{Op, ReplyTo, State};
+use crate::state::{Op, ReplyTo, StateConfig};
 use queue::{Queued, Record};
 
 /// How long one request to etcd may take before it is retried (or, for
@@ -102,8 +103,6 @@ impl Rotating {
 #[derive(Debug)]
 pub struct Etcd {
     shared: Arc<Shared>,
-    /// Shared state stays on the local store until it moves to etcd.
-    state: State,
 }
 
 struct Shared {
@@ -122,6 +121,20 @@ struct Shared {
     note_lease: Rotating,
     /// The lease abandonment markers are put with: an hour.
     marker_lease: Rotating,
+    /// Largest state value.
+    max_value_len: u32,
+    /// Recent state changes kept for watches to replay.
+    history_len: usize,
+    /// What the state watch has delivered.
+    state_feed: Mutex<state::Feed>,
+    /// Every state change, to the sessions that watch.
+    state_changes: tokio::sync::broadcast::Sender<Arc<crate::state::Change>>,
+    /// Woken whenever the state watch delivers.
+    state_caught_up: tokio::sync::Notify,
+    /// Asks the state watch for a progress report.
+    state_progress: mpsc::UnboundedSender<()>,
+    /// Each session's state operations, in order.
+    state_queues: Mutex<HashMap<u64, mpsc::UnboundedSender<(Op, ReplyTo)>>>,
 }
 
 impl std::fmt::Debug for Shared {
@@ -244,8 +257,8 @@ fn host_name() -> String {
 
 impl Etcd {
     /// Connects to the cluster (failing if no member answers in time) and
-    /// starts the watch task. `state` serves shared-state requests.
-    pub async fn connect(config: &EtcdConfig, state: State) -> Result<Etcd, String> {
+    /// starts the watch tasks; shared state has `state`'s limits.
+    pub async fn connect(config: &EtcdConfig, state: &StateConfig) -> Result<Etcd, String> {
         // No timeout per request: it would cut the watch and keepalive
         // streams too. The keepalives' own clock bounds how long the
         // daemon goes on without etcd.
@@ -274,8 +287,8 @@ impl Etcd {
             format!("{}/", config.prefix),
             Some(GetOptions::new().with_count_only()),
         );
-        match tokio::time::timeout(REQUEST_TIMEOUT, probe).await {
-            Ok(Ok(_)) => {}
+        let revision = match tokio::time::timeout(REQUEST_TIMEOUT, probe).await {
+            Ok(Ok(r)) => r.header().map_or(0, |h| h.revision()),
             Ok(Err(e)) => {
                 return Err(format!(
                     "etcd at {:?} does not answer: {e}",
@@ -288,10 +301,11 @@ impl Etcd {
                     config.endpoints
                 ));
             }
-        }
+        };
         let mut seed = [0u8; 8];
         getrandom::fill(&mut seed).map_err(|e| format!("no randomness: {e}"))?;
         let (watches, commands) = mpsc::unbounded_channel();
+        let (state_progress, progress) = mpsc::unbounded_channel();
         let shared = Arc::new(Shared {
             client,
             keepalive_client,
@@ -304,9 +318,17 @@ impl Etcd {
             watches,
             note_lease: Rotating::new(config.lease_ttl),
             marker_lease: Rotating::new(MARKER_TTL),
+            max_value_len: state.max_value_len,
+            history_len: state.history,
+            state_feed: Mutex::new(state::Feed::default()),
+            state_changes: tokio::sync::broadcast::channel(state.history.max(1)).0,
+            state_caught_up: tokio::sync::Notify::new(),
+            state_progress,
+            state_queues: Mutex::new(HashMap::new()),
         });
         tokio::spawn(watch_task(Arc::clone(&shared), commands));
-        Ok(Etcd { shared, state })
+        tokio::spawn(state::state_feed(Arc::clone(&shared), revision, progress));
+        Ok(Etcd { shared })
     }
 }
 
@@ -1466,6 +1488,7 @@ impl Backend for Etcd {
 
     fn session_ended(&self, peer: &Arc<Peer>, _abandon: bool) {
         let shared = Arc::clone(&self.shared);
+        shared.end_state_queue(peer.id());
         let Some(mut s) = shared.core().sessions.remove(&peer.id()) else {
             return;
         };
@@ -1500,10 +1523,6 @@ impl Backend for Etcd {
         });
     }
 
-    fn fence_is_live(&self, _name: &str, _fence: u64) -> bool {
-        false
-    }
-
     fn list(
         &self,
         prefix: &str,
@@ -1534,11 +1553,11 @@ impl Backend for Etcd {
     }
 
     fn submit_state(&self, op: Op, reply: ReplyTo) {
-        self.state.submit(op, reply);
+        self.shared.submit_state(op, reply);
     }
 
     fn max_value_len(&self) -> u32 {
-        self.state.max_value_len()
+        self.shared.max_value_len
     }
 }
 

@@ -55,7 +55,9 @@ impl Server {
             ),
             #[cfg(feature = "etcd")]
             BackendConfig::Etcd(etcd) => {
-                let backend = crate::etcd::Etcd::connect(etcd, state)
+                // The state lives in etcd too; the local store is not used.
+                drop(state);
+                let backend = crate::etcd::Etcd::connect(etcd, &config.state)
                     .await
                     .map_err(StartError::Backend)?;
                 Broker::with_backend(config.limits, Box::new(backend))

@@ -257,7 +257,8 @@ struct Session<W> {
     /// Answers and events, written in batches.
     out: FrameWriter<W>,
     /// Requests held back, in order, behind a release that waits for the
-    /// guarded writes before it, or behind a listing being gathered.
+    /// guarded writes before it, a listing being gathered, or a change the
+    /// backend has yet to apply.
     deferred: VecDeque<(u64, Request)>,
     /// Holds, waits and listings (`locks`).
     locks: locks::Locks,
@@ -501,6 +502,7 @@ impl<W: AsyncWrite + Unpin> Session<W> {
                 // after it.
                 if !self.deferred.is_empty()
                     || self.locks.is_listing()
+                    || self.locks.is_applying()
                     || self.must_wait_for_guarded_writes(&request)
                 {
                     self.deferred.push_back((id, request));

@@ -96,6 +96,20 @@ pub struct ReplyTo {
     pub tx: mpsc::UnboundedSender<Box<Completion>>,
     /// The request answered.
     pub request_id: u64,
+    /// The session asking: a backend keeps each session's operations in
+    /// the order it sent them.
+    pub session_id: u64,
+}
+
+impl ReplyTo {
+    /// Sends `response` (not a watch's start) to the session.
+    pub fn answer(self, response: Response) {
+        let _ = self.tx.send(Box::new(Completion {
+            request_id: self.request_id,
+            response,
+            watch: None,
+        }));
+    }
 }
 
 /// An answer from the store.
@@ -122,6 +136,15 @@ pub struct WatchStart {
     pub receiver: Option<broadcast::Receiver<Arc<Change>>>,
 }
 
+/// A hold a guarded write depends on: the session's, on `lock`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Guard {
+    /// The holding session.
+    pub session_id: u64,
+    /// Its hold.
+    pub hold_id: u64,
+}
+
 /// A request to the store.
 #[derive(Debug)]
 pub enum Op {
@@ -142,6 +165,8 @@ pub enum Op {
         ttl_ms: Option<u64>,
         /// The writer, for quotas.
         uid: u32,
+        /// Applied only while this hold is held.
+        guard: Option<Guard>,
     },
     /// Remove a key.
     Remove {
@@ -149,6 +174,8 @@ pub enum Op {
         key: LockName,
         /// Required current version (0: absent).
         if_version: Option<u64>,
+        /// Applied only while this hold is held.
+        guard: Option<Guard>,
     },
     /// Add to a decimal integer.
     Increment {
@@ -158,6 +185,18 @@ pub enum Op {
         delta: i64,
         /// The writer, for quotas.
         uid: u32,
+        /// Applied only while this hold is held.
+        guard: Option<Guard>,
+    },
+    /// A write applied only while `lock` has a live hold with `fence`, of
+    /// any session; answered `stale_fence` otherwise.
+    Fenced {
+        /// The lock.
+        lock: LockName,
+        /// The hold's fence.
+        fence: u64,
+        /// The write (a set, remove or increment without a guard).
+        write: Box<Op>,
     },
     /// List a page of keys.
     List {
@@ -216,14 +255,10 @@ impl State {
         if let Some(ops) = &self.ops
             && let Err(std_mpsc::SendError((_, reply))) = ops.send((op, reply))
         {
-            let _ = reply.tx.send(Box::new(Completion {
-                request_id: reply.request_id,
-                response: Response::Error(ErrorInfo::new(
-                    ErrorCode::ShuttingDown,
-                    "the state store has stopped",
-                )),
-                watch: None,
-            }));
+            reply.answer(Response::Error(ErrorInfo::new(
+                ErrorCode::ShuttingDown,
+                "the state store has stopped",
+            )));
         }
     }
 

@@ -81,6 +81,13 @@ impl Locks {
         self.listing.is_some()
     }
 
+    /// Whether a change the backend applies later is still to be applied:
+    /// the requests after it wait, so that each sees it (a try after a
+    /// release finds the lock free).
+    pub(super) fn is_applying(&self) -> bool {
+        !self.after_apply.is_empty()
+    }
+
     /// Whether the listing has its next page to gather now (not waiting
     /// for the backend to send it).
     pub(super) fn can_list(&self) -> bool {
@@ -199,6 +206,7 @@ impl<W: AsyncWrite + Unpin> Session<W> {
                     self.respond(id, response);
                 }
                 shrink_index(&mut self.locks.after_apply);
+                self.run_deferred();
             }
             Notice::Listed {
                 token,

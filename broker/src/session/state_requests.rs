@@ -17,7 +17,7 @@ use tokio::sync::{broadcast, mpsc};
 use tokio::io::AsyncWrite;
 
 use super::{Session, shrink_index};
-use crate::state::{Change, Completion, Op, ReplyTo};
+use crate::state::{Change, Completion, Guard, Op, ReplyTo};
 
 /// Stop reading requests while state values of this many bytes wait for
 /// the store (a durable store commits each write to disk, and a client can
@@ -130,14 +130,15 @@ impl<W: AsyncWrite + Unpin> Session<W> {
         let reply = ReplyTo {
             tx: self.state.completions_tx.clone(),
             request_id: id,
+            session_id: self.id(),
         };
         self.broker.backend.submit_state(op, reply);
     }
 
     /// Checks a write's guard; the write is then tracked until answered.
-    fn guard(&mut self, id: u64, guard: Option<u64>) -> Result<(), ErrorInfo> {
+    fn guard(&mut self, id: u64, guard: Option<u64>) -> Result<Option<Guard>, ErrorInfo> {
         let Some(hold_id) = guard else {
-            return Ok(());
+            return Ok(None);
         };
         if !self.locks.has_hold(hold_id) {
             return Err(ErrorInfo::new(
@@ -146,14 +147,15 @@ impl<W: AsyncWrite + Unpin> Session<W> {
             ));
         }
         self.state.guarded.insert(id);
-        Ok(())
+        Ok(Some(Guard {
+            session_id: self.id(),
+            hold_id,
+        }))
     }
 
-    /// Checks a fenced write: a plain state write, and a live hold with
-    /// `fence` on `lock`. The write is submitted to the store right after
-    /// this check, with no await between, so a release that comes later
-    /// (and any write by the next holder) is ordered after it.
-    fn check_fence(&self, lock: String, fence: u64, write: Request) -> Result<Request, ErrorInfo> {
+    /// Checks a fenced write: a plain state write, on a valid lock name.
+    /// The backend checks the fence as it applies the write.
+    fn check_fenced(&self, lock: String, write: Request) -> Result<(Request, LockName), ErrorInfo> {
         let lock = LockName::new(lock).map_err(|e| {
             ErrorInfo::new(ErrorCode::InvalidName, format!("invalid lock name: {e}"))
         })?;
@@ -169,13 +171,7 @@ impl<W: AsyncWrite + Unpin> Session<W> {
                 "a fenced write must be a state set, remove or increment without a guard of its own",
             ));
         }
-        if !self.broker.backend.fence_is_live(lock.as_str(), fence) {
-            return Err(ErrorInfo::new(
-                ErrorCode::StaleFence,
-                format!("lock {lock:?} has no live hold with fence {fence}; the write was refused"),
-            ));
-        }
-        Ok(write)
+        Ok((write, lock))
     }
 
     pub(super) fn state_request(&mut self, id: u64, request: Request) {
@@ -191,9 +187,12 @@ impl<W: AsyncWrite + Unpin> Session<W> {
                 format!("request id {id} is already used by a request still being answered"),
             ));
         }
-        let request = match request {
-            Request::StateFenced { lock, fence, write } => self.check_fence(lock, fence, *write)?,
-            other => other,
+        let (request, fenced) = match request {
+            Request::StateFenced { lock, fence, write } => {
+                let (write, lock) = self.check_fenced(lock, *write)?;
+                (write, Some((lock, fence)))
+            }
+            other => (other, None),
         };
         let op = match request {
             Request::StateGet { key } => Op::Get {
@@ -217,13 +216,13 @@ impl<W: AsyncWrite + Unpin> Session<W> {
                         ),
                     ));
                 }
-                self.guard(id, guard)?;
                 Op::Set {
                     key,
                     value,
                     if_version,
                     ttl_ms,
                     uid: self.uid(),
+                    guard: self.guard(id, guard)?,
                 }
             }
             Request::StateRemove {
@@ -232,16 +231,19 @@ impl<W: AsyncWrite + Unpin> Session<W> {
                 guard,
             } => {
                 let key = LockName::new(key).map_err(invalid_key)?;
-                self.guard(id, guard)?;
-                Op::Remove { key, if_version }
+                Op::Remove {
+                    key,
+                    if_version,
+                    guard: self.guard(id, guard)?,
+                }
             }
             Request::StateIncrement { key, delta, guard } => {
                 let key = LockName::new(key).map_err(invalid_key)?;
-                self.guard(id, guard)?;
                 Op::Increment {
                     key,
                     delta,
                     uid: self.uid(),
+                    guard: self.guard(id, guard)?,
                 }
             }
             Request::StateList {
@@ -322,6 +324,14 @@ impl<W: AsyncWrite + Unpin> Session<W> {
         let bytes = match &op {
             Op::Set { value, .. } => value.len(),
             _ => 0,
+        };
+        let op = match fenced {
+            Some((lock, fence)) => Op::Fenced {
+                lock,
+                fence,
+                write: Box::new(op),
+            },
+            None => op,
         };
         self.state.inflight.insert(id, bytes);
         self.state.inflight_bytes += bytes;
@@ -413,7 +423,10 @@ impl<W: AsyncWrite + Unpin> Session<W> {
     /// (behind guarded writes, or a listing one of them started).
     pub(super) fn run_deferred(&mut self) {
         while let Some((_, request)) = self.deferred.front() {
-            if self.locks.is_listing() || self.must_wait_for_guarded_writes(request) {
+            if self.locks.is_listing()
+                || self.locks.is_applying()
+                || self.must_wait_for_guarded_writes(request)
+            {
                 break;
             }
             let (id, request) = self.deferred.pop_front().expect("front exists");

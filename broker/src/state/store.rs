@@ -137,9 +137,17 @@ impl Store {
                 if_version,
                 ttl_ms,
                 uid,
+                guard: _,
             } => self.set(key, value, if_version, ttl_ms, uid),
-            Op::Remove { key, if_version } => self.remove(key, if_version),
-            Op::Increment { key, delta, uid } => self.increment(key, delta, uid),
+            // Guards and fences are checked by the session and the
+            // backend before the write reaches the store.
+            Op::Remove {
+                key, if_version, ..
+            } => self.remove(key, if_version),
+            Op::Increment {
+                key, delta, uid, ..
+            } => self.increment(key, delta, uid),
+            Op::Fenced { write, .. } => return self.handle(*write),
             Op::List {
                 prefix,
                 start_after,
