@@ -83,14 +83,9 @@ impl Rotating {
         {
             return Ok(id);
         }
-        let ttl = self.ttl.as_secs().max(1) as i64;
-        let granted = client
-            .clone()
-            .lease_grant(ttl, None)
-            .await
-            .map_err(unavailable)?;
-        *current = Some((granted.id(), Instant::now()));
-        Ok(granted.id())
+        let (id, asked) = grant_lease(client, self.ttl, false).await?;
+        *current = Some((id, asked));
+        Ok(id)
     }
 
     /// The lease expired under its user: the next asks for a new one.
@@ -230,6 +225,51 @@ enum WatchCmd {
     Cancel { id: i64 },
 }
 
+/// Grants a lease of `ttl`, asking again while etcd does not answer (for
+/// at most [`REQUEST_TIMEOUT`]: a lease granted but not heard of just
+/// expires unused) or, for a `fresh` one, answers so late that much of
+/// the TTL may be gone; the lease, and when it was asked for (its TTL
+/// runs from no earlier).
+async fn grant_lease(
+    client: &Client,
+    ttl: Duration,
+    fresh: bool,
+) -> Result<(i64, Instant), ErrorInfo> {
+    let seconds = ttl.as_secs().max(1) as i64;
+    let deadline = Instant::now() + REQUEST_TIMEOUT;
+    loop {
+        let asked = Instant::now();
+        match client.clone().lease_grant(seconds, None).await {
+            Ok(granted) if !fresh || asked.elapsed() < ttl / 4 => {
+                return Ok((granted.id(), asked));
+            }
+            Ok(late) => {
+                let mut client = client.clone();
+                tokio::spawn(async move {
+                    let _ = client.lease_revoke(late.id()).await;
+                });
+            }
+            Err(e) if Instant::now() >= deadline => return Err(unavailable(e)),
+            Err(e) => {
+                tracing::debug!("etcd did not grant a lease, asking again: {e}");
+                tokio::time::sleep(RETRY_PAUSE).await;
+            }
+        }
+        if Instant::now() >= deadline {
+            return Err(unavailable("leases were granted too late"));
+        }
+    }
+}
+
+/// Whether `e` says the request never reached etcd (it can be sent again
+/// whatever it was).
+fn never_sent(e: &etcd_client::Error) -> bool {
+    let text = e.to_string();
+    matches!(e, etcd_client::Error::TransportError(_))
+        || text.contains("connect error")
+        || text.contains("Connection refused")
+}
+
 fn unavailable(e: impl std::fmt::Display) -> ErrorInfo {
     ErrorInfo::new(
         ErrorCode::Unavailable,
@@ -359,11 +399,8 @@ impl Shared {
     /// first caller.
     async fn lease(self: &Arc<Self>, session_id: u64, cell: &LeaseCell) -> Result<i64, ErrorInfo> {
         cell.get_or_init(|| async {
-            let ttl = self.ttl.as_secs().max(1) as i64;
-            let asked = Instant::now();
             let mut client = self.client.clone();
-            let granted = client.lease_grant(ttl, None).await.map_err(unavailable)?;
-            let id = granted.id();
+            let (id, asked) = grant_lease(&client, self.ttl, true).await?;
             let (stop, stopped) = tokio::sync::oneshot::channel();
             let peer = {
                 let mut core = self.core();

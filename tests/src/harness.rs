@@ -184,6 +184,14 @@ impl Raw {
         self.writer.write_all(bytes).await.expect("write");
     }
 
+    /// Sends a request, or says why the connection took it no more (the
+    /// daemon may have closed it).
+    pub async fn try_request(&mut self, id: u64, request: Request) -> std::io::Result<()> {
+        let msg = ClientMessage::Request { id, request };
+        let bytes = frame::to_frame(&msg, DEFAULT_MAX_FRAME_LEN).expect("encode");
+        self.writer.write_all(&bytes).await
+    }
+
     /// Closes the sending side (Unix: a pipe has no half-close).
     #[cfg(unix)]
     pub async fn shutdown_write(&mut self) {

@@ -13,7 +13,7 @@
 
 use std::collections::{HashSet, VecDeque};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use etcd_client::{
     Compare, CompareOp, EventType, GetOptions, PutOptions, TxnOp, TxnOpResponse, WatchOptions,
@@ -23,7 +23,7 @@ use lockbroker_proto::{
 };
 use tokio::sync::mpsc;
 
-use super::{RETRY_PAUSE, Shared, prefix_end, queue, unavailable};
+use super::{REQUEST_TIMEOUT, RETRY_PAUSE, Shared, never_sent, prefix_end, queue, unavailable};
 use crate::backend::stale_fence;
 use crate::state::{Change, Completion, Guard, Op, ReplyTo, WatchStart};
 
@@ -174,16 +174,21 @@ impl Shared {
         }
     }
 
+    /// A read, asked again while etcd does not answer (for at most
+    /// [`REQUEST_TIMEOUT`]).
     async fn kv_get(
         &self,
         key: Vec<u8>,
         options: Option<GetOptions>,
     ) -> Result<etcd_client::GetResponse, ErrorInfo> {
-        self.client
-            .clone()
-            .get(key, options)
-            .await
-            .map_err(unavailable)
+        let deadline = Instant::now() + REQUEST_TIMEOUT;
+        loop {
+            match self.client.clone().get(key.clone(), options.clone()).await {
+                Ok(r) => return Ok(r),
+                Err(e) if Instant::now() >= deadline => return Err(unavailable(e)),
+                Err(_) => tokio::time::sleep(RETRY_PAUSE).await,
+            }
+        }
     }
 
     /// A set, remove or increment, under `held` if it has a guard or a
@@ -210,14 +215,9 @@ impl Shared {
                 let mut put = PutOptions::new();
                 if let Some(ms) = ttl_ms {
                     // etcd's leases count whole seconds.
-                    let ttl = ms.div_ceil(1000).max(1) as i64;
-                    let lease = self
-                        .client
-                        .clone()
-                        .lease_grant(ttl, None)
-                        .await
-                        .map_err(unavailable)?;
-                    put = put.with_lease(lease.id());
+                    let ttl = Duration::from_secs(ms.div_ceil(1000).max(1));
+                    let (lease, _) = super::grant_lease(&self.client, ttl, false).await?;
+                    put = put.with_lease(lease);
                 }
                 let compares = version_compare(&skey, if_version)
                     .into_iter()
@@ -348,13 +348,18 @@ impl Shared {
             otherwise.push(TxnOp::get(key.clone(), None));
         }
         let txn = txn.or_else(otherwise);
-        let response = self
-            .client
-            .clone()
-            .kv_client()
-            .txn(txn)
-            .await
-            .map_err(unavailable)?;
+        // Sent again only when it never reached etcd: a write whose answer
+        // was lost may have been applied.
+        let deadline = Instant::now() + REQUEST_TIMEOUT;
+        let response = loop {
+            match self.client.clone().kv_client().txn(txn.clone()).await {
+                Ok(r) => break r,
+                Err(e) if never_sent(&e) && Instant::now() < deadline => {
+                    tokio::time::sleep(RETRY_PAUSE).await;
+                }
+                Err(e) => return Err(unavailable(e)),
+            }
+        };
         let revision = response.header().map_or(0, |h| h.revision());
         let responses = response.op_responses();
         if response.succeeded() {

@@ -13,6 +13,9 @@ mod cancel;
 mod client_api;
 mod durability;
 mod exclusion;
+// Faults of etcd clusters and of daemons on them (etcd runs on Unix here).
+#[cfg(unix)]
+mod faults;
 mod fifo;
 mod handoff;
 // Several daemons on one etcd cluster (etcd runs on Unix here).
