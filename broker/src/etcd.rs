@@ -391,6 +391,13 @@ impl Shared {
         self.core.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// When a change to a session's keys is no longer worth retrying:
+    /// two lease TTLs on, the session's lease has expired in etcd whatever
+    /// became of it, and its keys with it.
+    fn give_up(&self) -> Instant {
+        Instant::now() + self.ttl * 2
+    }
+
     fn name_range(&self, name: &str) -> Vec<u8> {
         queue::name_range(&self.prefix, name)
     }
@@ -430,7 +437,8 @@ impl Shared {
     /// Puts abandonment markers for `names` (each with the record of a
     /// hold abandoned there), retrying until etcd confirms.
     async fn mark_abandoned(&self, marks: Vec<(String, Record)>) {
-        loop {
+        let give_up = self.give_up();
+        while Instant::now() < give_up {
             let lease = match self.marker_lease.get(&self.client).await {
                 Ok(lease) => lease,
                 Err(e) => {
@@ -819,7 +827,8 @@ impl Shared {
     /// `shrunk` (a hold that keeps fewer permits), retrying until etcd
     /// confirms. Keys whose lease is gone are gone already.
     async fn delete(&self, ended: Vec<Vec<u8>>, note: Option<Release>) {
-        loop {
+        let give_up = self.give_up();
+        while Instant::now() < give_up {
             let mut ops: Vec<TxnOp> = ended
                 .iter()
                 .map(|k| TxnOp::delete(k.clone(), None))
@@ -1547,7 +1556,8 @@ impl Backend for Etcd {
             };
             // Revoking takes every key of the session at once; its
             // waiters elsewhere are granted, told "abandoned" for holds.
-            loop {
+            let give_up = shared.give_up();
+            while Instant::now() < give_up {
                 match shared.client.clone().lease_revoke(id).await {
                     Ok(_) => return,
                     Err(e) if e.to_string().contains("lease not found") => return,

@@ -76,18 +76,21 @@ pub const NOTE: &[u8] = b"~";
 /// The suffix of a name's abandonment marker.
 pub const MARKER: &[u8] = b"!";
 
-/// How many keys from the front of a queue tell whether a new key is
-/// granted when it is among them: one for a mutex; a permit each for a
-/// semaphore (a key behind more keys than permits waits); past a bound,
-/// or for a rwlock, the whole queue is read when the new key is not among
-/// them.
+/// How many keys from the front of a name's range, in create revision
+/// order, tell whether a new key is granted when it is among them: one
+/// hold for a mutex; a permit each for a semaphore (a key behind more keys
+/// than permits waits); past a bound, or for a rwlock, the whole queue is
+/// read when the new key is not among them. Two more, for the name's
+/// release note and abandonment marker, which live in the same range and
+/// are usually older than every hold.
 pub fn front_len(kind: LockKind, capacity: u32) -> i64 {
     const MOST: u32 = 64;
-    match kind {
+    let holds = match kind {
         LockKind::Mutex => 1,
         LockKind::Semaphore => i64::from(capacity.min(MOST) + 1),
         LockKind::RwShared | LockKind::RwExclusive => i64::from(MOST),
-    }
+    };
+    holds + 2
 }
 
 /// The range of `name`'s keys: `<prefix>/l/<name>\0`.
@@ -290,6 +293,30 @@ mod tests {
             granted_len(&[q(1, RwExclusive, 0, 1), q(2, RwShared, 0, 1)]),
             1
         );
+    }
+
+    /// The front an acquire reads (its name's range in create revision
+    /// order, `front_len` keys) still shows a lone new hold when the name's
+    /// release note and abandonment marker are older than it, as they
+    /// usually are: else every uncontended acquire read the whole queue
+    /// again, an etcd round trip more.
+    #[test]
+    fn the_front_read_sees_past_the_note_and_the_marker() {
+        use LockKind::*;
+        for (kind, capacity) in [(Mutex, 1), (Semaphore, 3), (RwShared, 0), (RwExclusive, 0)] {
+            // (create revision, key suffix), as etcd sorts and limits them.
+            let mut range = vec![
+                (10, b"~".to_vec()),
+                (12, b"!".to_vec()),
+                (20, b"ff-7".to_vec()),
+            ];
+            range.sort_by_key(|(rev, _)| *rev);
+            range.truncate(front_len(kind, capacity) as usize);
+            assert!(
+                range.iter().any(|(rev, _)| *rev == 20),
+                "{kind:?}: the new key is not in the front read"
+            );
+        }
     }
 
     #[test]
