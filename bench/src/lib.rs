@@ -15,9 +15,15 @@
 //! (as redis-benchmark does, on any platform); the harness runs each of its
 //! lockbroker measurements as such a process, pinned to its CPU.
 //!
+//! `lockbroker-bench etcd` compares lockbroker over etcd (`--backend etcd`)
+//! with raw etcd requests and etcd's own lock service, on a single-member
+//! etcd it starts (needs `etcd` on the PATH).
+//!
 //! `main.rs` is just [`main`], so that test packages can build the same
 //! program as a binary of their own.
 
+#[cfg(target_os = "linux")]
+mod etcd;
 #[cfg(target_os = "linux")]
 mod floor;
 mod load;
@@ -45,6 +51,20 @@ pub fn main() {
                 std::iter::once("lockbroker-bench load".to_owned()).chain(args[1..].to_vec()),
             );
             block_on(load::run(&load));
+        }
+        #[cfg(target_os = "linux")]
+        Some("etcd") => {
+            let (mut ops, mut reps) = (500, 3);
+            let mut it = args[1..].iter();
+            while let Some(a) = it.next() {
+                let n = it.next().and_then(|v| v.parse().ok());
+                match (a.as_str(), n) {
+                    ("--ops", Some(n)) => ops = n,
+                    ("--reps", Some(n)) => reps = n,
+                    _ => usage(),
+                }
+            }
+            etcd::run(&Bins::find(), ops.max(1), reps.max(1));
         }
         // Internal: the holder the abandon scenario kills.
         Some("hold") if args.len() == 3 => block_on(load::hold(args[1].as_ref(), &args[2])),
@@ -80,6 +100,7 @@ fn usage() -> ! {
     eprintln!(
         "usage: lockbroker-bench [--reps N] [--duration SECONDS] [--quick]\n\
          \x20      lockbroker-bench load SCENARIO [--spawn | --socket PATH] [--json] ... (see load --help)\n\
+         \x20      lockbroker-bench etcd [--ops N] [--reps N]   (lockbroker over etcd against raw etcd)\n\
          \n\
          Runs every scenario in both CPU placements, --reps times, interleaved,\n\
          and prints a markdown table of medians. --quick: 1 rep of 0.3 s, and\n\
