@@ -30,6 +30,7 @@ mod queue;
 mod state;
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
@@ -53,6 +54,10 @@ const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Pause before retrying a change etcd did not confirm.
 const RETRY_PAUSE: Duration = Duration::from_millis(100);
+
+/// Keys deleted by one transaction (etcd's default limit is 128
+/// operations).
+const TXN_DELETES: usize = 100;
 
 /// Keys read per page when listing.
 const LIST_PAGE: i64 = 1000;
@@ -166,9 +171,10 @@ struct SessionState {
     holds: HashMap<u64, Hold>,
     /// Ends the lease's keepalive task.
     stop_keepalive: Option<tokio::sync::oneshot::Sender<()>>,
-    /// Clean releases of a closing session (`ReleaseOnClose`), which
-    /// its lease's revocation waits for.
-    closing: Vec<tokio::task::JoinHandle<()>>,
+    /// Changes to the session's keys under way (releases, withdrawals,
+    /// the clean releases and markers of its end), which its lease's
+    /// revocation waits for.
+    changes: Vec<tokio::task::JoinHandle<()>>,
 }
 
 struct Wait {
@@ -505,10 +511,17 @@ impl Shared {
             return;
         };
         let refuse = |error: ErrorInfo| {
-            if let Some(s) = self.core().sessions.get_mut(&session_id) {
-                s.waits.remove(&request_id);
+            let withdrawn = self
+                .core()
+                .sessions
+                .get_mut(&session_id)
+                .and_then(|s| s.waits.remove(&request_id))
+                .and_then(|w| w.withdrawn);
+            // A withdrawal already answered is applied: nothing was queued.
+            match withdrawn {
+                Some(token) => peer.notify(Notice::Applied { token }),
+                None => peer.notify(Notice::Refused { request_id, error }),
             }
-            peer.notify(Notice::Refused { request_id, error });
         };
         let lease = match self.lease(session_id, &lease).await {
             Ok(lease) => lease,
@@ -531,12 +544,14 @@ impl Shared {
             ),
             TxnOp::get(self.name_range(name.as_str()), Some(front)),
             TxnOp::get(marker.clone(), None),
+            TxnOp::get(key.clone(), None),
         ]);
         // Put again when etcd did not answer (a leader change, say): the
         // key is the same, so a put applied twice keeps its first create
-        // revision. An acquire waits for etcd as it waits for the lock:
-        // until its timeout or cancel withdraws it, or its session ends
-        // (which a daemon cut off from etcd does to its sessions).
+        // revision (read back with it). An acquire waits for etcd as it
+        // waits for the lock: until its timeout or cancel withdraws it, or
+        // its session ends (which a daemon cut off from etcd does to its
+        // sessions).
         let response = loop {
             match self.client.clone().kv_client().txn(txn.clone()).await {
                 Ok(r) => break r,
@@ -557,15 +572,24 @@ impl Shared {
                             if let Some(s) = self.core().sessions.get_mut(&session_id) {
                                 s.waits.remove(&request_id);
                             }
-                            self.delete_later(vec![key], Some((peer, token)));
-                            return;
+                            let applied = Some((peer, token));
+                            return self.delete_later(
+                                session_id,
+                                name.as_str(),
+                                vec![key],
+                                applied,
+                            );
                         }
-                        None => return self.delete_later(vec![key], None),
+                        None => {
+                            return self.delete_later(session_id, name.as_str(), vec![key], None);
+                        }
                     }
                 }
             }
         };
-        let revision = response.header().map_or(0, |h| h.revision());
+        // Where the queue was read, and where this key stands in it (its
+        // fence): the same, unless the put was applied by an earlier try.
+        let read_at = response.header().map_or(0, |h| h.revision());
         let mut gets = response.op_responses().into_iter().filter_map(|r| match r {
             TxnOpResponse::Get(g) => Some(g),
             _ => None,
@@ -577,14 +601,13 @@ impl Shared {
         let marked = gets
             .next()
             .and_then(|g| g.kvs().first().map(|kv| kv.mod_revision()));
-        let me = Queued {
-            revision,
-            tag: tag.clone().into_bytes(),
-            record: record.clone(),
-        };
+        let revision = gets
+            .next()
+            .and_then(|g| g.kvs().first().map(|kv| kv.create_revision()))
+            .unwrap_or(read_at);
         // Every key before this one is in what was read if this one is.
         let complete = front.iter().any(|q| q.revision == revision);
-        let decision = if let Some((in_use, capacity)) =
+        let mut decision = if let Some((in_use, capacity)) =
             queue::mismatch(&front, record.kind, record.capacity)
         {
             let error = if in_use == record.kind.entry_kind() {
@@ -605,141 +628,128 @@ impl Shared {
                 error: error.into(),
             })
         } else if complete {
-            let upto: Vec<Queued> = front
-                .into_iter()
-                .filter(|q| q.revision <= revision)
-                .collect();
-            if queue::granted_len(&upto) == upto.len() {
-                Decision::Grant
-            } else if !may_wait {
-                Decision::Refuse(Notice::WouldBlock { request_id })
-            } else {
-                Decision::Wait(None)
-            }
+            decide(&front, revision, may_wait, request_id, None)
         } else {
             // Too many keys before it to tell from the front alone.
-            Decision::Wait(None)
+            Decision::Read
         };
-        // The first waiter of a name here reads the whole queue once, to
-        // start the name's watch from it; so does a try the front could
-        // not decide.
-        let decision = match decision {
-            Decision::Wait(None) if !complete || !self.core().names.contains_key(name.as_str()) => {
-                match self.read_queue(name.as_str(), revision).await {
+        loop {
+            if let Decision::Read = decision {
+                // The whole queue, once: for a try or a wait the front
+                // could not decide, and for the first waiter of a name
+                // here, whose watch starts from it.
+                match self.read_queue(name.as_str(), read_at).await {
                     Ok(queue) => {
-                        let upto: Vec<Queued> = queue
-                            .iter()
-                            .filter(|q| q.revision <= revision)
-                            .cloned()
-                            .collect();
-                        if upto.last().is_some_and(|q| q.revision == revision)
-                            && queue::granted_len(&upto) == upto.len()
-                        {
-                            Decision::Grant
-                        } else if !may_wait {
-                            Decision::Refuse(Notice::WouldBlock { request_id })
-                        } else {
-                            Decision::Wait(Some(queue))
-                        }
+                        decision =
+                            decide(&queue, revision, may_wait, request_id, Some(queue.clone()))
                     }
                     Err(e) => {
-                        self.delete_later(vec![key], None);
+                        self.delete_later(session_id, name.as_str(), vec![key], None);
                         return refuse(e);
                     }
                 }
             }
-            other => other,
-        };
-        let mut deliveries = Vec::new();
-        let mut consume_marker = None;
-        let after = {
-            let mut core = self.core();
-            let core = &mut *core;
-            let Some(s) = core.sessions.get_mut(&session_id) else {
-                // The session ended meanwhile; its lease's revocation
-                // takes the key.
-                return;
-            };
-            let Some(w) = s.waits.get_mut(&request_id) else {
-                return;
-            };
-            w.revision = Some(revision);
-            if let Some(token) = w.withdrawn {
-                // Withdrawn while its key was being put.
-                s.waits.remove(&request_id);
-                After::Delete(Some(Notice::Applied { token }))
-            } else {
-                match decision {
-                    Decision::Refuse(notice) => {
-                        s.waits.remove(&request_id);
-                        After::Delete(Some(notice))
-                    }
-                    Decision::Grant => {
-                        // Abandonment seen by this daemon's watch, or
-                        // marked by the daemon of a session that ended
-                        // holding the name while nobody waited.
-                        let seen = core
-                            .names
-                            .get_mut(name.as_str())
-                            .is_some_and(|state| std::mem::take(&mut state.abandoned));
-                        consume_marker = marked;
-                        let w = s.waits.remove(&request_id).expect("looked up above");
-                        deliveries.push(grant(
-                            s,
-                            request_id,
-                            w,
-                            revision,
-                            seen || marked.is_some(),
-                        ));
-                        After::Nothing
-                    }
-                    Decision::Wait(queue) => {
-                        if let Some(state) = core.names.get_mut(name.as_str()) {
-                            // The name's watch decides, once it has shown
-                            // this key (and so every key before it).
-                            state.waiters.insert(revision, (session_id, request_id));
-                            deliveries.extend(evaluate(core, &self.watches, &name, &[]));
-                        } else {
-                            // Watch the name from the revision after the
-                            // one read.
-                            let queue = queue.unwrap_or_else(|| vec![me]);
-                            core.last_watch += 1;
-                            let watch = core.last_watch;
-                            let mut state = NameState {
-                                queue: queue.into_iter().map(|q| (q.revision, q)).collect(),
-                                revision,
-                                watch,
-                                waiters: BTreeMap::new(),
-                                abandoned: marked.is_some(),
-                                marker: marked,
-                            };
-                            state.waiters.insert(revision, (session_id, request_id));
-                            core.names.insert(name.clone(), state);
-                            core.watching.insert(watch, name.clone());
-                            let _ = self.watches.send(WatchCmd::Start {
-                                id: watch,
-                                key: self.name_range(name.as_str()),
-                                from: revision + 1,
-                            });
+            let mut deliveries = Vec::new();
+            let mut consume_marker = None;
+            let after = {
+                let mut core = self.core();
+                let core = &mut *core;
+                let Some(s) = core.sessions.get_mut(&session_id) else {
+                    // The session ended meanwhile; its lease's revocation
+                    // takes the key.
+                    return;
+                };
+                let Some(w) = s.waits.get_mut(&request_id) else {
+                    return;
+                };
+                w.revision = Some(revision);
+                if let Some(token) = w.withdrawn {
+                    // Withdrawn while its key was being put.
+                    s.waits.remove(&request_id);
+                    After::Delete(Some(Notice::Applied { token }))
+                } else {
+                    match decision {
+                        Decision::Read => unreachable!("read above"),
+                        Decision::Refuse(notice) => {
+                            s.waits.remove(&request_id);
+                            After::Delete(Some(notice))
                         }
-                        After::Nothing
+                        Decision::Grant => {
+                            // Abandonment seen by this daemon's watch, or
+                            // marked by the daemon of a session that ended
+                            // holding the name while nobody waited.
+                            let seen = core
+                                .names
+                                .get_mut(name.as_str())
+                                .is_some_and(|state| std::mem::take(&mut state.abandoned));
+                            consume_marker = marked;
+                            let w = s.waits.remove(&request_id).expect("looked up above");
+                            let abandoned = seen || marked.is_some();
+                            deliveries.push(grant(s, request_id, w, revision, abandoned));
+                            After::Nothing
+                        }
+                        Decision::Wait(queue) => {
+                            if let Some(state) = core.names.get_mut(name.as_str()) {
+                                // The name's watch decides, once it has
+                                // shown this key (and so every key before).
+                                state.waiters.insert(revision, (session_id, request_id));
+                                deliveries.extend(evaluate(core, &self.watches, &name, &[]));
+                                After::Nothing
+                            } else if let Some(queue) = queue {
+                                // Watch the name from the revision after
+                                // the one read.
+                                core.last_watch += 1;
+                                let watch = core.last_watch;
+                                let mut state = NameState {
+                                    queue: queue.into_iter().map(|q| (q.revision, q)).collect(),
+                                    revision: read_at,
+                                    watch,
+                                    waiters: BTreeMap::new(),
+                                    abandoned: marked.is_some(),
+                                    marker: marked,
+                                };
+                                state.waiters.insert(revision, (session_id, request_id));
+                                core.names.insert(name.clone(), state);
+                                core.watching.insert(watch, name.clone());
+                                let _ = self.watches.send(WatchCmd::Start {
+                                    id: watch,
+                                    key: self.name_range(name.as_str()),
+                                    from: read_at + 1,
+                                });
+                                After::Nothing
+                            } else {
+                                // Nobody here watches the name (any more):
+                                // the whole queue first.
+                                After::Read
+                            }
+                        }
                     }
                 }
+            };
+            if let Some(at) = consume_marker {
+                self.core().consume.push((name.clone(), at));
             }
-        };
-        if let Some(at) = consume_marker {
-            self.core().consume.push((name.clone(), at));
-        }
-        self.finish(deliveries);
-        match after {
-            After::Nothing => {}
-            After::Delete(Some(Notice::Applied { token })) => {
-                self.delete_later(vec![key], Some((peer, token)));
+            self.finish(deliveries);
+            match after {
+                After::Nothing => {}
+                After::Read => {
+                    decision = Decision::Read;
+                    continue;
+                }
+                After::Delete(Some(Notice::Applied { token })) => {
+                    self.delete_later(session_id, name.as_str(), vec![key], Some((peer, token)));
+                }
+                // The answer waits for the key to go, so a try or a refusal
+                // leaves nothing behind in the queue.
+                After::Delete(Some(notice)) => {
+                    self.delete(vec![key], Release::of(name.as_str())).await;
+                    peer.notify(notice);
+                }
+                After::Delete(None) => {
+                    self.delete_later(session_id, name.as_str(), vec![key], None)
+                }
             }
-            // The answer waits for the key to go, so a try or a refusal
-            // leaves nothing behind in the queue.
-            After::Delete(Some(notice)) => self.delete_then(vec![key], peer, notice).await,
-            After::Delete(None) => self.delete_later(vec![key], None),
+            return;
         }
     }
 
@@ -805,21 +815,35 @@ impl Shared {
         queue
     }
 
-    /// Deletes `keys`, retrying until etcd confirms; then tells `peer`
-    /// `notice`.
-    async fn delete_then(&self, keys: Vec<Vec<u8>>, peer: Arc<Peer>, notice: Notice) {
-        self.delete(keys, None).await;
-        peer.notify(notice);
-    }
-
-    fn delete_later(self: &Arc<Self>, keys: Vec<Vec<u8>>, applied: Option<(Arc<Peer>, u64)>) {
+    /// Deletes `keys` of session `session_id` on `name` in a task of its
+    /// own (with a release note: a key that was already granted elsewhere
+    /// is not taken for abandoned), then tells `applied` its token.
+    fn delete_later(
+        self: &Arc<Self>,
+        session_id: u64,
+        name: &str,
+        keys: Vec<Vec<u8>>,
+        applied: Option<(Arc<Peer>, u64)>,
+    ) {
         let shared = Arc::clone(self);
-        tokio::spawn(async move {
-            shared.delete(keys, None).await;
+        let note = Release::of(name);
+        self.spawn_for(session_id, async move {
+            shared.delete(keys, note).await;
             if let Some((peer, token)) = applied {
                 peer.notify(Notice::Applied { token });
             }
         });
+    }
+
+    /// Runs a change to session `session_id`'s keys; the revocation of its
+    /// lease at its end waits for it, so that what it released before it
+    /// ended is not taken for abandoned.
+    fn spawn_for(&self, session_id: u64, change: impl Future<Output = ()> + Send + 'static) {
+        let task = tokio::spawn(change);
+        if let Some(s) = self.core().sessions.get_mut(&session_id) {
+            s.changes.retain(|t| !t.is_finished());
+            s.changes.push(task);
+        }
     }
 
     /// Applies a release: deletes `ended` (with the name's release note
@@ -827,6 +851,19 @@ impl Shared {
     /// `shrunk` (a hold that keeps fewer permits), retrying until etcd
     /// confirms. Keys whose lease is gone are gone already.
     async fn delete(&self, ended: Vec<Vec<u8>>, note: Option<Release>) {
+        // etcd takes at most 128 operations in a transaction (its
+        // --max-txn-ops): a batch of deletes with its note, at a time.
+        let mut batches: Vec<Vec<Vec<u8>>> = ended.chunks(TXN_DELETES).map(<[_]>::to_vec).collect();
+        let last = batches.pop().unwrap_or_default();
+        let name = note.as_ref().map(|n| n.name.clone());
+        for batch in batches {
+            self.delete_batch(batch, name.clone().and_then(Release::of))
+                .await;
+        }
+        self.delete_batch(last, note).await;
+    }
+
+    async fn delete_batch(&self, ended: Vec<Vec<u8>>, note: Option<Release>) {
         let give_up = self.give_up();
         while Instant::now() < give_up {
             let mut ops: Vec<TxnOp> = ended
@@ -924,13 +961,43 @@ enum Decision {
     Refuse(Notice),
     /// Wait; with the whole queue if it was read.
     Wait(Option<Vec<Queued>>),
+    /// Read the whole queue to decide.
+    Read,
 }
 
 /// What is left to do once the decision is recorded.
 enum After {
     Nothing,
+    /// Read the whole queue, then decide again.
+    Read,
     /// Delete the key, then tell the session this.
     Delete(Option<Notice>),
+}
+
+/// Whether the key at `revision` is granted by `queue` (which holds every
+/// key before it), may wait, or must not; `full` is the whole queue if
+/// that is what was read.
+fn decide(
+    queue: &[Queued],
+    revision: i64,
+    may_wait: bool,
+    request_id: u64,
+    full: Option<Vec<Queued>>,
+) -> Decision {
+    let upto: Vec<Queued> = queue
+        .iter()
+        .filter(|q| q.revision <= revision)
+        .cloned()
+        .collect();
+    if upto.last().is_some_and(|q| q.revision == revision)
+        && queue::granted_len(&upto) == upto.len()
+    {
+        Decision::Grant
+    } else if !may_wait {
+        Decision::Refuse(Notice::WouldBlock { request_id })
+    } else {
+        Decision::Wait(full)
+    }
 }
 
 /// Moves wait `request_id` of `s`, granted at `revision`, to its holds.
@@ -1327,7 +1394,7 @@ impl Backend for Etcd {
                     waits: HashMap::new(),
                     holds: HashMap::new(),
                     stop_keepalive: None,
-                    closing: Vec::new(),
+                    changes: Vec::new(),
                 });
             s.waits.insert(
                 request_id,
@@ -1346,22 +1413,24 @@ impl Backend for Etcd {
 
     fn cancel(&self, name: &str, peer: &Arc<Peer>, request_id: u64, token: u64) -> Option<Applied> {
         let shared = &self.shared;
-        let mut core = shared.core();
-        let core = &mut *core;
-        let s = core.sessions.get_mut(&peer.id())?;
-        let w = s.waits.get_mut(&request_id)?;
-        let Some(revision) = w.revision else {
-            // Its key is still being put: it goes once it is.
-            w.withdrawn = Some(token);
-            return Some(Applied::Later);
+        let key = {
+            let mut core = shared.core();
+            let core = &mut *core;
+            let s = core.sessions.get_mut(&peer.id())?;
+            let w = s.waits.get_mut(&request_id)?;
+            let Some(revision) = w.revision else {
+                // Its key is still being put: it goes once it is.
+                w.withdrawn = Some(token);
+                return Some(Applied::Later);
+            };
+            let w = s.waits.remove(&request_id).expect("looked up above");
+            if let Some(state) = core.names.get_mut(name) {
+                state.waiters.remove(&revision);
+            }
+            forget_if_unwaited(core, &shared.watches, name);
+            queue::hold_key(&shared.prefix, name, &w.tag)
         };
-        let w = s.waits.remove(&request_id).expect("looked up above");
-        let key = queue::hold_key(&shared.prefix, name, &w.tag);
-        if let Some(state) = core.names.get_mut(name) {
-            state.waiters.remove(&revision);
-        }
-        forget_if_unwaited(core, &shared.watches, name);
-        shared.delete_later(vec![key], Some((Arc::clone(peer), token)));
+        shared.delete_later(peer.id(), name, vec![key], Some((Arc::clone(peer), token)));
         Some(Applied::Later)
     }
 
@@ -1379,13 +1448,7 @@ impl Backend for Etcd {
         };
         let permits = hold.record.permits;
         let key = queue::hold_key(&shared.prefix, name, &hold.tag);
-        let shared2 = Arc::clone(shared);
-        let peer = Arc::clone(peer);
-        let name = hold.name.to_string();
-        tokio::spawn(async move {
-            shared2.delete(vec![key], Release::of(name)).await;
-            peer.notify(Notice::Applied { token });
-        });
+        shared.delete_later(peer.id(), name, vec![key], Some((Arc::clone(peer), token)));
         Some((permits, Applied::Later))
     }
 
@@ -1462,9 +1525,10 @@ impl Backend for Etcd {
             .collect();
         let ids = ended.iter().map(|(id, _)| *id).collect();
         let shared2 = Arc::clone(shared);
+        let session_id = peer.id();
         let peer = Arc::clone(peer);
         let name = name.to_owned();
-        tokio::spawn(async move {
+        shared.spawn_for(session_id, async move {
             shared2.delete(keys, Some(Release { name, shrunk })).await;
             peer.notify(Notice::Applied { token });
         });
@@ -1511,7 +1575,7 @@ impl Backend for Etcd {
             // the name next, now or later, on any host, is told.
             let shared2 = Arc::clone(shared);
             let owned = name.to_owned();
-            s.closing.push(tokio::spawn(async move {
+            s.changes.push(tokio::spawn(async move {
                 shared2.mark_abandoned(vec![(owned, record)]).await;
             }));
         }
@@ -1520,7 +1584,7 @@ impl Backend for Etcd {
             // before the lease is revoked.
             let shared2 = Arc::clone(shared);
             let owned = name.to_owned();
-            s.closing.push(tokio::spawn(async move {
+            s.changes.push(tokio::spawn(async move {
                 shared2.delete(released, Release::of(owned)).await;
             }));
         }
@@ -1538,14 +1602,18 @@ impl Backend for Etcd {
         let Some(mut s) = shared.core().sessions.remove(&peer.id()) else {
             return;
         };
-        let releases = std::mem::take(&mut s.closing);
-        if let Some(stop) = s.stop_keepalive.take() {
-            let _ = stop.send(());
-        }
+        let changes = std::mem::take(&mut s.changes);
+        let stop = s.stop_keepalive.take();
         let lease = Arc::clone(&s.lease);
         tokio::spawn(async move {
-            for r in releases {
-                let _ = r.await;
+            // What the session released (or marked) before it ended is
+            // applied first, its lease still kept alive meanwhile: else
+            // its keys would vanish with the lease, as if abandoned.
+            for change in changes {
+                let _ = change.await;
+            }
+            if let Some(stop) = stop {
+                let _ = stop.send(());
             }
             // A lease being granted is waited for; one not asked for yet
             // never will be.

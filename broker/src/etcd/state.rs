@@ -31,6 +31,9 @@ use crate::state::{Change, Completion, Guard, Op, ReplyTo, WatchStart};
 /// with etcd before it starts, told it lagged.
 const CATCH_UP: Duration = Duration::from_secs(5);
 
+/// How often a watch that waits for the feed asks etcd for progress.
+const PROGRESS_AGAIN: Duration = Duration::from_millis(100);
+
 /// What the daemon's state watch has delivered.
 #[derive(Debug, Default)]
 pub(super) struct Feed {
@@ -457,8 +460,10 @@ impl Shared {
                     if self.feed().delivered >= now {
                         return;
                     }
+                    // etcd answers a progress request only once the watch
+                    // has caught up (it ignores it before): ask again.
                     let _ = self.state_progress.send(());
-                    notified.await;
+                    let _ = tokio::time::timeout(PROGRESS_AGAIN, notified).await;
                 }
             })
             .await;
@@ -549,10 +554,13 @@ impl Shared {
             }
             feed.delivered = revision;
         }
+        // A progress report: everything up to it was sent. Not the answer
+        // creating the watch, whose revision is etcd's current one while
+        // the watch may still be catching up from the revision it asked for.
         if response.events().is_empty()
+            && !response.created()
             && let Some(h) = response.header()
         {
-            // A progress report: everything up to it was sent.
             feed.delivered = feed.delivered.max(h.revision());
         }
         drop(feed);
@@ -580,7 +588,7 @@ pub(super) async fn state_feed(
             .with_start_revision(after)
             .with_prev_key();
         let mut stream = match shared
-            .keepalive_client
+            .client
             .clone()
             .watch(start.clone(), Some(options))
             .await

@@ -53,11 +53,20 @@ async fn deadlines_racing_grants_end_exactly_once(backend) {
         // tens over etcd (whose cluster takes fewer acquires at once).
         let (n, step) = match backend {
             Backend::Local => (300, 1),
-            Backend::Etcd => (40, 15),
+            Backend::Etcd => (40, 25),
         };
         let mut sessions = Vec::new();
         for s in 0..8u64 {
             let mut raw = daemon.raw().await;
+            // One acquire first, so that the session's set-up (over etcd,
+            // its lease) is not inside the deadlines.
+            let warm = acquire("warm", LockKind::Mutex, 0, 1, None);
+            let Response::Granted(g) = raw.call(u64::MAX - 1, warm).await else {
+                panic!("not granted");
+            };
+            let release = Request::Release { hold_id: g.hold_id };
+            let released = raw.call(u64::MAX - 1, release).await;
+            assert_eq!(released, Response::Released { permits: 1 });
             sessions.push(tokio::spawn(async move {
                 // Pipeline every acquire at once, with deadlines of 0..4
                 // steps.
