@@ -29,7 +29,7 @@
 mod queue;
 mod state;
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -54,6 +54,10 @@ const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Pause before retrying a change etcd did not confirm.
 const RETRY_PAUSE: Duration = Duration::from_millis(100);
+
+/// Most waits of a session withdrawn while etcd has not answered their
+/// put; past it, its acquires are refused as too many pending.
+const MAX_WITHDRAWN: usize = 1024;
 
 /// Keys deleted by one transaction (etcd's default limit is 128
 /// operations).
@@ -171,6 +175,11 @@ struct SessionState {
     holds: HashMap<u64, Hold>,
     /// Ends the lease's keepalive task.
     stop_keepalive: Option<tokio::sync::oneshot::Sender<()>>,
+    /// Hold ids of waits withdrawn (timed out, cancelled) while their
+    /// key was being put: the put's task deletes the key once etcd
+    /// answers. The withdrawal itself is answered at once, so a timeout
+    /// is on time even while etcd does not answer.
+    withdrawn: HashSet<u64>,
     /// Changes to the session's keys under way (releases, withdrawals,
     /// the clean releases and markers of its end), which its lease's
     /// revocation waits for.
@@ -183,9 +192,6 @@ struct Wait {
     record: Record,
     /// Its create revision, once its key is put.
     revision: Option<i64>,
-    /// Withdrawn before its key was put: delete the key once it is, then
-    /// tell the session this token.
-    withdrawn: Option<u64>,
 }
 
 struct Hold {
@@ -494,10 +500,28 @@ impl Shared {
     /// Puts acquire `request_id`'s key and reads the front of its queue;
     /// then grants it, refuses it, or leaves it waiting on the name's
     /// watch.
-    async fn put_wait(self: Arc<Self>, session_id: u64, request_id: u64, may_wait: bool) {
+    async fn put_wait(
+        self: Arc<Self>,
+        session_id: u64,
+        request_id: u64,
+        hold_id: u64,
+        may_wait: bool,
+    ) {
+        // The wait, while it is this one's (not withdrawn, nor replaced
+        // by a later acquire with the same request id).
+        let mine = |s: &SessionState| {
+            s.waits
+                .get(&request_id)
+                .is_some_and(|w| w.record.hold_id == hold_id)
+        };
         let Some((lease, name, tag, record, peer)) = ({
-            let core = self.core();
-            core.sessions.get(&session_id).and_then(|s| {
+            let mut core = self.core();
+            core.sessions.get_mut(&session_id).and_then(|s| {
+                if !mine(s) {
+                    // Withdrawn before anything was put.
+                    s.withdrawn.remove(&hold_id);
+                    return None;
+                }
                 let w = s.waits.get(&request_id)?;
                 Some((
                     Arc::clone(&s.lease),
@@ -511,16 +535,17 @@ impl Shared {
             return;
         };
         let refuse = |error: ErrorInfo| {
-            let withdrawn = self
-                .core()
-                .sessions
-                .get_mut(&session_id)
-                .and_then(|s| s.waits.remove(&request_id))
-                .and_then(|w| w.withdrawn);
-            // A withdrawal already answered is applied: nothing was queued.
-            match withdrawn {
-                Some(token) => peer.notify(Notice::Applied { token }),
-                None => peer.notify(Notice::Refused { request_id, error }),
+            let ours = match self.core().sessions.get_mut(&session_id) {
+                Some(s) if mine(s) => s.waits.remove(&request_id).is_some(),
+                // Withdrawn meanwhile, and answered then.
+                Some(s) => {
+                    s.withdrawn.remove(&hold_id);
+                    false
+                }
+                None => false,
+            };
+            if ours {
+                peer.notify(Notice::Refused { request_id, error });
             }
         };
         let lease = match self.lease(session_id, &lease).await {
@@ -558,31 +583,17 @@ impl Shared {
                 Err(e) => {
                     tracing::debug!("etcd did not take an acquire, retrying: {e}");
                     tokio::time::sleep(RETRY_PAUSE).await;
-                    let withdrawn = {
-                        let core = self.core();
-                        core.sessions
-                            .get(&session_id)
-                            .and_then(|s| s.waits.get(&request_id))
-                            .map(|w| w.withdrawn)
+                    let still = match self.core().sessions.get_mut(&session_id) {
+                        Some(s) if mine(s) => true,
+                        Some(s) => {
+                            s.withdrawn.remove(&hold_id);
+                            false
+                        }
+                        None => false,
                     };
-                    match withdrawn {
-                        Some(None) => {}
+                    if !still {
                         // The put may have been applied: take it back.
-                        Some(Some(token)) => {
-                            if let Some(s) = self.core().sessions.get_mut(&session_id) {
-                                s.waits.remove(&request_id);
-                            }
-                            let applied = Some((peer, token));
-                            return self.delete_later(
-                                session_id,
-                                name.as_str(),
-                                vec![key],
-                                applied,
-                            );
-                        }
-                        None => {
-                            return self.delete_later(session_id, name.as_str(), vec![key], None);
-                        }
+                        return self.delete_later(session_id, name.as_str(), vec![key], None);
                     }
                 }
             }
@@ -659,15 +670,15 @@ impl Shared {
                     // takes the key.
                     return;
                 };
-                let Some(w) = s.waits.get_mut(&request_id) else {
-                    return;
-                };
-                w.revision = Some(revision);
-                if let Some(token) = w.withdrawn {
-                    // Withdrawn while its key was being put.
-                    s.waits.remove(&request_id);
-                    After::Delete(Some(Notice::Applied { token }))
+                if !mine(s) {
+                    // Withdrawn while its key was being put (and answered
+                    // then): the key goes.
+                    s.withdrawn.remove(&hold_id);
+                    After::Delete(None)
                 } else {
+                    if let Some(w) = s.waits.get_mut(&request_id) {
+                        w.revision = Some(revision);
+                    }
                     match decision {
                         Decision::Read => unreachable!("read above"),
                         Decision::Refuse(notice) => {
@@ -735,9 +746,6 @@ impl Shared {
                 After::Read => {
                     decision = Decision::Read;
                     continue;
-                }
-                After::Delete(Some(Notice::Applied { token })) => {
-                    self.delete_later(session_id, name.as_str(), vec![key], Some((peer, token)));
                 }
                 // The answer waits for the key to go, so a try or a refusal
                 // leaves nothing behind in the queue.
@@ -1394,8 +1402,14 @@ impl Backend for Etcd {
                     waits: HashMap::new(),
                     holds: HashMap::new(),
                     stop_keepalive: None,
+                    withdrawn: HashSet::new(),
                     changes: Vec::new(),
                 });
+            // Withdrawn waits whose put etcd has not answered count
+            // against the session's pending ones.
+            if s.withdrawn.len() >= MAX_WITHDRAWN {
+                return Ok(AcquireOutcome::WouldBlock);
+            }
             s.waits.insert(
                 request_id,
                 Wait {
@@ -1403,11 +1417,10 @@ impl Backend for Etcd {
                     tag,
                     record,
                     revision: None,
-                    withdrawn: None,
                 },
             );
         }
-        tokio::spawn(Arc::clone(shared).put_wait(peer.id(), request_id, spec.may_wait));
+        tokio::spawn(Arc::clone(shared).put_wait(peer.id(), request_id, hold_id, spec.may_wait));
         Ok(AcquireOutcome::Queued)
     }
 
@@ -1420,8 +1433,10 @@ impl Backend for Etcd {
             let w = s.waits.get_mut(&request_id)?;
             let Some(revision) = w.revision else {
                 // Its key is still being put: it goes once it is.
-                w.withdrawn = Some(token);
-                return Some(Applied::Later);
+                let hold_id = w.record.hold_id;
+                s.waits.remove(&request_id);
+                s.withdrawn.insert(hold_id);
+                return Some(Applied::Now);
             };
             let w = s.waits.remove(&request_id).expect("looked up above");
             if let Some(state) = core.names.get_mut(name) {

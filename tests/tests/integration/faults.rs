@@ -337,3 +337,50 @@ async fn a_minority_grants_nothing_and_converges_after() {
     })
     .await
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_timeout_is_on_time_while_etcd_does_not_answer() {
+    let Some(cluster) = cluster().await else {
+        return;
+    };
+    bounded(async {
+        let prefix = etcd::unique_prefix("silent");
+        let daemon = cluster
+            .daemon(&prefix, Some(0), Duration::from_secs(10))
+            .await;
+        let mut raw = daemon.raw().await;
+        for i in 0..3 {
+            cluster.signal(i, libc::SIGSTOP);
+        }
+        // A new session's first acquire: its lease cannot be granted, nor
+        // its key put. Its timeout is answered on time all the same, and
+        // the session goes on.
+        let started = Instant::now();
+        let answer = raw
+            .call(
+                1,
+                acquire("m", lockbroker::LockKind::Mutex, 0, 1, Some(200)),
+            )
+            .await;
+        assert_eq!(answer, Response::TimedOut);
+        assert!(
+            started.elapsed() < Duration::from_secs(2),
+            "timed out after {:?}",
+            started.elapsed()
+        );
+        assert_eq!(raw.call(2, Request::Ping).await, Response::Pong);
+        for i in 0..3 {
+            cluster.signal(i, libc::SIGCONT);
+        }
+        // Once etcd answers again, the lock is there to take.
+        let granted = raw
+            .call(
+                3,
+                acquire("m", lockbroker::LockKind::Mutex, 0, 1, Some(20_000)),
+            )
+            .await;
+        assert!(matches!(granted, Response::Granted(_)), "{granted:?}");
+        daemon.stop().await;
+    })
+    .await
+}
