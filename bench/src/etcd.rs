@@ -203,8 +203,9 @@ async fn raw_pair(url: &str, ops: usize) -> Duration {
 }
 
 /// p50 of the two transactions lockbroker sends for an uncontended
-/// acquire and release (put the key and read the front of its queue; delete
-/// it and put the release note), sent directly: what etcd costs lockbroker,
+/// acquire and release (put the key, read the front of its queue, the
+/// name's marker and the key itself; delete it and put the release note),
+/// sent directly: what etcd costs lockbroker,
 /// without the hop through the daemon.
 async fn shaped_pair(url: &str, ops: usize) -> Duration {
     let mut client = connect(url).await;
@@ -227,6 +228,7 @@ async fn shaped_pair(url: &str, ops: usize) -> Duration {
                 ),
             ),
             TxnOp::get("/shaped/l/n\0!", None),
+            TxnOp::get(key.clone(), None),
         ]);
         kv.txn(txn).await.unwrap();
         let txn = etcd_client::Txn::new().and_then([
