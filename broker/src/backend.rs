@@ -1,18 +1,20 @@
 //! The seam between sessions and what keeps the locks and the state.
 //!
 //! A session needs a few operations of "the locks" (acquire, cancel,
-//! release, end its part, check a fence, list) and two of "the state"
+//! release, end its part in a name, end, list) and two of "the state"
 //! (submit an operation, the largest value); [`Backend`] is exactly those.
 //! [`Local`] is the backend of one daemon: the in-memory [`LockTable`] and
-//! the [`State`] store (memory, or redb on disk).
+//! the [`State`] store (memory, or redb on disk); `etcd::Etcd` (feature
+//! `etcd`) keeps both in an etcd cluster.
 //!
 //! The interface lets a backend answer later. An acquire that is not
-//! granted at once returns [`AcquireOutcome::Queued`] and its grant is sent
-//! to the session's [`Peer`] whenever it is made — by another session's
-//! release here, or by a remote cluster's answer in a backend that has
-//! one. State operations are answered on the session's completion channel
-//! ([`ReplyTo`]) in every backend. So a backend whose grants arrive over
-//! the network fits behind the same sessions, protocol and tests.
+//! granted at once returns [`AcquireOutcome::Queued`] and its outcome is
+//! sent to the session's [`Peer`] as a [`Notice`](crate::lock_table::Notice):
+//! a grant made by another session's release here, or a cluster's answer.
+//! A change returns [`Applied::Later`] when it is applied elsewhere, and
+//! `Notice::Applied` says when. State operations, fenced writes among
+//! them, are answered on the session's completion channel ([`ReplyTo`]) in
+//! every backend.
 //!
 //! A trait object (`Box<dyn Backend>` in the [`Broker`](crate::broker::Broker))
 //! costs one indirect call per request and no allocation; the local lock

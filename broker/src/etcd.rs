@@ -4,7 +4,7 @@
 //!
 //! Each session gets one etcd lease, granted at its first acquire and
 //! kept alive by its daemon; each hold or wait is one key on that lease
-//! ([`queue`] has the layout and the rule that decides who holds). A
+//! (`etcd/queue.rs` has the layout and the rule that decides who holds). A
 //! session that ends has its lease revoked at once, so its keys vanish
 //! and every daemon that waits on them grants the next in line; a daemon
 //! or host that dies stops keeping its leases alive, and etcd deletes

@@ -3,10 +3,11 @@
 //! (acquire, release, cancel, inspect, the cleanup at the end) and
 //! `state_requests` (the store's requests, watches, guarded writes).
 //!
-//! A session is a single task. It `select!`s on four things: the peer's next
-//! frame, grants the lock table made to it while it waited (sent by whichever
-//! session released), the earliest deadline of its waiting acquires, and the
-//! shutdown signal. Requests never block the loop — an acquire that must
+//! A session is a single task. It `select!`s on the peer's next frame, what
+//! the backend tells it later (grants made while it waited, sent by
+//! whichever session released or by the etcd backend; changes applied;
+//! listing pages), the state store's answers and changes, the earliest
+//! deadline of its waiting acquires, and the shutdown signal. Requests never block the loop — an acquire that must
 //! wait is just recorded — so one connection serves many concurrent requests.
 //! Answers are encoded into one buffer and written once per batch.
 //!
@@ -27,8 +28,8 @@
 //! their room once mostly empty.
 //!
 //! When the loop ends, for any reason, every name the session held or waited
-//! on is handed to [`LockTable::end_session`](crate::lock_table::LockTable::end_session); that also catches grants made
-//! to it that it never read.
+//! on is handed to the backend's `end_session`, then the session to its
+//! `session_ended`; that also catches grants made to it that it never read.
 
 mod locks;
 mod state_requests;

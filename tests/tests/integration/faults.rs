@@ -12,16 +12,7 @@ use lockbroker::{Client, Connector, WriteOptions, WriteOutcome};
 use lockbroker_proto::{ErrorCode, Request, Response, ServerMessage, StateSet};
 use lockbroker_tests::etcd::{self, Cluster, SHORT_LEASE_TTL};
 
-use crate::util::{DaemonProcess, Raw, acquire, address, bounded, daemon_bin, wait_until};
-
-/// Waits until `name` shows `n` waiters to `client`.
-async fn waiters(client: &Client, name: &str, n: usize) {
-    wait_until(&format!("{name} has {n} waiters"), || async {
-        let i = client.inspect(name).await.unwrap();
-        i.entries.first().map_or(0, |e| e.waiters.len()) == n
-    })
-    .await;
-}
+use crate::util::{Raw, acquire, address, bounded, spawn_etcd_daemon, wait_until, waiters};
 
 /// A new cluster of three, or `None` (the test skips) without etcd.
 async fn cluster() -> Option<Cluster> {
@@ -211,23 +202,8 @@ async fn a_daemon_stopped_past_its_lease_cannot_write_under_it() {
         let prefix = etcd::unique_prefix("paused");
         let dir = tempfile::tempdir().unwrap();
         let socket = address(dir.path());
-        let ttl = format!("{}s", SHORT_LEASE_TTL.as_secs());
         let endpoints = cluster.endpoints().join(",");
-        let flags: Vec<std::ffi::OsString> = [
-            "--backend",
-            "etcd",
-            "--etcd-endpoints",
-            &endpoints,
-            "--etcd-prefix",
-            &prefix,
-            "--lease-ttl",
-            &ttl,
-        ]
-        .iter()
-        .map(Into::into)
-        .collect();
-        let flags: Vec<&std::ffi::OsStr> = flags.iter().map(|f| f.as_os_str()).collect();
-        let paused = DaemonProcess::start(daemon_bin(), &socket, &flags).await;
+        let paused = spawn_etcd_daemon(&socket, &endpoints, &prefix, SHORT_LEASE_TTL).await;
         let mut holder = Raw::connect(&socket).await;
         holder.hello().await;
         let Response::Granted(held) = holder

@@ -2,18 +2,7 @@
 
 use std::sync::{Arc, Mutex as StdMutex};
 
-use lockbroker::Client;
-
-use crate::util::{bounded, on_both_backends, wait_until};
-
-/// Waits until `name` has `n` waiters.
-async fn waiters(client: &Client, name: &str, n: usize) {
-    wait_until(&format!("{name} has {n} waiters"), || async {
-        let i = client.inspect(name).await.unwrap();
-        i.entries.first().map_or(0, |e| e.waiters.len()) == n
-    })
-    .await;
-}
+use crate::util::{bounded, on_both_backends, waiters};
 
 on_both_backends! {
 async fn mutex_waiters_are_granted_in_arrival_order(backend) {

@@ -8,20 +8,10 @@ use std::process::Stdio;
 use std::sync::{Arc, Mutex as StdMutex};
 use std::time::{Duration, Instant};
 
-use lockbroker::Client;
 use lockbroker_tests::etcd::{self, SHORT_LEASE_TTL};
 use tokio::io::{AsyncBufReadExt, BufReader};
 
-use crate::util::{DaemonProcess, address, bounded, daemon_bin, wait_until, worker};
-
-/// Waits until `name` shows `n` waiters to `client`.
-async fn waiters(client: &Client, name: &str, n: usize) {
-    wait_until(&format!("{name} has {n} waiters"), || async {
-        let i = client.inspect(name).await.unwrap();
-        i.entries.first().map_or(0, |e| e.waiters.len()) == n
-    })
-    .await;
-}
+use crate::util::{address, bounded, spawn_etcd_daemon, waiters, worker};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn waiters_on_different_daemons_are_granted_in_queue_order() {
@@ -135,23 +125,8 @@ async fn a_daemon_killed_hands_its_locks_on_after_the_lease_ttl() {
         let prefix = etcd::unique_prefix("kill-daemon");
         let dir = tempfile::tempdir().unwrap();
         let socket = address(dir.path());
-        let endpoint = cluster.members[0].client_url.clone();
-        let ttl = format!("{}s", SHORT_LEASE_TTL.as_secs());
-        let flags: Vec<std::ffi::OsString> = [
-            "--backend",
-            "etcd",
-            "--etcd-endpoints",
-            &endpoint,
-            "--etcd-prefix",
-            &prefix,
-            "--lease-ttl",
-            &ttl,
-        ]
-        .iter()
-        .map(Into::into)
-        .collect();
-        let flags: Vec<&std::ffi::OsStr> = flags.iter().map(|f| f.as_os_str()).collect();
-        let mut doomed = DaemonProcess::start(daemon_bin(), &socket, &flags).await;
+        let endpoint = &cluster.members[0].client_url;
+        let mut doomed = spawn_etcd_daemon(&socket, endpoint, &prefix, SHORT_LEASE_TTL).await;
         let holder = lockbroker::Connector::new()
             .socket(&socket)
             .connect()

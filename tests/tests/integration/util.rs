@@ -36,6 +36,39 @@ pub fn wait_until_blocking(what: &str, mut cond: impl FnMut() -> bool) {
     }
 }
 
+/// Waits until `name` shows `n` waiters to `client`.
+pub async fn waiters(client: &lockbroker::Client, name: &str, n: usize) {
+    wait_until(&format!("{name} has {n} waiters"), || async {
+        let i = client.inspect(name).await.unwrap();
+        i.entries.first().map_or(0, |e| e.waiters.len()) == n
+    })
+    .await;
+}
+
+/// The `lockbrokerd` process on `socket`, on the etcd cluster at
+/// `endpoints` under `prefix`, with leases of `ttl`, once it serves.
+#[cfg(unix)]
+pub async fn spawn_etcd_daemon(
+    socket: &Path,
+    endpoints: &str,
+    prefix: &str,
+    ttl: std::time::Duration,
+) -> DaemonProcess {
+    let ttl = format!("{}s", ttl.as_secs());
+    let flags = [
+        "--backend",
+        "etcd",
+        "--etcd-endpoints",
+        endpoints,
+        "--etcd-prefix",
+        prefix,
+        "--lease-ttl",
+        &ttl,
+    ];
+    let flags: Vec<&std::ffi::OsStr> = flags.iter().map(std::ffi::OsStr::new).collect();
+    spawn_daemon(socket, &flags).await
+}
+
 /// Which backend a test's daemon keeps its locks in.
 #[derive(Debug, Clone, Copy)]
 // The etcd tests run on Unix; on Windows the variant is only named.
