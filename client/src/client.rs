@@ -307,12 +307,12 @@ impl Client {
     ) -> Result<Option<Grant>> {
         let op = ops::acquire(name, lock, timeout)?;
         let (id, reply) = self.submit(op.request)?;
-        let cancel = CancelOnDrop {
+        let mut wait = CancelOnDrop {
             client: self,
-            id: Some(id),
+            id,
+            reply: Some(reply),
         };
-        let response = reply.await.map_err(|_| Error::ConnectionLost);
-        cancel.disarm();
+        let response = wait.answer().await;
         op.answer.read(response?)
     }
 
@@ -443,22 +443,42 @@ impl LockRequest {
     }
 }
 
-/// Cancels a pending acquire on the daemon if its future is dropped.
+/// Waits for an acquire's answer; if dropped first, cancels the acquire
+/// on the daemon, or releases the grant already routed to it.
 struct CancelOnDrop<'a> {
     client: &'a Client,
-    id: Option<u64>,
+    id: u64,
+    /// Taken once the answer is read.
+    reply: Option<oneshot::Receiver<Response>>,
 }
 
 impl CancelOnDrop<'_> {
-    fn disarm(mut self) {
-        self.id = None;
+    async fn answer(&mut self) -> Result<Response> {
+        let reply = self.reply.as_mut().expect("the answer is read once");
+        let response = reply.await.map_err(|_| Error::ConnectionLost);
+        self.reply = None;
+        response
     }
 }
 
 impl Drop for CancelOnDrop<'_> {
     fn drop(&mut self) {
-        if let Some(request_id) = self.id {
-            self.client.forget(Request::Cancel { request_id });
+        let Some(mut reply) = self.reply.take() else {
+            return;
+        };
+        // Closed first, so that an answer is either in the channel now or
+        // refused from here on (and its grant released by the connection
+        // task); a grant already in the channel is never read otherwise.
+        reply.close();
+        match reply.try_recv() {
+            Ok(Response::Granted(grant)) => self.client.forget(Request::Release {
+                hold_id: grant.hold_id,
+            }),
+            // Answered otherwise: nothing is waiting or held.
+            Ok(_) => {}
+            Err(_) => self.client.forget(Request::Cancel {
+                request_id: self.id,
+            }),
         }
     }
 }

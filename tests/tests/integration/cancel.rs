@@ -1,11 +1,13 @@
 //! Cancellation: by request, and by dropping the acquire future.
 
+use std::future::Future;
+use std::task::Poll;
 use std::time::Duration;
 
 use lockbroker::{ErrorCode, LockKind};
 use lockbroker_proto::{Request, Response};
 
-use crate::util::{acquire, bounded, on_both_backends, wait_until};
+use crate::util::{Backend, acquire, bounded, on_both_backends, wait_until};
 
 on_both_backends! {
 async fn dropping_the_acquire_future_removes_the_waiter(backend) {
@@ -41,6 +43,40 @@ async fn dropping_the_acquire_future_removes_the_waiter(backend) {
     })
     .await
 }
+}
+
+/// An acquire future dropped after its grant reached the client but before
+/// it was polled again (a timeout firing just then) releases that grant:
+/// the grant is in the future's channel, so neither the cancel (too late)
+/// nor the connection task (it delivered the grant) would. Local only: the
+/// order the test relies on (the grant before the next answer) is the
+/// local backend's.
+#[tokio::test]
+async fn an_acquire_dropped_with_its_grant_unread_releases_it() {
+    bounded(async {
+        let daemon = Backend::Local.start().await;
+        let a = daemon.client().await;
+        let b = daemon.client().await;
+        let held = a.mutex("g").acquire().await.unwrap();
+        let b_mutex = b.mutex("g");
+        let mut pending = Box::pin(b_mutex.acquire());
+        // Polled once: the acquire is sent and waits.
+        let first = std::future::poll_fn(|cx| Poll::Ready(pending.as_mut().poll(cx))).await;
+        assert!(first.is_pending());
+        // Answered after the acquire, so the acquire is queued by now.
+        assert_eq!(b.inspect("g").await.unwrap().entries[0].waiters.len(), 1);
+        held.release().await.unwrap();
+        // The grant was written to b before this answer: it is routed to
+        // the future, which is never polled again.
+        let holders = &b.inspect("g").await.unwrap().entries[0].holders;
+        assert_eq!(holders[0].session.session_id, b.session_id());
+        drop(pending);
+        // The release is on the wire before this inspect.
+        let left = b.inspect("g").await.unwrap().entries;
+        assert!(left.is_empty(), "the dropped grant leaked: {left:?}");
+        daemon.stop().await;
+    })
+    .await
 }
 
 on_both_backends! {
