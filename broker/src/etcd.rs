@@ -163,8 +163,10 @@ struct Core {
     consume: Vec<(LockName, i64)>,
 }
 
-/// One session's lease: granted once, at its first acquire.
-type LeaseCell = OnceCell<Result<i64, ErrorInfo>>;
+/// One session's lease: granted once, at its first acquire (asked for
+/// again while etcd does not grant it); `None` once the session ended
+/// without one, so that none is granted after.
+type LeaseCell = OnceCell<Option<i64>>;
 
 struct SessionState {
     peer: Arc<Peer>,
@@ -280,6 +282,14 @@ fn never_sent(e: &etcd_client::Error) -> bool {
     matches!(e, etcd_client::Error::TransportError(_))
         || text.contains("connect error")
         || text.contains("Connection refused")
+}
+
+/// Whether `e` says a read's revision was compacted away (reading it
+/// again cannot succeed): etcd's `ErrCompacted`, which the client crate
+/// passes on as text.
+fn compacted(e: &etcd_client::Error) -> bool {
+    e.to_string()
+        .contains("required revision has been compacted")
 }
 
 fn unavailable(e: impl std::fmt::Display) -> ErrorInfo {
@@ -415,9 +425,9 @@ impl Shared {
     }
 
     /// The session's lease, granted (and its keepalive started) by the
-    /// first caller.
+    /// first caller; asked for again by the next one if that failed.
     async fn lease(self: &Arc<Self>, session_id: u64, cell: &LeaseCell) -> Result<i64, ErrorInfo> {
-        cell.get_or_init(|| async {
+        let lease = cell.get_or_try_init(|| async {
             let mut client = self.client.clone();
             let (id, asked) = grant_lease(&client, self.ttl, true).await?;
             let (stop, stopped) = tokio::sync::oneshot::channel();
@@ -440,10 +450,11 @@ impl Shared {
                     let _ = client.lease_revoke(id).await;
                 }
             }
-            Ok(id)
-        })
-        .await
-        .clone()
+            Ok::<_, ErrorInfo>(Some(id))
+        });
+        lease
+            .await?
+            .ok_or_else(|| ErrorInfo::new(ErrorCode::Internal, "the session has ended"))
     }
 
     /// Puts abandonment markers for `names` (each with the record of a
@@ -534,24 +545,33 @@ impl Shared {
         }) else {
             return;
         };
-        let refuse = |error: ErrorInfo| {
-            let ours = match self.core().sessions.get_mut(&session_id) {
-                Some(s) if mine(s) => s.waits.remove(&request_id).is_some(),
-                // Withdrawn meanwhile, and answered then.
-                Some(s) => {
-                    s.withdrawn.remove(&hold_id);
-                    false
+        // After a pause for etcd: whether the wait is still worth
+        // pursuing (withdrawn, it is done with).
+        let still_mine = || match self.core().sessions.get_mut(&session_id) {
+            Some(s) if mine(s) => true,
+            Some(s) => {
+                s.withdrawn.remove(&hold_id);
+                false
+            }
+            None => false,
+        };
+        // The session's lease is waited for as the put is.
+        let lease = loop {
+            match self.lease(session_id, &lease).await {
+                Ok(lease) => break lease,
+                Err(e) => {
+                    tracing::debug!("etcd did not grant a session's lease, asking again: {e:?}");
+                    if !still_mine() {
+                        // Nothing was put.
+                        return;
+                    }
                 }
-                None => false,
-            };
-            if ours {
-                peer.notify(Notice::Refused { request_id, error });
             }
         };
-        let lease = match self.lease(session_id, &lease).await {
-            Ok(lease) => lease,
-            Err(e) => return refuse(e),
-        };
+        if !still_mine() {
+            // Withdrawn while the lease was granted: nothing to put.
+            return;
+        }
         let key = queue::hold_key(&self.prefix, name.as_str(), &tag);
         let marker = queue::marker_key(&self.prefix, name.as_str());
         // The front of the queue is enough to know whether the new key is
@@ -583,15 +603,7 @@ impl Shared {
                 Err(e) => {
                     tracing::debug!("etcd did not take an acquire, retrying: {e}");
                     tokio::time::sleep(RETRY_PAUSE).await;
-                    let still = match self.core().sessions.get_mut(&session_id) {
-                        Some(s) if mine(s) => true,
-                        Some(s) => {
-                            s.withdrawn.remove(&hold_id);
-                            false
-                        }
-                        None => false,
-                    };
-                    if !still {
+                    if !still_mine() {
                         // The put may have been applied: take it back.
                         return self.delete_later(session_id, name.as_str(), vec![key], None);
                     }
@@ -600,7 +612,7 @@ impl Shared {
         };
         // Where the queue was read, and where this key stands in it (its
         // fence): the same, unless the put was applied by an earlier try.
-        let read_at = response.header().map_or(0, |h| h.revision());
+        let mut read_at = response.header().map_or(0, |h| h.revision());
         let mut gets = response.op_responses().into_iter().filter_map(|r| match r {
             TxnOpResponse::Get(g) => Some(g),
             _ => None,
@@ -650,13 +662,27 @@ impl Shared {
                 // could not decide, and for the first waiter of a name
                 // here, whose watch starts from it.
                 match self.read_queue(name.as_str(), read_at).await {
-                    Ok(queue) => {
+                    Ok((queue, at)) => {
+                        read_at = at;
                         decision =
                             decide(&queue, revision, may_wait, request_id, Some(queue.clone()))
                     }
+                    // What was read at is gone for good: the queue as it
+                    // is now tells as much (the name's watch starts from
+                    // there).
+                    Err(e) if compacted(&e) => {
+                        read_at = 0;
+                        continue;
+                    }
+                    // Read again, as the put is sent again, while etcd
+                    // does not answer.
                     Err(e) => {
-                        self.delete_later(session_id, name.as_str(), vec![key], None);
-                        return refuse(e);
+                        tracing::debug!("etcd did not read a queue, retrying: {e}");
+                        tokio::time::sleep(RETRY_PAUSE).await;
+                        if !still_mine() {
+                            return self.delete_later(session_id, name.as_str(), vec![key], None);
+                        }
+                        continue;
                     }
                 }
             }
@@ -771,16 +797,25 @@ impl Shared {
         }
     }
 
-    /// Every key of `name` at `revision`, in queue order.
-    async fn read_queue(&self, name: &str, revision: i64) -> Result<Vec<Queued>, ErrorInfo> {
+    /// Every key of `name` at `revision` (0: the latest), in queue order,
+    /// and the revision read at.
+    async fn read_queue(
+        &self,
+        name: &str,
+        revision: i64,
+    ) -> Result<(Vec<Queued>, i64), etcd_client::Error> {
         let options = GetOptions::new().with_prefix().with_revision(revision);
         let read = self
             .client
             .clone()
             .get(self.name_range(name), Some(options))
-            .await
-            .map_err(unavailable)?;
-        Ok(self.queued(name, read.kvs()))
+            .await?;
+        // The header has the latest revision, whatever was read at.
+        let at = match revision {
+            0 => read.header().map_or(0, |h| h.revision()),
+            at => at,
+        };
+        Ok((self.queued(name, read.kvs()), at))
     }
 
     /// Deletes `name`'s abandonment marker, if it is still the one put at
@@ -1518,7 +1553,7 @@ impl Backend for Etcd {
                 .into_iter()
                 .filter_map(|id| s.holds.remove(&id).map(|h| (id, h)))
                 .collect();
-            let lease = s.lease.get().and_then(|l| l.as_ref().ok().copied());
+            let lease = s.lease.get().copied().flatten();
             (
                 ended,
                 shrunk.map(|(id, tag, record)| (id, tag, record, lease)),
@@ -1632,9 +1667,7 @@ impl Backend for Etcd {
             }
             // A lease being granted is waited for; one not asked for yet
             // never will be.
-            let ended =
-                || async { Err(ErrorInfo::new(ErrorCode::Internal, "the session has ended")) };
-            let Ok(id) = lease.get_or_init(ended).await.clone() else {
+            let Some(id) = *lease.get_or_init(|| async { None }).await else {
                 return;
             };
             // Revoking takes every key of the session at once; its

@@ -1,7 +1,8 @@
 //! Faults under the etcd backend, each on a 3-member cluster of its own:
 //! the leader killed under a hammer of guarded writes, the member a daemon
 //! talks to stopped, a daemon stopped past its lease, two of three members
-//! stopped. Mutual exclusion holds through each, and afterwards everything
+//! stopped (under a held lock, and under a session's first acquire).
+//! Mutual exclusion holds through each, and afterwards everything
 //! converges.
 
 use std::sync::Arc;
@@ -352,6 +353,47 @@ async fn a_timeout_is_on_time_while_etcd_does_not_answer() {
         let granted = raw
             .call(
                 3,
+                acquire("m", lockbroker::LockKind::Mutex, 0, 1, Some(20_000)),
+            )
+            .await;
+        assert!(matches!(granted, Response::Granted(_)), "{granted:?}");
+        daemon.stop().await;
+    })
+    .await
+}
+
+/// A session's first acquire while etcd cannot grant leases for longer
+/// than the daemon gives one request (two members of three stopped) waits
+/// for etcd as it waits for the lock: it times out, not `unavailable`; and
+/// the session's next acquire, once etcd answers, is granted (the failed
+/// lease is asked for again, not remembered).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_first_acquire_waits_out_an_outage_longer_than_a_request() {
+    let Some(cluster) = cluster().await else {
+        return;
+    };
+    bounded(async {
+        let prefix = etcd::unique_prefix("outage");
+        let daemon = cluster
+            .daemon(&prefix, Some(0), Duration::from_secs(10))
+            .await;
+        let mut raw = daemon.raw().await;
+        cluster.signal(1, libc::SIGSTOP);
+        cluster.signal(2, libc::SIGSTOP);
+        // Past the five seconds one request to etcd is given, after which
+        // member 0 (no leader) has failed the lease at least once.
+        let answer = raw
+            .call(
+                1,
+                acquire("m", lockbroker::LockKind::Mutex, 0, 1, Some(9_000)),
+            )
+            .await;
+        assert_eq!(answer, Response::TimedOut);
+        cluster.signal(1, libc::SIGCONT);
+        cluster.signal(2, libc::SIGCONT);
+        let granted = raw
+            .call(
+                2,
                 acquire("m", lockbroker::LockKind::Mutex, 0, 1, Some(20_000)),
             )
             .await;
