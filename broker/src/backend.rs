@@ -353,11 +353,7 @@ mod tests {
         let (ours, theirs) = tokio::io::duplex(64 * 1024);
         let (r, w) = tokio::io::split(theirs);
         let (_trigger, shutdown) = crate::shutdown::channel();
-        let cred = PeerCred {
-            pid: None,
-            uid: None,
-            gid: None,
-        };
+        let cred = PeerCred::default();
         tokio::spawn(crate::session::run(r, w, cred, broker, shutdown));
         let (r, mut w) = tokio::io::split(ours);
         let mut reader = FrameReader::new(r, DEFAULT_MAX_FRAME_LEN);

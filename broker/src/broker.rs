@@ -10,6 +10,7 @@ use lockbroker_proto::ServerInfo;
 
 use crate::backend::{Backend, Local};
 use crate::config::SessionLimits;
+use crate::identity::Accounts;
 use crate::lock_table::LockTable;
 use crate::state::State;
 
@@ -28,6 +29,10 @@ pub struct Broker {
     /// straight into a socket (`direct`), so, as before, a session that
     /// is ending answers no grant made by another's end.
     ending: Arc<AtomicBool>,
+    /// This host's name, shown with every session.
+    pub host: String,
+    /// The names of the peers' accounts.
+    pub accounts: Accounts,
 }
 
 impl Broker {
@@ -55,6 +60,8 @@ impl Broker {
             open_sessions: AtomicU64::new(0),
             next_session: AtomicU64::new(0),
             ending: Arc::new(AtomicBool::new(false)),
+            host: crate::identity::host_name(),
+            accounts: Accounts::default(),
         }
     }
 

@@ -299,24 +299,6 @@ fn unavailable(e: impl std::fmt::Display) -> ErrorInfo {
     )
 }
 
-fn host_name() -> String {
-    #[cfg(unix)]
-    {
-        let mut buf = [0u8; 256];
-        // SAFETY: the buffer is valid for its length; gethostname writes a
-        // NUL-terminated name into it (truncated if longer).
-        if unsafe { libc::gethostname(buf.as_mut_ptr().cast(), buf.len()) } == 0 {
-            let end = buf.iter().position(|b| *b == 0).unwrap_or(buf.len());
-            return String::from_utf8_lossy(&buf[..end]).into_owned();
-        }
-        String::new()
-    }
-    #[cfg(windows)]
-    {
-        std::env::var("COMPUTERNAME").unwrap_or_default()
-    }
-}
-
 impl Etcd {
     /// Connects to the cluster (failing if no member answers in time) and
     /// starts the watch tasks; shared state has `state`'s limits.
@@ -374,7 +356,7 @@ impl Etcd {
             prefix: config.prefix.trim_end_matches('/').to_owned(),
             ttl: config.lease_ttl,
             instance: u64::from_le_bytes(seed),
-            host: host_name(),
+            host: crate::identity::host_name(),
             next_hold: AtomicU64::new(0),
             core: Mutex::new(Core::default()),
             watches,

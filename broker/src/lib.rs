@@ -44,6 +44,7 @@ pub mod direct;
 pub mod error;
 #[cfg(feature = "etcd")]
 pub mod etcd;
+pub mod identity;
 pub mod lock_table;
 pub mod program;
 pub mod server;

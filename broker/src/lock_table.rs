@@ -1069,6 +1069,7 @@ mod tests {
             uid: None,
             gid: None,
             client_name: format!("s{id}"),
+            ..SessionInfo::default()
         })
     }
 

@@ -39,8 +39,8 @@ use std::sync::Arc;
 
 use lockbroker_proto::io::{FrameReader, FrameWriter};
 use lockbroker_proto::{
-    ClientMessage, ErrorCode, ErrorInfo, Event, FrameError, Limits, MAGIC, PROTOCOL_VERSION,
-    Request, Response, ServerMessage, SessionInfo, Welcome,
+    ClientMessage, ErrorCode, ErrorInfo, Event, FrameError, Limits, MAGIC, OLDEST_PROTOCOL_VERSION,
+    PROTOCOL_VERSION, Request, Response, ServerMessage, SessionInfo, Welcome,
 };
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::mpsc;
@@ -75,15 +75,22 @@ pub async fn run<R, W>(
         hello = tokio::time::timeout(limits.handshake_timeout, reader.read_message()) => hello,
         _ = shutdown.recv() => return,
     };
-    let client_name = match handshake(hello) {
-        Ok(name) => name,
+    let (version, client_name) = match handshake(hello) {
+        Ok(agreed) => agreed,
         Err(Some(fatal)) => {
             let _ = write_fatal(&mut out, fatal).await;
             return;
         }
         Err(None) => return,
     };
+    out.set_version(version);
+    reader.set_version(version);
     let session_id = broker.next_session_id();
+    let user = match (cred.user, cred.uid) {
+        (Some(user), _) => user,
+        (None, Some(uid)) => broker.accounts.name(uid).await.to_string(),
+        (None, None) => String::new(),
+    };
     let (peer, grants) = Peer::with_gate(
         SessionInfo {
             session_id,
@@ -91,6 +98,8 @@ pub async fn run<R, W>(
             uid: cred.uid,
             gid: cred.gid,
             client_name,
+            host: broker.host.clone(),
+            user,
         },
         Some(gate),
     );
@@ -107,7 +116,7 @@ pub async fn run<R, W>(
         lost: None,
     };
     session.answer(ServerMessage::Welcome(Welcome {
-        version: PROTOCOL_VERSION,
+        version,
         server_version: crate::VERSION.to_owned(),
         session_id,
         limits: Limits {
@@ -132,11 +141,12 @@ pub async fn run<R, W>(
     session.cleanup();
 }
 
-/// Checks the first frame; `Err(Some)` is a fatal error to send, `Err(None)`
-/// a connection to drop silently.
+/// Checks the first frame: the version the session speaks and its client
+/// name, or `Err(Some)`, a fatal error to send, or `Err(None)`, a
+/// connection to drop silently.
 fn handshake(
     hello: Result<Result<Option<ClientMessage>, FrameError>, tokio::time::error::Elapsed>,
-) -> Result<String, Option<ErrorInfo>> {
+) -> Result<(u16, String), Option<ErrorInfo>> {
     let fatal = |code, msg: String| Err(Some(ErrorInfo::new(code, msg)));
     let hello = match hello {
         Err(_elapsed) => {
@@ -164,11 +174,11 @@ fn handshake(
             ),
         );
     }
-    if hello.version != PROTOCOL_VERSION {
+    if !(OLDEST_PROTOCOL_VERSION..=PROTOCOL_VERSION).contains(&hello.version) {
         return fatal(
             ErrorCode::UnsupportedVersion,
             format!(
-                "client speaks protocol version {}; this daemon speaks version {PROTOCOL_VERSION}",
+                "client speaks protocol version {}; this daemon speaks versions {OLDEST_PROTOCOL_VERSION} to {PROTOCOL_VERSION}",
                 hello.version
             ),
         );
@@ -179,7 +189,7 @@ fn handshake(
             format!("invalid client name: {e}"),
         );
     }
-    Ok(hello.client_name)
+    Ok((hello.version, hello.client_name))
 }
 
 /// The fatal error to send for a frame that could not be read, if any.

@@ -19,7 +19,7 @@ pub use unix::*;
 pub use windows::*;
 
 /// Who is on the other end of a connection, where the platform says.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct PeerCred {
     /// Process id.
     pub pid: Option<u32>,
@@ -27,6 +27,9 @@ pub struct PeerCred {
     pub uid: Option<u32>,
     /// Group id.
     pub gid: Option<u32>,
+    /// The account's name, where the transport reads it with the uid
+    /// (Windows: from the peer's token); else it is looked up by uid.
+    pub user: Option<String>,
 }
 
 #[cfg(unix)]
@@ -116,6 +119,7 @@ mod unix {
                     pid: c.pid().map(|p| p as u32),
                     uid: Some(c.uid()),
                     gid: Some(c.gid()),
+                    user: None,
                 })
                 .unwrap_or_default();
             let (r, w) = stream.into_split();
@@ -343,13 +347,12 @@ mod windows {
             // A client whose token this daemon may not read (another
             // user's elevated process, for a daemon not run as SYSTEM)
             // gets no uid, as on a platform without credentials.
-            let uid = pid
-                .and_then(|pid| lockbroker_proto::pipe::identity_of(pid).ok())
-                .and_then(|identity| identity.uid);
+            let identity = pid.and_then(|pid| lockbroker_proto::pipe::identity_of(pid).ok());
             let cred = PeerCred {
                 pid,
-                uid,
+                uid: identity.as_ref().and_then(|identity| identity.uid),
                 gid: None,
+                user: identity.map(|identity| identity.account),
             };
             let (r, w) = stream.split();
             Ok((r, PipeWriter::new(w), cred))

@@ -79,32 +79,16 @@ fn now_ms() -> u64 {
 }
 
 fn session_json(s: &SessionInfo) -> Value {
+    let named = |text: &str| (!text.is_empty()).then(|| text.to_owned());
     json!({
         "session": s.session_id,
+        "host": named(&s.host),
         "pid": s.pid,
         "uid": s.uid,
         "gid": s.gid,
-        "user": account(s),
+        "user": named(&s.user),
         "client": s.client_name,
     })
-}
-
-/// The account a Windows session runs as (`DOMAIN\user`), read from its
-/// process's token: the protocol carries only the number derived from the
-/// SID (`uid`), and the name is for people. Only when the process can be
-/// read and its user still has that number (a pid reused since would
-/// not); `None` on Unix, where `uid` says it.
-fn account(s: &SessionInfo) -> Option<String> {
-    #[cfg(windows)]
-    {
-        let identity = lockbroker::address::identity_of(s.pid?).ok()?;
-        (identity.uid == s.uid).then_some(identity.account)
-    }
-    #[cfg(not(windows))]
-    {
-        let _ = s;
-        None
-    }
 }
 
 fn merge(mut a: Value, b: Value) -> Value {
@@ -167,10 +151,19 @@ fn who(s: &SessionInfo) -> String {
     } else {
         &s.client_name
     };
-    match account(s) {
-        Some(user) => format!("pid {:<7} user {user} {client}", opt(s.pid)),
-        None => format!("pid {:<7} uid {:<6} {client}", opt(s.pid), opt(s.uid)),
-    }
+    // The account's name where its host knows it, else its number.
+    let user = if s.user.is_empty() {
+        format!("uid {:<6}", opt(s.uid))
+    } else {
+        format!("user {}", s.user)
+    };
+    // Which host, for daemons that share an etcd cluster.
+    let host = if s.host.is_empty() {
+        String::new()
+    } else {
+        format!(" on {}", s.host)
+    };
+    format!("pid {:<7} {user}{host} {client}", opt(s.pid))
 }
 
 /// The first line of the table form.

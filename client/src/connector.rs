@@ -8,7 +8,8 @@ use lockbroker_proto::address::Expected;
 use lockbroker_proto::address::{self, Address, Env, Scope};
 use lockbroker_proto::io::{FrameReader, write_message};
 use lockbroker_proto::{
-    ClientMessage, Hello, MAGIC, PROTOCOL_VERSION, ServerMessage, Welcome, frame,
+    ClientMessage, Hello, MAGIC, OLDEST_PROTOCOL_VERSION, PROTOCOL_VERSION, ServerMessage, Welcome,
+    frame,
 };
 
 use crate::client::Client;
@@ -227,6 +228,33 @@ impl Trust {
 }
 
 async fn connect(path: PathBuf, client_name: String, trust: Trust) -> Result<Client> {
+    match connect_as(&path, client_name.clone(), &trust, PROTOCOL_VERSION).await {
+        Err(e) if refused_version(&e) => {
+            connect_as(&path, client_name, &trust, OLDEST_PROTOCOL_VERSION).await
+        }
+        other => other,
+    }
+}
+
+/// Whether a handshake failed only for the version asked: a daemon of
+/// before the latest version, to be asked again in the oldest.
+pub(crate) fn refused_version(e: &Error) -> bool {
+    matches!(
+        e,
+        Error::Handshake {
+            code: Some(lockbroker_proto::ErrorCode::UnsupportedVersion),
+            ..
+        }
+    )
+}
+
+async fn connect_as(
+    path: &std::path::Path,
+    client_name: String,
+    trust: &Trust,
+    version: u16,
+) -> Result<Client> {
+    let path = path.to_owned();
     let (reader, mut writer, server) =
         transport::connect(&path)
             .await
@@ -239,31 +267,34 @@ async fn connect(path: PathBuf, client_name: String, trust: Trust) -> Result<Cli
     // A daemon that refuses us (e.g. at its connection limit) may answer
     // and close before reading the Hello, so a failed write is only final
     // if no answer can be read either.
-    let sent = write_message(&mut writer, &hello(client_name), HELLO_MAX).await;
+    let sent = write_message(&mut writer, &hello(client_name, version), HELLO_MAX).await;
     let mut reader = FrameReader::new(reader, frame::DEFAULT_MAX_FRAME_LEN);
     let answer = reader.read_message::<ServerMessage>().await;
-    let welcome = welcome(&path, answer, sent.map_err(|e| e.to_string()))?;
+    let welcome = welcome(&path, answer, sent.map_err(|e| e.to_string()), version)?;
     reader.set_max_len(welcome.limits.max_frame_len);
+    reader.set_version(welcome.version);
     Ok(Client::start(reader, writer, welcome))
 }
 
 /// Before the Welcome the daemon's limit is unknown; a Hello is small.
 pub(crate) const HELLO_MAX: u32 = lockbroker_proto::MIN_MAX_FRAME_LEN;
 
-/// The first frame this client sends.
-pub(crate) fn hello(client_name: String) -> ClientMessage {
+/// The first frame this client sends, asking for protocol `version`.
+pub(crate) fn hello(client_name: String, version: u16) -> ClientMessage {
     ClientMessage::Hello(Hello {
         magic: MAGIC,
-        version: PROTOCOL_VERSION,
+        version,
         client_name,
     })
 }
 
-/// What the daemon's first answer means, given whether the Hello was sent.
+/// What the daemon's first answer means, given whether the Hello (of
+/// protocol `version`) was sent.
 pub(crate) fn welcome(
     path: &std::path::Path,
     answer: std::result::Result<Option<ServerMessage>, lockbroker_proto::FrameError>,
     sent: std::result::Result<(), String>,
+    version: u16,
 ) -> Result<Welcome> {
     let handshake = |code, message: String| Error::Handshake {
         path: path.to_owned(),
@@ -287,7 +318,7 @@ pub(crate) fn welcome(
         }
         (Err(e), Ok(())) => return Err(handshake(None, e.to_string())),
     };
-    if welcome.version != PROTOCOL_VERSION {
+    if welcome.version != version {
         return Err(handshake(
             None,
             format!(

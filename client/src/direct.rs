@@ -29,10 +29,11 @@ use lockbroker_proto::{
     Welcome, frame,
 };
 
-use crate::connector::{Connector, HELLO_MAX, hello, welcome};
+use crate::connector::{Connector, HELLO_MAX, hello, refused_version, welcome};
 use crate::error::{Error, Result};
 use crate::ops::Op;
 use crate::state::WatchEvent;
+use lockbroker_proto::{OLDEST_PROTOCOL_VERSION, PROTOCOL_VERSION};
 
 /// One session, shared by every handle, guard and watch made from it.
 #[derive(Debug)]
@@ -105,8 +106,16 @@ impl Shared {
 }
 
 impl Conn {
-    /// Connects and shakes hands as `connector` says.
+    /// Connects and shakes hands as `connector` says, in the latest
+    /// protocol version, or the oldest if the daemon predates it.
     pub(crate) fn connect(connector: &Connector) -> Result<Arc<Conn>> {
+        match Conn::connect_as(connector, PROTOCOL_VERSION) {
+            Err(e) if refused_version(&e) => Conn::connect_as(connector, OLDEST_PROTOCOL_VERSION),
+            other => other,
+        }
+    }
+
+    fn connect_as(connector: &Connector, version: u16) -> Result<Arc<Conn>> {
         let (path, name, trust) = connector.prepare()?;
         let failed = |source: io::Error| Error::Connect {
             path: path.clone(),
@@ -125,7 +134,7 @@ impl Conn {
         stream.set_read_timeout(Some(left)).map_err(failed)?;
         stream.set_write_timeout(Some(left)).map_err(failed)?;
         let mut bytes = Vec::new();
-        let sent = frame::encode(&hello(name), HELLO_MAX, &mut bytes)
+        let sent = frame::encode(&hello(name, version), HELLO_MAX, &mut bytes)
             .map_err(|e| e.to_string())
             .and_then(|()| send_all(stream.as_raw_fd(), &bytes).map_err(|e| e.to_string()));
         let mut reader = FrameReader::new((), frame::DEFAULT_MAX_FRAME_LEN);
@@ -145,8 +154,9 @@ impl Conn {
                 Err(e) => break Err(FrameError::Io(e)),
             }
         };
-        let welcome = welcome(&path, answer, sent)?;
+        let welcome = welcome(&path, answer, sent, version)?;
         reader.set_max_len(welcome.limits.max_frame_len);
+        reader.set_version(welcome.version);
         stream.set_read_timeout(None).map_err(failed)?;
         stream.set_write_timeout(None).map_err(failed)?;
         Ok(Arc::new(Conn {

@@ -15,7 +15,7 @@ use bincode::Options;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
-use crate::message::{EntryInfo, Inspection, Response, ServerInfo, ServerMessage};
+use crate::message::{EntryInfo, Inspection, Response, ServerInfo, ServerMessage, in_wire_version};
 
 /// Bytes in the length prefix.
 pub const HEADER_LEN: usize = 4;
@@ -60,11 +60,26 @@ fn options(limit: u64) -> impl Options {
         .reject_trailing_bytes()
 }
 
-/// Appends `msg` as one frame (length prefix and body) to `out`.
+/// Appends `msg` as one frame (length prefix and body) to `out`, in the
+/// latest protocol version.
 ///
 /// Fails with [`FrameError::TooLarge`] — leaving `out` as it was — if the
 /// body would be longer than `max_len`.
 pub fn encode<T: Serialize>(msg: &T, max_len: u32, out: &mut Vec<u8>) -> Result<(), FrameError> {
+    encode_in(crate::PROTOCOL_VERSION, msg, max_len, out)
+}
+
+/// [`encode`] for a connection that speaks protocol `version`.
+pub fn encode_in<T: Serialize>(
+    version: u16,
+    msg: &T,
+    max_len: u32,
+    out: &mut Vec<u8>,
+) -> Result<(), FrameError> {
+    in_wire_version(version, || encode_latest(msg, max_len, out))
+}
+
+fn encode_latest<T: Serialize>(msg: &T, max_len: u32, out: &mut Vec<u8>) -> Result<(), FrameError> {
     let start = out.len();
     out.extend_from_slice(&[0; HEADER_LEN]);
     // The limit makes bincode stop (with an error) once the body passes
@@ -109,11 +124,21 @@ pub fn peek_len(buf: &[u8], max_len: u32) -> Result<Option<usize>, FrameError> {
     Ok(Some(len as usize))
 }
 
-/// Decodes the frame at the start of `buf`.
+/// Decodes the frame at the start of `buf`, in the latest protocol
+/// version.
 ///
 /// Returns the message and how many bytes of `buf` it used, or `Ok(None)` if
 /// the frame is not complete yet.
 pub fn decode<T: DeserializeOwned>(
+    buf: &[u8],
+    max_len: u32,
+) -> Result<Option<(T, usize)>, FrameError> {
+    decode_in(crate::PROTOCOL_VERSION, buf, max_len)
+}
+
+/// [`decode`] for a connection that speaks protocol `version`.
+pub fn decode_in<T: DeserializeOwned>(
+    version: u16,
     buf: &[u8],
     max_len: u32,
 ) -> Result<Option<(T, usize)>, FrameError> {
@@ -123,7 +148,7 @@ pub fn decode<T: DeserializeOwned>(
     let Some(body) = buf.get(HEADER_LEN..HEADER_LEN + len) else {
         return Ok(None);
     };
-    let msg = decode_body(body)?;
+    let msg = decode_body_in(version, body)?;
     Ok(Some((msg, HEADER_LEN + len)))
 }
 
@@ -141,15 +166,17 @@ pub struct InspectionFrame {
     count_at: usize,
     count: u64,
     max_len: u32,
+    version: u16,
 }
 
 /// Bytes after the entries: `Inspection.truncated`.
 const AFTER_ENTRIES: usize = 1;
 
 impl InspectionFrame {
-    /// The answer to request `id`, from `server`, with no entries yet;
-    /// its body may be at most `max_len` bytes.
-    pub fn new(id: u64, server: ServerInfo, max_len: u32) -> InspectionFrame {
+    /// The answer to request `id`, from `server`, with no entries yet, for
+    /// a connection that speaks protocol `version`; its body may be at most
+    /// `max_len` bytes.
+    pub fn new(id: u64, server: ServerInfo, max_len: u32, version: u16) -> InspectionFrame {
         let empty = ServerMessage::Response {
             id,
             response: Response::Inspection(Inspection {
@@ -168,6 +195,7 @@ impl InspectionFrame {
             buf,
             count: 0,
             max_len,
+            version,
         }
     }
 
@@ -177,11 +205,17 @@ impl InspectionFrame {
         let start = self.buf.len();
         let used = (start - HEADER_LEN + AFTER_ENTRIES) as u64;
         let room = u64::from(self.max_len).saturating_sub(used);
-        if let Err(e) = options(room).serialize_into(&mut self.buf, entry) {
+        let written = in_wire_version(self.version, || {
+            options(room).serialize_into(&mut self.buf, entry)
+        });
+        if let Err(e) = written {
             self.buf.truncate(start);
             return Err(match *e {
                 bincode::ErrorKind::SizeLimit => FrameError::TooLarge {
-                    len: used + options(u64::MAX).serialized_size(entry).unwrap_or(0),
+                    len: used
+                        + in_wire_version(self.version, || {
+                            options(u64::MAX).serialized_size(entry).unwrap_or(0)
+                        }),
                     max: self.max_len,
                 },
                 other => FrameError::Malformed(other.to_string()),
@@ -215,12 +249,19 @@ impl InspectionFrame {
     }
 }
 
-/// Decodes a frame body (without its length prefix); the whole body must be
-/// one message.
+/// Decodes a frame body (without its length prefix) in the latest
+/// protocol version; the whole body must be one message.
 pub fn decode_body<T: DeserializeOwned>(body: &[u8]) -> Result<T, FrameError> {
-    options(body.len() as u64)
-        .deserialize(body)
-        .map_err(|e| FrameError::Malformed(e.to_string()))
+    decode_body_in(crate::PROTOCOL_VERSION, body)
+}
+
+/// [`decode_body`] for a connection that speaks protocol `version`.
+pub fn decode_body_in<T: DeserializeOwned>(version: u16, body: &[u8]) -> Result<T, FrameError> {
+    in_wire_version(version, || {
+        options(body.len() as u64)
+            .deserialize(body)
+            .map_err(|e| FrameError::Malformed(e.to_string()))
+    })
 }
 
 #[cfg(test)]
@@ -312,6 +353,8 @@ mod tests {
             uid: None,
             gid: Some(5),
             client_name: "x".into(),
+            host: "h".into(),
+            user: String::new(),
         };
         EntryInfo {
             name: name.into(),
@@ -355,7 +398,12 @@ mod tests {
                     truncated,
                 }),
             };
-            let mut built = InspectionFrame::new(77, server.clone(), DEFAULT_MAX_FRAME_LEN);
+            let mut built = InspectionFrame::new(
+                77,
+                server.clone(),
+                DEFAULT_MAX_FRAME_LEN,
+                crate::PROTOCOL_VERSION,
+            );
             for e in &entries {
                 built.push(e).unwrap();
             }
@@ -387,7 +435,8 @@ mod tests {
         };
         // Room for exactly one entry.
         let max = to_frame(&whole(vec![entry("a")]), u32::MAX).unwrap().len() - HEADER_LEN;
-        let mut built = InspectionFrame::new(1, server.clone(), max as u32);
+        let mut built =
+            InspectionFrame::new(1, server.clone(), max as u32, crate::PROTOCOL_VERSION);
         built.push(&entry("a")).unwrap();
         let err = built.push(&entry("b")).unwrap_err();
         assert!(matches!(err, FrameError::TooLarge { .. }), "{err}");

@@ -35,6 +35,7 @@ pub struct FrameReader<R> {
     /// Bytes of `buf` before this offset have been decoded already.
     start: usize,
     max_len: u32,
+    version: u16,
 }
 
 impl<R> FrameReader<R> {
@@ -45,6 +46,7 @@ impl<R> FrameReader<R> {
             buf: Vec::new(),
             start: 0,
             max_len,
+            version: crate::PROTOCOL_VERSION,
         }
     }
 
@@ -53,10 +55,16 @@ impl<R> FrameReader<R> {
         self.max_len = max_len;
     }
 
+    /// Decodes messages of protocol `version` from now on (the latest
+    /// until the handshake agrees on one).
+    pub fn set_version(&mut self, version: u16) {
+        self.version = version;
+    }
+
     /// Decodes the next message if a whole frame is already buffered,
     /// without reading from the stream.
     pub fn try_next<T: DeserializeOwned>(&mut self) -> Result<Option<T>, FrameError> {
-        match frame::decode(&self.buf[self.start..], self.max_len)? {
+        match frame::decode_in(self.version, &self.buf[self.start..], self.max_len)? {
             Some((msg, used)) => {
                 self.start += used;
                 if self.start == self.buf.len() {
@@ -148,6 +156,7 @@ pub struct FrameWriter<W> {
     written: usize,
     max_len: u32,
     high_water: usize,
+    version: u16,
 }
 
 impl<W: AsyncWrite + Unpin> FrameWriter<W> {
@@ -160,13 +169,25 @@ impl<W: AsyncWrite + Unpin> FrameWriter<W> {
             written: 0,
             max_len,
             high_water,
+            version: crate::PROTOCOL_VERSION,
         }
+    }
+
+    /// Encodes messages of protocol `version` from now on (the latest
+    /// until the handshake agrees on one).
+    pub fn set_version(&mut self, version: u16) {
+        self.version = version;
+    }
+
+    /// The protocol version messages are encoded in.
+    pub fn version(&self) -> u16 {
+        self.version
     }
 
     /// Queues `msg` as one frame; a message over the maximum is refused
     /// and nothing is queued.
     pub fn encode<T: Serialize>(&mut self, msg: &T) -> Result<(), FrameError> {
-        frame::encode(msg, self.max_len, &mut self.buf)
+        frame::encode_in(self.version, msg, self.max_len, &mut self.buf)
     }
 
     /// Queues frames encoded elsewhere (see

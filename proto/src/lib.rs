@@ -1,4 +1,5 @@
-//! Wire types and framing of the lockbroker socket protocol, version 1.
+//! Wire types and framing of the lockbroker socket protocol, versions 1
+//! and 2.
 //!
 //! A lockbroker client talks to the daemon over one stream (a Unix domain
 //! socket, or a named pipe on Windows). Both directions carry *frames*: a
@@ -43,5 +44,10 @@ pub use message::*;
 /// The four bytes every `Hello` starts with: `LKBR` on the wire.
 pub const MAGIC: u32 = u32::from_le_bytes(*b"LKBR");
 
-/// The protocol version this crate speaks.
-pub const PROTOCOL_VERSION: u16 = 1;
+/// The latest protocol version this crate speaks (and the one its
+/// clients ask for).
+pub const PROTOCOL_VERSION: u16 = 2;
+
+/// The oldest protocol version this crate speaks: a daemon accepts every
+/// version from this one to [`PROTOCOL_VERSION`].
+pub const OLDEST_PROTOCOL_VERSION: u16 = 1;

@@ -474,7 +474,13 @@ pub struct WaiterInfo {
 }
 
 /// Who a session is.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+///
+/// Version 2 appended `host` and `user`: its layout depends on the
+/// version of the connection it is encoded for ([`wire_version`]), so its
+/// serde impls are written out (in [`session_info`]). In a
+/// self-describing format (the etcd backend's JSON records) every field
+/// is named, and `host` and `user` may be missing.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct SessionInfo {
     /// The session id from its `Welcome`.
     pub session_id: u64,
@@ -486,6 +492,144 @@ pub struct SessionInfo {
     pub gid: Option<u32>,
     /// The `client_name` of its `Hello`.
     pub client_name: String,
+    /// The host name of the daemon the session is connected to (version
+    /// 2; empty when decoded from version 1).
+    pub host: String,
+    /// The name of the peer's user account on that host, empty when it
+    /// has none or it cannot be looked up (version 2).
+    pub user: String,
+}
+
+thread_local! {
+    /// The protocol version messages are being encoded or decoded for on
+    /// this thread.
+    static WIRE_VERSION: std::cell::Cell<u16> =
+        const { std::cell::Cell::new(crate::PROTOCOL_VERSION) };
+}
+
+/// The protocol version the message being encoded or decoded on this
+/// thread is for: the latest, except inside [`in_wire_version`].
+pub fn wire_version() -> u16 {
+    WIRE_VERSION.with(|v| v.get())
+}
+
+/// Runs `f` with [`wire_version`] = `version` (encoding and decoding are
+/// synchronous, so a thread-local scopes it exactly).
+pub(crate) fn in_wire_version<R>(version: u16, f: impl FnOnce() -> R) -> R {
+    struct Restore(u16);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            WIRE_VERSION.with(|v| v.set(self.0));
+        }
+    }
+    let _restore = Restore(WIRE_VERSION.with(|v| v.replace(version)));
+    f()
+}
+
+mod session_info {
+    //! [`SessionInfo`]'s serde impls: five fields for version 1, seven
+    //! from version 2.
+
+    use std::fmt;
+
+    use serde::de::{self, IgnoredAny, MapAccess, SeqAccess, Visitor};
+    use serde::ser::SerializeStruct;
+    use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+    use super::{SessionInfo, wire_version};
+
+    const V1: &[&str] = &["session_id", "pid", "uid", "gid", "client_name"];
+    const V2: &[&str] = &[
+        "session_id",
+        "pid",
+        "uid",
+        "gid",
+        "client_name",
+        "host",
+        "user",
+    ];
+
+    fn fields() -> &'static [&'static str] {
+        if wire_version() >= 2 { V2 } else { V1 }
+    }
+
+    impl Serialize for SessionInfo {
+        fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+            let fields = fields();
+            let mut s = serializer.serialize_struct("SessionInfo", fields.len())?;
+            s.serialize_field("session_id", &self.session_id)?;
+            s.serialize_field("pid", &self.pid)?;
+            s.serialize_field("uid", &self.uid)?;
+            s.serialize_field("gid", &self.gid)?;
+            s.serialize_field("client_name", &self.client_name)?;
+            if fields.len() == V2.len() {
+                s.serialize_field("host", &self.host)?;
+                s.serialize_field("user", &self.user)?;
+            }
+            s.end()
+        }
+    }
+
+    impl<'de> Deserialize<'de> for SessionInfo {
+        fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+            deserializer.deserialize_struct("SessionInfo", fields(), SessionInfoVisitor)
+        }
+    }
+
+    struct SessionInfoVisitor;
+
+    impl<'de> Visitor<'de> for SessionInfoVisitor {
+        type Value = SessionInfo;
+
+        fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+            f.write_str("struct SessionInfo")
+        }
+
+        // The wire form: the fields in order, as many as the version has
+        // (the positional format stops the sequence there).
+        fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<SessionInfo, A::Error> {
+            let missing = de::Error::missing_field;
+            let session_id = seq.next_element()?.ok_or_else(|| missing("session_id"))?;
+            let pid = seq.next_element()?.ok_or_else(|| missing("pid"))?;
+            let uid = seq.next_element()?.ok_or_else(|| missing("uid"))?;
+            let gid = seq.next_element()?.ok_or_else(|| missing("gid"))?;
+            let client_name = seq.next_element()?.ok_or_else(|| missing("client_name"))?;
+            let host = seq.next_element()?.unwrap_or_default();
+            let user = seq.next_element()?.unwrap_or_default();
+            Ok(SessionInfo {
+                session_id,
+                pid,
+                uid,
+                gid,
+                client_name,
+                host,
+                user,
+            })
+        }
+
+        fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<SessionInfo, A::Error> {
+            let mut info = SessionInfo::default();
+            let mut seen = [false; 5];
+            while let Some(key) = map.next_key::<String>()? {
+                match key.as_str() {
+                    "session_id" => (info.session_id, seen[0]) = (map.next_value()?, true),
+                    "pid" => (info.pid, seen[1]) = (map.next_value()?, true),
+                    "uid" => (info.uid, seen[2]) = (map.next_value()?, true),
+                    "gid" => (info.gid, seen[3]) = (map.next_value()?, true),
+                    "client_name" => (info.client_name, seen[4]) = (map.next_value()?, true),
+                    "host" => info.host = map.next_value()?,
+                    "user" => info.user = map.next_value()?,
+                    _ => {
+                        map.next_value::<IgnoredAny>()?;
+                    }
+                }
+            }
+            match seen.iter().position(|s| !s) {
+                Some(missing) => Err(de::Error::missing_field(V1[missing])),
+                None => Ok(info),
+            }
+        }
+    }
 }
 
 /// Something the daemon pushes without being asked.

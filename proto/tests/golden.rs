@@ -1,30 +1,31 @@
-//! Golden vectors of protocol v1: the bytes every implementation must
-//! produce and accept.
+//! Golden vectors of protocols v1 and v2: the bytes every implementation
+//! must produce and accept.
 //!
-//! Three places hold the same frames:
+//! Three places hold the same frames, for each version N:
 //!
-//! - `proto/golden/v1.txt`, one vector per line as `NAME DIRECTION HEX`
+//! - `proto/golden/vN.txt`, one vector per line as `NAME DIRECTION HEX`
 //!   (read by the tests of every other-language client too);
 //! - `PROTOCOL.md`, whose "Golden vectors" section repeats those lines in a
-//!   fenced block opened by ` ```golden-v1 `, names each vector in a table,
+//!   fenced block opened by ` ```golden-vN `, names each vector in a table,
 //!   and whose annotated blocks (opened by ` ```session-v1 ` and
-//!   ` ```session-v1-state `) show some of them byte by byte;
+//!   ` ```session-v1-state `) show some of v1's byte by byte;
 //! - [`vectors`] below, which builds each named message in Rust.
 //!
-//! The tests check that encoding each message gives the file's bytes, that
-//! decoding the file's bytes gives the message back using every byte, and
-//! that the file, this test and `PROTOCOL.md` name the same vectors with the
-//! same bytes, so none of them can drift from the others.
+//! The tests check that encoding each message in its version gives the
+//! file's bytes, that decoding the file's bytes in that version gives the
+//! message back using every byte, and that the files, this test and
+//! `PROTOCOL.md` name the same vectors with the same bytes, so none of them
+//! can drift from the others.
 //!
 //! To add a vector, add it to [`vectors`] and run this test: its failure
-//! prints the new line, to paste into `proto/golden/v1.txt` and into the
-//! `golden-v1` block of `PROTOCOL.md`, with a row for it in that section's
+//! prints the new line, to paste into `proto/golden/vN.txt` and into the
+//! `golden-vN` block of `PROTOCOL.md`, with a row for it in that section's
 //! table.
 
 use std::collections::BTreeSet;
 use std::path::PathBuf;
 
-use lockbroker_proto::frame::{decode, to_frame};
+use lockbroker_proto::frame::{decode_in, encode_in};
 use lockbroker_proto::{
     Acquire, ChangeKind, ClientMessage, DEFAULT_MAX_FRAME_LEN, EntryInfo, EntryKind, ErrorCode,
     ErrorInfo, Event, Grant, HEADER_LEN, Hello, HolderInfo, Inspection, Limits, LockKind, MAGIC,
@@ -49,27 +50,30 @@ impl Message {
         }
     }
 
-    fn to_frame(&self) -> Vec<u8> {
+    /// Its frame in protocol `version`.
+    fn to_frame(&self, version: u16) -> Vec<u8> {
+        let mut out = Vec::new();
         match self {
-            Message::C2s(m) => to_frame(m, DEFAULT_MAX_FRAME_LEN),
-            Message::S2c(m) => to_frame(m, DEFAULT_MAX_FRAME_LEN),
+            Message::C2s(m) => encode_in(version, m, DEFAULT_MAX_FRAME_LEN, &mut out),
+            Message::S2c(m) => encode_in(version, m, DEFAULT_MAX_FRAME_LEN, &mut out),
         }
-        .expect("golden messages encode")
+        .expect("golden messages encode");
+        out
     }
 
-    /// Decodes `frame` as a message of this one's direction and checks that
-    /// it equals this one and used every byte.
-    fn assert_decodes_from(&self, name: &str, frame: &[u8]) {
+    /// Decodes `frame` as a message of this one's direction in protocol
+    /// `version` and checks that it equals this one and used every byte.
+    fn assert_decodes_from(&self, version: u16, name: &str, frame: &[u8]) {
         match self {
             Message::C2s(want) => {
-                let (got, used) = decode::<ClientMessage>(frame, DEFAULT_MAX_FRAME_LEN)
+                let (got, used) = decode_in::<ClientMessage>(version, frame, DEFAULT_MAX_FRAME_LEN)
                     .unwrap_or_else(|e| panic!("{name}: {e}"))
                     .unwrap_or_else(|| panic!("{name}: incomplete frame"));
                 assert_eq!(&got, want, "{name}: decoded message");
                 assert_eq!(used, frame.len(), "{name}: bytes used");
             }
             Message::S2c(want) => {
-                let (got, used) = decode::<ServerMessage>(frame, DEFAULT_MAX_FRAME_LEN)
+                let (got, used) = decode_in::<ServerMessage>(version, frame, DEFAULT_MAX_FRAME_LEN)
                     .unwrap_or_else(|e| panic!("{name}: {e}"))
                     .unwrap_or_else(|| panic!("{name}: incomplete frame"));
                 assert_eq!(&got, want, "{name}: decoded message");
@@ -87,17 +91,68 @@ fn response(id: u64, response: Response) -> Message {
     Message::S2c(ServerMessage::Response { id, response })
 }
 
-/// Every golden vector, in the order of `proto/golden/v1.txt`.
+/// The versions with golden vectors: each has `proto/golden/vN.txt` and a
+/// ` ```golden-vN ` block in `PROTOCOL.md`.
+const VERSIONS: [u16; 2] = [1, PROTOCOL_VERSION];
+
+/// Every golden vector of `version`, in the order of its file.
+fn vectors(version: u16) -> Vec<(&'static str, Message)> {
+    match version {
+        1 => vectors_v1(),
+        2 => vectors_v2(),
+        _ => unreachable!("no vectors for version {version}"),
+    }
+}
+
+/// What version 2 changed: the handshake's version, and `SessionInfo`
+/// (two fields appended) in an `Inspection`. Every other message keeps
+/// its version 1 bytes.
+fn vectors_v2() -> Vec<(&'static str, Message)> {
+    let mut inspection = inspection();
+    let entry = &mut inspection.entries[0];
+    entry.holders[0].session.host = "build-1".into();
+    entry.holders[0].session.user = "alice".into();
+    entry.waiters[0].session.host = "build-2".into();
+    vec![
+        (
+            "hello_v2",
+            Message::C2s(ClientMessage::Hello(Hello {
+                magic: MAGIC,
+                version: 2,
+                client_name: "demo".into(),
+            })),
+        ),
+        (
+            "welcome_v2",
+            Message::S2c(ServerMessage::Welcome(Welcome {
+                version: 2,
+                server_version: "0.1.0".into(),
+                session_id: 1,
+                limits: Limits {
+                    max_frame_len: DEFAULT_MAX_FRAME_LEN,
+                    max_pending: 1024,
+                    max_holds: 65536,
+                },
+            })),
+        ),
+        (
+            "inspection_v2",
+            response(8, Response::Inspection(inspection)),
+        ),
+    ]
+}
+
+/// Every golden vector of version 1, in the order of `proto/golden/v1.txt`.
 ///
 /// The first six are the annotated session of `PROTOCOL.md`; the ids of the
 /// rest follow one imaginary session so that each answer matches a request.
-fn vectors() -> Vec<(&'static str, Message)> {
+fn vectors_v1() -> Vec<(&'static str, Message)> {
     vec![
         (
             "hello",
             Message::C2s(ClientMessage::Hello(Hello {
                 magic: MAGIC,
-                version: PROTOCOL_VERSION,
+                version: 1,
                 client_name: "demo".into(),
             })),
         ),
@@ -562,6 +617,7 @@ fn inspection() -> Inspection {
                     uid: Some(1000),
                     gid: Some(1000),
                     client_name: "demo".into(),
+                    ..SessionInfo::default()
                 },
                 hold_id: 1,
                 kind: LockKind::Mutex,
@@ -576,6 +632,7 @@ fn inspection() -> Inspection {
                     uid: None,
                     gid: None,
                     client_name: "worker".into(),
+                    ..SessionInfo::default()
                 },
                 request_id: 1,
                 kind: LockKind::Mutex,
@@ -650,8 +707,8 @@ fn parse_vectors<'a>(lines: impl Iterator<Item = &'a str>, source: &str) -> Vec<
     out
 }
 
-fn file_vectors() -> Vec<Vector> {
-    let (path, text) = repo_file("golden/v1.txt");
+fn file_vectors(version: u16) -> Vec<Vector> {
+    let (path, text) = repo_file(&format!("golden/v{version}.txt"));
     parse_vectors(text.lines(), &path.display().to_string())
 }
 
@@ -684,67 +741,95 @@ fn unique_names<'a>(names: impl Iterator<Item = &'a str>, source: &str) -> BTree
 
 #[test]
 fn every_vector_encodes_to_and_decodes_from_the_file_bytes() {
-    let file = file_vectors();
-    for (name, message) in vectors() {
-        let Some(vector) = file.iter().find(|v| v.name == name) else {
-            panic!("proto/golden/v1.txt has no vector {name}");
-        };
-        assert_eq!(vector.direction, message.direction(), "{name}: direction");
-        let encoded = message.to_frame();
-        assert_eq!(
-            bytes_to_hex(&encoded),
-            bytes_to_hex(&vector.bytes),
-            "{name}: encoding differs from the file"
-        );
-        let body_len = u32::from_le_bytes(vector.bytes[..HEADER_LEN].try_into().unwrap());
-        assert_eq!(
-            body_len as usize,
-            vector.bytes.len() - HEADER_LEN,
-            "{name}: length prefix"
-        );
-        message.assert_decodes_from(name, &vector.bytes);
+    for version in VERSIONS {
+        let file = file_vectors(version);
+        for (name, message) in vectors(version) {
+            let Some(vector) = file.iter().find(|v| v.name == name) else {
+                panic!("proto/golden/v{version}.txt has no vector {name}");
+            };
+            assert_eq!(vector.direction, message.direction(), "{name}: direction");
+            let encoded = message.to_frame(version);
+            assert_eq!(
+                bytes_to_hex(&encoded),
+                bytes_to_hex(&vector.bytes),
+                "{name}: encoding differs from the file"
+            );
+            let body_len = u32::from_le_bytes(vector.bytes[..HEADER_LEN].try_into().unwrap());
+            assert_eq!(
+                body_len as usize,
+                vector.bytes.len() - HEADER_LEN,
+                "{name}: length prefix"
+            );
+            message.assert_decodes_from(version, name, &vector.bytes);
+        }
     }
+}
+
+/// A version 1 inspection decodes in version 2 to something else (the
+/// layouts differ), and version 2 bytes are refused in version 1: a peer
+/// must decode in the version agreed at the handshake.
+#[test]
+fn an_inspection_decodes_only_in_its_own_version() {
+    let v1 = &file_vectors(1);
+    let v2 = &file_vectors(2);
+    let bytes = |file: &[Vector], name: &str| {
+        file.iter()
+            .find(|v| v.name == name)
+            .expect("a vector")
+            .bytes
+            .clone()
+    };
+    let one = bytes(v1, "inspection");
+    let two = bytes(v2, "inspection_v2");
+    assert!(decode_in::<ServerMessage>(1, &two, DEFAULT_MAX_FRAME_LEN).is_err());
+    assert!(decode_in::<ServerMessage>(2, &one, DEFAULT_MAX_FRAME_LEN).is_err());
 }
 
 #[test]
 fn the_file_and_this_test_have_the_same_vectors_in_the_same_order() {
-    let file = file_vectors();
-    let ours = vectors();
-    unique_names(file.iter().map(|v| v.name.as_str()), "proto/golden/v1.txt");
-    unique_names(ours.iter().map(|(n, _)| *n), "vectors()");
-    let file_names: Vec<&str> = file.iter().map(|v| v.name.as_str()).collect();
-    let our_names: Vec<&str> = ours.iter().map(|(n, _)| *n).collect();
-    // A vector added here but not to the file: say the line to paste.
-    let lines: Vec<String> = ours
-        .iter()
-        .filter(|(name, _)| !file_names.contains(name))
-        .map(|(name, message)| vector_line(name, message))
-        .collect();
-    assert_eq!(
-        file_names,
-        our_names,
-        "lines for the vectors missing from proto/golden/v1.txt (and the golden-v1 block of PROTOCOL.md):\n{}",
-        lines.join("\n")
-    );
+    for version in VERSIONS {
+        let file = file_vectors(version);
+        let ours = vectors(version);
+        let source = format!("proto/golden/v{version}.txt");
+        unique_names(file.iter().map(|v| v.name.as_str()), &source);
+        unique_names(ours.iter().map(|(n, _)| *n), "vectors()");
+        let file_names: Vec<&str> = file.iter().map(|v| v.name.as_str()).collect();
+        let our_names: Vec<&str> = ours.iter().map(|(n, _)| *n).collect();
+        // A vector added here but not to the file: say the line to paste.
+        let lines: Vec<String> = ours
+            .iter()
+            .filter(|(name, _)| !file_names.contains(name))
+            .map(|(name, message)| vector_line(version, name, message))
+            .collect();
+        assert_eq!(
+            file_names,
+            our_names,
+            "lines for the vectors missing from {source} (and the golden-v{version} block of PROTOCOL.md):\n{}",
+            lines.join("\n")
+        );
+    }
 }
 
-/// `message`'s line in `proto/golden/v1.txt`.
-fn vector_line(name: &str, message: &Message) -> String {
+/// `message`'s line in `proto/golden/v{version}.txt`.
+fn vector_line(version: u16, name: &str, message: &Message) -> String {
     format!(
         "{name} {} {}",
         message.direction(),
-        bytes_to_hex(&message.to_frame())
+        bytes_to_hex(&message.to_frame(version))
     )
 }
 
 #[test]
 fn protocol_md_repeats_the_file_vectors() {
     let doc = protocol_md();
-    let in_doc = parse_vectors(
-        fenced_block(&doc, "golden-v1").into_iter(),
-        "PROTOCOL.md golden-v1 block",
-    );
-    assert_eq!(in_doc, file_vectors());
+    for version in VERSIONS {
+        let tag = format!("golden-v{version}");
+        let in_doc = parse_vectors(
+            fenced_block(&doc, &tag).into_iter(),
+            &format!("PROTOCOL.md {tag} block"),
+        );
+        assert_eq!(in_doc, file_vectors(version));
+    }
 }
 
 #[test]
@@ -771,8 +856,9 @@ fn protocol_md_table_names_every_vector() {
             .unwrap_or_default();
         rows.push((name, direction));
     }
-    let file = file_vectors();
-    let expected: Vec<(&str, &str)> = file
+    // The tables of every version, in order.
+    let files: Vec<Vector> = VERSIONS.into_iter().flat_map(file_vectors).collect();
+    let expected: Vec<(&str, &str)> = files
         .iter()
         .map(|v| (v.name.as_str(), v.direction.as_str()))
         .collect();
@@ -813,7 +899,7 @@ fn annotated_frames(doc: &str, tag: &str) -> Vec<(String, String, Vec<u8>)> {
 /// in order, with the file's bytes.
 fn check_annotated_block(tag: &str, names: &[&str]) {
     let doc = protocol_md();
-    let file = file_vectors();
+    let file = file_vectors(1);
     let frames = annotated_frames(&doc, tag);
     let found: Vec<&str> = frames.iter().map(|f| f.1.as_str()).collect();
     assert_eq!(found, names, "{tag}: frames");

@@ -156,14 +156,24 @@ impl Raw {
 
     /// Sends a valid hello and expects a welcome.
     pub async fn hello(&mut self) -> u64 {
+        self.hello_in(PROTOCOL_VERSION).await
+    }
+
+    /// Sends a valid hello of protocol `version`, expects a welcome in it,
+    /// and decodes in it from then on.
+    pub async fn hello_in(&mut self, version: u16) -> u64 {
         self.send(&ClientMessage::Hello(Hello {
             magic: MAGIC,
-            version: PROTOCOL_VERSION,
+            version,
             client_name: "raw".into(),
         }))
         .await;
         match self.recv().await {
-            Some(ServerMessage::Welcome(w)) => w.session_id,
+            Some(ServerMessage::Welcome(w)) => {
+                assert_eq!(w.version, version, "the welcome's version");
+                self.reader.set_version(version);
+                w.session_id
+            }
             other => panic!("expected a welcome, got {other:?}"),
         }
     }

@@ -42,7 +42,9 @@ pub struct Record {
     pub request_id: u64,
     /// The session.
     pub session: SessionInfo,
-    /// The host of the session's daemon.
+    /// The host of the session's daemon: also in `session` since protocol
+    /// version 2, and kept here for the daemons of before, which need it
+    /// to read the record at all.
     pub host: String,
     /// When it was asked for, in milliseconds since the Unix epoch.
     pub since_ms: u64,
@@ -194,8 +196,17 @@ pub fn mismatch(queue: &[Queued], kind: LockKind, capacity: u32) -> Option<(Entr
 pub fn entry_info(name: &str, queue: &[Queued], abandoned: bool) -> Option<EntryInfo> {
     let first = &queue.first()?.record;
     let held = granted_len(queue);
+    // A record from a daemon of before protocol version 2 has its host
+    // only beside the session.
+    let session = |q: &Queued| {
+        let mut session = q.record.session.clone();
+        if session.host.is_empty() {
+            session.host.clone_from(&q.record.host);
+        }
+        session
+    };
     let holder = |q: &Queued| HolderInfo {
-        session: q.record.session.clone(),
+        session: session(q),
         hold_id: q.record.hold_id,
         kind: q.record.kind,
         permits: q.record.permits,
@@ -203,7 +214,7 @@ pub fn entry_info(name: &str, queue: &[Queued], abandoned: bool) -> Option<Entry
         since_ms: q.record.since_ms,
     };
     let waiter = |q: &Queued| WaiterInfo {
-        session: q.record.session.clone(),
+        session: session(q),
         request_id: q.record.request_id,
         kind: q.record.kind,
         permits: q.record.permits,
@@ -249,10 +260,9 @@ mod tests {
                 request_id: 1,
                 session: SessionInfo {
                     session_id: 1,
-                    pid: None,
-                    uid: None,
-                    gid: None,
-                    client_name: String::new(),
+                    host: "h".into(),
+                    user: "u".into(),
+                    ..SessionInfo::default()
                 },
                 host: "h".into(),
                 since_ms: 0,
@@ -346,5 +356,25 @@ mod tests {
         let r = q(7, LockKind::Mutex, 1, 1).record;
         assert_eq!(Record::decode(&r.encode()), Some(r));
         assert_eq!(Record::decode(b"not json"), None);
+    }
+
+    /// A record written by a daemon of before protocol version 2 (no host
+    /// or user in its session) is read, and listed with its host.
+    #[test]
+    fn a_record_of_before_version_2_is_read_with_its_host() {
+        let old = br#"{"kind":"Mutex","capacity":1,"permits":1,"hold_id":4,"request_id":9,
+            "session":{"session_id":3,"pid":77,"uid":1000,"gid":1000,"client_name":"old"},
+            "host":"h-old","since_ms":5,"timeout_ms":null}"#;
+        let record = Record::decode(old).expect("an old record reads");
+        assert_eq!(record.session.client_name, "old");
+        assert_eq!(record.session.user, "");
+        let queued = Queued {
+            revision: 12,
+            tag: b"t".to_vec(),
+            record,
+        };
+        let entry = entry_info("n", &[queued], false).unwrap();
+        assert_eq!(entry.holders[0].session.host, "h-old");
+        assert_eq!(entry.holders[0].session.pid, Some(77));
     }
 }

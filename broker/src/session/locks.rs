@@ -393,7 +393,12 @@ impl<W: AsyncWrite + Unpin> Session<W> {
             prefix,
             after: start_after,
             left: limit as usize,
-            frame: frame::InspectionFrame::new(id, server, self.broker.limits.max_frame_len),
+            frame: frame::InspectionFrame::new(
+                id,
+                server,
+                self.broker.limits.max_frame_len,
+                self.out.version(),
+            ),
         });
         self.list_step();
     }

@@ -101,6 +101,8 @@ from .protocol import (
     Inspection,
     Limits,
     LockKind,
+    OLDEST_PROTOCOL_VERSION,
+    PROTOCOL_VERSION,
     Ping,
     Pong,
     Release,
@@ -299,7 +301,19 @@ class Client:
         self._shutting_down = False
         self._pid = os.getpid()
         name = _default_client_name() if client_name is None else client_name
-        self._sock, self.welcome, buffer = self._connect(name, connect_timeout, allow_uids, allow_sids)
+        try:
+            self._sock, self.welcome, buffer = self._connect(
+                name, connect_timeout, allow_uids, allow_sids, PROTOCOL_VERSION
+            )
+        except ConnectFailed as e:
+            # A daemon of before the latest version: speak its own.
+            if e.fatal is None or e.fatal.code != ErrorCode.UNSUPPORTED_VERSION:
+                raise
+            self._sock, self.welcome, buffer = self._connect(
+                name, connect_timeout, allow_uids, allow_sids, OLDEST_PROTOCOL_VERSION
+            )
+        #: The protocol version of this session's frames.
+        self._version = self.welcome.version
         self._max_send = self.welcome.limits.max_frame_len
         # Callers read for themselves on a socket; a pipe has a reader thread.
         self._direct = _READ_IN_CALLER and isinstance(self._sock, _transport.SocketConnection)
@@ -603,17 +617,22 @@ class Client:
     # -------------------------------------------------------------- plumbing
 
     def _connect(
-        self, client_name: str, timeout: float, allow_uids: Iterable[int], allow_sids: Iterable[str]
+        self,
+        client_name: str,
+        timeout: float,
+        allow_uids: Iterable[int],
+        allow_sids: Iterable[str],
+        version: int,
     ) -> Tuple[_transport.Connection, Welcome, FrameBuffer]:
         """Connect, check who serves the socket or pipe (PROTOCOL.md 1), and
-        handshake (6.1); raises ConnectFailed."""
+        handshake in protocol ``version`` (6.1); raises ConnectFailed."""
         path = self.address.path
         # Checks who serves it before returning: nothing is sent before.
         sock = _transport.connect(self.address, timeout, allow_uids, allow_sids)
         try:
             buffer = FrameBuffer(HANDSHAKE_MAX_FRAME_LEN)
             try:
-                sock.sendall(encode_frame(encode_client_message(Hello(client_name=client_name))))
+                sock.sendall(encode_frame(encode_client_message(Hello(version=version, client_name=client_name))))
             except OSError:
                 # A full daemon may answer Fatal and close before reading the
                 # Hello (PROTOCOL.md 6.1): read its answer anyway.
@@ -639,6 +658,12 @@ class Client:
                 )
             if not isinstance(message, Welcome):
                 raise ConnectFailed("handshake with %s: expected Welcome, got %r" % (path, message), path)
+            if message.version != version:
+                raise ConnectFailed(
+                    "handshake with %s: asked for protocol version %d, the daemon answered %d"
+                    % (path, version, message.version),
+                    path,
+                )
             sock.settimeout(None)
             # Our own maximum is at least the announced one (PROTOCOL.md 2).
             buffer.max_len = max(message.limits.max_frame_len, HANDSHAKE_MAX_FRAME_LEN)
@@ -863,7 +888,7 @@ class Client:
             if body is None:
                 return None
             try:
-                message = decode_server_message(body)
+                message = decode_server_message(body, self._version)
             except DecodeError as e:
                 return ConnectionLost("undecodable frame from the daemon: %s" % e)
             error = self._handle(message)

@@ -1,4 +1,6 @@
-"""Wire types, codec and framing of the lockbroker protocol, version 1.
+"""Wire types, codec and framing of the lockbroker protocol, versions 1
+and 2 (which differ only in ``SessionInfo``: the codecs read and write the
+version their reader or writer is for).
 
 This module is the whole of PROTOCOL.md sections 2 to 5 in Python, and the
 only place that knows the byte layout. It does no I/O.
@@ -37,6 +39,7 @@ from typing import Any, Callable, Dict, Generic, List, Optional, Sequence, Tuple
 __all__ = [
     "MAGIC",
     "PROTOCOL_VERSION",
+    "OLDEST_PROTOCOL_VERSION",
     "HANDSHAKE_MAX_FRAME_LEN",
     "DEFAULT_MAX_FRAME_LEN",
     "DecodeError",
@@ -111,8 +114,10 @@ __all__ = [
 
 #: ``Hello.magic``: the ASCII bytes ``LKBR`` read as a little-endian u32.
 MAGIC = 0x52424B4C
-#: The protocol version this module speaks.
-PROTOCOL_VERSION = 1
+#: The latest protocol version this module speaks (and asks for).
+PROTOCOL_VERSION = 2
+#: The oldest one, spoken with a daemon that refuses the latest.
+OLDEST_PROTOCOL_VERSION = 1
 #: Largest body either side may send or expect before the ``Welcome``.
 HANDSHAKE_MAX_FRAME_LEN = 4096
 #: The daemon's default ``max_frame_len``.
@@ -471,13 +476,19 @@ class Released:
 
 @dataclass(frozen=True)
 class SessionInfo:
-    """``SessionInfo``: a session as Inspect shows it."""
+    """``SessionInfo``: a session as Inspect shows it.
+
+    ``host`` (its daemon's host) and ``user`` (its account's name there)
+    came with protocol version 2: empty from a version 1 daemon, or when
+    unknown."""
 
     session_id: int
     pid: Optional[int]
     uid: Optional[int]
     gid: Optional[int]
     client_name: str
+    host: str = ""
+    user: str = ""
 
 
 @dataclass(frozen=True)
@@ -718,10 +729,11 @@ T = TypeVar("T")
 
 
 class _Writer:
-    """Accumulates the bytes of one body."""
+    """Accumulates the bytes of one body, of protocol ``version``."""
 
-    def __init__(self) -> None:
+    def __init__(self, version: int = PROTOCOL_VERSION) -> None:
         self.parts: List[bytes] = []
+        self.version = version
 
     def pack(self, fmt: str, value: int) -> None:
         try:
@@ -737,11 +749,13 @@ class _Writer:
 
 
 class _Reader:
-    """Reads one body; every read checks that the bytes are there."""
+    """Reads one body, of protocol ``version``; every read checks that the
+    bytes are there."""
 
-    def __init__(self, data: bytes) -> None:
+    def __init__(self, data: bytes, version: int = PROTOCOL_VERSION) -> None:
         self.data = memoryview(data)
         self.pos = 0
+        self.version = version
 
     def remaining(self) -> int:
         return len(self.data) - self.pos
@@ -1034,16 +1048,35 @@ _REQUEST = _Variants(
 )
 
 _GRANT = _Struct(Grant, [("hold_id", _U64), ("fence", _U64), ("abandoned", _BOOL)])
-_SESSION_INFO = _Struct(
-    SessionInfo,
-    [
+
+
+class _SessionInfoCodec(_Codec[SessionInfo]):
+    """``SessionInfo``: five fields in version 1, ``host`` and ``user``
+    appended from version 2 (PROTOCOL.md 4.17)."""
+
+    V1 = [
         ("session_id", _U64),
         ("pid", _Opt(_U32)),
         ("uid", _Opt(_U32)),
         ("gid", _Opt(_U32)),
         ("client_name", _STR),
-    ],
-)
+    ]
+    V2 = V1 + [("host", _STR), ("user", _STR)]
+
+    def spec(self, version: int) -> List[Tuple[str, _Codec[Any]]]:
+        return self.V2 if version >= 2 else self.V1
+
+    def encode(self, w: _Writer, value: SessionInfo) -> None:
+        if not isinstance(value, SessionInfo):
+            raise EncodeError("expected a SessionInfo, got %r" % (value,))
+        for name, codec in self.spec(w.version):
+            codec.encode(w, getattr(value, name))
+
+    def decode(self, r: _Reader) -> SessionInfo:
+        return SessionInfo(*[codec.decode(r) for _, codec in self.spec(r.version)])
+
+
+_SESSION_INFO = _SessionInfoCodec()
 _HOLDER_INFO = _Struct(
     HolderInfo,
     [
@@ -1140,16 +1173,16 @@ _SERVER_MESSAGE = _Variants(
 )
 
 
-def _encode(codec: _Codec[Any], value: Any) -> bytes:
-    w = _Writer()
+def _encode(codec: _Codec[Any], value: Any, version: int = PROTOCOL_VERSION) -> bytes:
+    w = _Writer(version)
     codec.encode(w, value)
     return w.getvalue()
 
 
-def _decode(codec: _Codec[Any], body: bytes) -> Any:
+def _decode(codec: _Codec[Any], body: bytes, version: int = PROTOCOL_VERSION) -> Any:
     if not body:
         raise DecodeError("empty body")
-    r = _Reader(body)
+    r = _Reader(body, version)
     value = codec.decode(r)
     r.finish()
     return value
@@ -1223,13 +1256,15 @@ def decode_client_message(body: bytes) -> ClientMessage:
     return message
 
 
-def encode_server_message(message: ServerMessage) -> bytes:
-    """The body (no length prefix) of a ``ServerMessage`` (tests and tools)."""
-    return _encode(_SERVER_MESSAGE, message)
+def encode_server_message(message: ServerMessage, version: int = PROTOCOL_VERSION) -> bytes:
+    """The body (no length prefix) of a ``ServerMessage`` of protocol
+    ``version`` (tests and tools)."""
+    return _encode(_SERVER_MESSAGE, message, version)
 
 
-def decode_server_message(body: bytes) -> ServerMessage:
-    """Decode a ``ServerMessage`` body; raises ``DecodeError`` if malformed."""
+def decode_server_message(body: bytes, version: int = PROTOCOL_VERSION) -> ServerMessage:
+    """Decode a ``ServerMessage`` body of protocol ``version`` (the one the
+    handshake agreed); raises ``DecodeError`` if malformed."""
     n = len(body)
     if n >= _RESPONSE_HEAD.size:
         tag, rid, variant = _RESPONSE_HEAD.unpack_from(body)
@@ -1241,7 +1276,7 @@ def decode_server_message(body: bytes) -> ServerMessage:
             elif variant == 3 and n == _RESPONSE_HEAD.size + _RELEASED.size:
                 (permits,) = _RELEASED.unpack_from(body, _RESPONSE_HEAD.size)
                 return ResponseMessage(rid, Released(permits))
-    message: ServerMessage = _decode(_SERVER_MESSAGE, body)
+    message: ServerMessage = _decode(_SERVER_MESSAGE, body, version)
     return message
 
 

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
+import pwd
 import signal
+import socket
 import time
 import unittest
 
@@ -16,7 +18,7 @@ from lockbroker import (
     NotHeld,
     default_client,
 )
-from lockbroker.protocol import Acquire, ErrorCode
+from lockbroker.protocol import PROTOCOL_VERSION, Acquire, ErrorCode
 
 from .support import WAIT, DaemonTestCase, DefaultClientTestCase, spawn, wait_until
 
@@ -26,7 +28,7 @@ class ClientTest(DaemonTestCase):
 
     def test_handshake_and_ping(self) -> None:
         client = self.client("handshake")
-        self.assertEqual(client.welcome.version, 1)
+        self.assertEqual(client.welcome.version, PROTOCOL_VERSION)
         self.assertGreaterEqual(client.limits.max_frame_len, 4096)
         self.assertGreaterEqual(client.ping(), 0.0)
         server = client.inspect().server
@@ -45,6 +47,9 @@ class ClientTest(DaemonTestCase):
         holder = inspection.entries[0].holders[0]
         self.assertEqual(holder.session.client_name, "inspector")
         self.assertEqual(holder.session.pid, os.getpid())
+        # Version 2: the host and the account, as the system names them.
+        self.assertEqual(holder.session.host, socket.gethostname())
+        self.assertEqual(holder.session.user, pwd.getpwuid(os.getuid()).pw_name)
 
     def test_inspect_after_pages(self) -> None:
         client = self.client("pager")
@@ -291,3 +296,85 @@ class DefaultClientTest(DefaultClientTestCase):
 
 if __name__ == "__main__":
     unittest.main()
+
+
+class OldDaemonTest(unittest.TestCase):
+    """A daemon of before protocol version 2, by hand: it refuses a version 2
+    Hello with ``unsupported_version``, welcomes version 1, and answers every
+    request with a version 1 Inspection."""
+
+    def test_the_client_falls_back_to_version_1(self) -> None:
+        import tempfile
+        import threading
+
+        from lockbroker.protocol import (
+            EntryInfo,
+            EntryKind,
+            ErrorInfo,
+            Fatal,
+            FrameBuffer,
+            HolderInfo,
+            Inspection,
+            Limits,
+            ResponseMessage,
+            ServerInfo,
+            SessionInfo,
+            Welcome,
+            decode_client_message,
+            encode_frame,
+            encode_server_message,
+        )
+
+        session = SessionInfo(7, pid=77, uid=None, gid=None, client_name="before")
+        holder = HolderInfo(session, hold_id=1, kind=LockKind.MUTEX, permits=1, fence=1, since_ms=0)
+        entry = EntryInfo("old", EntryKind.MUTEX, 1, False, [holder], [])
+        inspection = Inspection(ServerInfo("0.1.0", 1, 1, 1), [entry], False)
+        directory = tempfile.TemporaryDirectory()
+        self.addCleanup(directory.cleanup)
+        path = os.path.join(directory.name, "old.sock")
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        listener.bind(path)
+        listener.listen(2)
+        self.addCleanup(listener.close)
+        versions = []
+
+        def frames(conn: socket.socket) -> "list[bytes]":
+            buffer = FrameBuffer()
+            while True:
+                body = buffer.next_body()
+                if body is not None:
+                    return [body]
+                data = conn.recv(65536)
+                if not data:
+                    return []
+                buffer.feed(data)
+
+        def serve() -> None:
+            for _ in range(2):
+                conn, _ = listener.accept()
+                with conn:
+                    (hello,) = frames(conn)
+                    version = decode_client_message(hello).version  # type: ignore[union-attr]
+                    versions.append(version)
+                    if version != 1:
+                        refusal = ErrorInfo(ErrorCode.UNSUPPORTED_VERSION, "this daemon speaks version 1")
+                        conn.sendall(encode_frame(encode_server_message(Fatal(refusal), 1)))
+                        continue
+                    welcome = Welcome(1, "0.1.0", 1, Limits(2097152, 1024, 65536))
+                    conn.sendall(encode_frame(encode_server_message(welcome, 1)))
+                    for body in iter(lambda: frames(conn), []):
+                        rid = decode_client_message(body[0]).id  # type: ignore[union-attr]
+                        answer = ResponseMessage(rid, inspection)
+                        conn.sendall(encode_frame(encode_server_message(answer, 1)))
+
+        server = threading.Thread(target=serve, daemon=True)
+        server.start()
+        client = lockbroker.Client(path, client_name="new", connect_timeout=WAIT, request_timeout=WAIT)
+        try:
+            self.assertEqual(client.welcome.version, 1)
+            seen = client.inspect()
+            self.assertEqual(seen.entries[0].holders[0].session, session)
+        finally:
+            client.close()
+        server.join(WAIT)
+        self.assertEqual(versions, [PROTOCOL_VERSION, 1])

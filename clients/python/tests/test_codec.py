@@ -1,4 +1,5 @@
-"""The codec against the golden vectors of proto/golden/v1.txt, and on bad input.
+"""The codec against the golden vectors of proto/golden/v1.txt and v2.txt, and
+on bad input.
 
 Every vector of PROTOCOL.md section 13's table -- lock and shared-state
 messages alike -- has its hand-built Python message here, and every vector
@@ -11,6 +12,7 @@ encoded back by the (test and tool) server encoder.
 from __future__ import annotations
 
 import unittest
+from dataclasses import replace
 from typing import Dict, List, Tuple, Union
 
 from lockbroker.protocol import (
@@ -253,17 +255,45 @@ EXPECTED: Dict[str, Tuple[str, Message]] = {
 }
 
 
-def read_vectors() -> List[Tuple[str, str, bytes]]:
-    """``(name, direction, frame)`` for every vector line of the golden file."""
+def _inspection_v2() -> ResponseMessage:
+    """The ``inspection`` vector's message with version 2's host and user."""
+    message = EXPECTED["inspection"][1]
+    assert isinstance(message, ResponseMessage) and isinstance(message.response, Inspection)
+    entry = message.response.entries[0]
+    holder = replace(entry.holders[0], session=replace(entry.holders[0].session, host="build-1", user="alice"))
+    waiter = replace(entry.waiters[0], session=replace(entry.waiters[0].session, host="build-2"))
+    entries = [replace(entry, holders=[holder], waiters=[waiter])]
+    return ResponseMessage(8, replace(message.response, entries=entries))
+
+
+#: The messages of version 2's vectors (proto/golden/v2.txt), as PROTOCOL.md
+#: section 13.1 describes them.
+EXPECTED_V2: Dict[str, Tuple[str, Message]] = {
+    "hello_v2": ("c2s", Hello(magic=MAGIC, version=2, client_name="demo")),
+    "welcome_v2": ("s2c", replace(EXPECTED["welcome"][1], version=2)),  # type: ignore[type-var]
+    "inspection_v2": ("s2c", _inspection_v2()),
+}
+
+#: Each version's file and messages.
+VERSIONS: Dict[int, Tuple[object, Dict[str, Tuple[str, Message]]]] = {
+    1: (GOLDEN, EXPECTED),
+    2: (REPO_ROOT / "proto" / "golden" / "v2.txt", EXPECTED_V2),
+}
+
+
+def read_vectors(version: int = 1) -> List[Tuple[str, str, bytes]]:
+    """``(name, direction, frame)`` for every vector line of ``version``'s
+    golden file."""
     vectors = []
-    with open(GOLDEN, encoding="utf-8") as f:
+    path = VERSIONS[version][0]
+    with open(path, encoding="utf-8") as f:  # type: ignore[call-overload]
         for number, line in enumerate(f, 1):
             line = line.strip()
             if not line or line.startswith("#"):
                 continue
             parts = line.split(" ")
             if len(parts) != 3:
-                raise AssertionError("%s:%d: expected NAME DIRECTION HEX" % (GOLDEN, number))
+                raise AssertionError("%s:%d: expected NAME DIRECTION HEX" % (path, number))
             name, direction, hexdata = parts
             vectors.append((name, direction, bytes.fromhex(hexdata)))
     return vectors
@@ -273,45 +303,57 @@ class GoldenVectorTest(unittest.TestCase):
     """Every golden vector, both ways."""
 
     def test_every_message_has_its_vector(self) -> None:
-        names = [name for name, _, _ in read_vectors()]
-        self.assertEqual(len(names), len(set(names)), "duplicate vector names")
-        missing = sorted(set(EXPECTED) - set(names))
-        self.assertEqual(missing, [], "vectors missing from %s" % GOLDEN)
+        for version, (path, expected) in VERSIONS.items():
+            names = [name for name, _, _ in read_vectors(version)]
+            self.assertEqual(len(names), len(set(names)), "duplicate vector names")
+            missing = sorted(set(expected) - set(names))
+            self.assertEqual(missing, [], "vectors missing from %s" % path)
 
     def test_every_vector_has_its_message(self) -> None:
         # No vector is skipped: one appended to the file without its Python
         # message here fails, so the client cannot fall behind the protocol.
-        unknown = sorted(name for name, _, _ in read_vectors() if name not in EXPECTED)
-        self.assertEqual(unknown, [], "vectors of %s without a message in EXPECTED" % GOLDEN)
+        for version, (path, expected) in VERSIONS.items():
+            unknown = sorted(name for name, _, _ in read_vectors(version) if name not in expected)
+            self.assertEqual(unknown, [], "vectors of %s without a message" % path)
 
     def test_vectors(self) -> None:
-        vectors = read_vectors()
-        self.assertGreater(len(vectors), 0)
-        checked = 0
-        for name, direction, frame in vectors:
-            if name not in EXPECTED:
-                continue  # reported by test_every_vector_has_its_message
-            checked += 1
-            with self.subTest(vector=name):
-                expected_direction, message = EXPECTED[name]
-                self.assertEqual(direction, expected_direction)
-                body = frame[4:]
-                self.assertEqual(int.from_bytes(frame[:4], "little"), len(body), "length prefix")
-                buffer = FrameBuffer(max_len=len(body))
-                buffer.feed(frame)
-                self.assertEqual(buffer.next_body(), body)
-                if direction == "c2s":
-                    encoded = encode_client_message(message)  # type: ignore[arg-type]
-                    self.assertEqual(encode_frame(encoded).hex(), frame.hex())
-                    self.assertEqual(decode_client_message(body), message)
-                else:
-                    decoded = decode_server_message(body)
-                    self.assertEqual(decoded, message)
-                    self.assertEqual(encode_frame(encode_server_message(decoded)).hex(), frame.hex())
-                    # Built by hand, not only decoded: encode the expected message too.
-                    rebuilt = encode_server_message(message)  # type: ignore[arg-type]
-                    self.assertEqual(encode_frame(rebuilt).hex(), frame.hex())
-        self.assertEqual(checked, len(EXPECTED))
+        for version, (_, expected) in VERSIONS.items():
+            vectors = read_vectors(version)
+            self.assertGreater(len(vectors), 0)
+            checked = 0
+            for name, direction, frame in vectors:
+                if name not in expected:
+                    continue  # reported by test_every_vector_has_its_message
+                checked += 1
+                with self.subTest(vector=name):
+                    expected_direction, message = expected[name]
+                    self.assertEqual(direction, expected_direction)
+                    body = frame[4:]
+                    self.assertEqual(int.from_bytes(frame[:4], "little"), len(body), "length prefix")
+                    buffer = FrameBuffer(max_len=len(body))
+                    buffer.feed(frame)
+                    self.assertEqual(buffer.next_body(), body)
+                    if direction == "c2s":
+                        encoded = encode_client_message(message)  # type: ignore[arg-type]
+                        self.assertEqual(encode_frame(encoded).hex(), frame.hex())
+                        self.assertEqual(decode_client_message(body), message)
+                    else:
+                        decoded = decode_server_message(body, version)
+                        self.assertEqual(decoded, message)
+                        self.assertEqual(encode_frame(encode_server_message(decoded, version)).hex(), frame.hex())
+                        # Built by hand, not only decoded: encode the expected message too.
+                        rebuilt = encode_server_message(message, version)  # type: ignore[arg-type]
+                        self.assertEqual(encode_frame(rebuilt).hex(), frame.hex())
+            self.assertEqual(checked, len(expected))
+
+    def test_an_inspection_decodes_only_in_its_own_version(self) -> None:
+        # The layouts differ: a peer decodes in the version of the handshake.
+        one = dict((n, f) for n, _, f in read_vectors(1))["inspection"][4:]
+        two = dict((n, f) for n, _, f in read_vectors(2))["inspection_v2"][4:]
+        with self.assertRaises(DecodeError):
+            decode_server_message(two, 1)
+        with self.assertRaises(DecodeError):
+            decode_server_message(one, 2)
 
     def test_unknown_error_code_is_kept(self) -> None:
         frame = dict((n, f) for n, _, f in read_vectors())["error_unknown_code"]
@@ -327,7 +369,7 @@ class GoldenVectorTest(unittest.TestCase):
 
     def test_decoded_values_are_bytes(self) -> None:
         frames = dict((n, f) for n, _, f in read_vectors())
-        message = decode_server_message(frames["state_value"][4:])
+        message = decode_server_message(frames["state_value"][4:], 1)
         assert isinstance(message, ResponseMessage) and isinstance(message.response, StateValue)
         assert message.response.versioned is not None
         self.assertIs(type(message.response.versioned.value), bytes)

@@ -535,7 +535,7 @@ class FakeDaemon:
                 message = decode_client_message(body)
                 self.requests.append(message)
                 if isinstance(message, Hello):
-                    welcome = Welcome(1, "fake", 7, Limits(1 << 20, 1024, 1024))
+                    welcome = Welcome(message.version, "fake", 7, Limits(1 << 20, 1024, 1024))
                     self._send_in_pieces(encode_frame(encode_server_message(welcome)))
                 elif isinstance(message, RequestMessage) and isinstance(message.request, Ping):
                     self._send_in_pieces(encode_frame(encode_server_message(ResponseMessage(message.id, Pong()))))

@@ -385,6 +385,12 @@ fn status_json_lists_holder_pid_and_waiters_in_order() {
     assert_eq!(lock["name"], "st");
     assert_eq!(lock["kind"], "mutex");
     assert_eq!(lock["holders"][0]["pid"], holder.id());
+    // Its host, as the system names it, and its account's name.
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
+    if !host.is_empty() {
+        assert_eq!(lock["holders"][0]["host"], host.trim());
+    }
+    assert!(lock["holders"][0]["user"].is_string(), "{status}");
     let order: Vec<u64> = lock["waiters"]
         .as_array()
         .unwrap()
@@ -397,6 +403,8 @@ fn status_json_lists_holder_pid_and_waiters_in_order() {
     let table = run(d.cli().args(["status"]));
     let text = String::from_utf8(table.stdout).unwrap();
     assert!(text.contains(&format!("pid {}", holder.id())), "{text}");
+    let user = lock["holders"][0]["user"].as_str().unwrap();
+    assert!(text.contains(&format!("user {user}")), "{text}");
     release(&d, holder, "h");
     for mut w in waiters {
         assert!(wait_exit(&mut w, Duration::from_secs(20)).success());

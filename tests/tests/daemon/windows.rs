@@ -125,6 +125,8 @@ fn a_session_carries_the_users_number() {
         let session = &info.entries[0].holders[0].session;
         assert_eq!(session.uid, me.uid, "{me:?}");
         assert_eq!(session.pid, Some(std::process::id()));
+        // Protocol version 2: the account, read from the token with the uid.
+        assert_eq!(session.user, me.account, "{me:?}");
     });
 }
 

@@ -96,9 +96,11 @@ async fn bad_frames_and_handshakes_close_only_their_connection() {
         let mut raw = Raw::connect(&daemon.socket).await;
         raw.send(&hello(0x1234_5678, 1, "x")).await;
         expect_fatal(&mut raw, ErrorCode::BadMagic).await;
-        let mut raw = Raw::connect(&daemon.socket).await;
-        raw.send(&hello(MAGIC, 2, "x")).await;
-        expect_fatal(&mut raw, ErrorCode::UnsupportedVersion).await;
+        for version in [0, 3] {
+            let mut raw = Raw::connect(&daemon.socket).await;
+            raw.send(&hello(MAGIC, version, "x")).await;
+            expect_fatal(&mut raw, ErrorCode::UnsupportedVersion).await;
+        }
         let mut raw = Raw::connect(&daemon.socket).await;
         raw.send(&hello(MAGIC, 1, "bad\nname")).await;
         expect_fatal(&mut raw, ErrorCode::InvalidArgument).await;

@@ -36,3 +36,7 @@ mod server_identity;
 mod state;
 mod timeouts;
 mod util;
+// Reads the host and user from Linux's files, and stands in for an old
+// daemon on a Unix socket.
+#[cfg(target_os = "linux")]
+mod versions;

@@ -1,0 +1,215 @@
+//! Protocol versions: a daemon speaks 1 and 2, and answers each session in
+//! its own; version 2's `Inspect` names each session's host and user; the
+//! clients fall back to version 1 with a daemon of before version 2.
+
+use std::path::Path;
+
+use lockbroker::{Client, Connector, LockKind, blocking};
+use lockbroker_proto::frame::{self, decode_in};
+use lockbroker_proto::{
+    ClientMessage, DEFAULT_MAX_FRAME_LEN, EntryInfo, EntryKind, ErrorCode, ErrorInfo, HolderInfo,
+    Inspection, Limits, Response, ServerInfo, ServerMessage, SessionInfo, Welcome,
+};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{UnixListener, UnixStream};
+
+use crate::util::{Raw, acquire, bounded, on_both_backends};
+
+/// This host's name and this process's account name, from the system
+/// files rather than the daemon's own calls.
+fn host_and_user() -> (String, String) {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .expect("the host name")
+        .trim()
+        .to_owned();
+    // SAFETY: getuid cannot fail.
+    let uid = unsafe { libc::getuid() }.to_string();
+    let passwd = std::fs::read_to_string("/etc/passwd").unwrap_or_default();
+    let user = passwd
+        .lines()
+        .map(|line| line.split(':').collect::<Vec<_>>())
+        .find(|fields| fields.get(2) == Some(&uid.as_str()))
+        .map_or_else(String::new, |fields| fields[0].to_owned());
+    (host, user)
+}
+
+on_both_backends! {
+/// Holders and waiters are named by host and user, as a version 2 session
+/// sees them (over etcd: from the record the holder's daemon wrote).
+async fn inspect_names_the_host_and_user_of_each_session(backend) {
+    bounded(async {
+        let daemon = backend.start().await;
+        let holder = daemon.client().await;
+        let waiter = daemon.client().await;
+        let _held = holder.mutex("who").acquire().await.unwrap();
+        let waiting = waiter.mutex("who");
+        let _pending = tokio::spawn(async move { waiting.acquire().await });
+        crate::util::waiters(&holder, "who", 1).await;
+        let (host, user) = host_and_user();
+        let entry = &holder.inspect("who").await.unwrap().entries[0];
+        for session in [&entry.holders[0].session, &entry.waiters[0].session] {
+            assert_eq!(session.host, host, "{session:?}");
+            if !user.is_empty() {
+                assert_eq!(session.user, user, "{session:?}");
+            }
+            assert_eq!(session.pid, Some(std::process::id()));
+        }
+        daemon.stop().await;
+    })
+    .await
+}
+}
+
+on_both_backends! {
+/// A version 1 session is welcomed in version 1 and its `Inspect` answered
+/// in version 1's layout (decoded here in version 1: version 2 bytes would
+/// not decode), so clients of before version 2 keep working.
+async fn a_version_1_session_is_answered_in_version_1(backend) {
+    bounded(async {
+        let daemon = backend.start().await;
+        let mut old = Raw::connect(&daemon.socket).await;
+        old.hello_in(1).await;
+        let granted = old.call(1, acquire("v1", LockKind::Mutex, 0, 1, None)).await;
+        assert!(matches!(granted, Response::Granted(_)), "{granted:?}");
+        let Response::Inspection(seen) = old
+            .call(2, lockbroker_proto::Request::Inspect { prefix: "v1".into(), limit: 0 })
+            .await
+        else {
+            panic!("expected an inspection");
+        };
+        let session = &seen.entries[0].holders[0].session;
+        assert_eq!(session.client_name, "raw");
+        assert_eq!((session.host.as_str(), session.user.as_str()), ("", ""));
+        // The same daemon answers a version 2 session with host and user.
+        let client = daemon.client().await;
+        let entry = &client.inspect("v1").await.unwrap().entries[0];
+        assert_eq!(entry.holders[0].session.host, host_and_user().0);
+        daemon.stop().await;
+    })
+    .await
+}
+}
+
+/// A daemon of before version 2, by hand: it refuses a version 2 `Hello`
+/// with `unsupported_version`, as such daemons do, welcomes version 1, and
+/// answers every `Inspect` with one holder, in version 1's layout. It
+/// serves `connections` connections, one after another.
+async fn old_daemon(listener: UnixListener, connections: usize) {
+    for _ in 0..connections {
+        let (mut stream, _) = listener.accept().await.unwrap();
+        let version = match read(&mut stream, 2).await {
+            Some(ClientMessage::Hello(hello)) => hello.version,
+            other => panic!("expected a hello, got {other:?}"),
+        };
+        if version != 1 {
+            let refusal = ErrorInfo::new(
+                ErrorCode::UnsupportedVersion,
+                format!("client speaks protocol version {version}; this daemon speaks version 1"),
+            );
+            write(&mut stream, &ServerMessage::Fatal(refusal)).await;
+            continue;
+        }
+        write(
+            &mut stream,
+            &ServerMessage::Welcome(Welcome {
+                version: 1,
+                server_version: "0.1.0".into(),
+                session_id: 1,
+                limits: Limits {
+                    max_frame_len: DEFAULT_MAX_FRAME_LEN,
+                    max_pending: 1024,
+                    max_holds: 65536,
+                },
+            }),
+        )
+        .await;
+        while let Some(ClientMessage::Request { id, .. }) = read(&mut stream, 1).await {
+            let response = Response::Inspection(old_inspection());
+            write(&mut stream, &ServerMessage::Response { id, response }).await;
+        }
+    }
+}
+
+fn old_inspection() -> Inspection {
+    Inspection {
+        server: ServerInfo {
+            version: "0.1.0".into(),
+            pid: 1,
+            uptime_ms: 1,
+            sessions: 1,
+        },
+        entries: vec![EntryInfo {
+            name: "old".into(),
+            kind: EntryKind::Mutex,
+            capacity: 1,
+            abandoned: false,
+            holders: vec![HolderInfo {
+                session: SessionInfo {
+                    session_id: 7,
+                    pid: Some(77),
+                    client_name: "before".into(),
+                    ..SessionInfo::default()
+                },
+                hold_id: 1,
+                kind: LockKind::Mutex,
+                permits: 1,
+                fence: 1,
+                since_ms: 0,
+            }],
+            waiters: Vec::new(),
+        }],
+        truncated: false,
+    }
+}
+
+/// One frame from `stream`, decoded in `version`; `None` at its end.
+async fn read(stream: &mut UnixStream, version: u16) -> Option<ClientMessage> {
+    let mut len = [0u8; 4];
+    stream.read_exact(&mut len).await.ok()?;
+    let mut frame = len.to_vec();
+    frame.resize(4 + u32::from_le_bytes(len) as usize, 0);
+    stream.read_exact(&mut frame[4..]).await.ok()?;
+    let (msg, _) = decode_in(version, &frame, DEFAULT_MAX_FRAME_LEN)
+        .unwrap()
+        .unwrap();
+    Some(msg)
+}
+
+async fn write(stream: &mut UnixStream, msg: &ServerMessage) {
+    let mut frame = Vec::new();
+    frame::encode_in(1, msg, DEFAULT_MAX_FRAME_LEN, &mut frame).unwrap();
+    // The client may have closed after a Fatal.
+    let _ = stream.write_all(&frame).await;
+}
+
+fn old_connector(socket: &Path) -> Connector {
+    Connector::new().socket(socket).client_name("new")
+}
+
+/// The async and the blocking client, refused version 2, connect again in
+/// version 1 and read the daemon's answers in its layout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_clients_speak_version_1_with_a_daemon_of_before_version_2() {
+    bounded(async {
+        let dir = tempfile::tempdir().unwrap();
+        let socket = dir.path().join("old.sock");
+        let listener = UnixListener::bind(&socket).unwrap();
+        // Each client: a refused connection, then one in version 1.
+        let server = tokio::spawn(old_daemon(listener, 4));
+        let client: Client = old_connector(&socket).connect().await.unwrap();
+        let seen = client.inspect("").await.unwrap();
+        assert_eq!(seen.entries[0].holders[0].session.client_name, "before");
+        assert_eq!(seen.entries[0].holders[0].session.pid, Some(77));
+        drop(client);
+        let connector = old_connector(&socket);
+        let seen = tokio::task::spawn_blocking(move || {
+            let client = blocking::Client::connect_with(&connector).unwrap();
+            client.inspect("").unwrap()
+        })
+        .await
+        .unwrap();
+        assert_eq!(seen.entries[0].holders[0].session.client_name, "before");
+        server.await.unwrap();
+    })
+    .await
+}
