@@ -2,65 +2,104 @@
 //! the host name of this daemon, and the name of each peer's account.
 //!
 //! On Unix an account is looked up by uid once (`getpwuid_r`, off the
-//! runtime's threads, since NSS may ask a directory server) and kept, up to
-//! [`MAX_CACHED`] uids; on Windows the transport reads it from the peer's
-//! token with the uid.
+//! runtime's threads and for at most [`LOOKUP_WAIT`] of a handshake, since
+//! NSS may ask a directory server) and kept, up to [`MAX_CACHED`] uids; on
+//! Windows the transport reads it from the peer's token with the uid.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 /// Most uids whose account names are kept; past it, names are looked up
 /// each time (a host rarely has this many users connect).
 const MAX_CACHED: usize = 4096;
 
+/// How long a session's handshake waits for its account's first lookup;
+/// a lookup that takes longer (a directory server that does not answer)
+/// leaves that session unnamed, and fills the cache when it ends.
+const LOOKUP_WAIT: Duration = Duration::from_millis(100);
+
 /// This host's name, as its peers on other hosts know it (empty if the
 /// system does not say).
 pub fn host_name() -> String {
     #[cfg(unix)]
-    {
+    let name = {
         let mut buf = [0u8; 256];
         // SAFETY: the buffer is valid for its length; gethostname writes a
         // NUL-terminated name into it (truncated if longer).
         if unsafe { libc::gethostname(buf.as_mut_ptr().cast(), buf.len()) } == 0 {
             let end = buf.iter().position(|b| *b == 0).unwrap_or(buf.len());
-            return String::from_utf8_lossy(&buf[..end]).into_owned();
+            String::from_utf8_lossy(&buf[..end]).into_owned()
+        } else {
+            String::new()
         }
-        String::new()
-    }
+    };
     #[cfg(windows)]
-    {
-        std::env::var("COMPUTERNAME").unwrap_or_default()
-    }
+    let name = std::env::var("COMPUTERNAME").unwrap_or_default();
+    printable(&name)
+}
+
+/// `name` without control characters, which `lockbroker status` would
+/// print as they are.
+pub fn printable(name: &str) -> String {
+    name.chars().filter(|c| !c.is_control()).collect()
 }
 
 /// Account names by uid, looked up once each.
 #[derive(Debug, Default)]
 pub struct Accounts {
-    names: Mutex<HashMap<u32, Arc<str>>>,
+    inner: Arc<Mutex<Known>>,
+}
+
+#[derive(Debug, Default)]
+struct Known {
+    names: HashMap<u32, Arc<str>>,
+    /// Uids being looked up: one lookup at a time each.
+    pending: HashSet<u32>,
 }
 
 impl Accounts {
-    /// The name of account `uid` on this host; empty if it has none.
+    /// The name of account `uid` on this host; empty if it has none, or
+    /// if it could not be told within [`LOOKUP_WAIT`] (a lookup that
+    /// failed is made again for the next session of that uid).
     pub async fn name(&self, uid: u32) -> Arc<str> {
-        if let Some(name) = self.names.lock().expect("accounts lock").get(&uid) {
-            return Arc::clone(name);
+        {
+            let mut known = self.inner.lock().expect("accounts lock");
+            if let Some(name) = known.names.get(&uid) {
+                return Arc::clone(name);
+            }
+            if !known.pending.insert(uid) {
+                // Another session's lookup of it is under way.
+                return Arc::from("");
+            }
         }
-        let name: Arc<str> = tokio::task::spawn_blocking(move || lookup(uid))
-            .await
-            .ok()
-            .flatten()
-            .unwrap_or_default()
-            .into();
-        let mut names = self.names.lock().expect("accounts lock");
-        if names.len() < MAX_CACHED {
-            names.insert(uid, Arc::clone(&name));
+        let inner = Arc::clone(&self.inner);
+        // The lookup fills the cache itself, so one that outlasts the
+        // wait is not wasted.
+        let lookup = tokio::task::spawn_blocking(move || {
+            let found = lookup(uid);
+            let mut known = inner.lock().expect("accounts lock");
+            known.pending.remove(&uid);
+            let name: Arc<str> = match &found {
+                Ok(name) => Arc::from(printable(name.as_deref().unwrap_or_default())),
+                Err(()) => Arc::from(""),
+            };
+            if found.is_ok() && known.names.len() < MAX_CACHED {
+                known.names.insert(uid, Arc::clone(&name));
+            }
+            name
+        });
+        match tokio::time::timeout(LOOKUP_WAIT, lookup).await {
+            Ok(Ok(name)) => name,
+            _ => Arc::from(""),
         }
-        name
     }
 }
 
+/// The name of account `uid`: `Ok(None)` if there is none, `Err` if the
+/// system could not tell.
 #[cfg(unix)]
-fn lookup(uid: u32) -> Option<String> {
+fn lookup(uid: u32) -> Result<Option<String>, ()> {
     let mut buf = vec![0u8; 1024];
     loop {
         // SAFETY: passwd is plain data that getpwuid_r fills in; its
@@ -80,20 +119,23 @@ fn lookup(uid: u32) -> Option<String> {
             buf.resize(buf.len() * 2, 0);
             continue;
         }
-        if rc != 0 || found.is_null() || pwd.pw_name.is_null() {
-            return None;
+        if rc != 0 {
+            return Err(());
+        }
+        if found.is_null() || pwd.pw_name.is_null() {
+            return Ok(None);
         }
         // SAFETY: a found entry's pw_name is a NUL-terminated string in buf.
         let name = unsafe { std::ffi::CStr::from_ptr(pwd.pw_name) };
-        return Some(name.to_string_lossy().into_owned());
+        return Ok(Some(name.to_string_lossy().into_owned()));
     }
 }
 
 /// Windows names the account from the peer's token instead (see
 /// `transport`).
 #[cfg(windows)]
-fn lookup(_uid: u32) -> Option<String> {
-    None
+fn lookup(_uid: u32) -> Result<Option<String>, ()> {
+    Ok(None)
 }
 
 #[cfg(all(test, unix))]

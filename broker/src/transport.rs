@@ -352,7 +352,7 @@ mod windows {
                 pid,
                 uid: identity.as_ref().and_then(|identity| identity.uid),
                 gid: None,
-                user: identity.map(|identity| identity.account),
+                user: identity.map(|identity| crate::identity::printable(&identity.account)),
             };
             let (r, w) = stream.split();
             Ok((r, PipeWriter::new(w), cred))

@@ -109,30 +109,34 @@ impl Conn {
     /// Connects and shakes hands as `connector` says, in the latest
     /// protocol version, or the oldest if the daemon predates it.
     pub(crate) fn connect(connector: &Connector) -> Result<Arc<Conn>> {
-        match Conn::connect_as(connector, PROTOCOL_VERSION) {
-            Err(e) if refused_version(&e) => Conn::connect_as(connector, OLDEST_PROTOCOL_VERSION),
+        // One bound for connecting and the handshake (both tries), as the
+        // async connector's.
+        let deadline = Instant::now() + connector.connect_timeout();
+        match Conn::connect_as(connector, PROTOCOL_VERSION, deadline) {
+            Err(e) if refused_version(&e) => {
+                Conn::connect_as(connector, OLDEST_PROTOCOL_VERSION, deadline)
+            }
             other => other,
         }
     }
 
-    fn connect_as(connector: &Connector, version: u16) -> Result<Arc<Conn>> {
+    fn connect_as(connector: &Connector, version: u16, deadline: Instant) -> Result<Arc<Conn>> {
         let (path, name, trust) = connector.prepare()?;
         let failed = |source: io::Error| Error::Connect {
             path: path.clone(),
             source,
         };
-        // One bound for connecting and the handshake, as the async
-        // connector's.
-        let deadline = Instant::now() + connector.connect_timeout();
-        let stream = connect_within(&path, connector.connect_timeout()).map_err(failed)?;
+        let left = || {
+            // A zero timeout would mean none at all.
+            deadline
+                .saturating_duration_since(Instant::now())
+                .max(Duration::from_millis(1))
+        };
+        let stream = connect_within(&path, left()).map_err(failed)?;
         // Before anything is sent: a Hello names this program.
         trust.verify(&path, peer_uid(stream.as_raw_fd()).map_err(failed)?)?;
-        // What is left of it (a zero timeout would mean none at all).
-        let left = deadline
-            .saturating_duration_since(Instant::now())
-            .max(Duration::from_millis(1));
-        stream.set_read_timeout(Some(left)).map_err(failed)?;
-        stream.set_write_timeout(Some(left)).map_err(failed)?;
+        stream.set_read_timeout(Some(left())).map_err(failed)?;
+        stream.set_write_timeout(Some(left())).map_err(failed)?;
         let mut bytes = Vec::new();
         let sent = frame::encode(&hello(name, version), HELLO_MAX, &mut bytes)
             .map_err(|e| e.to_string())

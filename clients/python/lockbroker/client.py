@@ -301,6 +301,8 @@ class Client:
         self._shutting_down = False
         self._pid = os.getpid()
         name = _default_client_name() if client_name is None else client_name
+        # One bound for both tries.
+        deadline = time.monotonic() + connect_timeout
         try:
             self._sock, self.welcome, buffer = self._connect(
                 name, connect_timeout, allow_uids, allow_sids, PROTOCOL_VERSION
@@ -309,8 +311,9 @@ class Client:
             # A daemon of before the latest version: speak its own.
             if e.fatal is None or e.fatal.code != ErrorCode.UNSUPPORTED_VERSION:
                 raise
+            left = max(deadline - time.monotonic(), 0.001)
             self._sock, self.welcome, buffer = self._connect(
-                name, connect_timeout, allow_uids, allow_sids, OLDEST_PROTOCOL_VERSION
+                name, left, allow_uids, allow_sids, OLDEST_PROTOCOL_VERSION
             )
         #: The protocol version of this session's frames.
         self._version = self.welcome.version

@@ -3,9 +3,10 @@
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
 
-use lockbroker::ErrorCode;
+use lockbroker::{ErrorCode, LockKind};
+use lockbroker_proto::{Request, Response};
 
-use crate::util::{bounded, on_both_backends};
+use crate::util::{acquire, bounded, on_both_backends, waiters};
 
 on_both_backends! {
 async fn capacity_is_never_exceeded_by_32_clients(backend) {
@@ -85,6 +86,49 @@ async fn capacity_mismatch_while_busy_then_free_to_change(backend) {
         g.release().await.unwrap();
         let g = client.semaphore("m", 4).acquire_many(4).await.unwrap();
         assert_eq!(g.permits(), 4);
+        daemon.stop().await;
+    })
+    .await
+}
+}
+
+on_both_backends! {
+/// One release of more holds than etcd takes operations in a transaction
+/// (128): the daemon splits it, and every hold is released, none taken for
+/// abandoned; the waiter behind them is granted.
+async fn a_release_of_150_holds_at_once_frees_them_all(backend) {
+    bounded(async {
+        let daemon = backend.start().await;
+        let mut holder = daemon.raw().await;
+        for id in 1..=150 {
+            holder
+                .request(id, acquire("wide", LockKind::Semaphore, 150, 1, None))
+                .await;
+        }
+        for _ in 1..=150 {
+            assert!(matches!(holder.response().await.1, Response::Granted(_)));
+        }
+        let mut waiter = daemon.raw().await;
+        waiter
+            .request(1, acquire("wide", LockKind::Semaphore, 150, 1, None))
+            .await;
+        let client = daemon.client().await;
+        waiters(&client, "wide", 1).await;
+        let release = Request::ReleaseByName {
+            name: "wide".into(),
+            count: 150,
+        };
+        assert_eq!(
+            holder.call(200, release).await,
+            Response::Released { permits: 150 }
+        );
+        match waiter.response().await {
+            (1, Response::Granted(g)) => assert!(!g.abandoned, "{g:?}"),
+            other => panic!("{other:?}"),
+        }
+        let entry = &client.inspect("wide").await.unwrap().entries[0];
+        assert_eq!(entry.holders.len(), 1, "{entry:?}");
+        assert!(entry.waiters.is_empty());
         daemon.stop().await;
     })
     .await
