@@ -12,6 +12,7 @@
 
 use std::net::TcpListener;
 use std::os::unix::process::CommandExt;
+use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::Mutex;
 use std::sync::mpsc;
@@ -69,6 +70,112 @@ pub struct Cluster {
     _dir: tempfile::TempDir,
     /// Its members, in order.
     pub members: Vec<Member>,
+    /// Its clients' TLS files, if they must speak TLS.
+    tls: Option<Tls>,
+}
+
+/// The files of a cluster whose clients must speak TLS and show a
+/// certificate (`--client-cert-auth`), made with `openssl`: a CA, the
+/// members' certificate (for 127.0.0.1) and a client's, all signed by it.
+#[derive(Debug)]
+pub struct Tls {
+    dir: tempfile::TempDir,
+}
+
+impl Tls {
+    /// New files, from a new CA.
+    pub fn generate() -> Tls {
+        let dir = tempfile::tempdir().expect("a directory for certificates");
+        let at = |name: &str| dir.path().join(name).to_str().unwrap().to_owned();
+        let openssl = |args: &[&str]| {
+            let out = Command::new("openssl")
+                .args(args)
+                .output()
+                .expect("openssl (Debian: apt-get install openssl)");
+            assert!(out.status.success(), "openssl {args:?}: {out:?}");
+        };
+        let key = [
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+        ];
+        let ca = [
+            &["req", "-x509"][..],
+            &key,
+            &["-days", "2", "-subj", "/CN=lockbroker test CA"],
+        ];
+        openssl(
+            &[
+                &ca.concat()[..],
+                &["-keyout", &at("ca.key"), "-out", &at("ca.pem")],
+            ]
+            .concat(),
+        );
+        for (who, usage) in [
+            ("server", "serverAuth,clientAuth"),
+            ("client", "clientAuth"),
+        ] {
+            let ext = at(&format!("{who}.ext"));
+            std::fs::write(
+                &ext,
+                format!("subjectAltName=IP:127.0.0.1\nextendedKeyUsage={usage}\n"),
+            )
+            .unwrap();
+            let csr = at(&format!("{who}.csr"));
+            let subject = format!("/CN={who}");
+            openssl(
+                &[
+                    &["req"][..],
+                    &key,
+                    &[
+                        "-subj",
+                        &subject,
+                        "-keyout",
+                        &at(&format!("{who}.key")),
+                        "-out",
+                        &csr,
+                    ],
+                ]
+                .concat(),
+            );
+            openssl(&[
+                "x509",
+                "-req",
+                "-in",
+                &csr,
+                "-CA",
+                &at("ca.pem"),
+                "-CAkey",
+                &at("ca.key"),
+                "-CAcreateserial",
+                "-days",
+                "2",
+                "-extfile",
+                &ext,
+                "-out",
+                &at(&format!("{who}.pem")),
+            ]);
+        }
+        Tls { dir }
+    }
+
+    /// The file `name` (`ca.pem`, `server.pem`, `server.key`, `client.pem`,
+    /// `client.key`).
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    fn options(&self) -> etcd_client::TlsOptions {
+        let read = |name: &str| std::fs::read(self.path(name)).expect("a certificate file");
+        etcd_client::TlsOptions::new()
+            .ca_certificate(etcd_client::Certificate::from_pem(read("ca.pem")))
+            .identity(etcd_client::Identity::from_pem(
+                read("client.pem"),
+                read("client.key"),
+            ))
+    }
 }
 
 /// A command for the spawner thread, and where to send its child.
@@ -147,6 +254,17 @@ fn free_port() -> TcpListener {
 impl Cluster {
     /// Starts `n` members and waits until the cluster has a leader.
     pub async fn start(n: usize) -> Cluster {
+        Cluster::start_with(n, None).await
+    }
+
+    /// Starts `n` members whose clients must speak TLS with `tls`'s
+    /// certificates.
+    pub async fn start_tls(n: usize, tls: Tls) -> Cluster {
+        Cluster::start_with(n, Some(tls)).await
+    }
+
+    async fn start_with(n: usize, tls: Option<Tls>) -> Cluster {
+        let scheme = if tls.is_some() { "https" } else { "http" };
         let dir = data_dir();
         // Every port is held until all are chosen.
         let ports: Vec<(TcpListener, TcpListener)> =
@@ -162,7 +280,7 @@ impl Cluster {
             .iter()
             .map(|(client, peer)| {
                 (
-                    format!("http://127.0.0.1:{}", port(client)),
+                    format!("{scheme}://127.0.0.1:{}", port(client)),
                     format!("http://127.0.0.1:{}", port(peer)),
                 )
             })
@@ -194,6 +312,17 @@ impl Cluster {
                 .arg(ELECTION_MS.to_string())
                 .arg("--auto-compaction-retention")
                 .arg("1h")
+                .args(tls.iter().flat_map(|tls| {
+                    [
+                        "--cert-file".into(),
+                        tls.path("server.pem").into_os_string(),
+                        "--key-file".into(),
+                        tls.path("server.key").into_os_string(),
+                        "--trusted-ca-file".into(),
+                        tls.path("ca.pem").into_os_string(),
+                        "--client-cert-auth".into(),
+                    ]
+                }))
                 .stdout(Stdio::null())
                 .stderr(
                     std::fs::File::create(dir.path().join(format!("{name}.log")))
@@ -205,7 +334,11 @@ impl Cluster {
                 child: spawn(command),
             });
         }
-        let cluster = Cluster { _dir: dir, members };
+        let cluster = Cluster {
+            _dir: dir,
+            members,
+            tls,
+        };
         for i in 0..n {
             cluster.wait_ready(i).await;
         }
@@ -218,9 +351,12 @@ impl Cluster {
         let url = self.members[i].client_url.clone();
         let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
         loop {
-            let options = etcd_client::ConnectOptions::new()
+            let mut options = etcd_client::ConnectOptions::new()
                 .with_connect_timeout(Duration::from_millis(500))
                 .with_timeout(Duration::from_millis(500));
+            if let Some(tls) = &self.tls {
+                options = options.with_tls(tls.options());
+            }
             if let Ok(mut client) = etcd_client::Client::connect([&url], Some(options)).await
                 && client.get("ready", None).await.is_ok()
             {
@@ -232,6 +368,17 @@ impl Cluster {
             );
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
+    }
+
+    /// Its clients' TLS files, if they must speak TLS.
+    pub fn tls(&self) -> Option<&Tls> {
+        self.tls.as_ref()
+    }
+
+    /// How the test's own clients of this cluster connect.
+    fn options(&self) -> Option<etcd_client::ConnectOptions> {
+        let tls = self.tls.as_ref()?;
+        Some(etcd_client::ConnectOptions::new().with_tls(tls.options()))
     }
 
     /// Every member's client URL.
@@ -246,7 +393,12 @@ impl Cluster {
             Some(i) => vec![self.members[i].client_url.clone()],
             None => self.endpoints(),
         };
-        EtcdConfig::new(endpoints, prefix, ttl)
+        let mut config = EtcdConfig::new(endpoints, prefix, ttl);
+        if let Some(tls) = &self.tls {
+            config.ca_cert = Some(tls.path("ca.pem"));
+            config.identity = Some((tls.path("client.pem"), tls.path("client.key")));
+        }
+        config
     }
 
     /// An in-process daemon on this cluster under `prefix`, talking to
@@ -260,7 +412,9 @@ impl Cluster {
     /// sees it.
     pub async fn leader(&self) -> usize {
         for m in &self.members {
-            let Ok(mut client) = etcd_client::Client::connect([&m.client_url], None).await else {
+            let Ok(mut client) =
+                etcd_client::Client::connect([&m.client_url], self.options()).await
+            else {
                 continue;
             };
             let Ok(status) = client.status().await else {
@@ -268,7 +422,8 @@ impl Cluster {
             };
             let leader = status.leader();
             for (i, m) in self.members.iter().enumerate() {
-                let Ok(mut c) = etcd_client::Client::connect([&m.client_url], None).await else {
+                let Ok(mut c) = etcd_client::Client::connect([&m.client_url], self.options()).await
+                else {
                     continue;
                 };
                 if c.status()
@@ -284,7 +439,7 @@ impl Cluster {
 
     /// Every key under `prefix`, with its value.
     pub async fn keys(&self, prefix: &str) -> Vec<(Vec<u8>, Vec<u8>)> {
-        let mut client = etcd_client::Client::connect(self.endpoints(), None)
+        let mut client = etcd_client::Client::connect(self.endpoints(), self.options())
             .await
             .expect("connect to etcd");
         let got = client

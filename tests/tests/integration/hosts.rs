@@ -2,16 +2,18 @@
 //! a host, share their locks. Waiters on different daemons are granted in
 //! the order they queued; a client killed on one host hands its lock to a
 //! waiter on another at once, as abandoned; a daemon killed hands its
-//! locks on once its leases expire, as abandoned and with a higher fence.
+//! locks on once its leases expire, as abandoned and with a higher fence;
+//! daemons share locks over TLS with client certificates.
 
 use std::process::Stdio;
 use std::sync::{Arc, Mutex as StdMutex};
 use std::time::{Duration, Instant};
 
-use lockbroker_tests::etcd::{self, SHORT_LEASE_TTL};
+use lockbroker::Connector;
+use lockbroker_tests::etcd::{self, Cluster, SHORT_LEASE_TTL, Tls};
 use tokio::io::{AsyncBufReadExt, BufReader};
 
-use crate::util::{address, bounded, spawn_etcd_daemon, waiters, worker};
+use crate::util::{address, bounded, spawn_daemon, spawn_etcd_daemon, waiters, worker};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn waiters_on_different_daemons_are_granted_in_queue_order() {
@@ -154,6 +156,64 @@ async fn a_daemon_killed_hands_its_locks_on_after_the_lease_ttl() {
         );
         guard.release().await.unwrap();
         drop(held);
+        other.stop().await;
+    })
+    .await
+}
+
+/// A cluster that takes only TLS clients with a certificate of its CA: a
+/// `lockbrokerd` started with `--etcd-ca-cert`, `--etcd-cert` and
+/// `--etcd-key`, and a daemon configured with the same files, share a lock.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn daemons_share_locks_over_tls() {
+    if !etcd::etcd_present() {
+        return;
+    }
+    let cluster = Cluster::start_tls(1, Tls::generate()).await;
+    bounded(async {
+        let prefix = etcd::unique_prefix("tls");
+        let tls = cluster.tls().expect("a TLS cluster");
+        let (ca, cert, key) = (
+            tls.path("ca.pem"),
+            tls.path("client.pem"),
+            tls.path("client.key"),
+        );
+        let endpoint = cluster.members[0].client_url.clone();
+        assert!(endpoint.starts_with("https://"), "{endpoint}");
+        let flags: Vec<std::ffi::OsString> = [
+            "--backend",
+            "etcd",
+            "--etcd-endpoints",
+            &endpoint,
+            "--etcd-prefix",
+            &prefix,
+        ]
+        .iter()
+        .map(std::ffi::OsString::from)
+        .chain(["--etcd-ca-cert".into(), ca.into_os_string()])
+        .chain(["--etcd-cert".into(), cert.into_os_string()])
+        .chain(["--etcd-key".into(), key.into_os_string()])
+        .collect();
+        let flags: Vec<&std::ffi::OsStr> = flags.iter().map(|f| f.as_os_str()).collect();
+        let dir = tempfile::tempdir().unwrap();
+        let socket = dir.path().join("tls.sock");
+        let mut process = spawn_daemon(&socket, &flags).await;
+        let other = cluster.daemon(&prefix, None, Duration::from_secs(10)).await;
+        let a = Connector::new().socket(&socket).connect().await.unwrap();
+        let held = a.mutex("m").acquire().await.unwrap();
+        let b = other.client().await;
+        let mutex = b.mutex("m");
+        let waiter = tokio::spawn(async move { mutex.acquire().await.unwrap() });
+        waiters(&b, "m", 1).await;
+        // The holder's key is in the cluster, read over TLS too.
+        assert!(!cluster.keys(&format!("{prefix}/l/")).await.is_empty());
+        let fence = held.fence();
+        held.release().await.unwrap();
+        let next = waiter.await.unwrap();
+        assert!(!next.abandoned());
+        assert!(next.fence() > fence);
+        next.release().await.unwrap();
+        process.kill();
         other.stop().await;
     })
     .await
