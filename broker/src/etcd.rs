@@ -29,7 +29,7 @@
 mod queue;
 mod state;
 
-use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
 use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -220,17 +220,11 @@ struct NameState {
 }
 
 impl NameState {
-    fn queue(&self) -> Vec<Queued> {
-        self.queue.values().cloned().collect()
-    }
-
-    /// Revisions of the keys granted now.
-    fn granted(&self) -> Vec<i64> {
-        let queue = self.queue();
-        queue[..queue::granted_len(&queue)]
-            .iter()
-            .map(|q| q.revision)
-            .collect()
+    /// Revisions of the keys granted now (read for each change the watch
+    /// shows, under the core's lock: it walks the holders only).
+    fn granted(&self) -> BTreeSet<i64> {
+        let held = queue::granted_len(self.queue.values());
+        self.queue.keys().take(held).copied().collect()
     }
 }
 

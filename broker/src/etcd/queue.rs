@@ -160,8 +160,9 @@ pub struct Queued {
 /// them. A mutex or a writer fits only at the very front; a reader
 /// wherever no writer is before it; a semaphore request while the
 /// permits up to it are within the capacity of the front's request.
-pub fn granted_len(queue: &[Queued]) -> usize {
-    let Some(first) = queue.first() else {
+pub fn granted_len<'a>(queue: impl IntoIterator<Item = &'a Queued>) -> usize {
+    let mut queue = queue.into_iter().peekable();
+    let Some(first) = queue.peek() else {
         return 0;
     };
     let capacity = match first.record.kind {
@@ -169,15 +170,18 @@ pub fn granted_len(queue: &[Queued]) -> usize {
         LockKind::RwShared | LockKind::RwExclusive => u64::from(u32::MAX),
         LockKind::Mutex => 1,
     };
+    // Walks the holders and the first key that waits, no further.
     let mut used: u64 = 0;
-    for (i, q) in queue.iter().enumerate() {
+    let mut held = 0;
+    for q in queue {
         let weight = q.record.weight();
-        if i > 0 && (weight == u64::MAX || used.saturating_add(weight) > capacity) {
-            return i;
+        if held > 0 && (weight == u64::MAX || used.saturating_add(weight) > capacity) {
+            break;
         }
         used = used.saturating_add(weight);
+        held += 1;
     }
-    queue.len()
+    held
 }
 
 /// Why a request may not join a queue: the name is in use as another
