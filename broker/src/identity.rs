@@ -106,6 +106,8 @@ fn lookup(uid: u32) -> Result<Option<String>, ()> {
         // strings point into `buf`, which outlives their use below.
         let mut pwd: libc::passwd = unsafe { std::mem::zeroed() };
         let mut found: *mut libc::passwd = std::ptr::null_mut();
+        // SAFETY: every pointer is to a live local, and `buf`'s length is
+        // the one passed.
         let rc = unsafe {
             libc::getpwuid_r(
                 uid,
