@@ -39,8 +39,15 @@ const PROGRESS_AGAIN: Duration = Duration::from_millis(100);
 pub(super) struct Feed {
     /// Recent changes, oldest first.
     history: VecDeque<Arc<Change>>,
-    /// Every change up to this revision has been published.
+    /// Every change up to this revision has been published: the stream's
+    /// position, moved by its events only.
     delivered: i64,
+    /// The highest revision a progress report named. etcd before 3.4.24
+    /// (etcd-io/etcd#15220; Debian ships 3.4.23) may report progress
+    /// past events it has not sent yet, so this says only how far etcd
+    /// has got, never which events were seen: those past `delivered`
+    /// are still published when they come.
+    progress: i64,
 }
 
 /// A condition a write was applied under, checked again when it was not.
@@ -452,12 +459,18 @@ impl Shared {
             .map_or(0, |h| h.revision());
         let mut lagged = false;
         let mut replay = Vec::new();
+        // Where live changes start: after now, unless replayed up to less.
+        let mut published = now;
         if from_version > 0 && from_version <= now as u64 {
             // The history must reach now before it is replayed.
             let caught_up = tokio::time::timeout(CATCH_UP, async {
                 loop {
                     let notified = self.state_caught_up.notified();
-                    if self.feed().delivered >= now {
+                    let reached = {
+                        let feed = self.feed();
+                        feed.delivered.max(feed.progress)
+                    };
+                    if reached >= now {
                         return;
                     }
                     // etcd answers a progress request only once the watch
@@ -468,7 +481,11 @@ impl Shared {
             })
             .await;
             lagged = caught_up.is_err();
+            // Replayed: the history up to what the feed has published;
+            // live: what it publishes after (to the receiver subscribed
+            // above), whatever etcd's progress reports said.
             let feed = self.feed();
+            published = feed.delivered;
             let oldest = feed
                 .history
                 .front()
@@ -477,7 +494,7 @@ impl Shared {
             replay = feed
                 .history
                 .iter()
-                .filter(|c| c.version >= from_version && c.version <= now as u64)
+                .filter(|c| c.version >= from_version && c.version <= published as u64)
                 .filter(|c| {
                     if prefix {
                         c.key.starts_with(key)
@@ -491,7 +508,7 @@ impl Shared {
         Ok(WatchStart {
             replay,
             lagged,
-            live_from: (now as u64).max(from_version.saturating_sub(1)),
+            live_from: (published as u64).max(from_version.saturating_sub(1)),
             receiver,
         })
     }
@@ -554,14 +571,15 @@ impl Shared {
             }
             feed.delivered = revision;
         }
-        // A progress report: everything up to it was sent. Not the answer
-        // creating the watch, whose revision is etcd's current one while
-        // the watch may still be catching up from the revision it asked for.
+        // A progress report: etcd has got this far (see `Feed::progress`).
+        // Not the answer creating the watch, whose revision is etcd's
+        // current one while the watch may still be catching up from the
+        // revision it asked for.
         if response.events().is_empty()
             && !response.created()
             && let Some(h) = response.header()
         {
-            feed.delivered = feed.delivered.max(h.revision());
+            feed.progress = feed.progress.max(h.revision());
         }
         drop(feed);
         self.state_caught_up.notify_waiters();
