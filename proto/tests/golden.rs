@@ -91,6 +91,29 @@ fn response(id: u64, response: Response) -> Message {
     Message::S2c(ServerMessage::Response { id, response })
 }
 
+/// The annotated session's `Hello`, in protocol `version`.
+fn hello(version: u16) -> Message {
+    Message::C2s(ClientMessage::Hello(Hello {
+        magic: MAGIC,
+        version,
+        client_name: "demo".into(),
+    }))
+}
+
+/// The annotated session's `Welcome`, in protocol `version`.
+fn welcome(version: u16) -> Message {
+    Message::S2c(ServerMessage::Welcome(Welcome {
+        version,
+        server_version: "0.1.0".into(),
+        session_id: 1,
+        limits: Limits {
+            max_frame_len: 2_097_152,
+            max_pending: 1024,
+            max_holds: 65_536,
+        },
+    }))
+}
+
 /// The versions with golden vectors: each has `proto/golden/vN.txt` and a
 /// ` ```golden-vN ` block in `PROTOCOL.md`.
 const VERSIONS: [u16; 2] = [1, PROTOCOL_VERSION];
@@ -114,27 +137,8 @@ fn vectors_v2() -> Vec<(&'static str, Message)> {
     entry.holders[0].session.user = "alice".into();
     entry.waiters[0].session.host = "build-2".into();
     vec![
-        (
-            "hello_v2",
-            Message::C2s(ClientMessage::Hello(Hello {
-                magic: MAGIC,
-                version: 2,
-                client_name: "demo".into(),
-            })),
-        ),
-        (
-            "welcome_v2",
-            Message::S2c(ServerMessage::Welcome(Welcome {
-                version: 2,
-                server_version: "0.1.0".into(),
-                session_id: 1,
-                limits: Limits {
-                    max_frame_len: DEFAULT_MAX_FRAME_LEN,
-                    max_pending: 1024,
-                    max_holds: 65536,
-                },
-            })),
-        ),
+        ("hello_v2", hello(2)),
+        ("welcome_v2", welcome(2)),
         (
             "inspection_v2",
             response(8, Response::Inspection(inspection)),
@@ -148,27 +152,8 @@ fn vectors_v2() -> Vec<(&'static str, Message)> {
 /// rest follow one imaginary session so that each answer matches a request.
 fn vectors_v1() -> Vec<(&'static str, Message)> {
     vec![
-        (
-            "hello",
-            Message::C2s(ClientMessage::Hello(Hello {
-                magic: MAGIC,
-                version: 1,
-                client_name: "demo".into(),
-            })),
-        ),
-        (
-            "welcome",
-            Message::S2c(ServerMessage::Welcome(Welcome {
-                version: 1,
-                server_version: "0.1.0".into(),
-                session_id: 1,
-                limits: Limits {
-                    max_frame_len: 2_097_152,
-                    max_pending: 1024,
-                    max_holds: 65_536,
-                },
-            })),
-        ),
+        ("hello", hello(1)),
+        ("welcome", welcome(1)),
         (
             "acquire_mutex",
             request(
