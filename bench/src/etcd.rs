@@ -15,7 +15,9 @@ use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use etcd_client::{Client, GetOptions, LockOptions, PutOptions, SortOrder, SortTarget, TxnOp};
+use etcd_client::{
+    Client, Compare, CompareOp, GetOptions, LockOptions, PutOptions, SortOrder, SortTarget, TxnOp,
+};
 use lockbroker::Connector;
 
 use crate::Bins;
@@ -203,23 +205,24 @@ async fn raw_pair(url: &str, ops: usize) -> Duration {
 }
 
 /// p50 of the two transactions lockbroker sends for an uncontended
-/// acquire and release (put the key, read the front of its queue, the
-/// name's marker and the key itself; delete it and put the release note),
-/// sent directly: what etcd costs lockbroker,
-/// without the hop through the daemon.
+/// acquire and release (put the key where its slot is empty, and read the
+/// front of its queue, the name's marker and the key itself; delete it,
+/// with the release note only if a newer key of the name exists), sent
+/// directly: what etcd costs lockbroker, without the hop through the
+/// daemon.
 async fn shaped_pair(url: &str, ops: usize) -> Duration {
     let mut client = connect(url).await;
     let lease = client.lease_grant(10, None).await.unwrap().id();
     let note = client.lease_grant(10, None).await.unwrap().id();
     let mut kv = client.kv_client();
     let mut times = Vec::with_capacity(ops);
-    for i in 0..ops {
-        let key = format!("/shaped/l/n\0{i}");
+    // One slot, taken again and again, as an uncontended name's is.
+    let (range, key) = ("/shaped/l/n\0", "/shaped/l/n\0instance-0");
+    for _ in 0..ops {
         let start = Instant::now();
-        let txn = etcd_client::Txn::new().and_then([
-            TxnOp::put(key.clone(), "x", Some(PutOptions::new().with_lease(lease))),
+        let reads = [
             TxnOp::get(
-                "/shaped/l/n\0",
+                range,
                 Some(
                     GetOptions::new()
                         .with_prefix()
@@ -228,17 +231,29 @@ async fn shaped_pair(url: &str, ops: usize) -> Duration {
                 ),
             ),
             TxnOp::get("/shaped/l/n\0!", None),
-            TxnOp::get(key.clone(), None),
-        ]);
-        kv.txn(txn).await.unwrap();
-        let txn = etcd_client::Txn::new().and_then([
-            TxnOp::delete(key, None),
-            TxnOp::put(
-                "/shaped/l/n\0~",
-                "[]",
-                Some(PutOptions::new().with_lease(note)),
-            ),
-        ]);
+            TxnOp::get(key, None),
+        ];
+        let put = TxnOp::put(key, "x", Some(PutOptions::new().with_lease(lease)));
+        let txn = etcd_client::Txn::new()
+            .when([Compare::version(key, CompareOp::Equal, 0)])
+            .and_then(
+                std::iter::once(put)
+                    .chain(reads.clone())
+                    .collect::<Vec<_>>(),
+            )
+            .or_else(reads);
+        let created = kv.txn(txn).await.unwrap().header().unwrap().revision();
+        let txn = etcd_client::Txn::new()
+            .when([Compare::create_revision(range, CompareOp::Less, created + 1).with_prefix()])
+            .and_then([TxnOp::delete(key, None)])
+            .or_else([
+                TxnOp::delete(key, None),
+                TxnOp::put(
+                    "/shaped/l/n\0~",
+                    "[]",
+                    Some(PutOptions::new().with_lease(note)),
+                ),
+            ]);
         kv.txn(txn).await.unwrap();
         times.push(start.elapsed());
     }

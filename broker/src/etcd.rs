@@ -10,7 +10,8 @@
 //! or host that dies stops keeping its leases alive, and etcd deletes
 //! their keys after the lease's TTL.
 //!
-//! An acquire is one transaction: put the key, read the name's keys. The
+//! An acquire is one transaction: put the key (in the lowest slot of the
+//! name free on this daemon: `etcd/slots.rs`), read the name's keys. The
 //! key's create revision is its place in the queue and its fence. If it
 //! is not granted at once, the daemon watches the name from the revision
 //! after the one it read (one watch per name per daemon, shared by its
@@ -27,6 +28,7 @@
 //! granted its locks.
 
 mod queue;
+mod slots;
 mod state;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
@@ -161,6 +163,8 @@ struct Core {
     /// Abandonment markers whose abandonment a grant here has told, to be
     /// removed once the core is unlocked.
     consume: Vec<(LockName, i64)>,
+    /// The key slots of each name in use here.
+    slots: slots::Slots,
 }
 
 /// One session's lease: granted once, at its first acquire (asked for
@@ -186,10 +190,15 @@ struct SessionState {
     /// the clean releases and markers of its end), which its lease's
     /// revocation waits for.
     changes: Vec<tokio::task::JoinHandle<()>>,
+    /// Slots of keys left to the lease's revocation (waits and abandoned
+    /// holds of names the session was done with before it ended).
+    revoked: Vec<(LockName, u32)>,
 }
 
 struct Wait {
     name: LockName,
+    /// Its key's slot, and the tag made of it.
+    slot: u32,
     tag: String,
     record: Record,
     /// Its create revision, once its key is put.
@@ -198,8 +207,11 @@ struct Wait {
 
 struct Hold {
     name: LockName,
+    slot: u32,
     tag: String,
     record: Record,
+    /// Its key's create revision: its place in the queue and its fence.
+    revision: i64,
 }
 
 /// A name some of this daemon's sessions wait on: its queue as etcd has
@@ -492,6 +504,7 @@ impl Shared {
         session_id: u64,
         request_id: u64,
         hold_id: u64,
+        (name, mut slot): (LockName, u32),
         may_wait: bool,
     ) {
         // The wait, while it is this one's (not withdrawn, nor replaced
@@ -501,7 +514,9 @@ impl Shared {
                 .get(&request_id)
                 .is_some_and(|w| w.record.hold_id == hold_id)
         };
-        let Some((lease, name, tag, record, peer)) = ({
+        // Nothing was put, or the key went with the session's lease.
+        let give_back = |slot: u32| self.core().slots.give_back(name.as_str(), slot);
+        let Some((lease, record, peer)) = ({
             let mut core = self.core();
             core.sessions.get_mut(&session_id).and_then(|s| {
                 if !mine(s) {
@@ -510,16 +525,10 @@ impl Shared {
                     return None;
                 }
                 let w = s.waits.get(&request_id)?;
-                Some((
-                    Arc::clone(&s.lease),
-                    w.name.clone(),
-                    w.tag.clone(),
-                    w.record.clone(),
-                    Arc::clone(&s.peer),
-                ))
+                Some((Arc::clone(&s.lease), w.record.clone(), Arc::clone(&s.peer)))
             })
         }) else {
-            return;
+            return give_back(slot);
         };
         // After a pause for etcd: whether the wait is still worth
         // pursuing (withdrawn, it is done with).
@@ -539,16 +548,15 @@ impl Shared {
                     tracing::debug!("etcd did not grant a session's lease, asking again: {e:?}");
                     if !still_mine() {
                         // Nothing was put.
-                        return;
+                        return give_back(slot);
                     }
                 }
             }
         };
         if !still_mine() {
             // Withdrawn while the lease was granted: nothing to put.
-            return;
+            return give_back(slot);
         }
-        let key = queue::hold_key(&self.prefix, name.as_str(), &tag);
         let marker = queue::marker_key(&self.prefix, name.as_str());
         // The front of the queue is enough to know whether the new key is
         // granted, and reading all of it each time would cost as much as
@@ -557,34 +565,81 @@ impl Shared {
             .with_prefix()
             .with_sort(SortTarget::Create, SortOrder::Ascend)
             .with_limit(queue::front_len(record.kind, record.capacity));
-        let txn = etcd_client::Txn::new().and_then([
-            TxnOp::put(
+        let (key, response) = loop {
+            let key = queue::hold_key(
+                &self.prefix,
+                name.as_str(),
+                &slots::tag(self.instance, slot),
+            );
+            let reads = [
+                TxnOp::get(self.name_range(name.as_str()), Some(front.clone())),
+                TxnOp::get(marker.clone(), None),
+                TxnOp::get(key.clone(), None),
+            ];
+            let put = TxnOp::put(
                 key.clone(),
                 record.encode(),
                 Some(PutOptions::new().with_lease(lease)),
-            ),
-            TxnOp::get(self.name_range(name.as_str()), Some(front)),
-            TxnOp::get(marker.clone(), None),
-            TxnOp::get(key.clone(), None),
-        ]);
-        // Put again when etcd did not answer (a leader change, say): the
-        // key is the same, so a put applied twice keeps its first create
-        // revision (read back with it). An acquire waits for etcd as it
-        // waits for the lock: until its timeout or cancel withdraws it, or
-        // its session ends (which a daemon cut off from etcd does to its
-        // sessions).
-        let response = loop {
-            match self.client.clone().kv_client().txn(txn.clone()).await {
-                Ok(r) => break r,
-                Err(e) => {
-                    tracing::debug!("etcd did not take an acquire, retrying: {e}");
-                    tokio::time::sleep(RETRY_PAUSE).await;
-                    if !still_mine() {
-                        // The put may have been applied: take it back.
-                        return self.delete_later(session_id, name.as_str(), vec![key], None);
+            );
+            // Put only where no key is: one left in the slot by an ended
+            // session whose lease etcd has not taken yet is not taken
+            // over (with its place in the queue).
+            let txn = etcd_client::Txn::new()
+                .when([Compare::version(key.clone(), CompareOp::Equal, 0)])
+                .and_then(
+                    std::iter::once(put)
+                        .chain(reads.clone())
+                        .collect::<Vec<_>>(),
+                )
+                .or_else(reads);
+            // Put again when etcd did not answer (a leader change, say):
+            // a put applied already is found in the slot, with its
+            // create revision. An acquire waits for etcd as it waits for
+            // the lock: until its timeout or cancel withdraws it, or its
+            // session ends (which a daemon cut off from etcd does to its
+            // sessions).
+            let response = loop {
+                match self.client.clone().kv_client().txn(txn.clone()).await {
+                    Ok(r) => break r,
+                    Err(e) => {
+                        tracing::debug!("etcd did not take an acquire, retrying: {e}");
+                        tokio::time::sleep(RETRY_PAUSE).await;
+                        if !still_mine() {
+                            // The put may have been applied: take it back.
+                            return self.delete_later(
+                                session_id,
+                                name.as_str(),
+                                (key, slot),
+                                None,
+                                None,
+                            );
+                        }
                     }
                 }
+            };
+            if response.succeeded() || put_earlier(&response, lease, hold_id) {
+                break (key, response);
             }
+            // Another's key: the wait moves to another slot.
+            let mut core = self.core();
+            let core = &mut *core;
+            let next = core.slots.take(&name);
+            core.slots.give_back(name.as_str(), slot);
+            let Some(s) = core.sessions.get_mut(&session_id) else {
+                core.slots.give_back(name.as_str(), next);
+                return;
+            };
+            if !mine(s) {
+                // Withdrawn meanwhile: nothing of it was put.
+                s.withdrawn.remove(&hold_id);
+                core.slots.give_back(name.as_str(), next);
+                return;
+            }
+            let w = s.waits.get_mut(&request_id).expect("mine");
+            tracing::debug!(name = %name, slot, "a key of an ended session is in the slot");
+            w.slot = next;
+            w.tag = slots::tag(self.instance, next);
+            slot = next;
         };
         // Where the queue was read, and where this key stands in it (its
         // fence): the same, unless the put was applied by an earlier try.
@@ -656,7 +711,13 @@ impl Shared {
                         tracing::debug!("etcd did not read a queue, retrying: {e}");
                         tokio::time::sleep(RETRY_PAUSE).await;
                         if !still_mine() {
-                            return self.delete_later(session_id, name.as_str(), vec![key], None);
+                            return self.delete_later(
+                                session_id,
+                                name.as_str(),
+                                (key, slot),
+                                Some(revision),
+                                None,
+                            );
                         }
                         continue;
                     }
@@ -669,7 +730,9 @@ impl Shared {
                 let core = &mut *core;
                 let Some(s) = core.sessions.get_mut(&session_id) else {
                     // The session ended meanwhile; its lease's revocation
-                    // takes the key.
+                    // takes the key (and a slot given back early is not
+                    // put over).
+                    core.slots.give_back(name.as_str(), slot);
                     return;
                 };
                 if !mine(s) {
@@ -752,14 +815,24 @@ impl Shared {
                 // The answer waits for the key to go, so a try or a refusal
                 // leaves nothing behind in the queue.
                 After::Delete(Some(notice)) => {
-                    self.delete(vec![key], Release::of(name.as_str())).await;
+                    self.delete(vec![key], Release::after(name.as_str(), Some(revision)))
+                        .await;
+                    give_back(slot);
                     peer.notify(notice);
                 }
                 After::Delete(None) => {
-                    self.delete_later(session_id, name.as_str(), vec![key], None)
+                    self.delete_later(session_id, name.as_str(), (key, slot), Some(revision), None)
                 }
             }
             return;
+        }
+    }
+
+    /// Gives back `slots` of `name`, whose keys are gone.
+    fn give_back(&self, name: &str, slots: impl IntoIterator<Item = u32>) {
+        let mut core = self.core();
+        for slot in slots {
+            core.slots.give_back(name, slot);
         }
     }
 
@@ -834,20 +907,25 @@ impl Shared {
         queue
     }
 
-    /// Deletes `keys` of session `session_id` on `name` in a task of its
-    /// own (with a release note: a key that was already granted elsewhere
-    /// is not taken for abandoned), then tells `applied` its token.
+    /// Deletes `key` (in `slot`) of session `session_id` on `name` in a
+    /// task of its own (with a release note: a key that was already
+    /// granted elsewhere is not taken for abandoned), gives its slot back,
+    /// then tells `applied` its token. `newest`: the key's create
+    /// revision, when known.
     fn delete_later(
         self: &Arc<Self>,
         session_id: u64,
         name: &str,
-        keys: Vec<Vec<u8>>,
+        (key, slot): (Vec<u8>, u32),
+        newest: Option<i64>,
         applied: Option<(Arc<Peer>, u64)>,
     ) {
         let shared = Arc::clone(self);
-        let note = Release::of(name);
+        let note = Release::after(name, newest);
+        let name = name.to_owned();
         self.spawn_for(session_id, async move {
-            shared.delete(keys, note).await;
+            shared.delete(vec![key], note).await;
+            shared.core().slots.give_back(&name, slot);
             if let Some((peer, token)) = applied {
                 peer.notify(Notice::Applied { token });
             }
@@ -885,11 +963,20 @@ impl Shared {
     async fn delete_batch(&self, ended: Vec<Vec<u8>>, note: Option<Release>) {
         let give_up = self.give_up();
         while Instant::now() < give_up {
-            let mut ops: Vec<TxnOp> = ended
+            let deletes: Vec<TxnOp> = ended
                 .iter()
                 .map(|k| TxnOp::delete(k.clone(), None))
                 .collect();
-            if let Some(Release { name, shrunk }) = &note {
+            let mut ops = deletes.clone();
+            // Without a note when no key of the name is newer than those
+            // deleted.
+            let mut unless_newer = None;
+            if let Some(Release {
+                name,
+                shrunk,
+                newest,
+            }) = &note
+            {
                 let lease = match self.note_lease.get(&self.client).await {
                     Ok(lease) => lease,
                     Err(e) => {
@@ -904,6 +991,18 @@ impl Shared {
                     .map(|(_, tag)| String::from_utf8_lossy(tag).into_owned())
                     .collect();
                 if !tags.is_empty() {
+                    if let Some(newest) = newest
+                        && shrunk.is_empty()
+                    {
+                        unless_newer = Some(
+                            Compare::create_revision(
+                                self.name_range(name),
+                                CompareOp::Less,
+                                newest + 1,
+                            )
+                            .with_prefix(),
+                        );
+                    }
                     ops.push(TxnOp::put(
                         queue::note_key(&self.prefix, name),
                         serde_json::to_vec(&tags).expect("tags encode"),
@@ -927,13 +1026,14 @@ impl Shared {
             if ops.is_empty() {
                 return;
             }
-            match self
-                .client
-                .clone()
-                .kv_client()
-                .txn(etcd_client::Txn::new().and_then(ops))
-                .await
-            {
+            let txn = match unless_newer {
+                Some(compare) => etcd_client::Txn::new()
+                    .when([compare])
+                    .and_then(deletes)
+                    .or_else(ops),
+                None => etcd_client::Txn::new().and_then(ops),
+            };
+            match self.client.clone().kv_client().txn(txn).await {
                 Ok(_) => return,
                 Err(e) => {
                     let text = e.to_string();
@@ -955,6 +1055,13 @@ impl Shared {
 struct Release {
     name: String,
     shrunk: Vec<Rewrite>,
+    /// The newest create revision among the keys deleted, when known: a
+    /// note is written only if some key of the name is newer. Only a key
+    /// behind them can be waiting for them (the holders of a name are the
+    /// front of its queue), so when none is, nobody can take the delete
+    /// for an abandonment, and an uncontended release costs etcd one
+    /// delete, not a delete and a put.
+    newest: Option<i64>,
 }
 
 /// A hold's key put again with fewer permits (its create revision, so
@@ -966,10 +1073,19 @@ struct Rewrite {
 }
 
 impl Release {
+    /// A release of keys on `name` whose revisions are not all known: the
+    /// note is always written.
     fn of(name: impl Into<String>) -> Option<Release> {
+        Release::after(name, None)
+    }
+
+    /// A release of keys on `name` the newest of which was created at
+    /// `newest`.
+    fn after(name: impl Into<String>, newest: Option<i64>) -> Option<Release> {
         Some(Release {
             name: name.into(),
             shrunk: Vec::new(),
+            newest,
         })
     }
 }
@@ -1032,8 +1148,10 @@ fn grant(
         hold_id,
         Hold {
             name: w.name,
+            slot: w.slot,
             tag: w.tag,
             record: w.record,
+            revision,
         },
     );
     Delivery {
@@ -1045,6 +1163,25 @@ fn grant(
             abandoned,
         },
     }
+}
+
+/// Whether the key an acquire's transaction found in its slot is its own,
+/// put by an earlier try whose answer was lost.
+fn put_earlier(response: &etcd_client::TxnResponse, lease: i64, hold_id: u64) -> bool {
+    let found = response
+        .op_responses()
+        .into_iter()
+        .filter_map(|r| match r {
+            TxnOpResponse::Get(g) => Some(g),
+            _ => None,
+        })
+        .nth(2);
+    found
+        .as_ref()
+        .and_then(|g| g.kvs().first())
+        .is_some_and(|kv| {
+            kv.lease() == lease && Record::decode(kv.value()).is_some_and(|r| r.hold_id == hold_id)
+        })
 }
 
 /// Grants the local waiters of `name` that its queue now admits; those in
@@ -1389,6 +1526,44 @@ async fn resync(shared: &Arc<Shared>, name: &LockName) {
     shared.finish(deliveries);
 }
 
+impl Shared {
+    /// Ends a session's lease once `changes` to its keys are applied.
+    async fn revoke(
+        &self,
+        changes: Vec<tokio::task::JoinHandle<()>>,
+        stop: Option<tokio::sync::oneshot::Sender<()>>,
+        lease: &LeaseCell,
+    ) {
+        // What the session released (or marked) before it ended is
+        // applied first, its lease still kept alive meanwhile: else
+        // its keys would vanish with the lease, as if abandoned.
+        for change in changes {
+            let _ = change.await;
+        }
+        if let Some(stop) = stop {
+            let _ = stop.send(());
+        }
+        // A lease being granted is waited for; one not asked for yet
+        // never will be.
+        let Some(id) = *lease.get_or_init(|| async { None }).await else {
+            return;
+        };
+        // Revoking takes every key of the session at once; its
+        // waiters elsewhere are granted, told "abandoned" for holds.
+        let give_up = self.give_up();
+        while Instant::now() < give_up {
+            match self.client.clone().lease_revoke(id).await {
+                Ok(_) => return,
+                Err(e) if e.to_string().contains("lease not found") => return,
+                Err(e) => {
+                    tracing::warn!(lease = id, "cannot revoke a lease, retrying: {e}");
+                    tokio::time::sleep(RETRY_PAUSE).await;
+                }
+            }
+        }
+    }
+}
+
 impl Backend for Etcd {
     fn acquire(
         &self,
@@ -1400,10 +1575,10 @@ impl Backend for Etcd {
         let shared = &self.shared;
         let hold_id = shared.next_hold.fetch_add(1, Ordering::Relaxed) + 1;
         let record = shared.record(peer, request_id, hold_id, spec);
-        // Hold ids are never reused, so neither are keys.
-        let tag = format!("{:016x}-{hold_id:x}", shared.instance);
+        let slot;
         {
             let mut core = shared.core();
+            let core = &mut *core;
             let s = core
                 .sessions
                 .entry(peer.id())
@@ -1415,23 +1590,32 @@ impl Backend for Etcd {
                     stop_keepalive: None,
                     withdrawn: HashSet::new(),
                     changes: Vec::new(),
+                    revoked: Vec::new(),
                 });
             // Withdrawn waits whose put etcd has not answered count
             // against the session's pending ones.
             if s.withdrawn.len() >= MAX_WITHDRAWN {
                 return Ok(AcquireOutcome::WouldBlock);
             }
+            slot = core.slots.take(name);
             s.waits.insert(
                 request_id,
                 Wait {
                     name: name.clone(),
-                    tag,
+                    slot,
+                    tag: slots::tag(shared.instance, slot),
                     record,
                     revision: None,
                 },
             );
         }
-        tokio::spawn(Arc::clone(shared).put_wait(peer.id(), request_id, hold_id, spec.may_wait));
+        tokio::spawn(Arc::clone(shared).put_wait(
+            peer.id(),
+            request_id,
+            hold_id,
+            (name.clone(), slot),
+            spec.may_wait,
+        ));
         Ok(AcquireOutcome::Queued)
     }
 
@@ -1454,9 +1638,20 @@ impl Backend for Etcd {
                 state.waiters.remove(&revision);
             }
             forget_if_unwaited(core, &shared.watches, name);
-            queue::hold_key(&shared.prefix, name, &w.tag)
+            (
+                queue::hold_key(&shared.prefix, name, &w.tag),
+                w.slot,
+                revision,
+            )
         };
-        shared.delete_later(peer.id(), name, vec![key], Some((Arc::clone(peer), token)));
+        let (key, slot, revision) = key;
+        shared.delete_later(
+            peer.id(),
+            name,
+            (key, slot),
+            Some(revision),
+            Some((Arc::clone(peer), token)),
+        );
         Some(Applied::Later)
     }
 
@@ -1474,7 +1669,13 @@ impl Backend for Etcd {
         };
         let permits = hold.record.permits;
         let key = queue::hold_key(&shared.prefix, name, &hold.tag);
-        shared.delete_later(peer.id(), name, vec![key], Some((Arc::clone(peer), token)));
+        shared.delete_later(
+            peer.id(),
+            name,
+            (key, hold.slot),
+            Some(hold.revision),
+            Some((Arc::clone(peer), token)),
+        );
         Some((permits, Applied::Later))
     }
 
@@ -1549,13 +1750,22 @@ impl Backend for Etcd {
                 })
             })
             .collect();
+        // A hold kept with fewer permits is rewritten: the note goes with it.
+        let newest = ended.iter().map(|(_, h)| h.revision).max();
+        let slots: Vec<u32> = ended.iter().map(|(_, h)| h.slot).collect();
         let ids = ended.iter().map(|(id, _)| *id).collect();
         let shared2 = Arc::clone(shared);
         let session_id = peer.id();
         let peer = Arc::clone(peer);
         let name = name.to_owned();
         shared.spawn_for(session_id, async move {
-            shared2.delete(keys, Some(Release { name, shrunk })).await;
+            let release = Release {
+                name: name.clone(),
+                shrunk,
+                newest,
+            };
+            shared2.delete(keys, Some(release)).await;
+            shared2.give_back(&name, slots);
             peer.notify(Notice::Applied { token });
         });
         Ok((ids, Applied::Later))
@@ -1576,10 +1786,12 @@ impl Backend for Etcd {
             .collect();
         let mut revisions = Vec::new();
         for id in waits {
+            // A wait whose key is being put is its put's task's to undo.
             if let Some(w) = s.waits.remove(&id)
                 && let Some(r) = w.revision
             {
                 revisions.push(r);
+                s.revoked.push((w.name, w.slot));
             }
         }
         let holds: Vec<u64> = s
@@ -1589,10 +1801,14 @@ impl Backend for Etcd {
             .map(|(id, _)| *id)
             .collect();
         let mut released = Vec::new();
+        let mut slots = Vec::new();
         let mut abandoned = None;
+        let mut newest = None;
         for id in holds {
             if let Some(h) = s.holds.remove(&id) {
                 released.push(queue::hold_key(&shared.prefix, name, &h.tag));
+                slots.push((h.name.clone(), h.slot));
+                newest = newest.max(Some(h.revision));
                 abandoned = Some(h.record);
             }
         }
@@ -1604,6 +1820,8 @@ impl Backend for Etcd {
             s.changes.push(tokio::spawn(async move {
                 shared2.mark_abandoned(vec![(owned, record)]).await;
             }));
+            // Their keys go with the lease.
+            s.revoked.append(&mut slots);
         }
         if !abandon && !released.is_empty() {
             // Released, not abandoned: the keys go with a release note
@@ -1611,7 +1829,10 @@ impl Backend for Etcd {
             let shared2 = Arc::clone(shared);
             let owned = name.to_owned();
             s.changes.push(tokio::spawn(async move {
-                shared2.delete(released, Release::of(owned)).await;
+                shared2
+                    .delete(released, Release::after(owned.clone(), newest))
+                    .await;
+                shared2.give_back(&owned, slots.into_iter().map(|(_, slot)| slot));
             }));
         }
         if let Some(state) = core.names.get_mut(name) {
@@ -1631,33 +1852,21 @@ impl Backend for Etcd {
         let changes = std::mem::take(&mut s.changes);
         let stop = s.stop_keepalive.take();
         let lease = Arc::clone(&s.lease);
+        // The slots of the keys the lease takes, given back once it has
+        // (a wait whose key is being put is its put's task's).
+        let mut slots = std::mem::take(&mut s.revoked);
+        slots.extend(
+            s.waits
+                .into_values()
+                .filter(|w| w.revision.is_some())
+                .map(|w| (w.name, w.slot)),
+        );
+        slots.extend(s.holds.into_values().map(|h| (h.name, h.slot)));
         tokio::spawn(async move {
-            // What the session released (or marked) before it ended is
-            // applied first, its lease still kept alive meanwhile: else
-            // its keys would vanish with the lease, as if abandoned.
-            for change in changes {
-                let _ = change.await;
-            }
-            if let Some(stop) = stop {
-                let _ = stop.send(());
-            }
-            // A lease being granted is waited for; one not asked for yet
-            // never will be.
-            let Some(id) = *lease.get_or_init(|| async { None }).await else {
-                return;
-            };
-            // Revoking takes every key of the session at once; its
-            // waiters elsewhere are granted, told "abandoned" for holds.
-            let give_up = shared.give_up();
-            while Instant::now() < give_up {
-                match shared.client.clone().lease_revoke(id).await {
-                    Ok(_) => return,
-                    Err(e) if e.to_string().contains("lease not found") => return,
-                    Err(e) => {
-                        tracing::warn!(lease = id, "cannot revoke a lease, retrying: {e}");
-                        tokio::time::sleep(RETRY_PAUSE).await;
-                    }
-                }
+            shared.revoke(changes, stop, &lease).await;
+            let mut core = shared.core();
+            for (name, slot) in slots {
+                core.slots.give_back(name.as_str(), slot);
             }
         });
     }

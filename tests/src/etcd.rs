@@ -376,7 +376,7 @@ impl Cluster {
     }
 
     /// How the test's own clients of this cluster connect.
-    fn options(&self) -> Option<etcd_client::ConnectOptions> {
+    pub fn options(&self) -> Option<etcd_client::ConnectOptions> {
         let tls = self.tls.as_ref()?;
         Some(etcd_client::ConnectOptions::new().with_tls(tls.options()))
     }

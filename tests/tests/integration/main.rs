@@ -12,6 +12,9 @@ mod blocking;
 mod cancel;
 mod client_api;
 mod durability;
+// The etcd backend's keys in etcd (etcd runs on Unix here).
+#[cfg(unix)]
+mod etcd_keys;
 mod exclusion;
 // Faults of etcd clusters and of daemons on them (etcd runs on Unix here).
 #[cfg(unix)]
