@@ -81,9 +81,14 @@ pub enum Command {
     /// Run a command while holding a mutex (or the shared side of a rwlock).
     #[command(after_help = "\
 Examples:
-  lockbroker lock deploy/status -- ./update-status.sh
-  lockbroker lock --nonblock nightly -- ./job.sh || echo \"already running\"
-  lockbroker lock --shared config -- cat /etc/app.conf
+  lockbroker lock deploy/status ./update-status.sh
+  lockbroker lock -n nightly ./job.sh || echo \"already running\"
+  lockbroker lock -s config cat /etc/app.conf
+  lockbroker lock -w 0.5 -E 3 cache -c 'make cache && touch done'
+  lockbroker lock deploy -- ./deploy.sh --fast
+
+flock(1)'s options mean the same here: -s, -x/-e, -n, -w SECONDS, -E CODE,
+-o, -c COMMAND; the command is every word after NAME (or after --).
 
 The command gets LOCKBROKER_FENCE (the lock's fencing token),
 LOCKBROKER_HOLD (its hold id), LOCKBROKER_LOCK (the lock's name) and
@@ -105,6 +110,25 @@ lockbroker are passed on to it. If the lock is lost while it runs (the
 daemon went away), the group gets SIGTERM, then SIGKILL after --kill-grace,
 and lockbroker exits 76.")]
     Lock(LockArgs),
+
+    /// Take a lock for the rest of a shell script: held once a line is
+    /// read from this command's output, released when the shell's end of
+    /// it closes (the script exits, is killed, or closes it).
+    #[command(after_help = "\
+Examples (bash, zsh, ksh):
+  exec 9< <(lockbroker hold deploy) && read -r fence <&9 || exit 75
+  ...                          # held from here on; $fence is its fencing token
+  exec 9<&-                    # release early (else: when the script ends)
+
+`hold` prints one line, the lock's fence, once it holds the lock, and keeps
+it until every process that has the other end of its standard output closes
+it: the shell that reads it, and whatever it started that kept the
+descriptor, as a lock taken with `exec 9>file; flock 9` lives with its
+descriptor. Killed (kill -9 included), it releases at once; the script is
+sent SIGTERM if the lock is lost while it holds. When the lock is not
+obtained, it prints nothing and exits with the conflict status, so the
+`read` fails. Options as for `lockbroker lock`. Unix only.")]
+    Hold(HoldArgs),
 
     /// Run a command while holding permits of a counting semaphore.
     #[command(after_help = "\
@@ -269,18 +293,60 @@ pub enum StateCommand {
 #[derive(Debug, Clone, Args)]
 pub struct WaitArgs {
     /// Give up after this long (e.g. 250ms, 2s, 1m; a bare number is
-    /// seconds).
-    #[arg(long, short = 't', value_parser = parse_duration, value_name = "DURATION", conflicts_with = "nonblock")]
+    /// seconds, fractions allowed: `-w 0.5` as flock).
+    #[arg(
+        long,
+        short = 't',
+        visible_short_alias = 'w',
+        visible_alias = "wait",
+        value_parser = parse_duration,
+        value_name = "DURATION",
+        conflicts_with = "nonblock"
+    )]
     pub timeout: Option<Duration>,
 
     /// Give up at once if the lock is not free (never jumps the queue).
     #[arg(long, short = 'n')]
     pub nonblock: bool,
 
-    /// Exit status when the lock is not obtained.
-    #[arg(long, value_name = "N", default_value_t = exit::CONFLICT)]
+    /// Exit status when the lock is not obtained (as `flock -E`).
+    #[arg(long, short = 'E', value_name = "N", default_value_t = exit::CONFLICT)]
     pub conflict_exit_code: u8,
+}
 
+/// `lockbroker lock`.
+#[derive(Debug, Args)]
+pub struct LockArgs {
+    #[command(flatten)]
+    pub lock: LockKindArgs,
+
+    #[command(flatten)]
+    pub wait: WaitArgs,
+
+    #[command(flatten)]
+    pub command: CommandArgs,
+}
+
+/// The name and side of a lock, as `flock -s` / `-x` choose them.
+#[derive(Debug, Clone, Args)]
+pub struct LockKindArgs {
+    /// The lock's name, e.g. deploy/status.
+    pub name: String,
+
+    /// Take the shared side of rwlock NAME (many holders at once), as
+    /// `flock -s`.
+    #[arg(long, short = 's')]
+    pub shared: bool,
+
+    /// Take NAME exclusively, as `flock -x` or `-e` (the default).
+    #[arg(long, short = 'x', short_alias = 'e', conflicts_with = "shared")]
+    pub exclusive: bool,
+}
+
+/// The command a wrapper runs: the words after NAME (or after `--`), or
+/// one shell command line (`-c`, as `flock -c`).
+#[derive(Debug, Args)]
+pub struct CommandArgs {
     /// Processes the command leaves running do not keep the lock: it is
     /// released when the command itself exits (as `flock -o`).
     #[arg(long, short = 'o')]
@@ -290,24 +356,44 @@ pub struct WaitArgs {
     /// and SIGKILL.
     #[arg(long, value_parser = parse_duration, value_name = "DURATION", default_value = "10s")]
     pub kill_grace: Duration,
+
+    /// Run COMMAND with `sh -c` (`cmd /C` on Windows), as `flock -c`.
+    #[arg(long = "command", short = 'c', value_name = "COMMAND")]
+    pub shell: Option<OsString>,
+
+    /// The command and its arguments: every word after NAME, or after
+    /// `--`.
+    #[arg(
+        trailing_var_arg = true,
+        allow_hyphen_values = true,
+        required_unless_present = "shell",
+        conflicts_with = "shell",
+        value_name = "CMD"
+    )]
+    pub argv: Vec<OsString>,
 }
 
-/// `lockbroker lock`.
-#[derive(Debug, Args)]
-pub struct LockArgs {
-    /// The lock's name, e.g. deploy/status.
-    pub name: String,
+impl CommandArgs {
+    /// The program and its arguments.
+    pub fn argv(&self) -> Vec<OsString> {
+        match &self.shell {
+            #[cfg(unix)]
+            Some(line) => vec!["sh".into(), "-c".into(), line.clone()],
+            #[cfg(windows)]
+            Some(line) => vec!["cmd".into(), "/C".into(), line.clone()],
+            None => self.argv.clone(),
+        }
+    }
+}
 
-    /// Take the shared side of rwlock NAME (many holders at once).
-    #[arg(long)]
-    pub shared: bool,
+/// `lockbroker hold`.
+#[derive(Debug, Args)]
+pub struct HoldArgs {
+    #[command(flatten)]
+    pub lock: LockKindArgs,
 
     #[command(flatten)]
     pub wait: WaitArgs,
-
-    /// The command to run, after `--`.
-    #[arg(last = true, required = true, value_name = "CMD")]
-    pub command: Vec<OsString>,
 }
 
 /// `lockbroker sem`.
@@ -327,9 +413,8 @@ pub struct SemArgs {
     #[command(flatten)]
     pub wait: WaitArgs,
 
-    /// The command to run, after `--`.
-    #[arg(last = true, required = true, value_name = "CMD")]
-    pub command: Vec<OsString>,
+    #[command(flatten)]
+    pub command: CommandArgs,
 }
 
 /// `lockbroker status`.

@@ -7,6 +7,8 @@ mod args;
 mod child;
 mod daemon;
 mod held;
+#[cfg(unix)]
+mod hold;
 mod state_cmd;
 mod status;
 
@@ -17,7 +19,7 @@ use clap::Parser;
 use lockbroker::address;
 use lockbroker::{Client, Connector, LockGuard, Scope};
 
-use crate::args::{Cli, Command, ScopeArg, WaitArgs};
+use crate::args::{Cli, Command, CommandArgs, LockKindArgs, ScopeArg, WaitArgs};
 use crate::child::Outcome;
 
 /// Exit statuses of lockbroker itself.
@@ -88,21 +90,27 @@ async fn run(cli: Cli) -> Result<u8, Failure> {
     match &cli.command {
         Command::Lock(a) => {
             let client = connect(&cli).await?;
-            let handle_kind = if a.shared { "shared lock" } else { "lock" };
-            let rw = client.rwlock(a.name.clone());
-            let mutex = client.mutex(a.name.clone());
-            let guard = wait_for(&a.wait, handle_kind, &a.name, |timeout| async move {
-                match (a.shared, timeout) {
-                    (true, None) => rw.read().await.map(Some),
-                    (true, Some(t)) => rw.read_timeout(t).await,
-                    (false, None) => mutex.acquire().await.map(Some),
-                    (false, Some(t)) => mutex.acquire_timeout(t).await,
-                }
-            })
-            .await?;
-            match guard {
-                Some(guard) => run_holding(&client, guard, &a.name, &a.command, &a.wait).await,
+            match acquire_lock(&client, &a.lock, &a.wait).await? {
+                Some(guard) => run_holding(&client, guard, &a.lock.name, &a.command).await,
                 None => Ok(a.wait.conflict_exit_code),
+            }
+        }
+        Command::Hold(a) => {
+            #[cfg(unix)]
+            {
+                let client = connect(&cli).await?;
+                match acquire_lock(&client, &a.lock, &a.wait).await? {
+                    Some(guard) => hold::keep(guard).await,
+                    None => Ok(a.wait.conflict_exit_code),
+                }
+            }
+            #[cfg(windows)]
+            {
+                let _ = a;
+                Err((
+                    2,
+                    "`lockbroker hold` is for Unix shells; on Windows run the work under `lockbroker lock NAME COMMAND`".into(),
+                ))
             }
         }
         Command::Sem(a) => {
@@ -117,7 +125,7 @@ async fn run(cli: Cli) -> Result<u8, Failure> {
             })
             .await?;
             match guard {
-                Some(guard) => run_holding(&client, guard, &a.name, &a.command, &a.wait).await,
+                Some(guard) => run_holding(&client, guard, &a.name, &a.command).await,
                 None => Ok(a.wait.conflict_exit_code),
             }
         }
@@ -179,6 +187,26 @@ async fn run(cli: Cli) -> Result<u8, Failure> {
     }
 }
 
+/// Takes lock `lock` (its exclusive or its shared side) as `wait` says.
+async fn acquire_lock(
+    client: &Client,
+    lock: &LockKindArgs,
+    wait: &WaitArgs,
+) -> Result<Option<LockGuard>, Failure> {
+    let what = if lock.shared { "shared lock" } else { "lock" };
+    let rw = client.rwlock(lock.name.clone());
+    let mutex = client.mutex(lock.name.clone());
+    wait_for(wait, what, &lock.name, |timeout| async move {
+        match (lock.shared, timeout) {
+            (true, None) => rw.read().await.map(Some),
+            (true, Some(t)) => rw.read_timeout(t).await,
+            (false, None) => mutex.acquire().await.map(Some),
+            (false, Some(t)) => mutex.acquire_timeout(t).await,
+        }
+    })
+    .await
+}
+
 /// Acquires with the `--timeout` / `--nonblock` of `wait`; `Ok(None)` (after
 /// saying so on stderr) when the lock was not obtained.
 async fn wait_for<F, Fut>(
@@ -221,9 +249,9 @@ async fn run_holding(
     client: &Client,
     guard: LockGuard,
     name: &str,
-    command: &[std::ffi::OsString],
-    wait: &WaitArgs,
+    run: &CommandArgs,
 ) -> Result<u8, Failure> {
+    let command = &run.argv();
     let mut env = vec![
         ("LOCKBROKER_FENCE", guard.fence().to_string()),
         ("LOCKBROKER_HOLD", guard.hold_id().to_string()),
@@ -250,7 +278,7 @@ async fn run_holding(
             }
         };
         let group = child::Group(running.pid());
-        let outcome = child::supervise(running.wait(), &group, &guard, wait.kill_grace)
+        let outcome = child::supervise(running.wait(), &group, &guard, run.kill_grace)
             .await
             .map_err(|e| (exit::ERROR, format!("waiting for the command: {e}")))?;
         let status = match outcome {
@@ -258,7 +286,7 @@ async fn run_holding(
             Outcome::Exited(status) => status,
         };
         let left_running =
-            !wait.close && holding::descendants_remain(daemon::autostarted()) == Some(true);
+            !run.close && holding::descendants_remain(daemon::autostarted()) == Some(true);
         if left_running {
             if let Err(e) = client.release_on_close().await {
                 eprintln!("lockbroker: {e}");
@@ -271,7 +299,7 @@ async fn run_holding(
             if let Err(e) = guard.release().await {
                 eprintln!("lockbroker: releasing the lock: {e}");
             }
-            if wait.close {
+            if run.close {
                 holding::shut_down(fd);
             }
         }
@@ -291,7 +319,7 @@ async fn run_holding(
         let outcome = {
             // The tree borrows the job while `wait` borrows the child.
             let (wait_on, tree) = running.split();
-            child::supervise(wait_on, &tree, &guard, wait.kill_grace)
+            child::supervise(wait_on, &tree, &guard, run.kill_grace)
                 .await
                 .map_err(|e| (exit::ERROR, format!("waiting for the command: {e}")))?
         };
@@ -372,7 +400,8 @@ fn may_autostart(cli: &Cli, scope: Scope) -> bool {
 /// `lockbroker lock NAME` shows as `lockbroker lock NAME` in `status`.
 fn client_name(cli: &Cli) -> String {
     let what = match &cli.command {
-        Command::Lock(a) => format!("lockbroker lock {}", a.name),
+        Command::Lock(a) => format!("lockbroker lock {}", a.lock.name),
+        Command::Hold(a) => format!("lockbroker hold {}", a.lock.name),
         Command::Sem(a) => format!("lockbroker sem {}", a.name),
         Command::Status(_) => "lockbroker status".into(),
         Command::Ping => "lockbroker ping".into(),

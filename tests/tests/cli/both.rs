@@ -327,3 +327,47 @@ fn a_semaphore_of_two_never_has_three_inside() {
         assert!(out.status.success(), "{out:?}");
     }
 }
+
+/// A flock(1) user changes one word: `-s`, `-x`/`-e`, `-n`, `-w SECONDS`
+/// (fractions), `-E CODE`, and the command as every word after NAME.
+#[test]
+fn flocks_options_mean_the_same_here() {
+    let d = Daemon::start();
+    // No `--`: the command is every word after the name, its own options
+    // included.
+    let out = run(d
+        .cli()
+        .args(["lock", "plain", WORKER, "env", "LOCKBROKER_LOCK", "-n"]));
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "LOCKBROKER_LOCK=plain\n-n unset\n"
+    );
+    // Shared holders overlap; -x and -e are exclusive.
+    let reader = hold(&d, &["lock", "-s", "rw"], "reader");
+    let out = run(d.cli().args(["lock", "-s", "-n", "rw", WORKER, "env", "X"]));
+    assert!(out.status.success(), "a second shared holder: {out:?}");
+    for exclusive in ["-x", "-e"] {
+        let out = run(d
+            .cli()
+            .args(["lock", exclusive, "-n", "rw", WORKER, "env", "X"]));
+        assert_eq!(out.status.code(), Some(CONFLICT), "{exclusive}: {out:?}");
+    }
+    // -w with a fraction of a second, -E for the status.
+    let start = Instant::now();
+    let out = run(d
+        .cli()
+        .args(["lock", "-w", "0.3", "-E", "9", "rw", WORKER, "env", "X"]));
+    assert_eq!(out.status.code(), Some(9), "{out:?}");
+    assert!(
+        start.elapsed() >= Duration::from_millis(300),
+        "gave up early"
+    );
+    // Shared and exclusive at once is a usage error.
+    let out = run(d.cli().args(["lock", "-s", "-x", "rw", WORKER, "env", "X"]));
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    release(reader);
+    // `--` still separates the command.
+    let out = run(d.cli().args(["lock", "-x", "rw", "--", WORKER, "env", "X"]));
+    assert!(out.status.success(), "{out:?}");
+}

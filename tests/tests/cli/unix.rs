@@ -254,8 +254,10 @@ fn a_storm_of_killed_wrappers_never_lets_two_holders_in() {
 /// or not built at all.
 fn path_with_lockbroker(dir: &Path) -> String {
     let bin = dir.join("bin");
-    std::fs::create_dir(&bin).unwrap();
-    std::os::unix::fs::symlink(CLI, bin.join("lockbroker")).unwrap();
+    if !bin.exists() {
+        std::fs::create_dir(&bin).unwrap();
+        std::os::unix::fs::symlink(CLI, bin.join("lockbroker")).unwrap();
+    }
     format!("{}:{}", bin.display(), std::env::var("PATH").unwrap())
 }
 
@@ -898,4 +900,166 @@ fn an_unprivileged_user_gets_the_same_checks() {
     let pid = status["daemon"]["pid"].as_u64().unwrap() as u32;
     signal(pid, libc::SIGTERM);
     wait_until("nobody's daemon exits", || !alive(pid));
+}
+
+#[test]
+fn dash_c_runs_a_command_line_through_sh() {
+    let d = Daemon::start();
+    for args in [
+        [
+            "lock",
+            "-c",
+            "echo \"$LOCKBROKER_LOCK\" $((1 + 2)); exit 4",
+            "line",
+        ],
+        [
+            "lock",
+            "line",
+            "-c",
+            "echo \"$LOCKBROKER_LOCK\" $((1 + 2)); exit 4",
+        ],
+    ] {
+        let out = run(d.cli().args(args));
+        assert_eq!(out.status.code(), Some(4), "{args:?}: {out:?}");
+        assert_eq!(String::from_utf8_lossy(&out.stdout), "line 3\n");
+    }
+    // -c and a command at once: a usage error.
+    let out = run(d.cli().args(["lock", "line", "-c", "true", "echo"]));
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+}
+
+/// A bash script in the daemon's directory that takes `name` with the
+/// README's `lockbroker hold` idiom (`hold_args` before the name), writes
+/// the fence to `fence`, then runs `body`.
+fn holding_script(d: &Daemon, hold_args: &str, name: &str, body: &str) -> Command {
+    let script = format!(
+        "exec 9< <(lockbroker hold {hold_args} {name}) && read -r fence <&9 || exit 75\n\
+         echo \"$fence\" > fence.tmp && mv fence.tmp fence\n\
+         {body}"
+    );
+    let mut cmd = Command::new("bash");
+    cmd.arg("-c")
+        .arg(script)
+        .env("PATH", path_with_lockbroker(d.dir.path()))
+        .env("LOCKBROKER_SOCKET", d.socket())
+        .current_dir(d.dir.path())
+        .stdin(Stdio::null());
+    cmd
+}
+
+/// A FIFO in the daemon's directory: a script blocks reading it until the
+/// test writes a line.
+fn fifo(d: &Daemon, name: &str) -> PathBuf {
+    let path = d.path(name);
+    assert!(
+        Command::new("mkfifo")
+            .arg(&path)
+            .status()
+            .unwrap()
+            .success()
+    );
+    path
+}
+
+/// The next holder of `name` is told it was abandoned, or not.
+fn next_is_abandoned(d: &Daemon, name: &str) -> bool {
+    let out = run(d
+        .cli()
+        .args(["lock", "-w", "20", name, "--", "sh", "-c"])
+        .arg("echo ${LOCKBROKER_ABANDONED:-0}"));
+    assert!(out.status.success(), "{out:?}");
+    String::from_utf8_lossy(&out.stdout).trim() == "1"
+}
+
+#[test]
+fn hold_keeps_the_lock_for_the_rest_of_the_script() {
+    let d = Daemon::start();
+    let body = "lockbroker lock -n job true; echo $? > inner; exit 3";
+    let out = run(&mut holding_script(&d, "", "job", body));
+    assert_eq!(out.status.code(), Some(3), "{out:?}");
+    // Held once the line returned: the script's own try was refused.
+    assert_eq!(std::fs::read_to_string(d.path("inner")).unwrap(), "75\n");
+    let fence: u64 = std::fs::read_to_string(d.path("fence"))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    assert!(fence > 0);
+    // Released (not abandoned) when the script exited.
+    assert!(!next_is_abandoned(&d, "job"));
+}
+
+#[test]
+fn closing_the_descriptor_releases_the_hold_early() {
+    let d = Daemon::start();
+    let go = fifo(&d, "go");
+    let body = "exec 9<&-; touch closed; read -r _ < go";
+    let mut script = holding_script(&d, "", "job", body).spawn().unwrap();
+    wait_until("the script closes its descriptor", || {
+        d.path("closed").exists()
+    });
+    // Free while the script still runs.
+    wait_until("the hold is released", || d.is_free("job"));
+    assert!(script.try_wait().unwrap().is_none(), "the script ended");
+    std::fs::write(&go, "\n").unwrap();
+    assert!(wait_exit(&mut script, Duration::from_secs(20)).success());
+    assert!(!next_is_abandoned(&d, "job"));
+}
+
+#[test]
+fn a_script_killed_with_sigkill_releases_its_hold() {
+    let d = Daemon::start();
+    let _go = fifo(&d, "go");
+    let body = "echo $$ > pid.tmp && mv pid.tmp pid; read -r _ < go";
+    let mut script = holding_script(&d, "", "job", body).spawn().unwrap();
+    let pid = read_pid(&d.path("pid"));
+    assert!(!d.is_free("job"), "held while the script runs");
+    assert!(signal(pid, libc::SIGKILL));
+    wait_exit(&mut script, Duration::from_secs(20));
+    wait_until("the hold is released", || d.is_free("job"));
+}
+
+#[test]
+fn a_hold_that_is_not_obtained_fails_the_read() {
+    let d = Daemon::start();
+    let go = fifo(&d, "go");
+    let mut holder = holding_script(&d, "", "job", "read -r _ < go")
+        .spawn()
+        .unwrap();
+    wait_until("the first script holds", || d.path("fence").exists());
+    std::fs::remove_file(d.path("fence")).unwrap();
+    for args in ["-n", "-w 0.2"] {
+        let out = run(&mut holding_script(&d, args, "job", "exit 0"));
+        assert_eq!(out.status.code(), Some(75), "{args}: {out:?}");
+        assert!(!d.path("fence").exists(), "{args}: held");
+        assert!(
+            String::from_utf8_lossy(&out.stderr).contains("\"job\""),
+            "{out:?}"
+        );
+    }
+    std::fs::write(&go, "\n").unwrap();
+    assert!(wait_exit(&mut holder, Duration::from_secs(20)).success());
+}
+
+#[test]
+fn losing_a_hold_terminates_the_script() {
+    let mut d = Daemon::start();
+    let _go = fifo(&d, "go");
+    let mut script = holding_script(&d, "", "doomed", "read -r _ < go")
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_until("the script holds", || d.path("fence").exists());
+    d.process.kill(); // the daemon dies: the lock is lost
+    let status = wait_exit(&mut script, Duration::from_secs(20));
+    use std::os::unix::process::ExitStatusExt;
+    assert_eq!(status.signal(), Some(libc::SIGTERM), "{status:?}");
+    let mut err = String::new();
+    script
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut err)
+        .unwrap();
+    assert!(err.contains("lost the lock"), "{err}");
 }
