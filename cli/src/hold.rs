@@ -9,14 +9,38 @@
 use std::io::Write;
 use std::os::fd::RawFd;
 
-use lockbroker::LockGuard;
+use lockbroker::Client;
 
-use crate::{Failure, exit, unavailable};
+use crate::args::{LockKindArgs, WaitArgs};
+use crate::{Failure, acquire_lock, exit, unavailable};
 
-/// Prints the fence and holds until the reader of standard output is
-/// gone (exit 0, released) or the lock is lost (the parent, the script,
-/// gets SIGTERM; exit 76).
-pub async fn keep(guard: LockGuard) -> Result<u8, Failure> {
+/// Takes the lock, prints the fence and holds until the readers of
+/// standard output are gone (exit 0, released) or the lock is lost (the
+/// parent, the script, gets SIGTERM; exit 76). Readers gone while it
+/// still waits: it gives up, so a killed script leaves no waiter behind.
+pub async fn run(client: &Client, lock: &LockKindArgs, wait: &WaitArgs) -> Result<u8, Failure> {
+    // A reader gone before the fence is written makes the write fail,
+    // rather than kill `hold` with the lock held (which would tell the
+    // next holder it was abandoned).
+    // SAFETY: setting a signal's disposition; no handler runs.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_IGN);
+    }
+    // A thread of its own (not the runtime's blocking pool, whose threads
+    // the runtime would wait for at exit).
+    let (gone, mut readers_gone) = tokio::sync::oneshot::channel();
+    std::thread::spawn(move || {
+        wait_readers_gone(libc::STDOUT_FILENO);
+        let _ = gone.send(());
+    });
+    let acquired = tokio::select! {
+        acquired = acquire_lock(client, lock, wait) => acquired?,
+        // Dropping the acquire withdraws it.
+        _ = &mut readers_gone => return Ok(0),
+    };
+    let Some(guard) = acquired else {
+        return Ok(wait.conflict_exit_code);
+    };
     let mut out = std::io::stdout().lock();
     if writeln!(out, "{}", guard.fence())
         .and_then(|()| out.flush())
@@ -27,13 +51,6 @@ pub async fn keep(guard: LockGuard) -> Result<u8, Failure> {
         return Ok(0);
     }
     drop(out);
-    // A thread of its own (not the runtime's blocking pool, whose threads
-    // the runtime would wait for at exit).
-    let (gone, readers_gone) = tokio::sync::oneshot::channel();
-    std::thread::spawn(move || {
-        wait_readers_gone(libc::STDOUT_FILENO);
-        let _ = gone.send(());
-    });
     tokio::select! {
         _ = readers_gone => {
             guard.release().await.map_err(unavailable)?;

@@ -99,10 +99,7 @@ async fn run(cli: Cli) -> Result<u8, Failure> {
             #[cfg(unix)]
             {
                 let client = connect(&cli).await?;
-                match acquire_lock(&client, &a.lock, &a.wait).await? {
-                    Some(guard) => hold::keep(guard).await,
-                    None => Ok(a.wait.conflict_exit_code),
-                }
+                hold::run(&client, &a.lock, &a.wait).await
             }
             #[cfg(windows)]
             {

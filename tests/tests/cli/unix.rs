@@ -1063,3 +1063,34 @@ fn losing_a_hold_terminates_the_script() {
         .unwrap();
     assert!(err.contains("lost the lock"), "{err}");
 }
+
+#[test]
+fn a_script_killed_while_its_hold_waits_leaves_no_waiter() {
+    let d = Daemon::start();
+    let go = fifo(&d, "go");
+    let mut holder = holding_script(&d, "", "job", "read -r _ < go")
+        .spawn()
+        .unwrap();
+    wait_until("the first script holds", || d.path("fence").exists());
+    // The second script waits in its `read` while its hold waits.
+    let mut waiter = Command::new("bash")
+        .arg("-c")
+        .arg("echo $$ > pid.tmp && mv pid.tmp pid; exec 9< <(lockbroker hold job) && read -r fence <&9")
+        .env("PATH", path_with_lockbroker(d.dir.path()))
+        .env("LOCKBROKER_SOCKET", d.socket())
+        .current_dir(d.dir.path())
+        .stdin(Stdio::null())
+        .spawn()
+        .unwrap();
+    let pid = read_pid(&d.path("pid"));
+    wait_until("the hold waits", || {
+        holders_and_waiters(&d, "job") == (1, 1)
+    });
+    assert!(signal(pid, libc::SIGKILL));
+    wait_exit(&mut waiter, Duration::from_secs(20));
+    wait_until("the hold gives up", || {
+        holders_and_waiters(&d, "job") == (1, 0)
+    });
+    std::fs::write(&go, "\n").unwrap();
+    assert!(wait_exit(&mut holder, Duration::from_secs(20)).success());
+}
