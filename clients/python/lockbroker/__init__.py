@@ -60,7 +60,7 @@ from .errors import (
     ValueTooLarge,
     VersionConflict,
 )
-from .primitives import BoundedSemaphore, Lock, RWLock
+from .primitives import BoundedSemaphore, Lock, RLock, RWLock
 from .protocol import ChangeKind, EntryKind, ErrorCode, Grant, Inspection, LockKind, StateEntry, Versioned
 from .state import Changed, Lagged, State, Watch, WatchEvent
 
@@ -74,6 +74,7 @@ __all__ = [
     "default_client",
     "set_default_client",
     "Lock",
+    "RLock",
     "BoundedSemaphore",
     "RWLock",
     "State",

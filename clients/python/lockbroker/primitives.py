@@ -28,6 +28,14 @@ Differences that matter:
 
 With ``client=None`` an object uses :func:`~lockbroker.client.default_client`
 at each acquire, and releases through the client it acquired with.
+
+:class:`RLock` is re-entrant per thread, counted in the object over one
+daemon mutex. Every primitive pickles (for ``multiprocessing`` with
+``spawn``, say) as its name and settings, not its holds: the unpickled
+object names the same lock, unheld, and takes it on the unpickling
+process's own connection -- the default client, or, for an object made
+with an explicit client, one shared client per daemon address in that
+process (the address only: ``allow_uids`` and the like are not carried).
 """
 
 from __future__ import annotations
@@ -36,13 +44,35 @@ import math
 import threading
 from collections import deque
 from contextlib import contextmanager
-from typing import Any, Deque, Iterator, Optional, Tuple
+from typing import Any, Deque, Dict, Iterator, Optional, Tuple
 
 from .client import Client, default_client
 from .errors import LockTimeout, NotHeld
 from .protocol import ErrorCode, Grant, LockKind
 
-__all__ = ["Lock", "BoundedSemaphore", "RWLock"]
+__all__ = ["Lock", "RLock", "BoundedSemaphore", "RWLock"]
+
+# The clients of unpickled objects whose original had an explicit client:
+# one per daemon address in this process (a fork child makes its own, as
+# a client of the parent is not usable there).
+_by_address_lock = threading.Lock()
+_by_address: Dict[str, Client] = {}
+
+
+def _client_at(path: str) -> Client:
+    with _by_address_lock:
+        client = _by_address.get(path)
+        if client is None or not client.usable:
+            client = Client(path)
+            _by_address[path] = client
+        return client
+
+
+def _rebuild(cls: Any, name: str, args: Tuple[Any, ...], path: Optional[str]) -> Any:
+    """Unpickles a primitive: the same name and settings, no holds."""
+    obj = cls(name, *args)
+    obj._path = path
+    return obj
 
 
 def _seconds_to_ms(timeout: float) -> int:
@@ -90,6 +120,8 @@ class _Primitive:
             raise TypeError("name must be a str, not %s" % type(name).__name__)
         self.name = name
         self._client = client
+        # The daemon address of an unpickled object's original client.
+        self._path: Optional[str] = None
         # Guards this object's record of its holds; never held during I/O.
         self._state = threading.Lock()
         self._local = threading.local()
@@ -97,7 +129,31 @@ class _Primitive:
     @property
     def client(self) -> Client:
         """The client the next acquire goes through."""
-        return self._client if self._client is not None else default_client()
+        if self._client is not None:
+            return self._client
+        if self._path is not None:
+            return _client_at(self._path)
+        return default_client()
+
+    def _settings(self) -> Tuple[Any, ...]:
+        """The constructor's arguments after the name, for pickling."""
+        return ()
+
+    def __reduce__(self) -> Any:
+        path = self._client.path if self._client is not None else self._path
+        return (_rebuild, (type(self), self.name, self._settings(), path))
+
+    def _forget_holds(self) -> None:
+        """Drops what this object holds (subclasses: their holds)."""
+
+    def _at_fork_reinit(self) -> None:
+        """Leaves the object unheld, as ``threading``'s locks are after a
+        fork: in a fork child the parent's holds belong to the parent's
+        session, and are forgotten; in the process that took them (a
+        reset) they are released."""
+        self._state = threading.Lock()
+        self._local = threading.local()
+        self._forget_holds()
 
     @property
     def grant(self) -> Optional[Grant]:
@@ -161,6 +217,10 @@ class Lock(_Primitive):
         super().__init__(name, client)
         self._hold: Optional[Tuple[Client, Grant]] = None
 
+    def _forget_holds(self) -> None:
+        hold, self._hold = self._hold, None
+        _release_if_ours(hold)
+
     def acquire(self, blocking: bool = True, timeout: float = -1) -> bool:
         """Acquire the lock; see ``threading.Lock.acquire``."""
         hold = self._acquire(LockKind.MUTEX, _lock_timeout_ms(blocking, timeout))
@@ -202,8 +262,126 @@ class Lock(_Primitive):
         self.release()
 
     def __repr__(self) -> str:
+        # threading's shape: <locked _thread.lock object at 0x...>.
         state = "locked" if self._hold is not None else "unlocked"
-        return "<lockbroker.Lock %r %s>" % (self.name, state)
+        return "<%s lockbroker.Lock object %r at %#x>" % (state, self.name, id(self))
+
+
+def _release_if_ours(hold: Optional[Tuple[Client, Grant]]) -> None:
+    """Releases ``hold`` if its client belongs to this process."""
+    if hold is None or not hold[0].usable:
+        return
+    try:
+        hold[0].release(hold[1].hold_id)
+    except NotHeld:
+        pass
+
+
+class RLock(_Primitive):
+    """A named re-entrant lock that behaves like ``threading.RLock``.
+
+    The thread that holds it may acquire it again; it is released when that
+    thread has released it as many times. The count is kept in this object
+    (the daemon sees one mutex hold of the name), so it is re-entrant for
+    the thread that holds it through *this object*: another thread, or
+    another object of the same name, waits for it like any other holder.
+    Releasing it from a thread that does not own it raises
+    ``RuntimeError``. It works with ``threading.Condition``.
+    """
+
+    def __init__(self, name: str, client: Optional[Client] = None) -> None:
+        super().__init__(name, client)
+        self._hold: Optional[Tuple[Client, Grant]] = None
+        self._owner: Optional[int] = None
+        self._count = 0
+
+    def _forget_holds(self) -> None:
+        hold, self._hold, self._owner, self._count = self._hold, None, None, 0
+        _release_if_ours(hold)
+
+    def acquire(self, blocking: bool = True, timeout: float = -1) -> bool:
+        """Acquire the lock, or count once more if this thread holds it;
+        see ``threading.RLock.acquire``."""
+        timeout_ms = _lock_timeout_ms(blocking, timeout)
+        me = threading.get_ident()
+        with self._state:
+            if self._owner == me:
+                self._count += 1
+                return True
+        hold = self._acquire(LockKind.MUTEX, timeout_ms)
+        if hold is None:
+            return False
+        with self._state:
+            self._hold, self._owner, self._count = hold, me, 1
+        return True
+
+    __enter__ = acquire
+
+    def release(self) -> None:
+        """Count one release; the last one releases the lock."""
+        with self._state:
+            if self._owner != threading.get_ident():
+                raise RuntimeError("cannot release un-acquired lock")
+            self._count -= 1
+            if self._count:
+                return
+            hold, self._hold, self._owner = self._hold, None, None
+        assert hold is not None
+        try:
+            hold[0].release(hold[1].hold_id)
+        except NotHeld as e:
+            raise RuntimeError("release unlocked lock: %s" % e) from e
+
+    def __exit__(self, *exc: Any) -> None:
+        self.release()
+
+    def locked(self) -> bool:
+        """True if any thread holds it through this object, or the daemon
+        says anyone holds the name."""
+        with self._state:
+            if self._owner is not None:
+                return True
+        return self._inspect_held()
+
+    def _is_owned(self) -> bool:
+        with self._state:
+            return self._owner == threading.get_ident()
+
+    def _recursion_count(self) -> int:
+        with self._state:
+            return self._count if self._owner == threading.get_ident() else 0
+
+    def _release_save(self) -> Tuple[int, int]:
+        # threading.Condition.wait: release fully, remember the count.
+        with self._state:
+            if self._owner != threading.get_ident():
+                raise RuntimeError("cannot release un-acquired lock")
+            count, owner = self._count, self._owner
+            self._count = 1
+        self.release()
+        return count, owner
+
+    def _acquire_restore(self, saved: Tuple[int, int]) -> None:
+        self.acquire()
+        with self._state:
+            self._count, self._owner = saved
+
+    def _guard_grant(self) -> Optional[Grant]:
+        with self._state:
+            hold = self._hold
+        return hold[1] if hold is not None else self.grant
+
+    def __repr__(self) -> str:
+        with self._state:
+            owner, count = self._owner, self._count
+        state = "locked" if owner is not None else "unlocked"
+        return "<%s lockbroker.RLock object %r owner=%d count=%d at %#x>" % (
+            state,
+            self.name,
+            owner or 0,
+            count,
+            id(self),
+        )
 
 
 class BoundedSemaphore(_Primitive):
@@ -228,6 +406,19 @@ class BoundedSemaphore(_Primitive):
         super().__init__(name, client)
         self.value = value
         self._acquired_with: Optional[Client] = None
+        # Permits taken through this object and not given back.
+        self._held = 0
+
+    def _settings(self) -> Tuple[Any, ...]:
+        return (self.value,)
+
+    def _forget_holds(self) -> None:
+        client, self._acquired_with, held, self._held = self._acquired_with, None, self._held, 0
+        if client is not None and client.usable and held:
+            try:
+                client.release_by_name(self.name, held)
+            except NotHeld:
+                pass
 
     def acquire(self, blocking: bool = True, timeout: Optional[float] = None, *, n: int = 1) -> bool:
         """Take ``n`` permits; see ``threading.Semaphore.acquire``."""
@@ -241,6 +432,7 @@ class BoundedSemaphore(_Primitive):
             return False
         with self._state:
             self._acquired_with = hold[0]
+            self._held += n
         return True
 
     def release(self, n: int = 1) -> None:
@@ -257,6 +449,8 @@ class BoundedSemaphore(_Primitive):
             if e.code == ErrorCode.NOT_HELD:
                 raise ValueError("Semaphore released too many times") from e
             raise
+        with self._state:
+            self._held = max(self._held - n, 0)
 
     def __enter__(self) -> bool:
         return self.acquire()
@@ -265,7 +459,16 @@ class BoundedSemaphore(_Primitive):
         self.release()
 
     def __repr__(self) -> str:
-        return "<lockbroker.BoundedSemaphore %r value=%d>" % (self.name, self.value)
+        # threading's shape: <threading.BoundedSemaphore at 0x...: value=2/3>,
+        # the free permits as far as this object knows (its own taken).
+        with self._state:
+            free = self.value - self._held
+        return "<lockbroker.BoundedSemaphore at %#x %r: value=%d/%d>" % (
+            id(self),
+            self.name,
+            free,
+            self.value,
+        )
 
 
 class RWLock(_Primitive):
@@ -285,6 +488,12 @@ class RWLock(_Primitive):
         super().__init__(name, client)
         self._shared: Deque[Tuple[Client, Grant]] = deque()
         self._exclusive: Optional[Tuple[Client, Grant]] = None
+
+    def _forget_holds(self) -> None:
+        holds = list(self._shared) + ([self._exclusive] if self._exclusive else [])
+        self._shared, self._exclusive = deque(), None
+        for hold in holds:
+            _release_if_ours(hold)
 
     def acquire_shared(self, blocking: bool = True, timeout: float = -1) -> bool:
         """Take the shared (read) side; see ``threading.Lock.acquire``."""

@@ -6,15 +6,17 @@ queued through ``inspect`` before the test goes on, never by sleeping.
 
 from __future__ import annotations
 
+import multiprocessing
+import pickle
 import threading
 import time
 import unittest
-from typing import List, Tuple
+from typing import Any, List, Tuple
 
 import lockbroker
 from lockbroker import BoundedSemaphore, InvalidRequest, Lock, LockKind, RWLock
 
-from .support import WAIT, DaemonTestCase, python_subprocess, read_line, spawn
+from .support import WAIT, DaemonTestCase, DefaultClientTestCase, python_subprocess, read_line, spawn
 
 
 class LockTest(DaemonTestCase):
@@ -355,3 +357,75 @@ class RWLockTest(DaemonTestCase):
 
 if __name__ == "__main__":
     unittest.main()
+
+
+class RLockTest(DaemonTestCase):
+    """lockbroker.RLock: re-entrant for the thread that holds it, one lock
+    for every other thread and process (CPython's own RLock tests run in
+    ``test_lock_tests``)."""
+
+    def test_reentrant_for_its_thread_exclusive_for_others(self) -> None:
+        client = self.client()
+        rlock = lockbroker.RLock("nested", client)
+        other = Lock("nested", self.client("other"))
+        self.assertTrue(rlock.acquire(timeout=WAIT))
+        with rlock:  # again, from the same thread
+            self.assertEqual(rlock._recursion_count(), 2)
+            self.assertFalse(other.acquire(blocking=False))
+            # Another thread of the same object waits like anyone else.
+            self.assertFalse(spawn(rlock.acquire, False).result(WAIT))
+        entry = self.entry(client, "nested")
+        assert entry is not None
+        self.assertEqual(len(entry.holders), 1, "one daemon hold however deep")
+        self.assertFalse(other.acquire(blocking=False), "still held once")
+        rlock.release()
+        self.assertTrue(other.acquire(blocking=False), "released by the last release")
+        other.release()
+        with self.assertRaises(RuntimeError):
+            rlock.release()
+
+
+def _hold_in_child(lock: Any, holding: Any, done: Any) -> None:
+    """A ``spawn`` child: takes the unpickled lock on its own connection,
+    says which session holds it, and keeps it until told."""
+    lock.acquire()
+    holding.put(lock.client.session_id)
+    done.wait(WAIT)
+    lock.release()
+
+
+class PicklingTest(DefaultClientTestCase):
+    """A pickled primitive is its name and settings: the unpickled object
+    takes the same lock on the unpickling process's own connection."""
+
+    def test_round_trip_keeps_name_and_settings_not_holds(self) -> None:
+        sem = BoundedSemaphore("pool", 3)
+        self.assertTrue(sem.acquire(timeout=WAIT))
+        copy = pickle.loads(pickle.dumps(sem))
+        self.assertIsInstance(copy, BoundedSemaphore)
+        self.assertEqual((copy.name, copy.value), ("pool", 3))
+        self.assertIn("value=3/3", repr(copy), "the copy holds nothing")
+        sem.release()
+        for obj in (Lock("a"), lockbroker.RLock("b"), RWLock("c")):
+            copy = pickle.loads(pickle.dumps(obj))
+            self.assertEqual((type(copy), copy.name), (type(obj), obj.name))
+
+    def test_a_spawn_child_takes_the_same_lock_on_its_own_connection(self) -> None:
+        context = multiprocessing.get_context("spawn")
+        explicit = self.client("explicit")
+        for lock in (Lock("shared/job"), Lock("shared/job", explicit)):
+            holding, done = context.Queue(), context.Event()
+            child = context.Process(target=_hold_in_child, args=(lock, holding, done))
+            child.start()
+            self.addCleanup(child.kill)
+            session = holding.get(timeout=WAIT)
+            self.assertNotIn(session, (lockbroker.default_client().session_id, explicit.session_id))
+            entry = self.entry(explicit, "shared/job")
+            assert entry is not None
+            self.assertEqual([h.session.session_id for h in entry.holders], [session])
+            self.assertFalse(lock.acquire(blocking=False), "the child's hold is the same lock")
+            done.set()
+            child.join(WAIT)
+            self.assertEqual(child.exitcode, 0)
+            self.assertTrue(lock.acquire(timeout=WAIT))
+            lock.release()
