@@ -145,7 +145,15 @@ The command's environment and signals are as for `lockbroker lock`.")]
 Examples:
   lockbroker status
   lockbroker status deploy/
-  lockbroker status --json | jq '.locks[].holders[].pid'")]
+  lockbroker status -o NAME,PID,COMMAND --no-headings
+  lockbroker status -o +HOST,SESSION
+  lockbroker status --json | jq '.locks[].holders[].command'
+
+One row per holder and per waiter (in queue order), as lslocks shows
+them. PID and COMMAND are those of the command a `lockbroker lock` or
+`sem` runs (of the script a `lockbroker hold` serves), else of the client
+process; WRAPPER is the pid of the session's own process. FOR is how long
+it has held or waited. --json carries every column (README).")]
     Status(StatusArgs),
 
     /// Check that the daemon answers, and how fast.
@@ -423,6 +431,16 @@ pub struct StatusArgs {
     /// Only locks whose names start with this.
     #[arg(default_value = "")]
     pub prefix: String,
+
+    /// The columns, comma-separated (as lslocks -o); `+COLS` adds to the
+    /// default ones. Columns: NAME, TYPE, MODE, STATE, PID, USER, HOST,
+    /// FOR, FENCE, COMMAND, TIMEOUT, PERMITS, SESSION, CLIENT, WRAPPER.
+    #[arg(long, short = 'o', value_name = "COLUMNS")]
+    pub output: Option<String>,
+
+    /// No header lines (the daemon's line and the column names).
+    #[arg(long, short = 'n')]
+    pub no_headings: bool,
 }
 
 /// `lockbroker run`.

@@ -127,8 +127,12 @@ async fn run(cli: Cli) -> Result<u8, Failure> {
             }
         }
         Command::Status(a) => {
+            let layout = status::Layout {
+                columns: status::columns_or_default(a.output.as_deref()).map_err(|e| (2, e))?,
+                headings: !a.no_headings,
+            };
             let (client, socket) = connect_with_address(&cli).await?;
-            status::show(&client, &socket, &a.prefix, cli.json).await
+            status::show(&client, &socket, &a.prefix, cli.json, &layout).await
         }
         Command::Ping => {
             let (client, socket) = connect_with_address(&cli).await?;
@@ -394,12 +398,88 @@ fn may_autostart(cli: &Cli, scope: Scope) -> bool {
     scope == Scope::Local && cli.socket.is_none() && !socket_named && !cli.no_autostart && !disabled
 }
 
-/// `lockbroker lock NAME` shows as `lockbroker lock NAME` in `status`.
+/// Which process a wrapper's session stands for, as `status` finds it: the
+/// wrapper's child (`lock`, `sem`: the command) or its parent (`hold`: the
+/// script that reads it).
+pub(crate) enum Role {
+    Child,
+    Parent,
+}
+
+/// What separates a wrapper's own words from its command's in its client
+/// name.
+const COMMAND_MARK: &str = " -- ";
+
+/// A wrapper's client name (`lockbroker lock NAME -- COMMAND`) read back:
+/// whose command it names, and the command.
+pub(crate) fn wrapped_command(client_name: &str) -> Option<(Role, &str)> {
+    let rest = client_name.strip_prefix("lockbroker ")?;
+    let role = if rest.starts_with("hold ") {
+        Role::Parent
+    } else if rest.starts_with("lock ") || rest.starts_with("sem ") {
+        Role::Child
+    } else {
+        return None;
+    };
+    let (_, command) = rest.split_once(COMMAND_MARK)?;
+    Some((role, command))
+}
+
+/// Words as a shell would read them back: plain ones as they are, others
+/// in single quotes.
+pub(crate) fn shell_words(words: &[String]) -> String {
+    let plain = |w: &str| {
+        !w.is_empty()
+            && w.chars()
+                .all(|c| c.is_ascii_alphanumeric() || "_@%+=:,./-".contains(c))
+    };
+    words
+        .iter()
+        .map(|w| {
+            if plain(w) {
+                w.clone()
+            } else {
+                format!("'{}'", w.replace('\'', "'\\''"))
+            }
+        })
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// The command line a wrapper's client name carries.
+fn command_words(argv: &[std::ffi::OsString]) -> String {
+    let words: Vec<String> = argv
+        .iter()
+        .map(|w| w.to_string_lossy().into_owned())
+        .collect();
+    shell_words(&words)
+}
+
+/// `lockbroker lock NAME -- CMD` shows as itself in `status`, which reads
+/// the command back from it (`hold` names the script it serves).
 fn client_name(cli: &Cli) -> String {
     let what = match &cli.command {
-        Command::Lock(a) => format!("lockbroker lock {}", a.lock.name),
-        Command::Hold(a) => format!("lockbroker hold {}", a.lock.name),
-        Command::Sem(a) => format!("lockbroker sem {}", a.name),
+        Command::Lock(a) => format!(
+            "lockbroker lock {}{COMMAND_MARK}{}",
+            a.lock.name,
+            command_words(&a.command.argv())
+        ),
+        Command::Hold(a) => {
+            #[cfg(unix)]
+            // SAFETY: getppid has no preconditions.
+            let script = status::proc_cmdline(unsafe { libc::getppid() } as u32);
+            #[cfg(not(unix))]
+            let script: Option<String> = None;
+            match script {
+                Some(script) => format!("lockbroker hold {}{COMMAND_MARK}{script}", a.lock.name),
+                None => format!("lockbroker hold {}", a.lock.name),
+            }
+        }
+        Command::Sem(a) => format!(
+            "lockbroker sem {}{COMMAND_MARK}{}",
+            a.name,
+            command_words(&a.command.argv())
+        ),
         Command::Status(_) => "lockbroker status".into(),
         Command::Ping => "lockbroker ping".into(),
         Command::Run(_) => "lockbroker run".into(),
@@ -411,4 +491,24 @@ fn client_name(cli: &Cli) -> String {
         name.pop();
     }
     name
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_wrappers_client_name_reads_back_as_its_command() {
+        let words: Vec<String> = ["sh", "-c", "echo 'hi' $x", ""].map(String::from).into();
+        let line = shell_words(&words);
+        assert_eq!(line, r#"sh -c 'echo '\''hi'\'' $x' ''"#);
+        let name = format!("lockbroker lock deploy{COMMAND_MARK}{line}");
+        assert!(matches!(wrapped_command(&name), Some((Role::Child, c)) if c == line));
+        assert!(matches!(
+            wrapped_command("lockbroker hold cfg -- bash x.sh"),
+            Some((Role::Parent, "bash x.sh"))
+        ));
+        assert!(wrapped_command("lockbroker status").is_none());
+        assert!(wrapped_command("python3 app.py -- x").is_none());
+    }
 }

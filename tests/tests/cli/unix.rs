@@ -403,12 +403,16 @@ fn status_json_lists_holder_pid_and_waiters_in_order() {
         .collect();
     assert_eq!(order, [waiters[0].id() as u64, waiters[1].id() as u64]);
     assert!(status["daemon"]["sessions"].as_u64().unwrap() >= 3);
-    // The table form names the same holder.
-    let table = run(d.cli().args(["status"]));
+    // The table form names the same holder (WRAPPER: the session's own
+    // process).
+    let table = run(d
+        .cli()
+        .args(["status", "-o", "STATE,WRAPPER,USER", "--no-headings"]));
     let text = String::from_utf8(table.stdout).unwrap();
-    assert!(text.contains(&format!("pid {}", holder.id())), "{text}");
+    let first: Vec<&str> = text.lines().next().unwrap().split_whitespace().collect();
+    assert_eq!(first[..2], ["holder", &holder.id().to_string()], "{text}");
     if let Some(user) = user.as_str() {
-        assert!(text.contains(&format!("user {user}")), "{text}");
+        assert_eq!(first[2], user, "{text}");
     }
     release(&d, holder, "h");
     for mut w in waiters {
@@ -1093,4 +1097,99 @@ fn a_script_killed_while_its_hold_waits_leaves_no_waiter() {
     });
     std::fs::write(&go, "\n").unwrap();
     assert!(wait_exit(&mut holder, Duration::from_secs(20)).success());
+}
+
+/// `status` answers "who" as lslocks does: the command a wrapper runs and
+/// its pid, the side each holder and waiter takes, and the columns asked
+/// for, with or without headings.
+#[test]
+fn status_shows_the_wrapped_command_its_pid_and_its_side() {
+    let d = Daemon::start();
+    let go = fifo(&d, "go");
+    let script = "echo $$ > pid.tmp && mv pid.tmp pid; read -r _ < go";
+    let mut reader = d
+        .cli()
+        .args(["lock", "-s", "rw", "--", "sh", "-c", script])
+        .spawn()
+        .unwrap();
+    let command_pid = read_pid(&d.path("pid"));
+    let mut writer = d
+        .cli()
+        .args(["lock", "-w", "20", "rw", "true"])
+        .spawn()
+        .unwrap();
+    wait_until("the writer queues", || {
+        holders_and_waiters(&d, "rw") == (1, 1)
+    });
+    let status = d.status_json();
+    let lock = &status["locks"][0];
+    assert_eq!(lock["kind"], "rwlock");
+    let holder = &lock["holders"][0];
+    assert_eq!(holder["command_pid"], command_pid, "{status}");
+    assert_eq!(holder["pid"], reader.id(), "the session is the wrapper's");
+    assert_eq!(holder["command"], format!("sh -c '{script}'"));
+    assert_eq!(holder["access"], "shared");
+    let waiter = &lock["waiters"][0];
+    assert_eq!(
+        waiter["access"], "exclusive",
+        "an exclusive waiter, not a mutex"
+    );
+    assert_eq!(waiter["state"], "waiter 1");
+    assert_eq!(waiter["command"], "true");
+    // The table: the columns asked for, no headings.
+    let out = run(d.cli().args([
+        "status",
+        "-o",
+        "name,type,mode,state,pid,command",
+        "--no-headings",
+    ]));
+    assert!(out.status.success(), "{out:?}");
+    let text = String::from_utf8(out.stdout).unwrap();
+    let rows: Vec<Vec<&str>> = text
+        .lines()
+        .map(|l| {
+            l.split("  ")
+                .map(str::trim)
+                .filter(|c| !c.is_empty())
+                .collect()
+        })
+        .collect();
+    assert_eq!(
+        rows[0],
+        [
+            "rw",
+            "rwlock",
+            "shared",
+            "holder",
+            &command_pid.to_string(),
+            &format!("sh -c '{script}'")
+        ],
+        "{text}"
+    );
+    assert_eq!(
+        rows[1][..4],
+        ["rw", "rwlock", "exclusive", "waiter 1"],
+        "{text}"
+    );
+    assert_eq!(rows.len(), 2, "{text}");
+    // Headings: the daemon's line, then the titles; `+` adds to the defaults.
+    let out = run(d.cli().args(["status", "-o", "+SESSION"]));
+    let text = String::from_utf8(out.stdout).unwrap();
+    let titles: Vec<&str> = text.lines().nth(1).unwrap().split_whitespace().collect();
+    assert_eq!(
+        titles,
+        [
+            "NAME", "TYPE", "MODE", "STATE", "PID", "USER", "HOST", "FOR", "FENCE", "COMMAND",
+            "SESSION"
+        ]
+    );
+    let out = run(d.cli().args(["status", "-o", "NAME,NOPE"]));
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("NOPE"),
+        "{out:?}"
+    );
+    std::fs::write(&go, "\n").unwrap();
+    assert!(wait_exit(&mut reader, Duration::from_secs(20)).success());
+    assert!(wait_exit(&mut writer, Duration::from_secs(20)).success());
 }
