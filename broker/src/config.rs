@@ -38,7 +38,7 @@ pub const DEFAULT_MAX_ABANDONED: usize = 65_536;
 #[derive(Debug, Clone, Parser)]
 #[command(
     name = "lockbrokerd",
-    version,
+    version = crate::LONG_VERSION,
     about,
     long_about = None,
     after_help = "Exit status: 0 after SIGTERM or SIGINT; 3 when another lockbrokerd already \
@@ -162,6 +162,15 @@ pub struct Cli {
     /// first line), so that it appears in no process listing.
     #[arg(long, value_name = "PATH", requires = "etcd_user")]
     pub etcd_password_file: Option<PathBuf>,
+
+    /// Print this shell's completions for lockbrokerd's flags, then exit
+    /// (bash, zsh, fish, elvish, powershell).
+    #[arg(long, value_name = "SHELL")]
+    pub completions: Option<clap_complete::Shell>,
+
+    /// Print lockbrokerd's man page (roff), then exit.
+    #[arg(long, conflicts_with = "completions")]
+    pub man: bool,
 
     /// Windows: install lockbrokerd as a service (started at boot, as
     /// SYSTEM) that runs with the other flags given here, then exit.

@@ -60,3 +60,12 @@ pub use config::Config;
 
 /// The daemon's software version.
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
+/// The git commit the daemon was built from ("unknown" outside a checkout).
+pub const COMMIT: &str = env!("LOCKBROKER_COMMIT");
+/// What `--version` shows: the version and the commit.
+pub const LONG_VERSION: &str = concat!(
+    env!("CARGO_PKG_VERSION"),
+    " (commit ",
+    env!("LOCKBROKER_COMMIT"),
+    ")"
+);

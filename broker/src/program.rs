@@ -29,6 +29,17 @@ pub fn main() -> ExitCode {
 }
 
 fn run(cli: Cli) -> anyhow::Result<()> {
+    if let Some(shell) = cli.completions {
+        let mut command = <Cli as clap::CommandFactory>::command();
+        clap_complete::generate(shell, &mut command, "lockbrokerd", &mut std::io::stdout());
+        return Ok(());
+    }
+    if cli.man {
+        clap_mangen::Man::new(<Cli as clap::CommandFactory>::command())
+            .render(&mut std::io::stdout())
+            .context("writing the man page")?;
+        return Ok(());
+    }
     #[cfg(windows)]
     if cli.install_service || cli.uninstall_service || cli.service {
         return windows_service(cli);
@@ -124,7 +135,7 @@ fn bind(config: &Config) -> anyhow::Result<Listener> {
         return Ok(Listener::from_std(std)?);
     }
     let listener = Listener::bind(&config.socket, config.scope)?;
-    tracing::info!(socket = %config.socket.display(), version = crate::VERSION, "listening");
+    tracing::info!(socket = %config.socket.display(), version = crate::VERSION, commit = crate::COMMIT, "listening");
     Ok(listener)
 }
 

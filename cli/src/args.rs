@@ -16,7 +16,7 @@ use crate::exit;
 #[derive(Debug, Parser)]
 #[command(
     name = "lockbroker",
-    version,
+    version = concat!(env!("CARGO_PKG_VERSION"), " (commit ", env!("LOCKBROKER_COMMIT"), ")"),
     after_help = "\
 Examples:
   lockbroker lock deploy -- ./deploy.sh          run deploy.sh holding mutex \"deploy\"
@@ -162,6 +162,24 @@ Examples:
   lockbroker ping
   lockbroker --scope global ping")]
     Ping,
+
+    /// Print shell completions for lockbroker (install: README).
+    #[command(after_help = "\
+Examples:
+  lockbroker completions bash > ~/.local/share/bash-completion/completions/lockbroker
+  lockbroker completions zsh > ~/.zfunc/_lockbroker
+  lockbroker completions fish > ~/.config/fish/completions/lockbroker.fish")]
+    Completions {
+        /// The shell.
+        shell: clap_complete::Shell,
+    },
+
+    /// Print lockbroker's man page (roff).
+    #[command(after_help = "\
+Examples:
+  lockbroker man > /usr/local/share/man/man1/lockbroker.1
+  lockbroker man | man -l -")]
+    Man,
 
     /// Run a command with a private broker for it and its children.
     #[command(after_help = "\

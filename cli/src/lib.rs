@@ -51,6 +51,21 @@ pub fn main() -> ExitCode {
         libc::signal(libc::SIGPIPE, libc::SIG_DFL);
     }
     let cli = Cli::parse();
+    match &cli.command {
+        Command::Completions { shell } => {
+            let mut command = <Cli as clap::CommandFactory>::command();
+            clap_complete::generate(*shell, &mut command, "lockbroker", &mut std::io::stdout());
+            return ExitCode::SUCCESS;
+        }
+        Command::Man => {
+            let page = clap_mangen::Man::new(<Cli as clap::CommandFactory>::command());
+            return match page.render(&mut std::io::stdout()) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => fail(exit::ERROR, &format!("cannot write the man page: {e}")),
+            };
+        }
+        _ => {}
+    }
     if let Command::Daemon(d) = cli.command {
         let mut args = Vec::new();
         if let Some(socket) = &cli.socket {
@@ -185,6 +200,9 @@ async fn run(cli: Cli) -> Result<u8, Failure> {
             state_cmd::run(&client, command, cli.json).await
         }
         Command::Daemon(_) => unreachable!("handled before the runtime starts"),
+        Command::Completions { .. } | Command::Man => {
+            unreachable!("handled before the runtime starts")
+        }
     }
 }
 
@@ -484,6 +502,7 @@ fn client_name(cli: &Cli) -> String {
         Command::Ping => "lockbroker ping".into(),
         Command::Run(_) => "lockbroker run".into(),
         Command::Daemon(_) => "lockbroker daemon".into(),
+        Command::Completions { .. } | Command::Man => "lockbroker".into(),
         Command::State(_) => "lockbroker state".into(),
     };
     let mut name: String = what.chars().filter(|c| !c.is_control()).collect();

@@ -1193,3 +1193,71 @@ fn status_shows_the_wrapped_command_its_pid_and_its_side() {
     assert!(wait_exit(&mut reader, Duration::from_secs(20)).success());
     assert!(wait_exit(&mut writer, Duration::from_secs(20)).success());
 }
+
+/// `--version` names the version and the commit the binaries were built
+/// from.
+#[test]
+fn version_names_the_commit() {
+    let head = Command::new("git")
+        .args(["rev-parse", "--short=12", "HEAD"])
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .output()
+        .ok()
+        .filter(|o| o.status.success())
+        .map_or_else(
+            || "unknown".to_owned(),
+            |o| String::from_utf8_lossy(&o.stdout).trim().to_owned(),
+        );
+    for (program, name) in [(CLI, "lockbroker"), (DAEMON, "lockbrokerd")] {
+        let out = run(Command::new(program).arg("--version"));
+        assert!(out.status.success(), "{out:?}");
+        assert_eq!(
+            String::from_utf8_lossy(&out.stdout).trim(),
+            format!("{name} {} (commit {head})", env!("CARGO_PKG_VERSION"))
+        );
+    }
+}
+
+/// Completions and man pages, generated from the clap definitions of both
+/// programs: bash reads the completions, the pages are roff naming every
+/// subcommand or flag.
+#[test]
+fn completions_and_man_pages_for_both_programs() {
+    let dir = tempfile::tempdir().unwrap();
+    for (program, name, args) in [
+        (CLI, "lockbroker", &["completions", "bash"][..]),
+        (DAEMON, "lockbrokerd", &["--completions", "bash"][..]),
+    ] {
+        let out = run(Command::new(program).args(args));
+        assert!(out.status.success(), "{out:?}");
+        let file = dir.path().join(name);
+        std::fs::write(&file, &out.stdout).unwrap();
+        let check = run(Command::new("bash").arg("-n").arg(&file));
+        assert!(check.status.success(), "bash cannot read them: {check:?}");
+        let text = String::from_utf8(out.stdout).unwrap();
+        assert!(
+            text.contains(&format!("complete -F _{name}")),
+            "{name}: {text}"
+        );
+    }
+    for shell in ["zsh", "fish", "elvish", "powershell"] {
+        let out = run(Command::new(CLI).args(["completions", shell]));
+        assert!(
+            out.status.success() && out.stdout.len() > 100,
+            "{shell}: {out:?}"
+        );
+    }
+    let out = run(Command::new(CLI).arg("man"));
+    let page = String::from_utf8(out.stdout).unwrap();
+    assert!(page.contains(".TH lockbroker 1"), "{page}");
+    for sub in ["lock", "hold", "sem", "status", "completions"] {
+        assert!(
+            page.contains(&format!("lockbroker\\-{sub}")),
+            "{sub} missing: {page}"
+        );
+    }
+    let out = run(Command::new(DAEMON).arg("--man"));
+    let page = String::from_utf8(out.stdout).unwrap();
+    assert!(page.contains(".TH lockbrokerd 1"), "{page}");
+    assert!(page.contains("etcd\\-endpoints"), "{page}");
+}
