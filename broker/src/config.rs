@@ -163,6 +163,17 @@ pub struct Cli {
     #[arg(long, value_name = "PATH", requires = "etcd_user")]
     pub etcd_password_file: Option<PathBuf>,
 
+    /// Read flags from this TOML file: each key is a flag's long name
+    /// (`log-level = "info"`, `etcd-endpoints = ["http://a:2379"]`); a
+    /// flag given on the command line overrides the file's.
+    #[arg(long, value_name = "FILE", conflicts_with = "config_if_exists")]
+    pub config: Option<PathBuf>,
+
+    /// As --config, when FILE exists (the systemd units name
+    /// /etc/lockbroker/lockbrokerd.toml so).
+    #[arg(long, value_name = "FILE")]
+    pub config_if_exists: Option<PathBuf>,
+
     /// Print this shell's completions for lockbrokerd's flags, then exit
     /// (bash, zsh, fish, elvish, powershell).
     #[arg(long, value_name = "SHELL")]
@@ -194,6 +205,105 @@ pub struct Cli {
     #[cfg(windows)]
     #[arg(long, value_name = "NAME", default_value = "lockbroker")]
     pub service_name: String,
+}
+
+/// Flags a config file may not set: the file's own, and those that make
+/// the program do something else than serve.
+const NOT_IN_FILE: [&str; 7] = [
+    "config",
+    "config_if_exists",
+    "completions",
+    "man",
+    "install_service",
+    "uninstall_service",
+    "service",
+];
+
+/// Parses `args` (the program's name first) with the flags of the file
+/// `--config` or `--config-if-exists` names under them: every flag the
+/// command line does not give is taken from the file, so the command
+/// line overrides it. Usage errors exit as clap's do; a file that cannot
+/// be read, is not TOML, or has a key that is no flag is an error naming
+/// the file and the key.
+pub fn parse_with_file(args: Vec<std::ffi::OsString>) -> anyhow::Result<Cli> {
+    use anyhow::Context as _;
+    use clap::CommandFactory as _;
+    let mut command = Cli::command();
+    // Built, so that each flag knows whether it takes a value.
+    command.build();
+    let given = command.clone().get_matches_from(args.clone());
+    let path = match (
+        given.get_one::<PathBuf>("config"),
+        given.get_one::<PathBuf>("config_if_exists"),
+    ) {
+        (Some(path), _) => path.clone(),
+        (None, Some(path)) if path.exists() => path.clone(),
+        _ => return Ok(Cli::parse_from(args)),
+    };
+    let text = std::fs::read_to_string(&path)
+        .with_context(|| format!("cannot read the config file {}", path.display()))?;
+    let table: toml::Table = text
+        .parse()
+        .with_context(|| format!("{} is not a valid TOML file", path.display()))?;
+    let mut from_file: Vec<std::ffi::OsString> = Vec::new();
+    for (key, value) in &table {
+        let arg = command
+            .get_arguments()
+            .find(|a| a.get_long() == Some(key.as_str()))
+            .filter(|a| !NOT_IN_FILE.contains(&a.get_id().as_str()))
+            .ok_or_else(|| {
+                anyhow::anyhow!(
+                    "{}: unknown key {key:?} (the keys are lockbrokerd's flags without \
+                     the leading --, as `lockbrokerd --help` lists them)",
+                    path.display()
+                )
+            })?;
+        let id = arg.get_id().as_str();
+        if given.value_source(id) == Some(clap::parser::ValueSource::CommandLine) {
+            continue;
+        }
+        let flag = format!("--{key}");
+        let bad = || {
+            anyhow::anyhow!(
+                "{}: key {key:?} has a value of the wrong type",
+                path.display()
+            )
+        };
+        let text = |v: &toml::Value| match v {
+            toml::Value::String(s) => Some(s.clone()),
+            toml::Value::Integer(i) => Some(i.to_string()),
+            toml::Value::Float(f) => Some(f.to_string()),
+            _ => None,
+        };
+        let takes_values = arg.get_num_args().is_some_and(|n| n.takes_values());
+        match value {
+            toml::Value::Boolean(_) if takes_values => return Err(bad()),
+            toml::Value::Boolean(true) => from_file.push(flag.into()),
+            toml::Value::Boolean(false) => {}
+            _ if !takes_values => return Err(bad()),
+            toml::Value::Array(items) => {
+                let items: Option<Vec<String>> = items.iter().map(text).collect();
+                from_file.push(flag.into());
+                from_file.push(items.ok_or_else(bad)?.join(",").into());
+            }
+            other => {
+                from_file.push(flag.into());
+                from_file.push(text(other).ok_or_else(bad)?.into());
+            }
+        }
+    }
+    let mut merged = args;
+    // After the program's name: the file's flags, then the command line's.
+    let rest = merged.split_off(1.min(merged.len()));
+    merged.extend(from_file);
+    merged.extend(rest);
+    Cli::try_parse_from(merged).map_err(|e| {
+        anyhow::anyhow!(
+            "{} (with the flags of {})",
+            e.to_string().trim_end(),
+            path.display()
+        )
+    })
 }
 
 /// `--scope` values the daemon serves.
@@ -502,6 +612,94 @@ mod tests {
         let cli = Cli::try_parse_from(std::iter::once("lockbrokerd").chain(args.iter().copied()))
             .expect("flags parse");
         Config::from_cli(cli, &env)
+    }
+
+    /// `lockbrokerd --config FILE ARGS` with FILE holding `toml`.
+    fn with_file(toml: &str, args: &[&str]) -> anyhow::Result<Cli> {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("lockbrokerd.toml");
+        std::fs::write(&file, toml).unwrap();
+        let mut argv: Vec<std::ffi::OsString> =
+            vec!["lockbrokerd".into(), "--config".into(), file.into()];
+        argv.extend(args.iter().map(Into::into));
+        parse_with_file(argv)
+    }
+
+    #[test]
+    fn a_config_file_sets_flags_and_the_command_line_overrides_them() {
+        let toml = r#"
+            socket = "/tmp/from-file.sock"
+            max-holds = 12
+            log-level = "debug"
+            backend = "etcd"
+            etcd-endpoints = ["http://a:2379", "http://b:2379"]
+            lease-ttl = "4s"
+        "#;
+        let cli = with_file(toml, &[]).unwrap();
+        assert_eq!(cli.socket, Some(PathBuf::from("/tmp/from-file.sock")));
+        assert_eq!(cli.max_holds, 12);
+        assert_eq!(cli.log_level.as_deref(), Some("debug"));
+        assert_eq!(cli.backend, BackendArg::Etcd);
+        assert_eq!(cli.etcd_endpoints, ["http://a:2379", "http://b:2379"]);
+        assert_eq!(cli.lease_ttl, Duration::from_secs(4));
+        let cli = with_file(
+            toml,
+            &["--max-holds", "99", "--etcd-endpoints", "http://c:2379"],
+        )
+        .unwrap();
+        assert_eq!(cli.max_holds, 99, "the command line wins");
+        assert_eq!(cli.etcd_endpoints, ["http://c:2379"]);
+        assert_eq!(cli.socket, Some(PathBuf::from("/tmp/from-file.sock")));
+    }
+
+    #[test]
+    fn a_config_file_with_an_unknown_key_or_a_bad_value_is_refused_by_name() {
+        let err = with_file("max-holdz = 3\n", &[]).unwrap_err().to_string();
+        assert!(err.contains("unknown key \"max-holdz\""), "{err}");
+        let err = with_file("config = \"/etc/x\"\n", &[])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("unknown key \"config\""), "{err}");
+        let err = with_file("max-holds = true\n", &[])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("\"max-holds\" has a value of the wrong type"),
+            "{err}"
+        );
+        let err = with_file("max-holds = \"many\"\n", &[])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("max-holds") && err.contains("lockbrokerd.toml"),
+            "{err}"
+        );
+        let err = with_file("max-holds = [\n", &[]).unwrap_err();
+        assert!(
+            format!("{err:#}").contains("not a valid TOML file"),
+            "{err:#}"
+        );
+        let missing = parse_with_file(vec![
+            "lockbrokerd".into(),
+            "--config".into(),
+            "/nonexistent.toml".into(),
+        ]);
+        assert!(
+            missing
+                .unwrap_err()
+                .to_string()
+                .contains("/nonexistent.toml")
+        );
+        // --config-if-exists: a missing file is no file.
+        let cli = parse_with_file(vec![
+            "lockbrokerd".into(),
+            "--config-if-exists".into(),
+            "/nonexistent.toml".into(),
+            "--max-holds".into(),
+            "5".into(),
+        ])
+        .unwrap();
+        assert_eq!(cli.max_holds, 5);
     }
 
     #[test]

@@ -9,13 +9,18 @@ use crate::config::{Cli, Config, LogFormat};
 use crate::error::{EXIT_ALREADY_RUNNING, StartError};
 use crate::{server, transport::Listener};
 use anyhow::Context;
-use clap::Parser;
 use lockbroker_proto::address::Env;
 use tracing_subscriber::EnvFilter;
 
 /// Runs `lockbrokerd` with this process's arguments; its exit status.
 pub fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = match crate::config::parse_with_file(std::env::args_os().collect()) {
+        Ok(cli) => cli,
+        Err(e) => {
+            eprintln!("lockbrokerd: {e:#}");
+            return ExitCode::FAILURE;
+        }
+    };
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

@@ -1261,3 +1261,63 @@ fn completions_and_man_pages_for_both_programs() {
     assert!(page.contains(".TH lockbrokerd 1"), "{page}");
     assert!(page.contains("etcd\\-endpoints"), "{page}");
 }
+
+/// `lockbrokerd --config FILE`: the file's flags apply (here the socket
+/// and a limit), the command line overrides them, and an unknown key
+/// stops the daemon before it serves, naming the key.
+#[test]
+fn the_daemon_reads_its_flags_from_a_config_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("from-file.sock");
+    let file = dir.path().join("lockbrokerd.toml");
+    std::fs::write(
+        &file,
+        format!(
+            "socket = {:?}\nmax-holds = 1\nmax-pending = 1\n",
+            socket.display().to_string()
+        ),
+    )
+    .unwrap();
+    let mut daemon = Command::new(DAEMON)
+        .arg("--config")
+        .arg(&file)
+        .args(["--max-holds", "2"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    // Killed however the test ends.
+    struct Kill(u32);
+    impl Drop for Kill {
+        fn drop(&mut self) {
+            signal(self.0, libc::SIGKILL);
+        }
+    }
+    let _kill = Kill(daemon.id());
+    let cli = |args: &[&str]| {
+        let mut cmd = Command::new(CLI);
+        cmd.arg("--socket").arg(&socket).args(args);
+        run(&mut cmd)
+    };
+    wait_until("the daemon serves the file's socket", || {
+        cli(&["ping"]).status.success()
+    });
+    // --max-holds 2 from the command line, not 1 from the file: a
+    // session may hold two, and not three.
+    let client =
+        lockbroker::blocking::Client::connect_with(&lockbroker::Connector::new().socket(&socket))
+            .unwrap();
+    let _a = client.mutex("a").acquire().unwrap();
+    let _b = client.mutex("b").acquire().unwrap();
+    let third = client.mutex("c").try_acquire();
+    assert!(third.is_err(), "a third hold: {third:?}");
+    drop(client);
+    assert!(signal(daemon.id(), libc::SIGTERM));
+    wait_exit(&mut daemon, Duration::from_secs(20));
+    std::fs::write(&file, "max-holdz = 1\n").unwrap();
+    let out = run(Command::new(DAEMON).arg("--config").arg(&file));
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("unknown key \"max-holdz\""), "{err}");
+}
