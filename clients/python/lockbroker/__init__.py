@@ -18,7 +18,10 @@ and the daemon keeps versioned shared state next to the locks::
 
 Modules:
 
-* :mod:`lockbroker.primitives` -- ``Lock``, ``BoundedSemaphore``, ``RWLock``;
+* :mod:`lockbroker.aio` -- the same for asyncio (imported on its own:
+  ``from lockbroker import aio``), one connection per event loop;
+* :mod:`lockbroker.primitives` -- ``Lock``, ``RLock``, ``BoundedSemaphore``,
+  ``RWLock``;
 * :mod:`lockbroker.state` -- ``State`` (get, set, remove, increment, list)
   and ``Watch``, an iterator of ``Changed`` / ``Lagged`` events;
 * :mod:`lockbroker.client` -- ``Client``, one session shared by all threads,
