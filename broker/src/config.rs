@@ -38,7 +38,7 @@ pub const DEFAULT_MAX_ABANDONED: usize = 65_536;
 #[derive(Debug, Clone, Parser)]
 #[command(
     name = "lockbrokerd",
-    version = crate::LONG_VERSION,
+    version = crate::LONG_VERSION.as_str(),
     about,
     long_about = None,
     after_help = "Exit status: 0 after SIGTERM or SIGINT; 3 when another lockbrokerd already \

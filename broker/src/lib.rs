@@ -61,11 +61,7 @@ pub use config::Config;
 /// The daemon's software version.
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
 /// The git commit the daemon was built from ("unknown" outside a checkout).
-pub const COMMIT: &str = env!("LOCKBROKER_COMMIT");
+pub const COMMIT: &str = lockbroker_proto::COMMIT;
 /// What `--version` shows: the version and the commit.
-pub const LONG_VERSION: &str = concat!(
-    env!("CARGO_PKG_VERSION"),
-    " (commit ",
-    env!("LOCKBROKER_COMMIT"),
-    ")"
-);
+pub static LONG_VERSION: std::sync::LazyLock<String> =
+    std::sync::LazyLock::new(|| format!("{VERSION} (commit {COMMIT})"));

@@ -8,6 +8,15 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 
 use crate::exit;
 
+/// What `--version` shows: the version and the git commit.
+static LONG_VERSION: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+    format!(
+        "{} (commit {})",
+        env!("CARGO_PKG_VERSION"),
+        lockbroker::COMMIT
+    )
+});
+
 /// lockbroker: FIFO named locks for shell scripts, cron jobs and services.
 ///
 /// Locks live in a small daemon (lockbrokerd); whatever a command held is
@@ -16,7 +25,7 @@ use crate::exit;
 #[derive(Debug, Parser)]
 #[command(
     name = "lockbroker",
-    version = concat!(env!("CARGO_PKG_VERSION"), " (commit ", env!("LOCKBROKER_COMMIT"), ")"),
+    version = LONG_VERSION.as_str(),
     after_help = "\
 Examples:
   lockbroker lock deploy -- ./deploy.sh          run deploy.sh holding mutex \"deploy\"

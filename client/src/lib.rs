@@ -76,7 +76,7 @@ pub use connector::{Connector, DEFAULT_CONNECT_TIMEOUT};
 pub use error::{Error, Result};
 pub use guard::LockGuard;
 pub use handle::{Mutex, RwLock, Semaphore};
-pub use lockbroker_proto::{ChangeKind, StateEntry, Versioned};
+pub use lockbroker_proto::{COMMIT, ChangeKind, StateEntry, Versioned};
 pub use lockbroker_proto::{
     EntryInfo, EntryKind, ErrorCode, HolderInfo, Inspection, Limits, LockKind, NameError,
     ServerInfo, SessionInfo, WaiterInfo,

@@ -30,6 +30,10 @@
 //! - `pipe` (Windows): the named-pipe transport and the identity of a
 //!   pipe's peer.
 
+/// The git commit the workspace was built from ("unknown" outside a git
+/// checkout), for the programs' `--version`.
+pub const COMMIT: &str = env!("LOCKBROKER_COMMIT");
+
 pub mod address;
 pub mod frame;
 pub mod io;

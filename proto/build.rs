@@ -1,14 +1,16 @@
-// Shared by the build scripts of `lockbrokerd` and `lockbroker` (each
-// `include!`s it): sets LOCKBROKER_COMMIT, the git commit the binary is
-// built from, for `--version`; "unknown" outside a git checkout (a
-// crates.io source, a tarball).
+//! Build script: sets LOCKBROKER_COMMIT, the git commit the workspace is
+//! built from (`lockbroker_proto::COMMIT`, which both programs'
+//! `--version` show); "unknown" outside a git checkout (a crates.io
+//! source, a tarball).
 
 use std::path::Path;
 use std::process::Command;
 
 fn git(args: &[&str]) -> Option<String> {
     let out = Command::new("git").args(args).output().ok()?;
-    out.status.success().then(|| String::from_utf8_lossy(&out.stdout).trim().to_owned())
+    out.status
+        .success()
+        .then(|| String::from_utf8_lossy(&out.stdout).trim().to_owned())
 }
 
 fn main() {
@@ -19,7 +21,10 @@ fn main() {
     if let Some(dir) = git(&["rev-parse", "--absolute-git-dir"]) {
         let dir = Path::new(&dir);
         println!("cargo:rerun-if-changed={}", dir.join("HEAD").display());
-        println!("cargo:rerun-if-changed={}", dir.join("packed-refs").display());
+        println!(
+            "cargo:rerun-if-changed={}",
+            dir.join("packed-refs").display()
+        );
         if let Some(branch) = git(&["symbolic-ref", "-q", "HEAD"]) {
             println!("cargo:rerun-if-changed={}", dir.join(branch).display());
         }
