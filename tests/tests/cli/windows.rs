@@ -301,9 +301,11 @@ fn status_names_the_account_of_each_session() {
     let session = &status["locks"][0]["holders"][0];
     assert_eq!(session["user"], me.account.as_str(), "{status}");
     assert_eq!(session["uid"], me.uid.unwrap(), "{status}");
-    let out = run(d.cli().args(["status", "st"]));
+    let out = run(d
+        .cli()
+        .args(["status", "-o", "USER", "--no-headings", "st"]));
     let text = String::from_utf8_lossy(&out.stdout);
-    assert!(text.contains(&format!("user {}", me.account)), "{text}");
+    assert_eq!(text.trim(), me.account, "{text}");
     assert!(kill(command));
     wait_exit(&mut holder, Duration::from_secs(20));
 }
