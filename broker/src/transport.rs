@@ -9,6 +9,8 @@
 //! 2. If the socket path exists, a connect attempt decides: somebody answers
 //!    → refuse to start; connection refused → the file is stale, left by a
 //!    killed daemon, and is replaced.
+//! 3. The socket gets its mode between the bind and the listen, so no
+//!    connection is taken while the umask's mode is on it.
 //!
 //! The socket file is removed when the [`Listener`] is dropped.
 
@@ -40,6 +42,8 @@ mod unix {
     use std::os::unix::fs::{DirBuilderExt, FileTypeExt, PermissionsExt};
     use std::os::unix::net::{UnixListener as StdListener, UnixStream as StdStream};
     use std::path::{Path, PathBuf};
+
+    use socket2::{Domain, SockAddr, Socket, Type};
 
     use lockbroker_proto::address::{self, DirError, Scope};
     use tokio::net::UnixListener;
@@ -81,10 +85,17 @@ mod unix {
                 prepare_dir(dir, scope)?;
             }
             let lock = lock_file(socket)?;
-            let std = bind_reclaiming(socket)?;
+            let bound = bind_reclaiming(socket)?;
+            // The mode is set before the socket listens: until then a
+            // connect is refused, so nobody reaches the daemon through a
+            // socket the umask left open, and a client that got in knows
+            // the daemon is past its last step on the path.
             fs::set_permissions(socket, fs::Permissions::from_mode(mode))
                 .map_err(|e| StartError::io("setting the mode of", socket, e))?;
-            Listener::adopt(std, Some(socket.to_owned()), Some(lock))
+            bound
+                .listen(libc::SOMAXCONN)
+                .map_err(|e| StartError::io("listening on", socket, e))?;
+            Listener::adopt(bound.into(), Some(socket.to_owned()), Some(lock))
         }
 
         /// Serves an already-listening socket (e.g. one passed by systemd).
@@ -177,11 +188,17 @@ mod unix {
         Ok(file)
     }
 
-    /// Binds `path`, replacing a stale socket file only once a connect
-    /// attempt proves nobody listens on it.
-    fn bind_reclaiming(path: &Path) -> Result<StdListener, StartError> {
-        match StdListener::bind(path) {
-            Ok(l) => return Ok(l),
+    /// Binds `path` (not listening yet), replacing a stale socket file
+    /// only once a connect attempt proves nobody listens on it.
+    fn bind_reclaiming(path: &Path) -> Result<Socket, StartError> {
+        let addr = SockAddr::unix(path).map_err(|e| StartError::io("binding", path, e))?;
+        let bind = || -> io::Result<Socket> {
+            let socket = Socket::new(Domain::UNIX, Type::STREAM, None)?;
+            socket.bind(&addr)?;
+            Ok(socket)
+        };
+        match bind() {
+            Ok(socket) => return Ok(socket),
             Err(e) if e.kind() == io::ErrorKind::AddrInUse => {}
             Err(e) => return Err(StartError::io("binding", path, e)),
         }
@@ -198,9 +215,39 @@ mod unix {
             Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => {
                 tracing::info!(socket = %path.display(), "replacing a stale socket file");
                 fs::remove_file(path).map_err(|e| StartError::io("removing", path, e))?;
-                StdListener::bind(path).map_err(|e| StartError::io("binding", path, e))
+                bind().map_err(|e| StartError::io("binding", path, e))
             }
             Err(e) => Err(StartError::io("probing", path, e)),
+        }
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use super::*;
+
+        /// Between the bind and the listen the socket refuses connections,
+        /// which is what lets the mode be set before anyone gets in.
+        #[test]
+        fn a_bound_socket_refuses_connections_until_it_listens() {
+            let dir = tempfile::tempdir().unwrap();
+            let path = dir.path().join("broker.sock");
+            let bound = bind_reclaiming(&path).unwrap();
+            let refused = StdStream::connect(&path).unwrap_err();
+            assert_eq!(refused.kind(), io::ErrorKind::ConnectionRefused);
+            bound.listen(libc::SOMAXCONN).unwrap();
+            StdStream::connect(&path).unwrap();
+        }
+
+        /// A bound socket of a daemon that never listened is stale too.
+        #[test]
+        fn a_socket_file_nobody_listens_on_is_reclaimed() {
+            let dir = tempfile::tempdir().unwrap();
+            let path = dir.path().join("broker.sock");
+            let stale = bind_reclaiming(&path).unwrap();
+            let bound = bind_reclaiming(&path).unwrap();
+            drop(stale);
+            bound.listen(libc::SOMAXCONN).unwrap();
+            StdStream::connect(&path).unwrap();
         }
     }
 }

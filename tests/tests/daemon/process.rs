@@ -273,3 +273,47 @@ fn the_help_documents_the_exit_statuses() {
     let help = String::from_utf8_lossy(&out.stdout);
     assert!(help.contains("3 when another lockbrokerd"), "{help}");
 }
+
+/// The socket takes connections only once it has its final mode: a client
+/// that gets in has reached the daemon through a socket other users cannot
+/// open, and a daemon whose socket is moved once it answers keeps serving.
+/// The daemons run with umask 0, so the mode the bind gives is 0777, and
+/// the client connects as fast as it can to catch the first moment.
+#[test]
+fn the_socket_answers_only_once_its_mode_is_set() {
+    use std::os::unix::process::CommandExt;
+    let dir = tempfile::tempdir().unwrap();
+    for round in 0..40 {
+        let socket = dir.path().join(format!("broker-{round}.sock"));
+        let mut cmd = daemon(&["--socket", &sock_arg(&socket)], None);
+        // SAFETY: umask is async-signal-safe and touches no memory.
+        unsafe {
+            cmd.pre_exec(|| {
+                libc::umask(0);
+                Ok(())
+            });
+        }
+        let mut child = cmd.spawn().unwrap();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let _first = loop {
+            if let Ok(stream) = StdStream::connect(&socket) {
+                break stream;
+            }
+            if let Some(status) = child.try_wait().unwrap() {
+                panic!("daemon exited early with {status}");
+            }
+            assert!(Instant::now() < deadline, "daemon never listened");
+            std::thread::yield_now();
+        };
+        let mode = std::fs::metadata(&socket).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600, "round {round}: answered with mode {mode:o}");
+        let moved = dir.path().join(format!("moved-{round}.sock"));
+        std::fs::rename(&socket, &moved).unwrap();
+        assert!(StdStream::connect(&moved).is_ok(), "round {round}");
+        assert!(signal(child.id(), libc::SIGTERM));
+        assert!(
+            wait_exit(&mut child, Duration::from_secs(5)).success(),
+            "round {round}"
+        );
+    }
+}
