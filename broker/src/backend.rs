@@ -105,6 +105,12 @@ pub trait Backend: Send + Sync + std::fmt::Debug + 'static {
 
     /// The largest state value accepted.
     fn max_value_len(&self) -> u32;
+
+    /// The state's `(keys, bytes)` as its quotas count them, where this
+    /// daemon keeps it.
+    fn state_size(&self) -> Option<(u64, u64)> {
+        None
+    }
 }
 
 /// One daemon's own locks and state.
@@ -191,6 +197,10 @@ impl Backend for Local {
 
     fn max_value_len(&self) -> u32 {
         self.state.max_value_len()
+    }
+
+    fn state_size(&self) -> Option<(u64, u64)> {
+        Some(self.state.size())
     }
 }
 

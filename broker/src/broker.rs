@@ -1,5 +1,5 @@
 //! [`Broker`]: what every session shares — the backend (the lock table
-//! and the state store), the limits and the session counters. The server makes one and
+//! and the state store), the limits, the session counters and the metrics. The server makes one and
 //! hands it to each session it starts; sessions use nothing else of the
 //! server's.
 
@@ -12,6 +12,7 @@ use crate::backend::{Backend, Local};
 use crate::config::SessionLimits;
 use crate::identity::Accounts;
 use crate::lock_table::LockTable;
+use crate::metrics::Metrics;
 use crate::state::State;
 
 /// What every session shares: the backend (locks and state), the limits
@@ -33,6 +34,8 @@ pub struct Broker {
     pub host: String,
     /// The names of the peers' accounts.
     pub accounts: Accounts,
+    /// What the sessions count, for `--metrics-listen` and `Metrics`.
+    pub metrics: Metrics,
 }
 
 impl Broker {
@@ -62,6 +65,7 @@ impl Broker {
             ending: Arc::new(AtomicBool::new(false)),
             host: crate::identity::host_name(),
             accounts: Accounts::default(),
+            metrics: Metrics::new(),
         }
     }
 
@@ -83,7 +87,16 @@ impl Broker {
     /// Counts a session as open until the returned guard drops.
     pub fn session_opened(self: &Arc<Self>) -> OpenSession {
         self.open_sessions.fetch_add(1, Ordering::Relaxed);
+        self.metrics.session_opened();
         OpenSession(Arc::clone(self))
+    }
+
+    /// Every metric, in the OpenMetrics text format.
+    pub fn metrics_text(&self) -> String {
+        self.metrics.render(
+            self.open_sessions.load(Ordering::Relaxed),
+            self.backend.state_size(),
+        )
     }
 
     /// Facts for `inspect`.

@@ -12,6 +12,7 @@ use lockbroker_proto::address::{self, Env, Scope};
 use lockbroker_proto::{DEFAULT_MAX_FRAME_LEN, MIN_MAX_FRAME_LEN};
 
 use crate::error::StartError;
+use crate::metrics::http::MetricsAddr;
 use crate::state::StateConfig;
 
 /// Default cap on open connections.
@@ -118,6 +119,13 @@ pub struct Cli {
     /// told it lagged.
     #[arg(long, value_name = "N", default_value_t = StateConfig::default().history)]
     pub watch_history: usize,
+
+    /// Serve the metrics (OpenMetrics text, `GET /metrics` over HTTP) on
+    /// this TCP address (e.g. `127.0.0.1:9464`) or Unix socket path
+    /// (anything with a `/`). Off by default; `lockbroker metrics` prints
+    /// the same through the daemon's own socket.
+    #[arg(long, value_name = "ADDR")]
+    pub metrics_listen: Option<MetricsAddr>,
 
     /// Where the locks are kept: this daemon's memory (`local`), or an etcd
     /// cluster shared with the daemons of other hosts (`etcd`).
@@ -447,6 +455,8 @@ pub struct Config {
     pub state: StateConfig,
     /// Where the locks are kept.
     pub backend: BackendConfig,
+    /// Where the metrics are served over HTTP, if anywhere.
+    pub metrics_listen: Option<MetricsAddr>,
 }
 
 impl Config {
@@ -464,6 +474,7 @@ impl Config {
             systemd: Default::default(),
             state: StateConfig::default(),
             backend: BackendConfig::Local,
+            metrics_listen: None,
         }
     }
 
@@ -535,6 +546,7 @@ impl Config {
                 history: cli.watch_history,
             },
             backend,
+            metrics_listen: cli.metrics_listen,
         })
     }
 }

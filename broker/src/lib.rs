@@ -46,6 +46,7 @@ pub mod error;
 pub mod etcd;
 pub mod identity;
 pub mod lock_table;
+pub mod metrics;
 pub mod program;
 pub mod server;
 #[cfg(windows)]

@@ -19,6 +19,7 @@ use tokio::task::JoinSet;
 use crate::broker::Broker;
 use crate::config::{BackendConfig, Config};
 use crate::error::StartError;
+use crate::metrics::http::{MetricsAddr, MetricsListener};
 use crate::session;
 use crate::shutdown;
 use crate::state::{FENCE_EPOCH_SHIFT, State};
@@ -37,6 +38,7 @@ const ACCEPT_BACKOFF: Duration = Duration::from_millis(50);
 pub struct Server {
     broker: Arc<Broker>,
     config: Config,
+    metrics: Option<MetricsListener>,
 }
 
 impl Server {
@@ -69,16 +71,56 @@ impl Server {
                 ));
             }
         };
+        let metrics = match &config.metrics_listen {
+            Some(addr) => Some(MetricsListener::bind(
+                addr,
+                crate::transport::socket_mode(config.scope),
+            )?),
+            None => None,
+        };
         Ok(Server {
             broker: Arc::new(broker),
             config: config.clone(),
+            metrics,
         })
+    }
+
+    /// Where the metrics are served, if anywhere (a TCP port 0 resolved).
+    pub fn metrics_addr(&self) -> Option<&MetricsAddr> {
+        self.metrics.as_ref().map(MetricsListener::addr)
     }
 
     /// Serves `listener` until `shutdown` completes, then shuts down
     /// gracefully. The socket file is removed when this returns.
     pub async fn run(self, listener: Listener, shutdown: impl Future) {
-        serve(self.broker, listener, &self.config, shutdown).await
+        // Scrapes are served until the daemon stops: dropping the task
+        // closes the endpoint (and removes its socket file).
+        let metrics = self.metrics.map(|m| {
+            tracing::info!(at = %m.addr(), "serving metrics");
+            AbortOnDrop(tokio::spawn(m.serve(Arc::clone(&self.broker))))
+        });
+        serve(self.broker, listener, &self.config, shutdown).await;
+        if let Some(metrics) = metrics {
+            metrics.stop().await;
+        }
+    }
+}
+
+/// Aborts a task when dropped (so when `run`'s future is).
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl AbortOnDrop {
+    /// Aborts the task and waits until it is gone: the endpoint is closed
+    /// when `run` returns.
+    async fn stop(mut self) {
+        self.0.abort();
+        let _ = (&mut self.0).await;
+    }
+}
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }
 
@@ -114,6 +156,13 @@ async fn serve(broker: Arc<Broker>, listener: Listener, config: &Config, shutdow
             accepted = listener.accept() => match accepted {
                 Ok((reader, writer, cred)) => {
                     let Ok(permit) = Arc::clone(&connections).try_acquire_owned() else {
+                        broker.metrics.refused(ErrorCode::TooManyConnections);
+                        tracing::warn!(
+                            pid = cred.pid,
+                            uid = cred.uid,
+                            limit = config.max_connections,
+                            "refused a connection: the daemon serves its maximum"
+                        );
                         sessions.spawn(refuse(writer, config.max_connections, config.limits.max_frame_len));
                         continue;
                     };

@@ -78,6 +78,7 @@ pub async fn run<R, W>(
     let (version, client_name) = match handshake(hello) {
         Ok(agreed) => agreed,
         Err(Some(fatal)) => {
+            broker.metrics.refused(fatal.code);
             let _ = write_fatal(&mut out, fatal).await;
             return;
         }
@@ -138,7 +139,7 @@ pub async fn run<R, W>(
         End::PeerClosed | End::Shutdown => tracing::debug!(session_id, ?end, "session ended"),
     }
     session.finish_guarded_writes(&mut completions).await;
-    session.cleanup();
+    session.cleanup(matches!(end, End::Shutdown));
 }
 
 /// Checks the first frame: the version the session speaks and its client
@@ -463,11 +464,34 @@ impl<W: AsyncWrite + Unpin> Session<W> {
 
     /// Sends a fatal error (after any answers already written).
     async fn fatal(&mut self, error: ErrorInfo) -> End {
+        self.broker.metrics.refused(error.code);
         let _ = write_fatal(&mut self.out, error.clone()).await;
         End::Fatal(error)
     }
 
     fn answer(&mut self, msg: ServerMessage) {
+        if let ServerMessage::Response {
+            response: Response::Error(e),
+            ..
+        } = &msg
+        {
+            self.broker.metrics.refused(e.code);
+            // A limit or a quota (4xx) is what an operator raises or
+            // chases: say who hit it. The message names the lock or key.
+            if (400..500).contains(&e.code.as_u16()) {
+                let who = &self.peer.info;
+                tracing::warn!(
+                    session_id = who.session_id,
+                    pid = who.pid,
+                    uid = who.uid,
+                    user = %who.user,
+                    client = %who.client_name,
+                    code = %e.code,
+                    "refused: {}",
+                    e.message
+                );
+            }
+        }
         if let Err(e) = self.out.encode(&msg) {
             // Only a response can grow past the limit (an inspection).
             let ServerMessage::Response { id, .. } = msg else {
@@ -478,6 +502,7 @@ impl<W: AsyncWrite + Unpin> Session<W> {
                 ErrorCode::ResponseTooLarge,
                 format!("{e}; ask with a narrower prefix or a smaller limit"),
             );
+            self.broker.metrics.refused(error.code);
             let msg = ServerMessage::Response {
                 id,
                 response: Response::Error(error),
@@ -538,6 +563,10 @@ impl<W: AsyncWrite + Unpin> Session<W> {
                 limit,
             } => self.inspect(id, prefix, start_after, limit),
             Request::Ping => self.respond(id, Response::Pong),
+            Request::Metrics => {
+                let text = self.broker.metrics_text();
+                self.respond(id, Response::Metrics { text });
+            }
             Request::ReleaseOnClose => {
                 self.locks.release_on_close();
                 self.respond(id, Response::Done);

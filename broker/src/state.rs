@@ -24,6 +24,7 @@ mod store;
 
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc as std_mpsc;
 
 use lockbroker_proto::{ChangeKind, ErrorCode, ErrorInfo, LockName, Response};
@@ -228,6 +229,30 @@ pub struct State {
     ops: Option<std_mpsc::Sender<(Op, ReplyTo)>>,
     thread: Option<std::thread::JoinHandle<()>>,
     max_value_len: u32,
+    size: Arc<StateSize>,
+}
+
+/// The store's keys and bytes as its quotas count them, published by its
+/// thread after each request for the metrics to read.
+#[derive(Debug, Default)]
+pub struct StateSize {
+    keys: AtomicU64,
+    bytes: AtomicU64,
+}
+
+impl StateSize {
+    pub(crate) fn publish(&self, keys: u64, bytes: u64) {
+        self.keys.store(keys, Ordering::Relaxed);
+        self.bytes.store(bytes, Ordering::Relaxed);
+    }
+
+    /// `(keys, bytes)`, as last published.
+    pub fn get(&self) -> (u64, u64) {
+        (
+            self.keys.load(Ordering::Relaxed),
+            self.bytes.load(Ordering::Relaxed),
+        )
+    }
 }
 
 impl State {
@@ -235,6 +260,7 @@ impl State {
     /// configured. Returns the store and the fence epoch of this run.
     pub fn open(config: &StateConfig) -> Result<(State, u64), StartError> {
         let (store, epoch) = Store::open(config)?;
+        let size = store.size();
         let (ops, rx) = std_mpsc::channel();
         let thread = std::thread::Builder::new()
             .name("lockbroker-state".into())
@@ -245,6 +271,7 @@ impl State {
                 ops: Some(ops),
                 thread: Some(thread),
                 max_value_len: config.max_value_len,
+                size,
             },
             epoch,
         ))
@@ -265,6 +292,11 @@ impl State {
     /// Largest value accepted.
     pub fn max_value_len(&self) -> u32 {
         self.max_value_len
+    }
+
+    /// The store's size, as its thread last published it.
+    pub fn size(&self) -> (u64, u64) {
+        self.size.get()
     }
 }
 

@@ -20,6 +20,16 @@ pub use unix::*;
 #[cfg(windows)]
 pub use windows::*;
 
+/// The mode of a Unix socket the daemon serves: for its own user, and
+/// for the group too in the global scope (the scope's group).
+pub fn socket_mode(scope: Option<lockbroker_proto::address::Scope>) -> u32 {
+    use lockbroker_proto::address::Scope;
+    match scope {
+        Some(Scope::Global) => 0o660,
+        Some(Scope::Local | Scope::Process) | None => 0o600,
+    }
+}
+
 /// Who is on the other end of a connection, where the platform says.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct PeerCred {
@@ -76,26 +86,14 @@ mod unix {
         /// Binds `socket`. For a scope default, first creates and checks the
         /// scope's directory. Must be called within a Tokio runtime.
         pub fn bind(socket: &Path, scope: Option<Scope>) -> Result<Listener, StartError> {
-            let mode = match scope {
-                Some(Scope::Local | Scope::Process) | None => 0o600,
-                Some(Scope::Global) => 0o660,
-            };
+            let mode = super::socket_mode(scope);
             if let Some(scope) = scope {
                 let dir = socket.parent().unwrap_or(Path::new("/"));
                 prepare_dir(dir, scope)?;
             }
             let lock = lock_file(socket)?;
-            let bound = bind_reclaiming(socket)?;
-            // The mode is set before the socket listens: until then a
-            // connect is refused, so nobody reaches the daemon through a
-            // socket the umask left open, and a client that got in knows
-            // the daemon is past its last step on the path.
-            fs::set_permissions(socket, fs::Permissions::from_mode(mode))
-                .map_err(|e| StartError::io("setting the mode of", socket, e))?;
-            bound
-                .listen(libc::SOMAXCONN)
-                .map_err(|e| StartError::io("listening on", socket, e))?;
-            Listener::adopt(bound.into(), Some(socket.to_owned()), Some(lock))
+            let std = bind_private(socket, mode)?;
+            Listener::adopt(std, Some(socket.to_owned()), Some(lock))
         }
 
         /// Serves an already-listening socket (e.g. one passed by systemd).
@@ -143,6 +141,33 @@ mod unix {
             if let Some(path) = &self.path {
                 let _ = fs::remove_file(path);
             }
+        }
+    }
+
+    /// Binds and listens on `path` with mode `mode`, replacing a stale
+    /// socket file there (see [`Listener::bind`]).
+    ///
+    /// The mode is set before the socket listens: until then a connect is
+    /// refused, so nobody gets in through a socket the umask left open, and
+    /// a client that got in knows the daemon is past its last step on the
+    /// path.
+    pub fn bind_private(path: &Path, mode: u32) -> Result<StdListener, StartError> {
+        let bound = bind_reclaiming(path)?;
+        fs::set_permissions(path, fs::Permissions::from_mode(mode))
+            .map_err(|e| StartError::io("setting the mode of", path, e))?;
+        bound
+            .listen(libc::SOMAXCONN)
+            .map_err(|e| StartError::io("listening on", path, e))?;
+        Ok(bound.into())
+    }
+
+    /// Removes a socket file when dropped.
+    #[derive(Debug)]
+    pub struct RemoveOnDrop(pub PathBuf);
+
+    impl Drop for RemoveOnDrop {
+        fn drop(&mut self) {
+            let _ = fs::remove_file(&self.0);
         }
     }
 

@@ -172,6 +172,16 @@ Examples:
   lockbroker --scope global ping")]
     Ping,
 
+    /// Print the daemon's metrics (OpenMetrics text, as `lockbrokerd
+    /// --metrics-listen` serves them).
+    #[command(after_help = "\
+Examples:
+  lockbroker metrics
+  lockbroker metrics | grep '^lockbroker_holds'
+
+The metrics are described in README (Metrics).")]
+    Metrics,
+
     /// Print shell completions for lockbroker (install: README).
     #[command(after_help = "\
 Examples:

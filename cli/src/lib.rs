@@ -171,6 +171,25 @@ async fn run(cli: Cli) -> Result<u8, Failure> {
             }
             Ok(0)
         }
+        Command::Metrics => {
+            let client = connect(&cli).await?;
+            match client.metrics().await {
+                Ok(text) => {
+                    print!("{text}");
+                    Ok(0)
+                }
+                // A daemon that does not know the request ends the
+                // connection (protocol: appended variants).
+                Err(lockbroker::Error::ConnectionLost) => Err((
+                    exit::UNAVAILABLE,
+                    format!(
+                        "lockbrokerd {} closed the connection: it is older than the metrics request",
+                        client.server_version()
+                    ),
+                )),
+                Err(e) => Err(unavailable(e)),
+            }
+        }
         Command::Run(a) => {
             let private = daemon::Private::start()
                 .await
@@ -500,6 +519,7 @@ fn client_name(cli: &Cli) -> String {
         ),
         Command::Status(_) => "lockbroker status".into(),
         Command::Ping => "lockbroker ping".into(),
+        Command::Metrics => "lockbroker metrics".into(),
         Command::Run(_) => "lockbroker run".into(),
         Command::Daemon(_) => "lockbroker daemon".into(),
         Command::Completions { .. } | Command::Man => "lockbroker".into(),

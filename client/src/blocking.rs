@@ -112,6 +112,11 @@ impl Client {
         Ok(start.elapsed())
     }
 
+    /// See [`crate::Client::metrics`].
+    pub fn metrics(&self) -> Result<String> {
+        self.conn.run(ops::metrics())
+    }
+
     /// See [`crate::Client::inspect`].
     pub fn inspect(&self, prefix: &str) -> Result<Inspection> {
         self.conn.run(ops::inspect(prefix, "", 0, false))

@@ -261,6 +261,14 @@ impl Client {
         Ok(start.elapsed())
     }
 
+    /// The daemon's metrics, in the OpenMetrics text format: what
+    /// `lockbrokerd --metrics-listen` serves at `/metrics`. A daemon older
+    /// than this request closes the connection
+    /// ([`Error::ConnectionLost`](crate::Error::ConnectionLost)).
+    pub async fn metrics(&self) -> Result<String> {
+        self.run(ops::metrics()).await
+    }
+
     /// Lock entries whose names start with `prefix`, in name order (at most
     /// the daemon's default number of them; see [`Client::inspect_limit`]).
     pub async fn inspect(&self, prefix: &str) -> Result<Inspection> {

@@ -154,6 +154,14 @@ pub(crate) fn ping() -> Op<()> {
     })
 }
 
+/// The daemon's metrics, in the OpenMetrics text format.
+pub(crate) fn metrics() -> Op<String> {
+    op(Request::Metrics, "metrics", "metrics".into(), |r| match r {
+        Response::Metrics { text } => Ok(text),
+        other => Err(other),
+    })
+}
+
 /// The lock entries under `prefix` after `start_after`; `paged` asks with
 /// `InspectAfter`, else with `Inspect` (which every daemon knows).
 pub(crate) fn inspect(prefix: &str, start_after: &str, limit: u32, paged: bool) -> Op<Inspection> {

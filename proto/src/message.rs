@@ -213,6 +213,8 @@ pub enum Request {
         /// At most this many entries (0 means the daemon's default).
         limit: u32,
     },
+    /// The daemon's metrics. Answered by [`Response::Metrics`].
+    Metrics,
 }
 
 /// A state write.
@@ -384,6 +386,12 @@ pub enum Response {
         entries: Vec<StateEntry>,
         /// More keys follow; ask again with `start_after` = the last key.
         more: bool,
+    },
+    /// The answer to `Metrics`: every metric, in the OpenMetrics text
+    /// format (what `lockbrokerd --metrics-listen` serves).
+    Metrics {
+        /// The exposition, ending with `# EOF`.
+        text: String,
     },
 }
 

@@ -577,6 +577,16 @@ fn vectors_v1() -> Vec<(&'static str, Message)> {
                 },
             ),
         ),
+        ("metrics", request(27, Request::Metrics)),
+        (
+            "metrics_text",
+            response(
+                27,
+                Response::Metrics {
+                    text: "lockbroker_sessions 2\n# EOF\n".into(),
+                },
+            ),
+        ),
     ]
 }
 

@@ -4,7 +4,9 @@
 
 use std::collections::{BTreeSet, HashMap, HashSet};
 
-use lockbroker_proto::{ErrorCode, ErrorInfo, Grant, LockName, Response, frame};
+use std::time::Duration;
+
+use lockbroker_proto::{ErrorCode, ErrorInfo, Grant, LockKind, LockName, Response, frame};
 use tokio::time::Instant;
 
 use tokio::io::AsyncWrite;
@@ -17,6 +19,10 @@ use crate::lock_table::{AcquireOutcome, AcquireSpec, Notice};
 /// Entries a listing gathers per turn of the loop: a few hundred
 /// microseconds of work at most, so others are served between turns.
 pub const LIST_CHUNK: usize = 128;
+
+/// Names of abandoned holds a session's warning lists; the rest are
+/// counted.
+const ABANDONED_LOGGED: usize = 8;
 
 /// An `Inspect` or `InspectAfter` being gathered, a chunk per turn; each
 /// chunk is encoded as it comes, so no turn encodes the whole answer.
@@ -33,10 +39,22 @@ struct Listing {
     frame: frame::InspectionFrame,
 }
 
+/// A hold of the session.
+#[derive(Debug)]
+struct Held {
+    name: LockName,
+    kind: LockKind,
+    /// When it was granted, for the hold-time metric.
+    since: Instant,
+}
+
 /// A waiting acquire.
 #[derive(Debug)]
 struct Pending {
     name: LockName,
+    kind: LockKind,
+    /// When it started waiting, for the wait-time metric.
+    since: Instant,
     deadline: Option<Instant>,
     /// A try, answered `TimedOut` if it cannot be granted at once; else
     /// an acquire that may not wait because the session is at its
@@ -47,9 +65,10 @@ struct Pending {
 /// The lock part of a session.
 #[derive(Debug, Default)]
 pub(super) struct Locks {
-    /// hold id → name, for every hold the session has: a release names
-    /// only the hold, and the table is keyed by name.
-    holds: HashMap<u64, LockName>,
+    /// hold id → name (and what the metrics want), for every hold the
+    /// session has: a release names only the hold, and the table is keyed
+    /// by name.
+    holds: HashMap<u64, Held>,
     /// request id → waiting acquire.
     pending: HashMap<u64, Pending>,
     /// (deadline, request id) of waiting acquires with a timeout.
@@ -138,7 +157,8 @@ impl<W: AsyncWrite + Unpin> Session<W> {
             return Err(ErrorInfo::new(
                 ErrorCode::TooManyHolds,
                 format!(
-                    "this session already has {} holds and waiting acquires (limit {})",
+                    "acquire of {:?}: this session already has {} holds and waiting acquires (limit {})",
+                    name.as_str(),
                     self.locks.holds.len() + self.locks.pending.len(),
                     limits.max_holds
                 ),
@@ -147,13 +167,23 @@ impl<W: AsyncWrite + Unpin> Session<W> {
         let at_pending_limit = self.locks.pending.len() >= limits.max_pending as usize;
         let is_try = !spec.may_wait;
         spec.may_wait &= !at_pending_limit;
+        let kind = spec.kind;
         match self.broker.backend.acquire(&name, &self.peer, id, &spec)? {
             AcquireOutcome::Granted(grant) => {
-                self.locks.holds.insert(grant.hold_id, name);
+                let since = Instant::now();
+                self.locks
+                    .holds
+                    .insert(grant.hold_id, Held { name, kind, since });
+                self.broker
+                    .metrics
+                    .granted(kind, Duration::ZERO, grant.abandoned);
                 self.respond(id, Response::Granted(grant));
             }
-            AcquireOutcome::WouldBlock if is_try => self.respond(id, Response::TimedOut),
-            AcquireOutcome::WouldBlock => return Err(self.too_many_pending()),
+            AcquireOutcome::WouldBlock if is_try => {
+                self.broker.metrics.timed_out(kind);
+                self.respond(id, Response::TimedOut);
+            }
+            AcquireOutcome::WouldBlock => return Err(self.too_many_pending(&name)),
             AcquireOutcome::Queued => {
                 // A deadline too far to represent is no deadline; a try or
                 // an acquire that may not wait has none (its backend says
@@ -164,10 +194,13 @@ impl<W: AsyncWrite + Unpin> Session<W> {
                 if let Some(at) = deadline {
                     self.locks.deadlines.insert((at, id));
                 }
+                self.broker.metrics.queued(kind);
                 self.locks.pending.insert(
                     id,
                     Pending {
                         name,
+                        kind,
+                        since: Instant::now(),
                         deadline,
                         is_try,
                     },
@@ -188,9 +221,10 @@ impl<W: AsyncWrite + Unpin> Session<W> {
             Notice::WouldBlock { request_id } => {
                 if let Some(p) = self.end_pending(request_id) {
                     let response = if p.is_try {
+                        self.broker.metrics.timed_out(p.kind);
                         Response::TimedOut
                     } else {
-                        Response::Error(self.too_many_pending())
+                        Response::Error(self.too_many_pending(&p.name))
                     };
                     self.respond(request_id, response);
                 }
@@ -244,6 +278,7 @@ impl<W: AsyncWrite + Unpin> Session<W> {
                 if let Some(at) = p.deadline {
                     self.locks.deadlines.remove(&(at, request_id));
                 }
+                self.broker.metrics.dequeued(p.kind);
                 shrink_index(&mut self.locks.pending);
             }
             // Cannot happen: a waiter stays pending until it is answered.
@@ -252,12 +287,13 @@ impl<W: AsyncWrite + Unpin> Session<W> {
         p
     }
 
-    fn too_many_pending(&self) -> ErrorInfo {
+    fn too_many_pending(&self, name: &LockName) -> ErrorInfo {
         let limit = self.broker.limits.max_pending;
         ErrorInfo::new(
             ErrorCode::TooManyPending,
             format!(
-                "this session already has {} acquires waiting (limit {limit})",
+                "acquire of {:?}: this session already has {} acquires waiting (limit {limit})",
+                name.as_str(),
                 self.locks.pending.len(),
             ),
         )
@@ -270,7 +306,18 @@ impl<W: AsyncWrite + Unpin> Session<W> {
         let Some(p) = self.end_pending(request_id) else {
             return;
         };
-        self.locks.holds.insert(grant.hold_id, p.name);
+        let since = Instant::now();
+        self.broker
+            .metrics
+            .granted(p.kind, since - p.since, grant.abandoned);
+        self.locks.holds.insert(
+            grant.hold_id,
+            Held {
+                name: p.name,
+                kind: p.kind,
+                since,
+            },
+        );
         if !sent {
             self.respond(request_id, Response::Granted(grant));
         }
@@ -284,7 +331,8 @@ impl<W: AsyncWrite + Unpin> Session<W> {
             }
             self.locks.deadlines.pop_first();
             let token = self.locks.token();
-            if let Some(applied) = self.withdraw(request_id, token) {
+            if let Some((applied, kind)) = self.withdraw(request_id, token) {
+                self.broker.metrics.timed_out(kind);
                 self.answer_when(applied, token, vec![(request_id, Response::TimedOut)]);
             }
             // Otherwise the grant won the race and is on its way.
@@ -292,21 +340,23 @@ impl<W: AsyncWrite + Unpin> Session<W> {
     }
 
     /// Takes waiting acquire `request_id` out of its queue (under `token`
-    /// if the backend applies that later); `None` if it was already
-    /// granted.
-    fn withdraw(&mut self, request_id: u64, token: u64) -> Option<Applied> {
+    /// if the backend applies that later), and says what kind it was;
+    /// `None` if it was already granted.
+    fn withdraw(&mut self, request_id: u64, token: u64) -> Option<(Applied, LockKind)> {
         let p = self.locks.pending.get(&request_id)?;
         let applied = self
             .broker
             .backend
             .cancel(p.name.as_str(), &self.peer, request_id, token)?;
+        let kind = p.kind;
         self.end_pending(request_id);
-        Some(applied)
+        Some((applied, kind))
     }
 
     pub(super) fn cancel(&mut self, id: u64, request_id: u64) {
         let token = self.locks.token();
-        if let Some(applied) = self.withdraw(request_id, token) {
+        if let Some((applied, kind)) = self.withdraw(request_id, token) {
+            self.broker.metrics.cancelled(kind);
             let answers = vec![(request_id, Response::Cancelled), (id, Response::Done)];
             self.answer_when(applied, token, answers);
         } else {
@@ -324,10 +374,13 @@ impl<W: AsyncWrite + Unpin> Session<W> {
         // The index and the table change together, so a hold is in both or
         // in neither: one answer for a hold this session does not have.
         let token = self.locks.token();
-        let released = self.locks.holds.remove(&hold_id).and_then(|name| {
+        let released = self.locks.holds.remove(&hold_id).and_then(|held| {
+            self.broker
+                .metrics
+                .hold_ended(held.kind, held.since.elapsed(), false);
             self.broker
                 .backend
-                .release(name.as_str(), &self.peer, hold_id, token)
+                .release(held.name.as_str(), &self.peer, hold_id, token)
         });
         shrink_index(&mut self.locks.holds);
         match released {
@@ -364,7 +417,11 @@ impl<W: AsyncWrite + Unpin> Session<W> {
         match result {
             Ok((ended, applied)) => {
                 for hold_id in ended {
-                    self.locks.holds.remove(&hold_id);
+                    if let Some(held) = self.locks.holds.remove(&hold_id) {
+                        self.broker
+                            .metrics
+                            .hold_ended(held.kind, held.since.elapsed(), false);
+                    }
                 }
                 shrink_index(&mut self.locks.holds);
                 let answer = (id, Response::Released { permits: count });
@@ -440,14 +497,38 @@ impl<W: AsyncWrite + Unpin> Session<W> {
         l.frame.finish(more, self.out.queue_encoded());
     }
 
+    /// Says, at warn level, which holds the session abandoned: the first
+    /// [`ABANDONED_LOGGED`] by name, and how many more.
+    fn log_abandoned(&self) {
+        let who = &self.peer.info;
+        let mut names: Vec<&str> = self.locks.holds.values().map(|h| h.name.as_str()).collect();
+        names.sort_unstable();
+        names.dedup();
+        let more = names.len().saturating_sub(ABANDONED_LOGGED);
+        names.truncate(ABANDONED_LOGGED);
+        tracing::warn!(
+            session_id = who.session_id,
+            pid = who.pid,
+            uid = who.uid,
+            user = %who.user,
+            client = %who.client_name,
+            holds = self.locks.holds.len(),
+            "abandoned: the session ended holding {}{}",
+            names.iter().map(|n| format!("{n:?}")).collect::<Vec<_>>().join(", "),
+            if more > 0 { format!(" and {more} more") } else { String::new() }
+        );
+    }
+
     /// Releases everything the session held (as abandoned, unless the
-    /// client asked otherwise) and withdraws every wait.
-    pub(super) fn cleanup(&mut self) {
+    /// client asked otherwise) and withdraws every wait; says which holds
+    /// were abandoned, unless the daemon is `shutting_down`.
+    pub(super) fn cleanup(&mut self, shutting_down: bool) {
         let abandon = !self.locks.release_on_close;
         let names: HashSet<&LockName> = self
             .locks
             .holds
             .values()
+            .map(|h| &h.name)
             .chain(self.locks.pending.values().map(|p| &p.name))
             .collect();
         for name in names {
@@ -456,6 +537,17 @@ impl<W: AsyncWrite + Unpin> Session<W> {
                 .end_session(name.as_str(), &self.peer, abandon);
         }
         self.broker.backend.session_ended(&self.peer, abandon);
+        let metrics = &self.broker.metrics;
+        for held in self.locks.holds.values() {
+            metrics.hold_ended(held.kind, held.since.elapsed(), abandon);
+        }
+        // At shutdown every session ends holding what it held: not news.
+        if abandon && !shutting_down && !self.locks.holds.is_empty() {
+            self.log_abandoned();
+        }
+        for p in self.locks.pending.values() {
+            metrics.dequeued(p.kind);
+        }
         self.locks.holds.clear();
         self.locks.pending.clear();
         self.locks.deadlines.clear();

@@ -17,6 +17,7 @@ use tokio::sync::{broadcast, mpsc};
 use tokio::io::AsyncWrite;
 
 use super::{Session, shrink_index};
+use crate::metrics::StateOp;
 use crate::state::{Change, Completion, Guard, Op, ReplyTo};
 
 /// Stop reading requests while state values of this many bytes wait for
@@ -194,6 +195,9 @@ impl<W: AsyncWrite + Unpin> Session<W> {
             }
             other => (other, None),
         };
+        if let Some(op) = metrics_op(&request) {
+            self.broker.metrics.state_op(op);
+        }
         let op = match request {
             Request::StateGet { key } => Op::Get {
                 key: LockName::new(key).map_err(invalid_key)?,
@@ -211,7 +215,7 @@ impl<W: AsyncWrite + Unpin> Session<W> {
                     return Err(ErrorInfo::new(
                         ErrorCode::ValueTooLarge,
                         format!(
-                            "a value of {} bytes is over the limit of {max}",
+                            "a value of {} bytes for {key:?} is over the limit of {max}",
                             value.len()
                         ),
                     ));
@@ -280,7 +284,9 @@ impl<W: AsyncWrite + Unpin> Session<W> {
                 if count >= max {
                     return Err(ErrorInfo::new(
                         ErrorCode::TooManyPending,
-                        format!("this session already has {count} watches (limit {max})"),
+                        format!(
+                            "watch of {key:?}: this session already has {count} watches (limit {max})"
+                        ),
                     ));
                 }
                 let need_receiver =
@@ -451,4 +457,18 @@ impl<W: AsyncWrite + Unpin> Session<W> {
         }
         self.deferred.clear();
     }
+}
+
+/// What the metrics call state request `request`.
+fn metrics_op(request: &Request) -> Option<StateOp> {
+    Some(match request {
+        Request::StateGet { .. } => StateOp::Get,
+        Request::StateSet(_) => StateOp::Set,
+        Request::StateRemove { .. } => StateOp::Remove,
+        Request::StateIncrement { .. } => StateOp::Increment,
+        Request::StateList { .. } => StateOp::List,
+        Request::StateWatch { .. } => StateOp::Watch,
+        Request::StateUnwatch { .. } => StateOp::Unwatch,
+        _ => return None,
+    })
 }

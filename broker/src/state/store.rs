@@ -16,7 +16,7 @@ use tokio::sync::broadcast;
 
 use super::persist::Database;
 use super::record::Record;
-use super::{Change, Completion, Op, ReplyTo, StateConfig, WatchStart};
+use super::{Change, Completion, Op, ReplyTo, StateConfig, StateSize, WatchStart};
 use crate::error::StartError;
 
 /// Keys and bytes owned.
@@ -38,6 +38,8 @@ pub(super) struct Store {
     last_version: u64,
     history: VecDeque<Arc<Change>>,
     changes: broadcast::Sender<Arc<Change>>,
+    /// `total`, published for the metrics.
+    size: Arc<StateSize>,
 }
 
 /// A failed write: an error for the client, or a storage failure that
@@ -65,6 +67,7 @@ impl Store {
             last_version: 0,
             history: VecDeque::new(),
             changes,
+            size: Arc::default(),
         };
         let Some(dir) = &config.dir else {
             return Ok((store, 0));
@@ -99,6 +102,7 @@ impl Store {
 
     /// Serves `ops` until every sender is gone.
     pub(super) fn run(mut self, ops: std_mpsc::Receiver<(Op, ReplyTo)>) {
+        self.size.publish(self.total.keys, self.total.bytes);
         loop {
             let wait = self
                 .expiries
@@ -123,7 +127,13 @@ impl Store {
                 Err(std_mpsc::RecvTimeoutError::Timeout) => self.expire(now_ms()),
                 Err(std_mpsc::RecvTimeoutError::Disconnected) => return,
             }
+            self.size.publish(self.total.keys, self.total.bytes);
         }
+    }
+
+    /// Where the store publishes its size.
+    pub(super) fn size(&self) -> Arc<StateSize> {
+        Arc::clone(&self.size)
     }
 
     fn handle(&mut self, op: Op) -> (Response, Option<WatchStart>) {
@@ -257,7 +267,12 @@ impl Store {
                 my_bytes -= charge;
             }
         }
-        let quota = |what: String| Err(ErrorInfo::new(ErrorCode::QuotaExceeded, what));
+        let quota = |what: String| {
+            Err(ErrorInfo::new(
+                ErrorCode::QuotaExceeded,
+                format!("writing {key:?}: {what}"),
+            ))
+        };
         if my_keys > self.config.max_keys_per_user && old.is_none_or(|(o, _)| o != uid) {
             return quota(format!(
                 "uid {uid} may own at most {} keys",

@@ -119,6 +119,8 @@ from .protocol import (
     Inspection,
     Limits,
     LockKind,
+    Metrics,
+    MetricsText,
     Ping,
     Pong,
     Release,
@@ -620,6 +622,19 @@ class Client:
         response = await self.call(Ping())
         if isinstance(response, Pong):
             return loop.time() - start
+        raise self._unexpected(response)
+
+    async def metrics(self) -> str:
+        """The daemon's metrics in the OpenMetrics text format (PROTOCOL.md 9.5).
+
+        The text ends with ``# EOF``; the order of its lines is not fixed. A
+        daemon older than the request answers ``Fatal(malformed)`` and closes
+        the connection: the session ends, and this (and every later call)
+        raises :class:`ConnectionLost`, whose ``fatal.code`` is ``malformed``.
+        """
+        response = await self.call(Metrics())
+        if isinstance(response, MetricsText):
+            return response.text
         raise self._unexpected(response)
 
     async def call(self, request: Request, timeout: Optional[float] = -1.0) -> Response:

@@ -101,6 +101,8 @@ from .protocol import (
     Inspection,
     Limits,
     LockKind,
+    Metrics,
+    MetricsText,
     OLDEST_PROTOCOL_VERSION,
     PROTOCOL_VERSION,
     Ping,
@@ -542,6 +544,20 @@ class Client:
         response = self.call(Ping())
         if isinstance(response, Pong):
             return time.monotonic() - start
+        raise self._unexpected(response)
+
+    def metrics(self) -> str:
+        """The daemon's metrics in the OpenMetrics text format (PROTOCOL.md 9.5).
+
+        The text ends with ``# EOF``; the order of its lines is not fixed, and
+        metrics this client does not know may appear. A daemon older than
+        the request answers ``Fatal(malformed)`` and closes the connection:
+        the session ends, and this (and every later call) raises
+        :class:`ConnectionLost`, whose ``fatal.code`` is ``malformed``.
+        """
+        response = self.call(Metrics())
+        if isinstance(response, MetricsText):
+            return response.text
         raise self._unexpected(response)
 
     def open_watch(self, request: StateWatch, timeout: Optional[float] = -1.0) -> Tuple[int, "_WatchQueue"]:

@@ -69,6 +69,7 @@ __all__ = [
     "ReleaseOnClose",
     "StateFenced",
     "InspectAfter",
+    "Metrics",
     "Request",
     "RequestMessage",
     "ClientMessage",
@@ -95,6 +96,7 @@ __all__ = [
     "StateRemoved",
     "StateCounter",
     "StateEntries",
+    "MetricsText",
     "Response",
     "ResponseMessage",
     "ShuttingDown",
@@ -404,6 +406,15 @@ class InspectAfter:
     limit: int = 0
 
 
+@dataclass(frozen=True)
+class Metrics:
+    """``Request::Metrics``: answered ``MetricsText`` (PROTOCOL.md 9.5).
+
+    A daemon older than the request answers ``Fatal(malformed)`` and closes
+    the connection.
+    """
+
+
 #: Every variant of ``Request``.
 Request = Union[
     Acquire,
@@ -422,6 +433,7 @@ Request = Union[
     ReleaseOnClose,
     StateFenced,
     InspectAfter,
+    Metrics,
 ]
 
 
@@ -644,6 +656,17 @@ class StateEntries:
     more: bool
 
 
+@dataclass(frozen=True)
+class MetricsText:
+    """``Response::Metrics``: the answer to ``Metrics`` (PROTOCOL.md 9.5).
+
+    ``text`` is the daemon's metrics in the OpenMetrics text format, ending
+    with ``# EOF``; the order of its lines is not fixed.
+    """
+
+    text: str
+
+
 #: Every variant of ``Response``.
 Response = Union[
     Granted,
@@ -660,6 +683,7 @@ Response = Union[
     StateRemoved,
     StateCounter,
     StateEntries,
+    MetricsText,
 ]
 
 
@@ -1044,6 +1068,7 @@ _REQUEST = _Variants(
         _Struct(ReleaseOnClose, []),  # 13
         _Struct(StateFenced, [("lock", _STR), ("fence", _U64), ("write", _Deferred(lambda: _REQUEST))]),  # 14
         _Struct(InspectAfter, [("prefix", _STR), ("start_after", _STR), ("limit", _U32)]),  # 15
+        _Struct(Metrics, []),  # 16
     ],
 )
 
@@ -1135,6 +1160,7 @@ _RESPONSE = _Variants(
         _Struct(StateRemoved, [("removed", _Opt(_VERSIONED))]),  # 11
         _Struct(StateCounter, [("value", _I64), ("version", _U64)]),  # 12
         _Struct(StateEntries, [("entries", _Vec(_STATE_ENTRY)), ("more", _BOOL)]),  # 13
+        _Struct(MetricsText, [("text", _STR)]),  # 14
     ],
 )
 _EVENT = _Variants(

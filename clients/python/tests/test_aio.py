@@ -170,6 +170,15 @@ class LockTest(AioTestCase):
         self.assertIsNone(await self.aentry(client, "deploy/status"))
 
     @bounded
+    async def test_metrics_count_the_hold(self) -> None:
+        client = await self.aclient("metrics")
+        self.assertTrue(await aio.Lock("counted", client).acquire(timeout=WAIT))
+        text = await client.metrics()
+        self.assertTrue(text.endswith("# EOF\n"), text)
+        # The order of the lines is not fixed.
+        self.assertIn('lockbroker_holds{kind="mutex"} 1', text.splitlines())
+
+    @bounded
     async def test_an_unconnected_client_connects_on_first_use(self) -> None:
         client = aio.Client(self.daemon.path, client_name="lazy", connect_timeout=WAIT, request_timeout=WAIT)
         self._aclients.append(client)

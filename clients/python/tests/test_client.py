@@ -64,6 +64,14 @@ class ClientTest(DaemonTestCase):
         self.assertFalse(rest.truncated)
         self.assertEqual([e.name for e in client.inspect_all("page/", page=7)], names)
 
+    def test_metrics(self) -> None:
+        client = self.client("metrics")
+        self.assertTrue(Lock("counted", client).acquire(timeout=WAIT))
+        text = client.metrics()
+        self.assertTrue(text.endswith("# EOF\n"), text)
+        # The order of the lines is not fixed.
+        self.assertIn('lockbroker_holds{kind="mutex"} 1', text.splitlines())
+
     def test_release_by_name(self) -> None:
         client = self.client()
         first = client.acquire("pool", LockKind.SEMAPHORE, capacity=5, permits=3, timeout_ms=0)

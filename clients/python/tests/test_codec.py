@@ -41,6 +41,8 @@ from lockbroker.protocol import (
     Inspection,
     Limits,
     LockKind,
+    Metrics,
+    MetricsText,
     Ping,
     Pong,
     Release,
@@ -252,6 +254,8 @@ EXPECTED: Dict[str, Tuple[str, Message]] = {
         ResponseMessage(25, ErrorResponse(ErrorInfo(304, "stale fence 42"))),
     ),
     "inspect_after": ("c2s", RequestMessage(26, InspectAfter("deploy/", "deploy/a", limit=100))),
+    "metrics": ("c2s", RequestMessage(27, Metrics())),
+    "metrics_text": ("s2c", ResponseMessage(27, MetricsText("lockbroker_sessions 2\n# EOF\n"))),
 }
 
 

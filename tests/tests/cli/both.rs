@@ -63,7 +63,7 @@ fn ping_and_help() {
     assert!(out.status.success());
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(v["version"], env!("CARGO_PKG_VERSION"));
-    for cmd in ["lock", "sem", "status", "ping", "run", "daemon"] {
+    for cmd in ["lock", "sem", "status", "ping", "metrics", "run", "daemon"] {
         let out = Command::new(CLI).args([cmd, "--help"]).output().unwrap();
         assert!(out.status.success());
         let help = String::from_utf8(out.stdout).unwrap();
@@ -81,6 +81,34 @@ fn ping_and_help() {
     let err = String::from_utf8(out.stderr).unwrap();
     assert_eq!(err.lines().count(), 1, "{err}");
     assert!(err.starts_with("lockbroker: cannot connect"), "{err}");
+}
+
+/// `lockbroker metrics` prints the daemon's metrics, which a strict
+/// reader of the format accepts, with the hold another session has.
+#[test]
+fn metrics_prints_the_daemons_counts() {
+    let d = Daemon::start();
+    let connector = lockbroker::Connector::new().socket(d.socket());
+    let client = lockbroker::blocking::Client::connect_with(&connector).unwrap();
+    let _held = client.rwlock("cfg").write().unwrap();
+    let out = run(d.cli().arg("metrics"));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8(out.stdout).unwrap();
+    let m = lockbroker_tests::openmetrics::parse(&text).unwrap_or_else(|e| panic!("{e}\n{text}"));
+    assert_eq!(
+        m.get("lockbroker_holds", &[("kind", "rwlock_exclusive")]),
+        1.0
+    );
+    assert_eq!(
+        m.get("lockbroker_sessions", &[]),
+        2.0,
+        "the holder's and the tool's"
+    );
+    assert!(text.ends_with("# EOF\n"));
 }
 
 #[test]

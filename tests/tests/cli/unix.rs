@@ -1321,3 +1321,62 @@ fn the_daemon_reads_its_flags_from_a_config_file() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("unknown key \"max-holdz\""), "{err}");
 }
+
+/// A daemon older than the `Metrics` request ends the connection when it
+/// reads one: `lockbroker metrics` says so in one line, exit 69. The old
+/// daemon is played from the golden vectors: it welcomes the tool in
+/// version 2, then closes on the request it does not know.
+#[test]
+fn metrics_from_a_daemon_older_than_them_is_one_clear_line() {
+    use std::io::Write;
+    use std::os::unix::net::UnixListener;
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("old.sock");
+    let listener = UnixListener::bind(&socket).unwrap();
+    let golden = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../proto/golden/v2.txt"
+    ))
+    .unwrap();
+    let hex = golden
+        .lines()
+        .find_map(|l| l.strip_prefix("welcome_v2 s2c "))
+        .unwrap()
+        .to_owned();
+    let welcome: Vec<u8> = (0..hex.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(&hex[i..i + 2], 16).unwrap())
+        .collect();
+    let old = std::thread::spawn(move || {
+        let (mut conn, _) = listener.accept().unwrap();
+        let frame = |conn: &mut std::os::unix::net::UnixStream| {
+            let mut len = [0u8; 4];
+            conn.read_exact(&mut len).unwrap();
+            let mut body = vec![0u8; u32::from_le_bytes(len) as usize];
+            conn.read_exact(&mut body).unwrap();
+            body
+        };
+        frame(&mut conn); // Hello
+        conn.write_all(&welcome).unwrap();
+        let request = frame(&mut conn);
+        // ClientMessage::Request (1), its id, then Request::Metrics (16).
+        assert_eq!(&request[..4], &1u32.to_le_bytes());
+        assert_eq!(&request[12..16], &16u32.to_le_bytes());
+    });
+    let out = Command::new(CLI)
+        .arg("--socket")
+        .arg(&socket)
+        .arg("metrics")
+        .output()
+        .unwrap();
+    old.join().unwrap();
+    assert_eq!(out.status.code(), Some(69));
+    let err = String::from_utf8(out.stderr).unwrap();
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(
+        err.contains(
+            "lockbrokerd 0.1.0 closed the connection: it is older than the metrics request"
+        ),
+        "{err}"
+    );
+}

@@ -4,6 +4,7 @@
 use lockbroker_tests::harness::hold_over_raw;
 use lockbroker_tests::unix::{signal, wait_exit};
 
+use std::io::Read;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::os::unix::net::UnixStream as StdStream;
 use std::path::{Path, PathBuf};
@@ -267,6 +268,29 @@ fn bad_flags_are_refused_with_one_line() {
 }
 
 #[test]
+fn a_bad_metrics_address_is_refused_with_what_was_wrong() {
+    let dir = tempfile::tempdir().unwrap();
+    let socket = sock_arg(&dir.path().join("broker.sock"));
+    let out = refused(
+        &["--socket", &socket, "--metrics-listen", "localhost"],
+        None,
+    );
+    let msg = stderr(&out);
+    assert!(msg.contains("neither an IP address and port"), "{msg}");
+    assert_eq!(out.status.code(), Some(2), "a usage error: {msg}");
+    // A port another program has: the start fails, and the lock socket is
+    // not left behind.
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = taken.local_addr().unwrap().to_string();
+    let out = refused(&["--socket", &socket, "--metrics-listen", &port], None);
+    let msg = stderr(&out);
+    assert!(msg.contains("binding the metrics address"), "{msg}");
+    assert!(msg.contains(&port), "{msg}");
+    assert_eq!(out.status.code(), Some(1), "{msg}");
+    assert!(!dir.path().join("broker.sock").exists());
+}
+
+#[test]
 fn the_help_documents_the_exit_statuses() {
     let out = Command::new(BIN).arg("--help").output().unwrap();
     assert!(out.status.success());
@@ -316,4 +340,96 @@ fn the_socket_answers_only_once_its_mode_is_set() {
             "round {round}"
         );
     }
+}
+
+/// What an operator chases is logged at warn level with the lock or key
+/// and who: a limit refusal, a quota hit, and a session that ended
+/// holding locks (its pid and the names). A shutdown, where every session
+/// ends holding what it held, is not reported as abandonment.
+#[test]
+fn limits_quotas_and_abandonment_are_warnings_naming_who_and_what() {
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("broker.sock");
+    let mut child = daemon(
+        &[
+            "--socket",
+            &sock_arg(&socket),
+            "--log-level",
+            "warn",
+            "--max-holds",
+            "1",
+            "--state-keys-per-user",
+            "1",
+        ],
+        None,
+    )
+    .spawn()
+    .unwrap();
+    wait_ready(&mut child, &socket);
+    let connector = lockbroker::Connector::new().socket(&socket);
+    let client = lockbroker::blocking::Client::connect_with(&connector).unwrap();
+    let _a = client.mutex("limits/a").acquire().unwrap();
+    let err = client.mutex("limits/b").acquire().unwrap_err();
+    assert_eq!(err.code(), Some(lockbroker::ErrorCode::TooManyHolds));
+    let state = client.state();
+    state.set("quota/one", "1").unwrap();
+    let err = state.set("quota/two", "2").unwrap_err();
+    assert_eq!(err.code(), Some(lockbroker::ErrorCode::QuotaExceeded));
+
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let holder = hold_over_raw(&socket, "left/held").await;
+        drop(holder);
+        // Granted once the dead session's cleanup has run, which logs.
+        let next = lockbroker::Connector::new()
+            .socket(&socket)
+            .connect()
+            .await
+            .unwrap();
+        let guard = next.mutex("left/held").acquire().await.unwrap();
+        assert!(guard.abandoned());
+        // Held at the shutdown: no warning for this one.
+        let other = lockbroker::Connector::new()
+            .socket(&socket)
+            .connect()
+            .await
+            .unwrap();
+        std::mem::forget(other.mutex("left/at-shutdown").acquire().await.unwrap());
+        assert!(signal(child.id(), libc::SIGTERM));
+        wait_exit(&mut child, Duration::from_secs(5));
+    });
+    let mut log = String::new();
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut log)
+        .unwrap();
+    let line = |what: &str| {
+        log.lines()
+            .find(|l| l.contains(what))
+            .unwrap_or_else(|| panic!("no line with {what:?} in\n{log}"))
+    };
+    let me = format!("pid={}", std::process::id());
+    let limit = line("too_many_holds");
+    assert!(
+        limit.contains("WARN") && limit.contains("\"limits/b\"") && limit.contains(&me),
+        "{limit}"
+    );
+    let quota = line("quota_exceeded");
+    assert!(
+        quota.contains("WARN") && quota.contains("\"quota/two\"") && quota.contains(&me),
+        "{quota}"
+    );
+    let abandoned = line("abandoned:");
+    assert!(
+        abandoned.contains("WARN")
+            && abandoned.contains("\"left/held\"")
+            && abandoned.contains(&me),
+        "{abandoned}"
+    );
+    assert!(!log.contains("left/at-shutdown"), "{log}");
 }
