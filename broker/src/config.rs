@@ -90,6 +90,17 @@ pub struct Cli {
     #[arg(long, value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
 
+    /// Log to this file instead of stderr (stdout and stderr go there too,
+    /// on Unix). When the next line would take it past --log-file-max
+    /// bytes, it becomes FILE.1, replacing the one before, and a new FILE
+    /// is begun.
+    #[arg(long, value_name = "FILE")]
+    pub log_file: Option<PathBuf>,
+
+    /// The size at which --log-file turns over.
+    #[arg(long, value_name = "BYTES", default_value_t = crate::logfile::DEFAULT_MAX)]
+    pub log_file_max: u64,
+
     /// Keep shared state in this directory (an embedded database), so it
     /// survives restarts; without it, state lives in memory.
     #[arg(long, value_name = "DIR")]
@@ -449,6 +460,8 @@ pub struct Config {
     pub log_level: Option<String>,
     /// Log format.
     pub log_format: LogFormat,
+    /// The log file, if not stderr, and the size at which it turns over.
+    pub log_file: Option<(PathBuf, u64)>,
     /// What systemd asked for (nothing, outside systemd).
     pub systemd: crate::systemd::Systemd,
     /// Shared state: storage and limits.
@@ -471,6 +484,7 @@ impl Config {
             workers: 1,
             log_level: None,
             log_format: LogFormat::Text,
+            log_file: None,
             systemd: Default::default(),
             state: StateConfig::default(),
             backend: BackendConfig::Local,
@@ -491,6 +505,9 @@ impl Config {
             return bad(format!(
                 "--max-frame-len must be at least {MIN_MAX_FRAME_LEN}"
             ));
+        }
+        if cli.log_file_max < 4096 {
+            return bad("--log-file-max must be at least 4096".into());
         }
         if cli.workers == 0 {
             return bad("--workers must be at least 1".into());
@@ -535,6 +552,7 @@ impl Config {
             workers: cli.workers,
             log_level: cli.log_level,
             log_format: cli.log_format,
+            log_file: cli.log_file.map(|path| (path, cli.log_file_max)),
             systemd: Default::default(),
             state: StateConfig {
                 dir: cli.state_dir,

@@ -19,6 +19,9 @@
 //!   abandonment); it does no I/O.
 //! - [`state`]: the shared key/value store on its own thread (versions,
 //!   expiry, quotas, watches, redb persistence).
+//! - [`metrics`]: what the sessions count, and the `--metrics-listen`
+//!   endpoint.
+//! - [`logfile`]: `--log-file`, a log that turns over at a size bound.
 //! - [`shutdown`]: the signal fanned out to sessions.
 //! - [`systemd`]: socket activation, readiness and the watchdog.
 //! - `service` (Windows): installing, removing and running as a Windows
@@ -46,6 +49,7 @@ pub mod error;
 pub mod etcd;
 pub mod identity;
 pub mod lock_table;
+pub mod logfile;
 pub mod metrics;
 pub mod program;
 pub mod server;

@@ -7,6 +7,7 @@ use std::process::ExitCode;
 
 use crate::config::{Cli, Config, LogFormat};
 use crate::error::{EXIT_ALREADY_RUNNING, StartError};
+use crate::logfile::LogFile;
 use crate::{server, transport::Listener};
 use anyhow::Context;
 use lockbroker_proto::address::Env;
@@ -52,8 +53,16 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     lockbroker_proto::os::raise_fd_limit();
     let mut config = Config::from_cli(cli, &Env::current())?;
     config.systemd = crate::systemd::Systemd::from_env();
-    use std::io::IsTerminal;
-    init_logging(&config, std::io::stderr, std::io::stderr().is_terminal())?;
+    match &config.log_file {
+        Some((path, max)) => {
+            let log = LogFile::open(path, *max, true)?;
+            init_logging(&config, log, false)?;
+        }
+        None => {
+            use std::io::IsTerminal;
+            init_logging(&config, std::io::stderr, std::io::stderr().is_terminal())?;
+        }
+    }
     // Signal handlers before the socket exists: once a client can
     // connect, SIGTERM and SIGINT shut the daemon down cleanly rather
     // than kill it with the socket file left behind.
@@ -120,12 +129,11 @@ fn windows_service(cli: Cli) -> anyhow::Result<()> {
     .join("lockbroker");
     std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
     let path = dir.join(format!("{name}.log"));
-    let log = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(&path)
-        .with_context(|| format!("opening {}", path.display()))?;
-    init_logging(&config, std::sync::Mutex::new(log), false)?;
+    let (path, max) = config
+        .log_file
+        .clone()
+        .unwrap_or((path, crate::logfile::DEFAULT_MAX));
+    init_logging(&config, LogFile::open(&path, max, false)?, false)?;
     crate::service::run(name, config)
 }
 
@@ -144,7 +152,7 @@ fn bind(config: &Config) -> anyhow::Result<Listener> {
     Ok(listener)
 }
 
-/// Logs to `writer`: stderr, or a service's log file. Colours (`ansi`)
+/// Logs to `writer`: stderr, or a log file (`--log-file`, a service's). Colours (`ansi`)
 /// only for a person watching, not for journald or a log file.
 fn init_logging<W>(config: &Config, writer: W, ansi: bool) -> anyhow::Result<()>
 where

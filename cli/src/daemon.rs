@@ -22,9 +22,10 @@ pub fn autostarted() -> Option<u32> {
 }
 
 /// Starts the local daemon detached — its own session (on Windows: no
-/// console, its own process group, out of any job), output appended to
+/// console, its own process group, out of any job), logging to
 /// `broker.log` beside the socket (on Windows in `%LOCALAPPDATA%\lockbroker`)
-/// — and connects once it is ready. Several
+/// with `--log-file`, which keeps it bounded, and what it writes before
+/// its log is open appended there too — and connects once it is ready. Several
 /// tools may race here; the daemons settle who serves the socket, and every
 /// tool connects to the winner.
 pub async fn autostart(connector: &Connector, socket: &Path) -> Result<Client, String> {
@@ -59,10 +60,12 @@ pub async fn autostart(connector: &Connector, socket: &Path) -> Result<Client, S
 }
 
 /// The last line the daemon wrote to `log` after byte `from` (its error),
-/// or a pointer to the log.
+/// or a pointer to the log. A log shorter than `from` was turned over by
+/// the daemon (`--log-file`): all of it is the daemon's.
 fn last_error_line(log: &Path, from: u64) -> String {
     let text = std::fs::read(log).unwrap_or_default();
-    let start = usize::try_from(from).unwrap_or(0).min(text.len());
+    let from = usize::try_from(from).unwrap_or(0);
+    let start = if from > text.len() { 0 } else { from };
     last_line(&String::from_utf8_lossy(&text[start..]))
         .unwrap_or_else(|| format!("see {}", log.display()))
 }
@@ -102,7 +105,8 @@ fn spawn_detached(dir: &Path, log_path: &Path) -> std::io::Result<Child> {
             std::io::Error::new(e.kind(), format!("opening {}: {e}", log_path.display()))
         })?;
     let mut cmd = Command::new(binary());
-    cmd.args(["--scope", "local"])
+    cmd.args(["--scope", "local", "--log-file"])
+        .arg(log_path)
         .env_remove("LOCKBROKER_SOCKET")
         .current_dir("/")
         .stdin(Stdio::null())
@@ -202,7 +206,8 @@ fn spawn_detached(dir: &Path, log_path: &Path) -> std::io::Result<Child> {
         })?;
     let spawn = |flags: u32| {
         Command::new(binary())
-            .args(["--scope", "local"])
+            .args(["--scope", "local", "--log-file"])
+            .arg(log_path)
             .env_remove("LOCKBROKER_SOCKET")
             .current_dir(dir)
             .stdin(Stdio::null())

@@ -1380,3 +1380,33 @@ fn metrics_from_a_daemon_older_than_them_is_one_clear_line() {
         "{err}"
     );
 }
+
+/// The autostarted daemon logs to `broker.log` with `--log-file`, which
+/// turns over at its bound: a log already past it (from daemons before)
+/// becomes `broker.log.1`, and the new daemon starts a fresh one. The
+/// daemon's own turning over is tested in the daemon's crate.
+#[test]
+fn autostart_keeps_the_log_bounded() {
+    let (runtime, dir) = local_scope();
+    let log = dir.join("broker.log");
+    let big = lockbrokerd::logfile::DEFAULT_MAX as usize + 100;
+    std::fs::write(&log, vec![b'.'; big]).unwrap();
+    let out = run(&mut autostarting_ping(runtime.path()));
+    assert!(out.status.success(), "{out:?}");
+    let status = run(Command::new(CLI)
+        .args(["status", "--json"])
+        .env("XDG_RUNTIME_DIR", runtime.path())
+        .env("LOCKBROKER_NO_AUTOSTART", "1")
+        .env_remove("LOCKBROKER_SOCKET"));
+    let status: serde_json::Value = serde_json::from_slice(&status.stdout).unwrap();
+    let pid = status["daemon"]["pid"].as_u64().unwrap() as u32;
+    assert!(signal(pid, libc::SIGTERM));
+    wait_until("the autostarted daemon exits", || !alive(pid));
+    assert_eq!(
+        std::fs::metadata(dir.join("broker.log.1")).unwrap().len(),
+        big as u64
+    );
+    let fresh = std::fs::read_to_string(&log).unwrap();
+    assert!(fresh.contains("listening"), "{fresh}");
+    assert!(fresh.len() < 10_000, "{} bytes", fresh.len());
+}

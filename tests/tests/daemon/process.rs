@@ -433,3 +433,63 @@ fn limits_quotas_and_abandonment_are_warnings_naming_who_and_what() {
     );
     assert!(!log.contains("left/at-shutdown"), "{log}");
 }
+
+/// `--log-file` keeps the log under its bound for the daemon's whole
+/// life: many sessions logging at debug level turn it over several
+/// times, and only the file and one old one are left, each within the
+/// bound. What the daemon says on its way out (here: that it stops) is in
+/// the current file.
+#[test]
+fn a_log_file_turns_over_at_its_bound() {
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("broker.sock");
+    let log = dir.path().join("daemon.log");
+    let mut child = daemon(
+        &[
+            "--socket",
+            &sock_arg(&socket),
+            "--log-level",
+            "debug",
+            "--log-file",
+            &sock_arg(&log),
+            "--log-file-max",
+            "4096",
+        ],
+        None,
+    )
+    .spawn()
+    .unwrap();
+    wait_ready(&mut child, &socket);
+    let connector = lockbroker::Connector::new().socket(&socket);
+    for _ in 0..200 {
+        let client = lockbroker::blocking::Client::connect_with(&connector).unwrap();
+        client.ping().unwrap();
+    }
+    assert!(signal(child.id(), libc::SIGTERM));
+    assert!(wait_exit(&mut child, Duration::from_secs(5)).success());
+    let mut stderr = String::new();
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut stderr)
+        .unwrap();
+    assert_eq!(stderr, "", "everything goes to the log file");
+    let names: Vec<String> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with("daemon.log"))
+        .collect();
+    let mut names = names;
+    names.sort();
+    assert_eq!(names, ["daemon.log", "daemon.log.1"]);
+    let old = std::fs::read_to_string(dir.path().join("daemon.log.1")).unwrap();
+    let now = std::fs::read_to_string(&log).unwrap();
+    assert!(old.len() <= 4096 && old.len() > 3000, "{} bytes", old.len());
+    assert!(now.len() <= 4096, "{} bytes", now.len());
+    assert!(
+        old.lines().all(|l| l.contains("lockbrokerd")),
+        "whole lines: {old}"
+    );
+    assert!(now.contains("shutting down"), "{now}");
+}
