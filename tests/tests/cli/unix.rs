@@ -936,8 +936,20 @@ fn dash_c_runs_a_command_line_through_sh() {
 /// README's `lockbroker hold` idiom (`hold_args` before the name), writes
 /// the fence to `fence`, then runs `body`.
 fn holding_script(d: &Daemon, hold_args: &str, name: &str, body: &str) -> Command {
+    holding_script_after(d, "", hold_args, name, body)
+}
+
+/// [`holding_script`], running `prelude` before it takes the lock.
+fn holding_script_after(
+    d: &Daemon,
+    prelude: &str,
+    hold_args: &str,
+    name: &str,
+    body: &str,
+) -> Command {
     let script = format!(
-        "exec 9< <(lockbroker hold {hold_args} {name}) && read -r fence <&9 || exit 75\n\
+        "{prelude}\n\
+         exec 9< <(lockbroker hold {hold_args} {name}) && read -r fence <&9 || exit 75\n\
          echo \"$fence\" > fence.tmp && mv fence.tmp fence\n\
          {body}"
     );
@@ -1077,13 +1089,7 @@ fn a_script_killed_while_its_hold_waits_leaves_no_waiter() {
         .unwrap();
     wait_until("the first script holds", || d.path("fence").exists());
     // The second script waits in its `read` while its hold waits.
-    let mut waiter = Command::new("bash")
-        .arg("-c")
-        .arg("echo $$ > pid.tmp && mv pid.tmp pid; exec 9< <(lockbroker hold job) && read -r fence <&9")
-        .env("PATH", path_with_lockbroker(d.dir.path()))
-        .env("LOCKBROKER_SOCKET", d.socket())
-        .current_dir(d.dir.path())
-        .stdin(Stdio::null())
+    let mut waiter = holding_script_after(&d, "echo $$ > pid.tmp && mv pid.tmp pid", "", "job", "")
         .spawn()
         .unwrap();
     let pid = read_pid(&d.path("pid"));
