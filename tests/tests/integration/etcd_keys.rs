@@ -2,7 +2,8 @@
 //! by many, keeps the same few keys (etcd keeps every deleted key in its
 //! index until it compacts, and each acquire reads the name's range, so a
 //! new key per hold made a busy lock slower with every use); and a key an
-//! ended session left in etcd is never taken over by a new hold.
+//! ended session left in etcd is never taken over by a new hold; and a
+//! release writes its note only when someone can be waiting behind it.
 
 use std::collections::BTreeSet;
 use std::time::Duration;
@@ -112,4 +113,55 @@ async fn a_key_left_by_an_ended_session_is_not_taken_over() {
         host.stop().await;
     })
     .await
+}
+
+/// Whether `name`'s release note is in etcd now.
+async fn has_note(cluster: &Cluster, prefix: &str, name: &str) -> bool {
+    let note = format!("{prefix}/l/{name}\0~");
+    cluster
+        .keys(&note)
+        .await
+        .iter()
+        .any(|(k, _)| k == note.as_bytes())
+}
+
+/// A release writes its note (which tells the next holder it was not
+/// abandoned) only when a key of the name is newer than those it deletes:
+/// an uncontended release is a delete alone, and a waiter is still told.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_release_writes_its_note_only_for_a_key_behind_it() {
+    let Some(cluster) = etcd::shared().await else {
+        return;
+    };
+    bounded(async {
+        let prefix = etcd::unique_prefix("notes");
+        let host = cluster
+            .daemon(&prefix, Some(0), Duration::from_secs(10))
+            .await;
+        let client = host.client().await;
+        for _ in 0..3 {
+            let guard = client.mutex("solo").acquire().await.unwrap();
+            guard.release().await.unwrap();
+        }
+        assert!(
+            !has_note(cluster, &prefix, "solo").await,
+            "a release nobody waited behind wrote a note"
+        );
+
+        let held = client.mutex("pair").acquire().await.unwrap();
+        let other = host.client().await;
+        let mutex = other.mutex("pair");
+        let waiting = tokio::spawn(async move { mutex.acquire().await.unwrap() });
+        waiters(&client, "pair", 1).await;
+        held.release().await.unwrap();
+        let granted = waiting.await.unwrap();
+        assert!(!granted.abandoned(), "the waiter is told it was released");
+        assert!(
+            has_note(cluster, &prefix, "pair").await,
+            "the release the waiter was behind wrote no note"
+        );
+        granted.release().await.unwrap();
+        host.stop().await;
+    })
+    .await;
 }
