@@ -24,7 +24,9 @@ What it is made of:
   to the future registered under its request id, a watch's event to that
   watch's queue. Frames are written with ``transport.write`` (synchronous),
   so a request is either wholly sent or not at all, whatever cancels the
-  task that sends it. The codec is :mod:`lockbroker.protocol`'s.
+  task that sends it. The codec is :mod:`lockbroker.protocol`'s; the
+  rules of the session (trust checks, handshake, routing, what an answer
+  means) are :mod:`lockbroker._common`'s, the threading client's too.
 * :func:`default_client`: one connection per event loop, made on first use
   and again after it ended; ``Lock("x")`` without a client uses it.
 * :class:`Lock`, :class:`BoundedSemaphore`, :class:`RWLock`: the
@@ -81,7 +83,9 @@ from typing import (
     Union,
 )
 
+from . import _common
 from . import address as _address
+from ._common import _WatchEnd
 from .client import ACQUIRE_GRACE, _default_client_name
 from .errors import (
     ClientClosed,
@@ -91,29 +95,20 @@ from .errors import (
     LockTimeout,
     NoAnswer,
     NotHeld,
-    ValueTooLarge,
     VersionConflict,
-    broker_error,
 )
 from .primitives import _lock_timeout_ms, _semaphore_timeout_ms
 from .protocol import (
     HANDSHAKE_MAX_FRAME_LEN,
-    OLDEST_PROTOCOL_VERSION,
     PROTOCOL_VERSION,
     Acquire,
     Cancel,
-    Cancelled,
-    DecodeError,
     Done,
     EntryInfo,
     ErrorCode,
-    ErrorResponse,
-    EventMessage,
-    Fatal,
     FrameBuffer,
     Grant,
     Granted,
-    Hello,
     Inspect,
     InspectAfter,
     Inspection,
@@ -130,7 +125,6 @@ from .protocol import (
     RequestMessage,
     Response,
     ResponseMessage,
-    ShuttingDown,
     StateChanged,
     StateConflict,
     StateCounter,
@@ -146,16 +140,11 @@ from .protocol import (
     StateValue,
     StateWatch,
     StateWritten,
-    TimedOut,
     Versioned,
     WatchLagged,
     Welcome,
-    decode_server_message,
-    encode_client_message,
-    encode_frame,
-    error_code_name,
 )
-from .state import _FRAME_MARGIN, TTL, Changed, Lagged, Value, WatchEvent, _to_bytes, _ttl_ms
+from .state import TTL, Changed, Lagged, Value, WatchEvent, _check_value_len, _hold_id, _to_bytes, _ttl_ms
 
 __all__ = [
     "Client",
@@ -184,17 +173,7 @@ CANCEL_WAIT = 5.0
 _DRAIN_ABOVE = 1 << 20
 
 #: What a watch's queue holds: events, then possibly one end marker.
-_WatchItem = Union[StateChanged, WatchLagged, "_WatchEnd"]
-
-
-class _WatchEnd:
-    """The last item of a watch's queue: closed (``error`` None) or the
-    session ended (``error`` says why)."""
-
-    __slots__ = ("error",)
-
-    def __init__(self, error: Optional[ConnectionLost]) -> None:
-        self.error = error
+_WatchItem = Union[StateChanged, WatchLagged, _WatchEnd]
 
 
 class _WatchQueue:
@@ -333,10 +312,11 @@ class Client:
             opened = await self._connect_once(PROTOCOL_VERSION, self.connect_timeout)
         except ConnectFailed as e:
             # A daemon of before the latest version: speak its own.
-            if e.fatal is None or e.fatal.code != ErrorCode.UNSUPPORTED_VERSION:
+            older = _common.fallback_version(e)
+            if older is None:
                 raise
             left = max(deadline - loop.time(), 0.001)
-            opened = await self._connect_once(OLDEST_PROTOCOL_VERSION, left)
+            opened = await self._connect_once(older, left)
         reader, writer, welcome, buffer = opened
         self._loop = loop
         self._writer = writer
@@ -351,10 +331,7 @@ class Client:
         """Connect, check who serves the socket (PROTOCOL.md 1) and handshake
         in protocol ``version`` (6.1), all within ``timeout``."""
         path = self.address.path
-        try:
-            expected = _address.expected_server(self.address, allowed=self._allow_uids)
-        except OSError as e:
-            raise ConnectFailed("cannot inspect the directory of %s: %s" % (path, e), path) from e
+        expected = _common.expected_unix_server(self.address, self._allow_uids)
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         sock.setblocking(False)
         writer: Optional[asyncio.StreamWriter] = None
@@ -364,10 +341,7 @@ class Client:
             except asyncio.TimeoutError:
                 raise ConnectFailed("connecting to %s timed out after %s s" % (path, timeout), path) from None
             except OSError as e:
-                raise ConnectFailed(
-                    "cannot connect to the lockbroker daemon at %s (%s source): %s" % (path, self.address.source, e),
-                    path,
-                ) from e
+                raise _common.connect_failed(self.address, e) from e
             # Before the Hello, which names this program.
             _address.check_server(sock, path, expected)
             reader, writer = await asyncio.open_unix_connection(sock=sock)
@@ -390,37 +364,15 @@ class Client:
         buffer = FrameBuffer(HANDSHAKE_MAX_FRAME_LEN)
         # A full daemon may answer Fatal and close before reading the Hello
         # (PROTOCOL.md 6.1): a failed write is not the end, its answer is.
-        writer.write(encode_frame(encode_client_message(Hello(version=version, client_name=self.client_name))))
-        try:
-            body = buffer.next_body()
-            while body is None:
+        writer.write(_common.hello_frame(version, self.client_name))
+        welcome: Optional[Welcome] = None
+        while welcome is None:
+            try:
                 data = await reader.read(65536)
-                if not data:
-                    raise ConnectFailed("the daemon at %s closed the connection during the handshake" % path, path)
-                buffer.feed(data)
-                body = buffer.next_body()
-            message = decode_server_message(body)
-        except (OSError, DecodeError) as e:
-            raise ConnectFailed("handshake with %s failed: %s" % (path, e), path) from e
-        if isinstance(message, Fatal):
-            info = message.error
-            raise ConnectFailed(
-                "the daemon at %s refused the session: %s (%d): %s"
-                % (path, error_code_name(info.code), info.code, info.message),
-                path,
-                info,
-            )
-        if not isinstance(message, Welcome):
-            raise ConnectFailed("handshake with %s: expected Welcome, got %r" % (path, message), path)
-        if message.version != version:
-            raise ConnectFailed(
-                "handshake with %s: asked for protocol version %d, the daemon answered %d"
-                % (path, version, message.version),
-                path,
-            )
-        # Our own maximum is at least the announced one (PROTOCOL.md 2).
-        buffer.max_len = max(message.limits.max_frame_len, HANDSHAKE_MAX_FRAME_LEN)
-        return message, buffer
+            except OSError as e:
+                raise _common.handshake_failed(path, e) from e
+            welcome = _common.read_welcome(buffer, data, path, version)
+        return welcome, buffer
 
     async def __aenter__(self) -> "Client":
         return await self.connect()
@@ -560,12 +512,7 @@ class Client:
         if not future.done():
             await self._give_up_acquire(rid, future)
             return None
-        response = future.result()
-        if isinstance(response, Granted):
-            return response.grant
-        if isinstance(response, (TimedOut, Cancelled)):
-            return None
-        raise self._unexpected(response)
+        return _common.acquire_result(future.result())
 
     async def release(self, hold_id: int) -> int:
         """Release one hold; returns the permits it still had (PROTOCOL.md 8.8).
@@ -574,34 +521,22 @@ class Client:
         such hold. The ``Release`` is written before the first ``await``,
         so a task cancelled in here still releases.
         """
-        response = await self.call(Release(hold_id))
-        if isinstance(response, Released):
-            return response.permits
-        raise self._unexpected(response)
+        return _common.expect(await self.call(Release(hold_id)), Released).permits
 
     async def release_by_name(self, name: str, count: int = 1) -> int:
         """Release ``count`` permits of ``name``, oldest hold first (PROTOCOL.md 8.9).
 
         Raises :class:`NotHeld` (``not_held``) if the session holds fewer.
         """
-        response = await self.call(ReleaseByName(name, count))
-        if isinstance(response, Released):
-            return response.permits
-        raise self._unexpected(response)
+        return _common.expect(await self.call(ReleaseByName(name, count)), Released).permits
 
     async def inspect(self, prefix: str = "", limit: int = 0) -> Inspection:
         """List lock entries whose name starts with ``prefix`` (PROTOCOL.md 9.1)."""
-        response = await self.call(Inspect(prefix, limit))
-        if isinstance(response, Inspection):
-            return response
-        raise self._unexpected(response)
+        return _common.expect(await self.call(Inspect(prefix, limit)), Inspection)
 
     async def inspect_after(self, prefix: str = "", start_after: str = "", limit: int = 0) -> Inspection:
         """One page of the lock entries after ``start_after`` (PROTOCOL.md 9.1)."""
-        response = await self.call(InspectAfter(prefix, start_after, limit))
-        if isinstance(response, Inspection):
-            return response
-        raise self._unexpected(response)
+        return _common.expect(await self.call(InspectAfter(prefix, start_after, limit)), Inspection)
 
     async def inspect_all(self, prefix: str = "", page: int = 1000) -> AsyncIterator[EntryInfo]:
         """Every lock entry whose name starts with ``prefix``, in name order,
@@ -619,10 +554,8 @@ class Client:
         """Check the daemon and connection are alive; the round trip in seconds."""
         loop = asyncio.get_running_loop()
         start = loop.time()
-        response = await self.call(Ping())
-        if isinstance(response, Pong):
-            return loop.time() - start
-        raise self._unexpected(response)
+        _common.expect(await self.call(Ping()), Pong)
+        return loop.time() - start
 
     async def metrics(self) -> str:
         """The daemon's metrics in the OpenMetrics text format (PROTOCOL.md 9.5).
@@ -632,10 +565,7 @@ class Client:
         the connection: the session ends, and this (and every later call)
         raises :class:`ConnectionLost`, whose ``fatal.code`` is ``malformed``.
         """
-        response = await self.call(Metrics())
-        if isinstance(response, MetricsText):
-            return response.text
-        raise self._unexpected(response)
+        return _common.expect(await self.call(Metrics()), MetricsText).text
 
     async def call(self, request: Request, timeout: Optional[float] = -1.0) -> Response:
         """Send any request and return its raw response; the low-level API.
@@ -681,14 +611,11 @@ class Client:
             self._orphan_watch(rid, future)
             raise NoAnswer("no answer from the daemon within %s s" % bound)
         try:
-            response = future.result()
+            _common.expect(future.result(), Done)
         except BaseException:
             self._drop_watch(rid)
             raise
-        if isinstance(response, Done):
-            return rid, events
-        self._drop_watch(rid)
-        raise self._unexpected(response)
+        return rid, events
 
     async def close_watch(self, watch_id: int) -> None:
         """Stop a watch (``StateUnwatch``) and wait for its ``Done``; a watch
@@ -696,10 +623,8 @@ class Client:
         self._drop_watch(watch_id)
         try:
             await self.call(StateUnwatch(watch_id))
-        except ConnectionLost:
-            pass  # the watch ended with the session
-        except NotHeld as e:
-            if e.code != ErrorCode.NOT_PENDING:
+        except LockbrokerError as e:
+            if not _common.watch_gone(e):
                 raise
 
     # ------------------------------------------------------------- plumbing
@@ -749,19 +674,14 @@ class Client:
 
     def _write(self, message: RequestMessage) -> None:
         """Encode one frame and hand it whole to the transport."""
-        body = encode_client_message(message)
-        if len(body) > self.welcome.limits.max_frame_len:
-            raise ValueError(
-                "request of %d bytes exceeds the daemon's max_frame_len of %d"
-                % (len(body), self.welcome.limits.max_frame_len)
-            )
+        frame = _common.request_frame(message, self.welcome.limits.max_frame_len)
         writer = self._writer
         assert writer is not None
         if writer.transport.is_closing():
             error = ConnectionLost("the connection to the daemon is closed")
             self._abort(error)
             raise self._ended or error
-        writer.write(encode_frame(body))
+        writer.write(frame)
 
     async def _drain(self) -> None:
         """Wait for the socket to take a large backlog (flow control).
@@ -850,15 +770,8 @@ class Client:
         self._orphan_watches.add(watch_id)
         self._watches.pop(watch_id, None)
 
-    def _check(self, response: Response) -> Response:
-        if isinstance(response, ErrorResponse):
-            raise broker_error(response.error)
-        return response
-
-    def _unexpected(self, response: Response) -> LockbrokerError:
-        if isinstance(response, ErrorResponse):
-            return broker_error(response.error)
-        return LockbrokerError("unexpected response from the daemon: %r" % (response,))
+    _check = staticmethod(_common.checked)
+    _unexpected = staticmethod(_common.unexpected)
 
     async def _read_loop(self, reader: asyncio.StreamReader, buffer: FrameBuffer) -> None:
         """The reader task: route every frame until the connection ends."""
@@ -867,10 +780,7 @@ class Client:
             while error is None:
                 data = await reader.read(65536)
                 if not data:
-                    if buffer.has_partial():
-                        error = ConnectionLost("the connection broke in the middle of a frame")
-                    else:
-                        error = ConnectionLost("the daemon closed the connection")
+                    error = _common.stream_end(buffer)
                     break
                 buffer.feed(data)
                 error = self._drain_frames(buffer)
@@ -879,68 +789,39 @@ class Client:
             error = ConnectionLost("the client's reader task was cancelled (event loop shutting down?)")
             self._abort(error)
             raise
-        except OSError as e:
-            error = ConnectionLost("the connection to the daemon failed: %s" % e)
         except Exception as e:  # a bug here must not leave callers hanging
-            error = ConnectionLost("the client's reader failed: %r" % (e,))
+            error = _common.reader_failed(e)
         self._abort(error)
 
     def _drain_frames(self, buffer: FrameBuffer) -> Optional[ConnectionLost]:
         """Route every whole frame in ``buffer``; an error that ends the session."""
-        while True:
-            try:
-                body = buffer.next_body()
-            except DecodeError as e:
-                return ConnectionLost("bad frame from the daemon: %s" % e)
-            if body is None:
-                return None
-            try:
-                message = decode_server_message(body, self._version)
-            except DecodeError as e:
-                return ConnectionLost("undecodable frame from the daemon: %s" % e)
-            if isinstance(message, ResponseMessage):
-                self._route(message)
-            elif isinstance(message, EventMessage):
-                event = message.event
-                if isinstance(event, ShuttingDown):
-                    # Every hold is about to be lost (PROTOCOL.md 9.3).
-                    self._shutting_down = True
-                else:
-                    self._route_event(event)
-            elif isinstance(message, Fatal):
-                info = message.error
-                return ConnectionLost(
-                    "the daemon ended the session: %s (%d): %s"
-                    % (error_code_name(info.code), info.code, info.message),
-                    info,
-                )
-            else:
-                return ConnectionLost("unexpected frame from the daemon: %r" % (message,))
+        return _common.route_frames(buffer, self._version, self._route, self._route_event, self._on_shutting_down)
+
+    def _on_shutting_down(self) -> None:
+        """The daemon announced it is stopping: every hold is about to be lost."""
+        self._shutting_down = True
 
     def _route(self, message: ResponseMessage) -> None:
         """Hand a response to the future waiting for its id."""
         response = message.response
-        if isinstance(response, ErrorResponse) and response.error.code == ErrorCode.DUPLICATE_REQUEST_ID:
-            # Carries the id of a still-waiting acquire, whose own answer is
-            # still to come (PROTOCOL.md 7); ids are never reused here anyway.
+        if _common.ignored(response):
             return
         future = self._pending.pop(message.id, None)
         if future is not None and not future.done():
             future.set_result(response)
-        elif isinstance(response, Granted):
+            return
+        hold_id = _common.stray_hold(response)
+        if hold_id is not None:
             # Granted for an acquire nobody waits for (PROTOCOL.md 7): release.
-            self._release_orphan(response.grant.hold_id)
-        # Any other answer to an unknown id (Done, not_pending, the answer
-        # of an untracked Release) is ignored.
+            self._release_orphan(hold_id)
 
     def _route_event(self, event: Union[StateChanged, WatchLagged]) -> None:
         """Hand a watch's event to its queue (never blocks: unbounded)."""
         wid = event.watch_id
-        events = self._watches.get(wid)
+        events, orphan = _common.event_target(self._watches, self._orphan_watches, wid)
         if events is not None:
             events.put(event)
-        elif wid in self._orphan_watches:
-            self._orphan_watches.discard(wid)
+        elif orphan:
             self._send_untracked(StateUnwatch(wid))
         # Any other event of an unknown watch (one just closed) is ignored.
 
@@ -1321,24 +1202,6 @@ class RWLock(_Primitive):
 Guard = Union[int, Grant, _Primitive]
 
 
-def _hold_id(guard: Optional[Guard]) -> Optional[int]:
-    """The ``hold_id`` a guard names (PROTOCOL.md 10.10)."""
-    if guard is None:
-        return None
-    if isinstance(guard, bool):
-        raise TypeError("guard must be a hold id, a Grant or a lock object, not a bool")
-    if isinstance(guard, int):
-        return guard
-    if isinstance(guard, Grant):
-        return guard.hold_id
-    if isinstance(guard, _Primitive):
-        grant = guard._guard_grant()
-        if grant is None:
-            raise ValueError("%r cannot guard a write: it was never acquired (in this task)" % (guard,))
-        return grant.hold_id
-    raise TypeError("guard must be a hold id, a Grant or a lock object, not %s" % type(guard).__name__)
-
-
 class State:
     """The daemon's shared state through one session, as coroutines: the
     operations of :class:`lockbroker.State` (same arguments, results and
@@ -1413,14 +1276,8 @@ class State:
         """
         client = await self._get_client()
         data = _to_bytes(value)
-        limit = client.limits.max_frame_len - _FRAME_MARGIN
-        if len(data) > limit:
-            raise ValueTooLarge(
-                ErrorCode.VALUE_TOO_LARGE,
-                "a value of %d bytes is above any value limit of this daemon (at most %d bytes; "
-                "refused without asking it)" % (len(data), limit),
-            )
-        response = await client.call(StateSet(key, data, if_version, _ttl_ms(ttl), _hold_id(guard)))
+        _check_value_len(client.limits, data)
+        response = await client.call(StateSet(key, data, if_version, _ttl_ms(ttl), _hold_id(guard, "task")))
         if isinstance(response, StateWritten):
             return response.version
         if isinstance(response, StateConflict) and if_version is not None:
@@ -1484,7 +1341,7 @@ class State:
     ) -> Optional[Versioned]:
         """Remove ``key``; the value it had, or None if it did not exist."""
         client = await self._get_client()
-        response = await client.call(StateRemove(key, if_version, _hold_id(guard)))
+        response = await client.call(StateRemove(key, if_version, _hold_id(guard, "task")))
         if isinstance(response, StateRemoved):
             return response.removed
         if isinstance(response, StateConflict) and if_version is not None:
@@ -1498,7 +1355,7 @@ class State:
     async def increment_versioned(self, key: str, delta: int = 1, *, guard: Optional[Guard] = None) -> Tuple[int, int]:
         """:meth:`increment`, returning ``(new value, version of the write)``."""
         client = await self._get_client()
-        response = await client.call(StateIncrement(key, delta, _hold_id(guard)))
+        response = await client.call(StateIncrement(key, delta, _hold_id(guard, "task")))
         if isinstance(response, StateCounter):
             return response.value, response.version
         raise client._unexpected(response)

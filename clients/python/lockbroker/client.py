@@ -50,6 +50,10 @@ read and released then, not whenever the client is next used.
 when no client is passed; it connects on first use and again after a fork
 (the child must not share the parent's session) or after the session ended.
 
+The rules of the session that are not I/O (trust checks, handshake, frame
+routing, what an answer means) are :mod:`lockbroker._common`'s, which the
+asyncio client (:mod:`lockbroker.aio`) follows too.
+
 This module is below :mod:`lockbroker.primitives` and :mod:`lockbroker.state`,
 which are built on it: it imports neither. ``client.state`` makes a
 :class:`lockbroker.State` all the same, the class :mod:`lockbroker.state`
@@ -69,6 +73,7 @@ import time
 import weakref
 from typing import TYPE_CHECKING, Any, Callable, Dict, Iterable, Iterator, List, Optional, Set, Tuple, Union
 
+from . import _common
 from . import address as _address
 from . import transport as _transport
 from .errors import (
@@ -77,25 +82,16 @@ from .errors import (
     ConnectionLost,
     LockbrokerError,
     NoAnswer,
-    NotHeld,
-    broker_error,
 )
 from .protocol import (
     HANDSHAKE_MAX_FRAME_LEN,
     Acquire,
     Cancel,
-    Cancelled,
-    DecodeError,
     Done,
     EntryInfo,
-    ErrorCode,
-    ErrorResponse,
-    EventMessage,
-    Fatal,
     FrameBuffer,
     Grant,
     Granted,
-    Hello,
     Inspect,
     InspectAfter,
     Inspection,
@@ -103,7 +99,6 @@ from .protocol import (
     LockKind,
     Metrics,
     MetricsText,
-    OLDEST_PROTOCOL_VERSION,
     PROTOCOL_VERSION,
     Ping,
     Pong,
@@ -114,17 +109,11 @@ from .protocol import (
     RequestMessage,
     Response,
     ResponseMessage,
-    ShuttingDown,
     StateChanged,
     StateUnwatch,
     StateWatch,
-    TimedOut,
     WatchLagged,
     Welcome,
-    decode_server_message,
-    encode_client_message,
-    encode_frame,
-    error_code_name,
 )
 
 __all__ = ["Client", "default_client", "set_default_client", "ACQUIRE_GRACE"]
@@ -212,14 +201,8 @@ class _Call:
         return self.response
 
 
-class _WatchEnd:
-    """The last item of a watch's queue: closed (``error`` None) or the
-    session ended (``error`` says why)."""
-
-    __slots__ = ("error",)
-
-    def __init__(self, error: Optional[ConnectionLost]) -> None:
-        self.error = error
+#: The last item of a watch's queue (the asyncio client's too).
+_WatchEnd = _common._WatchEnd
 
 
 if TYPE_CHECKING:
@@ -311,12 +294,11 @@ class Client:
             )
         except ConnectFailed as e:
             # A daemon of before the latest version: speak its own.
-            if e.fatal is None or e.fatal.code != ErrorCode.UNSUPPORTED_VERSION:
+            older = _common.fallback_version(e)
+            if older is None:
                 raise
             left = max(deadline - time.monotonic(), 0.001)
-            self._sock, self.welcome, buffer = self._connect(
-                name, left, allow_uids, allow_sids, OLDEST_PROTOCOL_VERSION
-            )
+            self._sock, self.welcome, buffer = self._connect(name, left, allow_uids, allow_sids, older)
         #: The protocol version of this session's frames.
         self._version = self.welcome.version
         self._max_send = self.welcome.limits.max_frame_len
@@ -327,16 +309,21 @@ class Client:
         # Callers asleep while another reads, with what each waits for.
         self._sleepers: List[Tuple[threading.Condition, object]] = []
         self._reader: Optional[threading.Thread] = None
-        if self._direct:
-            assert isinstance(self._sock, _transport.SocketConnection)
-            self._sock.sock.setsockopt(
-                socket.SOL_SOCKET, socket.SO_RCVTIMEO, struct.pack("ll", 0, int(_RECV_SLICE * 1e6))
-            )
-        else:
-            self._reader = threading.Thread(
-                target=self._read_loop, args=(buffer,), name="lockbroker-reader", daemon=True
-            )
-            self._reader.start()
+        try:
+            if self._direct:
+                assert isinstance(self._sock, _transport.SocketConnection)
+                self._sock.sock.setsockopt(
+                    socket.SOL_SOCKET, socket.SO_RCVTIMEO, struct.pack("ll", 0, int(_RECV_SLICE * 1e6))
+                )
+            else:
+                self._reader = threading.Thread(
+                    target=self._read_loop, args=(buffer,), name="lockbroker-reader", daemon=True
+                )
+                self._reader.start()
+        except BaseException:
+            # No session for anyone to close: do not leave its socket open.
+            self._sock.close()
+            raise
         _CLIENTS.add(self)
 
     # ----------------------------------------------------------------- state
@@ -431,8 +418,10 @@ class Client:
         if self._reader is None:
             # Callers read: mark the session closed and fail what waits in
             # one step (a waiter must never see it ended but not failed),
-            # then shut the socket down, which wakes a caller in recv.
+            # then shut the socket down, which wakes a caller in recv, and
+            # close it once no caller reads it.
             self._abort(ClientClosed("the client was closed"))
+            self._close_ended()
             return
         with self._lock:
             if self._ended is None:
@@ -478,21 +467,14 @@ class Client:
             if late is None:
                 return None
             response = late
-        if isinstance(response, Granted):
-            return response.grant
-        if isinstance(response, (TimedOut, Cancelled)):
-            return None
-        raise self._unexpected(response)
+        return _common.acquire_result(response)
 
     def release(self, hold_id: int) -> int:
         """Release one hold; returns the permits it still had (PROTOCOL.md 8.8).
 
         Raises :class:`NotHeld` (``unknown_hold``) if the session has no such hold.
         """
-        response = self.call(Release(hold_id))
-        if isinstance(response, Released):
-            return response.permits
-        raise self._unexpected(response)
+        return _common.expect(self.call(Release(hold_id)), Released).permits
 
     def release_by_name(self, name: str, count: int = 1) -> int:
         """Release ``count`` permits of ``name``, oldest hold first (PROTOCOL.md 8.9).
@@ -500,20 +482,14 @@ class Client:
         For mutexes and rwlocks ``count`` counts holds. Raises
         :class:`NotHeld` (``not_held``) if the session holds fewer.
         """
-        response = self.call(ReleaseByName(name, count))
-        if isinstance(response, Released):
-            return response.permits
-        raise self._unexpected(response)
+        return _common.expect(self.call(ReleaseByName(name, count)), Released).permits
 
     def inspect(self, prefix: str = "", limit: int = 0) -> Inspection:
         """List lock entries whose name starts with ``prefix`` (PROTOCOL.md 9.1).
 
         ``limit`` 0 means the daemon's default (1000).
         """
-        response = self.call(Inspect(prefix, limit))
-        if isinstance(response, Inspection):
-            return response
-        raise self._unexpected(response)
+        return _common.expect(self.call(Inspect(prefix, limit)), Inspection)
 
     def inspect_after(self, prefix: str = "", start_after: str = "", limit: int = 0) -> Inspection:
         """One page of the lock entries after ``start_after`` (PROTOCOL.md 9.1).
@@ -522,10 +498,7 @@ class Client:
         ``start_after`` = the name of its last entry. ``limit`` 0 means the
         daemon's default (1000).
         """
-        response = self.call(InspectAfter(prefix, start_after, limit))
-        if isinstance(response, Inspection):
-            return response
-        raise self._unexpected(response)
+        return _common.expect(self.call(InspectAfter(prefix, start_after, limit)), Inspection)
 
     def inspect_all(self, prefix: str = "", page: int = 1000) -> Iterator[EntryInfo]:
         """Every lock entry whose name starts with ``prefix``, in name order,
@@ -541,10 +514,8 @@ class Client:
     def ping(self) -> float:
         """Check the daemon and connection are alive; returns the round trip in seconds."""
         start = time.monotonic()
-        response = self.call(Ping())
-        if isinstance(response, Pong):
-            return time.monotonic() - start
-        raise self._unexpected(response)
+        _common.expect(self.call(Ping()), Pong)
+        return time.monotonic() - start
 
     def metrics(self) -> str:
         """The daemon's metrics in the OpenMetrics text format (PROTOCOL.md 9.5).
@@ -555,10 +526,7 @@ class Client:
         the session ends, and this (and every later call) raises
         :class:`ConnectionLost`, whose ``fatal.code`` is ``malformed``.
         """
-        response = self.call(Metrics())
-        if isinstance(response, MetricsText):
-            return response.text
-        raise self._unexpected(response)
+        return _common.expect(self.call(Metrics()), MetricsText).text
 
     def open_watch(self, request: StateWatch, timeout: Optional[float] = -1.0) -> Tuple[int, "_WatchQueue"]:
         """Send ``StateWatch`` and wait for its ``Done``; the low-level watch API.
@@ -586,13 +554,11 @@ class Client:
                     self._orphan_watch(rid)
                     raise NoAnswer("no answer from the daemon within %s s" % bound)
                 response = late
+            _common.expect(response, Done)
         except BaseException:
             self._drop_watch(rid)
             raise
-        if isinstance(response, Done):
-            return rid, events
-        self._drop_watch(rid)
-        raise self._unexpected(response)
+        return rid, events
 
     def close_watch(self, watch_id: int) -> None:
         """Stop a watch (``StateUnwatch``) and wait for its ``Done``.
@@ -604,10 +570,8 @@ class Client:
         self._drop_watch(watch_id)
         try:
             self.call(StateUnwatch(watch_id))
-        except ConnectionLost:
-            pass  # the watch ended with the session
-        except NotHeld as e:
-            if e.code != ErrorCode.NOT_PENDING:
+        except LockbrokerError as e:
+            if not _common.watch_gone(e):
                 raise
 
     def call(self, request: Request, timeout: Optional[float] = -1.0) -> Response:
@@ -651,42 +615,20 @@ class Client:
         try:
             buffer = FrameBuffer(HANDSHAKE_MAX_FRAME_LEN)
             try:
-                sock.sendall(encode_frame(encode_client_message(Hello(version=version, client_name=client_name))))
+                sock.sendall(_common.hello_frame(version, client_name))
             except OSError:
                 # A full daemon may answer Fatal and close before reading the
                 # Hello (PROTOCOL.md 6.1): read its answer anyway.
                 pass
-            try:
-                body = buffer.next_body()
-                while body is None:
+            welcome: Optional[Welcome] = None
+            while welcome is None:
+                try:
                     data = sock.recv(65536)
-                    if not data:
-                        raise ConnectFailed("the daemon at %s closed the connection during the handshake" % path, path)
-                    buffer.feed(data)
-                    body = buffer.next_body()
-                message = decode_server_message(body)
-            except (OSError, DecodeError) as e:
-                raise ConnectFailed("handshake with %s failed: %s" % (path, e), path) from e
-            if isinstance(message, Fatal):
-                info = message.error
-                raise ConnectFailed(
-                    "the daemon at %s refused the session: %s (%d): %s"
-                    % (path, error_code_name(info.code), info.code, info.message),
-                    path,
-                    info,
-                )
-            if not isinstance(message, Welcome):
-                raise ConnectFailed("handshake with %s: expected Welcome, got %r" % (path, message), path)
-            if message.version != version:
-                raise ConnectFailed(
-                    "handshake with %s: asked for protocol version %d, the daemon answered %d"
-                    % (path, version, message.version),
-                    path,
-                )
+                except OSError as e:
+                    raise _common.handshake_failed(path, e) from e
+                welcome = _common.read_welcome(buffer, data, path, version)
             sock.settimeout(None)
-            # Our own maximum is at least the announced one (PROTOCOL.md 2).
-            buffer.max_len = max(message.limits.max_frame_len, HANDSHAKE_MAX_FRAME_LEN)
-            return sock, message, buffer
+            return sock, welcome, buffer
         except BaseException:
             sock.close()
             raise
@@ -731,12 +673,17 @@ class Client:
 
     def _write(self, message: RequestMessage) -> None:
         """Encode and write one frame; a failed write ends the session."""
-        body = encode_client_message(message)
-        if len(body) > self._max_send:
-            raise ValueError(
-                "request of %d bytes exceeds the daemon's max_frame_len of %d" % (len(body), self._max_send)
-            )
-        frame = encode_frame(body)
+        frame = _common.request_frame(message, self._max_send)
+        try:
+            self._write_frame(frame)
+        finally:
+            if self._ended is not None:
+                # A write that ended the session closes the socket, unless
+                # a caller still reads it (then that caller does).
+                self._close_ended()
+
+    def _write_frame(self, frame: bytes) -> None:
+        """Write one whole frame, or end the session."""
         sock = self._sock
         with self._write_lock:
             if not isinstance(sock, _transport.SocketConnection):
@@ -863,15 +810,8 @@ class Client:
         except (LockbrokerError, OSError):
             pass
 
-    def _check(self, response: Response) -> Response:
-        if isinstance(response, ErrorResponse):
-            raise broker_error(response.error)
-        return response
-
-    def _unexpected(self, response: Response) -> LockbrokerError:
-        if isinstance(response, ErrorResponse):
-            return broker_error(response.error)
-        return LockbrokerError("unexpected response from the daemon: %r" % (response,))
+    _check = staticmethod(_common.checked)
+    _unexpected = staticmethod(_common.unexpected)
 
     def _read_loop(self, buffer: FrameBuffer) -> None:
         """The reader thread (pipes): route every frame until the connection ends."""
@@ -880,61 +820,24 @@ class Client:
             while True:
                 data = self._sock.recv(65536)
                 if not data:
-                    error = self._closed(buffer)
+                    error = _common.stream_end(buffer)
                     break
                 buffer.feed(data)
                 error = self._drain(buffer)
                 if error is not None:
                     break
-        except OSError as e:
-            error = ConnectionLost("the connection to the daemon failed: %s" % e)
         except Exception as e:  # a bug here must not leave callers hanging
-            error = ConnectionLost("the client's reader failed: %r" % (e,))
+            error = _common.reader_failed(e)
         assert error is not None
         self._abort(error)
 
-    @staticmethod
-    def _closed(buffer: FrameBuffer) -> ConnectionLost:
-        """Why the session ended, at the end of the stream."""
-        if buffer.has_partial():
-            return ConnectionLost("the connection broke in the middle of a frame")
-        return ConnectionLost("the daemon closed the connection")
-
     def _drain(self, buffer: FrameBuffer) -> Optional[ConnectionLost]:
         """Route every whole frame in ``buffer``; an error that ends the session."""
-        while True:
-            body = buffer.next_body()
-            if body is None:
-                return None
-            try:
-                message = decode_server_message(body, self._version)
-            except DecodeError as e:
-                return ConnectionLost("undecodable frame from the daemon: %s" % e)
-            error = self._handle(message)
-            if error is not None:
-                return error
+        return _common.route_frames(buffer, self._version, self._route, self._route_event, self._on_shutting_down)
 
-    def _handle(self, message: Any) -> Optional[ConnectionLost]:
-        """Route one frame; an error that ends the session."""
-        if isinstance(message, ResponseMessage):
-            self._route(message)
-        elif isinstance(message, EventMessage):
-            event = message.event
-            if isinstance(event, ShuttingDown):
-                # Every hold is about to be lost (PROTOCOL.md 9.3).
-                self._shutting_down = True
-            else:
-                self._route_event(event)
-        elif isinstance(message, Fatal):
-            info = message.error
-            return ConnectionLost(
-                "the daemon ended the session: %s (%d): %s"
-                % (error_code_name(info.code), info.code, info.message),
-                info,
-            )
-        else:
-            return ConnectionLost("unexpected frame from the daemon: %r" % (message,))
-        return None
+    def _on_shutting_down(self) -> None:
+        """The daemon announced it is stopping: every hold is about to be lost."""
+        self._shutting_down = True
 
     # ------------------------------------------------- callers that read
 
@@ -1002,7 +905,11 @@ class Client:
             # Whoever leaves with the buffer free wakes a sleeper to read.
             if self._buffer is not None and self._sleepers:
                 self._sleepers[0][0].notify()
+            ended = self._ended is not None
             lock.release()
+            if ended:
+                # The last reader of an ended session closes its socket.
+                self._close_ended()
 
     def _read_some(self, buffer: FrameBuffer, deadline: Optional[float]) -> None:
         """Read once, waiting until ``deadline`` at most, and route what came.
@@ -1021,13 +928,13 @@ class Client:
         except BlockingIOError:
             return  # SO_RCVTIMEO ran out: the caller looks at its deadline
         except OSError as e:
-            self._abort(ConnectionLost("the connection to the daemon failed: %s" % e))
+            self._abort(_common.reader_failed(e))
             return
         # What was read is routed, or the session ends: an answer dropped by
         # an interrupt would leave its caller waiting, or a grant held.
         try:
             if not data:
-                error: Optional[ConnectionLost] = self._closed(buffer)
+                error: Optional[ConnectionLost] = _common.stream_end(buffer)
             else:
                 buffer.feed(data)
                 error = self._drain(buffer)
@@ -1048,9 +955,7 @@ class Client:
     def _route(self, message: ResponseMessage) -> None:
         """Hand a response to the call waiting for its id."""
         response = message.response
-        if isinstance(response, ErrorResponse) and response.error.code == ErrorCode.DUPLICATE_REQUEST_ID:
-            # Carries the id of a still-waiting acquire, whose own answer is
-            # still to come (PROTOCOL.md 7); ids are never reused here anyway.
+        if _common.ignored(response):
             return
         with self._lock:
             call = self._pending.pop(message.id, None)
@@ -1061,26 +966,23 @@ class Client:
                 return
         if call is not None:
             call.resolve(response)
-        elif isinstance(response, Granted):
+            return
+        hold_id = _common.stray_hold(response)
+        if hold_id is not None:
             # Granted for an acquire nobody waits for any more: release it,
             # from another thread so the reader never blocks on a write.
             threading.Thread(
                 target=self._release_orphan,
-                args=(response.grant.hold_id,),
+                args=(hold_id,),
                 name="lockbroker-orphan-release",
                 daemon=True,
             ).start()
-        # Any other answer to an unknown id (Cancelled, Done, not_pending,
-        # an untracked Release's Released) is ignored.
 
     def _route_event(self, event: Union[StateChanged, WatchLagged]) -> None:
         """Hand a watch's event to its queue (never blocks: the queue is unbounded)."""
         wid = event.watch_id
         with self._lock:
-            events = self._watches.get(wid)
-            orphan = events is None and wid in self._orphan_watches
-            if orphan:
-                self._orphan_watches.discard(wid)
+            events, orphan = _common.event_target(self._watches, self._orphan_watches, wid)
         if events is not None:
             events.put(event)
             if self._direct:
@@ -1096,7 +998,8 @@ class Client:
 
     def _abort(self, error: ConnectionLost) -> None:
         """End the session: fail every pending call and end every watch,
-        close the socket."""
+        shut the socket down (the reader thread also closes it; when callers
+        read, :meth:`_close_ended` does)."""
         with self._lock:
             if self._ended is None:
                 self._ended = error
@@ -1109,9 +1012,27 @@ class Client:
                 events.put(_WatchEnd(ended))
             for cond, _ in self._sleepers:
                 cond.notify()
+            if self._direct:
+                # Under the lock, so it never races the close (_close_ended).
+                self._sock.shutdown()
+                return
         self._sock.shutdown()
         if threading.current_thread() is self._reader:
             self._sock.close()
+
+    def _close_ended(self) -> None:
+        """Callers read: close the socket of the ended session once nobody
+        uses it. Nobody takes the frame buffer once the session has ended,
+        so it closes now if the buffer is free, else the caller holding it
+        closes it as it leaves :meth:`_lead`. Under ``_write_lock`` and
+        ``_lock``, so no write, read or shutdown is on the descriptor as it
+        closes; called holding neither."""
+        if not self._direct:
+            return  # the reader thread closes it as it ends
+        with self._write_lock:
+            with self._lock:
+                if self._ended is not None and self._buffer is not None:
+                    self._sock.close()
 
     def _forget_after_fork(self) -> None:
         """In a forked child: drop the parent's session without ending it.

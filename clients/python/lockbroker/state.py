@@ -60,6 +60,7 @@ from .protocol import (
     ChangeKind,
     ErrorCode,
     Grant,
+    Limits,
     StateChanged,
     StateConflict,
     StateCounter,
@@ -157,8 +158,12 @@ def _ttl_ms(ttl: Optional[TTL]) -> Optional[int]:
     return int(math.ceil(round(seconds * 1000.0, 6)))
 
 
-def _hold_id(guard: Optional[Guard]) -> Optional[int]:
-    """The ``hold_id`` a guard names (PROTOCOL.md 10.10)."""
+def _hold_id(guard: Any, holder: str = "thread") -> Optional[int]:
+    """The ``hold_id`` a guard names (PROTOCOL.md 10.10): a hold id, a
+    :class:`Grant`, or a lock object -- anything with a ``_guard_grant()``
+    giving the grant it names (this package's primitives, and
+    :mod:`lockbroker.aio`'s). ``holder``: whose grants a lock object keeps
+    (``"thread"``, ``"task"``), for the error of one never acquired."""
     if guard is None:
         return None
     if isinstance(guard, bool):
@@ -167,10 +172,11 @@ def _hold_id(guard: Optional[Guard]) -> Optional[int]:
         return guard
     if isinstance(guard, Grant):
         return guard.hold_id
-    if isinstance(guard, _Primitive):
-        grant = guard._guard_grant()
+    guard_grant = getattr(guard, "_guard_grant", None)
+    if callable(guard_grant):
+        grant = guard_grant()
         if grant is None:
-            raise ValueError("%r cannot guard a write: it was never acquired (in this thread)" % (guard,))
+            raise ValueError("%r cannot guard a write: it was never acquired (in this %s)" % (guard, holder))
         return grant.hold_id
     raise TypeError("guard must be a hold id, a Grant or a lock object, not %s" % type(guard).__name__)
 
@@ -279,7 +285,7 @@ class State:
         """
         client = self.client
         data = _to_bytes(value)
-        _check_value_len(client, data)
+        _check_value_len(client.limits, data)
         response = client.call(StateSet(key, data, if_version, _ttl_ms(ttl), _hold_id(guard)))
         if isinstance(response, StateWritten):
             return response.version
@@ -405,9 +411,10 @@ class State:
         return Watch(client, watch_id, events, key, prefix)
 
 
-def _check_value_len(client: Client, data: bytes) -> None:
-    """Refuse locally a value that could never fit (PROTOCOL.md 10.1)."""
-    limit = client.limits.max_frame_len - _FRAME_MARGIN
+def _check_value_len(limits: Limits, data: bytes) -> None:
+    """Refuse locally a value that could never fit in a session of these
+    ``limits`` (PROTOCOL.md 10.1); :mod:`lockbroker.aio` checks with it too."""
+    limit = limits.max_frame_len - _FRAME_MARGIN
     if len(data) > limit:
         raise ValueTooLarge(
             ErrorCode.VALUE_TOO_LARGE,

@@ -12,8 +12,8 @@ and ``close``.
 
 * POSIX: an ``AF_UNIX`` stream socket (:class:`SocketConnection`); the
   scope directory is checked before connecting and the peer credentials
-  (``SO_PEERCRED``) after (:func:`lockbroker.address.expected_server`,
-  :func:`~lockbroker.address.check_server`).
+  (``SO_PEERCRED``) after (:func:`lockbroker._common.expected_unix_server`,
+  :func:`lockbroker.address.check_server`), as :mod:`lockbroker.aio` does.
 * Windows: the pipe's client end (:class:`lockbroker.pipe.PipeConnection`);
   the pipe server's process token is checked after connecting
   (:func:`lockbroker.address.expected_pipe_server`,
@@ -29,9 +29,10 @@ import os
 import socket
 from typing import Iterable, Optional, Protocol
 
+from . import _common
 from . import address as _address
 from . import pipe as _pipe
-from .errors import ConnectFailed, Untrusted
+from .errors import ConnectFailed
 
 __all__ = ["Connection", "SocketConnection", "connect"]
 
@@ -102,12 +103,7 @@ def connect(
 
 def _connect_unix(address: _address.Address, timeout: Optional[float], allow_uids: Iterable[int]) -> Connection:
     path = address.path
-    try:
-        expected = _address.expected_server(address, allowed=allow_uids)
-    except Untrusted:
-        raise
-    except OSError as e:
-        raise ConnectFailed("cannot inspect the directory of %s: %s" % (path, e), path) from e
+    expected = _common.expected_unix_server(address, allow_uids)
     if not hasattr(socket, "AF_UNIX"):
         raise ConnectFailed("this platform has no Unix sockets (cannot reach %s)" % path, path)
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -116,10 +112,7 @@ def _connect_unix(address: _address.Address, timeout: Optional[float], allow_uid
         try:
             sock.connect(path)
         except OSError as e:
-            raise ConnectFailed(
-                "cannot connect to the lockbroker daemon at %s (%s source): %s" % (path, address.source, e),
-                path,
-            ) from e
+            raise _common.connect_failed(address, e) from e
         # Before the Hello, which names this program.
         _address.check_server(sock, path, expected)
     except BaseException:
@@ -138,9 +131,7 @@ def _connect_pipe(address: _address.Address, timeout: Optional[float], allow_sid
     try:
         handle = _pipe.open_pipe(path, timeout)
     except OSError as e:
-        raise ConnectFailed(
-            "cannot connect to the lockbroker daemon at %s (%s source): %s" % (path, address.source, e), path
-        ) from e
+        raise _common.connect_failed(address, e) from e
     connection = _pipe.PipeConnection(handle)
     try:
         # Before the Hello, which names this program.

@@ -7,6 +7,7 @@ attacker) or the client itself as nobody; otherwise they skip those parts
 
 from __future__ import annotations
 
+import asyncio
 import os
 import shutil
 import subprocess
@@ -124,6 +125,36 @@ class ServerIdentityTest(unittest.TestCase):
         self.daemon(os.path.join(directory, "broker.sock"))
         with self.local_env(runtime):
             self.connect().ping()
+
+    @unittest.skipIf(os.name == "nt", "lockbroker.aio speaks over Unix sockets only")
+    def test_the_asyncio_client_makes_the_same_checks(self) -> None:
+        from lockbroker import aio
+
+        async def ping(path: Optional[str] = None, allow_uids: Sequence[int] = ()) -> None:
+            client = aio.Client(path, connect_timeout=WAIT, allow_uids=allow_uids)
+            try:
+                await client.connect()
+                await client.ping()
+            finally:
+                await client.close()
+
+        # The scope directory, before connecting: Untrusted, as the
+        # threading client raises (not a plain ConnectFailed).
+        runtime = self.runtime()
+        directory = self.local_dir(runtime, os.geteuid(), 0o777)
+        self.daemon(os.path.join(directory, "broker.sock"), as_nobody=IS_ROOT)
+        with self.local_env(runtime):
+            with self.assertRaises(Untrusted) as cm:
+                asyncio.run(ping())
+        self.assertEqual((cm.exception.problem, cm.exception.path), ("mode", directory))
+        if not IS_ROOT:
+            return
+        # The daemon's user, after connecting.
+        attacker = self.daemon(as_nobody=True)
+        with self.assertRaises(Untrusted) as cm:
+            asyncio.run(ping(attacker.path))
+        self.assertEqual((cm.exception.problem, cm.exception.owner), ("server", NOBODY))
+        asyncio.run(ping(attacker.path, allow_uids=[NOBODY]))
 
     def test_an_unprivileged_client_gets_the_same_checks(self) -> None:
         self.need_root("running the client as nobody")

@@ -1,0 +1,312 @@
+"""The rules of a session that the blocking client (:mod:`lockbroker.client`)
+and the asyncio client (:mod:`lockbroker.aio`) share, without their I/O.
+
+Each client reads and writes its own way (a blocking socket or pipe, or
+asyncio streams); what it sends and how it reads what it gets back is
+decided here, once:
+
+* who may serve a Unix socket, checked before connecting
+  (:func:`expected_unix_server`; the peer is checked after by
+  :func:`lockbroker.address.check_server`), and the error of a connect
+  that failed (:func:`connect_failed`);
+* the handshake (PROTOCOL.md 6.1): the ``Hello`` (:func:`hello_frame`),
+  the checks of the daemon's answer (:func:`read_welcome`), and the
+  fallback to the oldest version a daemon of before the latest may ask for
+  (:func:`fallback_version`);
+* the frames of the session: a request's frame within the daemon's limit
+  (:func:`request_frame`), and the routing of every frame the daemon sends
+  (:func:`route_frames`), with why a session ends (:func:`stream_end`,
+  :func:`reader_failed`);
+* what an answer means: to an id nobody waits for (:func:`ignored`,
+  :func:`stray_hold`), to a watch (:func:`event_target`), to a request
+  (:func:`expect`, :func:`checked`, :func:`unexpected`,
+  :func:`acquire_result`, :func:`watch_gone`).
+
+Where the daemon listens and whom to trust there are
+:mod:`lockbroker.address`'s rules (:func:`~lockbroker.address.resolve`,
+:func:`~lockbroker.address.expected_server`); :mod:`lockbroker.transport`
+connects the blocking client with them, :mod:`lockbroker.aio` its own.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Dict, Iterable, Optional, Set, Tuple, Type, TypeVar, Union
+
+from . import address as _address
+from .errors import ConnectFailed, ConnectionLost, LockbrokerError, NotHeld, Untrusted, broker_error
+from .protocol import (
+    HANDSHAKE_MAX_FRAME_LEN,
+    OLDEST_PROTOCOL_VERSION,
+    Cancelled,
+    DecodeError,
+    ErrorCode,
+    ErrorInfo,
+    ErrorResponse,
+    EventMessage,
+    Fatal,
+    FrameBuffer,
+    Grant,
+    Granted,
+    Hello,
+    RequestMessage,
+    Response,
+    ResponseMessage,
+    ShuttingDown,
+    StateChanged,
+    TimedOut,
+    WatchLagged,
+    Welcome,
+    decode_server_message,
+    encode_client_message,
+    encode_frame,
+    error_code_name,
+)
+
+R = TypeVar("R", bound=Response)
+Q = TypeVar("Q")
+
+
+class _WatchEnd:
+    """The last item of a watch's queue: closed (``error`` None) or the
+    session ended (``error`` says why)."""
+
+    __slots__ = ("error",)
+
+    def __init__(self, error: Optional[ConnectionLost]) -> None:
+        self.error = error
+
+
+# ------------------------------------------------------------- connecting
+
+
+def expected_unix_server(address: _address.Address, allow_uids: Iterable[int]) -> Tuple[int, ...]:
+    """The users who may serve the Unix socket at ``address``, after the
+    checks of its directory (:func:`lockbroker.address.expected_server`):
+    raises :class:`Untrusted`, or :class:`ConnectFailed` if the directory
+    cannot be inspected."""
+    try:
+        return _address.expected_server(address, allowed=allow_uids)
+    except Untrusted:
+        raise
+    except OSError as e:
+        raise ConnectFailed("cannot inspect the directory of %s: %s" % (address.path, e), address.path) from e
+
+
+def connect_failed(address: _address.Address, error: BaseException) -> ConnectFailed:
+    """The error of a connect to ``address`` that failed with ``error``."""
+    return ConnectFailed(
+        "cannot connect to the lockbroker daemon at %s (%s source): %s" % (address.path, address.source, error),
+        address.path,
+    )
+
+
+# ---------------------------------------------------------------- handshake
+
+
+def hello_frame(version: int, client_name: str) -> bytes:
+    """The frame of the ``Hello`` that opens a session in ``version``."""
+    return encode_frame(encode_client_message(Hello(version=version, client_name=client_name)))
+
+
+def handshake_failed(path: str, error: BaseException) -> ConnectFailed:
+    """The error of a handshake with ``path`` that a read (or the frame
+    read) broke with ``error``."""
+    return ConnectFailed("handshake with %s failed: %s" % (path, error), path)
+
+
+def read_welcome(buffer: FrameBuffer, data: bytes, path: str, version: int) -> Optional[Welcome]:
+    """Feed ``buffer`` what a read of the handshake returned (``b""``: the
+    end of the stream); the daemon's ``Welcome`` once its frame is whole,
+    None until then.
+
+    Raises :class:`ConnectFailed` if the daemon closed the connection,
+    refused the session (``Fatal``: ``fatal`` says why), or answered other
+    than a ``Welcome`` in ``version``. On success ``buffer`` is ready for
+    the session's frames: its maximum is at least the announced one
+    (PROTOCOL.md 2).
+    """
+    if not data:
+        closed = ConnectFailed("the daemon at %s closed the connection during the handshake" % path, path)
+        raise handshake_failed(path, closed) from closed
+    try:
+        buffer.feed(data)
+        body = buffer.next_body()
+        if body is None:
+            return None
+        message = decode_server_message(body)
+    except DecodeError as e:
+        raise handshake_failed(path, e) from e
+    if isinstance(message, Fatal):
+        info = message.error
+        raise ConnectFailed(
+            "the daemon at %s refused the session: %s (%d): %s"
+            % (path, error_code_name(info.code), info.code, info.message),
+            path,
+            info,
+        )
+    if not isinstance(message, Welcome):
+        raise ConnectFailed("handshake with %s: expected Welcome, got %r" % (path, message), path)
+    if message.version != version:
+        raise ConnectFailed(
+            "handshake with %s: asked for protocol version %d, the daemon answered %d"
+            % (path, version, message.version),
+            path,
+        )
+    buffer.max_len = max(message.limits.max_frame_len, HANDSHAKE_MAX_FRAME_LEN)
+    return message
+
+
+def fallback_version(error: ConnectFailed) -> Optional[int]:
+    """The version to handshake in again after a handshake in the latest
+    failed with ``error``: the oldest, if the daemon (one of before the
+    latest) refused the version as unsupported; else None (give up)."""
+    if error.fatal is not None and error.fatal.code == ErrorCode.UNSUPPORTED_VERSION:
+        return OLDEST_PROTOCOL_VERSION
+    return None
+
+
+# ------------------------------------------------------------------- frames
+
+
+def request_frame(message: RequestMessage, max_len: int) -> bytes:
+    """The frame of ``message``; ``ValueError`` if its body is above the
+    daemon's ``max_frame_len`` (``max_len``), which it would refuse."""
+    body = encode_client_message(message)
+    if len(body) > max_len:
+        raise ValueError("request of %d bytes exceeds the daemon's max_frame_len of %d" % (len(body), max_len))
+    return encode_frame(body)
+
+
+def stream_end(buffer: FrameBuffer) -> ConnectionLost:
+    """Why the session ended, at the end of the stream."""
+    if buffer.has_partial():
+        return ConnectionLost("the connection broke in the middle of a frame")
+    return ConnectionLost("the daemon closed the connection")
+
+
+def reader_failed(error: Exception) -> ConnectionLost:
+    """Why the session ended when reading it raised ``error``: the
+    connection failed (``OSError``), or the reader has a bug, which must
+    end the session rather than leave callers waiting."""
+    if isinstance(error, OSError):
+        return ConnectionLost("the connection to the daemon failed: %s" % error)
+    return ConnectionLost("the client's reader failed: %r" % (error,))
+
+
+def fatal_lost(info: ErrorInfo) -> ConnectionLost:
+    """The end of a session the daemon ended with ``Fatal(info)``."""
+    return ConnectionLost(
+        "the daemon ended the session: %s (%d): %s" % (error_code_name(info.code), info.code, info.message),
+        info,
+    )
+
+
+def route_frames(
+    buffer: FrameBuffer,
+    version: int,
+    respond: Callable[[ResponseMessage], None],
+    notify: Callable[[Union[StateChanged, WatchLagged]], None],
+    shutting_down: Callable[[], None],
+) -> Optional[ConnectionLost]:
+    """Route every whole frame in ``buffer`` (decoded in protocol
+    ``version``): a response to ``respond``, a watch's event to ``notify``,
+    ``ShuttingDown`` (every hold is about to be lost, PROTOCOL.md 9.3) to
+    ``shutting_down``. Returns why the session ends, if a frame ends it
+    (``Fatal``, or a frame that is not one), else None."""
+    while True:
+        try:
+            body = buffer.next_body()
+        except DecodeError as e:
+            return ConnectionLost("bad frame from the daemon: %s" % e)
+        if body is None:
+            return None
+        try:
+            message = decode_server_message(body, version)
+        except DecodeError as e:
+            return ConnectionLost("undecodable frame from the daemon: %s" % e)
+        if isinstance(message, ResponseMessage):
+            respond(message)
+        elif isinstance(message, EventMessage):
+            event = message.event
+            if isinstance(event, ShuttingDown):
+                shutting_down()
+            else:
+                notify(event)
+        elif isinstance(message, Fatal):
+            return fatal_lost(message.error)
+        else:
+            return ConnectionLost("unexpected frame from the daemon: %r" % (message,))
+
+
+# ------------------------------------------------------------------ answers
+
+
+def ignored(response: Response) -> bool:
+    """Whether an answer is routed to nobody: ``duplicate_request_id``
+    carries the id of a still-waiting acquire, whose own answer is still
+    to come (PROTOCOL.md 7); the clients never reuse an id anyway."""
+    return isinstance(response, ErrorResponse) and response.error.code == ErrorCode.DUPLICATE_REQUEST_ID
+
+
+def stray_hold(response: Response) -> Optional[int]:
+    """The hold to release, of an answer to an id nobody waits for: a
+    ``Granted``'s, for an acquire given up (PROTOCOL.md 7 and 8.7). None
+    for any other (``Cancelled``, ``Done``, ``not_pending``, an untracked
+    ``Release``'s ``Released``): those are ignored."""
+    return response.grant.hold_id if isinstance(response, Granted) else None
+
+
+def event_target(watches: Dict[int, Q], orphans: Set[int], watch_id: int) -> Tuple[Optional[Q], bool]:
+    """Where an event of watch ``watch_id`` goes: ``(its queue, False)``;
+    ``(None, True)`` for a watch nobody consumes any more, to stop (it
+    leaves ``orphans``: stopped once); ``(None, False)`` to ignore (a
+    watch just closed)."""
+    events = watches.get(watch_id)
+    if events is not None:
+        return events, False
+    if watch_id in orphans:
+        orphans.discard(watch_id)
+        return None, True
+    return None, False
+
+
+def unexpected(response: Response) -> LockbrokerError:
+    """The error for an answer that is not the one asked for: the daemon's
+    error as a :class:`BrokerError` subclass, or a :class:`LockbrokerError`."""
+    if isinstance(response, ErrorResponse):
+        return broker_error(response.error)
+    return LockbrokerError("unexpected response from the daemon: %r" % (response,))
+
+
+def checked(response: Response) -> Response:
+    """``response``, unless it is an error: then that is raised."""
+    if isinstance(response, ErrorResponse):
+        raise broker_error(response.error)
+    return response
+
+
+def expect(response: Response, kind: Type[R]) -> R:
+    """``response`` if it is a ``kind``; else raise what it says
+    (:func:`unexpected`)."""
+    if isinstance(response, kind):
+        return response
+    raise unexpected(response)
+
+
+def acquire_result(response: Response) -> Optional[Grant]:
+    """What an acquire's answer means: its grant, or None if it timed out
+    (or was cancelled); raises the daemon's refusal."""
+    if isinstance(response, Granted):
+        return response.grant
+    if isinstance(response, (TimedOut, Cancelled)):
+        return None
+    raise unexpected(response)
+
+
+def watch_gone(error: LockbrokerError) -> bool:
+    """Whether stopping a watch failed only because it is gone already:
+    the session ended with it, or the daemon knows it no more
+    (``not_pending``)."""
+    if isinstance(error, ConnectionLost):
+        return True
+    return isinstance(error, NotHeld) and error.code == ErrorCode.NOT_PENDING
