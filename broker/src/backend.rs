@@ -169,6 +169,10 @@ impl Backend for Local {
         self.table.end_session(name, peer.id(), abandon).send();
     }
 
+    fn session_ended(&self, peer: &Arc<Peer>, _abandon: bool) {
+        self.table.session_ended(peer.id());
+    }
+
     fn list(
         &self,
         prefix: &str,

@@ -118,6 +118,10 @@ pub enum LockError {
         /// The capacity asked for.
         asked: u32,
     },
+    /// The wait could never be granted: every holder it needs waits, in
+    /// the end, for its own actor (the message names a cycle).
+    #[error("{0}")]
+    Deadlock(String),
     /// A release of more permits than the session holds on the name.
     #[error("cannot release {count} permits of {name:?}: this session holds {held}")]
     NotHeld {
@@ -142,6 +146,7 @@ impl LockError {
             LockError::KindMismatch { .. } => ErrorCode::KindMismatch,
             LockError::CapacityMismatch { .. } => ErrorCode::CapacityMismatch,
             LockError::NotHeld { .. } => ErrorCode::NotHeld,
+            LockError::Deadlock(_) => ErrorCode::Deadlock,
         }
     }
 }
@@ -351,6 +356,9 @@ pub struct AcquireSpec {
     pub may_wait: bool,
     /// For `inspect` only.
     pub timeout_ms: Option<u64>,
+    /// The thread of control asking (`AcquireAs`), 0 for none: holds and
+    /// waits of an actor are what deadlock detection follows.
+    pub actor: u64,
 }
 
 impl AcquireSpec {
@@ -393,6 +401,7 @@ impl AcquireSpec {
             permits,
             may_wait: timeout_ms != Some(0),
             timeout_ms,
+            actor: 0,
         })
     }
 
@@ -437,6 +446,8 @@ pub struct Released {
 #[derive(Debug)]
 struct Holder {
     peer: Arc<Peer>,
+    /// The actor it was granted to (0: none).
+    actor: u64,
     hold_id: u64,
     kind: LockKind,
     permits: u32,
@@ -447,6 +458,8 @@ struct Holder {
 #[derive(Debug)]
 struct Waiter {
     peer: Arc<Peer>,
+    /// The actor waiting (0: none).
+    actor: u64,
     request_id: u64,
     kind: LockKind,
     permits: u32,
@@ -656,6 +669,154 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
+/// An entry as [`LockTable::find_deadlock`] read it: what is free, the
+/// holders (actor, weight, session) and the queue, in order.
+#[derive(Debug)]
+struct Seen {
+    name: LockName,
+    free: u64,
+    holders: Vec<(u64, u64, Arc<Peer>)>,
+    queue: VecDeque<SeenWait>,
+}
+
+#[derive(Debug)]
+struct SeenWait {
+    actor: u64,
+    weight: u64,
+    peer: Arc<Peer>,
+    request_id: u64,
+}
+
+/// Plays the waits of `seen` out: holds of an actor that waits for
+/// nothing (or of no actor) are let go, and each queue's head is granted
+/// while it fits, until nothing changes. What is left queued can never be
+/// granted while the actors left waiting keep what they hold.
+fn play_out(seen: &mut [Seen]) {
+    let mut waiting: HashMap<u64, usize> = HashMap::new();
+    for w in seen.iter().flat_map(|e| e.queue.iter()) {
+        if w.actor != 0 {
+            *waiting.entry(w.actor).or_default() += 1;
+        }
+    }
+    loop {
+        let mut changed = false;
+        for e in seen.iter_mut() {
+            let before = e.holders.len();
+            let mut freed = 0;
+            e.holders.retain(|(a, weight, _)| {
+                let stays = *a != 0 && waiting.get(a).is_some_and(|n| *n > 0);
+                if !stays {
+                    freed += weight;
+                }
+                stays
+            });
+            e.free += freed;
+            changed |= e.holders.len() != before;
+            while e.queue.front().is_some_and(|w| w.weight <= e.free) {
+                let w = e.queue.pop_front().expect("a head");
+                e.free -= w.weight;
+                if w.actor != 0 {
+                    *waiting.get_mut(&w.actor).expect("counted") -= 1;
+                }
+                e.holders.push((w.actor, w.weight, w.peer));
+                changed = true;
+            }
+        }
+        if !changed {
+            return;
+        }
+    }
+}
+
+/// "waiting for "y" would deadlock: this session waits for "y", held by
+/// session 5 (pid 42, "job"), which waits for "x", held by this session":
+/// a cycle among what [`play_out`] left waiting, from the new wait
+/// (`actor`'s, in `peer`, on `name`) back to `actor`. Each step goes to a
+/// holder of the lock waited for, or a waiter ahead, that is itself left
+/// waiting.
+fn describe_deadlock(seen: &[Seen], peer: &Arc<Peer>, actor: u64, name: &LockName) -> String {
+    // Actor → (a lock it waits for, the session it waits in).
+    let mut waits_for: HashMap<u64, Vec<(&LockName, &Arc<Peer>)>> = HashMap::new();
+    for e in seen {
+        for w in &e.queue {
+            waits_for
+                .entry(w.actor)
+                .or_default()
+                .push((&e.name, &w.peer));
+        }
+    }
+    // Who keeps a wait on `e` waiting: its holders, and the waiters ahead.
+    let keepers = |e: &Seen, waiter: u64| -> Vec<(u64, Arc<Peer>)> {
+        let ahead = e.queue.iter().take_while(|w| w.actor != waiter);
+        (e.holders.iter().map(|h| (h.0, Arc::clone(&h.2))))
+            .chain(ahead.map(|w| (w.actor, Arc::clone(&w.peer))))
+            .filter(|(a, _)| *a != 0)
+            .collect()
+    };
+    let entry = |n: &LockName| seen.iter().find(|e| e.name == *n);
+    // Depth first from the new wait, remembering how each actor was
+    // reached: (from actor, the lock it waits for, the holder's session).
+    let mut reached: HashMap<u64, (u64, LockName, Arc<Peer>)> = HashMap::new();
+    let mut stack = vec![(actor, name.clone())];
+    let mut closing = None;
+    'walk: while let Some((at, waited)) = stack.pop() {
+        let Some(e) = entry(&waited) else { continue };
+        for (b, session) in keepers(e, at) {
+            if b == actor {
+                closing = Some((at, waited.clone(), session));
+                break 'walk;
+            }
+            if let std::collections::hash_map::Entry::Vacant(v) = reached.entry(b) {
+                v.insert((at, waited.clone(), session));
+                for (n, _) in waits_for.get(&b).into_iter().flatten() {
+                    stack.push((b, (*n).clone()));
+                }
+            }
+        }
+    }
+    let describe = |session: &Arc<Peer>| -> String {
+        if Arc::ptr_eq(session, peer) {
+            return "this session".into();
+        }
+        let info = &session.info;
+        let mut s = format!("session {}", info.session_id);
+        match (info.pid, info.client_name.as_str()) {
+            (Some(pid), "") => s += &format!(" (pid {pid})"),
+            (Some(pid), client) => s += &format!(" (pid {pid}, {client:?})"),
+            (None, "") => {}
+            (None, client) => s += &format!(" ({client:?})"),
+        }
+        s
+    };
+    let mut text = format!("waiting for {:?} would deadlock: ", name.as_str());
+    let Some((last, last_name, closing)) = closing else {
+        // Always found: what is left waiting waits on what is left.
+        return text + "every holder it needs waits, in the end, for this session";
+    };
+    // Back from the last step to the new wait: (waiting actor, lock, its holder's session).
+    let mut links = vec![(last, last_name, closing)];
+    let mut at = last;
+    while at != actor {
+        let (from, n, session) = reached[&at].clone();
+        links.push((from, n, session));
+        at = from;
+    }
+    links.reverse();
+    for (i, (_, n, holder)) in links.iter().enumerate() {
+        if i == 0 {
+            text += &format!("this session waits for {:?}", n.as_str());
+        } else {
+            text += &format!(", which waits for {:?}", n.as_str());
+        }
+        let acts_for = i + 1 == links.len() && !Arc::ptr_eq(holder, peer);
+        text += &format!(", held by {}", describe(holder));
+        if acts_for {
+            text += ", on whose behalf this session acts";
+        }
+    }
+    text
+}
+
 /// The first name of `shard` within `lower..` that starts with `prefix`.
 fn first_match(shard: &Shard, lower: Bound<&str>, prefix: &str) -> Option<LockName> {
     let (name, _) = shard.range::<str, _>((lower, Bound::Unbounded)).next()?;
@@ -678,7 +839,34 @@ struct Inner {
     max_abandoned: usize,
     next_hold: AtomicU64,
     next_fence: AtomicU64,
+    /// The waits of every session, for deadlock detection. Taken by an
+    /// acquire that must wait, for its queueing and its check, so no other
+    /// wait is added meanwhile; before any shard lock, never inside one.
+    waits: Mutex<Waits>,
 }
+
+/// The waits of actors, for deadlock detection: actor → its waits, as
+/// queued; and session → the actors it queued for, to forget a session's
+/// waits when it ends. A wait that has ended (granted, cancelled, timed
+/// out) may linger until a check finds it gone from its queue or its
+/// session ends; each actor's list is pruned when it doubles, so it stays
+/// within twice its live waits.
+#[derive(Debug, Default)]
+struct Waits {
+    by_actor: HashMap<u64, ActorWaits>,
+    by_session: HashMap<u64, Vec<u64>>,
+}
+
+#[derive(Debug, Default)]
+struct ActorWaits {
+    /// (name, session, request id).
+    waits: Vec<(LockName, u64, u64)>,
+    /// Prune when the list reaches this length.
+    prune_at: usize,
+}
+
+/// Waits an actor's list holds before it is first pruned.
+const WAITS_PRUNE_FLOOR: usize = 64;
 
 impl LockTable {
     /// An empty table whose first fence is `fence_floor + 1`, keeping the
@@ -692,6 +880,7 @@ impl LockTable {
                 max_abandoned,
                 next_hold: AtomicU64::new(0),
                 next_fence: AtomicU64::new(fence_floor),
+                waits: Mutex::default(),
             }),
         }
     }
@@ -702,6 +891,12 @@ impl LockTable {
     }
 
     /// Asks for `spec` on `name` for `peer`'s acquire `request_id`.
+    ///
+    /// An acquire of an actor (`spec.actor`, a thread of control) that
+    /// must wait is refused with [`LockError::Deadlock`] if its wait could
+    /// then never be granted (see [`LockTable::find_deadlock`]). Only such
+    /// an acquire is checked: one granted at once, a try, or one of no
+    /// actor never is.
     pub fn acquire(
         &self,
         name: &LockName,
@@ -709,12 +904,56 @@ impl LockTable {
         request_id: u64,
         spec: &AcquireSpec,
     ) -> Result<AcquireOutcome, LockError> {
+        if spec.actor == 0 {
+            return Ok(self
+                .acquire_pass(name, peer, request_id, spec, true)?
+                .expect("an acquire allowed to queue has an outcome"));
+        }
+        if let Some(outcome) = self.acquire_pass(name, peer, request_id, spec, false)? {
+            return Ok(outcome);
+        }
+        // It must wait: it is queued and checked with the waits held, so
+        // no other wait is added meanwhile and a deadlock found is one that
+        // was there when each lock was read (waits only end meanwhile).
+        let mut waits = lock(&self.inner.waits);
+        let outcome = self
+            .acquire_pass(name, peer, request_id, spec, true)?
+            .expect("an acquire allowed to queue has an outcome");
+        if !matches!(outcome, AcquireOutcome::Queued) {
+            return Ok(outcome);
+        }
+        let Some(cycle) = self.find_deadlock(&mut waits, peer, spec.actor, name, request_id) else {
+            self.record_wait(&mut waits, spec.actor, peer.id(), name, request_id);
+            return Ok(AcquireOutcome::Queued);
+        };
+        let (removed, grants) = self.cancel(name.as_str(), peer.id(), request_id);
+        drop(waits);
+        grants.send();
+        if removed {
+            Err(LockError::Deadlock(cycle))
+        } else {
+            // Granted meanwhile (a holder in the cycle let go): no cycle,
+            // and the grant is on its way.
+            Ok(AcquireOutcome::Queued)
+        }
+    }
+
+    /// One try at `acquire`: `None` when the request would have to queue
+    /// and `queue` is false.
+    fn acquire_pass(
+        &self,
+        name: &LockName,
+        peer: &Arc<Peer>,
+        request_id: u64,
+        spec: &AcquireSpec,
+        queue: bool,
+    ) -> Result<Option<AcquireOutcome>, LockError> {
         let mut shard = lock(self.shard(name.as_str()));
         // One search either way; the key is a shared name, not a copy.
         match shard.entry(name.clone()) {
             MapEntry::Occupied(mut o) => {
                 let entry = o.get_mut();
-                let outcome = self.acquire_in(entry, name, peer, request_id, spec);
+                let outcome = self.acquire_in(entry, name, peer, request_id, spec, queue);
                 if entry.tombstone && entry.in_use() {
                     // In use again: no longer a tombstone, and never evicted.
                     entry.tombstone = false;
@@ -724,7 +963,7 @@ impl LockTable {
             }
             MapEntry::Vacant(v) => {
                 let mut entry = Entry::new(spec);
-                let outcome = self.acquire_in(&mut entry, name, peer, request_id, spec)?;
+                let outcome = self.acquire_in(&mut entry, name, peer, request_id, spec, queue)?;
                 if !entry.is_idle() {
                     v.insert(entry);
                 }
@@ -740,29 +979,177 @@ impl LockTable {
         peer: &Arc<Peer>,
         request_id: u64,
         spec: &AcquireSpec,
-    ) -> Result<AcquireOutcome, LockError> {
+        queue: bool,
+    ) -> Result<Option<AcquireOutcome>, LockError> {
         entry.admit(name.as_str(), spec)?;
         let weight = spec.weight();
         if entry.queue.is_empty() && weight <= u64::from(entry.free) {
             entry.free -= weight as u32;
-            let grant = self.new_hold(entry, peer, spec.kind, spec.permits);
-            return Ok(AcquireOutcome::Granted(grant));
+            let grant = self.new_hold(entry, peer, spec.actor, spec.kind, spec.permits);
+            return Ok(Some(AcquireOutcome::Granted(grant)));
         }
         if !spec.may_wait {
-            return Ok(AcquireOutcome::WouldBlock);
+            return Ok(Some(AcquireOutcome::WouldBlock));
+        }
+        if !queue {
+            return Ok(None);
         }
         entry.queue.push_back(Waiter {
             peer: Arc::clone(peer),
+            actor: spec.actor,
             request_id,
             kind: spec.kind,
             permits: spec.permits,
             since_ms: now_ms(),
             timeout_ms: spec.timeout_ms,
         });
-        Ok(AcquireOutcome::Queued)
+        Ok(Some(AcquireOutcome::Queued))
     }
 
-    fn new_hold(&self, entry: &mut Entry, peer: &Arc<Peer>, kind: LockKind, permits: u32) -> Grant {
+    /// Whether `session_id`'s acquire `request_id` waits on `name`.
+    fn is_waiting(&self, name: &str, session_id: u64, request_id: u64) -> bool {
+        lock(self.shard(name)).get(name).is_some_and(|e| {
+            e.queue
+                .iter()
+                .any(|w| w.request_id == request_id && w.peer.id() == session_id)
+        })
+    }
+
+    /// What `find_deadlock` needs of `name`'s entry, read under its lock.
+    fn snapshot(&self, name: &LockName) -> Option<Seen> {
+        let shard = lock(self.shard(name.as_str()));
+        let entry = shard.get(name.as_str())?;
+        Some(Seen {
+            name: name.clone(),
+            free: u64::from(entry.free),
+            holders: (entry.holders.iter())
+                .map(|h| (h.actor, weight(h.kind, h.permits), Arc::clone(&h.peer)))
+                .collect(),
+            queue: (entry.queue.iter())
+                .map(|w| SeenWait {
+                    actor: w.actor,
+                    weight: weight(w.kind, w.permits),
+                    peer: Arc::clone(&w.peer),
+                    request_id: w.request_id,
+                })
+                .collect(),
+        })
+    }
+
+    /// Whether `actor`'s new wait (`peer`'s `request_id` on `name`, just
+    /// queued) can never be granted, described if so.
+    ///
+    /// The locks it can depend on are read (the names its blockers wait
+    /// for, and theirs, from `waits`), then the waits are played out: an
+    /// actor that waits for nothing lets go of everything it holds (so do
+    /// holds and waits of no actor: whether they wait is not known), and
+    /// each queue is served in order as it would be. If that never reaches
+    /// the new wait, every actor it needs is waiting, directly or not, for
+    /// the new wait's own actor: a deadlock. A semaphore needing any one of
+    /// several holders, and shared holders going together, are so judged
+    /// exactly, as a walk of edges alone could not. Waits found ended are
+    /// dropped from `waits` on the way.
+    fn find_deadlock(
+        &self,
+        waits: &mut Waits,
+        peer: &Arc<Peer>,
+        actor: u64,
+        name: &LockName,
+        request_id: u64,
+    ) -> Option<String> {
+        // The locks the new wait depends on, each read once.
+        let mut seen: Vec<Seen> = Vec::new();
+        let mut names: std::collections::HashSet<LockName> = std::collections::HashSet::new();
+        let mut actors: std::collections::HashSet<u64> = std::collections::HashSet::new();
+        let mut frontier = vec![name.clone()];
+        names.insert(name.clone());
+        while let Some(next) = frontier.pop() {
+            let Some(entry) = self.snapshot(&next) else {
+                continue;
+            };
+            let involved =
+                (entry.holders.iter().map(|h| h.0)).chain(entry.queue.iter().map(|w| w.actor));
+            for a in involved {
+                if a == 0 || !actors.insert(a) {
+                    continue;
+                }
+                for (waited, _, _) in waits.by_actor.get(&a).map_or(&[][..], |l| &l.waits) {
+                    if names.insert(waited.clone()) {
+                        frontier.push(waited.clone());
+                    }
+                }
+            }
+            seen.push(entry);
+        }
+        // Waits the index has that their queues no longer do have ended.
+        for a in &actors {
+            if let Some(list) = waits.by_actor.get_mut(a) {
+                list.waits.retain(|(n, s, id)| {
+                    seen.iter().any(|e| {
+                        e.name == *n
+                            && e.queue
+                                .iter()
+                                .any(|w| w.peer.id() == *s && w.request_id == *id)
+                    })
+                });
+            }
+        }
+        play_out(&mut seen);
+        let stuck = seen.iter().find(|e| e.name == *name).is_some_and(|e| {
+            e.queue
+                .iter()
+                .any(|w| w.peer.id() == peer.id() && w.request_id == request_id)
+        });
+        stuck.then(|| describe_deadlock(&seen, peer, actor, name))
+    }
+
+    /// Adds `actor`'s wait to its list, pruning the list of ended waits
+    /// when it has doubled.
+    fn record_wait(
+        &self,
+        waits: &mut Waits,
+        actor: u64,
+        session_id: u64,
+        name: &LockName,
+        request_id: u64,
+    ) {
+        let list = waits.by_actor.entry(actor).or_default();
+        if list.waits.len() >= list.prune_at.max(WAITS_PRUNE_FLOOR) {
+            list.waits
+                .retain(|(n, s, id)| self.is_waiting(n.as_str(), *s, *id));
+            list.prune_at = list.waits.len() * 2;
+        }
+        list.waits.push((name.clone(), session_id, request_id));
+        let actors = waits.by_session.entry(session_id).or_default();
+        if !actors.contains(&actor) {
+            actors.push(actor);
+        }
+    }
+
+    /// Forgets the waits of a session that has ended.
+    pub fn session_ended(&self, session_id: u64) {
+        let mut waits = lock(&self.inner.waits);
+        let Some(actors) = waits.by_session.remove(&session_id) else {
+            return;
+        };
+        for actor in actors {
+            if let Some(list) = waits.by_actor.get_mut(&actor) {
+                list.waits.retain(|(_, s, _)| *s != session_id);
+                if list.waits.is_empty() {
+                    waits.by_actor.remove(&actor);
+                }
+            }
+        }
+    }
+
+    fn new_hold(
+        &self,
+        entry: &mut Entry,
+        peer: &Arc<Peer>,
+        actor: u64,
+        kind: LockKind,
+        permits: u32,
+    ) -> Grant {
         let grant = Grant {
             hold_id: self.inner.next_hold.fetch_add(1, Ordering::Relaxed) + 1,
             fence: self.inner.next_fence.fetch_add(1, Ordering::Relaxed) + 1,
@@ -775,6 +1162,7 @@ impl LockTable {
         }
         entry.holders.push(Holder {
             peer: Arc::clone(peer),
+            actor,
             hold_id: grant.hold_id,
             kind,
             permits,
@@ -793,7 +1181,7 @@ impl LockTable {
             }
             let w = entry.queue.pop_front().expect("head exists");
             entry.free -= weight as u32;
-            let grant = self.new_hold(entry, &w.peer, w.kind, w.permits);
+            let grant = self.new_hold(entry, &w.peer, w.actor, w.kind, w.permits);
             out.push(Delivery {
                 to: w.peer,
                 request_id: w.request_id,
@@ -1408,6 +1796,403 @@ mod tests {
         let (infos, more) = t.list("web/", &all[all.len() - 2], 5);
         assert_eq!(infos.len(), 1);
         assert!(!more, "the last page says so");
+    }
+
+    fn as_actor(mut spec: AcquireSpec, actor: u64) -> AcquireSpec {
+        spec.actor = actor;
+        spec
+    }
+
+    fn mutex() -> AcquireSpec {
+        spec(LockKind::Mutex, 1, 1, None)
+    }
+
+    fn deadlock(r: Result<AcquireOutcome, LockError>) -> String {
+        match r {
+            Err(LockError::Deadlock(message)) => message,
+            other => panic!("expected a deadlock, got {other:?}"),
+        }
+    }
+
+    fn waiters_of(t: &LockTable, n: &str) -> Vec<u64> {
+        let (entries, _) = t.inspect(n, 10);
+        entries
+            .iter()
+            .filter(|e| e.name == n)
+            .flat_map(|e| e.waiters.iter().map(|w| w.session.session_id))
+            .collect()
+    }
+
+    #[test]
+    fn two_actors_waiting_for_each_other_are_refused_once() {
+        let t = LockTable::new(0, 1024);
+        let (a, _) = peer(1);
+        let (b, _) = peer(2);
+        let (x, y) = (name("x"), name("y"));
+        granted(t.acquire(&x, &a, 1, &as_actor(mutex(), 11)).unwrap());
+        granted(t.acquire(&y, &b, 1, &as_actor(mutex(), 22)).unwrap());
+        assert_eq!(
+            t.acquire(&y, &a, 2, &as_actor(mutex(), 11)).unwrap(),
+            AcquireOutcome::Queued
+        );
+        let message = deadlock(t.acquire(&x, &b, 2, &as_actor(mutex(), 22)));
+        assert_eq!(
+            message,
+            "waiting for \"x\" would deadlock: this session waits for \"x\", held by \
+             session 1 (\"s1\"), which waits for \"y\", held by this session"
+        );
+        // Only the request that closed the cycle: nothing queued for it,
+        // the other wait and every hold untouched.
+        assert_eq!(waiters_of(&t, "x"), Vec::<u64>::new());
+        assert_eq!(waiters_of(&t, "y"), [1]);
+        // Without actors nothing is judged: the same waits queue.
+        let t = LockTable::new(0, 1024);
+        granted(t.acquire(&x, &a, 1, &mutex()).unwrap());
+        granted(t.acquire(&y, &b, 1, &mutex()).unwrap());
+        assert_eq!(
+            t.acquire(&y, &a, 2, &mutex()).unwrap(),
+            AcquireOutcome::Queued
+        );
+        assert_eq!(
+            t.acquire(&x, &b, 2, &mutex()).unwrap(),
+            AcquireOutcome::Queued
+        );
+    }
+
+    #[test]
+    fn a_cycle_of_three_across_kinds_is_found() {
+        let t = LockTable::new(0, 1024);
+        let (a, _) = peer(1);
+        let (b, _) = peer(2);
+        let (c, _) = peer(3);
+        let (m, sem, rw) = (name("m"), name("sem"), name("rw"));
+        let sem2 = |k| spec(LockKind::Semaphore, 2, k, None);
+        granted(t.acquire(&m, &a, 1, &as_actor(mutex(), 1)).unwrap());
+        granted(t.acquire(&sem, &b, 1, &as_actor(sem2(2), 2)).unwrap());
+        granted(
+            t.acquire(
+                &rw,
+                &c,
+                1,
+                &as_actor(spec(LockKind::RwShared, 0, 1, None), 3),
+            )
+            .unwrap(),
+        );
+        assert_eq!(
+            t.acquire(&sem, &a, 2, &as_actor(sem2(1), 1)).unwrap(),
+            AcquireOutcome::Queued
+        );
+        let exclusive = spec(LockKind::RwExclusive, 0, 1, None);
+        assert_eq!(
+            t.acquire(&rw, &b, 2, &as_actor(exclusive, 2)).unwrap(),
+            AcquireOutcome::Queued
+        );
+        let message = deadlock(t.acquire(&m, &c, 2, &as_actor(mutex(), 3)));
+        assert!(
+            message.contains("\"m\"") && message.contains("\"sem\"") && message.contains("\"rw\""),
+            "{message}"
+        );
+    }
+
+    #[test]
+    fn a_semaphore_any_one_holder_of_which_can_free_it_is_no_deadlock() {
+        // a waits for one of three permits held by b and c; b waits for a.
+        // c waits for nothing, so its release serves a: no deadlock.
+        let t = LockTable::new(0, 1024);
+        let (a, _) = peer(1);
+        let (b, _) = peer(2);
+        let (c, _) = peer(3);
+        let (x, sem) = (name("x"), name("sem"));
+        let sem3 = |k| spec(LockKind::Semaphore, 3, k, None);
+        granted(t.acquire(&x, &a, 1, &as_actor(mutex(), 1)).unwrap());
+        granted(t.acquire(&sem, &b, 1, &as_actor(sem3(2), 2)).unwrap());
+        granted(t.acquire(&sem, &c, 1, &as_actor(sem3(1), 3)).unwrap());
+        assert_eq!(
+            t.acquire(&x, &b, 2, &as_actor(mutex(), 2)).unwrap(),
+            AcquireOutcome::Queued
+        );
+        assert_eq!(
+            t.acquire(&sem, &a, 2, &as_actor(sem3(1), 1)).unwrap(),
+            AcquireOutcome::Queued
+        );
+        // Once c waits too (for a), a can never be served.
+        let message = deadlock(t.acquire(&x, &c, 2, &as_actor(mutex(), 3)));
+        assert!(message.contains("\"x\""), "{message}");
+    }
+
+    #[test]
+    fn an_actor_waiting_behind_its_own_hold_is_refused() {
+        let t = LockTable::new(0, 1024);
+        let (outer, _) = peer(1);
+        let (inner, _) = peer(2);
+        let x = name("x");
+        // A nested `lockbroker lock x` acts for the session that holds x.
+        granted(t.acquire(&x, &outer, 1, &as_actor(mutex(), 7)).unwrap());
+        let message = deadlock(t.acquire(&x, &inner, 1, &as_actor(mutex(), 7)));
+        assert_eq!(
+            message,
+            "waiting for \"x\" would deadlock: this session waits for \"x\", held by \
+             session 1 (\"s1\"), on whose behalf this session acts"
+        );
+        // A semaphore the actor holds part of: refused only when the rest
+        // can never be enough.
+        let sem = name("sem");
+        let sem3 = |k| spec(LockKind::Semaphore, 3, k, None);
+        granted(t.acquire(&sem, &outer, 2, &as_actor(sem3(2), 7)).unwrap());
+        deadlock(t.acquire(&sem, &outer, 3, &as_actor(sem3(2), 7)));
+        let (other, _) = peer(3);
+        granted(t.acquire(&sem, &other, 1, &as_actor(sem3(1), 8)).unwrap());
+        assert_eq!(
+            t.acquire(&sem, &outer, 4, &as_actor(sem3(1), 7)).unwrap(),
+            AcquireOutcome::Queued
+        );
+    }
+
+    #[test]
+    fn holds_and_waits_of_no_actor_are_taken_to_end() {
+        // b acts for nobody: whether it waits is not known, so it is taken
+        // to let go in the end, and a's wait for it is no deadlock.
+        let t = LockTable::new(0, 1024);
+        let (a, _) = peer(1);
+        let (b, _) = peer(2);
+        let (x, y) = (name("x"), name("y"));
+        granted(t.acquire(&x, &a, 1, &as_actor(mutex(), 1)).unwrap());
+        granted(t.acquire(&y, &b, 1, &mutex()).unwrap());
+        assert_eq!(
+            t.acquire(&x, &b, 2, &mutex()).unwrap(),
+            AcquireOutcome::Queued
+        );
+        assert_eq!(
+            t.acquire(&y, &a, 2, &as_actor(mutex(), 1)).unwrap(),
+            AcquireOutcome::Queued
+        );
+    }
+
+    #[test]
+    fn an_ended_wait_closes_no_cycle_and_is_forgotten() {
+        let t = LockTable::new(0, 1024);
+        let (a, _) = peer(1);
+        let (b, _) = peer(2);
+        let (x, y) = (name("x"), name("y"));
+        granted(t.acquire(&x, &a, 1, &as_actor(mutex(), 1)).unwrap());
+        granted(t.acquire(&y, &b, 1, &as_actor(mutex(), 2)).unwrap());
+        assert_eq!(
+            t.acquire(&y, &a, 2, &as_actor(mutex(), 1)).unwrap(),
+            AcquireOutcome::Queued
+        );
+        // a's wait times out (the session withdraws it).
+        assert!(t.cancel("y", 1, 2).0);
+        assert_eq!(
+            t.acquire(&x, &b, 2, &as_actor(mutex(), 2)).unwrap(),
+            AcquireOutcome::Queued
+        );
+        assert!(
+            lock(&t.inner.waits).by_actor[&1].waits.is_empty(),
+            "the check dropped the ended wait"
+        );
+        t.session_ended(1);
+        t.session_ended(2);
+        let waits = lock(&t.inner.waits);
+        assert!(waits.by_actor.is_empty() && waits.by_session.is_empty());
+    }
+
+    /// A wait that ends (a timeout, on another thread) while the wait that
+    /// would close a cycle with it is checked: the check refuses the new
+    /// wait, or finds no cycle; never is a cycle left waiting.
+    #[test]
+    fn a_timeout_racing_the_check_leaves_no_cycle_waiting() {
+        for _ in 0..500 {
+            let t = LockTable::new(0, 1024);
+            let (a, _) = peer(1);
+            let (b, _) = peer(2);
+            let (x, y) = (name("x"), name("y"));
+            granted(t.acquire(&x, &a, 1, &as_actor(mutex(), 1)).unwrap());
+            granted(t.acquire(&y, &b, 1, &as_actor(mutex(), 2)).unwrap());
+            assert_eq!(
+                t.acquire(&y, &a, 2, &as_actor(mutex(), 1)).unwrap(),
+                AcquireOutcome::Queued
+            );
+            let racer = {
+                let t = t.clone();
+                std::thread::spawn(move || t.cancel("y", 1, 2).0)
+            };
+            let closing = t.acquire(&x, &b, 2, &as_actor(mutex(), 2));
+            let a_timed_out = racer.join().unwrap();
+            let a_waits = waiters_of(&t, "y") == [1];
+            let b_waits = waiters_of(&t, "x") == [2];
+            assert!(!(a_waits && b_waits), "a cycle is left waiting");
+            match closing {
+                Ok(AcquireOutcome::Queued) => assert!(a_timed_out && b_waits),
+                Err(LockError::Deadlock(_)) => assert!(!b_waits),
+                other => panic!("{other:?}"),
+            }
+        }
+    }
+
+    mod deadlock_model {
+        //! Deadlock detection against a reference that plays out the whole
+        //! table: each of four actors is one thread of control (its own
+        //! session; it does nothing while it waits but time out), and an
+        //! acquire must be refused exactly when, with its wait added, some
+        //! wait could never be granted.
+        use super::*;
+        use proptest::prelude::*;
+
+        const CAPACITY: [u64; 3] = [RW_WEIGHT, 3, RW_WEIGHT];
+
+        #[derive(Debug, Clone)]
+        enum Op {
+            Acquire {
+                a: usize,
+                n: usize,
+                permits: u32,
+                shared: bool,
+            },
+            Release {
+                a: usize,
+                pick: usize,
+            },
+            TimeOut {
+                a: usize,
+            },
+        }
+
+        fn op() -> impl Strategy<Value = Op> {
+            prop_oneof![
+                5 => (0..4usize, 0..3usize, 1..=3u32, any::<bool>())
+                    .prop_map(|(a, n, permits, shared)| Op::Acquire { a, n, permits, shared }),
+                3 => (0..4usize, any::<usize>()).prop_map(|(a, pick)| Op::Release { a, pick }),
+                1 => (0..4usize).prop_map(|a| Op::TimeOut { a }),
+            ]
+        }
+
+        /// (actor, weight, hold id or request id)
+        type Slot = (usize, u64, u64);
+
+        #[derive(Default, Clone)]
+        struct Model {
+            holders: [Vec<Slot>; 3],
+            queue: [Vec<Slot>; 3],
+        }
+
+        impl Model {
+            fn waits(&self, a: usize) -> Option<(usize, u64)> {
+                (0..3).find_map(|n| self.queue[n].iter().find(|s| s.0 == a).map(|s| (n, s.2)))
+            }
+
+            /// Whether some wait can never be granted: actors that wait
+            /// for nothing let go, queues are served in order, to the end.
+            fn stuck(&self) -> bool {
+                let mut m = self.clone();
+                loop {
+                    let mut changed = false;
+                    for (n, capacity) in CAPACITY.into_iter().enumerate() {
+                        let waiting: Vec<usize> =
+                            (0..4).filter(|a| m.waits(*a).is_some()).collect();
+                        let before = m.holders[n].len();
+                        m.holders[n].retain(|h| waiting.contains(&h.0));
+                        changed |= m.holders[n].len() != before;
+                        loop {
+                            let used: u64 = m.holders[n].iter().map(|h| h.1).sum();
+                            match m.queue[n].first() {
+                                Some(w) if used + w.1 <= capacity => {
+                                    let w = m.queue[n].remove(0);
+                                    m.holders[n].push(w);
+                                    changed = true;
+                                }
+                                _ => break,
+                            }
+                        }
+                    }
+                    if !changed {
+                        return m.queue.iter().any(|q| !q.is_empty());
+                    }
+                }
+            }
+
+            fn granted(&mut self, deliveries: &[Delivery]) {
+                for d in deliveries {
+                    let n = (0..3)
+                        .find(|n| self.queue[*n].iter().any(|w| w.2 == d.request_id))
+                        .expect("a delivery for a waiter");
+                    let at = self.queue[n]
+                        .iter()
+                        .position(|w| w.2 == d.request_id)
+                        .unwrap();
+                    let (a, weight, _) = self.queue[n].remove(at);
+                    self.holders[n].push((a, weight, d.grant.hold_id));
+                }
+            }
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig { cases: 512, ..ProptestConfig::default() })]
+            #[test]
+            fn refused_exactly_when_a_wait_could_never_be_granted(
+                ops in prop::collection::vec(op(), 1..60)
+            ) {
+                let t = LockTable::new(0, 1024);
+                let peers: Vec<Arc<Peer>> = (1..=4).map(|i| peer(i).0).collect();
+                let names = [name("m"), name("s"), name("r")];
+                let mut m = Model::default();
+                let mut next_request = 0;
+                for op in ops {
+                    match op {
+                        Op::Acquire { a, n, permits, shared } => {
+                            if m.waits(a).is_some() {
+                                continue; // a thread that waits does nothing else
+                            }
+                            let (kind, permits) = match n {
+                                0 => (LockKind::Mutex, 1),
+                                1 => (LockKind::Semaphore, permits),
+                                _ if shared => (LockKind::RwShared, 1),
+                                _ => (LockKind::RwExclusive, 1),
+                            };
+                            next_request += 1;
+                            let s = as_actor(spec(kind, 3, permits, None), a as u64 + 1);
+                            let w = weight(kind, permits);
+                            let mut with_wait = m.clone();
+                            with_wait.queue[n].push((a, w, next_request));
+                            match t.acquire(&names[n], &peers[a], next_request, &s) {
+                                Ok(AcquireOutcome::Granted(g)) => m.holders[n].push((a, w, g.hold_id)),
+                                Ok(AcquireOutcome::Queued) => {
+                                    prop_assert!(!with_wait.stuck(), "queued into a deadlock");
+                                    m = with_wait;
+                                }
+                                Err(LockError::Deadlock(_)) => {
+                                    prop_assert!(with_wait.stuck(), "refused, but no deadlock");
+                                }
+                                other => prop_assert!(false, "{other:?}"),
+                            }
+                        }
+                        Op::Release { a, pick } => {
+                            if m.waits(a).is_some() {
+                                continue;
+                            }
+                            let held: Vec<(usize, u64)> = (0..3)
+                                .flat_map(|n| m.holders[n].iter().filter(|h| h.0 == a).map(move |h| (n, h.2)))
+                                .collect();
+                            if held.is_empty() {
+                                continue;
+                            }
+                            let (n, hold_id) = held[pick % held.len()];
+                            let (released, out) = t.release(names[n].as_str(), a as u64 + 1, hold_id);
+                            prop_assert!(released.is_some());
+                            m.holders[n].retain(|h| h.2 != hold_id);
+                            m.granted(&out);
+                        }
+                        Op::TimeOut { a } => {
+                            let Some((n, request_id)) = m.waits(a) else { continue };
+                            let (removed, out) = t.cancel(names[n].as_str(), a as u64 + 1, request_id);
+                            prop_assert!(removed);
+                            m.queue[n].retain(|w| w.2 != request_id);
+                            m.granted(&out);
+                        }
+                    }
+                    prop_assert!(!m.stuck(), "a deadlock is left waiting");
+                }
+            }
+        }
     }
 
     mod model {

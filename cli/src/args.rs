@@ -36,6 +36,8 @@ Examples:
 
 Exit status: the command's own; 75 when the lock was not obtained in time
 (--conflict-exit-code); 76 when the lock was lost while the command ran;
+35 when waiting would deadlock (with the locks of the commands that wait
+for this one: README, Deadlock detection);
 69 when the daemon cannot be reached, refuses, or is not trusted
 (--allow-uid); 2 for usage errors;
 `state`: 4 for an absent key, 5 for a version mismatch."

@@ -2,12 +2,42 @@
 //! in the environment: `LOCKBROKER_LOCK` (the innermost lock's name) and
 //! `LOCKBROKER_LOCKS`, one `FENCE NAME` line per enclosing wrapper,
 //! outermost first. Names have no control characters, so a newline
-//! separates them safely.
+//! separates them safely. And `LOCKBROKER_ACTOR`: the actor every
+//! `lockbroker` acquires for (deadlock detection), the same in a command
+//! as in the wrapper that runs it.
 
 /// The innermost lock's name.
 pub const LOCK_ENV: &str = "LOCKBROKER_LOCK";
 /// Every enclosing lock, one `FENCE NAME` line each.
 pub const LOCKS_ENV: &str = "LOCKBROKER_LOCKS";
+
+/// The actor, as 16 hex digits.
+pub const ACTOR_ENV: &str = "LOCKBROKER_ACTOR";
+
+/// The actor this process acquires for: an enclosing wrapper's, from
+/// `LOCKBROKER_ACTOR`, so that a command run under a lock waits, for the
+/// daemon, as the wrapper that holds it; else one of its own, at random.
+pub fn actor() -> u64 {
+    static ACTOR: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+    *ACTOR.get_or_init(|| {
+        std::env::var(ACTOR_ENV)
+            .ok()
+            .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
+            .filter(|a| *a != 0)
+            .unwrap_or_else(|| {
+                use std::hash::BuildHasher;
+                // A key of its own, from the system's randomness.
+                std::hash::RandomState::new()
+                    .hash_one(std::process::id())
+                    .max(1)
+            })
+    })
+}
+
+/// `actor` as `LOCKBROKER_ACTOR` spells it.
+pub fn actor_text(actor: u64) -> String {
+    format!("{actor:016x}")
+}
 
 /// The inherited list with `name` (held with `fence`) appended.
 pub fn with(name: &str, fence: u64) -> String {

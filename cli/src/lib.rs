@@ -31,6 +31,9 @@ pub mod exit {
     /// The daemon could not be reached, refused the request, or is not
     /// trusted (another user could be posing as it).
     pub const UNAVAILABLE: u8 = 69;
+    /// The wait would deadlock: the locks it needs are held by commands
+    /// that wait, in the end, for this one (35 is Linux's `EDEADLK`).
+    pub const DEADLOCK: u8 = 35;
     /// Anything else that went wrong in lockbroker itself.
     pub const ERROR: u8 = 1;
     // `lockbroker state` adds 4 (absent key) and 5 (version mismatch).
@@ -201,6 +204,7 @@ async fn run(cli: Cli) -> Result<u8, Failure> {
                 "LOCKBROKER_HOLD",
                 held::LOCK_ENV,
                 held::LOCKS_ENV,
+                held::ACTOR_ENV,
             ];
             let child = child::spawn(
                 &a.command,
@@ -262,7 +266,10 @@ where
     } else {
         wait.timeout
     };
-    let guard = acquire(timeout).await.map_err(unavailable)?;
+    let guard = acquire(timeout).await.map_err(|e| match e.code() {
+        Some(lockbroker::ErrorCode::Deadlock) => (exit::DEADLOCK, e.to_string()),
+        _ => unavailable(e),
+    })?;
     if guard.is_none() {
         match timeout {
             Some(t) if !t.is_zero() => {
@@ -295,6 +302,7 @@ async fn run_holding(
         ("LOCKBROKER_HOLD", guard.hold_id().to_string()),
         (held::LOCK_ENV, name.to_owned()),
         (held::LOCKS_ENV, held::with(name, guard.fence())),
+        (held::ACTOR_ENV, held::actor_text(held::actor())),
     ];
     let mut remove = Vec::new();
     if guard.abandoned() {
@@ -403,7 +411,7 @@ fn scope_of(cli: &Cli) -> Scope {
 /// The connector the global options describe: socket or scope, and the
 /// users trusted besides the defaults.
 fn connector_of(cli: &Cli) -> Connector {
-    let mut connector = Connector::new().scope(scope_of(cli));
+    let mut connector = Connector::new().scope(scope_of(cli)).actor(held::actor());
     if let Some(socket) = &cli.socket {
         connector = connector.socket(socket);
     }

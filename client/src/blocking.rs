@@ -141,7 +141,8 @@ fn acquire(
     lock: LockRequest,
     timeout: Option<Duration>,
 ) -> Result<Option<LockGuard>> {
-    let grant = conn.run(ops::acquire(name, lock, timeout)?)?;
+    let actor = conn.actors().current(conn.welcome().version);
+    let grant = conn.run(ops::acquire(name, lock, timeout, actor)?)?;
     Ok(grant.map(|grant| LockGuard {
         conn: Arc::clone(conn),
         name: name.to_owned(),

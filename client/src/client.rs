@@ -29,6 +29,7 @@ use lockbroker_proto::{
 };
 use tokio::sync::{Notify, mpsc, oneshot, watch};
 
+use crate::connector::Actors;
 use crate::error::{Error, Result};
 use crate::ops::{self, Op};
 use crate::transport::{ReadHalf, WriteHalf};
@@ -48,6 +49,8 @@ struct Inner {
     conn: Arc<Conn>,
     next_id: AtomicU64,
     welcome: Welcome,
+    /// On whose behalf acquires are made.
+    actors: Actors,
     /// Raised by the connection task when it ends.
     lost: watch::Receiver<bool>,
     /// The connection's descriptor, for [`Client::connection_fd`].
@@ -147,6 +150,7 @@ impl Client {
         reader: FrameReader<ReadHalf>,
         writer: WriteHalf,
         welcome: Welcome,
+        actors: Actors,
     ) -> Client {
         #[cfg(unix)]
         let fd = std::os::fd::AsRawFd::as_raw_fd(writer.as_ref());
@@ -183,6 +187,7 @@ impl Client {
                 conn,
                 next_id: AtomicU64::new(1),
                 welcome,
+                actors,
                 lost,
                 #[cfg(unix)]
                 fd,
@@ -226,6 +231,12 @@ impl Client {
     #[cfg(windows)]
     pub(crate) fn welcome(&self) -> &Welcome {
         &self.inner.welcome
+    }
+
+    /// On whose behalf acquires are made.
+    #[cfg_attr(unix, allow(dead_code))]
+    pub(crate) fn actors(&self) -> Actors {
+        self.inner.actors
     }
 
     /// This session's id, as `inspect` shows it.
@@ -313,7 +324,8 @@ impl Client {
         lock: LockRequest,
         timeout: Option<Duration>,
     ) -> Result<Option<Grant>> {
-        let op = ops::acquire(name, lock, timeout)?;
+        let actor = self.inner.actors.current(self.inner.welcome.version);
+        let op = ops::acquire(name, lock, timeout, actor)?;
         let (id, reply) = self.submit(op.request)?;
         let mut wait = CancelOnDrop {
             client: self,

@@ -55,7 +55,54 @@ pub struct Connector {
     allowed_uids: Vec<u32>,
     /// The same on Windows, as SIDs.
     allowed_sids: Vec<String>,
+    /// On whose behalf acquires are made, for deadlock detection.
+    actors: Actors,
 }
+
+/// On whose behalf a client's acquires are made (`AcquireAs`, protocol
+/// version 3), which the daemon's deadlock detection follows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Actors {
+    /// Plain acquires: never checked.
+    Off,
+    /// The calling task's (async) or thread's (blocking).
+    Own,
+    /// This one, for every acquire of the client.
+    Fixed(u64),
+}
+
+impl Actors {
+    /// The actor of an acquire made now, in a session of protocol
+    /// `version` (0: none).
+    pub(crate) fn current(self, version: u16) -> u64 {
+        if version < 3 {
+            return 0;
+        }
+        match self {
+            Actors::Off => 0,
+            Actors::Own => own_actor(),
+            Actors::Fixed(actor) => actor,
+        }
+    }
+}
+
+/// The calling task's actor, or, outside a Tokio task, the calling
+/// thread's: a number no other task or thread of any process is likely to
+/// have (hashed with this process's random key).
+fn own_actor() -> u64 {
+    use std::hash::BuildHasher;
+    static KEY: std::sync::LazyLock<std::hash::RandomState> =
+        std::sync::LazyLock::new(std::hash::RandomState::new);
+    let hash = match tokio::task::try_id() {
+        Some(task) => KEY.hash_one(("task", task)),
+        None => KEY.hash_one(("thread", std::thread::current().id())),
+    };
+    hash.max(1)
+}
+
+/// The protocol versions a client asks for, latest first: a daemon that
+/// refuses one is asked again in the next.
+pub(crate) const VERSIONS: [u16; 3] = [PROTOCOL_VERSION, 2, OLDEST_PROTOCOL_VERSION];
 
 impl Default for Connector {
     fn default() -> Self {
@@ -73,7 +120,39 @@ impl Connector {
             timeout: DEFAULT_CONNECT_TIMEOUT,
             allowed_uids: Vec::new(),
             allowed_sids: Vec::new(),
+            actors: Actors::Off,
         }
+    }
+
+    /// Whether acquires ask the daemon to refuse a wait that could never
+    /// be granted (`Error::Refused` with `ErrorCode::Deadlock`), with a
+    /// daemon of protocol version 3; off by default.
+    ///
+    /// Each acquire is then made on behalf of its caller: the task it is
+    /// awaited in (the async client) or the thread (the blocking client).
+    /// The daemon takes that caller to do nothing else while it waits —
+    /// to release nothing until the wait ends — and refuses a wait that
+    /// could then never be granted, timeout or not. Code in which one task
+    /// holds a lock while it awaits another that only a timeout, or a
+    /// release from another branch of a `select!`, would end, should leave
+    /// detection off (and so it is off unless asked for).
+    pub fn detect_deadlocks(mut self, on: bool) -> Connector {
+        self.actors = if on { Actors::Own } else { Actors::Off };
+        self
+    }
+
+    /// Makes every acquire of the client on behalf of `actor` (not 0), as
+    /// detection sees it: the same thread of control as whatever else
+    /// acquires as `actor`, in any session. `lockbroker lock` passes its
+    /// actor to its command this way (`LOCKBROKER_ACTOR`), so a
+    /// `lockbroker lock` run under another waits as its parent does.
+    pub fn actor(mut self, actor: u64) -> Connector {
+        self.actors = if actor == 0 {
+            Actors::Off
+        } else {
+            Actors::Fixed(actor)
+        };
+        self
     }
 
     /// Connect to this socket path (or pipe name), ignoring
@@ -168,7 +247,7 @@ impl Connector {
     /// Connects and shakes hands. Must run within a Tokio runtime.
     pub async fn connect(&self) -> Result<Client> {
         let (path, name, trust) = self.prepare()?;
-        let connecting = connect(path.clone(), name, trust);
+        let connecting = connect(path.clone(), name, trust, self.actors);
         match tokio::time::timeout(self.timeout, connecting).await {
             Ok(result) => result,
             Err(_) => Err(Error::Connect {
@@ -195,6 +274,12 @@ impl Connector {
     #[cfg(unix)]
     pub(crate) fn connect_timeout(&self) -> Duration {
         self.timeout
+    }
+
+    /// On whose behalf the client's acquires are made.
+    #[cfg(unix)]
+    pub(crate) fn actors(&self) -> Actors {
+        self.actors
     }
 }
 
@@ -227,17 +312,24 @@ impl Trust {
     }
 }
 
-async fn connect(path: PathBuf, client_name: String, trust: Trust) -> Result<Client> {
-    match connect_as(&path, client_name.clone(), &trust, PROTOCOL_VERSION).await {
-        Err(e) if refused_version(&e) => {
-            connect_as(&path, client_name, &trust, OLDEST_PROTOCOL_VERSION).await
+async fn connect(
+    path: PathBuf,
+    client_name: String,
+    trust: Trust,
+    actors: Actors,
+) -> Result<Client> {
+    let mut versions = VERSIONS.into_iter().peekable();
+    loop {
+        let version = versions.next().expect("versions to try");
+        match connect_as(&path, client_name.clone(), &trust, version, actors).await {
+            Err(e) if refused_version(&e) && versions.peek().is_some() => continue,
+            other => return other,
         }
-        other => other,
     }
 }
 
 /// Whether a handshake failed only for the version asked: a daemon of
-/// before the latest version, to be asked again in the oldest.
+/// before that version, to be asked again in the one before.
 pub(crate) fn refused_version(e: &Error) -> bool {
     matches!(
         e,
@@ -253,6 +345,7 @@ async fn connect_as(
     client_name: String,
     trust: &Trust,
     version: u16,
+    actors: Actors,
 ) -> Result<Client> {
     let path = path.to_owned();
     let (reader, mut writer, server) =
@@ -273,7 +366,7 @@ async fn connect_as(
     let welcome = welcome(&path, answer, sent.map_err(|e| e.to_string()), version)?;
     reader.set_max_len(welcome.limits.max_frame_len);
     reader.set_version(welcome.version);
-    Ok(Client::start(reader, writer, welcome))
+    Ok(Client::start(reader, writer, welcome, actors))
 }
 
 /// Before the Welcome the daemon's limit is unknown; a Hello is small.

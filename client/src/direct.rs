@@ -29,17 +29,18 @@ use lockbroker_proto::{
     Welcome, frame,
 };
 
-use crate::connector::{Connector, HELLO_MAX, hello, refused_version, welcome};
+use crate::connector::{Actors, Connector, HELLO_MAX, VERSIONS, hello, refused_version, welcome};
 use crate::error::{Error, Result};
 use crate::ops::Op;
 use crate::state::WatchEvent;
-use lockbroker_proto::{OLDEST_PROTOCOL_VERSION, PROTOCOL_VERSION};
 
 /// One session, shared by every handle, guard and watch made from it.
 #[derive(Debug)]
 pub(crate) struct Conn {
     socket: OwnedFd,
     welcome: Welcome,
+    /// On whose behalf acquires are made.
+    actors: Actors,
     shared: Mutex<Shared>,
     /// The encoding buffer; held for a whole frame's write, so frames never
     /// interleave. Taken before `shared` when both are.
@@ -107,16 +108,18 @@ impl Shared {
 
 impl Conn {
     /// Connects and shakes hands as `connector` says, in the latest
-    /// protocol version, or the oldest if the daemon predates it.
+    /// protocol version the daemon speaks.
     pub(crate) fn connect(connector: &Connector) -> Result<Arc<Conn>> {
         // One bound for connecting and the handshake (both tries), as the
         // async connector's.
         let deadline = Instant::now() + connector.connect_timeout();
-        match Conn::connect_as(connector, PROTOCOL_VERSION, deadline) {
-            Err(e) if refused_version(&e) => {
-                Conn::connect_as(connector, OLDEST_PROTOCOL_VERSION, deadline)
+        let mut versions = VERSIONS.into_iter().peekable();
+        loop {
+            let version = versions.next().expect("versions to try");
+            match Conn::connect_as(connector, version, deadline) {
+                Err(e) if refused_version(&e) && versions.peek().is_some() => continue,
+                other => return other,
             }
-            other => other,
         }
     }
 
@@ -166,6 +169,7 @@ impl Conn {
         Ok(Arc::new(Conn {
             socket: stream.into(),
             welcome,
+            actors: connector.actors(),
             shared: Mutex::new(Shared {
                 next_id: 1,
                 reader: Some(reader),
@@ -181,6 +185,11 @@ impl Conn {
     /// The daemon's greeting.
     pub(crate) fn welcome(&self) -> &Welcome {
         &self.welcome
+    }
+
+    /// On whose behalf acquires are made.
+    pub(crate) fn actors(&self) -> Actors {
+        self.actors
     }
 
     fn fd(&self) -> RawFd {

@@ -74,23 +74,29 @@ fn check_key(key: &str, prefix: bool) -> Result<()> {
 
 /// `lock` on `name`, waiting at most `timeout`: the grant, or `None` when
 /// it ran out (or a try found the lock taken).
+/// An `actor` other than 0 asks for it with `AcquireAs`.
 pub(crate) fn acquire(
     name: &str,
     lock: LockRequest,
     timeout: Option<Duration>,
+    actor: u64,
 ) -> Result<Op<Option<Grant>>> {
     let checked = LockName::new(name).map_err(|source| Error::InvalidName {
         name: name.to_owned(),
         source,
     })?;
     let (kind, capacity, permits) = lock.wire();
-    let request = Request::Acquire(Acquire {
+    let acquire = Acquire {
         name: checked.into_string(),
         kind,
         capacity,
         permits,
         timeout_ms: timeout.map(ms),
-    });
+    };
+    let request = match actor {
+        0 => Request::Acquire(acquire),
+        actor => Request::AcquireAs { actor, acquire },
+    };
     Ok(op(
         request,
         "acquire",

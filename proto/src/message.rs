@@ -215,6 +215,19 @@ pub enum Request {
     },
     /// The daemon's metrics. Answered by [`Response::Metrics`].
     Metrics,
+    /// `acquire` on behalf of `actor`, a thread of control (a thread, a
+    /// task, a command and the commands it runs under its lock) whose
+    /// holds and waits deadlock detection follows: an acquire that would
+    /// have to wait and whose wait could then never be granted is refused
+    /// with [`ErrorCode::Deadlock`]. Answered as `Acquire` is. Protocol
+    /// version 3.
+    AcquireAs {
+        /// The actor: any number but 0, the same for every request of one
+        /// thread of control, in any session.
+        actor: u64,
+        /// The acquire.
+        acquire: Acquire,
+    },
 }
 
 /// A state write.
@@ -785,6 +798,10 @@ error_codes! {
     /// An increment met a value that is not a decimal integer, or would
     /// overflow; nothing changed.
     NotAnInteger = 208, "not_an_integer";
+    /// The acquire would have to wait, and its wait would close a cycle of
+    /// sessions each waiting for a lock the next one holds: it is refused
+    /// (the message names the sessions and locks); nothing was queued.
+    Deadlock = 209, "deadlock";
     /// The session has no hold with this id.
     UnknownHold = 300, "unknown_hold";
     /// The session holds fewer permits on this name than it releases.

@@ -1,4 +1,4 @@
-//! Golden vectors of protocols v1 and v2: the bytes every implementation
+//! Golden vectors of protocols v1, v2 and v3: the bytes every implementation
 //! must produce and accept.
 //!
 //! Three places hold the same frames, for each version N:
@@ -116,13 +116,14 @@ fn welcome(version: u16) -> Message {
 
 /// The versions with golden vectors: each has `proto/golden/vN.txt` and a
 /// ` ```golden-vN ` block in `PROTOCOL.md`.
-const VERSIONS: [u16; 2] = [1, PROTOCOL_VERSION];
+const VERSIONS: [u16; 3] = [1, 2, PROTOCOL_VERSION];
 
 /// Every golden vector of `version`, in the order of its file.
 fn vectors(version: u16) -> Vec<(&'static str, Message)> {
     match version {
         1 => vectors_v1(),
         2 => vectors_v2(),
+        3 => vectors_v3(),
         _ => unreachable!("no vectors for version {version}"),
     }
 }
@@ -142,6 +143,41 @@ fn vectors_v2() -> Vec<(&'static str, Message)> {
         (
             "inspection_v2",
             response(8, Response::Inspection(inspection)),
+        ),
+    ]
+}
+
+/// What version 3 added: `AcquireAs`, answered as `Acquire` is, and the
+/// `deadlock` refusal. Every other message keeps its version 2 bytes.
+fn vectors_v3() -> Vec<(&'static str, Message)> {
+    vec![
+        ("hello_v3", hello(3)),
+        ("welcome_v3", welcome(3)),
+        (
+            "acquire_as",
+            request(
+                30,
+                Request::AcquireAs {
+                    actor: 0x0123_4567_89ab_cdef,
+                    acquire: Acquire {
+                        name: "deploy".into(),
+                        kind: LockKind::Mutex,
+                        capacity: 1,
+                        permits: 1,
+                        timeout_ms: None,
+                    },
+                },
+            ),
+        ),
+        (
+            "error_deadlock",
+            response(
+                30,
+                Response::Error(ErrorInfo::new(
+                    ErrorCode::Deadlock,
+                    "waiting for \"deploy\" would deadlock",
+                )),
+            ),
         ),
     ]
 }

@@ -135,13 +135,19 @@ impl Locks {
 }
 
 impl<W: AsyncWrite + Unpin> Session<W> {
-    pub(super) fn acquire(&mut self, id: u64, req: lockbroker_proto::Acquire) {
-        if let Err(e) = self.try_acquire(id, req) {
+    /// `req`, on behalf of `actor` (0: none; see `AcquireAs`).
+    pub(super) fn acquire(&mut self, id: u64, req: lockbroker_proto::Acquire, actor: u64) {
+        if let Err(e) = self.try_acquire(id, req, actor) {
             self.error(id, e);
         }
     }
 
-    fn try_acquire(&mut self, id: u64, req: lockbroker_proto::Acquire) -> Result<(), ErrorInfo> {
+    fn try_acquire(
+        &mut self,
+        id: u64,
+        req: lockbroker_proto::Acquire,
+        actor: u64,
+    ) -> Result<(), ErrorInfo> {
         if self.id_in_use(id) {
             return Err(ErrorInfo::new(
                 ErrorCode::DuplicateRequestId,
@@ -152,6 +158,7 @@ impl<W: AsyncWrite + Unpin> Session<W> {
             ErrorInfo::new(ErrorCode::InvalidName, format!("invalid lock name: {e}"))
         })?;
         let mut spec = AcquireSpec::validate(req.kind, req.capacity, req.permits, req.timeout_ms)?;
+        spec.actor = actor;
         let limits = self.broker.limits;
         if self.locks.holds.len() + self.locks.pending.len() >= limits.max_holds as usize {
             return Err(ErrorInfo::new(

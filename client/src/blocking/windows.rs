@@ -73,6 +73,11 @@ impl Conn {
         self.client.welcome()
     }
 
+    /// On whose behalf acquires are made.
+    pub(crate) fn actors(&self) -> crate::connector::Actors {
+        self.client.actors()
+    }
+
     /// Sends `op`'s request and waits for its answer.
     pub(crate) fn run<T>(&self, op: Op<T>) -> Result<T> {
         self.block_on(self.client.run(op))

@@ -1,7 +1,8 @@
 """lockbroker: named locks shared by every process of a machine.
 
-A standard-library-only client for the lockbroker daemon (protocol v1,
-``PROTOCOL.md``). The objects behave like their ``threading`` counterparts::
+A standard-library-only client for the lockbroker daemon (protocol
+versions 1 to 3, ``PROTOCOL.md``). The objects behave like their
+``threading`` counterparts::
 
     import lockbroker
 
@@ -50,6 +51,7 @@ from .errors import (
     ConnectFailed,
     ConnectionLost,
     DaemonShuttingDown,
+    Deadlock,
     GuardNotHeld,
     InvalidRequest,
     LimitExceeded,
@@ -103,6 +105,7 @@ __all__ = [
     "BrokerError",
     "InvalidRequest",
     "NotAnInteger",
+    "Deadlock",
     "NotHeld",
     "GuardNotHeld",
     "LimitExceeded",

@@ -11,8 +11,10 @@ decided here, once:
   that failed (:func:`connect_failed`);
 * the handshake (PROTOCOL.md 6.1): the ``Hello`` (:func:`hello_frame`),
   the checks of the daemon's answer (:func:`read_welcome`), and the
-  fallback to the oldest version a daemon of before the latest may ask for
-  (:func:`fallback_version`);
+  fallback, version by version, to the one a daemon of before the latest
+  speaks (:func:`fallback_version`);
+* on whose behalf acquires are made, for the daemon's deadlock detection
+  (:class:`Actors`, :func:`own_actor`, ``LOCKBROKER_ACTOR``);
 * the frames of the session: a request's frame within the daemon's limit
   (:func:`request_frame`), and the routing of every frame the daemon sends
   (:func:`route_frames`), with why a session ends (:func:`stream_end`,
@@ -30,13 +32,19 @@ connects the blocking client with them, :mod:`lockbroker.aio` its own.
 
 from __future__ import annotations
 
-from typing import Callable, Dict, Iterable, Optional, Set, Tuple, Type, TypeVar, Union
+import hashlib
+import os
+import threading
+from typing import Callable, Dict, Iterable, Mapping, Optional, Set, Tuple, Type, TypeVar, Union
 
 from . import address as _address
 from .errors import ConnectFailed, ConnectionLost, LockbrokerError, NotHeld, Untrusted, broker_error
 from .protocol import (
+    ACQUIRE_AS_VERSION,
     HANDSHAKE_MAX_FRAME_LEN,
     OLDEST_PROTOCOL_VERSION,
+    Acquire,
+    AcquireAs,
     Cancelled,
     DecodeError,
     ErrorCode,
@@ -48,6 +56,7 @@ from .protocol import (
     Grant,
     Granted,
     Hello,
+    Request,
     RequestMessage,
     Response,
     ResponseMessage,
@@ -156,13 +165,99 @@ def read_welcome(buffer: FrameBuffer, data: bytes, path: str, version: int) -> O
     return message
 
 
-def fallback_version(error: ConnectFailed) -> Optional[int]:
-    """The version to handshake in again after a handshake in the latest
-    failed with ``error``: the oldest, if the daemon (one of before the
-    latest) refused the version as unsupported; else None (give up)."""
+def fallback_version(error: ConnectFailed, version: int) -> Optional[int]:
+    """The version to handshake in again after a handshake in ``version``
+    failed with ``error``: the next lower one (3, then 2, then 1), if the
+    daemon (one of before ``version``) refused the version as unsupported;
+    else None (give up)."""
     if error.fatal is not None and error.fatal.code == ErrorCode.UNSUPPORTED_VERSION:
-        return OLDEST_PROTOCOL_VERSION
+        if version > OLDEST_PROTOCOL_VERSION:
+            return version - 1
     return None
+
+
+# ------------------------------------------------------------------- actors
+
+#: The environment variable naming the actor (16 hex digits) that
+#: ``lockbroker lock`` acquires for, set for the command it runs: a client
+#: of that command with ``detect_deadlocks=True`` and no ``actor`` acquires
+#: for it too, so the daemon sees the command wait as its wrapper does.
+ACTOR_ENV = "LOCKBROKER_ACTOR"
+
+#: This process's own key for :func:`own_actor` (64 random bits): actors of
+#: other processes are chosen with other keys (PROTOCOL.md 4.32: at random).
+_ACTOR_KEY = os.urandom(8)
+
+
+def own_actor(kind: str, ident: int) -> int:
+    """The actor of the thread (``kind`` ``"thread"``, ``ident`` its
+    ``threading.get_ident()``) or task (``"task"``, its ``id``) of this
+    process that calls: ``ident`` mixed with the process id and this
+    process's random key, so that no thread or task of another process (a
+    forked child too) is likely to have it; never 0."""
+    data = b"%s %d %d" % (kind.encode("ascii"), os.getpid(), ident)
+    digest = hashlib.blake2b(data, digest_size=8, key=_ACTOR_KEY).digest()
+    return int.from_bytes(digest, "little") or 1
+
+
+def thread_actor() -> int:
+    """The calling thread's actor (:func:`own_actor`)."""
+    return own_actor("thread", threading.get_ident())
+
+
+def env_actor(environ: Mapping[str, str]) -> Optional[int]:
+    """The actor ``LOCKBROKER_ACTOR`` names in ``environ`` (16 hex digits;
+    surrounding blanks ignored), or None if it is unset, 0 or not that (as
+    the ``lockbroker`` tool, a client then acquires for its own actors)."""
+    text = environ.get(ACTOR_ENV, "").strip()
+    if not 0 < len(text) <= 16 or any(c not in "0123456789abcdefABCDEF" for c in text):
+        return None
+    return int(text, 16) or None
+
+
+class Actors:
+    """On whose behalf a client's acquires are made (``AcquireAs``,
+    PROTOCOL.md 4.32), which the daemon's deadlock detection follows (8.11).
+
+    ``detect_deadlocks`` False and ``actor`` None: nobody's (plain
+    ``Acquire``, never checked). ``actor`` (any u64 but 0): that one's, for
+    every acquire of the client; giving one turns detection on, as the Rust
+    client's ``Connector::actor`` does. ``detect_deadlocks`` True alone: the
+    actor ``LOCKBROKER_ACTOR`` names in ``environ``, if it names one, else
+    the calling thread's or task's own. In a session of a version before 3
+    every acquire is a plain ``Acquire``.
+    """
+
+    __slots__ = ("detect", "fixed")
+
+    def __init__(
+        self, detect_deadlocks: bool, actor: Optional[int], environ: Optional[Mapping[str, str]] = None
+    ) -> None:
+        if actor is not None:
+            if isinstance(actor, bool) or not isinstance(actor, int) or not 0 < actor < 1 << 64:
+                raise ValueError("actor must be an int from 1 to 2**64 - 1, not %r" % (actor,))
+            fixed: Optional[int] = actor
+        elif detect_deadlocks:
+            fixed = env_actor(os.environ if environ is None else environ)
+        else:
+            fixed = None
+        #: Whether acquires name an actor at all.
+        self.detect = actor is not None or bool(detect_deadlocks)
+        #: The actor of every acquire, or None for the caller's own.
+        self.fixed = fixed
+
+    def request(self, acquire: Acquire, version: int, own: Callable[[], int]) -> Request:
+        """What to send for ``acquire`` in a session of protocol
+        ``version``: it as it is, or an ``AcquireAs`` of the fixed actor,
+        else of ``own()`` (the caller's)."""
+        if not self.detect or version < ACQUIRE_AS_VERSION:
+            return acquire
+        return AcquireAs(own() if self.fixed is None else self.fixed, acquire)
+
+    def __repr__(self) -> str:
+        if not self.detect:
+            return "<Actors off>"
+        return "<Actors %s>" % ("own" if self.fixed is None else "%016x" % self.fixed)
 
 
 # ------------------------------------------------------------------- frames

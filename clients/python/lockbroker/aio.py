@@ -19,8 +19,8 @@ What it is made of:
 
 * :class:`Client`: one session over one Unix socket (the address the
   threading :class:`lockbroker.Client` would use, with the same trust
-  checks), handshake in protocol version 2 with the fallback to version 1,
-  and one reader task that routes every frame the daemon sends: a response
+  checks), handshake in protocol version 3 with the fallback to version 2,
+  then 1, and one reader task that routes every frame the daemon sends: a response
   to the future registered under its request id, a watch's event to that
   watch's queue. Frames are written with ``transport.write`` (synchronous),
   so a request is either wholly sent or not at all, whatever cancels the
@@ -102,6 +102,7 @@ from .protocol import (
     HANDSHAKE_MAX_FRAME_LEN,
     PROTOCOL_VERSION,
     Acquire,
+    AcquireAs,
     Cancel,
     Done,
     EntryInfo,
@@ -211,6 +212,16 @@ class _WatchQueue:
         return item
 
 
+def _task_actor() -> int:
+    """The calling task's actor (``id(asyncio.current_task())`` mixed as
+    :func:`lockbroker._common.own_actor` does); outside a task, the calling
+    thread's."""
+    task = _current_task()
+    if task is None:
+        return _common.thread_actor()
+    return _common.own_actor("task", id(task))
+
+
 def _observe(future: "asyncio.Future[Any]") -> None:
     """Mark a future's exception retrieved, so an answer nobody awaits
     (the session ended under an abandoned call) is not logged as lost."""
@@ -230,6 +241,19 @@ class Client:
     ``allow_uids`` (also trust daemons run by these users). The trust
     checks are the threading client's (:class:`Untrusted`).
 
+    ``detect_deadlocks`` and ``actor`` are the threading client's too, with
+    the task for the thread: with ``detect_deadlocks=True`` each acquire is
+    made on behalf of the task that awaits it (``AcquireAs``), and the
+    daemon refuses one whose wait could never be granted with
+    :class:`~lockbroker.errors.Deadlock` (code 209, PROTOCOL.md 8.11). The
+    daemon takes a waiting task to release nothing until its wait ends: leave
+    detection off (the default) where a task holds a lock while it awaits
+    another that only another task's release, or a timeout, would end.
+    ``$LOCKBROKER_ACTOR`` (set by ``lockbroker lock``) is the actor of every
+    acquire when detection is on and no ``actor`` is given; ``actor`` (any
+    64-bit number but 0) is, when given, and turns detection on. Acquires
+    are plain with a daemon of before protocol version 3.
+
     The constructor does no I/O; ``await client.connect()`` (or
     ``async with Client(...) as client``, or :func:`connect`) opens the
     session, raising :class:`ConnectFailed` if no daemon answers. The
@@ -248,12 +272,16 @@ class Client:
         connect_timeout: float = 5.0,
         request_timeout: Optional[float] = 30.0,
         allow_uids: Iterable[int] = (),
+        detect_deadlocks: bool = False,
+        actor: Optional[int] = None,
     ) -> None:
         if os.name == _address.WINDOWS or not hasattr(socket, "AF_UNIX"):
             raise NotImplementedError(
                 "lockbroker.aio speaks to the daemon over Unix sockets only; on Windows use the "
                 "threading client, lockbroker.Client (named pipes)"
             )
+        # On whose behalf acquires are made.
+        self._actors = _common.Actors(detect_deadlocks, actor)
         self.address = _address.resolve(path, scope)
         self.request_timeout = request_timeout
         self.connect_timeout = connect_timeout
@@ -308,15 +336,17 @@ class Client:
     async def _open(self) -> None:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.connect_timeout
-        try:
-            opened = await self._connect_once(PROTOCOL_VERSION, self.connect_timeout)
-        except ConnectFailed as e:
-            # A daemon of before the latest version: speak its own.
-            older = _common.fallback_version(e)
-            if older is None:
-                raise
-            left = max(deadline - loop.time(), 0.001)
-            opened = await self._connect_once(older, left)
+        version, left = PROTOCOL_VERSION, self.connect_timeout
+        while True:
+            try:
+                opened = await self._connect_once(version, left)
+                break
+            except ConnectFailed as e:
+                # A daemon of before this version: ask in the next lower one.
+                older = _common.fallback_version(e, version)
+                if older is None:
+                    raise
+                version, left = older, max(deadline - loop.time(), 0.001)
         reader, writer, welcome, buffer = opened
         self._loop = loop
         self._writer = writer
@@ -411,8 +441,15 @@ class Client:
 
     @property
     def protocol_version(self) -> int:
-        """The protocol version the handshake agreed (2, or 1 with an old daemon)."""
+        """The protocol version the handshake agreed (3, or 2 or 1 with an
+        older daemon)."""
         return self.welcome.version
+
+    @property
+    def detects_deadlocks(self) -> bool:
+        """Whether this session's acquires are checked for deadlock: asked
+        for (``detect_deadlocks`` or ``actor``), and protocol version 3."""
+        return self._actors.detect and self.welcome.version >= 3
 
     @property
     def lost(self) -> bool:
@@ -493,16 +530,20 @@ class Client:
 
         Returns the :class:`Grant`, or None if it timed out (a try that
         failed, or ``timeout_ms`` ran out at the daemon). Raises a
-        :class:`BrokerError` subclass if the daemon refused it,
-        :class:`ConnectionLost` if the session ended. If the task is
-        cancelled while waiting, the acquire is cancelled at the daemon and
-        a grant that raced the cancel released before ``CancelledError``
-        propagates (see the module's doc).
+        :class:`BrokerError` subclass if the daemon refused it (with deadlock
+        detection on, :class:`~lockbroker.errors.Deadlock` for a wait that
+        could never be granted), :class:`ConnectionLost` if the session
+        ended. If the task is cancelled while waiting, the acquire is
+        cancelled at the daemon and a grant that raced the cancel released
+        before ``CancelledError`` propagates (see the module's doc). With
+        deadlock detection on (see the class), it is sent as ``AcquireAs``
+        for the calling task.
         """
         # The daemon enforces timeout_ms; the local bound is only a safety
         # net against a daemon that stopped answering.
         local = None if timeout_ms is None else timeout_ms / 1000.0 + ACQUIRE_GRACE
-        rid, future = self._start(Acquire(name, LockKind(kind), capacity, permits, timeout_ms))
+        acquire = Acquire(name, LockKind(kind), capacity, permits, timeout_ms)
+        rid, future = self._start(self._actors.request(acquire, self._version, _task_actor))
         try:
             await self._drain()
             await asyncio.wait((future,), timeout=local)
@@ -576,7 +617,7 @@ class Client:
         answer is ignored. Use :meth:`acquire` for acquires: it also
         cancels, and releases a raced grant, when the wait is abandoned.
         """
-        if isinstance(request, Acquire):
+        if isinstance(request, (Acquire, AcquireAs)):
             raise TypeError("send acquires with Client.acquire, which cleans up after a cancel")
         rid, future = self._start(request)
         bound = self.request_timeout if timeout == -1.0 else timeout
@@ -847,7 +888,8 @@ class Client:
 
 
 async def connect(path: Optional[str] = None, **kwargs: Any) -> Client:
-    """``await Client(path, **kwargs).connect()``: a new session."""
+    """``await Client(path, **kwargs).connect()``: a new session (e.g.
+    ``await aio.connect(path, detect_deadlocks=True)``)."""
     return await Client(path, **kwargs).connect()
 
 

@@ -86,6 +86,7 @@ from .errors import (
 from .protocol import (
     HANDSHAKE_MAX_FRAME_LEN,
     Acquire,
+    AcquireAs,
     Cancel,
     Done,
     EntryInfo,
@@ -137,6 +138,10 @@ _RECV_SLICE = 0.25
 #: does (False, always so on Windows). Tests set it to run the suite both
 #: ways.
 _READ_IN_CALLER = True
+
+
+#: The requests that acquire: a wait given up is cancelled.
+_ACQUIRES = (Acquire, AcquireAs)
 
 
 def _default_client_name() -> str:
@@ -252,6 +257,20 @@ class Client:
     must be served by this user, the global one by SYSTEM or an elevated
     process, an explicit or ``$LOCKBROKER_SOCKET`` pipe by any of them;
     ``allow_sids`` (SIDs, ``"S-1-5-..."``) opts in to others there.
+
+    ``detect_deadlocks`` (off by default) asks the daemon to refuse, with
+    :class:`Deadlock` (code 209), an acquire whose wait could never be
+    granted (PROTOCOL.md 8.11): each acquire is then made on behalf of the
+    calling thread (``AcquireAs``), which the daemon takes to release
+    nothing while it waits -- so leave it off where one thread waits for a
+    lock that another thread of the same client is to release. With it on
+    and no ``actor``, ``$LOCKBROKER_ACTOR`` (16 hex digits, which
+    ``lockbroker lock`` sets for the command it runs) is the actor of every
+    acquire if set, so that the command waits as its wrapper does.
+    ``actor`` (any 64-bit number but 0) makes every acquire of the client
+    one of that actor, and turns detection on. A daemon of before protocol
+    version 3 detects nothing: acquires are plain ``Acquire`` s there.
+
     A client belongs to the process that created it: in a forked
     child every call raises :class:`ConnectionLost` (use
     :func:`default_client`, or create a new ``Client`` in the child).
@@ -268,7 +287,11 @@ class Client:
         request_timeout: Optional[float] = 30.0,
         allow_uids: Iterable[int] = (),
         allow_sids: Iterable[str] = (),
+        detect_deadlocks: bool = False,
+        actor: Optional[int] = None,
     ) -> None:
+        # On whose behalf acquires are made; checked before connecting.
+        self._actors = _common.Actors(detect_deadlocks, actor)
         self.address = _address.resolve(path, scope)
         self.request_timeout = request_timeout
         # Guards _pending, _next_id and _ended; never held while blocking.
@@ -286,19 +309,19 @@ class Client:
         self._shutting_down = False
         self._pid = os.getpid()
         name = _default_client_name() if client_name is None else client_name
-        # One bound for both tries.
+        # One bound for every try.
         deadline = time.monotonic() + connect_timeout
-        try:
-            self._sock, self.welcome, buffer = self._connect(
-                name, connect_timeout, allow_uids, allow_sids, PROTOCOL_VERSION
-            )
-        except ConnectFailed as e:
-            # A daemon of before the latest version: speak its own.
-            older = _common.fallback_version(e)
-            if older is None:
-                raise
-            left = max(deadline - time.monotonic(), 0.001)
-            self._sock, self.welcome, buffer = self._connect(name, left, allow_uids, allow_sids, older)
+        version, left = PROTOCOL_VERSION, connect_timeout
+        while True:
+            try:
+                self._sock, self.welcome, buffer = self._connect(name, left, allow_uids, allow_sids, version)
+                break
+            except ConnectFailed as e:
+                # A daemon of before this version: ask in the next lower one.
+                older = _common.fallback_version(e, version)
+                if older is None:
+                    raise
+                version, left = older, max(deadline - time.monotonic(), 0.001)
         #: The protocol version of this session's frames.
         self._version = self.welcome.version
         self._max_send = self.welcome.limits.max_frame_len
@@ -347,6 +370,18 @@ class Client:
     def server_version(self) -> str:
         """The daemon's software version, from the ``Welcome``."""
         return self.welcome.server_version
+
+    @property
+    def protocol_version(self) -> int:
+        """The protocol version the handshake agreed (3, or 2 or 1 with an
+        older daemon)."""
+        return self.welcome.version
+
+    @property
+    def detects_deadlocks(self) -> bool:
+        """Whether this session's acquires are checked for deadlock: asked
+        for (``detect_deadlocks`` or ``actor``), and protocol version 3."""
+        return self._actors.detect and self._version >= 3
 
     @property
     def lost(self) -> bool:
@@ -446,15 +481,19 @@ class Client:
 
         Returns the :class:`Grant`, or None if it timed out (a try that
         failed, or ``timeout_ms`` ran out). Raises a :class:`BrokerError`
-        subclass if the daemon refused it, :class:`ConnectionLost` if the
-        session ended. If the wait is interrupted (``KeyboardInterrupt``),
-        the acquire is cancelled, and a grant that still arrives released.
+        subclass if the daemon refused it (with deadlock detection on,
+        :class:`Deadlock` for a wait that could never be granted),
+        :class:`ConnectionLost` if the session ended. If the wait is
+        interrupted (``KeyboardInterrupt``), the acquire is cancelled, and a
+        grant that still arrives released. With deadlock detection on (see
+        the class), it is sent as ``AcquireAs`` for the calling thread.
         """
         # The daemon enforces timeout_ms; the local bound is only a safety net.
         local = None if timeout_ms is None else timeout_ms / 1000.0 + ACQUIRE_GRACE
         if local is not None and local > threading.TIMEOUT_MAX:
             local = None  # too far away for a local wait: as good as forever
-        rid, call = self._start(Acquire(name, LockKind(kind), capacity, permits, timeout_ms))
+        acquire = Acquire(name, LockKind(kind), capacity, permits, timeout_ms)
+        rid, call = self._start(self._actors.request(acquire, self._version, _common.thread_actor))
         try:
             answered = self._await(call, local)
         except BaseException:
@@ -588,10 +627,10 @@ class Client:
         try:
             answered = self._await(call, bound)
         except BaseException:
-            self._interrupted(rid, call, cancel=isinstance(request, Acquire))
+            self._interrupted(rid, call, cancel=isinstance(request, _ACQUIRES))
             raise
         if not answered:
-            late = self._give_up(rid, call, cancel=isinstance(request, Acquire))
+            late = self._give_up(rid, call, cancel=isinstance(request, _ACQUIRES))
             if late is None:
                 raise NoAnswer("no answer from the daemon within %s s" % bound)
             return self._check(late)
@@ -660,7 +699,7 @@ class Client:
         try:
             self._write(RequestMessage(rid, request))
         except BaseException as e:
-            if getattr(e, "_lockbroker_sent", False) and isinstance(request, Acquire):
+            if getattr(e, "_lockbroker_sent", False) and isinstance(request, _ACQUIRES):
                 # Interrupted once the acquire was out: cancel it, as an
                 # interrupted wait does.
                 self._interrupted(rid, call, cancel=True)

@@ -12,7 +12,8 @@ Hierarchy::
     ├── VersionConflict                        a state write's if_version did not match
     └── BrokerError                            the daemon answered Error(code)
         ├── InvalidRequest (also ValueError)   codes 2xx
-        │   └── NotAnInteger                   208 not_an_integer
+        │   ├── NotAnInteger                   208 not_an_integer
+        │   └── Deadlock                       209 deadlock
         ├── NotHeld                            codes 3xx
         │   └── GuardNotHeld                   303 guard_not_held
         ├── LimitExceeded                      codes 4xx
@@ -43,6 +44,7 @@ __all__ = [
     "BrokerError",
     "InvalidRequest",
     "NotAnInteger",
+    "Deadlock",
     "NotHeld",
     "GuardNotHeld",
     "LimitExceeded",
@@ -185,6 +187,17 @@ class NotAnInteger(InvalidRequest):
     integer, or the sum would overflow one; nothing changed."""
 
 
+class Deadlock(InvalidRequest):
+    """Code 209: an acquire made with deadlock detection on
+    (``detect_deadlocks=True``, protocol version 3: ``AcquireAs``) would
+    have to wait, and that wait could never be granted -- every holder it
+    needs waits, directly or through others, for the caller itself (its
+    thread, task or fixed actor), or the caller waits behind its own hold.
+    Nothing was queued, and no hold or other wait was touched; ``message``
+    names the locks and sessions of a cycle (PROTOCOL.md 8.11). Release
+    something, and try again, or take the locks in one order."""
+
+
 class NotHeld(BrokerError):
     """Codes 3xx: the request named a hold, wait or watch the session lacks."""
 
@@ -230,6 +243,7 @@ def broker_error(info: ErrorInfo) -> BrokerError:
 
 _BY_CODE: Dict[int, Type[BrokerError]] = {
     ErrorCode.NOT_AN_INTEGER: NotAnInteger,
+    ErrorCode.DEADLOCK: Deadlock,
     ErrorCode.GUARD_NOT_HELD: GuardNotHeld,
     ErrorCode.VALUE_TOO_LARGE: ValueTooLarge,
     ErrorCode.QUOTA_EXCEEDED: QuotaExceeded,

@@ -1,6 +1,7 @@
-"""Wire types, codec and framing of the lockbroker protocol, versions 1
-and 2 (which differ only in ``SessionInfo``: the codecs read and write the
-version their reader or writer is for).
+"""Wire types, codec and framing of the lockbroker protocol, versions 1,
+2 and 3 (1 and 2 differ only in ``SessionInfo``: the codecs read and write
+the version their reader or writer is for; 3 is 2 with the request
+``AcquireAs`` appended, which a client sends only in a version 3 session).
 
 This module is the whole of PROTOCOL.md sections 2 to 5 in Python, and the
 only place that knows the byte layout. It does no I/O.
@@ -40,6 +41,7 @@ __all__ = [
     "MAGIC",
     "PROTOCOL_VERSION",
     "OLDEST_PROTOCOL_VERSION",
+    "ACQUIRE_AS_VERSION",
     "HANDSHAKE_MAX_FRAME_LEN",
     "DEFAULT_MAX_FRAME_LEN",
     "DecodeError",
@@ -70,6 +72,7 @@ __all__ = [
     "StateFenced",
     "InspectAfter",
     "Metrics",
+    "AcquireAs",
     "Request",
     "RequestMessage",
     "ClientMessage",
@@ -117,9 +120,12 @@ __all__ = [
 #: ``Hello.magic``: the ASCII bytes ``LKBR`` read as a little-endian u32.
 MAGIC = 0x52424B4C
 #: The latest protocol version this module speaks (and asks for).
-PROTOCOL_VERSION = 2
-#: The oldest one, spoken with a daemon that refuses the latest.
+PROTOCOL_VERSION = 3
+#: The oldest one; a daemon that refuses a version is asked again in the
+#: next lower one, down to this.
 OLDEST_PROTOCOL_VERSION = 1
+#: The first version with ``AcquireAs`` (deadlock detection).
+ACQUIRE_AS_VERSION = 3
 #: Largest body either side may send or expect before the ``Welcome``.
 HANDSHAKE_MAX_FRAME_LEN = 4096
 #: The daemon's default ``max_frame_len``.
@@ -169,7 +175,7 @@ class ChangeKind(IntEnum):
 
 
 class ErrorCode(IntEnum):
-    """The error codes protocol v1 defines (PROTOCOL.md section 5).
+    """The error codes protocol versions 1 to 3 define (PROTOCOL.md section 5).
 
     ``ErrorInfo.code`` is a plain ``int``, because a later daemon may send
     codes this enum does not know; compare it with these members.
@@ -191,6 +197,7 @@ class ErrorCode(IntEnum):
     DUPLICATE_REQUEST_ID = 206
     INVALID_ARGUMENT = 207
     NOT_AN_INTEGER = 208
+    DEADLOCK = 209
     UNKNOWN_HOLD = 300
     NOT_HELD = 301
     NOT_PENDING = 302
@@ -415,6 +422,22 @@ class Metrics:
     """
 
 
+@dataclass(frozen=True)
+class AcquireAs:
+    """``Request::AcquireAs`` (PROTOCOL.md 4.32, version 3 only): ``acquire``
+    on behalf of ``actor``, a thread of control whose waits the daemon checks
+    for deadlock (8.11).
+
+    ``actor`` is any u64 but 0, the same for every acquire of one thread,
+    task or command; a wait that could never be granted is refused with
+    ``Error(deadlock)`` (209) and nothing is queued. Otherwise answered as
+    ``Acquire`` is.
+    """
+
+    actor: int
+    acquire: Acquire
+
+
 #: Every variant of ``Request``.
 Request = Union[
     Acquire,
@@ -434,6 +457,7 @@ Request = Union[
     StateFenced,
     InspectAfter,
     Metrics,
+    AcquireAs,
 ]
 
 
@@ -1069,6 +1093,7 @@ _REQUEST = _Variants(
         _Struct(StateFenced, [("lock", _STR), ("fence", _U64), ("write", _Deferred(lambda: _REQUEST))]),  # 14
         _Struct(InspectAfter, [("prefix", _STR), ("start_after", _STR), ("limit", _U32)]),  # 15
         _Struct(Metrics, []),  # 16
+        _Struct(AcquireAs, [("actor", _U64), ("acquire", _ACQUIRE)]),  # 17: version 3
     ],
 )
 
@@ -1214,21 +1239,39 @@ def _decode(codec: _Codec[Any], body: bytes, version: int = PROTOCOL_VERSION) ->
     return value
 
 
-# Fast paths for the frames of a lock's cycle -- Acquire and Release, and
-# their Granted and Released answers: the same bytes as the codecs above
-# without walking them (the codec tests check that both agree). Anything
-# unusual (a value out of range, a bool for an int) takes the codecs, which
-# raise the errors.
+# Fast paths for the frames of a lock's cycle -- Acquire (and AcquireAs) and
+# Release, and their Granted and Released answers: the same bytes as the
+# codecs above without walking them (the codec tests check that both agree).
+# Anything unusual (a value out of range, a bool for an int) takes the
+# codecs, which raise the errors.
 _REQUEST_HEAD = struct.Struct("<IQI")  # ClientMessage::Request, id, variant
 _RELEASE_INDEX = _REQUEST.index[Release]
 _ACQUIRE_INDEX = _REQUEST.index[Acquire]
+_ACQUIRE_AS_INDEX = _REQUEST.index[AcquireAs]
 _RELEASE = struct.Struct("<IQIQ")  # ... then hold_id
-_ACQUIRE_HEAD = struct.Struct("<IQIQ")  # ... then the name's length
+_ACQUIRE_AS_HEAD = struct.Struct("<IQIQ")  # ... then the actor
 _ACQUIRE_TAIL = struct.Struct("<III")  # kind, capacity, permits
 _U64_ST = struct.Struct("<Q")
 _RESPONSE_HEAD = struct.Struct("<IQI")  # ServerMessage::Response, id, variant
 _GRANTED = struct.Struct("<QQB")
 _RELEASED = struct.Struct("<I")
+
+
+def _fast_acquire(a: Acquire) -> Optional[bytes]:
+    """The bytes of an ``Acquire``'s fields, or None to take the codecs."""
+    if not (type(a) is Acquire and type(a.name) is str and type(a.kind) is LockKind):
+        return None
+    if not (type(a.capacity) is int and type(a.permits) is int):
+        return None
+    name = a.name.encode("utf-8")
+    t = a.timeout_ms
+    if t is None:
+        timeout = b"\x00"
+    elif type(t) is int:
+        timeout = b"\x01" + _U64_ST.pack(t)
+    else:
+        return None
+    return b"".join((_U64_ST.pack(len(name)), name, _ACQUIRE_TAIL.pack(int(a.kind), a.capacity, a.permits), timeout))
 
 
 def _fast_request(message: RequestMessage) -> Optional[bytes]:
@@ -1244,24 +1287,15 @@ def _fast_request(message: RequestMessage) -> Optional[bytes]:
             if type(hold) is int:
                 return _RELEASE.pack(1, rid, _RELEASE_INDEX, hold)
         elif kind is Acquire:
-            a: Acquire = request  # type: ignore[assignment]
-            if type(a.name) is str and type(a.kind) is LockKind and type(a.capacity) is int and type(a.permits) is int:
-                name = a.name.encode("utf-8")
-                t = a.timeout_ms
-                if t is None:
-                    timeout = b"\x00"
-                elif type(t) is int:
-                    timeout = b"\x01" + _U64_ST.pack(t)
-                else:
-                    return None
-                return b"".join(
-                    (
-                        _ACQUIRE_HEAD.pack(1, rid, _ACQUIRE_INDEX, len(name)),
-                        name,
-                        _ACQUIRE_TAIL.pack(int(a.kind), a.capacity, a.permits),
-                        timeout,
-                    )
-                )
+            fields_ = _fast_acquire(request)  # type: ignore[arg-type]
+            if fields_ is not None:
+                return _REQUEST_HEAD.pack(1, rid, _ACQUIRE_INDEX) + fields_
+        elif kind is AcquireAs:
+            actor = request.actor  # type: ignore[union-attr]
+            if type(actor) is int:
+                fields_ = _fast_acquire(request.acquire)  # type: ignore[union-attr]
+                if fields_ is not None:
+                    return _ACQUIRE_AS_HEAD.pack(1, rid, _ACQUIRE_AS_INDEX, actor) + fields_
     except struct.error:
         return None
     return None

@@ -31,6 +31,7 @@ from lockbroker.errors import (
     ClientClosed,
     ConnectFailed,
     ConnectionLost,
+    Deadlock,
     GuardNotHeld,
     InvalidRequest,
     LockTimeout,
@@ -39,6 +40,8 @@ from lockbroker.errors import (
 )
 from lockbroker.protocol import (
     PROTOCOL_VERSION,
+    Acquire,
+    AcquireAs,
     ChangeKind,
     EntryInfo,
     EntryKind,
@@ -46,10 +49,14 @@ from lockbroker.protocol import (
     ErrorInfo,
     Fatal,
     FrameBuffer,
+    Grant,
+    Granted,
     HolderInfo,
+    Inspect,
     Inspection,
     Limits,
     LockKind,
+    RequestMessage,
     ResponseMessage,
     ServerInfo,
     SessionInfo,
@@ -956,6 +963,117 @@ class DefaultClientTest(AioTestCase):
         self.assertGreaterEqual(await client.ping(), 0.0)
 
 
+class DeadlockTest(AioTestCase):
+    """Deadlock detection (protocol version 3, PROTOCOL.md 8.11): with
+    ``detect_deadlocks`` each task acquires as its own actor, and the wait
+    that would close a cycle is refused with ``deadlock``; off, it queues."""
+
+    async def detecting(self, name: str, **kwargs: Any) -> aio.Client:
+        """A new aio session that detects deadlocks, closed after the test."""
+        client = aio.Client(
+            self.daemon.path,
+            client_name=name,
+            connect_timeout=WAIT,
+            request_timeout=WAIT,
+            detect_deadlocks=True,
+            **kwargs,
+        )
+        self._aclients.append(client)
+        return await client.connect()
+
+    async def opposite_orders(self, a: aio.Client, main: aio.Client, timeout_ms: Optional[int] = None) -> Any:
+        """Task A takes x, the test's task takes y, A waits for y (seen
+        queued), then the test's task asks for x: what that acquire returns
+        (or raises, as the exception), once A has been served after it."""
+        holds_y = await main.acquire("y", LockKind.MUTEX)
+        assert holds_y is not None
+
+        async def task_a() -> Grant:
+            x = await a.acquire("x", LockKind.MUTEX)
+            assert x is not None
+            y = await a.acquire("y", LockKind.MUTEX)  # waits for main
+            assert y is not None
+            await a.release(y.hold_id)
+            return x
+
+        waiting = asyncio.ensure_future(task_a())
+        await self.wait_waiters(main, "y", 1)  # A holds x, and waits for y
+        try:
+            outcome: Any = await main.acquire("x", LockKind.MUTEX, timeout_ms=timeout_ms)
+        except Deadlock as e:
+            outcome = e
+        # Nothing else moved: no waiter on x, A holds it, A still waits.
+        self.assertEqual(await self.waiters(main, "x"), [])
+        self.assertEqual(await self.holders(main, "x"), [(a.session_id, 1)])
+        self.assertEqual(len(await self.waiters(main, "y")), 1)
+        self.assertFalse(waiting.done())
+        # Main gives way; A is served.
+        await main.release(holds_y.hold_id)
+        x = await asyncio.wait_for(waiting, WAIT)
+        await a.release(x.hold_id)
+        return outcome
+
+    @bounded
+    async def test_opposite_orders_in_two_clients_one_is_refused(self) -> None:
+        a, main = await self.detecting("task a"), await self.detecting("main")
+        self.assertEqual(a.protocol_version, 3)
+        self.assertTrue(a.detects_deadlocks and main.detects_deadlocks)
+        refused = await self.opposite_orders(a, main)
+        self.assertIsInstance(refused, Deadlock)
+        self.assertIsInstance(refused, InvalidRequest)  # codes 2xx
+        self.assertEqual((refused.code, refused.code_name), (ErrorCode.DEADLOCK, "deadlock"))
+        self.assertIn('waiting for "x" would deadlock', refused.message)
+        self.assertIn('"task a"', refused.message)
+        # The session goes on, and x is free again.
+        self.assertIsNotNone(await main.acquire("x", LockKind.MUTEX, timeout_ms=0))
+
+    @bounded
+    async def test_opposite_orders_in_one_client_one_is_refused(self) -> None:
+        # Each task is its own actor, even in one shared session.
+        shared = await self.detecting("shared")
+        self.assertIsInstance(await self.opposite_orders(shared, shared), Deadlock)
+
+    @bounded
+    async def test_a_primitive_refused_raises_and_holds_nothing(self) -> None:
+        client = await self.detecting("self")
+        lock = aio.Lock("mine", client)
+        self.assertTrue(await lock.acquire())
+        with self.assertRaises(Deadlock):
+            await lock.acquire(timeout=WAIT)  # not re-entrant: it could wait forever
+        self.assertEqual(await self.holders(client, "mine"), [(client.session_id, 1)])
+        self.assertEqual(await self.waiters(client, "mine"), [])
+        await lock.release()
+
+    @bounded
+    async def test_a_fixed_actor_from_the_environment(self) -> None:
+        actor = 0xFEDCBA9876543210
+        holder = await self.detecting("holder", actor=actor)
+        with mock.patch.dict(os.environ, {"LOCKBROKER_ACTOR": "%016x" % actor}):
+            command = aio.Client(self.daemon.path, connect_timeout=WAIT, detect_deadlocks=True)
+        self._aclients.append(command)
+        await command.connect()
+        self.assertTrue(await aio.Lock("held", holder).acquire())
+        # Another task, another session, the same actor: a self-wait.
+        with self.assertRaises(Deadlock):
+            await asyncio.ensure_future(command.acquire("held", LockKind.MUTEX))
+        with self.assertRaises(ValueError):
+            aio.Client(self.daemon.path, actor=0)
+
+    @bounded
+    async def test_without_detection_the_waits_queue(self) -> None:
+        a, main = await self.aclient("a"), await self.aclient("main")
+        self.assertFalse(a.detects_deadlocks or main.detects_deadlocks)
+
+        async def x_waited_for() -> None:
+            await self.wait_waiters(a, "x", 1)
+
+        # Main's wait for x queues (behind A, which waits for main), seen
+        # waiting there, until its timeout ends it.
+        watcher = asyncio.ensure_future(x_waited_for())
+        self.assertIsNone(await self.opposite_orders(a, main, timeout_ms=1000))
+        await asyncio.wait_for(watcher, WAIT)
+
+
 class ConnectionLossTest(AioTestCase):
     """A session that ends fails every wait with ConnectionLost."""
 
@@ -1032,14 +1150,17 @@ class ConnectionLossTest(AioTestCase):
 
 
 class OldDaemonTest(unittest.IsolatedAsyncioTestCase):
-    """A daemon of before protocol version 2, by hand: it refuses a version 2
-    Hello with ``unsupported_version``, welcomes version 1, and answers every
-    request with a version 1 Inspection."""
+    """A daemon of before protocol version 3 (or 2), by hand: it refuses a
+    Hello of a later version with ``unsupported_version``, welcomes its own,
+    answers an acquire with a grant and every other request with an
+    Inspection of its version, and records what it was sent."""
 
-    @bounded
-    async def test_the_client_falls_back_to_version_1(self) -> None:
-        session = SessionInfo(7, pid=77, uid=None, gid=None, client_name="before")
-        holder = HolderInfo(session, hold_id=1, kind=LockKind.MUTEX, permits=1, fence=1, since_ms=0)
+    def fake_daemon(self, speaks: int) -> Tuple[str, List[int], List[object], threading.Thread]:
+        """Serve a daemon of version ``speaks`` until a client's session
+        ends: its socket, the Hello versions and the requests it got, and
+        its thread."""
+        self.session = SessionInfo(7, pid=77, uid=None, gid=None, client_name="before")
+        holder = HolderInfo(self.session, hold_id=1, kind=LockKind.MUTEX, permits=1, fence=1, since_ms=0)
         entry = EntryInfo("old", EntryKind.MUTEX, 1, False, [holder], [])
         inspection = Inspection(ServerInfo("0.1.0", 1, 1, 1), [entry], False)
         directory = tempfile.TemporaryDirectory()
@@ -1047,10 +1168,11 @@ class OldDaemonTest(unittest.IsolatedAsyncioTestCase):
         path = os.path.join(directory.name, "old.sock")
         listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         listener.bind(path)
-        listener.listen(2)
+        listener.listen(4)
         listener.settimeout(WAIT)
         self.addCleanup(listener.close)
         versions: List[int] = []
+        requests: List[object] = []
 
         def frames(conn: socket.socket) -> List[bytes]:
             buffer = FrameBuffer()
@@ -1064,34 +1186,70 @@ class OldDaemonTest(unittest.IsolatedAsyncioTestCase):
                 buffer.feed(data)
 
         def serve() -> None:
-            for _ in range(2):
+            while True:
                 conn, _ = listener.accept()
                 with conn:
                     conn.settimeout(WAIT)
                     (hello,) = frames(conn)
                     version = decode_client_message(hello).version  # type: ignore[union-attr]
                     versions.append(version)
-                    if version != 1:
-                        refusal = ErrorInfo(ErrorCode.UNSUPPORTED_VERSION, "this daemon speaks version 1")
+                    if version > speaks:
+                        refusal = ErrorInfo(ErrorCode.UNSUPPORTED_VERSION, "this daemon speaks %d" % speaks)
                         conn.sendall(encode_frame(encode_server_message(Fatal(refusal), 1)))
                         continue
-                    welcome = Welcome(1, "0.1.0", 1, Limits(2097152, 1024, 65536))
-                    conn.sendall(encode_frame(encode_server_message(welcome, 1)))
+                    welcome = Welcome(version, "0.1.0", 1, Limits(2097152, 1024, 65536))
+                    conn.sendall(encode_frame(encode_server_message(welcome, version)))
                     for body in iter(lambda: frames(conn), []):
-                        rid = decode_client_message(body[0]).id  # type: ignore[union-attr]
-                        conn.sendall(encode_frame(encode_server_message(ResponseMessage(rid, inspection), 1)))
+                        message = decode_client_message(body[0])
+                        assert isinstance(message, RequestMessage)
+                        requests.append(message.request)
+                        answer: Any = inspection
+                        if isinstance(message.request, (Acquire, AcquireAs)):
+                            answer = Granted(Grant(len(requests), len(requests), False))
+                        reply = ResponseMessage(message.id, answer)
+                        conn.sendall(encode_frame(encode_server_message(reply, version)))
+                    return
 
         server = threading.Thread(target=serve, daemon=True)
         server.start()
-        client = await aio.connect(path, client_name="new", connect_timeout=WAIT, request_timeout=WAIT)
+        return path, versions, requests, server
+
+    @bounded
+    async def test_the_client_falls_back_to_version_1(self) -> None:
+        path, versions, _, server = self.fake_daemon(1)
+        client = await aio.connect(
+            path, client_name="new", connect_timeout=WAIT, request_timeout=WAIT, detect_deadlocks=True
+        )
         try:
             self.assertEqual(client.protocol_version, 1)
+            self.assertFalse(client.detects_deadlocks)
             seen = await client.inspect()
-            self.assertEqual(seen.entries[0].holders[0].session, session)
+            self.assertEqual(seen.entries[0].holders[0].session, self.session)
         finally:
             await client.close()
         await asyncio.get_running_loop().run_in_executor(None, server.join, WAIT)
-        self.assertEqual(versions, [PROTOCOL_VERSION, 1])
+        self.assertEqual(versions, [PROTOCOL_VERSION, 2, 1])
+
+    @bounded
+    async def test_the_client_falls_back_to_version_2_and_acquires_plainly(self) -> None:
+        # A daemon of version 2 cannot decode AcquireAs: detection asked
+        # for, acquires are plain ones all the same.
+        path, versions, requests, server = self.fake_daemon(2)
+        client = await aio.connect(
+            path, client_name="new", connect_timeout=WAIT, request_timeout=WAIT, detect_deadlocks=True
+        )
+        try:
+            self.assertEqual(client.protocol_version, 2)
+            self.assertFalse(client.detects_deadlocks)
+            self.assertIsNotNone(await client.acquire("x", LockKind.MUTEX))
+            self.assertTrue(await aio.Lock("y", client).acquire(timeout=WAIT))
+            seen = await client.inspect()
+            self.assertEqual(seen.entries[0].holders[0].session, self.session)
+        finally:
+            await client.close()
+        await asyncio.get_running_loop().run_in_executor(None, server.join, WAIT)
+        self.assertEqual(versions, [3, 2])
+        self.assertEqual([type(r) for r in requests], [Acquire, Acquire, Inspect])
 
 
 class WindowsTest(unittest.TestCase):

@@ -6,21 +6,49 @@ import os
 import pwd
 import signal
 import socket
+import tempfile
+import threading
 import time
 import unittest
+from unittest import mock
 
 import lockbroker
 from lockbroker import (
     ConnectionLost,
+    Deadlock,
     InvalidRequest,
     Lock,
     LockKind,
     NotHeld,
     default_client,
 )
-from lockbroker.protocol import PROTOCOL_VERSION, Acquire, ErrorCode
+from lockbroker.protocol import (
+    PROTOCOL_VERSION,
+    Acquire,
+    AcquireAs,
+    EntryInfo,
+    EntryKind,
+    ErrorCode,
+    ErrorInfo,
+    Fatal,
+    FrameBuffer,
+    Grant,
+    Granted,
+    HolderInfo,
+    Inspect,
+    Inspection,
+    Limits,
+    RequestMessage,
+    ResponseMessage,
+    ServerInfo,
+    SessionInfo,
+    Welcome,
+    decode_client_message,
+    encode_frame,
+    encode_server_message,
+)
 
-from .support import WAIT, DaemonTestCase, DefaultClientTestCase, spawn, wait_until
+from .support import WAIT, Daemon, DaemonTestCase, DefaultClientTestCase, spawn, wait_until
 
 
 class ClientTest(DaemonTestCase):
@@ -240,6 +268,141 @@ class ConnectionLossTest(DaemonTestCase):
         self.wait_waiters(a, "c", 0)
 
 
+class DeadlockTest(DaemonTestCase):
+    """Deadlock detection (protocol version 3, PROTOCOL.md 8.11): with
+    ``detect_deadlocks`` each thread acquires as its own actor, and the wait
+    that would close a cycle is refused with ``deadlock``; off, it queues."""
+
+    def detecting(self, name: str, **kwargs: object) -> lockbroker.Client:
+        """A new session that detects deadlocks, closed after the test."""
+        client = lockbroker.Client(
+            self.daemon.path,
+            client_name=name,
+            connect_timeout=WAIT,
+            request_timeout=WAIT,
+            detect_deadlocks=True,
+            **kwargs,  # type: ignore[arg-type]
+        )
+        self._clients.append(client)
+        return client
+
+    def opposite_orders(self, a: lockbroker.Client, main: lockbroker.Client, timeout_ms: "int | None" = None):
+        """Thread A takes x, main takes y, A waits for y (seen queued), then
+        main asks for x: what main's acquire returns (or raises, as the
+        exception), and A's outcome once main lets y go."""
+        holds_y = main.acquire("y", LockKind.MUTEX)
+        assert holds_y is not None
+
+        def thread_a() -> "tuple[object, object]":
+            x = a.acquire("x", LockKind.MUTEX)
+            assert x is not None
+            y = a.acquire("y", LockKind.MUTEX)  # waits for main
+            assert y is not None
+            a.release(y.hold_id)
+            return x, y
+
+        waiting = spawn(thread_a)
+        self.wait_waiters(main, "y", 1)  # A holds x, and waits for y
+        try:
+            outcome: object = main.acquire("x", LockKind.MUTEX, timeout_ms=timeout_ms)
+        except Deadlock as e:
+            outcome = e
+        # Nothing else moved: no waiter on x, A holds it, A still waits.
+        entry = self.entry(main, "x")
+        assert entry is not None
+        self.assertEqual(entry.waiters, [])
+        self.assertEqual([h.session.session_id for h in entry.holders], [a.session_id])
+        self.assertEqual(self.waiter_count(main, "y"), 1)
+        # Main gives way; A is served.
+        main.release(holds_y.hold_id)
+        x, _ = waiting.result(timeout=WAIT)
+        a.release(x.hold_id)  # type: ignore[attr-defined]
+        return outcome
+
+    def test_opposite_orders_in_two_clients_one_is_refused(self) -> None:
+        a, main = self.detecting("thread a"), self.detecting("main")
+        self.assertEqual(a.protocol_version, 3)
+        self.assertTrue(a.detects_deadlocks and main.detects_deadlocks)
+        refused = self.opposite_orders(a, main)
+        self.assertIsInstance(refused, Deadlock)
+        assert isinstance(refused, Deadlock)
+        self.assertIsInstance(refused, InvalidRequest)  # codes 2xx
+        self.assertEqual((refused.code, refused.code_name), (ErrorCode.DEADLOCK, "deadlock"))
+        self.assertIn('waiting for "x" would deadlock', refused.message)
+        self.assertIn('"thread a"', refused.message)
+        # The session goes on, and x is free again.
+        self.assertIsNotNone(main.acquire("x", LockKind.MUTEX, timeout_ms=0))
+
+    def test_opposite_orders_in_one_client_one_is_refused(self) -> None:
+        # Each thread is its own actor, even in one shared session.
+        shared = self.detecting("shared")
+        refused = self.opposite_orders(shared, shared)
+        self.assertIsInstance(refused, Deadlock)
+
+    def test_a_timeout_does_not_hide_the_deadlock(self) -> None:
+        a, main = self.detecting("a"), self.detecting("main")
+        self.assertIsInstance(self.opposite_orders(a, main, timeout_ms=int(WAIT * 1000)), Deadlock)
+
+    def test_without_detection_the_waits_queue(self) -> None:
+        a, main = self.client("a"), self.client("main")
+        self.assertFalse(a.detects_deadlocks or main.detects_deadlocks)
+        # Main's wait for x queues (behind A, which waits for main), seen
+        # waiting there, until its timeout ends it.
+        watcher = spawn(self.wait_waiters, a, "x", 1)
+        started = time.monotonic()
+        self.assertIsNone(self.opposite_orders(a, main, timeout_ms=1000))
+        self.assertGreaterEqual(time.monotonic() - started, 0.9)
+        watcher.result(timeout=WAIT)
+
+    def test_a_lock_waiting_behind_its_own_hold(self) -> None:
+        client = self.detecting("self")
+        lock = Lock("mine", client)
+        self.assertTrue(lock.acquire(timeout=WAIT))
+        # Not re-entrant: the same thread waiting for it could wait forever.
+        with self.assertRaises(Deadlock):
+            lock.acquire(timeout=WAIT)
+        self.assertFalse(lock.acquire(blocking=False))  # a try is never checked
+        lock.release()
+
+    def test_a_fixed_actor_is_shared_across_sessions(self) -> None:
+        actor = 0x0123456789ABCDEF
+        holder = self.detecting("holder", actor=actor)
+        # The actor as lockbroker lock hands it down to its command.
+        with mock.patch.dict(os.environ, {"LOCKBROKER_ACTOR": "%016x" % actor}):
+            command = self.detecting("command")
+        self.assertTrue(Lock("held", holder).acquire(timeout=WAIT))
+        # Another thread, another session, the same actor: a self-wait.
+        with self.assertRaises(Deadlock):
+            spawn(command.acquire, "held", LockKind.MUTEX).result(timeout=WAIT)
+        # Without detection the variable is ignored: the wait queues.
+        with mock.patch.dict(os.environ, {"LOCKBROKER_ACTOR": "%016x" % actor}):
+            plain = self.client("plain")
+        self.assertIsNone(plain.acquire("held", LockKind.MUTEX, timeout_ms=50))
+
+    def test_actor_arguments(self) -> None:
+        for bad in (0, -1, 2**64, True, "1"):
+            with self.assertRaises(ValueError):
+                lockbroker.Client(self.daemon.path, actor=bad)  # type: ignore[arg-type]
+        self.assertTrue(self.detecting("fixed", actor=2**64 - 1).detects_deadlocks)
+        only_actor = lockbroker.Client(self.daemon.path, actor=5, connect_timeout=WAIT)
+        self._clients.append(only_actor)
+        self.assertTrue(only_actor.detects_deadlocks)
+        from lockbroker import _common
+
+        self.assertEqual(_common.env_actor({"LOCKBROKER_ACTOR": " 00000000000000ff\n"}), 255)
+        for bad_text in ("", "0000000000000000", "xyz", "1" * 17, "-1"):
+            self.assertIsNone(_common.env_actor({"LOCKBROKER_ACTOR": bad_text}), bad_text)
+        self.assertEqual(_common.Actors(True, None, {"LOCKBROKER_ACTOR": "2a"}).fixed, 42)
+        self.assertEqual(_common.Actors(True, 7, {"LOCKBROKER_ACTOR": "2a"}).fixed, 7)
+        self.assertIsNone(_common.Actors(True, None, {}).fixed)
+        self.assertFalse(_common.Actors(False, None, {"LOCKBROKER_ACTOR": "2a"}).detect)
+        # Each thread its own actor, the same on every call, never 0.
+        mine = _common.thread_actor()
+        self.assertEqual(mine, _common.thread_actor())
+        self.assertNotEqual(spawn(_common.thread_actor).result(timeout=WAIT), mine)
+        self.assertTrue(0 < mine < 2**64)
+
+
 class DefaultClientTest(DefaultClientTestCase):
     """Lock("x") without a client; a forked child gets its own session."""
 
@@ -302,39 +465,18 @@ class DefaultClientTest(DefaultClientTestCase):
         held.release()
 
 
-if __name__ == "__main__":
-    unittest.main()
-
-
 class OldDaemonTest(unittest.TestCase):
-    """A daemon of before protocol version 2, by hand: it refuses a version 2
-    Hello with ``unsupported_version``, welcomes version 1, and answers every
-    request with a version 1 Inspection."""
+    """A daemon of before protocol version 3 (or 2), by hand: it refuses a
+    Hello of a later version with ``unsupported_version``, welcomes its own,
+    answers an acquire with a grant and every other request with an
+    Inspection of its version, and records what it was sent."""
 
-    def test_the_client_falls_back_to_version_1(self) -> None:
-        import tempfile
-        import threading
-
-        from lockbroker.protocol import (
-            EntryInfo,
-            EntryKind,
-            ErrorInfo,
-            Fatal,
-            FrameBuffer,
-            HolderInfo,
-            Inspection,
-            Limits,
-            ResponseMessage,
-            ServerInfo,
-            SessionInfo,
-            Welcome,
-            decode_client_message,
-            encode_frame,
-            encode_server_message,
-        )
-
-        session = SessionInfo(7, pid=77, uid=None, gid=None, client_name="before")
-        holder = HolderInfo(session, hold_id=1, kind=LockKind.MUTEX, permits=1, fence=1, since_ms=0)
+    def fake_daemon(self, speaks: int) -> "tuple[str, list, list, threading.Thread]":
+        """Serve a daemon of version ``speaks`` until a client's session
+        ends: its socket, the Hello versions and the requests it got, and
+        its thread."""
+        self.session = SessionInfo(7, pid=77, uid=None, gid=None, client_name="before")
+        holder = HolderInfo(self.session, hold_id=1, kind=LockKind.MUTEX, permits=1, fence=1, since_ms=0)
         entry = EntryInfo("old", EntryKind.MUTEX, 1, False, [holder], [])
         inspection = Inspection(ServerInfo("0.1.0", 1, 1, 1), [entry], False)
         directory = tempfile.TemporaryDirectory()
@@ -342,9 +484,11 @@ class OldDaemonTest(unittest.TestCase):
         path = os.path.join(directory.name, "old.sock")
         listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         listener.bind(path)
-        listener.listen(2)
+        listener.listen(4)
+        listener.settimeout(WAIT)
         self.addCleanup(listener.close)
-        versions = []
+        versions: "list[int]" = []
+        requests: "list[object]" = []
 
         def frames(conn: socket.socket) -> "list[bytes]":
             buffer = FrameBuffer()
@@ -358,31 +502,70 @@ class OldDaemonTest(unittest.TestCase):
                 buffer.feed(data)
 
         def serve() -> None:
-            for _ in range(2):
+            while True:
                 conn, _ = listener.accept()
                 with conn:
+                    conn.settimeout(WAIT)
                     (hello,) = frames(conn)
                     version = decode_client_message(hello).version  # type: ignore[union-attr]
                     versions.append(version)
-                    if version != 1:
-                        refusal = ErrorInfo(ErrorCode.UNSUPPORTED_VERSION, "this daemon speaks version 1")
+                    if version > speaks:
+                        refusal = ErrorInfo(ErrorCode.UNSUPPORTED_VERSION, "this daemon speaks %d" % speaks)
                         conn.sendall(encode_frame(encode_server_message(Fatal(refusal), 1)))
                         continue
-                    welcome = Welcome(1, "0.1.0", 1, Limits(2097152, 1024, 65536))
-                    conn.sendall(encode_frame(encode_server_message(welcome, 1)))
+                    welcome = Welcome(version, "0.1.0", 1, Limits(2097152, 1024, 65536))
+                    conn.sendall(encode_frame(encode_server_message(welcome, version)))
                     for body in iter(lambda: frames(conn), []):
-                        rid = decode_client_message(body[0]).id  # type: ignore[union-attr]
-                        answer = ResponseMessage(rid, inspection)
-                        conn.sendall(encode_frame(encode_server_message(answer, 1)))
+                        message = decode_client_message(body[0])
+                        assert isinstance(message, RequestMessage)
+                        requests.append(message.request)
+                        if isinstance(message.request, (Acquire, AcquireAs)):
+                            answer: object = Granted(Grant(len(requests), len(requests), False))
+                        else:
+                            answer = inspection
+                        reply = ResponseMessage(message.id, answer)  # type: ignore[arg-type]
+                        conn.sendall(encode_frame(encode_server_message(reply, version)))
+                    return
 
         server = threading.Thread(target=serve, daemon=True)
         server.start()
-        client = lockbroker.Client(path, client_name="new", connect_timeout=WAIT, request_timeout=WAIT)
+        return path, versions, requests, server
+
+    def test_the_client_falls_back_to_version_1(self) -> None:
+        path, versions, requests, server = self.fake_daemon(1)
+        client = lockbroker.Client(
+            path, client_name="new", connect_timeout=WAIT, request_timeout=WAIT, detect_deadlocks=True
+        )
         try:
             self.assertEqual(client.welcome.version, 1)
+            self.assertFalse(client.detects_deadlocks)
             seen = client.inspect()
-            self.assertEqual(seen.entries[0].holders[0].session, session)
+            self.assertEqual(seen.entries[0].holders[0].session, self.session)
         finally:
             client.close()
         server.join(WAIT)
-        self.assertEqual(versions, [PROTOCOL_VERSION, 1])
+        self.assertEqual(versions, [PROTOCOL_VERSION, 2, 1])
+
+    def test_the_client_falls_back_to_version_2_and_acquires_plainly(self) -> None:
+        # A daemon of version 2 cannot decode AcquireAs: detection asked
+        # for, acquires are plain ones all the same.
+        path, versions, requests, server = self.fake_daemon(2)
+        client = lockbroker.Client(
+            path, client_name="new", connect_timeout=WAIT, request_timeout=WAIT, detect_deadlocks=True
+        )
+        try:
+            self.assertEqual(client.protocol_version, 2)
+            self.assertFalse(client.detects_deadlocks)
+            self.assertIsNotNone(client.acquire("x", LockKind.MUTEX))
+            self.assertTrue(Lock("y", client).acquire(timeout=WAIT))
+            seen = client.inspect()
+            self.assertEqual(seen.entries[0].holders[0].session, self.session)
+        finally:
+            client.close()
+        server.join(WAIT)
+        self.assertEqual(versions, [3, 2])
+        self.assertEqual([type(r) for r in requests], [Acquire, Acquire, Inspect])
+
+
+if __name__ == "__main__":
+    unittest.main()

@@ -1,5 +1,5 @@
-"""The codec against the golden vectors of proto/golden/v1.txt and v2.txt, and
-on bad input.
+"""The codec against the golden vectors of proto/golden/v1.txt, v2.txt and
+v3.txt, and on bad input.
 
 Every vector of PROTOCOL.md section 13's table -- lock and shared-state
 messages alike -- has its hand-built Python message here, and every vector
@@ -18,6 +18,7 @@ from typing import Dict, List, Tuple, Union
 from lockbroker.protocol import (
     MAGIC,
     Acquire,
+    AcquireAs,
     Cancel,
     Cancelled,
     ChangeKind,
@@ -26,6 +27,7 @@ from lockbroker.protocol import (
     EncodeError,
     EntryInfo,
     EntryKind,
+    ErrorCode,
     ErrorInfo,
     ErrorResponse,
     EventMessage,
@@ -278,10 +280,32 @@ EXPECTED_V2: Dict[str, Tuple[str, Message]] = {
     "inspection_v2": ("s2c", _inspection_v2()),
 }
 
+#: The messages of version 3's vectors (proto/golden/v3.txt), as PROTOCOL.md
+#: section 13.2 describes them.
+EXPECTED_V3: Dict[str, Tuple[str, Message]] = {
+    "hello_v3": ("c2s", Hello(magic=MAGIC, version=3, client_name="demo")),
+    "welcome_v3": ("s2c", replace(EXPECTED["welcome"][1], version=3)),  # type: ignore[type-var]
+    "acquire_as": (
+        "c2s",
+        RequestMessage(
+            30,
+            AcquireAs(
+                actor=0x0123456789ABCDEF,
+                acquire=Acquire("deploy", LockKind.MUTEX, capacity=1, permits=1, timeout_ms=None),
+            ),
+        ),
+    ),
+    "error_deadlock": (
+        "s2c",
+        ResponseMessage(30, ErrorResponse(ErrorInfo(ErrorCode.DEADLOCK, 'waiting for "deploy" would deadlock'))),
+    ),
+}
+
 #: Each version's file and messages.
 VERSIONS: Dict[int, Tuple[object, Dict[str, Tuple[str, Message]]]] = {
     1: (GOLDEN, EXPECTED),
     2: (REPO_ROOT / "proto" / "golden" / "v2.txt", EXPECTED_V2),
+    3: (REPO_ROOT / "proto" / "golden" / "v3.txt", EXPECTED_V3),
 }
 
 
@@ -367,9 +391,32 @@ class GoldenVectorTest(unittest.TestCase):
         self.assertEqual(error_code_name(999), "unknown_999")
         self.assertEqual(error_code_name(301), "not_held")
         self.assertEqual(error_code_name(208), "not_an_integer")
+        self.assertEqual(error_code_name(209), "deadlock")
         self.assertEqual(error_code_name(303), "guard_not_held")
         self.assertEqual(error_code_name(403), "value_too_large")
         self.assertEqual(error_code_name(404), "quota_exceeded")
+
+    def test_version_3_is_version_2_plus_acquire_as(self) -> None:
+        # The same layouts: version 2's Inspection decodes the same in 3.
+        two = dict((n, f) for n, _, f in read_vectors(2))["inspection_v2"][4:]
+        self.assertEqual(decode_server_message(two, 3), decode_server_message(two, 2))
+        self.assertEqual(encode_server_message(decode_server_message(two, 2), 3), two)
+        # An AcquireAs's acquire is an Acquire's fields, after the actor.
+        frames = dict((n, f) for n, _, f in read_vectors(3))
+        body = frames["acquire_as"][4:]
+        plain = encode_client_message(RequestMessage(30, Acquire("deploy", LockKind.MUTEX, 1, 1, None)))
+        self.assertEqual(body[:12], plain[:12])
+        self.assertEqual(body[12:16], (17).to_bytes(4, "little"))
+        self.assertEqual(body[24:], plain[16:])
+        # The deadlock refusal is a BrokerError of its own, an InvalidRequest.
+        from lockbroker.errors import Deadlock, InvalidRequest, broker_error
+
+        message = decode_server_message(frames["error_deadlock"][4:], 3)
+        assert isinstance(message, ResponseMessage) and isinstance(message.response, ErrorResponse)
+        error = broker_error(message.response.error)
+        self.assertIsInstance(error, Deadlock)
+        self.assertIsInstance(error, InvalidRequest)
+        self.assertEqual((error.code, error.code_name), (209, "deadlock"))
 
     def test_decoded_values_are_bytes(self) -> None:
         frames = dict((n, f) for n, _, f in read_vectors())
@@ -488,6 +535,8 @@ class FastPathTest(unittest.TestCase):
                 Acquire("caf\u00e9/\U0001f512", LockKind.SEMAPHORE, 2**32 - 1, 7, 0),
                 Acquire("", LockKind.RW_SHARED, 0, 1, 2**64 - 1),
                 Acquire("n" * 300, LockKind.RW_EXCLUSIVE, 0, 1, 5),
+                AcquireAs(1, Acquire("x", LockKind.MUTEX, 1, 1, None)),
+                AcquireAs(2**64 - 1, Acquire("caf\u00e9", LockKind.SEMAPHORE, 9, 3, 2**64 - 1)),
             )
         ]
         for message in messages:
@@ -496,7 +545,15 @@ class FastPathTest(unittest.TestCase):
             self.assertEqual(fast, protocol._encode(protocol._CLIENT_MESSAGE, message), message)
             self.assertEqual(decode_client_message(encode_client_message(message)), message)
         # What the fast path does not take, the codecs refuse as before.
-        for bad in (Release(-1), Release(2**64), Release(True), Acquire("x", LockKind.MUTEX, 1, 1, -5)):
+        for bad in (
+            Release(-1),
+            Release(2**64),
+            Release(True),
+            Acquire("x", LockKind.MUTEX, 1, 1, -5),
+            AcquireAs(2**64, Acquire("x", LockKind.MUTEX)),
+            AcquireAs(True, Acquire("x", LockKind.MUTEX)),
+            AcquireAs(1, Acquire("x", LockKind.MUTEX, 1, 1, -5)),
+        ):
             with self.assertRaises(EncodeError):
                 encode_client_message(RequestMessage(1, bad))  # type: ignore[arg-type]
 

@@ -1330,8 +1330,9 @@ fn the_daemon_reads_its_flags_from_a_config_file() {
 
 /// A daemon older than the `Metrics` request ends the connection when it
 /// reads one: `lockbroker metrics` says so in one line, exit 69. The old
-/// daemon is played from the golden vectors: it welcomes the tool in
-/// version 2, then closes on the request it does not know.
+/// daemon is played from the golden vectors: it refuses version 3,
+/// welcomes the tool in version 2, then closes on the request it does not
+/// know.
 #[test]
 fn metrics_from_a_daemon_older_than_them_is_one_clear_line() {
     use std::io::Write;
@@ -1354,7 +1355,6 @@ fn metrics_from_a_daemon_older_than_them_is_one_clear_line() {
         .map(|i| u8::from_str_radix(&hex[i..i + 2], 16).unwrap())
         .collect();
     let old = std::thread::spawn(move || {
-        let (mut conn, _) = listener.accept().unwrap();
         let frame = |conn: &mut std::os::unix::net::UnixStream| {
             let mut len = [0u8; 4];
             conn.read_exact(&mut len).unwrap();
@@ -1362,7 +1362,21 @@ fn metrics_from_a_daemon_older_than_them_is_one_clear_line() {
             conn.read_exact(&mut body).unwrap();
             body
         };
-        frame(&mut conn); // Hello
+        // A version 3 Hello is refused, as a daemon of version 2 does;
+        // the tool asks again in version 2.
+        let (mut conn, _) = listener.accept().unwrap();
+        let hello = frame(&mut conn);
+        // ClientMessage::Hello (0), the magic, then the version.
+        assert_eq!(&hello[8..10], &3u16.to_le_bytes());
+        let refusal = lockbroker_proto::ServerMessage::Fatal(lockbroker_proto::ErrorInfo::new(
+            lockbroker_proto::ErrorCode::UnsupportedVersion,
+            "this daemon speaks versions 1 to 2",
+        ));
+        let bytes = lockbroker_proto::frame::to_frame(&refusal, 4096).unwrap();
+        conn.write_all(&bytes).unwrap();
+        drop(conn);
+        let (mut conn, _) = listener.accept().unwrap();
+        frame(&mut conn); // Hello, version 2
         conn.write_all(&welcome).unwrap();
         let request = frame(&mut conn);
         // ClientMessage::Request (1), its id, then Request::Metrics (16).
@@ -1415,4 +1429,54 @@ fn autostart_keeps_the_log_bounded() {
     let fresh = std::fs::read_to_string(&log).unwrap();
     assert!(fresh.contains("listening"), "{fresh}");
     assert!(fresh.len() < 10_000, "{} bytes", fresh.len());
+}
+
+/// The issue's two scripts: each holds one lock and, inside, takes the
+/// other. Each inner `lockbroker` is a session of its own, but acts for
+/// its wrapper (`LOCKBROKER_ACTOR`), so the daemon sees the cycle: the
+/// inner `lock` that would close it exits 35 naming it, its script goes
+/// on, and the other script's inner `lock` is then served.
+#[test]
+fn nested_locks_taken_in_opposite_orders_are_a_deadlock_refused() {
+    let d = Daemon::start();
+    let (go1, go2) = (fifo(&d, "go1"), fifo(&d, "go2"));
+    let script = |outer: &str, inner: &str, go: &str| {
+        let body = format!(
+            "echo > {outer}.held; read -r _ < {go}; \
+             lockbroker lock {inner} -- true 2> {inner}.err; echo $? > {outer}.inner"
+        );
+        let mut cmd = d.cli();
+        cmd.env("PATH", path_with_lockbroker(d.dir.path()))
+            .env_remove("LOCKBROKER_ACTOR")
+            .args(["lock", outer, "--", "sh", "-c", &body])
+            .spawn()
+            .unwrap()
+    };
+    let mut first = script("x", "y", "go1");
+    let mut second = script("y", "x", "go2");
+    wait_until("both hold", || {
+        d.path("x.held").exists() && d.path("y.held").exists()
+    });
+    std::fs::write(&go1, "\n").unwrap();
+    wait_until("the first script's inner lock waits for y", || {
+        holders_and_waiters(&d, "y") == (1, 1)
+    });
+    std::fs::write(&go2, "\n").unwrap();
+    assert!(wait_exit(&mut second, Duration::from_secs(20)).success());
+    assert_eq!(
+        std::fs::read_to_string(d.path("y.inner")).unwrap().trim(),
+        "35"
+    );
+    let err = std::fs::read_to_string(d.path("x.err")).unwrap();
+    assert!(
+        err.contains("waiting for \"x\" would deadlock")
+            && err.contains("which waits for \"y\"")
+            && err.contains("on whose behalf this session acts"),
+        "{err}"
+    );
+    assert!(wait_exit(&mut first, Duration::from_secs(20)).success());
+    assert_eq!(
+        std::fs::read_to_string(d.path("x.inner")).unwrap().trim(),
+        "0"
+    );
 }

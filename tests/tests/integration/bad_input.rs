@@ -96,7 +96,7 @@ async fn bad_frames_and_handshakes_close_only_their_connection() {
         let mut raw = Raw::connect(&daemon.socket).await;
         raw.send(&hello(0x1234_5678, 1, "x")).await;
         expect_fatal(&mut raw, ErrorCode::BadMagic).await;
-        for version in [0, 3] {
+        for version in [0, lockbroker_proto::PROTOCOL_VERSION + 1] {
             let mut raw = Raw::connect(&daemon.socket).await;
             raw.send(&hello(MAGIC, version, "x")).await;
             expect_fatal(&mut raw, ErrorCode::UnsupportedVersion).await;

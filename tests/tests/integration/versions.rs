@@ -8,7 +8,7 @@ use lockbroker::{Client, Connector, LockKind, blocking};
 use lockbroker_proto::frame::{self, decode_in};
 use lockbroker_proto::{
     ClientMessage, DEFAULT_MAX_FRAME_LEN, EntryInfo, EntryKind, ErrorCode, ErrorInfo, HolderInfo,
-    Inspection, Limits, Response, ServerInfo, ServerMessage, SessionInfo, Welcome,
+    Inspection, Limits, Request, Response, ServerInfo, ServerMessage, SessionInfo, Welcome,
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{UnixListener, UnixStream};
@@ -90,29 +90,33 @@ async fn a_version_1_session_is_answered_in_version_1(backend) {
 }
 }
 
-/// A daemon of before version 2, by hand: it refuses a version 2 `Hello`
-/// with `unsupported_version`, as such daemons do, welcomes version 1, and
-/// answers every `Inspect` with one holder, in version 1's layout. It
+/// A daemon of version `speaks` (1 or 2), by hand: it refuses a later
+/// `Hello` with `unsupported_version`, as such daemons do, welcomes its
+/// own, and answers every `Inspect` with one holder, in its layout, and
+/// every other request with `Error(malformed)`, as if it could not decode
+/// it (an `AcquireAs`, which only version 3 has, would be a fatal one). It
 /// serves `connections` connections, one after another.
-async fn old_daemon(listener: UnixListener, connections: usize) {
+async fn old_daemon(listener: UnixListener, connections: usize, speaks: u16) {
     for _ in 0..connections {
         let (mut stream, _) = listener.accept().await.unwrap();
         let version = match read(&mut stream, 2).await {
             Some(ClientMessage::Hello(hello)) => hello.version,
             other => panic!("expected a hello, got {other:?}"),
         };
-        if version != 1 {
+        if version != speaks {
             let refusal = ErrorInfo::new(
                 ErrorCode::UnsupportedVersion,
-                format!("client speaks protocol version {version}; this daemon speaks version 1"),
+                format!(
+                    "client speaks protocol version {version}; this daemon speaks version {speaks}"
+                ),
             );
-            write(&mut stream, &ServerMessage::Fatal(refusal)).await;
+            write(&mut stream, &ServerMessage::Fatal(refusal), 1).await;
             continue;
         }
         write(
             &mut stream,
             &ServerMessage::Welcome(Welcome {
-                version: 1,
+                version: speaks,
                 server_version: "0.1.0".into(),
                 session_id: 1,
                 limits: Limits {
@@ -121,11 +125,23 @@ async fn old_daemon(listener: UnixListener, connections: usize) {
                     max_holds: 65536,
                 },
             }),
+            speaks,
         )
         .await;
-        while let Some(ClientMessage::Request { id, .. }) = read(&mut stream, 1).await {
-            let response = Response::Inspection(old_inspection());
-            write(&mut stream, &ServerMessage::Response { id, response }).await;
+        while let Some(ClientMessage::Request { id, request }) = read(&mut stream, speaks).await {
+            let response = match request {
+                Request::Inspect { .. } => Response::Inspection(old_inspection()),
+                other => Response::Error(ErrorInfo::new(
+                    ErrorCode::Malformed,
+                    format!("not for this test: {other:?}"),
+                )),
+            };
+            write(
+                &mut stream,
+                &ServerMessage::Response { id, response },
+                speaks,
+            )
+            .await;
         }
     }
 }
@@ -175,9 +191,9 @@ async fn read(stream: &mut UnixStream, version: u16) -> Option<ClientMessage> {
     Some(msg)
 }
 
-async fn write(stream: &mut UnixStream, msg: &ServerMessage) {
+async fn write(stream: &mut UnixStream, msg: &ServerMessage, version: u16) {
     let mut frame = Vec::new();
-    frame::encode_in(1, msg, DEFAULT_MAX_FRAME_LEN, &mut frame).unwrap();
+    frame::encode_in(version, msg, DEFAULT_MAX_FRAME_LEN, &mut frame).unwrap();
     // The client may have closed after a Fatal.
     let _ = stream.write_all(&frame).await;
 }
@@ -186,16 +202,16 @@ fn old_connector(socket: &Path) -> Connector {
     Connector::new().socket(socket).client_name("new")
 }
 
-/// The async and the blocking client, refused version 2, connect again in
-/// version 1 and read the daemon's answers in its layout.
+/// The async and the blocking client, refused versions 3 and 2, connect
+/// again in version 1 and read the daemon's answers in its layout.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_clients_speak_version_1_with_a_daemon_of_before_version_2() {
     bounded(async {
         let dir = tempfile::tempdir().unwrap();
         let socket = dir.path().join("old.sock");
         let listener = UnixListener::bind(&socket).unwrap();
-        // Each client: a refused connection, then one in version 1.
-        let server = tokio::spawn(old_daemon(listener, 4));
+        // Each client: two refused connections, then one in version 1.
+        let server = tokio::spawn(old_daemon(listener, 6, 1));
         let client: Client = old_connector(&socket).connect().await.unwrap();
         let seen = client.inspect("").await.unwrap();
         assert_eq!(seen.entries[0].holders[0].session.client_name, "before");
@@ -209,6 +225,33 @@ async fn the_clients_speak_version_1_with_a_daemon_of_before_version_2() {
         .await
         .unwrap();
         assert_eq!(seen.entries[0].holders[0].session.client_name, "before");
+        server.await.unwrap();
+    })
+    .await
+}
+
+/// A client asking for deadlock detection, refused version 3, speaks
+/// version 2 with the daemon and sends it plain `Acquire`s, which it
+/// knows: the request is answered, not the connection ended.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_version_2_daemon_gets_plain_acquires() {
+    bounded(async {
+        let dir = tempfile::tempdir().unwrap();
+        let socket = dir.path().join("v2.sock");
+        let listener = UnixListener::bind(&socket).unwrap();
+        let server = tokio::spawn(old_daemon(listener, 2, 2));
+        let client: Client = old_connector(&socket)
+            .detect_deadlocks(true)
+            .connect()
+            .await
+            .unwrap();
+        let err = client.mutex("x").acquire().await.unwrap_err();
+        // The stand-in daemon answers every acquire so; what matters is
+        // that it could read it, and the session goes on.
+        assert_eq!(err.code(), Some(ErrorCode::Malformed), "{err:?}");
+        assert!(err.to_string().contains("Acquire(Acquire"), "{err}");
+        client.inspect("").await.unwrap();
+        drop(client);
         server.await.unwrap();
     })
     .await
