@@ -225,6 +225,20 @@ async fn write_fatal<W: AsyncWrite + Unpin>(
     out.shutdown().await
 }
 
+/// Says `what` at warn level with who the session is: what an operator
+/// chases (a limit, a quota, an abandonment) comes with whom to ask.
+fn warn_of(peer: &Peer, what: std::fmt::Arguments<'_>) {
+    let who = &peer.info;
+    tracing::warn!(
+        session_id = who.session_id,
+        pid = who.pid,
+        uid = who.uid,
+        user = %who.user,
+        client = %who.client_name,
+        "{what}"
+    );
+}
+
 /// Stop reading requests while this many answer bytes wait to be written.
 const OUTPUT_HIGH_WATER: usize = 1 << 20;
 
@@ -479,16 +493,9 @@ impl<W: AsyncWrite + Unpin> Session<W> {
             // A limit or a quota (4xx) is what an operator raises or
             // chases: say who hit it. The message names the lock or key.
             if (400..500).contains(&e.code.as_u16()) {
-                let who = &self.peer.info;
-                tracing::warn!(
-                    session_id = who.session_id,
-                    pid = who.pid,
-                    uid = who.uid,
-                    user = %who.user,
-                    client = %who.client_name,
-                    code = %e.code,
-                    "refused: {}",
-                    e.message
+                warn_of(
+                    &self.peer,
+                    format_args!("refused ({}): {}", e.code, e.message),
                 );
             }
         }

@@ -507,22 +507,24 @@ impl<W: AsyncWrite + Unpin> Session<W> {
     /// Says, at warn level, which holds the session abandoned: the first
     /// [`ABANDONED_LOGGED`] by name, and how many more.
     fn log_abandoned(&self) {
-        let who = &self.peer.info;
         let mut names: Vec<&str> = self.locks.holds.values().map(|h| h.name.as_str()).collect();
         names.sort_unstable();
         names.dedup();
         let more = names.len().saturating_sub(ABANDONED_LOGGED);
         names.truncate(ABANDONED_LOGGED);
-        tracing::warn!(
-            session_id = who.session_id,
-            pid = who.pid,
-            uid = who.uid,
-            user = %who.user,
-            client = %who.client_name,
-            holds = self.locks.holds.len(),
-            "abandoned: the session ended holding {}{}",
-            names.iter().map(|n| format!("{n:?}")).collect::<Vec<_>>().join(", "),
-            if more > 0 { format!(" and {more} more") } else { String::new() }
+        let names: Vec<String> = names.iter().map(|n| format!("{n:?}")).collect();
+        let more = if more > 0 {
+            format!(" and {more} more")
+        } else {
+            String::new()
+        };
+        super::warn_of(
+            &self.peer,
+            format_args!(
+                "abandoned: the session ended with {} holds, on {}{more}",
+                self.locks.holds.len(),
+                names.join(", ")
+            ),
         );
     }
 

@@ -566,6 +566,20 @@ fn local_scope() -> (tempfile::TempDir, PathBuf) {
     (runtime, dir)
 }
 
+/// Stops the daemon the tool autostarted on the local scope of
+/// `runtime`, found through `status`, and waits until it is gone.
+fn stop_autostarted(runtime: &Path) {
+    let status = run(Command::new(CLI)
+        .args(["status", "--json"])
+        .env("XDG_RUNTIME_DIR", runtime)
+        .env("LOCKBROKER_NO_AUTOSTART", "1")
+        .env_remove("LOCKBROKER_SOCKET"));
+    let status: serde_json::Value = serde_json::from_slice(&status.stdout).unwrap();
+    let pid = status["daemon"]["pid"].as_u64().unwrap() as u32;
+    assert!(signal(pid, libc::SIGTERM));
+    wait_until("the autostarted daemon exits", || !alive(pid));
+}
+
 /// `lockbroker ping` on the local scope of `runtime`, autostart allowed.
 fn autostarting_ping(runtime: &Path) -> Command {
     let mut cmd = Command::new(CLI);
@@ -691,15 +705,7 @@ fn a_daemon_autostarted_under_a_lock_does_not_keep_it() {
         .args(["lock", "x", "--", CLI, "ping"]));
     let free = run(d.cli().args(["lock", "-n", "x", "--", "true"]));
     // Stop the autostarted daemon before judging.
-    let status = run(Command::new(CLI)
-        .args(["status", "--json"])
-        .env("XDG_RUNTIME_DIR", runtime.path())
-        .env("LOCKBROKER_NO_AUTOSTART", "1")
-        .env_remove("LOCKBROKER_SOCKET"));
-    let status: serde_json::Value = serde_json::from_slice(&status.stdout).unwrap();
-    let pid = status["daemon"]["pid"].as_u64().unwrap() as u32;
-    assert!(signal(pid, libc::SIGTERM));
-    wait_until("the autostarted daemon exits", || !alive(pid));
+    stop_autostarted(runtime.path());
     assert!(out.status.success(), "{out:?}");
     assert_eq!(free.status.code(), Some(0), "the daemon kept the lock");
 }
@@ -1413,15 +1419,7 @@ fn autostart_keeps_the_log_bounded() {
     std::fs::write(&log, vec![b'.'; big]).unwrap();
     let out = run(&mut autostarting_ping(runtime.path()));
     assert!(out.status.success(), "{out:?}");
-    let status = run(Command::new(CLI)
-        .args(["status", "--json"])
-        .env("XDG_RUNTIME_DIR", runtime.path())
-        .env("LOCKBROKER_NO_AUTOSTART", "1")
-        .env_remove("LOCKBROKER_SOCKET"));
-    let status: serde_json::Value = serde_json::from_slice(&status.stdout).unwrap();
-    let pid = status["daemon"]["pid"].as_u64().unwrap() as u32;
-    assert!(signal(pid, libc::SIGTERM));
-    wait_until("the autostarted daemon exits", || !alive(pid));
+    stop_autostarted(runtime.path());
     assert_eq!(
         std::fs::metadata(dir.join("broker.log.1")).unwrap().len(),
         big as u64
