@@ -745,29 +745,30 @@ fn describe_deadlock(seen: &[Seen], peer: &Arc<Peer>, actor: u64, name: &LockNam
                 .push((&e.name, &w.peer));
         }
     }
-    // Who keeps a wait on `e` waiting: its holders, and the waiters ahead.
-    let keepers = |e: &Seen, waiter: u64| -> Vec<(u64, Arc<Peer>)> {
+    // Who keeps a wait on `e` waiting: its holders, and the waiters ahead
+    // (false).
+    let keepers = |e: &Seen, waiter: u64| -> Vec<(u64, Arc<Peer>, bool)> {
         let ahead = e.queue.iter().take_while(|w| w.actor != waiter);
-        (e.holders.iter().map(|h| (h.0, Arc::clone(&h.2))))
-            .chain(ahead.map(|w| (w.actor, Arc::clone(&w.peer))))
-            .filter(|(a, _)| *a != 0)
+        (e.holders.iter().map(|h| (h.0, Arc::clone(&h.2), true)))
+            .chain(ahead.map(|w| (w.actor, Arc::clone(&w.peer), false)))
+            .filter(|(a, _, _)| *a != 0)
             .collect()
     };
     let entry = |n: &LockName| seen.iter().find(|e| e.name == *n);
     // Depth first from the new wait, remembering how each actor was
     // reached: (from actor, the lock it waits for, the holder's session).
-    let mut reached: HashMap<u64, (u64, LockName, Arc<Peer>)> = HashMap::new();
+    let mut reached: HashMap<u64, (u64, LockName, Arc<Peer>, bool)> = HashMap::new();
     let mut stack = vec![(actor, name.clone())];
     let mut closing = None;
     'walk: while let Some((at, waited)) = stack.pop() {
         let Some(e) = entry(&waited) else { continue };
-        for (b, session) in keepers(e, at) {
+        for (b, session, holds) in keepers(e, at) {
             if b == actor {
-                closing = Some((at, waited.clone(), session));
+                closing = Some((at, waited.clone(), session, holds));
                 break 'walk;
             }
             if let std::collections::hash_map::Entry::Vacant(v) = reached.entry(b) {
-                v.insert((at, waited.clone(), session));
+                v.insert((at, waited.clone(), session, holds));
                 for (n, _) in waits_for.get(&b).into_iter().flatten() {
                     stack.push((b, (*n).clone()));
                 }
@@ -789,33 +790,45 @@ fn describe_deadlock(seen: &[Seen], peer: &Arc<Peer>, actor: u64, name: &LockNam
         s
     };
     let mut text = format!("waiting for {:?} would deadlock: ", name.as_str());
-    let Some((last, last_name, closing)) = closing else {
+    let Some((last, last_name, closing, holds)) = closing else {
         // Always found: what is left waiting waits on what is left.
         return text + "every holder it needs waits, in the end, for this session";
     };
     // Back from the last step to the new wait: (waiting actor, lock, its holder's session).
-    let mut links = vec![(last, last_name, closing)];
+    let mut links = vec![(last, last_name, closing, holds)];
     let mut at = last;
     while at != actor {
-        let (from, n, session) = reached[&at].clone();
-        links.push((from, n, session));
+        let (from, n, session, holds) = reached[&at].clone();
+        links.push((from, n, session, holds));
         at = from;
     }
     links.reverse();
-    for (i, (_, n, holder)) in links.iter().enumerate() {
+    for (i, (_, n, holder, holds)) in links.iter().enumerate() {
         if i == 0 {
             text += &format!("this session waits for {:?}", n.as_str());
         } else {
             text += &format!(", which waits for {:?}", n.as_str());
         }
-        let acts_for = i + 1 == links.len() && !Arc::ptr_eq(holder, peer);
-        text += &format!(", held by {}", describe(holder));
-        if acts_for {
+        let how = if *holds { "held by" } else { "queued first by" };
+        text += &format!(", {how} {}", describe(holder));
+        if i + 1 == links.len() && !Arc::ptr_eq(holder, peer) {
             text += ", on whose behalf this session acts";
         }
     }
+    // An error must fit any frame: a long cycle is cut.
+    if text.len() > MAX_DEADLOCK_MESSAGE {
+        let mut end = MAX_DEADLOCK_MESSAGE;
+        while !text.is_char_boundary(end) {
+            end -= 1;
+        }
+        text.truncate(end);
+        text += " …";
+    }
     text
 }
+
+/// Longest deadlock message, in bytes: well within the smallest frame.
+const MAX_DEADLOCK_MESSAGE: usize = 2048;
 
 /// The first name of `shard` within `lower..` that starts with `prefix`.
 fn first_match(shard: &Shard, lower: Bound<&str>, prefix: &str) -> Option<LockName> {
@@ -849,12 +862,21 @@ struct Inner {
 /// queued; and session → the actors it queued for, to forget a session's
 /// waits when it ends. A wait that has ended (granted, cancelled, timed
 /// out) may linger until a check finds it gone from its queue or its
-/// session ends; each actor's list is pruned when it doubles, so it stays
-/// within twice its live waits.
+/// session ends; each actor's list is pruned when it doubles, and each
+/// session's actors when they double (an actor left without waits is
+/// forgotten), so both stay within twice what is live: a long session
+/// whose every task acts for itself does not grow the index.
 #[derive(Debug, Default)]
 struct Waits {
     by_actor: HashMap<u64, ActorWaits>,
-    by_session: HashMap<u64, Vec<u64>>,
+    by_session: HashMap<u64, SessionActors>,
+}
+
+#[derive(Debug, Default)]
+struct SessionActors {
+    actors: std::collections::HashSet<u64>,
+    /// Prune when the set reaches this size.
+    prune_at: usize,
 }
 
 #[derive(Debug, Default)]
@@ -1120,19 +1142,42 @@ impl LockTable {
             list.prune_at = list.waits.len() * 2;
         }
         list.waits.push((name.clone(), session_id, request_id));
-        let actors = waits.by_session.entry(session_id).or_default();
-        if !actors.contains(&actor) {
-            actors.push(actor);
+        let session = waits.by_session.entry(session_id).or_default();
+        if session.actors.insert(actor)
+            && session.actors.len() >= session.prune_at.max(WAITS_PRUNE_FLOOR)
+        {
+            let actors: Vec<u64> = session.actors.iter().copied().collect();
+            for a in actors {
+                let Some(list) = waits.by_actor.get_mut(&a) else {
+                    continue;
+                };
+                list.waits
+                    .retain(|(n, s, id)| self.is_waiting(n.as_str(), *s, *id));
+                if list.waits.is_empty() {
+                    waits.by_actor.remove(&a);
+                }
+            }
+            let live = |a: &u64| {
+                waits
+                    .by_actor
+                    .get(a)
+                    .is_some_and(|l| l.waits.iter().any(|w| w.1 == session_id))
+            };
+            let session = waits.by_session.get_mut(&session_id).expect("just used");
+            let kept: std::collections::HashSet<u64> =
+                session.actors.iter().copied().filter(|a| live(a)).collect();
+            session.prune_at = kept.len() * 2;
+            session.actors = kept;
         }
     }
 
     /// Forgets the waits of a session that has ended.
     pub fn session_ended(&self, session_id: u64) {
         let mut waits = lock(&self.inner.waits);
-        let Some(actors) = waits.by_session.remove(&session_id) else {
+        let Some(session) = waits.by_session.remove(&session_id) else {
             return;
         };
-        for actor in actors {
+        for actor in session.actors {
             if let Some(list) = waits.by_actor.get_mut(&actor) {
                 list.waits.retain(|(_, s, _)| *s != session_id);
                 if list.waits.is_empty() {
@@ -1994,6 +2039,36 @@ mod tests {
         t.session_ended(2);
         let waits = lock(&t.inner.waits);
         assert!(waits.by_actor.is_empty() && waits.by_session.is_empty());
+    }
+
+    /// One long session whose every task acts for itself: the index keeps
+    /// about what is live, not every actor that ever waited.
+    #[test]
+    fn a_session_of_many_short_lived_actors_does_not_grow_the_index() {
+        let t = LockTable::new(0, 1024);
+        let (holder, _) = peer(1);
+        let (tasks, _) = peer(2);
+        let x = name("x");
+        for round in 0..2_000u64 {
+            let held = granted(t.acquire(&x, &holder, round, &mutex()).unwrap());
+            let actor = 1_000 + round;
+            assert_eq!(
+                t.acquire(&x, &tasks, round, &as_actor(mutex(), actor))
+                    .unwrap(),
+                AcquireOutcome::Queued
+            );
+            let (_, out) = t.release("x", 1, held.hold_id);
+            let hold = out[0].grant.hold_id;
+            drop(out);
+            t.release("x", 2, hold).0.unwrap();
+        }
+        let waits = lock(&t.inner.waits);
+        assert!(
+            waits.by_actor.len() <= 2 * WAITS_PRUNE_FLOOR,
+            "{} actors kept",
+            waits.by_actor.len()
+        );
+        assert!(waits.by_session[&2].actors.len() <= 2 * WAITS_PRUNE_FLOOR);
     }
 
     /// A wait that ends (a timeout, on another thread) while the wait that

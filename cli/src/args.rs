@@ -62,6 +62,14 @@ pub struct Cli {
     #[arg(long, global = true)]
     pub no_autostart: bool,
 
+    /// Refuse (exit 35) a wait that could never be granted, with the
+    /// commands run under this one's lock taken as this command: for
+    /// scripts that nest locks (also: LOCKBROKER_DETECT_DEADLOCKS=1, which
+    /// the command inherits). Commands run in parallel under one lock
+    /// count as one, so leave it off for those (README).
+    #[arg(long, global = true)]
+    pub detect_deadlocks: bool,
+
     /// Also trust a daemon running as this user id (repeatable). By
     /// default the daemon must run as you (local scope), as root or the
     /// owner of /run/lockbroker (global scope), or as you or root (--socket,

@@ -2,9 +2,10 @@
 //! in the environment: `LOCKBROKER_LOCK` (the innermost lock's name) and
 //! `LOCKBROKER_LOCKS`, one `FENCE NAME` line per enclosing wrapper,
 //! outermost first. Names have no control characters, so a newline
-//! separates them safely. And `LOCKBROKER_ACTOR`: the actor every
-//! `lockbroker` acquires for (deadlock detection), the same in a command
-//! as in the wrapper that runs it.
+//! separates them safely. And, with `--detect-deadlocks`,
+//! `LOCKBROKER_DETECT_DEADLOCKS` and `LOCKBROKER_ACTOR`: the actor every
+//! `lockbroker` acquires for, the same in a command as in the wrapper
+//! that runs it.
 
 /// The innermost lock's name.
 pub const LOCK_ENV: &str = "LOCKBROKER_LOCK";
@@ -13,6 +14,15 @@ pub const LOCKS_ENV: &str = "LOCKBROKER_LOCKS";
 
 /// The actor, as 16 hex digits.
 pub const ACTOR_ENV: &str = "LOCKBROKER_ACTOR";
+
+/// Set (to anything but "" or "0") by `--detect-deadlocks`, and inherited.
+pub const DETECT_ENV: &str = "LOCKBROKER_DETECT_DEADLOCKS";
+
+/// Whether this process takes part in deadlock detection: by flag, or as
+/// a command of a wrapper that did.
+pub fn detects(flag: bool) -> bool {
+    flag || std::env::var_os(DETECT_ENV).is_some_and(|v| !v.is_empty() && v != "0")
+}
 
 /// The actor this process acquires for: an enclosing wrapper's, from
 /// `LOCKBROKER_ACTOR`, so that a command run under a lock waits, for the

@@ -1429,11 +1429,12 @@ fn autostart_keeps_the_log_bounded() {
     assert!(fresh.len() < 10_000, "{} bytes", fresh.len());
 }
 
-/// The issue's two scripts: each holds one lock and, inside, takes the
-/// other. Each inner `lockbroker` is a session of its own, but acts for
-/// its wrapper (`LOCKBROKER_ACTOR`), so the daemon sees the cycle: the
-/// inner `lock` that would close it exits 35 naming it, its script goes
-/// on, and the other script's inner `lock` is then served.
+/// The issue's two scripts, with `--detect-deadlocks`: each holds one lock
+/// and, inside, takes the other. Each inner `lockbroker` is a session of
+/// its own, but acts for its wrapper (`LOCKBROKER_ACTOR`, with detection
+/// inherited), so the daemon sees the cycle: the inner `lock` that would
+/// close it exits 35 naming it, its script goes on, and the other script's
+/// inner `lock` is then served.
 #[test]
 fn nested_locks_taken_in_opposite_orders_are_a_deadlock_refused() {
     let d = Daemon::start();
@@ -1446,7 +1447,7 @@ fn nested_locks_taken_in_opposite_orders_are_a_deadlock_refused() {
         let mut cmd = d.cli();
         cmd.env("PATH", path_with_lockbroker(d.dir.path()))
             .env_remove("LOCKBROKER_ACTOR")
-            .args(["lock", outer, "--", "sh", "-c", &body])
+            .args(["--detect-deadlocks", "lock", outer, "--", "sh", "-c", &body])
             .spawn()
             .unwrap()
     };
@@ -1475,6 +1476,35 @@ fn nested_locks_taken_in_opposite_orders_are_a_deadlock_refused() {
     assert!(wait_exit(&mut first, Duration::from_secs(20)).success());
     assert_eq!(
         std::fs::read_to_string(d.path("x.inner")).unwrap().trim(),
+        "0"
+    );
+}
+
+/// Without `--detect-deadlocks` nothing is judged: two commands run in
+/// parallel under one lock both take an inner lock in turn. (With it,
+/// they would be one actor, and the second refused as waiting behind its
+/// own hold: the limitation README states.)
+#[test]
+fn parallel_commands_under_one_lock_are_not_refused_by_default() {
+    let d = Daemon::start();
+    let (go, _held) = (fifo(&d, "go"), fifo(&d, "held"));
+    let body = "lockbroker lock r -- sh -c 'echo > held; read -r _ < go' & \
+                read -r _ < held; \
+                lockbroker lock r -- true; echo $? > second; wait";
+    let mut outer = d
+        .cli()
+        .env("PATH", path_with_lockbroker(d.dir.path()))
+        .env_remove("LOCKBROKER_DETECT_DEADLOCKS")
+        .args(["lock", "outer", "--", "sh", "-c", body])
+        .spawn()
+        .unwrap();
+    wait_until("the second waits for r", || {
+        holders_and_waiters(&d, "r") == (1, 1)
+    });
+    std::fs::write(&go, "\n").unwrap();
+    assert!(wait_exit(&mut outer, Duration::from_secs(20)).success());
+    assert_eq!(
+        std::fs::read_to_string(d.path("second")).unwrap().trim(),
         "0"
     );
 }
