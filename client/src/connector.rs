@@ -143,9 +143,10 @@ impl Connector {
 
     /// Makes every acquire of the client on behalf of `actor` (not 0), as
     /// detection sees it: the same thread of control as whatever else
-    /// acquires as `actor`, in any session. `lockbroker lock` passes its
-    /// actor to its command this way (`LOCKBROKER_ACTOR`), so a
-    /// `lockbroker lock` run under another waits as its parent does.
+    /// acquires as `actor`, in any session. `lockbroker
+    /// --detect-deadlocks lock` passes its actor to its command this way
+    /// (`LOCKBROKER_ACTOR`), so a `lockbroker lock` run under another waits
+    /// as its parent does.
     pub fn actor(mut self, actor: u64) -> Connector {
         self.actors = if actor == 0 {
             Actors::Off
