@@ -359,7 +359,14 @@ pub struct AcquireSpec {
     /// The thread of control asking (`AcquireAs`), 0 for none: holds and
     /// waits of an actor are what deadlock detection follows.
     pub actor: u64,
+    /// The actors `actor` runs within, nearest first (`AcquireWithin`):
+    /// each keeps its holds while `actor` waits.
+    pub within: Within,
 }
+
+/// The actors an actor runs within, nearest first; shared by a wait's
+/// queue entry and the waits index, and empty for most acquires.
+pub type Within = Option<Arc<[u64]>>;
 
 impl AcquireSpec {
     /// Checks the request's own fields (not the entry it names).
@@ -402,6 +409,7 @@ impl AcquireSpec {
             may_wait: timeout_ms != Some(0),
             timeout_ms,
             actor: 0,
+            within: None,
         })
     }
 
@@ -460,6 +468,8 @@ struct Waiter {
     peer: Arc<Peer>,
     /// The actor waiting (0: none).
     actor: u64,
+    /// The actors it runs within.
+    within: Within,
     request_id: u64,
     kind: LockKind,
     permits: u32,
@@ -682,20 +692,30 @@ struct Seen {
 #[derive(Debug)]
 struct SeenWait {
     actor: u64,
+    within: Within,
     weight: u64,
     peer: Arc<Peer>,
     request_id: u64,
 }
 
+/// The actor of `w` and those it runs within: each waits while `w` does.
+fn waiting_actors(w: &SeenWait) -> impl Iterator<Item = u64> + '_ {
+    let within = w.within.as_deref().unwrap_or_default();
+    std::iter::once(w.actor).chain(within.iter().copied())
+}
+
 /// Plays the waits of `seen` out: holds of an actor that waits for
-/// nothing (or of no actor) are let go, and each queue's head is granted
-/// while it fits, until nothing changes. What is left queued can never be
-/// granted while the actors left waiting keep what they hold.
+/// nothing, itself or through an actor within it, (or of no actor) are let
+/// go, and each queue's head is granted while it fits, until nothing
+/// changes. What is left queued can never be granted while the actors left
+/// waiting keep what they hold.
 fn play_out(seen: &mut [Seen]) {
     let mut waiting: HashMap<u64, usize> = HashMap::new();
     for w in seen.iter().flat_map(|e| e.queue.iter()) {
         if w.actor != 0 {
-            *waiting.entry(w.actor).or_default() += 1;
+            for a in waiting_actors(w) {
+                *waiting.entry(a).or_default() += 1;
+            }
         }
     }
     loop {
@@ -716,7 +736,9 @@ fn play_out(seen: &mut [Seen]) {
                 let w = e.queue.pop_front().expect("a head");
                 e.free -= w.weight;
                 if w.actor != 0 {
-                    *waiting.get_mut(&w.actor).expect("counted") -= 1;
+                    for a in waiting_actors(&w) {
+                        *waiting.get_mut(&a).expect("counted") -= 1;
+                    }
                 }
                 e.holders.push((w.actor, w.weight, w.peer));
                 changed = true;
@@ -731,18 +753,24 @@ fn play_out(seen: &mut [Seen]) {
 /// "waiting for "y" would deadlock: this session waits for "y", held by
 /// session 5 (pid 42, "job"), which waits for "x", held by this session":
 /// a cycle among what [`play_out`] left waiting, from the new wait
-/// (`actor`'s, in `peer`, on `name`) back to `actor`. Each step goes to a
-/// holder of the lock waited for, or a waiter ahead, that is itself left
-/// waiting.
-fn describe_deadlock(seen: &[Seen], peer: &Arc<Peer>, actor: u64, name: &LockName) -> String {
-    // Actor → (a lock it waits for, the session it waits in).
+/// (`actor`'s, within `within`, in `peer`, on `name`) back to `actor` or
+/// one it runs within. Each step goes to a holder of the lock waited for,
+/// or a waiter ahead, that is itself left waiting, directly or through an
+/// actor within it (whose session the message then names).
+fn describe_deadlock(
+    seen: &[Seen],
+    peer: &Arc<Peer>,
+    actor: u64,
+    within: &[u64],
+    name: &LockName,
+) -> String {
+    // Actor → (a lock it waits for, the session of that wait).
     let mut waits_for: HashMap<u64, Vec<(&LockName, &Arc<Peer>)>> = HashMap::new();
     for e in seen {
         for w in &e.queue {
-            waits_for
-                .entry(w.actor)
-                .or_default()
-                .push((&e.name, &w.peer));
+            for a in waiting_actors(w) {
+                waits_for.entry(a).or_default().push((&e.name, &w.peer));
+            }
         }
     }
     // Who keeps a wait on `e` waiting: its holders, and the waiters ahead
@@ -755,22 +783,25 @@ fn describe_deadlock(seen: &[Seen], peer: &Arc<Peer>, actor: u64, name: &LockNam
             .collect()
     };
     let entry = |n: &LockName| seen.iter().find(|e| e.name == *n);
+    // One step of the cycle: the actor waiting, the lock, the session of
+    // the wait, the keeper's session, and whether the keeper holds.
+    type Step<'a> = (u64, LockName, &'a Arc<Peer>, Arc<Peer>, bool);
     // Depth first from the new wait, remembering how each actor was
-    // reached: (from actor, the lock it waits for, the holder's session).
-    let mut reached: HashMap<u64, (u64, LockName, Arc<Peer>, bool)> = HashMap::new();
-    let mut stack = vec![(actor, name.clone())];
+    // reached.
+    let mut reached: HashMap<u64, Step> = HashMap::new();
+    let mut stack = vec![(actor, name.clone(), peer)];
     let mut closing = None;
-    'walk: while let Some((at, waited)) = stack.pop() {
+    'walk: while let Some((at, waited, waiter)) = stack.pop() {
         let Some(e) = entry(&waited) else { continue };
         for (b, session, holds) in keepers(e, at) {
-            if b == actor {
-                closing = Some((at, waited.clone(), session, holds));
+            if b == actor || within.contains(&b) {
+                closing = Some((at, waited.clone(), waiter, session, holds));
                 break 'walk;
             }
             if let std::collections::hash_map::Entry::Vacant(v) = reached.entry(b) {
-                v.insert((at, waited.clone(), session, holds));
-                for (n, _) in waits_for.get(&b).into_iter().flatten() {
-                    stack.push((b, (*n).clone()));
+                v.insert((at, waited.clone(), waiter, session, holds));
+                for (n, p) in waits_for.get(&b).into_iter().flatten() {
+                    stack.push((b, (*n).clone(), *p));
                 }
             }
         }
@@ -790,30 +821,40 @@ fn describe_deadlock(seen: &[Seen], peer: &Arc<Peer>, actor: u64, name: &LockNam
         s
     };
     let mut text = format!("waiting for {:?} would deadlock: ", name.as_str());
-    let Some((last, last_name, closing, holds)) = closing else {
+    let Some(last) = closing else {
         // Always found: what is left waiting waits on what is left.
         return text + "every holder it needs waits, in the end, for this session";
     };
-    // Back from the last step to the new wait: (waiting actor, lock, its holder's session).
-    let mut links = vec![(last, last_name, closing, holds)];
-    let mut at = last;
+    // Back from the last step to the new wait.
+    let mut links = vec![last];
+    let mut at = links[0].0;
     while at != actor {
-        let (from, n, session, holds) = reached[&at].clone();
-        links.push((from, n, session, holds));
-        at = from;
+        let step = reached[&at].clone();
+        at = step.0;
+        links.push(step);
     }
     links.reverse();
-    for (i, (_, n, holder, holds)) in links.iter().enumerate() {
-        if i == 0 {
-            text += &format!("this session waits for {:?}", n.as_str());
-        } else {
-            text += &format!(", which waits for {:?}", n.as_str());
+    let mut keeper: Option<&Arc<Peer>> = None;
+    for (_, n, waiter, holder, holds) in &links {
+        match keeper {
+            None => text += &format!("this session waits for {:?}", n.as_str()),
+            Some(k) if Arc::ptr_eq(k, waiter) => {
+                text += &format!(", which waits for {:?}", n.as_str())
+            }
+            Some(_) => {
+                text += &format!(
+                    ", which waits, through {}, for {:?}",
+                    describe(waiter),
+                    n.as_str()
+                )
+            }
         }
         let how = if *holds { "held by" } else { "queued first by" };
         text += &format!(", {how} {}", describe(holder));
-        if i + 1 == links.len() && !Arc::ptr_eq(holder, peer) {
-            text += ", on whose behalf this session acts";
-        }
+        keeper = Some(holder);
+    }
+    if keeper.is_some_and(|k| !Arc::ptr_eq(k, peer)) {
+        text += ", on whose behalf this session acts";
     }
     // An error must fit any frame: a long cycle is cut.
     if text.len() > MAX_DEADLOCK_MESSAGE {
@@ -944,8 +985,11 @@ impl LockTable {
         if !matches!(outcome, AcquireOutcome::Queued) {
             return Ok(outcome);
         }
-        let Some(cycle) = self.find_deadlock(&mut waits, peer, spec.actor, name, request_id) else {
-            self.record_wait(&mut waits, spec.actor, peer.id(), name, request_id);
+        let Some(cycle) = self.find_deadlock(&mut waits, peer, spec, name, request_id) else {
+            let within = spec.within.as_deref().unwrap_or_default();
+            for a in std::iter::once(spec.actor).chain(within.iter().copied()) {
+                self.record_wait(&mut waits, a, peer.id(), name, request_id);
+            }
             return Ok(AcquireOutcome::Queued);
         };
         let (removed, grants) = self.cancel(name.as_str(), peer.id(), request_id);
@@ -1019,6 +1063,7 @@ impl LockTable {
         entry.queue.push_back(Waiter {
             peer: Arc::clone(peer),
             actor: spec.actor,
+            within: spec.within.clone(),
             request_id,
             kind: spec.kind,
             permits: spec.permits,
@@ -1050,6 +1095,7 @@ impl LockTable {
             queue: (entry.queue.iter())
                 .map(|w| SeenWait {
                     actor: w.actor,
+                    within: w.within.clone(),
                     weight: weight(w.kind, w.permits),
                     peer: Arc::clone(&w.peer),
                     request_id: w.request_id,
@@ -1058,16 +1104,18 @@ impl LockTable {
         })
     }
 
-    /// Whether `actor`'s new wait (`peer`'s `request_id` on `name`, just
-    /// queued) can never be granted, described if so.
+    /// Whether the new wait of `spec`'s actor (`peer`'s `request_id` on
+    /// `name`, just queued) can never be granted, described if so.
     ///
     /// The locks it can depend on are read (the names its blockers wait
-    /// for, and theirs, from `waits`), then the waits are played out: an
-    /// actor that waits for nothing lets go of everything it holds (so do
-    /// holds and waits of no actor: whether they wait is not known), and
-    /// each queue is served in order as it would be. If that never reaches
-    /// the new wait, every actor it needs is waiting, directly or not, for
-    /// the new wait's own actor: a deadlock. A semaphore needing any one of
+    /// for, themselves or through actors within them, and theirs, from
+    /// `waits`), then the waits are played out: an actor that waits for
+    /// nothing, itself or through an actor within it, lets go of everything
+    /// it holds (so do holds and waits of no actor: whether they wait is
+    /// not known), and each queue is served in order as it would be. If
+    /// that never reaches the new wait, every actor it needs is waiting,
+    /// directly or not, for the new wait's own actor (or one it runs
+    /// within): a deadlock. A semaphore needing any one of
     /// several holders, and shared holders going together, are so judged
     /// exactly, as a walk of edges alone could not. Waits found ended are
     /// dropped from `waits` on the way.
@@ -1075,7 +1123,7 @@ impl LockTable {
         &self,
         waits: &mut Waits,
         peer: &Arc<Peer>,
-        actor: u64,
+        spec: &AcquireSpec,
         name: &LockName,
         request_id: u64,
     ) -> Option<String> {
@@ -1122,11 +1170,12 @@ impl LockTable {
                 .iter()
                 .any(|w| w.peer.id() == peer.id() && w.request_id == request_id)
         });
-        stuck.then(|| describe_deadlock(&seen, peer, actor, name))
+        let within = spec.within.as_deref().unwrap_or_default();
+        stuck.then(|| describe_deadlock(&seen, peer, spec.actor, within, name))
     }
 
-    /// Adds `actor`'s wait to its list, pruning the list of ended waits
-    /// when it has doubled.
+    /// Adds a wait to `actor`'s list (of its waits and those of the actors
+    /// within it), pruning the list of ended waits when it has doubled.
     fn record_wait(
         &self,
         waits: &mut Waits,
@@ -1904,6 +1953,92 @@ mod tests {
         );
     }
 
+    fn within(mut spec: AcquireSpec, actor: u64, outer: &[u64]) -> AcquireSpec {
+        spec.actor = actor;
+        spec.within = Some(outer.into());
+        spec
+    }
+
+    #[test]
+    fn commands_within_wrappers_that_wait_for_each_other_are_refused() {
+        // The issue's two scripts: wrapper 1 (actor 10, session 1) holds x
+        // and runs a command (actor 11, session 3) that waits for y;
+        // wrapper 2 (actor 20, session 2) holds y and runs one (actor 21,
+        // session 4) that waits for x. Each wrapper keeps its lock while
+        // its command waits: a deadlock, through four sessions.
+        let t = LockTable::new(0, 1024);
+        let (w1, _) = peer(1);
+        let (w2, _) = peer(2);
+        let (c1, _) = peer(3);
+        let (c2, _) = peer(4);
+        let (x, y) = (name("x"), name("y"));
+        granted(t.acquire(&x, &w1, 1, &as_actor(mutex(), 10)).unwrap());
+        granted(t.acquire(&y, &w2, 1, &as_actor(mutex(), 20)).unwrap());
+        assert_eq!(
+            t.acquire(&y, &c1, 1, &within(mutex(), 11, &[10])).unwrap(),
+            AcquireOutcome::Queued
+        );
+        let message = deadlock(t.acquire(&x, &c2, 1, &within(mutex(), 21, &[20])));
+        assert_eq!(
+            message,
+            "waiting for \"x\" would deadlock: this session waits for \"x\", held by \
+             session 1 (\"s1\"), which waits, through session 3 (\"s3\"), for \"y\", \
+             held by session 2 (\"s2\"), on whose behalf this session acts"
+        );
+        assert_eq!(waiters_of(&t, "x"), Vec::<u64>::new());
+        assert_eq!(waiters_of(&t, "y"), [3]);
+    }
+
+    #[test]
+    fn a_command_waiting_for_its_wrappers_lock_is_refused() {
+        // `lockbroker lock x -- lockbroker lock x -- …`, two levels deep.
+        let t = LockTable::new(0, 1024);
+        let (w, _) = peer(1);
+        let (c, _) = peer(2);
+        let x = name("x");
+        granted(t.acquire(&x, &w, 1, &as_actor(mutex(), 10)).unwrap());
+        granted(
+            t.acquire(&name("y"), &c, 1, &within(mutex(), 11, &[10]))
+                .unwrap(),
+        );
+        let (cc, _) = peer(3);
+        let message = deadlock(t.acquire(&x, &cc, 1, &within(mutex(), 12, &[11, 10])));
+        assert_eq!(
+            message,
+            "waiting for \"x\" would deadlock: this session waits for \"x\", held by \
+             session 1 (\"s1\"), on whose behalf this session acts"
+        );
+    }
+
+    #[test]
+    fn commands_side_by_side_within_one_wrapper_are_no_deadlock() {
+        // Two commands run in parallel under one hold of x take y in turn:
+        // the second waits for the first, which waits for nothing.
+        let t = LockTable::new(0, 1024);
+        let (w, _) = peer(1);
+        let (c1, _) = peer(2);
+        let (c2, _) = peer(3);
+        let (x, y) = (name("x"), name("y"));
+        granted(t.acquire(&x, &w, 1, &as_actor(mutex(), 10)).unwrap());
+        let first = granted(t.acquire(&y, &c1, 1, &within(mutex(), 11, &[10])).unwrap());
+        assert_eq!(
+            t.acquire(&y, &c2, 1, &within(mutex(), 12, &[10])).unwrap(),
+            AcquireOutcome::Queued
+        );
+        // Wrapper 10 keeps x while command 12 waits, but 12 waits only
+        // for 11, which waits for nothing: another actor may wait for x.
+        let (other, _) = peer(4);
+        assert_eq!(
+            t.acquire(&x, &other, 1, &as_actor(mutex(), 30)).unwrap(),
+            AcquireOutcome::Queued
+        );
+        // Once the first command lets go of y, the second is served.
+        let (_, grants) = t.release("y", 2, first.hold_id);
+        assert_eq!(grants.len(), 1);
+        grants.send();
+        assert_eq!(waiters_of(&t, "y"), Vec::<u64>::new());
+    }
+
     #[test]
     fn a_cycle_of_three_across_kinds_is_found() {
         let t = LockTable::new(0, 1024);
@@ -2106,14 +2241,20 @@ mod tests {
 
     mod deadlock_model {
         //! Deadlock detection against a reference that plays out the whole
-        //! table: each of four actors is one thread of control (its own
-        //! session; it does nothing while it waits but time out), and an
-        //! acquire must be refused exactly when, with its wait added, some
-        //! wait could never be granted.
+        //! table: each of six actors is one thread of control (its own
+        //! session; it does nothing while it waits but time out), three of
+        //! them running within others as commands run under a wrapper's
+        //! lock do (a wrapper does nothing while a command within it
+        //! waits), and an acquire must be refused exactly when, with its
+        //! wait added, some wait could never be granted.
         use super::*;
         use proptest::prelude::*;
 
         const CAPACITY: [u64; 3] = [RW_WEIGHT, 3, RW_WEIGHT];
+        const ACTORS: usize = 6;
+        /// The actors each runs within, nearest first: 3 within 1, 4
+        /// within 0, 5 within 4 (and so 0).
+        const WITHIN: [&[usize]; ACTORS] = [&[], &[], &[], &[1], &[0], &[4, 0]];
 
         #[derive(Debug, Clone)]
         enum Op {
@@ -2134,10 +2275,10 @@ mod tests {
 
         fn op() -> impl Strategy<Value = Op> {
             prop_oneof![
-                5 => (0..4usize, 0..3usize, 1..=3u32, any::<bool>())
+                5 => (0..ACTORS, 0..3usize, 1..=3u32, any::<bool>())
                     .prop_map(|(a, n, permits, shared)| Op::Acquire { a, n, permits, shared }),
-                3 => (0..4usize, any::<usize>()).prop_map(|(a, pick)| Op::Release { a, pick }),
-                1 => (0..4usize).prop_map(|a| Op::TimeOut { a }),
+                3 => (0..ACTORS, any::<usize>()).prop_map(|(a, pick)| Op::Release { a, pick }),
+                1 => (0..ACTORS).prop_map(|a| Op::TimeOut { a }),
             ]
         }
 
@@ -2155,6 +2296,11 @@ mod tests {
                 (0..3).find_map(|n| self.queue[n].iter().find(|s| s.0 == a).map(|s| (n, s.2)))
             }
 
+            /// Whether `a` or an actor within it waits: `a` does nothing.
+            fn busy(&self, a: usize) -> bool {
+                (0..ACTORS).any(|b| (b == a || WITHIN[b].contains(&a)) && self.waits(b).is_some())
+            }
+
             /// Whether some wait can never be granted: actors that wait
             /// for nothing let go, queues are served in order, to the end.
             fn stuck(&self) -> bool {
@@ -2162,8 +2308,7 @@ mod tests {
                 loop {
                     let mut changed = false;
                     for (n, capacity) in CAPACITY.into_iter().enumerate() {
-                        let waiting: Vec<usize> =
-                            (0..4).filter(|a| m.waits(*a).is_some()).collect();
+                        let waiting: Vec<usize> = (0..ACTORS).filter(|a| m.busy(*a)).collect();
                         let before = m.holders[n].len();
                         m.holders[n].retain(|h| waiting.contains(&h.0));
                         changed |= m.holders[n].len() != before;
@@ -2207,14 +2352,14 @@ mod tests {
                 ops in prop::collection::vec(op(), 1..60)
             ) {
                 let t = LockTable::new(0, 1024);
-                let peers: Vec<Arc<Peer>> = (1..=4).map(|i| peer(i).0).collect();
+                let peers: Vec<Arc<Peer>> = (1..=ACTORS as u64).map(|i| peer(i).0).collect();
                 let names = [name("m"), name("s"), name("r")];
                 let mut m = Model::default();
                 let mut next_request = 0;
                 for op in ops {
                     match op {
                         Op::Acquire { a, n, permits, shared } => {
-                            if m.waits(a).is_some() {
+                            if m.busy(a) {
                                 continue; // a thread that waits does nothing else
                             }
                             let (kind, permits) = match n {
@@ -2224,7 +2369,11 @@ mod tests {
                                 _ => (LockKind::RwExclusive, 1),
                             };
                             next_request += 1;
-                            let s = as_actor(spec(kind, 3, permits, None), a as u64 + 1);
+                            let outer: Vec<u64> = WITHIN[a].iter().map(|b| *b as u64 + 1).collect();
+                            let s = match outer.is_empty() {
+                                true => as_actor(spec(kind, 3, permits, None), a as u64 + 1),
+                                false => within(spec(kind, 3, permits, None), a as u64 + 1, &outer),
+                            };
                             let w = weight(kind, permits);
                             let mut with_wait = m.clone();
                             with_wait.queue[n].push((a, w, next_request));
@@ -2241,7 +2390,7 @@ mod tests {
                             }
                         }
                         Op::Release { a, pick } => {
-                            if m.waits(a).is_some() {
+                            if m.busy(a) {
                                 continue;
                             }
                             let held: Vec<(usize, u64)> = (0..3)

@@ -559,8 +559,13 @@ impl<W: AsyncWrite + Unpin> Session<W> {
 
     fn dispatch(&mut self, id: u64, request: Request) {
         match request {
-            Request::Acquire(a) => self.acquire(id, a, 0),
-            Request::AcquireAs { actor, acquire } => self.acquire(id, acquire, actor),
+            Request::Acquire(a) => self.acquire(id, a, 0, Vec::new()),
+            Request::AcquireAs { actor, acquire } => self.acquire(id, acquire, actor, Vec::new()),
+            Request::AcquireWithin {
+                actor,
+                within,
+                acquire,
+            } => self.acquire(id, acquire, actor, within),
             Request::Cancel { request_id } => self.cancel(id, request_id),
             Request::Release { hold_id } => self.release(id, hold_id),
             Request::ReleaseByName { name, count } => self.release_by_name(id, name, count),

@@ -36,8 +36,8 @@ Examples:
 
 Exit status: the command's own; 75 when the lock was not obtained in time
 (--conflict-exit-code); 76 when the lock was lost while the command ran;
-35 when waiting would deadlock (with the locks of the commands that wait
-for this one: README, Deadlock detection);
+35 when waiting would deadlock: every holder it needs waits, in the end,
+for this command or the lock it runs under (README, Deadlock detection);
 69 when the daemon cannot be reached, refuses, or is not trusted
 (--allow-uid); 2 for usage errors;
 `state`: 4 for an absent key, 5 for a version mismatch."
@@ -61,14 +61,6 @@ pub struct Cli {
     /// Never start a local daemon (also: LOCKBROKER_NO_AUTOSTART=1).
     #[arg(long, global = true)]
     pub no_autostart: bool,
-
-    /// Refuse (exit 35) a wait that could never be granted, with the
-    /// commands run under this one's lock taken as this command: for
-    /// scripts that nest locks (also: LOCKBROKER_DETECT_DEADLOCKS=1, which
-    /// the command inherits). Commands run in parallel under one lock
-    /// count as one, so leave it off for those (README).
-    #[arg(long, global = true)]
-    pub detect_deadlocks: bool,
 
     /// Also trust a daemon running as this user id (repeatable). By
     /// default the daemon must run as you (local scope), as root or the

@@ -2,51 +2,41 @@
 //! in the environment: `LOCKBROKER_LOCK` (the innermost lock's name) and
 //! `LOCKBROKER_LOCKS`, one `FENCE NAME` line per enclosing wrapper,
 //! outermost first. Names have no control characters, so a newline
-//! separates them safely. And, with `--detect-deadlocks`,
-//! `LOCKBROKER_DETECT_DEADLOCKS` and `LOCKBROKER_ACTOR`: the actor every
-//! `lockbroker` acquires for, the same in a command as in the wrapper
-//! that runs it.
+//! separates them safely. And `LOCKBROKER_ACTOR`: the actors a command
+//! runs within (its wrapper's, then theirs), for deadlock detection.
 
 /// The innermost lock's name.
 pub const LOCK_ENV: &str = "LOCKBROKER_LOCK";
 /// Every enclosing lock, one `FENCE NAME` line each.
 pub const LOCKS_ENV: &str = "LOCKBROKER_LOCKS";
 
-/// The actor, as 16 hex digits.
-pub const ACTOR_ENV: &str = "LOCKBROKER_ACTOR";
+pub use lockbroker::actor::ACTOR_ENV;
 
-/// Set (to anything but "" or "0") by `--detect-deadlocks`, and inherited.
-pub const DETECT_ENV: &str = "LOCKBROKER_DETECT_DEADLOCKS";
-
-/// Whether this process takes part in deadlock detection: by flag, or as
-/// a command of a wrapper that did.
-pub fn detects(flag: bool) -> bool {
-    flag || std::env::var_os(DETECT_ENV).is_some_and(|v| !v.is_empty() && v != "0")
-}
-
-/// The actor this process acquires for: an enclosing wrapper's, from
-/// `LOCKBROKER_ACTOR`, so that a command run under a lock waits, for the
-/// daemon, as the wrapper that holds it; else one of its own, at random.
+/// The actor this process acquires for: one of its own, at random, which
+/// runs within the actors of the wrappers it runs under ([`within`]).
 pub fn actor() -> u64 {
     static ACTOR: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
     *ACTOR.get_or_init(|| {
-        std::env::var(ACTOR_ENV)
-            .ok()
-            .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
-            .filter(|a| *a != 0)
-            .unwrap_or_else(|| {
-                use std::hash::BuildHasher;
-                // A key of its own, from the system's randomness.
-                std::hash::RandomState::new()
-                    .hash_one(std::process::id())
-                    .max(1)
-            })
+        use std::hash::BuildHasher;
+        // A key of its own, from the system's randomness.
+        std::hash::RandomState::new()
+            .hash_one(std::process::id())
+            .max(1)
     })
 }
 
-/// `actor` as `LOCKBROKER_ACTOR` spells it.
-pub fn actor_text(actor: u64) -> String {
-    format!("{actor:016x}")
+/// The actors this process runs within: its wrappers', nearest first.
+pub fn within() -> &'static [u64] {
+    static WITHIN: std::sync::OnceLock<Vec<u64>> = std::sync::OnceLock::new();
+    WITHIN.get_or_init(lockbroker::actor::inherited)
+}
+
+/// `LOCKBROKER_ACTOR` for a command this process runs under its lock: it
+/// runs within this process's actor and those this one runs within.
+pub fn command_actors() -> String {
+    let mut chain = vec![actor()];
+    chain.extend_from_slice(within());
+    lockbroker::actor::text(&chain)
 }
 
 /// The inherited list with `name` (held with `fence`) appended.

@@ -109,10 +109,7 @@ async fn run(cli: Cli) -> Result<u8, Failure> {
         Command::Lock(a) => {
             let client = connect(&cli).await?;
             match acquire_lock(&client, &a.lock, &a.wait).await? {
-                Some(guard) => {
-                    let detects = held::detects(cli.detect_deadlocks);
-                    run_holding(&client, guard, &a.lock.name, &a.command, detects).await
-                }
+                Some(guard) => run_holding(&client, guard, &a.lock.name, &a.command).await,
                 None => Ok(a.wait.conflict_exit_code),
             }
         }
@@ -143,10 +140,7 @@ async fn run(cli: Cli) -> Result<u8, Failure> {
             })
             .await?;
             match guard {
-                Some(guard) => {
-                    let detects = held::detects(cli.detect_deadlocks);
-                    run_holding(&client, guard, &a.name, &a.command, detects).await
-                }
+                Some(guard) => run_holding(&client, guard, &a.name, &a.command).await,
                 None => Ok(a.wait.conflict_exit_code),
             }
         }
@@ -301,7 +295,6 @@ async fn run_holding(
     guard: LockGuard,
     name: &str,
     run: &CommandArgs,
-    detects: bool,
 ) -> Result<u8, Failure> {
     let command = &run.argv();
     let mut env = vec![
@@ -309,12 +302,9 @@ async fn run_holding(
         ("LOCKBROKER_HOLD", guard.hold_id().to_string()),
         (held::LOCK_ENV, name.to_owned()),
         (held::LOCKS_ENV, held::with(name, guard.fence())),
+        // For deadlock detection the command runs within this wrapper.
+        (held::ACTOR_ENV, held::command_actors()),
     ];
-    // With detection, the command acts as this wrapper does.
-    if detects {
-        env.push((held::DETECT_ENV, "1".into()));
-        env.push((held::ACTOR_ENV, held::actor_text(held::actor())));
-    }
     let mut remove = Vec::new();
     if guard.abandoned() {
         env.push(("LOCKBROKER_ABANDONED", "1".into()));
@@ -422,10 +412,10 @@ fn scope_of(cli: &Cli) -> Scope {
 /// The connector the global options describe: socket or scope, and the
 /// users trusted besides the defaults.
 fn connector_of(cli: &Cli) -> Connector {
-    let mut connector = Connector::new().scope(scope_of(cli));
-    if held::detects(cli.detect_deadlocks) {
-        connector = connector.actor(held::actor());
-    }
+    let mut connector = Connector::new()
+        .scope(scope_of(cli))
+        .actor(held::actor())
+        .within(held::within().iter().copied());
     if let Some(socket) = &cli.socket {
         connector = connector.socket(socket);
     }

@@ -141,8 +141,13 @@ fn acquire(
     lock: LockRequest,
     timeout: Option<Duration>,
 ) -> Result<Option<LockGuard>> {
-    let actor = conn.actors().current(conn.welcome().version);
-    let grant = conn.run(ops::acquire(name, lock, timeout, actor)?)?;
+    let actors = conn.actors();
+    let grant = conn.run(ops::acquire(
+        name,
+        lock,
+        timeout,
+        actors.current(conn.welcome().version),
+    )?)?;
     Ok(grant.map(|grant| LockGuard {
         conn: Arc::clone(conn),
         name: name.to_owned(),

@@ -235,8 +235,8 @@ impl Client {
 
     /// On whose behalf acquires are made.
     #[cfg_attr(unix, allow(dead_code))]
-    pub(crate) fn actors(&self) -> Actors {
-        self.inner.actors
+    pub(crate) fn actors(&self) -> &Actors {
+        &self.inner.actors
     }
 
     /// This session's id, as `inspect` shows it.
@@ -324,8 +324,8 @@ impl Client {
         lock: LockRequest,
         timeout: Option<Duration>,
     ) -> Result<Option<Grant>> {
-        let actor = self.inner.actors.current(self.inner.welcome.version);
-        let op = ops::acquire(name, lock, timeout, actor)?;
+        let actors = self.inner.actors.current(self.inner.welcome.version);
+        let op = ops::acquire(name, lock, timeout, actors)?;
         let (id, reply) = self.submit(op.request)?;
         let mut wait = CancelOnDrop {
             client: self,

@@ -1,6 +1,7 @@
 //! [`Connector`]: where and how to connect, then the handshake.
 
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 #[cfg(unix)]
@@ -56,13 +57,14 @@ pub struct Connector {
     /// The same on Windows, as SIDs.
     allowed_sids: Vec<String>,
     /// On whose behalf acquires are made, for deadlock detection.
-    actors: Actors,
+    who: Who,
+    /// The actors those run within; `None`: as `LOCKBROKER_ACTOR` says.
+    within: Option<Arc<[u64]>>,
 }
 
-/// On whose behalf a client's acquires are made (`AcquireAs`, protocol
-/// version 3), which the daemon's deadlock detection follows.
+/// Who a client's acquires are made for (`AcquireAs`, protocol version 3).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Actors {
+enum Who {
     /// Plain acquires: never checked.
     Off,
     /// The calling task's (async) or thread's (blocking).
@@ -71,18 +73,31 @@ pub(crate) enum Actors {
     Fixed(u64),
 }
 
+/// On whose behalf a client's acquires are made, which the daemon's
+/// deadlock detection follows: an actor (`AcquireAs`, protocol version 3)
+/// and the actors it runs within (`AcquireWithin`, version 4).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Actors {
+    who: Who,
+    within: Arc<[u64]>,
+}
+
 impl Actors {
     /// The actor of an acquire made now, in a session of protocol
-    /// `version` (0: none).
-    pub(crate) fn current(self, version: u16) -> u64 {
-        if version < 3 {
-            return 0;
-        }
-        match self {
-            Actors::Off => 0,
-            Actors::Own => own_actor(),
-            Actors::Fixed(actor) => actor,
-        }
+    /// `version` (0: none), and the actors it runs within.
+    pub(crate) fn current(&self, version: u16) -> (u64, &[u64]) {
+        let actor = match self.who {
+            _ if version < 3 => 0,
+            Who::Off => 0,
+            Who::Own => own_actor(),
+            Who::Fixed(actor) => actor,
+        };
+        let within = if actor != 0 && version >= 4 {
+            &self.within[..]
+        } else {
+            &[]
+        };
+        (actor, within)
     }
 }
 
@@ -102,7 +117,7 @@ fn own_actor() -> u64 {
 
 /// The protocol versions a client asks for, latest first: a daemon that
 /// refuses one is asked again in the next.
-pub(crate) const VERSIONS: [u16; 3] = [PROTOCOL_VERSION, 2, OLDEST_PROTOCOL_VERSION];
+pub(crate) const VERSIONS: [u16; 4] = [PROTOCOL_VERSION, 3, 2, OLDEST_PROTOCOL_VERSION];
 
 impl Default for Connector {
     fn default() -> Self {
@@ -120,13 +135,14 @@ impl Connector {
             timeout: DEFAULT_CONNECT_TIMEOUT,
             allowed_uids: Vec::new(),
             allowed_sids: Vec::new(),
-            actors: Actors::Off,
+            who: Who::Off,
+            within: None,
         }
     }
 
     /// Whether acquires ask the daemon to refuse a wait that could never
     /// be granted (`Error::Refused` with `ErrorCode::Deadlock`), with a
-    /// daemon of protocol version 3; off by default.
+    /// daemon of protocol version 3 or later; off by default.
     ///
     /// Each acquire is then made on behalf of its caller: the task it is
     /// awaited in (the async client) or the thread (the blocking client).
@@ -136,23 +152,39 @@ impl Connector {
     /// holds a lock while it awaits another that only a timeout, or a
     /// release from another branch of a `select!`, would end, should leave
     /// detection off (and so it is off unless asked for).
+    ///
+    /// A program run by `lockbroker lock` under a lock runs within the
+    /// wrapper that holds it: unless [`within`](Connector::within) says
+    /// otherwise, its callers run within the actors `LOCKBROKER_ACTOR`
+    /// names ([`actor::inherited`](crate::actor::inherited)), so a wait
+    /// for a lock whose holder waits for the wrapper's is refused too.
     pub fn detect_deadlocks(mut self, on: bool) -> Connector {
-        self.actors = if on { Actors::Own } else { Actors::Off };
+        self.who = if on { Who::Own } else { Who::Off };
         self
     }
 
     /// Makes every acquire of the client on behalf of `actor` (not 0), as
     /// detection sees it: the same thread of control as whatever else
-    /// acquires as `actor`, in any session. `lockbroker
-    /// --detect-deadlocks lock` passes its actor to its command this way
-    /// (`LOCKBROKER_ACTOR`), so a `lockbroker lock` run under another waits
-    /// as its parent does.
+    /// acquires as `actor`, in any session (0: detection off).
     pub fn actor(mut self, actor: u64) -> Connector {
-        self.actors = if actor == 0 {
-            Actors::Off
+        self.who = if actor == 0 {
+            Who::Off
         } else {
-            Actors::Fixed(actor)
+            Who::Fixed(actor)
         };
+        self
+    }
+
+    /// The actors this client's actor runs within, nearest first (at most
+    /// [`MAX_WITHIN`](lockbroker_proto::MAX_WITHIN) are kept): each keeps
+    /// what it holds while an acquire of this client waits, as a wrapper
+    /// keeps its lock until its command ends. With detection on and no
+    /// call to this, the actors `LOCKBROKER_ACTOR` names. A daemon of
+    /// protocol version 3 is told the actor alone.
+    pub fn within(mut self, actors: impl IntoIterator<Item = u64>) -> Connector {
+        let mut actors: Vec<u64> = actors.into_iter().filter(|a| *a != 0).collect();
+        actors.truncate(lockbroker_proto::MAX_WITHIN);
+        self.within = Some(actors.into());
         self
     }
 
@@ -248,7 +280,7 @@ impl Connector {
     /// Connects and shakes hands. Must run within a Tokio runtime.
     pub async fn connect(&self) -> Result<Client> {
         let (path, name, trust) = self.prepare()?;
-        let connecting = connect(path.clone(), name, trust, self.actors);
+        let connecting = connect(path.clone(), name, trust, self.actors());
         match tokio::time::timeout(self.timeout, connecting).await {
             Ok(result) => result,
             Err(_) => Err(Error::Connect {
@@ -278,9 +310,16 @@ impl Connector {
     }
 
     /// On whose behalf the client's acquires are made.
-    #[cfg(unix)]
     pub(crate) fn actors(&self) -> Actors {
-        self.actors
+        let within = match (&self.within, self.who) {
+            (_, Who::Off) => Arc::from([]),
+            (Some(within), _) => Arc::clone(within),
+            (None, _) => crate::actor::inherited().into(),
+        };
+        Actors {
+            who: self.who,
+            within,
+        }
     }
 }
 
@@ -322,7 +361,7 @@ async fn connect(
     let mut versions = VERSIONS.into_iter().peekable();
     loop {
         let version = versions.next().expect("versions to try");
-        match connect_as(&path, client_name.clone(), &trust, version, actors).await {
+        match connect_as(&path, client_name.clone(), &trust, version, actors.clone()).await {
             Err(e) if refused_version(&e) && versions.peek().is_some() => continue,
             other => return other,
         }

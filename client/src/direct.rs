@@ -188,8 +188,8 @@ impl Conn {
     }
 
     /// On whose behalf acquires are made.
-    pub(crate) fn actors(&self) -> Actors {
-        self.actors
+    pub(crate) fn actors(&self) -> &Actors {
+        &self.actors
     }
 
     fn fd(&self) -> RawFd {

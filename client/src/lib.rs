@@ -55,7 +55,10 @@
 //! - [`Error`] says what went wrong; errors from the daemon carry its stable
 //!   [`ErrorCode`].
 //! - [`launch`] starts `lockbrokerd` and waits until it serves.
+//! - [`actor`] reads and writes `LOCKBROKER_ACTOR`, the actors a command
+//!   run under a lock runs within (deadlock detection).
 
+pub mod actor;
 pub mod address;
 pub mod blocking;
 mod client;

@@ -74,12 +74,13 @@ fn check_key(key: &str, prefix: bool) -> Result<()> {
 
 /// `lock` on `name`, waiting at most `timeout`: the grant, or `None` when
 /// it ran out (or a try found the lock taken).
-/// An `actor` other than 0 asks for it with `AcquireAs`.
+/// An `actor` other than 0 asks for it with `AcquireAs`, or, running
+/// within others, `AcquireWithin`.
 pub(crate) fn acquire(
     name: &str,
     lock: LockRequest,
     timeout: Option<Duration>,
-    actor: u64,
+    (actor, within): (u64, &[u64]),
 ) -> Result<Op<Option<Grant>>> {
     let checked = LockName::new(name).map_err(|source| Error::InvalidName {
         name: name.to_owned(),
@@ -93,9 +94,14 @@ pub(crate) fn acquire(
         permits,
         timeout_ms: timeout.map(ms),
     };
-    let request = match actor {
-        0 => Request::Acquire(acquire),
-        actor => Request::AcquireAs { actor, acquire },
+    let request = match (actor, within) {
+        (0, _) => Request::Acquire(acquire),
+        (actor, []) => Request::AcquireAs { actor, acquire },
+        (actor, within) => Request::AcquireWithin {
+            actor,
+            within: within.to_vec(),
+            acquire,
+        },
     };
     Ok(op(
         request,

@@ -50,7 +50,7 @@ pub const MAGIC: u32 = u32::from_le_bytes(*b"LKBR");
 
 /// The latest protocol version this crate speaks (and the one its
 /// clients ask for).
-pub const PROTOCOL_VERSION: u16 = 3;
+pub const PROTOCOL_VERSION: u16 = 4;
 
 /// The oldest protocol version this crate speaks: a daemon accepts every
 /// version from this one to [`PROTOCOL_VERSION`].

@@ -228,7 +228,27 @@ pub enum Request {
         /// The acquire.
         acquire: Acquire,
     },
+    /// `acquire` on behalf of `actor`, which runs within the actors
+    /// `within` (nearest first): a command run under another's lock, whose
+    /// holder keeps it until the command ends. Deadlock detection takes
+    /// each of `within` to wait while `actor` waits, so a cycle through a
+    /// command and the lock its wrapper holds is found, and commands run
+    /// side by side under one lock are not one actor. At most
+    /// [`MAX_WITHIN`] actors, none 0. Answered as `Acquire` is. Protocol
+    /// version 4.
+    AcquireWithin {
+        /// The actor: any number but 0.
+        actor: u64,
+        /// The actors it runs within, nearest first.
+        within: Vec<u64>,
+        /// The acquire.
+        acquire: Acquire,
+    },
 }
+
+/// Most actors an [`Request::AcquireWithin`] may run within: deeper
+/// nesting is refused (`invalid_argument`); a client keeps the nearest.
+pub const MAX_WITHIN: usize = 32;
 
 /// A state write.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

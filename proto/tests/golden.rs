@@ -1,4 +1,4 @@
-//! Golden vectors of protocols v1, v2 and v3: the bytes every implementation
+//! Golden vectors of protocols v1 to v4: the bytes every implementation
 //! must produce and accept.
 //!
 //! Three places hold the same frames, for each version N:
@@ -116,7 +116,7 @@ fn welcome(version: u16) -> Message {
 
 /// The versions with golden vectors: each has `proto/golden/vN.txt` and a
 /// ` ```golden-vN ` block in `PROTOCOL.md`.
-const VERSIONS: [u16; 3] = [1, 2, PROTOCOL_VERSION];
+const VERSIONS: [u16; 4] = [1, 2, 3, PROTOCOL_VERSION];
 
 /// Every golden vector of `version`, in the order of its file.
 fn vectors(version: u16) -> Vec<(&'static str, Message)> {
@@ -124,6 +124,7 @@ fn vectors(version: u16) -> Vec<(&'static str, Message)> {
         1 => vectors_v1(),
         2 => vectors_v2(),
         3 => vectors_v3(),
+        4 => vectors_v4(),
         _ => unreachable!("no vectors for version {version}"),
     }
 }
@@ -177,6 +178,32 @@ fn vectors_v3() -> Vec<(&'static str, Message)> {
                     ErrorCode::Deadlock,
                     "waiting for \"deploy\" would deadlock",
                 )),
+            ),
+        ),
+    ]
+}
+
+/// What version 4 added: `AcquireWithin`, answered as `Acquire` is. Every
+/// other message keeps its version 3 bytes.
+fn vectors_v4() -> Vec<(&'static str, Message)> {
+    vec![
+        ("hello_v4", hello(4)),
+        ("welcome_v4", welcome(4)),
+        (
+            "acquire_within",
+            request(
+                31,
+                Request::AcquireWithin {
+                    actor: 0x0123_4567_89ab_cdef,
+                    within: vec![0x2a, 0xfedc_ba98_7654_3210],
+                    acquire: Acquire {
+                        name: "deploy".into(),
+                        kind: LockKind::Mutex,
+                        capacity: 1,
+                        permits: 1,
+                        timeout_ms: None,
+                    },
+                },
             ),
         ),
     ]

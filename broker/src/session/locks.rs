@@ -6,7 +6,9 @@ use std::collections::{BTreeSet, HashMap, HashSet};
 
 use std::time::Duration;
 
-use lockbroker_proto::{ErrorCode, ErrorInfo, Grant, LockKind, LockName, Response, frame};
+use lockbroker_proto::{
+    ErrorCode, ErrorInfo, Grant, LockKind, LockName, MAX_WITHIN, Response, frame,
+};
 use tokio::time::Instant;
 
 use tokio::io::AsyncWrite;
@@ -135,9 +137,16 @@ impl Locks {
 }
 
 impl<W: AsyncWrite + Unpin> Session<W> {
-    /// `req`, on behalf of `actor` (0: none; see `AcquireAs`).
-    pub(super) fn acquire(&mut self, id: u64, req: lockbroker_proto::Acquire, actor: u64) {
-        if let Err(e) = self.try_acquire(id, req, actor) {
+    /// `req`, on behalf of `actor` (0: none; see `AcquireAs`), which runs
+    /// within the actors `within` (see `AcquireWithin`).
+    pub(super) fn acquire(
+        &mut self,
+        id: u64,
+        req: lockbroker_proto::Acquire,
+        actor: u64,
+        within: Vec<u64>,
+    ) {
+        if let Err(e) = self.try_acquire(id, req, actor, within) {
             self.error(id, e);
         }
     }
@@ -147,6 +156,7 @@ impl<W: AsyncWrite + Unpin> Session<W> {
         id: u64,
         req: lockbroker_proto::Acquire,
         actor: u64,
+        within: Vec<u64>,
     ) -> Result<(), ErrorInfo> {
         if self.id_in_use(id) {
             return Err(ErrorInfo::new(
@@ -158,7 +168,21 @@ impl<W: AsyncWrite + Unpin> Session<W> {
             ErrorInfo::new(ErrorCode::InvalidName, format!("invalid lock name: {e}"))
         })?;
         let mut spec = AcquireSpec::validate(req.kind, req.capacity, req.permits, req.timeout_ms)?;
+        if within.len() > MAX_WITHIN || within.contains(&0) {
+            return Err(ErrorInfo::new(
+                ErrorCode::InvalidArgument,
+                format!(
+                    "acquire of {:?}: an actor runs within at most {MAX_WITHIN} actors, none 0 ({} given)",
+                    name.as_str(),
+                    within.len()
+                ),
+            ));
+        }
         spec.actor = actor;
+        // An acquire of no actor is plain, whatever it runs within.
+        if actor != 0 && !within.is_empty() {
+            spec.within = Some(within.into());
+        }
         let limits = self.broker.limits;
         if self.locks.holds.len() + self.locks.pending.len() >= limits.max_holds as usize {
             return Err(ErrorInfo::new(

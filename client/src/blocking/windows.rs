@@ -74,7 +74,7 @@ impl Conn {
     }
 
     /// On whose behalf acquires are made.
-    pub(crate) fn actors(&self) -> crate::connector::Actors {
+    pub(crate) fn actors(&self) -> &crate::connector::Actors {
         self.client.actors()
     }
 

@@ -41,10 +41,13 @@ from . import address as _address
 from .errors import ConnectFailed, ConnectionLost, LockbrokerError, NotHeld, Untrusted, broker_error
 from .protocol import (
     ACQUIRE_AS_VERSION,
+    ACQUIRE_WITHIN_VERSION,
     HANDSHAKE_MAX_FRAME_LEN,
+    MAX_WITHIN,
     OLDEST_PROTOCOL_VERSION,
     Acquire,
     AcquireAs,
+    AcquireWithin,
     Cancelled,
     DecodeError,
     ErrorCode,
@@ -167,7 +170,7 @@ def read_welcome(buffer: FrameBuffer, data: bytes, path: str, version: int) -> O
 
 def fallback_version(error: ConnectFailed, version: int) -> Optional[int]:
     """The version to handshake in again after a handshake in ``version``
-    failed with ``error``: the next lower one (3, then 2, then 1), if the
+    failed with ``error``: the next lower one (4, then 3, 2 and 1), if the
     daemon (one of before ``version``) refused the version as unsupported;
     else None (give up)."""
     if error.fatal is not None and error.fatal.code == ErrorCode.UNSUPPORTED_VERSION:
@@ -178,10 +181,11 @@ def fallback_version(error: ConnectFailed, version: int) -> Optional[int]:
 
 # ------------------------------------------------------------------- actors
 
-#: The environment variable naming the actor (16 hex digits) that
-#: ``lockbroker lock`` acquires for, set for the command it runs: a client
-#: of that command with ``detect_deadlocks=True`` and no ``actor`` acquires
-#: for it too, so the daemon sees the command wait as its wrapper does.
+#: The environment variable naming the actors a command run by
+#: ``lockbroker lock`` runs within: its wrapper's, then the wrapper's own
+#: wrappers', nearest first, each as 16 hex digits, separated by commas. A
+#: client of that command with deadlock detection on acquires within them,
+#: so the daemon sees the wrapper keep its lock while the command waits.
 ACTOR_ENV = "LOCKBROKER_ACTOR"
 
 #: This process's own key for :func:`own_actor` (64 random bits): actors of
@@ -205,30 +209,44 @@ def thread_actor() -> int:
     return own_actor("thread", threading.get_ident())
 
 
-def env_actor(environ: Mapping[str, str]) -> Optional[int]:
-    """The actor ``LOCKBROKER_ACTOR`` names in ``environ`` (16 hex digits;
-    surrounding blanks ignored), or None if it is unset, 0 or not that (as
-    the ``lockbroker`` tool, a client then acquires for its own actors)."""
-    text = environ.get(ACTOR_ENV, "").strip()
-    if not 0 < len(text) <= 16 or any(c not in "0123456789abcdefABCDEF" for c in text):
-        return None
-    return int(text, 16) or None
+def env_within(environ: Mapping[str, str]) -> Tuple[int, ...]:
+    """The actors ``LOCKBROKER_ACTOR`` names in ``environ``, nearest first
+    (at most :data:`MAX_WITHIN`); none if it is unset or any of them is
+    not 1 to 16 hex digits or is 0 (as the ``lockbroker`` tool reads it: a
+    damaged variable takes no part rather than a wrong one)."""
+    actors = []
+    for text in environ.get(ACTOR_ENV, "").strip().split(","):
+        text = text.strip()
+        if not 0 < len(text) <= 16 or any(c not in "0123456789abcdefABCDEF" for c in text):
+            return ()
+        actor = int(text, 16)
+        if actor == 0:
+            return ()
+        actors.append(actor)
+    return tuple(actors[:MAX_WITHIN])
+
+
+#: The requests that acquire: answered by a grant, cancelled when given up.
+ACQUIRES = (Acquire, AcquireAs, AcquireWithin)
 
 
 class Actors:
     """On whose behalf a client's acquires are made (``AcquireAs``,
-    PROTOCOL.md 4.32), which the daemon's deadlock detection follows (8.11).
+    PROTOCOL.md 4.32, and ``AcquireWithin``, 4.33), which the daemon's
+    deadlock detection follows (8.11).
 
     ``detect_deadlocks`` False and ``actor`` None: nobody's (plain
     ``Acquire``, never checked). ``actor`` (any u64 but 0): that one's, for
     every acquire of the client; giving one turns detection on, as the Rust
-    client's ``Connector::actor`` does. ``detect_deadlocks`` True alone: the
-    actor ``LOCKBROKER_ACTOR`` names in ``environ``, if it names one, else
-    the calling thread's or task's own. In a session of a version before 3
-    every acquire is a plain ``Acquire``.
+    client's ``Connector::actor`` does. ``detect_deadlocks`` True alone:
+    the calling thread's or task's own. Either way the actor runs within
+    the actors ``LOCKBROKER_ACTOR`` names in ``environ`` (set by
+    ``lockbroker lock`` for the command it runs). In a session of version 3
+    an acquire names its actor alone; before 3 every acquire is a plain
+    ``Acquire``.
     """
 
-    __slots__ = ("detect", "fixed")
+    __slots__ = ("detect", "fixed", "within")
 
     def __init__(
         self, detect_deadlocks: bool, actor: Optional[int], environ: Optional[Mapping[str, str]] = None
@@ -236,28 +254,31 @@ class Actors:
         if actor is not None:
             if isinstance(actor, bool) or not isinstance(actor, int) or not 0 < actor < 1 << 64:
                 raise ValueError("actor must be an int from 1 to 2**64 - 1, not %r" % (actor,))
-            fixed: Optional[int] = actor
-        elif detect_deadlocks:
-            fixed = env_actor(os.environ if environ is None else environ)
-        else:
-            fixed = None
         #: Whether acquires name an actor at all.
         self.detect = actor is not None or bool(detect_deadlocks)
         #: The actor of every acquire, or None for the caller's own.
-        self.fixed = fixed
+        self.fixed = actor
+        #: The actors those run within, nearest first.
+        self.within: Tuple[int, ...] = env_within(os.environ if environ is None else environ) if self.detect else ()
 
     def request(self, acquire: Acquire, version: int, own: Callable[[], int]) -> Request:
         """What to send for ``acquire`` in a session of protocol
-        ``version``: it as it is, or an ``AcquireAs`` of the fixed actor,
-        else of ``own()`` (the caller's)."""
+        ``version``: it as it is, or an ``AcquireAs`` (``AcquireWithin``)
+        of the fixed actor, else of ``own()`` (the caller's)."""
         if not self.detect or version < ACQUIRE_AS_VERSION:
             return acquire
-        return AcquireAs(own() if self.fixed is None else self.fixed, acquire)
+        actor = own() if self.fixed is None else self.fixed
+        if self.within and version >= ACQUIRE_WITHIN_VERSION:
+            return AcquireWithin(actor, list(self.within), acquire)
+        return AcquireAs(actor, acquire)
 
     def __repr__(self) -> str:
         if not self.detect:
             return "<Actors off>"
-        return "<Actors %s>" % ("own" if self.fixed is None else "%016x" % self.fixed)
+        who = "own" if self.fixed is None else "%016x" % self.fixed
+        if self.within:
+            who += " within " + ",".join("%016x" % a for a in self.within)
+        return "<Actors %s>" % who
 
 
 # ------------------------------------------------------------------- frames

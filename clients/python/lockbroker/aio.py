@@ -102,7 +102,6 @@ from .protocol import (
     HANDSHAKE_MAX_FRAME_LEN,
     PROTOCOL_VERSION,
     Acquire,
-    AcquireAs,
     Cancel,
     Done,
     EntryInfo,
@@ -249,10 +248,12 @@ class Client:
     daemon takes a waiting task to release nothing until its wait ends: leave
     detection off (the default) where a task holds a lock while it awaits
     another that only another task's release, or a timeout, would end.
-    ``$LOCKBROKER_ACTOR`` (set by ``lockbroker lock``) is the actor of every
-    acquire when detection is on and no ``actor`` is given; ``actor`` (any
-    64-bit number but 0) is, when given, and turns detection on. Acquires
-    are plain with a daemon of before protocol version 3.
+    ``actor`` (any 64-bit number but 0) is, when given, the actor of every
+    acquire, and turns detection on. With detection on, the actors
+    ``$LOCKBROKER_ACTOR`` names (set by ``lockbroker lock`` for the command
+    it runs) are those every acquire's actor runs within (``AcquireWithin``,
+    protocol version 4): the wrapper keeps its lock while the command
+    waits. Acquires are plain with a daemon of before protocol version 3.
 
     The constructor does no I/O; ``await client.connect()`` (or
     ``async with Client(...) as client``, or :func:`connect`) opens the
@@ -441,14 +442,15 @@ class Client:
 
     @property
     def protocol_version(self) -> int:
-        """The protocol version the handshake agreed (3, or 2 or 1 with an
-        older daemon)."""
+        """The protocol version the handshake agreed (4, or 3, 2 or 1 with
+        an older daemon)."""
         return self.welcome.version
 
     @property
     def detects_deadlocks(self) -> bool:
         """Whether this session's acquires are checked for deadlock: asked
-        for (``detect_deadlocks`` or ``actor``), and protocol version 3."""
+        for (``detect_deadlocks`` or ``actor``), and protocol version 3 or
+        later."""
         return self._actors.detect and self.welcome.version >= 3
 
     @property
@@ -537,7 +539,7 @@ class Client:
         cancelled at the daemon and a grant that raced the cancel released
         before ``CancelledError`` propagates (see the module's doc). With
         deadlock detection on (see the class), it is sent as ``AcquireAs``
-        for the calling task.
+        (or ``AcquireWithin``) for the calling task.
         """
         # The daemon enforces timeout_ms; the local bound is only a safety
         # net against a daemon that stopped answering.
@@ -617,7 +619,7 @@ class Client:
         answer is ignored. Use :meth:`acquire` for acquires: it also
         cancels, and releases a raced grant, when the wait is abandoned.
         """
-        if isinstance(request, (Acquire, AcquireAs)):
+        if isinstance(request, _common.ACQUIRES):
             raise TypeError("send acquires with Client.acquire, which cleans up after a cancel")
         rid, future = self._start(request)
         bound = self.request_timeout if timeout == -1.0 else timeout

@@ -86,7 +86,6 @@ from .errors import (
 from .protocol import (
     HANDSHAKE_MAX_FRAME_LEN,
     Acquire,
-    AcquireAs,
     Cancel,
     Done,
     EntryInfo,
@@ -141,7 +140,7 @@ _READ_IN_CALLER = True
 
 
 #: The requests that acquire: a wait given up is cancelled.
-_ACQUIRES = (Acquire, AcquireAs)
+_ACQUIRES = _common.ACQUIRES
 
 
 def _default_client_name() -> str:
@@ -263,13 +262,16 @@ class Client:
     granted (PROTOCOL.md 8.11): each acquire is then made on behalf of the
     calling thread (``AcquireAs``), which the daemon takes to release
     nothing while it waits -- so leave it off where one thread waits for a
-    lock that another thread of the same client is to release. With it on
-    and no ``actor``, ``$LOCKBROKER_ACTOR`` (16 hex digits, which
-    ``lockbroker lock`` sets for the command it runs) is the actor of every
-    acquire if set, so that the command waits as its wrapper does.
-    ``actor`` (any 64-bit number but 0) makes every acquire of the client
-    one of that actor, and turns detection on. A daemon of before protocol
-    version 3 detects nothing: acquires are plain ``Acquire`` s there.
+    lock that another thread of the same client is to release. ``actor``
+    (any 64-bit number but 0) makes every acquire of the client one of that
+    actor, and turns detection on. With detection on, every acquire's actor
+    runs within the actors ``$LOCKBROKER_ACTOR`` names (``lockbroker lock``
+    sets it for the command it runs: its own actor, then those it runs
+    within), sent as ``AcquireWithin`` (protocol version 4): the daemon
+    takes the wrapper to keep its lock while the command waits, so a
+    command that waits for a lock whose holder waits for the wrapper's is
+    refused too. A daemon of before protocol version 3 detects nothing:
+    acquires are plain ``Acquire`` s there.
 
     A client belongs to the process that created it: in a forked
     child every call raises :class:`ConnectionLost` (use
@@ -373,14 +375,15 @@ class Client:
 
     @property
     def protocol_version(self) -> int:
-        """The protocol version the handshake agreed (3, or 2 or 1 with an
-        older daemon)."""
+        """The protocol version the handshake agreed (4, or 3, 2 or 1 with
+        an older daemon)."""
         return self.welcome.version
 
     @property
     def detects_deadlocks(self) -> bool:
         """Whether this session's acquires are checked for deadlock: asked
-        for (``detect_deadlocks`` or ``actor``), and protocol version 3."""
+        for (``detect_deadlocks`` or ``actor``), and protocol version 3 or
+        later."""
         return self._actors.detect and self._version >= 3
 
     @property
@@ -486,7 +489,8 @@ class Client:
         :class:`ConnectionLost` if the session ended. If the wait is
         interrupted (``KeyboardInterrupt``), the acquire is cancelled, and a
         grant that still arrives released. With deadlock detection on (see
-        the class), it is sent as ``AcquireAs`` for the calling thread.
+        the class), it is sent as ``AcquireAs`` (or ``AcquireWithin``) for
+        the calling thread.
         """
         # The daemon enforces timeout_ms; the local bound is only a safety net.
         local = None if timeout_ms is None else timeout_ms / 1000.0 + ACQUIRE_GRACE

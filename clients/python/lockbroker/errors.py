@@ -189,10 +189,11 @@ class NotAnInteger(InvalidRequest):
 
 class Deadlock(InvalidRequest):
     """Code 209: an acquire made with deadlock detection on
-    (``detect_deadlocks=True``, protocol version 3: ``AcquireAs``) would
+    (``detect_deadlocks=True``, protocol version 3 or later) would
     have to wait, and that wait could never be granted -- every holder it
     needs waits, directly or through others, for the caller itself (its
-    thread, task or fixed actor), or the caller waits behind its own hold.
+    thread, task or fixed actor) or for a ``lockbroker lock`` it runs
+    under, or the caller waits behind its own hold or its wrapper's.
     Nothing was queued, and no hold or other wait was touched; ``message``
     names the locks and sessions of a cycle (PROTOCOL.md 8.11). Release
     something, and try again, or take the locks in one order."""

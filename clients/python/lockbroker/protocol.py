@@ -1,7 +1,8 @@
-"""Wire types, codec and framing of the lockbroker protocol, versions 1,
-2 and 3 (1 and 2 differ only in ``SessionInfo``: the codecs read and write
+"""Wire types, codec and framing of the lockbroker protocol, versions 1
+to 4 (1 and 2 differ only in ``SessionInfo``: the codecs read and write
 the version their reader or writer is for; 3 is 2 with the request
-``AcquireAs`` appended, which a client sends only in a version 3 session).
+``AcquireAs`` appended, and 4 is 3 with ``AcquireWithin``, which a client
+sends only in sessions of those versions).
 
 This module is the whole of PROTOCOL.md sections 2 to 5 in Python, and the
 only place that knows the byte layout. It does no I/O.
@@ -42,6 +43,8 @@ __all__ = [
     "PROTOCOL_VERSION",
     "OLDEST_PROTOCOL_VERSION",
     "ACQUIRE_AS_VERSION",
+    "ACQUIRE_WITHIN_VERSION",
+    "MAX_WITHIN",
     "HANDSHAKE_MAX_FRAME_LEN",
     "DEFAULT_MAX_FRAME_LEN",
     "DecodeError",
@@ -73,6 +76,7 @@ __all__ = [
     "InspectAfter",
     "Metrics",
     "AcquireAs",
+    "AcquireWithin",
     "Request",
     "RequestMessage",
     "ClientMessage",
@@ -120,12 +124,16 @@ __all__ = [
 #: ``Hello.magic``: the ASCII bytes ``LKBR`` read as a little-endian u32.
 MAGIC = 0x52424B4C
 #: The latest protocol version this module speaks (and asks for).
-PROTOCOL_VERSION = 3
+PROTOCOL_VERSION = 4
 #: The oldest one; a daemon that refuses a version is asked again in the
 #: next lower one, down to this.
 OLDEST_PROTOCOL_VERSION = 1
 #: The first version with ``AcquireAs`` (deadlock detection).
 ACQUIRE_AS_VERSION = 3
+#: The first version with ``AcquireWithin``.
+ACQUIRE_WITHIN_VERSION = 4
+#: Most actors an ``AcquireWithin`` may run within.
+MAX_WITHIN = 32
 #: Largest body either side may send or expect before the ``Welcome``.
 HANDSHAKE_MAX_FRAME_LEN = 4096
 #: The daemon's default ``max_frame_len``.
@@ -438,6 +446,20 @@ class AcquireAs:
     acquire: Acquire
 
 
+@dataclass(frozen=True)
+class AcquireWithin:
+    """``Request::AcquireWithin`` (PROTOCOL.md 4.33, version 4 and later):
+    ``acquire`` on behalf of ``actor``, which runs within the actors
+    ``within`` (nearest first; at most :data:`MAX_WITHIN`, none 0), as a
+    command run under a lock runs within its wrapper, which keeps the lock
+    until the command ends. Answered as ``AcquireAs`` is.
+    """
+
+    actor: int
+    within: List[int]
+    acquire: Acquire
+
+
 #: Every variant of ``Request``.
 Request = Union[
     Acquire,
@@ -458,6 +480,7 @@ Request = Union[
     InspectAfter,
     Metrics,
     AcquireAs,
+    AcquireWithin,
 ]
 
 
@@ -1094,6 +1117,7 @@ _REQUEST = _Variants(
         _Struct(InspectAfter, [("prefix", _STR), ("start_after", _STR), ("limit", _U32)]),  # 15
         _Struct(Metrics, []),  # 16
         _Struct(AcquireAs, [("actor", _U64), ("acquire", _ACQUIRE)]),  # 17: version 3
+        _Struct(AcquireWithin, [("actor", _U64), ("within", _Vec(_U64)), ("acquire", _ACQUIRE)]),  # 18: version 4
     ],
 )
 

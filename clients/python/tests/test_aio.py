@@ -26,7 +26,7 @@ from typing import Any, Awaitable, Callable, List, Optional, Tuple, TypeVar
 from unittest import mock
 
 import lockbroker
-from lockbroker import aio
+from lockbroker import _common, aio
 from lockbroker.errors import (
     ClientClosed,
     ConnectFailed,
@@ -1016,7 +1016,7 @@ class DeadlockTest(AioTestCase):
     @bounded
     async def test_opposite_orders_in_two_clients_one_is_refused(self) -> None:
         a, main = await self.detecting("task a"), await self.detecting("main")
-        self.assertEqual(a.protocol_version, 3)
+        self.assertEqual(a.protocol_version, 4)
         self.assertTrue(a.detects_deadlocks and main.detects_deadlocks)
         refused = await self.opposite_orders(a, main)
         self.assertIsInstance(refused, Deadlock)
@@ -1045,17 +1045,22 @@ class DeadlockTest(AioTestCase):
         await lock.release()
 
     @bounded
-    async def test_a_fixed_actor_from_the_environment(self) -> None:
+    async def test_a_command_runs_within_the_actors_from_the_environment(self) -> None:
         actor = 0xFEDCBA9876543210
         holder = await self.detecting("holder", actor=actor)
         with mock.patch.dict(os.environ, {"LOCKBROKER_ACTOR": "%016x" % actor}):
             command = aio.Client(self.daemon.path, connect_timeout=WAIT, detect_deadlocks=True)
         self._aclients.append(command)
         await command.connect()
+        self.assertEqual(command.protocol_version, 4)
         self.assertTrue(await aio.Lock("held", holder).acquire())
-        # Another task, another session, the same actor: a self-wait.
+        # A task of a command waiting for its wrapper's lock: a deadlock.
         with self.assertRaises(Deadlock):
             await asyncio.ensure_future(command.acquire("held", LockKind.MUTEX))
+        # Two tasks of the command take a lock in turn: the second queues.
+        self.assertTrue(await aio.Lock("inner", command).acquire())
+        waiting = asyncio.ensure_future(command.acquire("inner", LockKind.MUTEX, timeout_ms=50))
+        self.assertIsNone(await waiting)
         with self.assertRaises(ValueError):
             aio.Client(self.daemon.path, actor=0)
 
@@ -1204,7 +1209,7 @@ class OldDaemonTest(unittest.IsolatedAsyncioTestCase):
                         assert isinstance(message, RequestMessage)
                         requests.append(message.request)
                         answer: Any = inspection
-                        if isinstance(message.request, (Acquire, AcquireAs)):
+                        if isinstance(message.request, _common.ACQUIRES):
                             answer = Granted(Grant(len(requests), len(requests), False))
                         reply = ResponseMessage(message.id, answer)
                         conn.sendall(encode_frame(encode_server_message(reply, version)))
@@ -1228,7 +1233,7 @@ class OldDaemonTest(unittest.IsolatedAsyncioTestCase):
         finally:
             await client.close()
         await asyncio.get_running_loop().run_in_executor(None, server.join, WAIT)
-        self.assertEqual(versions, [PROTOCOL_VERSION, 2, 1])
+        self.assertEqual(versions, [PROTOCOL_VERSION, 3, 2, 1])
 
     @bounded
     async def test_the_client_falls_back_to_version_2_and_acquires_plainly(self) -> None:
@@ -1248,8 +1253,27 @@ class OldDaemonTest(unittest.IsolatedAsyncioTestCase):
         finally:
             await client.close()
         await asyncio.get_running_loop().run_in_executor(None, server.join, WAIT)
-        self.assertEqual(versions, [3, 2])
+        self.assertEqual(versions, [4, 3, 2])
         self.assertEqual([type(r) for r in requests], [Acquire, Acquire, Inspect])
+
+    @bounded
+    async def test_the_client_falls_back_to_version_3_and_acquires_as_its_actor_alone(self) -> None:
+        # A daemon of version 3 cannot decode AcquireWithin: a command's
+        # acquires name their actor, not the wrapper's.
+        path, versions, requests, server = self.fake_daemon(3)
+        with mock.patch.dict(os.environ, {"LOCKBROKER_ACTOR": "000000000000002a"}):
+            client = await aio.connect(
+                path, client_name="new", connect_timeout=WAIT, request_timeout=WAIT, detect_deadlocks=True
+            )
+        try:
+            self.assertEqual(client.protocol_version, 3)
+            self.assertTrue(client.detects_deadlocks)
+            self.assertTrue(await aio.Lock("y", client).acquire(timeout=WAIT))
+        finally:
+            await client.close()
+        await asyncio.get_running_loop().run_in_executor(None, server.join, WAIT)
+        self.assertEqual(versions, [4, 3])
+        self.assertEqual([type(r) for r in requests], [AcquireAs])
 
 
 class WindowsTest(unittest.TestCase):

@@ -13,6 +13,7 @@ import unittest
 from unittest import mock
 
 import lockbroker
+from lockbroker import _common
 from lockbroker import (
     ConnectionLost,
     Deadlock,
@@ -321,7 +322,7 @@ class DeadlockTest(DaemonTestCase):
 
     def test_opposite_orders_in_two_clients_one_is_refused(self) -> None:
         a, main = self.detecting("thread a"), self.detecting("main")
-        self.assertEqual(a.protocol_version, 3)
+        self.assertEqual(a.protocol_version, 4)
         self.assertTrue(a.detects_deadlocks and main.detects_deadlocks)
         refused = self.opposite_orders(a, main)
         self.assertIsInstance(refused, Deadlock)
@@ -367,15 +368,34 @@ class DeadlockTest(DaemonTestCase):
     def test_a_fixed_actor_is_shared_across_sessions(self) -> None:
         actor = 0x0123456789ABCDEF
         holder = self.detecting("holder", actor=actor)
-        # The actor as lockbroker lock hands it down to its command.
-        with mock.patch.dict(os.environ, {"LOCKBROKER_ACTOR": "%016x" % actor}):
-            command = self.detecting("command")
+        other = self.detecting("other", actor=actor)
         self.assertTrue(Lock("held", holder).acquire(timeout=WAIT))
         # Another thread, another session, the same actor: a self-wait.
         with self.assertRaises(Deadlock):
+            spawn(other.acquire, "held", LockKind.MUTEX).result(timeout=WAIT)
+
+    def test_a_command_runs_within_the_actors_lockbroker_lock_names(self) -> None:
+        wrapper = 0x0123456789ABCDEF
+        holder = self.detecting("wrapper", actor=wrapper)
+        self.assertTrue(Lock("held", holder).acquire(timeout=WAIT))
+        # As `lockbroker lock held -- python …` hands its actor down: the
+        # command waiting for its wrapper's lock would wait forever.
+        chain = {"LOCKBROKER_ACTOR": "%016x,000000000000002a" % wrapper}
+        with mock.patch.dict(os.environ, chain):
+            command = self.detecting("command")
+        self.assertEqual(command.protocol_version, 4)
+        with self.assertRaises(Deadlock) as refused:
             spawn(command.acquire, "held", LockKind.MUTEX).result(timeout=WAIT)
+        self.assertIn("on whose behalf this session acts", str(refused.exception))
+        # Two commands within one wrapper (two threads here) take another
+        # lock in turn: no deadlock, the second queues.
+        with mock.patch.dict(os.environ, chain):
+            second = self.detecting("second")
+        self.assertTrue(Lock("inner", command).acquire(timeout=WAIT))
+        queued = spawn(second.acquire, "inner", LockKind.MUTEX, timeout_ms=50)
+        self.assertIsNone(queued.result(timeout=WAIT))
         # Without detection the variable is ignored: the wait queues.
-        with mock.patch.dict(os.environ, {"LOCKBROKER_ACTOR": "%016x" % actor}):
+        with mock.patch.dict(os.environ, chain):
             plain = self.client("plain")
         self.assertIsNone(plain.acquire("held", LockKind.MUTEX, timeout_ms=50))
 
@@ -387,15 +407,20 @@ class DeadlockTest(DaemonTestCase):
         only_actor = lockbroker.Client(self.daemon.path, actor=5, connect_timeout=WAIT)
         self._clients.append(only_actor)
         self.assertTrue(only_actor.detects_deadlocks)
-        from lockbroker import _common
 
-        self.assertEqual(_common.env_actor({"LOCKBROKER_ACTOR": " 00000000000000ff\n"}), 255)
-        for bad_text in ("", "0000000000000000", "xyz", "1" * 17, "-1"):
-            self.assertIsNone(_common.env_actor({"LOCKBROKER_ACTOR": bad_text}), bad_text)
-        self.assertEqual(_common.Actors(True, None, {"LOCKBROKER_ACTOR": "2a"}).fixed, 42)
-        self.assertEqual(_common.Actors(True, 7, {"LOCKBROKER_ACTOR": "2a"}).fixed, 7)
+        env = "LOCKBROKER_ACTOR"
+        self.assertEqual(_common.env_within({env: " 00000000000000ff\n"}), (255,))
+        self.assertEqual(_common.env_within({env: "2a, 00c0ffee00c0ffee"}), (42, 0xC0FFEE00C0FFEE))
+        self.assertEqual(len(_common.env_within({env: ",".join(["1"] * 40)})), 32)
+        for bad_text in ("", "0000000000000000", "xyz", "1" * 17, "-1", "2a,,3", "2a,0", "+2a"):
+            self.assertEqual(_common.env_within({env: bad_text}), (), bad_text)
+        self.assertEqual(_common.Actors(True, None, {env: "2a"}).within, (42,))
+        self.assertIsNone(_common.Actors(True, None, {env: "2a"}).fixed)
+        self.assertEqual(_common.Actors(True, 7, {env: "2a"}).fixed, 7)
+        self.assertEqual(_common.Actors(True, 7, {env: "2a"}).within, (42,))
         self.assertIsNone(_common.Actors(True, None, {}).fixed)
-        self.assertFalse(_common.Actors(False, None, {"LOCKBROKER_ACTOR": "2a"}).detect)
+        self.assertFalse(_common.Actors(False, None, {env: "2a"}).detect)
+        self.assertEqual(_common.Actors(False, None, {env: "2a"}).within, ())
         # Each thread its own actor, the same on every call, never 0.
         mine = _common.thread_actor()
         self.assertEqual(mine, _common.thread_actor())
@@ -519,7 +544,7 @@ class OldDaemonTest(unittest.TestCase):
                         message = decode_client_message(body[0])
                         assert isinstance(message, RequestMessage)
                         requests.append(message.request)
-                        if isinstance(message.request, (Acquire, AcquireAs)):
+                        if isinstance(message.request, _common.ACQUIRES):
                             answer: object = Granted(Grant(len(requests), len(requests), False))
                         else:
                             answer = inspection
@@ -544,7 +569,7 @@ class OldDaemonTest(unittest.TestCase):
         finally:
             client.close()
         server.join(WAIT)
-        self.assertEqual(versions, [PROTOCOL_VERSION, 2, 1])
+        self.assertEqual(versions, [PROTOCOL_VERSION, 3, 2, 1])
 
     def test_the_client_falls_back_to_version_2_and_acquires_plainly(self) -> None:
         # A daemon of version 2 cannot decode AcquireAs: detection asked
@@ -563,8 +588,26 @@ class OldDaemonTest(unittest.TestCase):
         finally:
             client.close()
         server.join(WAIT)
-        self.assertEqual(versions, [3, 2])
+        self.assertEqual(versions, [4, 3, 2])
         self.assertEqual([type(r) for r in requests], [Acquire, Acquire, Inspect])
+
+    def test_the_client_falls_back_to_version_3_and_acquires_as_its_actor_alone(self) -> None:
+        # A daemon of version 3 cannot decode AcquireWithin: a command's
+        # acquires name their actor, not the wrapper's.
+        path, versions, requests, server = self.fake_daemon(3)
+        with mock.patch.dict(os.environ, {"LOCKBROKER_ACTOR": "000000000000002a"}):
+            client = lockbroker.Client(
+                path, client_name="new", connect_timeout=WAIT, request_timeout=WAIT, detect_deadlocks=True
+            )
+        try:
+            self.assertEqual(client.protocol_version, 3)
+            self.assertTrue(client.detects_deadlocks)
+            self.assertTrue(Lock("y", client).acquire(timeout=WAIT))
+        finally:
+            client.close()
+        server.join(WAIT)
+        self.assertEqual(versions, [4, 3])
+        self.assertEqual([type(r) for r in requests], [AcquireAs])
 
 
 if __name__ == "__main__":

@@ -1,5 +1,5 @@
-"""The codec against the golden vectors of proto/golden/v1.txt, v2.txt and
-v3.txt, and on bad input.
+"""The codec against the golden vectors of proto/golden/v1.txt to v4.txt,
+and on bad input.
 
 Every vector of PROTOCOL.md section 13's table -- lock and shared-state
 messages alike -- has its hand-built Python message here, and every vector
@@ -19,6 +19,7 @@ from lockbroker.protocol import (
     MAGIC,
     Acquire,
     AcquireAs,
+    AcquireWithin,
     Cancel,
     Cancelled,
     ChangeKind,
@@ -301,11 +302,30 @@ EXPECTED_V3: Dict[str, Tuple[str, Message]] = {
     ),
 }
 
+#: The messages of version 4's vectors (proto/golden/v4.txt), as PROTOCOL.md
+#: section 13.3 describes them.
+EXPECTED_V4: Dict[str, Tuple[str, Message]] = {
+    "hello_v4": ("c2s", Hello(magic=MAGIC, version=4, client_name="demo")),
+    "welcome_v4": ("s2c", replace(EXPECTED["welcome"][1], version=4)),  # type: ignore[type-var]
+    "acquire_within": (
+        "c2s",
+        RequestMessage(
+            31,
+            AcquireWithin(
+                actor=0x0123456789ABCDEF,
+                within=[0x2A, 0xFEDCBA9876543210],
+                acquire=Acquire("deploy", LockKind.MUTEX, capacity=1, permits=1, timeout_ms=None),
+            ),
+        ),
+    ),
+}
+
 #: Each version's file and messages.
 VERSIONS: Dict[int, Tuple[object, Dict[str, Tuple[str, Message]]]] = {
     1: (GOLDEN, EXPECTED),
     2: (REPO_ROOT / "proto" / "golden" / "v2.txt", EXPECTED_V2),
     3: (REPO_ROOT / "proto" / "golden" / "v3.txt", EXPECTED_V3),
+    4: (REPO_ROOT / "proto" / "golden" / "v4.txt", EXPECTED_V4),
 }
 
 

@@ -1368,21 +1368,23 @@ fn metrics_from_a_daemon_older_than_them_is_one_clear_line() {
             conn.read_exact(&mut body).unwrap();
             body
         };
-        // A version 3 Hello is refused, as a daemon of version 2 does;
-        // the tool asks again in version 2.
+        // Hellos of versions 4 and 3 are refused, as a daemon of version
+        // 2 does; the tool asks again in the version below each time.
+        for version in [4u16, 3] {
+            let (mut conn, _) = listener.accept().unwrap();
+            let hello = frame(&mut conn);
+            // ClientMessage::Hello (0), the magic, then the version.
+            assert_eq!(&hello[8..10], &version.to_le_bytes());
+            let refusal = lockbroker_proto::ServerMessage::Fatal(lockbroker_proto::ErrorInfo::new(
+                lockbroker_proto::ErrorCode::UnsupportedVersion,
+                "this daemon speaks versions 1 to 2",
+            ));
+            let bytes = lockbroker_proto::frame::to_frame(&refusal, 4096).unwrap();
+            conn.write_all(&bytes).unwrap();
+        }
         let (mut conn, _) = listener.accept().unwrap();
         let hello = frame(&mut conn);
-        // ClientMessage::Hello (0), the magic, then the version.
-        assert_eq!(&hello[8..10], &3u16.to_le_bytes());
-        let refusal = lockbroker_proto::ServerMessage::Fatal(lockbroker_proto::ErrorInfo::new(
-            lockbroker_proto::ErrorCode::UnsupportedVersion,
-            "this daemon speaks versions 1 to 2",
-        ));
-        let bytes = lockbroker_proto::frame::to_frame(&refusal, 4096).unwrap();
-        conn.write_all(&bytes).unwrap();
-        drop(conn);
-        let (mut conn, _) = listener.accept().unwrap();
-        frame(&mut conn); // Hello, version 2
+        assert_eq!(&hello[8..10], &2u16.to_le_bytes());
         conn.write_all(&welcome).unwrap();
         let request = frame(&mut conn);
         // ClientMessage::Request (1), its id, then Request::Metrics (16).
@@ -1429,12 +1431,12 @@ fn autostart_keeps_the_log_bounded() {
     assert!(fresh.len() < 10_000, "{} bytes", fresh.len());
 }
 
-/// The issue's two scripts, with `--detect-deadlocks`: each holds one lock
-/// and, inside, takes the other. Each inner `lockbroker` is a session of
-/// its own, but acts for its wrapper (`LOCKBROKER_ACTOR`, with detection
-/// inherited), so the daemon sees the cycle: the inner `lock` that would
-/// close it exits 35 naming it, its script goes on, and the other script's
-/// inner `lock` is then served.
+/// The issue's two scripts: each holds one lock and, inside, takes the
+/// other. Each inner `lockbroker` is a session and an actor of its own,
+/// but runs within its wrapper (`LOCKBROKER_ACTOR`), which keeps its lock
+/// while the inner one waits, so the daemon sees the cycle: the inner
+/// `lock` that would close it exits 35 naming it, its script goes on, and
+/// the other script's inner `lock` is then served.
 #[test]
 fn nested_locks_taken_in_opposite_orders_are_a_deadlock_refused() {
     let d = Daemon::start();
@@ -1447,7 +1449,7 @@ fn nested_locks_taken_in_opposite_orders_are_a_deadlock_refused() {
         let mut cmd = d.cli();
         cmd.env("PATH", path_with_lockbroker(d.dir.path()))
             .env_remove("LOCKBROKER_ACTOR")
-            .args(["--detect-deadlocks", "lock", outer, "--", "sh", "-c", &body])
+            .args(["lock", outer, "--", "sh", "-c", &body])
             .spawn()
             .unwrap()
     };
@@ -1469,7 +1471,9 @@ fn nested_locks_taken_in_opposite_orders_are_a_deadlock_refused() {
     let err = std::fs::read_to_string(d.path("x.err")).unwrap();
     assert!(
         err.contains("waiting for \"x\" would deadlock")
-            && err.contains("which waits for \"y\"")
+            && err.contains("held by session")
+            && err.contains(", which waits, through session")
+            && err.contains("for \"y\"")
             && err.contains("on whose behalf this session acts"),
         "{err}"
     );
@@ -1480,12 +1484,12 @@ fn nested_locks_taken_in_opposite_orders_are_a_deadlock_refused() {
     );
 }
 
-/// Without `--detect-deadlocks` nothing is judged: two commands run in
-/// parallel under one lock both take an inner lock in turn. (With it,
-/// they would be one actor, and the second refused as waiting behind its
-/// own hold: the limitation README states.)
+/// Two commands run in parallel under one lock take an inner lock in
+/// turn: each is an actor of its own within the wrapper, so the second
+/// waits for the first, which waits for nothing: no deadlock, the second
+/// is served once the first is done.
 #[test]
-fn parallel_commands_under_one_lock_are_not_refused_by_default() {
+fn parallel_commands_under_one_lock_are_not_a_deadlock() {
     let d = Daemon::start();
     let (go, _held) = (fifo(&d, "go"), fifo(&d, "held"));
     let body = "lockbroker lock r -- sh -c 'echo > held; read -r _ < go' & \
@@ -1494,7 +1498,7 @@ fn parallel_commands_under_one_lock_are_not_refused_by_default() {
     let mut outer = d
         .cli()
         .env("PATH", path_with_lockbroker(d.dir.path()))
-        .env_remove("LOCKBROKER_DETECT_DEADLOCKS")
+        .env_remove("LOCKBROKER_ACTOR")
         .args(["lock", "outer", "--", "sh", "-c", body])
         .spawn()
         .unwrap();
@@ -1507,4 +1511,37 @@ fn parallel_commands_under_one_lock_are_not_refused_by_default() {
         std::fs::read_to_string(d.path("second")).unwrap().trim(),
         "0"
     );
+}
+
+/// A command that takes the lock its own wrapper holds would wait for ever
+/// (flock(1) hangs there): it is refused at once with 35, two levels deep
+/// too, and the wrapper goes on.
+#[test]
+fn a_command_taking_its_wrappers_lock_is_a_deadlock_refused() {
+    let d = Daemon::start();
+    let mut outer = d
+        .cli()
+        .env("PATH", path_with_lockbroker(d.dir.path()))
+        .env_remove("LOCKBROKER_ACTOR")
+        .args(["lock", "x", "--", "lockbroker", "lock", "y", "--"])
+        .args([
+            "sh",
+            "-c",
+            "lockbroker lock x -- true 2> inner.err; echo $? > inner",
+        ])
+        .spawn()
+        .unwrap();
+    assert!(wait_exit(&mut outer, Duration::from_secs(20)).success());
+    assert_eq!(
+        std::fs::read_to_string(d.path("inner")).unwrap().trim(),
+        "35"
+    );
+    let err = std::fs::read_to_string(d.path("inner.err")).unwrap();
+    assert!(
+        err.contains(
+            "waiting for \"x\" would deadlock: this session waits for \"x\", held by session"
+        ) && err.contains("on whose behalf this session acts"),
+        "{err}"
+    );
+    assert_eq!(holders_and_waiters(&d, "x"), (0, 0));
 }

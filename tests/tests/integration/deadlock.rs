@@ -1,12 +1,15 @@
-//! Deadlock detection (`AcquireAs`, protocol version 3): a wait that
-//! could never be granted is refused with `deadlock`, naming the cycle,
-//! and nothing else is touched; through the async client (fixed actors)
-//! and the blocking one (each thread its own actor); and with the etcd
-//! backend, which detects nothing, the same waits queue.
+//! Deadlock detection (`AcquireAs`, protocol version 3, and
+//! `AcquireWithin`, version 4): a wait that could never be granted is
+//! refused with `deadlock`, naming the cycle, and nothing else is touched;
+//! through the async client (fixed actors, and actors within others as a
+//! command runs within its wrapper) and the blocking one (each thread its
+//! own actor); bad `within` lists are refused; and with the etcd backend,
+//! which detects nothing, the same waits queue.
 
 use std::time::Duration;
 
 use lockbroker::{Client, Error, ErrorCode};
+use lockbroker_proto::{Acquire, LockKind, MAX_WITHIN, Request, Response};
 
 use crate::util::{Backend, bounded, wait_until_blocking, waiters};
 
@@ -54,6 +57,111 @@ async fn two_sessions_waiting_for_each_other_one_is_refused() {
         let got = waiting.await.unwrap().unwrap();
         got.release().await.unwrap();
         x.release().await.unwrap();
+        daemon.stop().await;
+    })
+    .await;
+}
+
+async fn client_within(
+    daemon: &lockbroker_tests::harness::Daemon,
+    actor: u64,
+    within: &[u64],
+) -> Client {
+    daemon
+        .connector()
+        .client_name(format!("actor {actor}"))
+        .actor(actor)
+        .within(within.iter().copied())
+        .connect()
+        .await
+        .unwrap()
+}
+
+/// The two scripts as four sessions: wrappers 1 and 2 hold x and
+/// y; command 11 (within 1) waits for y; command 21 (within 2) would wait
+/// for x: refused, naming the sessions on both sides. Commands side by
+/// side within one wrapper are not one actor: the second queues.
+#[tokio::test]
+async fn commands_within_wrappers_waiting_for_each_other_are_refused() {
+    bounded(async {
+        let daemon = Backend::Local.start().await;
+        let w1 = client_as(&daemon, 1).await;
+        let w2 = client_as(&daemon, 2).await;
+        let c1 = client_within(&daemon, 11, &[1]).await;
+        let c2 = client_within(&daemon, 21, &[2]).await;
+        let x = w1.mutex("x").acquire().await.unwrap();
+        let _y = w2.mutex("y").acquire().await.unwrap();
+        let c1_y = c1.mutex("y");
+        let waiting = tokio::spawn(async move { c1_y.acquire().await });
+        waiters(&c2, "y", 1).await;
+        let message = refused_as_deadlock(c2.mutex("x").acquire().await.unwrap_err());
+        assert!(
+            message.contains("this session waits for \"x\", held by session")
+                && message.contains("\"actor 1\"")
+                && message.contains(", which waits, through session")
+                && message.contains("\"actor 11\"), for \"y\", held by session")
+                && message.contains("\"actor 2\"), on whose behalf this session acts"),
+            "{message}"
+        );
+        // A sibling of command 11 within wrapper 1 waits for x's other
+        // users, not for itself: it queues behind command 11's hold.
+        let sibling = client_within(&daemon, 12, &[1]).await;
+        let inner = c1.mutex("inner");
+        let first = inner.acquire().await.unwrap();
+        let sibling_inner = sibling.mutex("inner");
+        let second = tokio::spawn(async move { sibling_inner.acquire().await });
+        waiters(&c1, "inner", 1).await;
+        first.release().await.unwrap();
+        second.await.unwrap().unwrap().release().await.unwrap();
+        // Nothing else moved: command 11 still waits for y.
+        assert!(!waiting.is_finished());
+        drop(x);
+        daemon.stop().await;
+    })
+    .await;
+}
+
+/// `within` is bounded and has no 0: anything else is `invalid_argument`,
+/// nothing is queued or held, and the session goes on.
+#[tokio::test]
+async fn bad_within_lists_are_refused_and_nothing_is_lost() {
+    bounded(async {
+        let daemon = Backend::Local.start().await;
+        let mut raw = daemon.raw().await;
+        let acquire = || Acquire {
+            name: "w".into(),
+            kind: LockKind::Mutex,
+            capacity: 1,
+            permits: 1,
+            timeout_ms: None,
+        };
+        let too_deep: Vec<u64> = (1..=MAX_WITHIN as u64 + 1).collect();
+        for (id, within) in [(1, too_deep), (2, vec![5, 0])] {
+            let request = Request::AcquireWithin {
+                actor: 9,
+                within,
+                acquire: acquire(),
+            };
+            match raw.call(id, request).await {
+                Response::Error(e) => {
+                    assert_eq!(e.code, ErrorCode::InvalidArgument, "{e:?}");
+                    assert!(e.message.contains("at most 32 actors"), "{}", e.message);
+                }
+                other => panic!("expected invalid_argument, got {other:?}"),
+            }
+        }
+        // The deepest allowed is taken, and the session still serves.
+        let deepest: Vec<u64> = (1..=MAX_WITHIN as u64).collect();
+        let request = Request::AcquireWithin {
+            actor: 9,
+            within: deepest,
+            acquire: acquire(),
+        };
+        assert!(matches!(raw.call(3, request).await, Response::Granted(_)));
+        let observer = daemon.client().await;
+        let seen = observer.inspect("w").await.unwrap();
+        assert_eq!(seen.entries[0].holders.len(), 1);
+        assert!(seen.entries[0].waiters.is_empty());
         daemon.stop().await;
     })
     .await;

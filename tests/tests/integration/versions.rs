@@ -90,11 +90,12 @@ async fn a_version_1_session_is_answered_in_version_1(backend) {
 }
 }
 
-/// A daemon of version `speaks` (1 or 2), by hand: it refuses a later
+/// A daemon of version `speaks` (1 to 3), by hand: it refuses a later
 /// `Hello` with `unsupported_version`, as such daemons do, welcomes its
 /// own, and answers every `Inspect` with one holder, in its layout, and
 /// every other request with `Error(malformed)`, as if it could not decode
-/// it (an `AcquireAs`, which only version 3 has, would be a fatal one). It
+/// it (an `AcquireAs` or `AcquireWithin`, which only versions 3 and 4
+/// have, would be a fatal one before them). It
 /// serves `connections` connections, one after another.
 async fn old_daemon(listener: UnixListener, connections: usize, speaks: u16) {
     for _ in 0..connections {
@@ -202,7 +203,7 @@ fn old_connector(socket: &Path) -> Connector {
     Connector::new().socket(socket).client_name("new")
 }
 
-/// The async and the blocking client, refused versions 3 and 2, connect
+/// The async and the blocking client, refused versions 4, 3 and 2, connect
 /// again in version 1 and read the daemon's answers in its layout.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_clients_speak_version_1_with_a_daemon_of_before_version_2() {
@@ -210,8 +211,8 @@ async fn the_clients_speak_version_1_with_a_daemon_of_before_version_2() {
         let dir = tempfile::tempdir().unwrap();
         let socket = dir.path().join("old.sock");
         let listener = UnixListener::bind(&socket).unwrap();
-        // Each client: two refused connections, then one in version 1.
-        let server = tokio::spawn(old_daemon(listener, 6, 1));
+        // Each client: three refused connections, then one in version 1.
+        let server = tokio::spawn(old_daemon(listener, 8, 1));
         let client: Client = old_connector(&socket).connect().await.unwrap();
         let seen = client.inspect("").await.unwrap();
         assert_eq!(seen.entries[0].holders[0].session.client_name, "before");
@@ -230,7 +231,7 @@ async fn the_clients_speak_version_1_with_a_daemon_of_before_version_2() {
     .await
 }
 
-/// A client asking for deadlock detection, refused version 3, speaks
+/// A client asking for deadlock detection, refused versions 4 and 3, speaks
 /// version 2 with the daemon and sends it plain `Acquire`s, which it
 /// knows: the request is answered, not the connection ended.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -239,7 +240,7 @@ async fn a_version_2_daemon_gets_plain_acquires() {
         let dir = tempfile::tempdir().unwrap();
         let socket = dir.path().join("v2.sock");
         let listener = UnixListener::bind(&socket).unwrap();
-        let server = tokio::spawn(old_daemon(listener, 2, 2));
+        let server = tokio::spawn(old_daemon(listener, 3, 2));
         let client: Client = old_connector(&socket)
             .detect_deadlocks(true)
             .connect()
@@ -250,6 +251,32 @@ async fn a_version_2_daemon_gets_plain_acquires() {
         // that it could read it, and the session goes on.
         assert_eq!(err.code(), Some(ErrorCode::Malformed), "{err:?}");
         assert!(err.to_string().contains("Acquire(Acquire"), "{err}");
+        client.inspect("").await.unwrap();
+        drop(client);
+        server.await.unwrap();
+    })
+    .await
+}
+
+/// A client whose actor runs within others, refused version 4, speaks
+/// version 3 and sends `AcquireAs` of its actor alone, which such a daemon
+/// knows (a cycle through the wrapper is then not seen).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_version_3_daemon_gets_the_actor_alone() {
+    bounded(async {
+        let dir = tempfile::tempdir().unwrap();
+        let socket = dir.path().join("v3.sock");
+        let listener = UnixListener::bind(&socket).unwrap();
+        let server = tokio::spawn(old_daemon(listener, 2, 3));
+        let client: Client = old_connector(&socket)
+            .actor(5)
+            .within([7, 8])
+            .connect()
+            .await
+            .unwrap();
+        let err = client.mutex("x").acquire().await.unwrap_err();
+        assert_eq!(err.code(), Some(ErrorCode::Malformed), "{err:?}");
+        assert!(err.to_string().contains("AcquireAs { actor: 5,"), "{err}");
         client.inspect("").await.unwrap();
         drop(client);
         server.await.unwrap();
