@@ -56,6 +56,12 @@ pub trait Backend: Send + Sync + std::fmt::Debug + 'static {
         spec: &AcquireSpec,
     ) -> Result<AcquireOutcome, LockError>;
 
+    /// Whether holders that ask are told when someone waits behind them
+    /// ([`Notice::Contended`](crate::lock_table::Notice::Contended)).
+    fn tells_contention(&self) -> bool {
+        true
+    }
+
     /// Withdraws `peer`'s waiting acquire `request_id` on `name`; `None`
     /// if it was granted meanwhile (the grant is on its way).
     fn cancel(&self, name: &str, peer: &Arc<Peer>, request_id: u64, token: u64) -> Option<Applied>;

@@ -1565,6 +1565,12 @@ impl Shared {
 }
 
 impl Backend for Etcd {
+    /// Another host's waits are not seen as they start: contention
+    /// events are refused (`unsupported`).
+    fn tells_contention(&self) -> bool {
+        false
+    }
+
     fn acquire(
         &self,
         name: &LockName,

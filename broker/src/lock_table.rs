@@ -271,6 +271,12 @@ pub enum Notice {
         /// Why.
         error: ErrorInfo,
     },
+    /// Someone waits behind hold `hold_id`, which asked to be told (sent
+    /// once per hold; possibly before the hold's own `Granted`).
+    Contended {
+        /// The hold.
+        hold_id: u64,
+    },
     /// Every hold and wait of the session is lost (its lease may have
     /// expired): the session must end, saying why.
     Lost {
@@ -359,9 +365,11 @@ pub struct AcquireSpec {
     /// The thread of control asking (`AcquireAs`), 0 for none: holds and
     /// waits of an actor are what deadlock detection follows.
     pub actor: u64,
-    /// The actors `actor` runs within, nearest first (`AcquireWithin`):
+    /// The actors `actor` runs within, nearest first (`AcquireWith`):
     /// each keeps its holds while `actor` waits.
     pub within: Within,
+    /// Tell the holder's session when someone waits behind the hold.
+    pub notify_contended: bool,
 }
 
 /// The actors an actor runs within, nearest first; shared by a wait's
@@ -410,6 +418,7 @@ impl AcquireSpec {
             timeout_ms,
             actor: 0,
             within: None,
+            notify_contended: false,
         })
     }
 
@@ -456,6 +465,9 @@ struct Holder {
     peer: Arc<Peer>,
     /// The actor it was granted to (0: none).
     actor: u64,
+    /// Its session is to be told when someone waits behind it, and has
+    /// not been yet.
+    notify_contended: bool,
     hold_id: u64,
     kind: LockKind,
     permits: u32,
@@ -470,6 +482,8 @@ struct Waiter {
     actor: u64,
     /// The actors it runs within.
     within: Within,
+    /// Its hold is to be told of contention.
+    notify_contended: bool,
     request_id: u64,
     kind: LockKind,
     permits: u32,
@@ -546,6 +560,9 @@ struct Entry {
     /// the age order is kept in [`Tombstones`], not here: every held name
     /// has an entry, few are tombstones.
     tombstone: bool,
+    /// Some holder is to be told when someone waits behind it (so a wait
+    /// looks at the holders only then).
+    to_tell: bool,
 }
 
 impl Entry {
@@ -562,6 +579,20 @@ impl Entry {
             queue: Queue::default(),
             abandoned: false,
             tombstone: false,
+            to_tell: false,
+        }
+    }
+
+    /// Tells each holder that asked, and was not told yet, that someone
+    /// waits behind it: under the shard lock, so a hold released after
+    /// this is told before its release.
+    fn tell_contended(&mut self) {
+        if !std::mem::take(&mut self.to_tell) {
+            return;
+        }
+        for h in self.holders.iter_mut().filter(|h| h.notify_contended) {
+            h.notify_contended = false;
+            h.peer.notify(Notice::Contended { hold_id: h.hold_id });
         }
     }
 
@@ -669,6 +700,25 @@ impl Tombstones {
     fn forget(&mut self, name: &LockName) {
         if let Some(seq) = self.by_name.remove(name) {
             self.by_age.remove(&seq);
+        }
+    }
+}
+
+/// What a new hold is granted for: an acquire's fields the holder keeps.
+struct Granted {
+    actor: u64,
+    kind: LockKind,
+    permits: u32,
+    notify_contended: bool,
+}
+
+impl Granted {
+    fn of(spec: &AcquireSpec) -> Granted {
+        Granted {
+            actor: spec.actor,
+            kind: spec.kind,
+            permits: spec.permits,
+            notify_contended: spec.notify_contended,
         }
     }
 }
@@ -1051,7 +1101,7 @@ impl LockTable {
         let weight = spec.weight();
         if entry.queue.is_empty() && weight <= u64::from(entry.free) {
             entry.free -= weight as u32;
-            let grant = self.new_hold(entry, peer, spec.actor, spec.kind, spec.permits);
+            let grant = self.new_hold(entry, peer, Granted::of(spec));
             return Ok(Some(AcquireOutcome::Granted(grant)));
         }
         if !spec.may_wait {
@@ -1064,12 +1114,14 @@ impl LockTable {
             peer: Arc::clone(peer),
             actor: spec.actor,
             within: spec.within.clone(),
+            notify_contended: spec.notify_contended,
             request_id,
             kind: spec.kind,
             permits: spec.permits,
             since_ms: now_ms(),
             timeout_ms: spec.timeout_ms,
         });
+        entry.tell_contended();
         Ok(Some(AcquireOutcome::Queued))
     }
 
@@ -1236,14 +1288,13 @@ impl LockTable {
         }
     }
 
-    fn new_hold(
-        &self,
-        entry: &mut Entry,
-        peer: &Arc<Peer>,
-        actor: u64,
-        kind: LockKind,
-        permits: u32,
-    ) -> Grant {
+    fn new_hold(&self, entry: &mut Entry, peer: &Arc<Peer>, granted: Granted) -> Grant {
+        let Granted {
+            actor,
+            kind,
+            permits,
+            notify_contended,
+        } = granted;
         let grant = Grant {
             hold_id: self.inner.next_hold.fetch_add(1, Ordering::Relaxed) + 1,
             fence: self.inner.next_fence.fetch_add(1, Ordering::Relaxed) + 1,
@@ -1257,12 +1308,14 @@ impl LockTable {
         entry.holders.push(Holder {
             peer: Arc::clone(peer),
             actor,
+            notify_contended,
             hold_id: grant.hold_id,
             kind,
             permits,
             fence: grant.fence,
             since_ms: now_ms(),
         });
+        entry.to_tell |= notify_contended;
         grant
     }
 
@@ -1275,12 +1328,21 @@ impl LockTable {
             }
             let w = entry.queue.pop_front().expect("head exists");
             entry.free -= weight as u32;
-            let grant = self.new_hold(entry, &w.peer, w.actor, w.kind, w.permits);
+            let granted = Granted {
+                actor: w.actor,
+                kind: w.kind,
+                permits: w.permits,
+                notify_contended: w.notify_contended,
+            };
+            let grant = self.new_hold(entry, &w.peer, granted);
             out.push(Delivery {
                 to: w.peer,
                 request_id: w.request_id,
                 grant,
             });
+        }
+        if !entry.queue.is_empty() {
+            entry.tell_contended();
         }
     }
 
@@ -1951,6 +2013,82 @@ mod tests {
             t.acquire(&x, &b, 2, &mutex()).unwrap(),
             AcquireOutcome::Queued
         );
+    }
+
+    fn told(rx: &mut GrantsReceiver) -> Vec<u64> {
+        let mut told = Vec::new();
+        while let Ok(notice) = rx.try_recv() {
+            if let Notice::Contended { hold_id } = notice {
+                told.push(hold_id);
+            }
+        }
+        told
+    }
+
+    fn telling(mut spec: AcquireSpec) -> AcquireSpec {
+        spec.notify_contended = true;
+        spec
+    }
+
+    #[test]
+    fn a_holder_that_asked_is_told_once_when_someone_waits() {
+        let t = LockTable::new(0, 1024);
+        let (a, mut a_rx) = peer(1);
+        let (b, mut b_rx) = peer(2);
+        let (c, _) = peer(3);
+        let x = name("x");
+        let held = granted(t.acquire(&x, &a, 1, &telling(mutex())).unwrap());
+        // A try that finds it taken does not wait: no news.
+        assert_eq!(
+            t.acquire(&x, &c, 1, &spec(LockKind::Mutex, 1, 1, Some(0)))
+                .unwrap(),
+            AcquireOutcome::WouldBlock
+        );
+        assert_eq!(told(&mut a_rx), Vec::<u64>::new());
+        assert_eq!(
+            t.acquire(&x, &b, 1, &telling(mutex())).unwrap(),
+            AcquireOutcome::Queued
+        );
+        assert_eq!(told(&mut a_rx), [held.hold_id]);
+        // Once per hold.
+        assert_eq!(
+            t.acquire(&x, &c, 2, &mutex()).unwrap(),
+            AcquireOutcome::Queued
+        );
+        assert_eq!(told(&mut a_rx), Vec::<u64>::new());
+        // b is granted while c still waits: told at its grant.
+        let (_, grants) = t.release("x", 1, held.hold_id);
+        let b_hold = grants[0].grant.hold_id;
+        grants.send();
+        assert_eq!(told(&mut b_rx), [b_hold]);
+        // A holder that did not ask is never told.
+        let (d, mut d_rx) = peer(4);
+        let y = name("y");
+        granted(t.acquire(&y, &d, 1, &mutex()).unwrap());
+        assert_eq!(
+            t.acquire(&y, &a, 2, &mutex()).unwrap(),
+            AcquireOutcome::Queued
+        );
+        assert_eq!(told(&mut d_rx), Vec::<u64>::new());
+    }
+
+    #[test]
+    fn every_shared_holder_that_asked_is_told_of_a_writer() {
+        let t = LockTable::new(0, 1024);
+        let (a, mut a_rx) = peer(1);
+        let (b, mut b_rx) = peer(2);
+        let (w, _) = peer(3);
+        let r = name("r");
+        let shared = || telling(spec(LockKind::RwShared, 0, 1, None));
+        let one = granted(t.acquire(&r, &a, 1, &shared()).unwrap());
+        let two = granted(t.acquire(&r, &b, 1, &shared()).unwrap());
+        let exclusive = spec(LockKind::RwExclusive, 0, 1, None);
+        assert_eq!(
+            t.acquire(&r, &w, 1, &exclusive).unwrap(),
+            AcquireOutcome::Queued
+        );
+        assert_eq!(told(&mut a_rx), [one.hold_id]);
+        assert_eq!(told(&mut b_rx), [two.hold_id]);
     }
 
     fn within(mut spec: AcquireSpec, actor: u64, outer: &[u64]) -> AcquireSpec {

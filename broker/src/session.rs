@@ -53,6 +53,7 @@ use crate::direct::{DirectFd, Gated};
 use crate::lock_table::{GrantsReceiver, Peer};
 use crate::shutdown::Shutdown;
 use crate::transport::PeerCred;
+use locks::Options;
 
 /// Runs one connection to completion.
 pub async fn run<R, W>(
@@ -559,13 +560,14 @@ impl<W: AsyncWrite + Unpin> Session<W> {
 
     fn dispatch(&mut self, id: u64, request: Request) {
         match request {
-            Request::Acquire(a) => self.acquire(id, a, 0, Vec::new()),
-            Request::AcquireAs { actor, acquire } => self.acquire(id, acquire, actor, Vec::new()),
-            Request::AcquireWithin {
-                actor,
-                within,
-                acquire,
-            } => self.acquire(id, acquire, actor, within),
+            Request::Acquire(a) => self.acquire(id, a, Options::default()),
+            Request::AcquireAs { actor, acquire } => {
+                self.acquire(id, acquire, Options::of_actor(actor))
+            }
+            Request::AcquireWith { acquire, options } => match Options::read(&acquire, options) {
+                Ok(options) => self.acquire(id, acquire, options),
+                Err(e) => self.error(id, e),
+            },
             Request::Cancel { request_id } => self.cancel(id, request_id),
             Request::Release { hold_id } => self.release(id, hold_id),
             Request::ReleaseByName { name, count } => self.release_by_name(id, name, count),

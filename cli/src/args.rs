@@ -404,6 +404,12 @@ pub struct CommandArgs {
     #[arg(long, value_parser = parse_duration, value_name = "DURATION", default_value = "10s")]
     pub kill_grace: Duration,
 
+    /// Send the command this signal (e.g. USR1) when someone starts
+    /// waiting for the lock while it runs, once: a long job can finish
+    /// early or let go.
+    #[arg(long, value_parser = crate::child::Signal::parse, value_name = "SIGNAL")]
+    pub on_contended: Option<crate::child::Signal>,
+
     /// Run COMMAND with `sh -c` (`cmd /C` on Windows), as `flock -c`.
     #[arg(long = "command", short = 'c', value_name = "COMMAND")]
     pub shell: Option<OsString>,

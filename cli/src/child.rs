@@ -74,15 +74,18 @@ impl Tree for Group {
 /// Waits for the command (`exited` completes with its status) while holding
 /// `guard`: SIGINT and SIGTERM (Ctrl-C and Ctrl-Break on Windows) are
 /// passed on to its `tree`; losing the lock terminates the tree (SIGTERM,
-/// or a Ctrl-Break, then after `grace` SIGKILL, or the job terminated).
+/// or a Ctrl-Break, then after `grace` SIGKILL, or the job terminated);
+/// someone waiting behind the hold sends the tree `on_contended`, once.
 pub async fn supervise(
     exited: impl std::future::Future<Output = std::io::Result<ExitStatus>>,
     tree: &impl Tree,
     guard: &LockGuard,
     grace: Duration,
+    on_contended: Option<Signal>,
 ) -> std::io::Result<Outcome> {
     let signals = Signals::new()?;
     let mut lost = false;
+    let mut told = on_contended.is_none();
     let kill_at = tokio::time::sleep(Duration::MAX);
     tokio::pin!(kill_at);
     tokio::pin!(signals);
@@ -106,6 +109,12 @@ pub async fn supervise(
                 );
                 tree.signal(Signal::Term);
                 kill_at.as_mut().reset(tokio::time::Instant::now() + grace);
+            }
+            () = guard.contended(), if !told => {
+                told = true;
+                if let Some(sig) = on_contended {
+                    tree.signal(sig);
+                }
             }
             () = &mut kill_at, if lost => {
                 tree.signal(Signal::Kill);
@@ -158,6 +167,55 @@ pub enum Signal {
     Term,
     /// SIGKILL; terminating every process of the job (only sent, never received).
     Kill,
+    /// Another signal by number (only sent, by `--on-contended`).
+    #[cfg(unix)]
+    Other(i32),
+}
+
+/// The signals `--on-contended` may name (Unix), by name without `SIG`.
+#[cfg(unix)]
+const SIGNALS: [(&str, i32); 9] = [
+    ("HUP", libc::SIGHUP),
+    ("INT", libc::SIGINT),
+    ("QUIT", libc::SIGQUIT),
+    ("USR1", libc::SIGUSR1),
+    ("USR2", libc::SIGUSR2),
+    ("TERM", libc::SIGTERM),
+    ("ALRM", libc::SIGALRM),
+    ("CONT", libc::SIGCONT),
+    ("WINCH", libc::SIGWINCH),
+];
+
+impl Signal {
+    /// `USR1`, `SIGUSR1`, `usr1` or a number (Unix); on Windows `INT` or
+    /// `TERM`, sent to the command's console group as a Ctrl-Break.
+    pub fn parse(text: &str) -> Result<Signal, String> {
+        let upper = text.trim().to_ascii_uppercase();
+        let name = upper.strip_prefix("SIG").unwrap_or(&upper);
+        #[cfg(unix)]
+        {
+            if let Some((_, number)) = SIGNALS.iter().find(|(n, _)| *n == name) {
+                return Ok(Signal::Other(*number));
+            }
+            match name.parse::<i32>() {
+                Ok(n) if (1..=64).contains(&n) && n != libc::SIGKILL && n != libc::SIGSTOP => {
+                    Ok(Signal::Other(n))
+                }
+                _ => Err(format!(
+                    "{text:?} is not a signal to send: one of {} (with or without SIG), or a number from 1 to 64 other than KILL and STOP",
+                    SIGNALS.map(|(n, _)| n).join(", ")
+                )),
+            }
+        }
+        #[cfg(windows)]
+        match name {
+            "INT" => Ok(Signal::Int),
+            "TERM" | "BREAK" => Ok(Signal::Term),
+            _ => Err(format!(
+                "{text:?} is not a signal a Windows command can get: INT or TERM (both a Ctrl-Break)"
+            )),
+        }
+    }
 }
 
 #[cfg(unix)]
@@ -166,6 +224,7 @@ fn raw(sig: Signal) -> i32 {
         Signal::Int => libc::SIGINT,
         Signal::Term => libc::SIGTERM,
         Signal::Kill => libc::SIGKILL,
+        Signal::Other(n) => n,
     }
 }
 

@@ -108,7 +108,8 @@ async fn run(cli: Cli) -> Result<u8, Failure> {
     match &cli.command {
         Command::Lock(a) => {
             let client = connect(&cli).await?;
-            match acquire_lock(&client, &a.lock, &a.wait).await? {
+            let contended = a.command.on_contended.is_some();
+            match acquire_lock(&client, &a.lock, &a.wait, contended).await? {
                 Some(guard) => run_holding(&client, guard, &a.lock.name, &a.command).await,
                 None => Ok(a.wait.conflict_exit_code),
             }
@@ -130,7 +131,10 @@ async fn run(cli: Cli) -> Result<u8, Failure> {
         }
         Command::Sem(a) => {
             let client = connect(&cli).await?;
-            let sem = client.semaphore(a.name.clone(), a.capacity);
+            let mut sem = client.semaphore(a.name.clone(), a.capacity);
+            if a.command.on_contended.is_some() {
+                sem = sem.notify_contended();
+            }
             let permits = a.permits;
             let guard = wait_for(&a.wait, "semaphore", &a.name, |timeout| async move {
                 match timeout {
@@ -229,15 +233,21 @@ async fn run(cli: Cli) -> Result<u8, Failure> {
     }
 }
 
-/// Takes lock `lock` (its exclusive or its shared side) as `wait` says.
+/// Takes lock `lock` (its exclusive or its shared side) as `wait` says;
+/// the hold told of contention if `contended`.
 async fn acquire_lock(
     client: &Client,
     lock: &LockKindArgs,
     wait: &WaitArgs,
+    contended: bool,
 ) -> Result<Option<LockGuard>, Failure> {
     let what = if lock.shared { "shared lock" } else { "lock" };
-    let rw = client.rwlock(lock.name.clone());
-    let mutex = client.mutex(lock.name.clone());
+    let mut rw = client.rwlock(lock.name.clone());
+    let mut mutex = client.mutex(lock.name.clone());
+    if contended {
+        rw = rw.notify_contended();
+        mutex = mutex.notify_contended();
+    }
     wait_for(wait, what, &lock.name, |timeout| async move {
         match (lock.shared, timeout) {
             (true, None) => rw.read().await.map(Some),
@@ -325,9 +335,15 @@ async fn run_holding(
             }
         };
         let group = child::Group(running.pid());
-        let outcome = child::supervise(running.wait(), &group, &guard, run.kill_grace)
-            .await
-            .map_err(|e| (exit::ERROR, format!("waiting for the command: {e}")))?;
+        let outcome = child::supervise(
+            running.wait(),
+            &group,
+            &guard,
+            run.kill_grace,
+            run.on_contended,
+        )
+        .await
+        .map_err(|e| (exit::ERROR, format!("waiting for the command: {e}")))?;
         let status = match outcome {
             Outcome::LockLost => return Ok(exit::LOCK_LOST),
             Outcome::Exited(status) => status,
@@ -366,7 +382,7 @@ async fn run_holding(
         let outcome = {
             // The tree borrows the job while `wait` borrows the child.
             let (wait_on, tree) = running.split();
-            child::supervise(wait_on, &tree, &guard, run.kill_grace)
+            child::supervise(wait_on, &tree, &guard, run.kill_grace, run.on_contended)
                 .await
                 .map_err(|e| (exit::ERROR, format!("waiting for the command: {e}")))?
         };

@@ -58,6 +58,7 @@ impl Client {
         Mutex {
             conn: Arc::clone(&self.conn),
             name: name.into(),
+            notify_contended: false,
         }
     }
 
@@ -67,6 +68,7 @@ impl Client {
             conn: Arc::clone(&self.conn),
             name: name.into(),
             capacity,
+            notify_contended: false,
         }
     }
 
@@ -75,6 +77,7 @@ impl Client {
         RwLock {
             conn: Arc::clone(&self.conn),
             name: name.into(),
+            notify_contended: false,
         }
     }
 
@@ -134,20 +137,26 @@ impl Client {
     }
 }
 
-/// Asks for `lock` on `name`; the guard, if granted in time.
+/// Asks for `lock` on `name`; the guard, if granted in time, told of
+/// contention if `notify_contended`.
 fn acquire(
     conn: &Arc<Conn>,
     name: &str,
     lock: LockRequest,
     timeout: Option<Duration>,
+    notify_contended: bool,
 ) -> Result<Option<LockGuard>> {
     let actors = conn.actors();
-    let grant = conn.run(ops::acquire(
+    let version = conn.welcome().version;
+    let op = ops::acquire(
         name,
         lock,
         timeout,
-        actors.current(conn.welcome().version),
-    )?)?;
+        actors.current(version),
+        notify_contended,
+        version,
+    )?;
+    let grant = conn.run(op)?;
     Ok(grant.map(|grant| LockGuard {
         conn: Arc::clone(conn),
         name: name.to_owned(),
@@ -168,9 +177,18 @@ fn granted(guard: Option<LockGuard>) -> Result<LockGuard> {
 pub struct Mutex {
     conn: Arc<Conn>,
     name: String,
+    notify_contended: bool,
 }
 
 impl Mutex {
+    /// Holds this handle acquires are told when someone waits behind them
+    /// ([`LockGuard::wait_contended`]); see
+    /// [`crate::Mutex::notify_contended`].
+    pub fn notify_contended(mut self) -> Mutex {
+        self.notify_contended = true;
+        self
+    }
+
     /// The lock's name.
     pub fn name(&self) -> &str {
         &self.name
@@ -178,7 +196,13 @@ impl Mutex {
 
     /// Blocks until the mutex is granted.
     pub fn acquire(&self) -> Result<LockGuard> {
-        granted(acquire(&self.conn, &self.name, LockRequest::Mutex, None)?)
+        granted(acquire(
+            &self.conn,
+            &self.name,
+            LockRequest::Mutex,
+            None,
+            self.notify_contended,
+        )?)
     }
 
     /// Takes the mutex only if it is free and nobody is queued.
@@ -188,7 +212,13 @@ impl Mutex {
 
     /// Blocks at most `timeout`; `Ok(None)` if it ran out.
     pub fn acquire_timeout(&self, timeout: Duration) -> Result<Option<LockGuard>> {
-        acquire(&self.conn, &self.name, LockRequest::Mutex, Some(timeout))
+        acquire(
+            &self.conn,
+            &self.name,
+            LockRequest::Mutex,
+            Some(timeout),
+            self.notify_contended,
+        )
     }
 }
 
@@ -198,9 +228,17 @@ pub struct Semaphore {
     conn: Arc<Conn>,
     name: String,
     capacity: u32,
+    notify_contended: bool,
 }
 
 impl Semaphore {
+    /// Holds this handle acquires are told when someone waits on the
+    /// semaphore; see [`crate::Semaphore::notify_contended`].
+    pub fn notify_contended(mut self) -> Semaphore {
+        self.notify_contended = true;
+        self
+    }
+
     /// The semaphore's name.
     pub fn name(&self) -> &str {
         &self.name
@@ -225,7 +263,13 @@ impl Semaphore {
 
     /// Blocks for `permits` permits, granted together.
     pub fn acquire_many(&self, permits: u32) -> Result<LockGuard> {
-        granted(acquire(&self.conn, &self.name, self.lock(permits), None)?)
+        granted(acquire(
+            &self.conn,
+            &self.name,
+            self.lock(permits),
+            None,
+            self.notify_contended,
+        )?)
     }
 
     /// Takes one permit only if free and nobody is queued.
@@ -249,7 +293,13 @@ impl Semaphore {
         permits: u32,
         timeout: Duration,
     ) -> Result<Option<LockGuard>> {
-        acquire(&self.conn, &self.name, self.lock(permits), Some(timeout))
+        acquire(
+            &self.conn,
+            &self.name,
+            self.lock(permits),
+            Some(timeout),
+            self.notify_contended,
+        )
     }
 }
 
@@ -258,9 +308,17 @@ impl Semaphore {
 pub struct RwLock {
     conn: Arc<Conn>,
     name: String,
+    notify_contended: bool,
 }
 
 impl RwLock {
+    /// Holds this handle acquires are told when someone waits on the lock;
+    /// see [`crate::RwLock::notify_contended`].
+    pub fn notify_contended(mut self) -> RwLock {
+        self.notify_contended = true;
+        self
+    }
+
     /// The lock's name.
     pub fn name(&self) -> &str {
         &self.name
@@ -268,7 +326,13 @@ impl RwLock {
 
     /// Blocks for shared access.
     pub fn read(&self) -> Result<LockGuard> {
-        granted(acquire(&self.conn, &self.name, LockRequest::Shared, None)?)
+        granted(acquire(
+            &self.conn,
+            &self.name,
+            LockRequest::Shared,
+            None,
+            self.notify_contended,
+        )?)
     }
 
     /// Shared access only if available and nobody is queued.
@@ -278,7 +342,13 @@ impl RwLock {
 
     /// Blocks at most `timeout` for shared access.
     pub fn read_timeout(&self, timeout: Duration) -> Result<Option<LockGuard>> {
-        acquire(&self.conn, &self.name, LockRequest::Shared, Some(timeout))
+        acquire(
+            &self.conn,
+            &self.name,
+            LockRequest::Shared,
+            Some(timeout),
+            self.notify_contended,
+        )
     }
 
     /// Blocks for exclusive access.
@@ -288,6 +358,7 @@ impl RwLock {
             &self.name,
             LockRequest::Exclusive,
             None,
+            self.notify_contended,
         )?)
     }
 
@@ -303,6 +374,7 @@ impl RwLock {
             &self.name,
             LockRequest::Exclusive,
             Some(timeout),
+            self.notify_contended,
         )
     }
 }
@@ -521,15 +593,30 @@ impl LockGuard {
         self.conn.wait_lost(timeout)
     }
 
+    /// Whether the daemon told this hold that someone waits behind it;
+    /// see [`crate::LockGuard::is_contended`].
+    pub fn is_contended(&self) -> bool {
+        self.conn.wait_contended(self.grant.hold_id, Duration::ZERO)
+    }
+
+    /// Blocks until someone waits behind this hold, or `timeout` passes;
+    /// whether someone does. Only a hold acquired with `notify_contended`
+    /// is ever told; see [`crate::LockGuard::contended`].
+    pub fn wait_contended(&self, timeout: Duration) -> bool {
+        self.conn.wait_contended(self.grant.hold_id, timeout)
+    }
+
     /// Releases the hold and waits for the daemon to confirm it.
     pub fn release(mut self) -> Result<()> {
         self.released = true;
+        self.conn.forget_hold(self.grant.hold_id);
         self.conn.run(ops::release(&self.name, self.grant.hold_id))
     }
 }
 
 impl Drop for LockGuard {
     fn drop(&mut self) {
+        self.conn.forget_hold(self.grant.hold_id);
         if !self.released {
             self.conn.forget(Request::Release {
                 hold_id: self.grant.hold_id,

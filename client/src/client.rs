@@ -15,7 +15,7 @@
 //! a `Cancel`; if the grant wins the race anyway, the task sees that nobody
 //! wants it and releases the hold at once, so nothing leaks.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -68,6 +68,8 @@ struct Conn {
     io: Mutex<Io>,
     /// Wakes the task: bytes wait to be written, or the clients are gone.
     wake: Notify,
+    /// Wakes guards waiting to hear of contention.
+    contention: Notify,
 }
 
 /// What is touched under [`Conn`]'s lock.
@@ -79,6 +81,9 @@ struct Io {
     pending: HashMap<u64, oneshot::Sender<Response>>,
     /// watch id → where its events go.
     watches: HashMap<u64, mpsc::UnboundedSender<Event>>,
+    /// Holds told that someone waits behind them (`Event::Contended`,
+    /// only ever for holds that asked), until their guard goes.
+    contended: HashSet<u64>,
     /// The task has ended: nothing more is sent or answered.
     ended: bool,
     /// Every client and guard is gone: the task flushes and ends.
@@ -168,10 +173,12 @@ impl Client {
                 out: FrameWriter::new(writer, welcome.limits.max_frame_len, usize::MAX),
                 pending: HashMap::new(),
                 watches: HashMap::new(),
+                contended: HashSet::new(),
                 ended: false,
                 dropped: false,
             }),
             wake: Notify::new(),
+            contention: Notify::new(),
         });
         let task = Task {
             reader,
@@ -323,9 +330,11 @@ impl Client {
         name: &str,
         lock: LockRequest,
         timeout: Option<Duration>,
+        notify_contended: bool,
     ) -> Result<Option<Grant>> {
-        let actors = self.inner.actors.current(self.inner.welcome.version);
-        let op = ops::acquire(name, lock, timeout, actors)?;
+        let version = self.inner.welcome.version;
+        let actors = self.inner.actors.current(version);
+        let op = ops::acquire(name, lock, timeout, actors, notify_contended, version)?;
         let (id, reply) = self.submit(op.request)?;
         let mut wait = CancelOnDrop {
             client: self,
@@ -406,6 +415,30 @@ impl Client {
     pub(crate) fn forget_watch(&self, id: u64) {
         self.inner.conn.io().watches.remove(&id);
         let _ = self.send(0, Request::StateUnwatch { watch_id: id }, None, None);
+    }
+
+    /// Whether hold `hold_id` was told that someone waits behind it.
+    pub(crate) fn is_contended(&self, hold_id: u64) -> bool {
+        self.inner.conn.io().contended.contains(&hold_id)
+    }
+
+    /// Completes once hold `hold_id` is told that someone waits behind it.
+    pub(crate) async fn contended(&self, hold_id: u64) {
+        loop {
+            let told = self.inner.conn.contention.notified();
+            tokio::pin!(told);
+            // Registered before looking, so a wake between is not lost.
+            told.as_mut().enable();
+            if self.is_contended(hold_id) {
+                return;
+            }
+            told.await;
+        }
+    }
+
+    /// Forgets what was heard of hold `hold_id`, which is ending.
+    pub(crate) fn forget_hold(&self, hold_id: u64) {
+        self.inner.conn.io().contended.remove(&hold_id);
     }
 
     /// Sends `request` without waiting for (or caring about) its answer.
@@ -601,6 +634,11 @@ impl Task {
             }
             ServerMessage::Event(Event::ShuttingDown) => {
                 tracing::info!("the lockbroker daemon is shutting down");
+                Ok(())
+            }
+            ServerMessage::Event(Event::Contended { hold_id }) => {
+                self.conn.io().contended.insert(hold_id);
+                self.conn.contention.notify_waiters();
                 Ok(())
             }
             ServerMessage::Event(

@@ -75,7 +75,7 @@ enum Who {
 
 /// On whose behalf a client's acquires are made, which the daemon's
 /// deadlock detection follows: an actor (`AcquireAs`, protocol version 3)
-/// and the actors it runs within (`AcquireWithin`, version 4).
+/// and the actors it runs within (`AcquireWith`, version 4).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct Actors {
     who: Who,

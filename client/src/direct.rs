@@ -16,7 +16,7 @@
 //! is full (the daemon stopped reading because its answers to us pile up
 //! unread), the writer reads and routes them while it waits for room.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::io;
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixStream;
@@ -57,6 +57,9 @@ struct Shared {
     answers: HashMap<u64, Option<Response>>,
     /// Events of each open watch, not yet taken.
     watches: HashMap<u64, VecDeque<Event>>,
+    /// Holds told that someone waits behind them (`Event::Contended`,
+    /// only for holds that asked), until their guard goes.
+    contended: HashSet<u64>,
     /// Threads asleep, and what each waits for.
     sleepers: Vec<Sleeper>,
     /// Why the connection is gone, once it is.
@@ -74,6 +77,8 @@ struct Sleeper {
 enum WaitsFor {
     Answer(u64),
     Event(u64),
+    /// News of contention for this hold.
+    Contended(u64),
     /// Only the end of the connection.
     Loss,
 }
@@ -175,6 +180,7 @@ impl Conn {
                 reader: Some(reader),
                 answers: HashMap::new(),
                 watches: HashMap::new(),
+                contended: HashSet::new(),
                 sleepers: Vec::new(),
                 lost: None,
             }),
@@ -296,6 +302,20 @@ impl Conn {
     pub(crate) fn unwatch(&self, watch: &mut WatchHandle) {
         self.shared().watches.remove(&watch.0);
         self.forget(Request::StateUnwatch { watch_id: watch.0 });
+    }
+
+    /// Waits at most `timeout` for hold `hold_id` to be told that someone
+    /// waits behind it; whether it was (reads what has arrived to know).
+    pub(crate) fn wait_contended(&self, hold_id: u64, timeout: Duration) -> bool {
+        let deadline = Instant::now().checked_add(timeout);
+        let told = |g: &mut Shared| g.contended.contains(&hold_id).then_some(());
+        self.wait(WaitsFor::Contended(hold_id), deadline, told)
+            .is_some()
+    }
+
+    /// Forgets what was heard of hold `hold_id`, which is ending.
+    pub(crate) fn forget_hold(&self, hold_id: u64) {
+        self.shared().contended.remove(&hold_id);
     }
 
     /// Whether the connection is gone; reads what has arrived to know.
@@ -544,6 +564,10 @@ fn route(
         },
         ServerMessage::Event(Event::ShuttingDown) => {
             tracing::info!("the lockbroker daemon is shutting down");
+        }
+        ServerMessage::Event(Event::Contended { hold_id }) => {
+            g.contended.insert(hold_id);
+            g.wake(WaitsFor::Contended(hold_id));
         }
         ServerMessage::Event(
             event @ (Event::StateChanged { watch_id, .. } | Event::WatchLagged { watch_id }),

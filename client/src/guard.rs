@@ -83,9 +83,26 @@ impl LockGuard {
         self.client.lost().await
     }
 
+    /// Whether the daemon told this hold that someone waits behind it (a
+    /// hold acquired through a handle made with `notify_contended`, e.g.
+    /// [`Mutex::notify_contended`](crate::Mutex::notify_contended)).
+    pub fn is_contended(&self) -> bool {
+        self.client.is_contended(self.grant.hold_id)
+    }
+
+    /// Completes once someone waits behind this hold, so that a long
+    /// holder can finish early or yield; at once if it already happened.
+    /// Only for a hold acquired with `notify_contended`: any other never
+    /// hears, and this never completes (nor once the connection is lost:
+    /// `select!` it with [`lost`](LockGuard::lost)).
+    pub async fn contended(&self) {
+        self.client.contended(self.grant.hold_id).await
+    }
+
     /// Releases the hold and waits for the daemon to confirm it.
     pub async fn release(mut self) -> Result<()> {
         self.released = true;
+        self.client.forget_hold(self.grant.hold_id);
         let op = crate::ops::release(&self.name, self.grant.hold_id);
         self.client.run(op).await
     }
@@ -102,6 +119,7 @@ impl LockGuard {
 
 impl Drop for LockGuard {
     fn drop(&mut self) {
+        self.client.forget_hold(self.grant.hold_id);
         if !self.released {
             self.client.forget(Request::Release {
                 hold_id: self.grant.hold_id,

@@ -36,8 +36,11 @@ async fn acquire(
     name: &str,
     lock: LockRequest,
     timeout: Option<Duration>,
+    notify_contended: bool,
 ) -> Result<Option<LockGuard>> {
-    let grant = client.acquire(name, lock, timeout).await?;
+    let grant = client
+        .acquire(name, lock, timeout, notify_contended)
+        .await?;
     Ok(grant.map(|grant| {
         LockGuard::new(
             client.clone(),
@@ -54,11 +57,25 @@ async fn acquire(
 pub struct Mutex {
     client: Client,
     name: String,
+    notify_contended: bool,
 }
 
 impl Mutex {
     pub(crate) fn new(client: Client, name: String) -> Mutex {
-        Mutex { client, name }
+        Mutex {
+            client,
+            name,
+            notify_contended: false,
+        }
+    }
+
+    /// Holds this handle acquires are told when someone waits behind
+    /// them ([`LockGuard::contended`]); needs a daemon of protocol
+    /// version 4 with its local backend, else the acquire is refused with
+    /// `ErrorCode::Unsupported`.
+    pub fn notify_contended(mut self) -> Mutex {
+        self.notify_contended = true;
+        self
     }
 
     /// The lock's name.
@@ -83,7 +100,15 @@ impl Mutex {
     }
 
     async fn acquire_with(&self, timeout: Option<Duration>) -> Result<Option<LockGuard>> {
-        acquire(&self.client, &self.name, LockRequest::Mutex, timeout).await
+        let lock = LockRequest::Mutex;
+        acquire(
+            &self.client,
+            &self.name,
+            lock,
+            timeout,
+            self.notify_contended,
+        )
+        .await
     }
 }
 
@@ -94,6 +119,7 @@ pub struct Semaphore {
     client: Client,
     name: String,
     capacity: u32,
+    notify_contended: bool,
 }
 
 impl Semaphore {
@@ -102,7 +128,16 @@ impl Semaphore {
             client,
             name,
             capacity,
+            notify_contended: false,
         }
+    }
+
+    /// Holds this handle acquires are told when someone waits on the
+    /// semaphore ([`LockGuard::contended`]); as
+    /// [`Mutex::notify_contended`].
+    pub fn notify_contended(mut self) -> Semaphore {
+        self.notify_contended = true;
+        self
     }
 
     /// The semaphore's name.
@@ -159,7 +194,14 @@ impl Semaphore {
             capacity: self.capacity,
             permits,
         };
-        acquire(&self.client, &self.name, lock, timeout).await
+        acquire(
+            &self.client,
+            &self.name,
+            lock,
+            timeout,
+            self.notify_contended,
+        )
+        .await
     }
 }
 
@@ -170,11 +212,24 @@ impl Semaphore {
 pub struct RwLock {
     client: Client,
     name: String,
+    notify_contended: bool,
 }
 
 impl RwLock {
     pub(crate) fn new(client: Client, name: String) -> RwLock {
-        RwLock { client, name }
+        RwLock {
+            client,
+            name,
+            notify_contended: false,
+        }
+    }
+
+    /// Holds this handle acquires (shared or exclusive) are told when
+    /// someone waits on the lock ([`LockGuard::contended`]); as
+    /// [`Mutex::notify_contended`].
+    pub fn notify_contended(mut self) -> RwLock {
+        self.notify_contended = true;
+        self
     }
 
     /// The lock's name.
@@ -222,7 +277,14 @@ impl RwLock {
         lock: LockRequest,
         timeout: Option<Duration>,
     ) -> Result<Option<LockGuard>> {
-        acquire(&self.client, &self.name, lock, timeout).await
+        acquire(
+            &self.client,
+            &self.name,
+            lock,
+            timeout,
+            self.notify_contended,
+        )
+        .await
     }
 }
 

@@ -5,7 +5,8 @@
 use std::time::Duration;
 
 use lockbroker_proto::{
-    Acquire, Grant, Inspection, LockName, Request, Response, StateEntry, StateSet, Versioned,
+    Acquire, AcquireOption, ErrorCode, Grant, Inspection, LockName, Request, Response, StateEntry,
+    StateSet, Versioned,
 };
 
 use crate::client::LockRequest;
@@ -55,7 +56,10 @@ fn op<T>(
 }
 
 fn ms(d: Duration) -> u64 {
-    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+    // Rounded up, so a timeout of less than a millisecond still waits
+    // (the wire's 0 is a try) and a TTL never becomes 0.
+    let ms = d.as_millis() + u128::from(!d.subsec_nanos().is_multiple_of(1_000_000));
+    u64::try_from(ms).unwrap_or(u64::MAX)
 }
 
 /// Checks a key as the daemon would (the rules of lock names), or a
@@ -75,12 +79,16 @@ fn check_key(key: &str, prefix: bool) -> Result<()> {
 /// `lock` on `name`, waiting at most `timeout`: the grant, or `None` when
 /// it ran out (or a try found the lock taken).
 /// An `actor` other than 0 asks for it with `AcquireAs`, or, running
-/// within others, `AcquireWithin`.
+/// within others, `AcquireWith`; so does `notify_contended` (telling the
+/// holder when someone waits behind it), which needs protocol version 4
+/// (`version`).
 pub(crate) fn acquire(
     name: &str,
     lock: LockRequest,
     timeout: Option<Duration>,
     (actor, within): (u64, &[u64]),
+    notify_contended: bool,
+    version: u16,
 ) -> Result<Op<Option<Grant>>> {
     let checked = LockName::new(name).map_err(|source| Error::InvalidName {
         name: name.to_owned(),
@@ -94,14 +102,31 @@ pub(crate) fn acquire(
         permits,
         timeout_ms: timeout.map(ms),
     };
-    let request = match (actor, within) {
-        (0, _) => Request::Acquire(acquire),
-        (actor, []) => Request::AcquireAs { actor, acquire },
-        (actor, within) => Request::AcquireWithin {
-            actor,
-            within: within.to_vec(),
-            acquire,
-        },
+    if notify_contended && version < 4 {
+        return Err(Error::Refused {
+            what: format!("acquire of {name:?}"),
+            code: ErrorCode::Unsupported,
+            message: format!(
+                "the daemon speaks protocol version {version}; contention events need version 4"
+            ),
+        });
+    }
+    let request = match (actor, within, notify_contended) {
+        (0, _, false) => Request::Acquire(acquire),
+        (actor, [], false) => Request::AcquireAs { actor, acquire },
+        (actor, within, _) => {
+            let mut options = Vec::new();
+            if actor != 0 {
+                options.push(AcquireOption::Actor(actor));
+                if !within.is_empty() {
+                    options.push(AcquireOption::Within(within.to_vec()));
+                }
+            }
+            if notify_contended {
+                options.push(AcquireOption::NotifyContended);
+            }
+            Request::AcquireWith { acquire, options }
+        }
     };
     Ok(op(
         request,
@@ -376,4 +401,19 @@ pub(crate) fn to_json<T: serde::Serialize + ?Sized>(key: &str, value: &T) -> Res
         key: key.into(),
         source: e,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_timeout_below_a_millisecond_still_waits() {
+        assert_eq!(ms(Duration::ZERO), 0);
+        assert_eq!(ms(Duration::from_nanos(1)), 1);
+        assert_eq!(ms(Duration::from_micros(500)), 1);
+        assert_eq!(ms(Duration::from_millis(2)), 2);
+        assert_eq!(ms(Duration::from_micros(2001)), 3);
+        assert_eq!(ms(Duration::MAX), u64::MAX);
+    }
 }

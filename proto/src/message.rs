@@ -228,26 +228,38 @@ pub enum Request {
         /// The acquire.
         acquire: Acquire,
     },
-    /// `acquire` on behalf of `actor`, which runs within the actors
-    /// `within` (nearest first): a command run under another's lock, whose
-    /// holder keeps it until the command ends. Deadlock detection takes
-    /// each of `within` to wait while `actor` waits, so a cycle through a
-    /// command and the lock its wrapper holds is found, and commands run
-    /// side by side under one lock are not one actor. At most
-    /// [`MAX_WITHIN`] actors, none 0. Answered as `Acquire` is. Protocol
-    /// version 4.
-    AcquireWithin {
-        /// The actor: any number but 0.
-        actor: u64,
-        /// The actors it runs within, nearest first.
-        within: Vec<u64>,
+    /// `acquire` with `options`: on behalf of an actor, which may run
+    /// within others, and asking to be told of contention. Each option at
+    /// most once. Answered as `Acquire` is. Protocol version 4; later
+    /// versions append options.
+    AcquireWith {
         /// The acquire.
         acquire: Acquire,
+        /// What else the acquire asks for.
+        options: Vec<AcquireOption>,
     },
 }
 
-/// Most actors an [`Request::AcquireWithin`] may run within: deeper
-/// nesting is refused (`invalid_argument`); a client keeps the nearest.
+/// One option of a [`Request::AcquireWith`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum AcquireOption {
+    /// On behalf of this actor (not 0), as [`Request::AcquireAs`] is.
+    Actor(u64),
+    /// The actor runs within these actors (nearest first; at most
+    /// [`MAX_WITHIN`], none 0; needs `Actor`): a command run under
+    /// another's lock, whose holder keeps it until the command ends.
+    /// Deadlock detection takes each of them to wait while the actor
+    /// waits, so a cycle through a command and the lock its wrapper holds
+    /// is found, and commands run side by side under one lock are not one
+    /// actor.
+    Within(Vec<u64>),
+    /// Tell the holder, once, when someone waits on the name while it
+    /// holds the grant ([`Event::Contended`]), so a long holder can yield.
+    NotifyContended,
+}
+
+/// Most actors an [`AcquireOption::Within`] may name: more are refused
+/// (`invalid_argument`); a client keeps the nearest.
 pub const MAX_WITHIN: usize = 32;
 
 /// A state write.
@@ -699,6 +711,14 @@ pub enum Event {
         /// The request id of the `StateWatch`.
         watch_id: u64,
     },
+    /// Someone waits on the name of hold `hold_id`, granted to an acquire
+    /// that asked ([`AcquireOption::NotifyContended`]): sent once per hold,
+    /// at the first wait while it is held (at once if one already waits
+    /// when it is granted). Protocol version 4.
+    Contended {
+        /// The hold.
+        hold_id: u64,
+    },
 }
 
 /// An error: a stable code and a human message.
@@ -822,6 +842,9 @@ error_codes! {
     /// sessions each waiting for a lock the next one holds: it is refused
     /// (the message names the sessions and locks); nothing was queued.
     Deadlock = 209, "deadlock";
+    /// The daemon's backend does not offer what the request asks (a
+    /// contention event with the etcd backend); nothing happened.
+    Unsupported = 210, "unsupported";
     /// The session has no hold with this id.
     UnknownHold = 300, "unknown_hold";
     /// The session holds fewer permits on this name than it releases.

@@ -27,10 +27,10 @@ use std::path::PathBuf;
 
 use lockbroker_proto::frame::{decode_in, encode_in};
 use lockbroker_proto::{
-    Acquire, ChangeKind, ClientMessage, DEFAULT_MAX_FRAME_LEN, EntryInfo, EntryKind, ErrorCode,
-    ErrorInfo, Event, Grant, HEADER_LEN, Hello, HolderInfo, Inspection, Limits, LockKind, MAGIC,
-    PROTOCOL_VERSION, Request, Response, ServerInfo, ServerMessage, SessionInfo, StateEntry,
-    StateSet, Versioned, WaiterInfo, Welcome,
+    Acquire, AcquireOption, ChangeKind, ClientMessage, DEFAULT_MAX_FRAME_LEN, EntryInfo, EntryKind,
+    ErrorCode, ErrorInfo, Event, Grant, HEADER_LEN, Hello, HolderInfo, Inspection, Limits,
+    LockKind, MAGIC, PROTOCOL_VERSION, Request, Response, ServerInfo, ServerMessage, SessionInfo,
+    StateEntry, StateSet, Versioned, WaiterInfo, Welcome,
 };
 
 /// A message of either direction.
@@ -183,19 +183,17 @@ fn vectors_v3() -> Vec<(&'static str, Message)> {
     ]
 }
 
-/// What version 4 added: `AcquireWithin`, answered as `Acquire` is. Every
-/// other message keeps its version 3 bytes.
+/// What version 4 added: `AcquireWith`, answered as `Acquire` is, and the
+/// event `Contended`. Every other message keeps its version 3 bytes.
 fn vectors_v4() -> Vec<(&'static str, Message)> {
     vec![
         ("hello_v4", hello(4)),
         ("welcome_v4", welcome(4)),
         (
-            "acquire_within",
+            "acquire_with",
             request(
                 31,
-                Request::AcquireWithin {
-                    actor: 0x0123_4567_89ab_cdef,
-                    within: vec![0x2a, 0xfedc_ba98_7654_3210],
+                Request::AcquireWith {
                     acquire: Acquire {
                         name: "deploy".into(),
                         kind: LockKind::Mutex,
@@ -203,8 +201,17 @@ fn vectors_v4() -> Vec<(&'static str, Message)> {
                         permits: 1,
                         timeout_ms: None,
                     },
+                    options: vec![
+                        AcquireOption::Actor(0x0123_4567_89ab_cdef),
+                        AcquireOption::Within(vec![0x2a, 0xfedc_ba98_7654_3210]),
+                        AcquireOption::NotifyContended,
+                    ],
                 },
             ),
+        ),
+        (
+            "event_contended",
+            Message::S2c(ServerMessage::Event(Event::Contended { hold_id: 7 })),
         ),
     ]
 }

@@ -7,7 +7,8 @@ use std::collections::{BTreeSet, HashMap, HashSet};
 use std::time::Duration;
 
 use lockbroker_proto::{
-    ErrorCode, ErrorInfo, Grant, LockKind, LockName, MAX_WITHIN, Response, frame,
+    Acquire, AcquireOption, ErrorCode, ErrorInfo, Event, Grant, LockKind, LockName, MAX_WITHIN,
+    Response, frame,
 };
 use tokio::time::Instant;
 
@@ -50,6 +51,71 @@ struct Held {
     since: Instant,
 }
 
+/// What an acquire asks for besides the lock (`AcquireAs`, `AcquireWith`).
+#[derive(Debug, Default)]
+pub(super) struct Options {
+    /// On whose behalf (0: none).
+    actor: u64,
+    /// The actors `actor` runs within, nearest first.
+    within: Vec<u64>,
+    /// Tell the session when someone waits behind the hold.
+    notify_contended: bool,
+}
+
+impl Options {
+    /// On behalf of `actor` alone (`AcquireAs`).
+    pub(super) fn of_actor(actor: u64) -> Options {
+        Options {
+            actor,
+            ..Options::default()
+        }
+    }
+
+    /// The options of an `AcquireWith` of `acquire`, checked: each at most
+    /// once, an actor not 0, `Within` bounded, without 0 and with an actor.
+    pub(super) fn read(
+        acquire: &Acquire,
+        options: Vec<AcquireOption>,
+    ) -> Result<Options, ErrorInfo> {
+        let refuse = |why: String| {
+            ErrorInfo::new(
+                ErrorCode::InvalidArgument,
+                format!("acquire of {:?}: {why}", acquire.name),
+            )
+        };
+        let mut read = Options::default();
+        let mut seen = [false; 3];
+        for option in options {
+            let index = match &option {
+                AcquireOption::Actor(_) => 0,
+                AcquireOption::Within(_) => 1,
+                AcquireOption::NotifyContended => 2,
+            };
+            if std::mem::replace(&mut seen[index], true) {
+                return Err(refuse(format!("option {option:?} is given twice")));
+            }
+            match option {
+                AcquireOption::Actor(0) => return Err(refuse("the actor 0 is no actor".into())),
+                AcquireOption::Actor(actor) => read.actor = actor,
+                AcquireOption::Within(within) => {
+                    if within.len() > MAX_WITHIN || within.contains(&0) {
+                        return Err(refuse(format!(
+                            "an actor runs within at most {MAX_WITHIN} actors, none 0 ({} given)",
+                            within.len()
+                        )));
+                    }
+                    read.within = within;
+                }
+                AcquireOption::NotifyContended => read.notify_contended = true,
+            }
+        }
+        if !read.within.is_empty() && read.actor == 0 {
+            return Err(refuse("`Within` needs an `Actor`".into()));
+        }
+        Ok(read)
+    }
+}
+
 /// A waiting acquire.
 #[derive(Debug)]
 struct Pending {
@@ -62,6 +128,8 @@ struct Pending {
     /// an acquire that may not wait because the session is at its
     /// pending limit (both only from a backend that decides later).
     is_try: bool,
+    /// It asked to be told of contention once granted.
+    notify_contended: bool,
 }
 
 /// The lock part of a session.
@@ -88,6 +156,14 @@ pub(super) struct Locks {
     /// The client asked that its holds end as released, not abandoned,
     /// when the connection closes (`Request::ReleaseOnClose`).
     release_on_close: bool,
+    /// Waiting acquires that asked to be told of contention.
+    pending_notify: usize,
+    /// Holds told of contention before the session learnt of their grant
+    /// (the table tells as it queues a waiter; the grant may still be on
+    /// its way): told once it arrives. Only holds of waiting acquires that
+    /// asked can be early, so the set is emptied when none waits, and it
+    /// keeps at most `max_pending` holds.
+    early_contended: HashSet<u64>,
 }
 
 impl Locks {
@@ -137,16 +213,9 @@ impl Locks {
 }
 
 impl<W: AsyncWrite + Unpin> Session<W> {
-    /// `req`, on behalf of `actor` (0: none; see `AcquireAs`), which runs
-    /// within the actors `within` (see `AcquireWithin`).
-    pub(super) fn acquire(
-        &mut self,
-        id: u64,
-        req: lockbroker_proto::Acquire,
-        actor: u64,
-        within: Vec<u64>,
-    ) {
-        if let Err(e) = self.try_acquire(id, req, actor, within) {
+    /// `req`, with what `options` ask for.
+    pub(super) fn acquire(&mut self, id: u64, req: lockbroker_proto::Acquire, options: Options) {
+        if let Err(e) = self.try_acquire(id, req, options) {
             self.error(id, e);
         }
     }
@@ -155,8 +224,7 @@ impl<W: AsyncWrite + Unpin> Session<W> {
         &mut self,
         id: u64,
         req: lockbroker_proto::Acquire,
-        actor: u64,
-        within: Vec<u64>,
+        options: Options,
     ) -> Result<(), ErrorInfo> {
         if self.id_in_use(id) {
             return Err(ErrorInfo::new(
@@ -168,21 +236,21 @@ impl<W: AsyncWrite + Unpin> Session<W> {
             ErrorInfo::new(ErrorCode::InvalidName, format!("invalid lock name: {e}"))
         })?;
         let mut spec = AcquireSpec::validate(req.kind, req.capacity, req.permits, req.timeout_ms)?;
-        if within.len() > MAX_WITHIN || within.contains(&0) {
+        spec.actor = options.actor;
+        // An acquire of no actor is plain, whatever it runs within.
+        if options.actor != 0 && !options.within.is_empty() {
+            spec.within = Some(options.within.into());
+        }
+        if options.notify_contended && !self.broker.backend.tells_contention() {
             return Err(ErrorInfo::new(
-                ErrorCode::InvalidArgument,
+                ErrorCode::Unsupported,
                 format!(
-                    "acquire of {:?}: an actor runs within at most {MAX_WITHIN} actors, none 0 ({} given)",
-                    name.as_str(),
-                    within.len()
+                    "acquire of {:?}: this daemon's backend cannot tell a holder of contention",
+                    name.as_str()
                 ),
             ));
         }
-        spec.actor = actor;
-        // An acquire of no actor is plain, whatever it runs within.
-        if actor != 0 && !within.is_empty() {
-            spec.within = Some(within.into());
-        }
+        spec.notify_contended = options.notify_contended;
         let limits = self.broker.limits;
         if self.locks.holds.len() + self.locks.pending.len() >= limits.max_holds as usize {
             return Err(ErrorInfo::new(
@@ -226,6 +294,7 @@ impl<W: AsyncWrite + Unpin> Session<W> {
                     self.locks.deadlines.insert((at, id));
                 }
                 self.broker.metrics.queued(kind);
+                self.locks.pending_notify += usize::from(spec.notify_contended);
                 self.locks.pending.insert(
                     id,
                     Pending {
@@ -234,6 +303,7 @@ impl<W: AsyncWrite + Unpin> Session<W> {
                         since: Instant::now(),
                         deadline,
                         is_try,
+                        notify_contended: spec.notify_contended,
                     },
                 );
             }
@@ -266,6 +336,7 @@ impl<W: AsyncWrite + Unpin> Session<W> {
                 }
             }
             Notice::Lost { error } => self.lost = Some(error),
+            Notice::Contended { hold_id } => self.contended(hold_id),
             Notice::Applied { token } => {
                 for (id, response) in self.locks.after_apply.remove(&token).unwrap_or_default() {
                     self.respond(id, response);
@@ -311,6 +382,14 @@ impl<W: AsyncWrite + Unpin> Session<W> {
                 }
                 self.broker.metrics.dequeued(p.kind);
                 shrink_index(&mut self.locks.pending);
+                if p.notify_contended {
+                    self.locks.pending_notify -= 1;
+                    if self.locks.pending_notify == 0 {
+                        // Every grant news could be early for has come:
+                        // what is left is of holds already released.
+                        self.locks.early_contended = HashSet::new();
+                    }
+                }
             }
             // Cannot happen: a waiter stays pending until it is answered.
             None => tracing::error!(request_id, "an answer for an acquire that is not pending"),
@@ -334,6 +413,8 @@ impl<W: AsyncWrite + Unpin> Session<W> {
     /// of a waiting acquire now granted, and answers it unless the grant
     /// was `sent` to the peer already (`direct`).
     fn granted_while_waiting(&mut self, request_id: u64, grant: Grant, sent: bool) {
+        // Before the acquire ends, which may empty the set.
+        let told_early = self.locks.early_contended.remove(&grant.hold_id);
         let Some(p) = self.end_pending(request_id) else {
             return;
         };
@@ -352,6 +433,27 @@ impl<W: AsyncWrite + Unpin> Session<W> {
         if !sent {
             self.respond(request_id, Response::Granted(grant));
         }
+        if p.notify_contended && told_early {
+            self.event(Event::Contended {
+                hold_id: grant.hold_id,
+            });
+        }
+    }
+
+    /// Someone waits behind hold `hold_id`, which asked to be told: told
+    /// now if the session has it, or once its grant arrives.
+    fn contended(&mut self, hold_id: u64) {
+        if self.locks.holds.contains_key(&hold_id) {
+            self.event(Event::Contended { hold_id });
+        } else if self.locks.pending_notify > 0
+            && self.locks.early_contended.len() < self.broker.limits.max_pending as usize
+        {
+            // Early news of a grant on its way (at most one per waiting
+            // acquire that asked), or late news of a hold released, kept
+            // until no acquire that asked waits: bounded either way.
+            self.locks.early_contended.insert(hold_id);
+        }
+        // Else the hold was released before the news came: nobody is told.
     }
 
     /// Times out every waiting acquire whose deadline is at or before `now`.

@@ -5,7 +5,7 @@
 
 use std::fmt;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use lockbroker_proto::{Request, Welcome};
 use tokio::runtime::Runtime;
@@ -86,6 +86,23 @@ impl Conn {
     /// Sends a request whose answer nobody waits for.
     pub(crate) fn forget(&self, request: Request) {
         self.client.forget(request);
+    }
+
+    /// Waits at most `timeout` for hold `hold_id` to be told that someone
+    /// waits behind it; whether it was.
+    pub(crate) fn wait_contended(&self, hold_id: u64, timeout: Duration) -> bool {
+        if self.client.is_contended(hold_id) || timeout.is_zero() {
+            return self.client.is_contended(hold_id);
+        }
+        let told = self.client.contended(hold_id);
+        // The timer must be made inside the runtime.
+        self.block_on(async { tokio::time::timeout(timeout, told).await })
+            .is_ok()
+    }
+
+    /// Forgets what was heard of hold `hold_id`, which is ending.
+    pub(crate) fn forget_hold(&self, hold_id: u64) {
+        self.client.forget_hold(hold_id);
     }
 
     /// Starts the watch `op` asks for.

@@ -35,20 +35,23 @@ from __future__ import annotations
 import hashlib
 import os
 import threading
-from typing import Callable, Dict, Iterable, Mapping, Optional, Set, Tuple, Type, TypeVar, Union
+from typing import Callable, Dict, Iterable, List, Mapping, Optional, Set, Tuple, Type, TypeVar, Union
 
 from . import address as _address
-from .errors import ConnectFailed, ConnectionLost, LockbrokerError, NotHeld, Untrusted, broker_error
+from .errors import ConnectFailed, ConnectionLost, LockbrokerError, NotHeld, Unsupported, Untrusted, broker_error
 from .protocol import (
     ACQUIRE_AS_VERSION,
-    ACQUIRE_WITHIN_VERSION,
+    ACQUIRE_WITH_VERSION,
     HANDSHAKE_MAX_FRAME_LEN,
     MAX_WITHIN,
     OLDEST_PROTOCOL_VERSION,
     Acquire,
     AcquireAs,
-    AcquireWithin,
+    AcquireOption,
+    AcquireWith,
+    Actor,
     Cancelled,
+    Contended,
     DecodeError,
     ErrorCode,
     ErrorInfo,
@@ -59,6 +62,7 @@ from .protocol import (
     Grant,
     Granted,
     Hello,
+    NotifyContended,
     Request,
     RequestMessage,
     Response,
@@ -68,6 +72,7 @@ from .protocol import (
     TimedOut,
     WatchLagged,
     Welcome,
+    Within,
     decode_server_message,
     encode_client_message,
     encode_frame,
@@ -227,12 +232,12 @@ def env_within(environ: Mapping[str, str]) -> Tuple[int, ...]:
 
 
 #: The requests that acquire: answered by a grant, cancelled when given up.
-ACQUIRES = (Acquire, AcquireAs, AcquireWithin)
+ACQUIRES = (Acquire, AcquireAs, AcquireWith)
 
 
 class Actors:
     """On whose behalf a client's acquires are made (``AcquireAs``,
-    PROTOCOL.md 4.32, and ``AcquireWithin``, 4.33), which the daemon's
+    PROTOCOL.md 4.32, and ``AcquireWith``, 4.33), which the daemon's
     deadlock detection follows (8.11).
 
     ``detect_deadlocks`` False and ``actor`` None: nobody's (plain
@@ -261,16 +266,33 @@ class Actors:
         #: The actors those run within, nearest first.
         self.within: Tuple[int, ...] = env_within(os.environ if environ is None else environ) if self.detect else ()
 
-    def request(self, acquire: Acquire, version: int, own: Callable[[], int]) -> Request:
+    def request(
+        self, acquire: Acquire, version: int, own: Callable[[], int], notify_contended: bool = False
+    ) -> Request:
         """What to send for ``acquire`` in a session of protocol
-        ``version``: it as it is, or an ``AcquireAs`` (``AcquireWithin``)
-        of the fixed actor, else of ``own()`` (the caller's)."""
-        if not self.detect or version < ACQUIRE_AS_VERSION:
+        ``version``: it as it is, or an ``AcquireAs`` (``AcquireWith``) of
+        the fixed actor, else of ``own()`` (the caller's); with
+        ``notify_contended``, an ``AcquireWith`` asking for ``Contended``
+        (:class:`Unsupported` before version 4)."""
+        options: List[AcquireOption] = []
+        if self.detect and version >= ACQUIRE_AS_VERSION:
+            actor = own() if self.fixed is None else self.fixed
+            if not (self.within and version >= ACQUIRE_WITH_VERSION) and not notify_contended:
+                return AcquireAs(actor, acquire)
+            options.append(Actor(actor))
+            if self.within and version >= ACQUIRE_WITH_VERSION:
+                options.append(Within(list(self.within)))
+        if notify_contended:
+            if version < ACQUIRE_WITH_VERSION:
+                raise Unsupported(
+                    ErrorCode.UNSUPPORTED,
+                    "the daemon speaks protocol version %d; contention events need version %d"
+                    % (version, ACQUIRE_WITH_VERSION),
+                )
+            options.append(NotifyContended())
+        if not options:
             return acquire
-        actor = own() if self.fixed is None else self.fixed
-        if self.within and version >= ACQUIRE_WITHIN_VERSION:
-            return AcquireWithin(actor, list(self.within), acquire)
-        return AcquireAs(actor, acquire)
+        return AcquireWith(acquire, options)
 
     def __repr__(self) -> str:
         if not self.detect:

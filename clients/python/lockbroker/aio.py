@@ -99,16 +99,16 @@ from .errors import (
 )
 from .primitives import _lock_timeout_ms, _semaphore_timeout_ms
 from .protocol import (
-    HANDSHAKE_MAX_FRAME_LEN,
-    PROTOCOL_VERSION,
     Acquire,
     Cancel,
+    Contended,
     Done,
     EntryInfo,
     ErrorCode,
     FrameBuffer,
     Grant,
     Granted,
+    HANDSHAKE_MAX_FRAME_LEN,
     Inspect,
     InspectAfter,
     Inspection,
@@ -118,6 +118,7 @@ from .protocol import (
     MetricsText,
     Ping,
     Pong,
+    PROTOCOL_VERSION,
     Release,
     ReleaseByName,
     Released,
@@ -251,7 +252,7 @@ class Client:
     ``actor`` (any 64-bit number but 0) is, when given, the actor of every
     acquire, and turns detection on. With detection on, the actors
     ``$LOCKBROKER_ACTOR`` names (set by ``lockbroker lock`` for the command
-    it runs) are those every acquire's actor runs within (``AcquireWithin``,
+    it runs) are those every acquire's actor runs within (``AcquireWith``,
     protocol version 4): the wrapper keeps its lock while the command
     waits. Acquires are plain with a daemon of before protocol version 3.
 
@@ -298,6 +299,10 @@ class Client:
         # Watches nobody consumes any more: unwatched again at their next
         # event (an unwatch read before the watch's Done may stop nothing).
         self._orphan_watches: Set[int] = set()
+        # Holds told that someone waits behind them (Contended), until
+        # released; and an event set (then replaced) whenever one is told.
+        self._contended: Set[int] = set()
+        self._contention: Optional[asyncio.Event] = None
         self._next_id = 1
         self._ended: Optional[ConnectionLost] = None
         self._shutting_down = False
@@ -527,11 +532,14 @@ class Client:
         capacity: int = 0,
         permits: int = 1,
         timeout_ms: Optional[int] = None,
+        notify_contended: bool = False,
     ) -> Optional[Grant]:
         """Send ``Acquire`` and wait for its end (PROTOCOL.md 8.3-8.6).
 
         Returns the :class:`Grant`, or None if it timed out (a try that
-        failed, or ``timeout_ms`` ran out at the daemon). Raises a
+        failed, or ``timeout_ms`` ran out at the daemon). With
+        ``notify_contended`` the hold is told when someone waits behind it
+        (:meth:`contended`, :meth:`wait_contended`; PROTOCOL.md 9.6). Raises a
         :class:`BrokerError` subclass if the daemon refused it (with deadlock
         detection on, :class:`~lockbroker.errors.Deadlock` for a wait that
         could never be granted), :class:`ConnectionLost` if the session
@@ -539,13 +547,14 @@ class Client:
         cancelled at the daemon and a grant that raced the cancel released
         before ``CancelledError`` propagates (see the module's doc). With
         deadlock detection on (see the class), it is sent as ``AcquireAs``
-        (or ``AcquireWithin``) for the calling task.
+        (or ``AcquireWith``) for the calling task.
         """
         # The daemon enforces timeout_ms; the local bound is only a safety
         # net against a daemon that stopped answering.
         local = None if timeout_ms is None else timeout_ms / 1000.0 + ACQUIRE_GRACE
         acquire = Acquire(name, LockKind(kind), capacity, permits, timeout_ms)
-        rid, future = self._start(self._actors.request(acquire, self._version, _task_actor))
+        request = self._actors.request(acquire, self._version, _task_actor, notify_contended)
+        rid, future = self._start(request)
         try:
             await self._drain()
             await asyncio.wait((future,), timeout=local)
@@ -564,7 +573,32 @@ class Client:
         such hold. The ``Release`` is written before the first ``await``,
         so a task cancelled in here still releases.
         """
+        self._contended.discard(hold_id)
         return _common.expect(await self.call(Release(hold_id)), Released).permits
+
+    def contended(self, hold_id: int) -> bool:
+        """Whether hold ``hold_id`` (acquired with ``notify_contended``)
+        was told that someone waits behind it (PROTOCOL.md 9.6)."""
+        return hold_id in self._contended
+
+    async def wait_contended(self, hold_id: int, timeout: Optional[float] = None) -> bool:
+        """Wait at most ``timeout`` seconds (None: for ever) until hold
+        ``hold_id``, acquired with ``notify_contended``, is told that
+        someone waits behind it; whether it was. False once the session
+        has ended; a hold that did not ask is never told."""
+        loop = asyncio.get_running_loop()
+        deadline = None if timeout is None else loop.time() + max(timeout, 0.0)
+        while hold_id not in self._contended and self._ended is None:
+            if self._contention is None:
+                self._contention = asyncio.Event()
+            left = None if deadline is None else deadline - loop.time()
+            if left is not None and left <= 0:
+                break
+            try:
+                await asyncio.wait_for(self._contention.wait(), left)
+            except asyncio.TimeoutError:
+                break
+        return hold_id in self._contended
 
     async def release_by_name(self, name: str, count: int = 1) -> int:
         """Release ``count`` permits of ``name``, oldest hold first (PROTOCOL.md 8.9).
@@ -858,8 +892,19 @@ class Client:
             # Granted for an acquire nobody waits for (PROTOCOL.md 7): release.
             self._release_orphan(hold_id)
 
-    def _route_event(self, event: Union[StateChanged, WatchLagged]) -> None:
-        """Hand a watch's event to its queue (never blocks: unbounded)."""
+    def _wake_contention(self) -> None:
+        """Wakes every task in :meth:`wait_contended` to look again."""
+        woken, self._contention = self._contention, None
+        if woken is not None:
+            woken.set()
+
+    def _route_event(self, event: Union[StateChanged, WatchLagged, Contended]) -> None:
+        """Hand a watch's event to its queue (never blocks: unbounded);
+        note a hold told of contention."""
+        if isinstance(event, Contended):
+            self._contended.add(event.hold_id)
+            self._wake_contention()
+            return
         wid = event.watch_id
         events, orphan = _common.event_target(self._watches, self._orphan_watches, wid)
         if events is not None:
@@ -876,6 +921,8 @@ class Client:
         ended = self._ended
         pending, self._pending = self._pending, {}
         watches, self._watches = self._watches, {}
+        self._contended.clear()
+        self._wake_contention()
         for future in pending.values():
             if not future.done():
                 future.set_exception(ended)
@@ -997,10 +1044,17 @@ class _Primitive:
         return False if grant is None else grant.abandoned
 
     async def _acquire(
-        self, kind: LockKind, timeout_ms: Optional[int], capacity: int = 0, permits: int = 1
+        self,
+        kind: LockKind,
+        timeout_ms: Optional[int],
+        capacity: int = 0,
+        permits: int = 1,
+        notify_contended: bool = False,
     ) -> Optional[Tuple[Client, Grant]]:
         client = await self._get_client()
-        grant = await client.acquire(self.name, kind, capacity=capacity, permits=permits, timeout_ms=timeout_ms)
+        grant = await client.acquire(
+            self.name, kind, capacity=capacity, permits=permits, timeout_ms=timeout_ms, notify_contended=notify_contended
+        )
         if grant is None:
             return None
         task = _current_task()
@@ -1049,16 +1103,33 @@ class Lock(_Primitive):
     the queue). ``await release()`` may be called by any task of the same
     client; releasing an unheld lock raises ``RuntimeError``.
     ``async with lock:`` acquires and releases. Not re-entrant. A task
-    cancelled while it waits holds nothing (see the module's doc).
+    cancelled while it waits holds nothing (see the module's doc). With
+    ``notify_contended=True`` each hold is told when someone starts waiting
+    for the lock: :attr:`contended`, ``await`` :meth:`wait_contended`.
     """
 
-    def __init__(self, name: str, client: Optional[Client] = None) -> None:
+    def __init__(self, name: str, client: Optional[Client] = None, *, notify_contended: bool = False) -> None:
         super().__init__(name, client)
         self._hold: Optional[Tuple[Client, Grant]] = None
+        self._notify_contended = bool(notify_contended)
+
+    @property
+    def contended(self) -> bool:
+        """Whether someone waits behind this object's hold (it was made
+        with ``notify_contended``); False while unheld."""
+        hold = self._hold
+        return hold is not None and hold[0].contended(hold[1].hold_id)
+
+    async def wait_contended(self, timeout: Optional[float] = None) -> bool:
+        """Wait at most ``timeout`` seconds (None: for ever) until someone
+        waits behind this object's hold; whether someone does."""
+        hold = self._hold
+        return hold is not None and await hold[0].wait_contended(hold[1].hold_id, timeout)
 
     async def acquire(self, blocking: bool = True, timeout: float = -1) -> bool:
         """Acquire the lock; the arguments of ``threading.Lock.acquire``."""
-        hold = await self._acquire(LockKind.MUTEX, _lock_timeout_ms(blocking, timeout))
+        timeout_ms = _lock_timeout_ms(blocking, timeout)
+        hold = await self._acquire(LockKind.MUTEX, timeout_ms, notify_contended=self._notify_contended)
         if hold is None:
             return False
         self._hold = hold

@@ -84,14 +84,15 @@ from .errors import (
     NoAnswer,
 )
 from .protocol import (
-    HANDSHAKE_MAX_FRAME_LEN,
     Acquire,
     Cancel,
+    Contended,
     Done,
     EntryInfo,
     FrameBuffer,
     Grant,
     Granted,
+    HANDSHAKE_MAX_FRAME_LEN,
     Inspect,
     InspectAfter,
     Inspection,
@@ -99,9 +100,9 @@ from .protocol import (
     LockKind,
     Metrics,
     MetricsText,
-    PROTOCOL_VERSION,
     Ping,
     Pong,
+    PROTOCOL_VERSION,
     Release,
     ReleaseByName,
     Released,
@@ -267,7 +268,7 @@ class Client:
     actor, and turns detection on. With detection on, every acquire's actor
     runs within the actors ``$LOCKBROKER_ACTOR`` names (``lockbroker lock``
     sets it for the command it runs: its own actor, then those it runs
-    within), sent as ``AcquireWithin`` (protocol version 4): the daemon
+    within), sent as ``AcquireWith`` (protocol version 4): the daemon
     takes the wrapper to keep its lock while the command waits, so a
     command that waits for a lock whose holder waits for the wrapper's is
     refused too. A daemon of before protocol version 3 detects nothing:
@@ -305,6 +306,11 @@ class Client:
         # nobody consumes any more, to unwatch when an event shows up.
         self._watches: Dict[int, _WatchQueue] = {}
         self._orphan_watches: Set[int] = set()
+        # Holds told that someone waits behind them (Contended: only for
+        # holds that asked), until released; and a condition on _lock that
+        # a reader thread raises when one is told.
+        self._contended: Set[int] = set()
+        self._contention = threading.Condition(self._lock)
         self._state: Any = None
         self._next_id = 1
         self._ended: Optional[ConnectionLost] = None
@@ -479,6 +485,7 @@ class Client:
         capacity: int = 0,
         permits: int = 1,
         timeout_ms: Optional[int] = None,
+        notify_contended: bool = False,
     ) -> Optional[Grant]:
         """Send ``Acquire`` and wait for its end (PROTOCOL.md 8.3-8.6).
 
@@ -489,15 +496,19 @@ class Client:
         :class:`ConnectionLost` if the session ended. If the wait is
         interrupted (``KeyboardInterrupt``), the acquire is cancelled, and a
         grant that still arrives released. With deadlock detection on (see
-        the class), it is sent as ``AcquireAs`` (or ``AcquireWithin``) for
-        the calling thread.
+        the class), it is sent as ``AcquireAs`` (or ``AcquireWith``) for
+        the calling thread. With ``notify_contended`` the hold is told when
+        someone waits behind it (:meth:`contended`, :meth:`wait_contended`;
+        PROTOCOL.md 9.6); :class:`Unsupported` from a daemon that cannot
+        (its etcd backend, or one of before protocol version 4).
         """
         # The daemon enforces timeout_ms; the local bound is only a safety net.
         local = None if timeout_ms is None else timeout_ms / 1000.0 + ACQUIRE_GRACE
         if local is not None and local > threading.TIMEOUT_MAX:
             local = None  # too far away for a local wait: as good as forever
         acquire = Acquire(name, LockKind(kind), capacity, permits, timeout_ms)
-        rid, call = self._start(self._actors.request(acquire, self._version, _common.thread_actor))
+        request = self._actors.request(acquire, self._version, _common.thread_actor, notify_contended)
+        rid, call = self._start(request)
         try:
             answered = self._await(call, local)
         except BaseException:
@@ -517,7 +528,29 @@ class Client:
 
         Raises :class:`NotHeld` (``unknown_hold``) if the session has no such hold.
         """
+        with self._lock:
+            self._contended.discard(hold_id)
         return _common.expect(self.call(Release(hold_id)), Released).permits
+
+    def contended(self, hold_id: int) -> bool:
+        """Whether hold ``hold_id`` (acquired with ``notify_contended``)
+        was told that someone waits behind it (PROTOCOL.md 9.6)."""
+        self._read_arrived()
+        with self._lock:
+            return hold_id in self._contended
+
+    def wait_contended(self, hold_id: int, timeout: Optional[float] = None) -> bool:
+        """Wait at most ``timeout`` seconds (None: for ever) until hold
+        ``hold_id``, acquired with ``notify_contended``, is told that
+        someone waits behind it; whether it was. False at once if the
+        session has ended; a hold that did not ask is never told."""
+        told = lambda: hold_id in self._contended  # noqa: E731
+        if self._direct:
+            deadline = None if timeout is None else time.monotonic() + max(timeout, 0.0)
+            return self._lead(told, deadline, ("contended", hold_id))
+        with self._contention:
+            self._contention.wait_for(lambda: told() or self._ended is not None, timeout)
+            return told()
 
     def release_by_name(self, name: str, count: int = 1) -> int:
         """Release ``count`` permits of ``name``, oldest hold first (PROTOCOL.md 8.9).
@@ -1021,8 +1054,15 @@ class Client:
                 daemon=True,
             ).start()
 
-    def _route_event(self, event: Union[StateChanged, WatchLagged]) -> None:
-        """Hand a watch's event to its queue (never blocks: the queue is unbounded)."""
+    def _route_event(self, event: Union[StateChanged, WatchLagged, Contended]) -> None:
+        """Hand a watch's event to its queue (never blocks: the queue is
+        unbounded); note a hold told of contention."""
+        if isinstance(event, Contended):
+            with self._lock:
+                self._contended.add(event.hold_id)
+                self._contention.notify_all()
+                self._wake(("contended", event.hold_id))
+            return
         wid = event.watch_id
         with self._lock:
             events, orphan = _common.event_target(self._watches, self._orphan_watches, wid)
@@ -1055,6 +1095,8 @@ class Client:
                 events.put(_WatchEnd(ended))
             for cond, _ in self._sleepers:
                 cond.notify()
+            self._contended.clear()
+            self._contention.notify_all()
             if self._direct:
                 # Under the lock, so it never races the close (_close_ended).
                 self._sock.shutdown()

@@ -13,7 +13,8 @@ Hierarchy::
     └── BrokerError                            the daemon answered Error(code)
         ├── InvalidRequest (also ValueError)   codes 2xx
         │   ├── NotAnInteger                   208 not_an_integer
-        │   └── Deadlock                       209 deadlock
+        │   ├── Deadlock                       209 deadlock
+        │   └── Unsupported                    210 unsupported
         ├── NotHeld                            codes 3xx
         │   └── GuardNotHeld                   303 guard_not_held
         ├── LimitExceeded                      codes 4xx
@@ -45,6 +46,7 @@ __all__ = [
     "InvalidRequest",
     "NotAnInteger",
     "Deadlock",
+    "Unsupported",
     "NotHeld",
     "GuardNotHeld",
     "LimitExceeded",
@@ -187,6 +189,13 @@ class NotAnInteger(InvalidRequest):
     integer, or the sum would overflow one; nothing changed."""
 
 
+class Unsupported(InvalidRequest):
+    """Code 210: the daemon cannot do what the request asks -- a
+    contention event (``notify_contended``) from a daemon with the etcd
+    backend, or of before protocol version 4 (raised by the client then,
+    with nothing sent); nothing was queued or held."""
+
+
 class Deadlock(InvalidRequest):
     """Code 209: an acquire made with deadlock detection on
     (``detect_deadlocks=True``, protocol version 3 or later) would
@@ -245,6 +254,7 @@ def broker_error(info: ErrorInfo) -> BrokerError:
 _BY_CODE: Dict[int, Type[BrokerError]] = {
     ErrorCode.NOT_AN_INTEGER: NotAnInteger,
     ErrorCode.DEADLOCK: Deadlock,
+    ErrorCode.UNSUPPORTED: Unsupported,
     ErrorCode.GUARD_NOT_HELD: GuardNotHeld,
     ErrorCode.VALUE_TOO_LARGE: ValueTooLarge,
     ErrorCode.QUOTA_EXCEEDED: QuotaExceeded,

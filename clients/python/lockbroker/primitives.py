@@ -68,9 +68,11 @@ def _client_at(path: str) -> Client:
         return client
 
 
-def _rebuild(cls: Any, name: str, args: Tuple[Any, ...], path: Optional[str]) -> Any:
+def _rebuild(
+    cls: Any, name: str, args: Tuple[Any, ...], path: Optional[str], keywords: Optional[Dict[str, Any]] = None
+) -> Any:
     """Unpickles a primitive: the same name and settings, no holds."""
-    obj = cls(name, *args)
+    obj = cls(name, *args, **(keywords or {}))
     obj._path = path
     return obj
 
@@ -139,9 +141,13 @@ class _Primitive:
         """The constructor's arguments after the name, for pickling."""
         return ()
 
+    def _keywords(self) -> Dict[str, Any]:
+        """The constructor's keyword arguments, for pickling."""
+        return {}
+
     def __reduce__(self) -> Any:
         path = self._client.path if self._client is not None else self._path
-        return (_rebuild, (type(self), self.name, self._settings(), path))
+        return (_rebuild, (type(self), self.name, self._settings(), path, self._keywords()))
 
     def _forget_holds(self) -> None:
         """Drops what this object holds (subclasses: their holds)."""
@@ -173,9 +179,21 @@ class _Primitive:
         grant = self.grant
         return False if grant is None else grant.abandoned
 
-    def _acquire(self, kind: LockKind, timeout_ms: Optional[int], capacity: int = 0, permits: int = 1) -> Optional[Tuple[Client, Grant]]:
+    def _acquire(
+        self,
+        kind: LockKind,
+        timeout_ms: Optional[int],
+        capacity: int = 0,
+        permits: int = 1,
+        notify_contended: bool = False,
+    ) -> Optional[Tuple[Client, Grant]]:
         client = self.client
-        grant = client.acquire(self.name, kind, capacity=capacity, permits=permits, timeout_ms=timeout_ms)
+        if notify_contended:
+            grant = client.acquire(
+                self.name, kind, capacity=capacity, permits=permits, timeout_ms=timeout_ms, notify_contended=True
+            )
+        else:
+            grant = client.acquire(self.name, kind, capacity=capacity, permits=permits, timeout_ms=timeout_ms)
         if grant is None:
             return None
         self._local.grant = grant
@@ -211,19 +229,45 @@ class Lock(_Primitive):
 
     A mutex and the exclusive side of an :class:`RWLock` of the same name
     exclude each other (PROTOCOL.md 8.2).
+
+    With ``notify_contended=True`` each hold is told when someone starts
+    waiting for the lock (PROTOCOL.md 9.6): :attr:`contended` becomes True
+    and :meth:`wait_contended` returns, so a long holder can finish early
+    or yield.
     """
 
-    def __init__(self, name: str, client: Optional[Client] = None) -> None:
+    def __init__(self, name: str, client: Optional[Client] = None, *, notify_contended: bool = False) -> None:
         super().__init__(name, client)
         self._hold: Optional[Tuple[Client, Grant]] = None
+        self._notify_contended = bool(notify_contended)
+
+    def _keywords(self) -> Dict[str, Any]:
+        return {"notify_contended": True} if self._notify_contended else {}
 
     def _forget_holds(self) -> None:
         hold, self._hold = self._hold, None
         _release_if_ours(hold)
 
+    @property
+    def contended(self) -> bool:
+        """Whether someone waits behind this object's hold (it was made
+        with ``notify_contended``); False while unheld."""
+        with self._state:
+            hold = self._hold
+        return hold is not None and hold[0].contended(hold[1].hold_id)
+
+    def wait_contended(self, timeout: Optional[float] = None) -> bool:
+        """Wait at most ``timeout`` seconds (None: for ever) until someone
+        waits behind this object's hold; whether someone does. False at once
+        while unheld."""
+        with self._state:
+            hold = self._hold
+        return hold is not None and hold[0].wait_contended(hold[1].hold_id, timeout)
+
     def acquire(self, blocking: bool = True, timeout: float = -1) -> bool:
         """Acquire the lock; see ``threading.Lock.acquire``."""
-        hold = self._acquire(LockKind.MUTEX, _lock_timeout_ms(blocking, timeout))
+        timeout_ms = _lock_timeout_ms(blocking, timeout)
+        hold = self._acquire(LockKind.MUTEX, timeout_ms, notify_contended=self._notify_contended)
         if hold is None:
             return False
         with self._state:

@@ -1,8 +1,9 @@
 """Wire types, codec and framing of the lockbroker protocol, versions 1
 to 4 (1 and 2 differ only in ``SessionInfo``: the codecs read and write
 the version their reader or writer is for; 3 is 2 with the request
-``AcquireAs`` appended, and 4 is 3 with ``AcquireWithin``, which a client
-sends only in sessions of those versions).
+``AcquireAs`` appended, and 4 is 3 with ``AcquireWith`` and the event
+``Contended``, which a client sends or asks for only in sessions of those
+versions).
 
 This module is the whole of PROTOCOL.md sections 2 to 5 in Python, and the
 only place that knows the byte layout. It does no I/O.
@@ -43,7 +44,7 @@ __all__ = [
     "PROTOCOL_VERSION",
     "OLDEST_PROTOCOL_VERSION",
     "ACQUIRE_AS_VERSION",
-    "ACQUIRE_WITHIN_VERSION",
+    "ACQUIRE_WITH_VERSION",
     "MAX_WITHIN",
     "HANDSHAKE_MAX_FRAME_LEN",
     "DEFAULT_MAX_FRAME_LEN",
@@ -76,7 +77,12 @@ __all__ = [
     "InspectAfter",
     "Metrics",
     "AcquireAs",
-    "AcquireWithin",
+    "AcquireWith",
+    "Actor",
+    "Within",
+    "NotifyContended",
+    "AcquireOption",
+    "Contended",
     "Request",
     "RequestMessage",
     "ClientMessage",
@@ -130,9 +136,9 @@ PROTOCOL_VERSION = 4
 OLDEST_PROTOCOL_VERSION = 1
 #: The first version with ``AcquireAs`` (deadlock detection).
 ACQUIRE_AS_VERSION = 3
-#: The first version with ``AcquireWithin``.
-ACQUIRE_WITHIN_VERSION = 4
-#: Most actors an ``AcquireWithin`` may run within.
+#: The first version with ``AcquireWith`` (and the event ``Contended``).
+ACQUIRE_WITH_VERSION = 4
+#: Most actors an acquire's ``Within`` may name.
 MAX_WITHIN = 32
 #: Largest body either side may send or expect before the ``Welcome``.
 HANDSHAKE_MAX_FRAME_LEN = 4096
@@ -206,6 +212,7 @@ class ErrorCode(IntEnum):
     INVALID_ARGUMENT = 207
     NOT_AN_INTEGER = 208
     DEADLOCK = 209
+    UNSUPPORTED = 210
     UNKNOWN_HOLD = 300
     NOT_HELD = 301
     NOT_PENDING = 302
@@ -447,17 +454,41 @@ class AcquireAs:
 
 
 @dataclass(frozen=True)
-class AcquireWithin:
-    """``Request::AcquireWithin`` (PROTOCOL.md 4.33, version 4 and later):
-    ``acquire`` on behalf of ``actor``, which runs within the actors
-    ``within`` (nearest first; at most :data:`MAX_WITHIN`, none 0), as a
-    command run under a lock runs within its wrapper, which keeps the lock
-    until the command ends. Answered as ``AcquireAs`` is.
-    """
+class Actor:
+    """``AcquireOption::Actor``: on behalf of ``actor`` (not 0), as
+    ``AcquireAs``."""
 
     actor: int
-    within: List[int]
+
+
+@dataclass(frozen=True)
+class Within:
+    """``AcquireOption::Within``: the actor runs within ``actors``
+    (nearest first; at most :data:`MAX_WITHIN`, none 0), as a command run
+    under a lock runs within its wrapper, which keeps the lock until the
+    command ends."""
+
+    actors: List[int]
+
+
+@dataclass(frozen=True)
+class NotifyContended:
+    """``AcquireOption::NotifyContended``: tell the session, once, when
+    someone waits on the name while the hold lasts (``Contended``)."""
+
+
+#: Every variant of ``AcquireOption`` (PROTOCOL.md 4.33).
+AcquireOption = Union[Actor, Within, NotifyContended]
+
+
+@dataclass(frozen=True)
+class AcquireWith:
+    """``Request::AcquireWith`` (PROTOCOL.md 4.33, version 4 and later):
+    ``acquire`` with ``options``, each at most once. Answered as ``Acquire``
+    is."""
+
     acquire: Acquire
+    options: List[AcquireOption]
 
 
 #: Every variant of ``Request``.
@@ -480,7 +511,7 @@ Request = Union[
     InspectAfter,
     Metrics,
     AcquireAs,
-    AcquireWithin,
+    AcquireWith,
 ]
 
 
@@ -770,8 +801,16 @@ class WatchLagged:
     watch_id: int
 
 
+@dataclass(frozen=True)
+class Contended:
+    """``Event::Contended`` (version 4): someone waits on the name of hold
+    ``hold_id``, which asked (``NotifyContended``); once per hold."""
+
+    hold_id: int
+
+
 #: Every variant of ``Event`` (PROTOCOL.md 4.18).
-Event = Union[ShuttingDown, StateChanged, WatchLagged]
+Event = Union[ShuttingDown, StateChanged, WatchLagged, Contended]
 
 
 @dataclass(frozen=True)
@@ -1081,6 +1120,15 @@ _ACQUIRE = _Struct(
         ("timeout_ms", _Opt(_U64)),
     ],
 )
+_ACQUIRE_OPTION = _Variants(
+    "AcquireOption",
+    [
+        _Struct(Actor, [("actor", _U64)]),  # 0
+        _Struct(Within, [("actors", _Vec(_U64))]),  # 1
+        _Struct(NotifyContended, []),  # 2
+    ],
+)
+
 _REQUEST = _Variants(
     "Request",
     [
@@ -1117,7 +1165,7 @@ _REQUEST = _Variants(
         _Struct(InspectAfter, [("prefix", _STR), ("start_after", _STR), ("limit", _U32)]),  # 15
         _Struct(Metrics, []),  # 16
         _Struct(AcquireAs, [("actor", _U64), ("acquire", _ACQUIRE)]),  # 17: version 3
-        _Struct(AcquireWithin, [("actor", _U64), ("within", _Vec(_U64)), ("acquire", _ACQUIRE)]),  # 18: version 4
+        _Struct(AcquireWith, [("acquire", _ACQUIRE), ("options", _Vec(_ACQUIRE_OPTION))]),  # 18: version 4
     ],
 )
 
@@ -1227,6 +1275,7 @@ _EVENT = _Variants(
             ],
         ),
         _Struct(WatchLagged, [("watch_id", _U64)]),  # 2
+        _Struct(Contended, [("hold_id", _U64)]),  # 3: version 4
     ],
 )
 

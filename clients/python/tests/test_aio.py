@@ -1079,6 +1079,38 @@ class DeadlockTest(AioTestCase):
         await asyncio.wait_for(watcher, WAIT)
 
 
+class ContentionTest(AioTestCase):
+    """Contention events (protocol version 4, PROTOCOL.md 9.6) in aio."""
+
+    @bounded
+    async def test_a_holder_is_told_when_someone_waits(self) -> None:
+        holder, other = await self.aclient("holder"), await self.aclient("other")
+        grant = await holder.acquire("c", LockKind.MUTEX, notify_contended=True)
+        assert grant is not None
+        self.assertIsNone(await other.acquire("c", LockKind.MUTEX, timeout_ms=0))  # a try
+        await holder.inspect()
+        self.assertFalse(holder.contended(grant.hold_id))
+        self.assertFalse(await holder.wait_contended(grant.hold_id, timeout=0.01))
+        waiting = asyncio.ensure_future(other.acquire("c", LockKind.MUTEX))
+        self.assertTrue(await holder.wait_contended(grant.hold_id))
+        self.assertTrue(holder.contended(grant.hold_id))
+        await holder.release(grant.hold_id)
+        self.assertFalse(holder.contended(grant.hold_id))
+        self.assertIsNotNone(await waiting)
+
+    @bounded
+    async def test_a_lock_made_to_notify_says_it_is_contended(self) -> None:
+        holder, other = await self.aclient("holder"), await self.aclient("other")
+        lock = aio.Lock("cl", holder, notify_contended=True)
+        self.assertTrue(await lock.acquire())
+        self.assertFalse(lock.contended)
+        waiting = asyncio.ensure_future(aio.Lock("cl", other).acquire())
+        self.assertTrue(await lock.wait_contended())
+        self.assertTrue(lock.contended)
+        await lock.release()
+        self.assertTrue(await waiting)
+
+
 class ConnectionLossTest(AioTestCase):
     """A session that ends fails every wait with ConnectionLost."""
 
@@ -1258,7 +1290,7 @@ class OldDaemonTest(unittest.IsolatedAsyncioTestCase):
 
     @bounded
     async def test_the_client_falls_back_to_version_3_and_acquires_as_its_actor_alone(self) -> None:
-        # A daemon of version 3 cannot decode AcquireWithin: a command's
+        # A daemon of version 3 cannot decode AcquireWith: a command's
         # acquires name their actor, not the wrapper's.
         path, versions, requests, server = self.fake_daemon(3)
         with mock.patch.dict(os.environ, {"LOCKBROKER_ACTOR": "000000000000002a"}):
@@ -1268,6 +1300,9 @@ class OldDaemonTest(unittest.IsolatedAsyncioTestCase):
         try:
             self.assertEqual(client.protocol_version, 3)
             self.assertTrue(client.detects_deadlocks)
+            # Contention events need version 4: refused before anything is sent.
+            with self.assertRaises(lockbroker.Unsupported):
+                await client.acquire("z", LockKind.MUTEX, notify_contended=True)
             self.assertTrue(await aio.Lock("y", client).acquire(timeout=WAIT))
         finally:
             await client.close()

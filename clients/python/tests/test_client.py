@@ -428,6 +428,57 @@ class DeadlockTest(DaemonTestCase):
         self.assertTrue(0 < mine < 2**64)
 
 
+class ContentionTest(DaemonTestCase):
+    """Contention events (protocol version 4, PROTOCOL.md 9.6): a hold that
+    asked is told once someone waits behind it; a try does not count."""
+
+    def test_a_holder_is_told_when_someone_waits(self) -> None:
+        holder, other = self.client("holder"), self.client("other")
+        grant = holder.acquire("c", LockKind.MUTEX, notify_contended=True)
+        assert grant is not None
+        self.assertIsNone(other.acquire("c", LockKind.MUTEX, timeout_ms=0))  # a try
+        holder.inspect()  # what the daemon said of the hold came before this
+        self.assertFalse(holder.contended(grant.hold_id))
+        self.assertFalse(holder.wait_contended(grant.hold_id, timeout=0.01))
+        waiting = spawn(other.acquire, "c", LockKind.MUTEX)
+        self.assertTrue(holder.wait_contended(grant.hold_id, timeout=WAIT))
+        self.assertTrue(holder.contended(grant.hold_id))
+        holder.release(grant.hold_id)
+        self.assertFalse(holder.contended(grant.hold_id))  # forgotten with the hold
+        self.assertIsNotNone(waiting.result(timeout=WAIT))
+
+    def test_a_lock_made_to_notify_says_it_is_contended(self) -> None:
+        holder, other = self.client("holder"), self.client("other")
+        lock = Lock("cl", holder, notify_contended=True)
+        self.assertFalse(lock.wait_contended(0))  # unheld
+        self.assertTrue(lock.acquire(timeout=WAIT))
+        self.assertFalse(lock.contended)
+        waiting = spawn(Lock("cl", other).acquire, timeout=WAIT)
+        self.assertTrue(lock.wait_contended(WAIT))
+        self.assertTrue(lock.contended)
+        lock.release()
+        self.assertFalse(lock.contended)
+        self.assertTrue(waiting.result(timeout=WAIT))
+        # It pickles with its setting.
+        import pickle
+
+        self.assertTrue(pickle.loads(pickle.dumps(lock))._notify_contended)
+
+    def test_a_hold_granted_while_others_wait_is_told_at_once(self) -> None:
+        holder, second, third = self.client("holder"), self.client("second"), self.client("third")
+        first = holder.acquire("q", LockKind.MUTEX)
+        assert first is not None
+        got_second = spawn(second.acquire, "q", LockKind.MUTEX, notify_contended=True)
+        self.wait_waiters(holder, "q", 1)
+        got_third = spawn(third.acquire, "q", LockKind.MUTEX)
+        self.wait_waiters(holder, "q", 2)
+        holder.release(first.hold_id)
+        grant = got_second.result(timeout=WAIT)
+        self.assertTrue(second.wait_contended(grant.hold_id, timeout=WAIT))
+        second.release(grant.hold_id)
+        self.assertIsNotNone(got_third.result(timeout=WAIT))
+
+
 class DefaultClientTest(DefaultClientTestCase):
     """Lock("x") without a client; a forked child gets its own session."""
 
@@ -592,7 +643,7 @@ class OldDaemonTest(unittest.TestCase):
         self.assertEqual([type(r) for r in requests], [Acquire, Acquire, Inspect])
 
     def test_the_client_falls_back_to_version_3_and_acquires_as_its_actor_alone(self) -> None:
-        # A daemon of version 3 cannot decode AcquireWithin: a command's
+        # A daemon of version 3 cannot decode AcquireWith: a command's
         # acquires name their actor, not the wrapper's.
         path, versions, requests, server = self.fake_daemon(3)
         with mock.patch.dict(os.environ, {"LOCKBROKER_ACTOR": "000000000000002a"}):
@@ -602,6 +653,9 @@ class OldDaemonTest(unittest.TestCase):
         try:
             self.assertEqual(client.protocol_version, 3)
             self.assertTrue(client.detects_deadlocks)
+            # Contention events need version 4: refused before anything is sent.
+            with self.assertRaises(lockbroker.Unsupported):
+                client.acquire("z", LockKind.MUTEX, notify_contended=True)
             self.assertTrue(Lock("y", client).acquire(timeout=WAIT))
         finally:
             client.close()

@@ -19,7 +19,11 @@ from lockbroker.protocol import (
     MAGIC,
     Acquire,
     AcquireAs,
-    AcquireWithin,
+    AcquireWith,
+    Actor,
+    Contended,
+    NotifyContended,
+    Within,
     Cancel,
     Cancelled,
     ChangeKind,
@@ -307,17 +311,17 @@ EXPECTED_V3: Dict[str, Tuple[str, Message]] = {
 EXPECTED_V4: Dict[str, Tuple[str, Message]] = {
     "hello_v4": ("c2s", Hello(magic=MAGIC, version=4, client_name="demo")),
     "welcome_v4": ("s2c", replace(EXPECTED["welcome"][1], version=4)),  # type: ignore[type-var]
-    "acquire_within": (
+    "acquire_with": (
         "c2s",
         RequestMessage(
             31,
-            AcquireWithin(
-                actor=0x0123456789ABCDEF,
-                within=[0x2A, 0xFEDCBA9876543210],
+            AcquireWith(
                 acquire=Acquire("deploy", LockKind.MUTEX, capacity=1, permits=1, timeout_ms=None),
+                options=[Actor(0x0123456789ABCDEF), Within([0x2A, 0xFEDCBA9876543210]), NotifyContended()],
             ),
         ),
     ),
+    "event_contended": ("s2c", EventMessage(Contended(7))),
 }
 
 #: Each version's file and messages.

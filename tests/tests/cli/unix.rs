@@ -1545,3 +1545,42 @@ fn a_command_taking_its_wrappers_lock_is_a_deadlock_refused() {
     );
     assert_eq!(holders_and_waiters(&d, "x"), (0, 0));
 }
+
+/// `--on-contended USR1`: the command is signalled, once, when someone
+/// starts waiting for its lock, so it can finish early; the waiter is then
+/// served. A signal that cannot be sent is a usage error.
+#[test]
+fn a_command_is_signalled_when_someone_waits_for_its_lock() {
+    let d = Daemon::start();
+    // The job waits for USR1 (interrupting `wait`), then leaves.
+    let job = "trap 'echo told > told; kill $p 2>/dev/null; exit 0' USR1; \
+               sleep 1000 & p=$!; echo > ready; wait $p; echo not told > told";
+    let mut holder = d
+        .cli()
+        .args(["lock", "--on-contended", "USR1", "x", "--", "sh", "-c", job])
+        .spawn()
+        .unwrap();
+    wait_until("the job holds x", || d.path("ready").exists());
+    let mut waiter = d
+        .cli()
+        .args(["lock", "--timeout", "30s", "x", "--", "true"])
+        .spawn()
+        .unwrap();
+    assert!(wait_exit(&mut holder, Duration::from_secs(20)).success());
+    assert_eq!(
+        std::fs::read_to_string(d.path("told")).unwrap().trim(),
+        "told"
+    );
+    assert!(wait_exit(&mut waiter, Duration::from_secs(20)).success());
+    for bad in ["KILL", "STOP", "NOPE", "0", "65"] {
+        let out = d
+            .cli()
+            .args(["lock", "--on-contended", bad, "y", "--", "true"])
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(2), "{bad}: {out:?}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains("is not a signal to send"), "{bad}: {err}");
+    }
+    assert_eq!(holders_and_waiters(&d, "y"), (0, 0));
+}

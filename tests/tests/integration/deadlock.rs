@@ -1,15 +1,15 @@
 //! Deadlock detection (`AcquireAs`, protocol version 3, and
-//! `AcquireWithin`, version 4): a wait that could never be granted is
+//! `AcquireWith`'s `Actor` and `Within`, version 4): a wait that could never be granted is
 //! refused with `deadlock`, naming the cycle, and nothing else is touched;
 //! through the async client (fixed actors, and actors within others as a
 //! command runs within its wrapper) and the blocking one (each thread its
-//! own actor); bad `within` lists are refused; and with the etcd backend,
+//! own actor); bad options are refused; and with the etcd backend,
 //! which detects nothing, the same waits queue.
 
 use std::time::Duration;
 
 use lockbroker::{Client, Error, ErrorCode};
-use lockbroker_proto::{Acquire, LockKind, MAX_WITHIN, Request, Response};
+use lockbroker_proto::{Acquire, AcquireOption, LockKind, MAX_WITHIN, Request, Response};
 
 use crate::util::{Backend, bounded, wait_until_blocking, waiters};
 
@@ -121,10 +121,11 @@ async fn commands_within_wrappers_waiting_for_each_other_are_refused() {
     .await;
 }
 
-/// `within` is bounded and has no 0: anything else is `invalid_argument`,
-/// nothing is queued or held, and the session goes on.
+/// Bad options are `invalid_argument`: `Within` unbounded, with a 0, or
+/// without an `Actor`; an `Actor` of 0; an option twice. Nothing is queued
+/// or held, and the session goes on.
 #[tokio::test]
-async fn bad_within_lists_are_refused_and_nothing_is_lost() {
+async fn bad_acquire_options_are_refused_and_nothing_is_lost() {
     bounded(async {
         let daemon = Backend::Local.start().await;
         let mut raw = daemon.raw().await;
@@ -136,28 +137,52 @@ async fn bad_within_lists_are_refused_and_nothing_is_lost() {
             timeout_ms: None,
         };
         let too_deep: Vec<u64> = (1..=MAX_WITHIN as u64 + 1).collect();
-        for (id, within) in [(1, too_deep), (2, vec![5, 0])] {
-            let request = Request::AcquireWithin {
-                actor: 9,
-                within,
+        let bad = [
+            (
+                vec![AcquireOption::Actor(9), AcquireOption::Within(too_deep)],
+                "at most 32 actors",
+            ),
+            (
+                vec![AcquireOption::Actor(9), AcquireOption::Within(vec![5, 0])],
+                "at most 32 actors, none 0",
+            ),
+            (
+                vec![AcquireOption::Within(vec![5])],
+                "`Within` needs an `Actor`",
+            ),
+            (vec![AcquireOption::Actor(0)], "the actor 0 is no actor"),
+            (
+                vec![
+                    AcquireOption::NotifyContended,
+                    AcquireOption::NotifyContended,
+                ],
+                "given twice",
+            ),
+        ];
+        for (id, (options, why)) in (1..).zip(bad) {
+            let request = Request::AcquireWith {
                 acquire: acquire(),
+                options,
             };
             match raw.call(id, request).await {
                 Response::Error(e) => {
                     assert_eq!(e.code, ErrorCode::InvalidArgument, "{e:?}");
-                    assert!(e.message.contains("at most 32 actors"), "{}", e.message);
+                    assert!(e.message.contains(why), "{}", e.message);
                 }
                 other => panic!("expected invalid_argument, got {other:?}"),
             }
         }
         // The deepest allowed is taken, and the session still serves.
         let deepest: Vec<u64> = (1..=MAX_WITHIN as u64).collect();
-        let request = Request::AcquireWithin {
-            actor: 9,
-            within: deepest,
+        let request = Request::AcquireWith {
             acquire: acquire(),
+            options: vec![
+                AcquireOption::Within(deepest),
+                AcquireOption::NotifyContended,
+                AcquireOption::Actor(9),
+            ],
         };
-        assert!(matches!(raw.call(3, request).await, Response::Granted(_)));
+        assert!(matches!(raw.call(10, request).await, Response::Granted(_)));
         let observer = daemon.client().await;
         let seen = observer.inspect("w").await.unwrap();
         assert_eq!(seen.entries[0].holders.len(), 1);

@@ -11,6 +11,7 @@ mod bad_input;
 mod blocking;
 mod cancel;
 mod client_api;
+mod contention;
 mod deadlock;
 mod durability;
 // The etcd backend's keys in etcd (etcd runs on Unix here).

@@ -94,7 +94,7 @@ async fn a_version_1_session_is_answered_in_version_1(backend) {
 /// `Hello` with `unsupported_version`, as such daemons do, welcomes its
 /// own, and answers every `Inspect` with one holder, in its layout, and
 /// every other request with `Error(malformed)`, as if it could not decode
-/// it (an `AcquireAs` or `AcquireWithin`, which only versions 3 and 4
+/// it (an `AcquireAs` or `AcquireWith`, which only versions 3 and 4
 /// have, would be a fatal one before them). It
 /// serves `connections` connections, one after another.
 async fn old_daemon(listener: UnixListener, connections: usize, speaks: u16) {
