@@ -24,7 +24,7 @@ use std::sync::Arc;
 
 use lockbroker_proto::{EntryInfo, ErrorCode, ErrorInfo, LockName, Response};
 
-use crate::lock_table::{AcquireOutcome, AcquireSpec, LockError, LockTable, Peer};
+use crate::lock_table::{AcquireOutcome, AcquireSpec, BreakRefusal, LockError, LockTable, Peer};
 use crate::state::{Op, ReplyTo, State};
 
 /// Whether a change a session asked for is applied when the call returns.
@@ -60,6 +60,39 @@ pub trait Backend: Send + Sync + std::fmt::Debug + 'static {
     /// ([`Notice::Contended`](crate::lock_table::Notice::Contended)).
     fn tells_contention(&self) -> bool {
         true
+    }
+
+    /// Whether holds may have leases ([`Backend::revoke`]); acquires that
+    /// ask for one are refused otherwise.
+    fn has_leases(&self) -> bool {
+        false
+    }
+
+    /// Breaks the holds of `name` (hold `hold_id` only, if given), if
+    /// `may` allows each holder (see [`LockTable::break_holds`]); the ids
+    /// broken, or why none was.
+    fn break_holds(
+        &self,
+        name: &LockName,
+        hold_id: Option<u64>,
+        may: &dyn Fn(&lockbroker_proto::SessionInfo) -> bool,
+        message: &str,
+    ) -> Result<Vec<u64>, ErrorInfo> {
+        let _ = (hold_id, may, message);
+        Err(ErrorInfo::new(
+            ErrorCode::Unsupported,
+            format!(
+                "break of {:?}: this daemon's backend cannot break holds",
+                name.as_str()
+            ),
+        ))
+    }
+
+    /// Ends hold `hold_id` of `peer` on `name` as abandoned (its lease ran
+    /// out); whether it was there.
+    fn revoke(&self, name: &str, peer: &Arc<Peer>, hold_id: u64) -> bool {
+        let _ = (name, peer, hold_id);
+        false
     }
 
     /// Withdraws `peer`'s waiting acquire `request_id` on `name`; `None`
@@ -173,6 +206,48 @@ impl Backend for Local {
 
     fn end_session(&self, name: &str, peer: &Arc<Peer>, abandon: bool) {
         self.table.end_session(name, peer.id(), abandon).send();
+    }
+
+    fn has_leases(&self) -> bool {
+        true
+    }
+
+    fn break_holds(
+        &self,
+        name: &LockName,
+        hold_id: Option<u64>,
+        may: &dyn Fn(&lockbroker_proto::SessionInfo) -> bool,
+        message: &str,
+    ) -> Result<Vec<u64>, ErrorInfo> {
+        let what = match hold_id {
+            Some(id) => format!("hold {id} of {:?}", name.as_str()),
+            None => format!("the holds of {:?}", name.as_str()),
+        };
+        let (ids, grants) = self
+            .table
+            .break_holds(name.as_str(), hold_id, may, message)
+            .map_err(|e| match e {
+                BreakRefusal::NotHeld => ErrorInfo::new(
+                    ErrorCode::NotHeld,
+                    format!("break of {what}: nobody holds it"),
+                ),
+                BreakRefusal::Forbidden(hold, who) => ErrorInfo::new(
+                    ErrorCode::Forbidden,
+                    format!(
+                        "break of {what}: hold {hold} is of session {} (uid {}): only its user, root and the daemon's admin group may break it; nothing was broken",
+                        who.session_id,
+                        who.uid.map_or("unknown".into(), |u| u.to_string()),
+                    ),
+                ),
+            })?;
+        grants.send();
+        Ok(ids)
+    }
+
+    fn revoke(&self, name: &str, peer: &Arc<Peer>, hold_id: u64) -> bool {
+        let (revoked, grants) = self.table.revoke(name, peer.id(), hold_id);
+        grants.send();
+        revoked
     }
 
     fn session_ended(&self, peer: &Arc<Peer>, _abandon: bool) {

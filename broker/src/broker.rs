@@ -36,6 +36,8 @@ pub struct Broker {
     pub accounts: Accounts,
     /// What the sessions count, for `--metrics-listen` and `Metrics`.
     pub metrics: Metrics,
+    /// Members of this group may break any hold (`--admin-group`).
+    pub admin_gid: Option<u32>,
 }
 
 impl Broker {
@@ -66,6 +68,7 @@ impl Broker {
             host: crate::identity::host_name(),
             accounts: Accounts::default(),
             metrics: Metrics::new(),
+            admin_gid: None,
         }
     }
 

@@ -138,6 +138,12 @@ pub struct Cli {
     #[arg(long, value_name = "ADDR")]
     pub metrics_listen: Option<MetricsAddr>,
 
+    /// Members of this group (a name or a gid; Unix) may break any hold
+    /// (`lockbroker break`), as root may; everyone else only holds of
+    /// their own user. Meant for the global scope's daemon.
+    #[arg(long, value_name = "GROUP")]
+    pub admin_group: Option<String>,
+
     /// Where the locks are kept: this daemon's memory (`local`), or an etcd
     /// cluster shared with the daemons of other hosts (`etcd`).
     #[arg(long, value_enum, default_value_t = BackendArg::Local)]
@@ -468,6 +474,8 @@ pub struct Config {
     pub state: StateConfig,
     /// Where the locks are kept.
     pub backend: BackendConfig,
+    /// Members of this group may break any hold.
+    pub admin_gid: Option<u32>,
     /// Where the metrics are served over HTTP, if anywhere.
     pub metrics_listen: Option<MetricsAddr>,
 }
@@ -489,6 +497,7 @@ impl Config {
             state: StateConfig::default(),
             backend: BackendConfig::Local,
             metrics_listen: None,
+            admin_gid: None,
         }
     }
 
@@ -527,6 +536,13 @@ impl Config {
             ));
         }
         let backend = backend_config(&cli)?;
+        let admin_gid = match &cli.admin_group {
+            None => None,
+            Some(group) => match crate::identity::group_id(group) {
+                Ok(gid) => Some(gid),
+                Err(e) => return bad(format!("--admin-group {group:?}: {e}")),
+            },
+        };
         let scope = match cli.scope {
             ScopeArg::Local => Scope::Local,
             ScopeArg::Global => Scope::Global,
@@ -565,6 +581,7 @@ impl Config {
             },
             backend,
             metrics_listen: cli.metrics_listen,
+            admin_gid,
         })
     }
 }
@@ -775,6 +792,28 @@ mod tests {
         assert_eq!(parse_duration("7"), Ok(Duration::from_secs(7)));
         assert!(parse_duration("7 days").is_err());
         assert!(parse_duration("s").is_err());
+    }
+
+    #[test]
+    #[cfg(unix)]
+    fn the_admin_group_is_a_gid_or_a_name_the_system_knows() {
+        assert_eq!(parse(&[]).unwrap().admin_gid, None);
+        assert_eq!(
+            parse(&["--admin-group", "4242"]).unwrap().admin_gid,
+            Some(4242)
+        );
+        // Every Unix has group 0 by a name (root on Linux, wheel on BSD).
+        let name = {
+            // SAFETY: getgrgid returns a static entry or null; read at once.
+            let grp = unsafe { libc::getgrgid(0) };
+            assert!(!grp.is_null());
+            unsafe { std::ffi::CStr::from_ptr((*grp).gr_name) }
+                .to_string_lossy()
+                .into_owned()
+        };
+        assert_eq!(parse(&["--admin-group", &name]).unwrap().admin_gid, Some(0));
+        let err = parse(&["--admin-group", "no-such-group-here"]).unwrap_err();
+        assert!(err.to_string().contains("no such group"), "{err}");
     }
 
     #[test]

@@ -157,6 +157,15 @@ impl From<LockError> for ErrorInfo {
     }
 }
 
+/// Why [`LockTable::break_holds`] broke nothing.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum BreakRefusal {
+    /// No such hold on the name.
+    NotHeld,
+    /// The caller may not break this hold, of this session.
+    Forbidden(u64, SessionInfo),
+}
+
 /// A grant made to a waiting session, to be sent by the caller once the
 /// table is no longer locked.
 #[derive(Debug)]
@@ -270,6 +279,14 @@ pub enum Notice {
         request_id: u64,
         /// Why.
         error: ErrorInfo,
+    },
+    /// Hold `hold_id` was broken by another session (possibly before the
+    /// hold's own `Granted` reached the session): it is gone.
+    Revoked {
+        /// The hold.
+        hold_id: u64,
+        /// Who broke it, for the client.
+        message: String,
     },
     /// Someone waits behind hold `hold_id`, which asked to be told (sent
     /// once per hold; possibly before the hold's own `Granted`).
@@ -1446,6 +1463,76 @@ impl LockTable {
         (permits, out)
     }
 
+    /// Ends hold `hold_id` of session `session_id` on `name` as if its
+    /// session had died holding it (its lease ran out): the next grant
+    /// reports abandonment. Whether the hold was there.
+    pub fn revoke(&self, name: &str, session_id: u64, hold_id: u64) -> (bool, Grants) {
+        let mut out = Grants::default();
+        let revoked = self
+            .with_entry(name, &mut out, |e| {
+                let pos = e
+                    .holders
+                    .iter()
+                    .position(|h| h.hold_id == hold_id && h.peer.id() == session_id)?;
+                let h = e.holders.remove(pos);
+                e.free += weight(h.kind, h.permits) as u32;
+                e.abandoned = true;
+                Some(())
+            })
+            .flatten()
+            .is_some();
+        (revoked, out)
+    }
+
+    /// Breaks the holds of `name` (hold `hold_id` only, if given) of
+    /// whichever sessions have them, if `may` allows each holder: as
+    /// [`LockTable::revoke`], each holder's session told (`message`) under
+    /// the shard lock. All or nothing; the ids broken, in grant order.
+    pub fn break_holds(
+        &self,
+        name: &str,
+        hold_id: Option<u64>,
+        may: &dyn Fn(&SessionInfo) -> bool,
+        message: &str,
+    ) -> Result<(Vec<u64>, Grants), BreakRefusal> {
+        let mut out = Grants::default();
+        let broken = self.with_entry(name, &mut out, |e| {
+            let named = |h: &Holder| hold_id.is_none_or(|id| h.hold_id == id);
+            if !e.holders.iter().any(named) {
+                return Err(BreakRefusal::NotHeld);
+            }
+            if let Some(h) = e
+                .holders
+                .iter()
+                .filter(|h| named(h))
+                .find(|h| !may(&h.peer.info))
+            {
+                return Err(BreakRefusal::Forbidden(h.hold_id, h.peer.info.clone()));
+            }
+            let mut ids = Vec::new();
+            let mut freed = 0;
+            e.holders.retain(|h| {
+                if !named(h) {
+                    return true;
+                }
+                freed += weight(h.kind, h.permits);
+                ids.push(h.hold_id);
+                h.peer.notify(Notice::Revoked {
+                    hold_id: h.hold_id,
+                    message: message.to_owned(),
+                });
+                false
+            });
+            e.free += freed as u32;
+            e.abandoned = true;
+            Ok(ids)
+        });
+        match broken {
+            None => Err(BreakRefusal::NotHeld),
+            Some(result) => result.map(|ids| (ids, out)),
+        }
+    }
+
     /// Releases `count` permits of session `session_id`'s holds on `name`,
     /// oldest hold first; all or nothing.
     pub fn release_count(
@@ -2070,6 +2157,86 @@ mod tests {
             AcquireOutcome::Queued
         );
         assert_eq!(told(&mut d_rx), Vec::<u64>::new());
+    }
+
+    #[test]
+    fn a_revoked_hold_frees_the_lock_and_the_next_grant_says_abandoned() {
+        let t = LockTable::new(0, 1024);
+        let (a, _) = peer(1);
+        let (b, _) = peer(2);
+        let x = name("x");
+        let held = granted(t.acquire(&x, &a, 1, &mutex()).unwrap());
+        assert_eq!(
+            t.acquire(&x, &b, 1, &mutex()).unwrap(),
+            AcquireOutcome::Queued
+        );
+        // Only the session's own hold.
+        assert!(!t.revoke("x", 2, held.hold_id).0);
+        let (revoked, grants) = t.revoke("x", 1, held.hold_id);
+        assert!(revoked);
+        assert_eq!(grants.len(), 1);
+        assert!(grants[0].grant.abandoned, "the next holder is told");
+        grants.send();
+        // Once is all: the hold is gone.
+        assert!(!t.revoke("x", 1, held.hold_id).0);
+        assert_eq!(t.release("x", 1, held.hold_id).0, None);
+    }
+
+    #[test]
+    fn breaking_is_all_or_nothing_and_tells_each_holder() {
+        let t = LockTable::new(0, 1024);
+        let (a, mut a_rx) = peer(1);
+        let (b, mut b_rx) = peer(2);
+        let (w, _) = peer(3);
+        let s = name("s");
+        let sem = |k| spec(LockKind::Semaphore, 3, k, None);
+        let ha = granted(t.acquire(&s, &a, 1, &sem(1)).unwrap());
+        let hb = granted(t.acquire(&s, &b, 1, &sem(1)).unwrap());
+        assert_eq!(
+            t.acquire(&s, &w, 1, &sem(3)).unwrap(),
+            AcquireOutcome::Queued
+        );
+        let revoked = |rx: &mut GrantsReceiver| -> Vec<u64> {
+            std::iter::from_fn(|| rx.try_recv().ok())
+                .filter_map(|n| match n {
+                    Notice::Revoked { hold_id, .. } => Some(hold_id),
+                    _ => None,
+                })
+                .collect()
+        };
+        // Session 2's hold may not be broken: nothing is.
+        let only_1 = |who: &SessionInfo| who.session_id == 1;
+        assert_eq!(
+            t.break_holds("s", None, &only_1, "m").unwrap_err(),
+            BreakRefusal::Forbidden(hb.hold_id, b.info.clone())
+        );
+        assert!(revoked(&mut a_rx).is_empty());
+        // One hold by id; then a name nobody holds, an id not on it.
+        let (ids, grants) = t.break_holds("s", Some(ha.hold_id), &only_1, "m").unwrap();
+        assert_eq!(ids, [ha.hold_id]);
+        assert!(grants.is_empty(), "the waiter needs all three permits");
+        assert_eq!(revoked(&mut a_rx), [ha.hold_id]);
+        assert_eq!(
+            t.break_holds("s", Some(ha.hold_id), &|_| true, "m")
+                .unwrap_err(),
+            BreakRefusal::NotHeld
+        );
+        assert_eq!(
+            t.break_holds("nobody", None, &|_| true, "m").unwrap_err(),
+            BreakRefusal::NotHeld
+        );
+        // Every hold of the name: the waiter is granted, told abandoned.
+        let (ids, grants) = t.break_holds("s", None, &|_| true, "m").unwrap();
+        assert_eq!(ids, [hb.hold_id]);
+        assert_eq!(revoked(&mut b_rx), [hb.hold_id]);
+        assert_eq!(grants.len(), 1);
+        assert!(grants[0].grant.abandoned);
+        grants.send();
+        assert_eq!(
+            t.release("s", 2, hb.hold_id).0,
+            None,
+            "broken holds are gone"
+        );
     }
 
     #[test]

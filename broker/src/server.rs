@@ -71,6 +71,8 @@ impl Server {
                 ));
             }
         };
+        let mut broker = broker;
+        broker.admin_gid = config.admin_gid;
         let metrics = match &config.metrics_listen {
             Some(addr) => Some(MetricsListener::bind(
                 addr,

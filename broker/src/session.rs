@@ -568,6 +568,8 @@ impl<W: AsyncWrite + Unpin> Session<W> {
                 Ok(options) => self.acquire(id, acquire, options),
                 Err(e) => self.error(id, e),
             },
+            Request::ExtendLease { hold_id, lease_ms } => self.extend_lease(id, hold_id, lease_ms),
+            Request::Break { name, hold_id } => self.break_lock(id, name, hold_id),
             Request::Cancel { request_id } => self.cancel(id, request_id),
             Request::Release { hold_id } => self.release(id, hold_id),
             Request::ReleaseByName { name, count } => self.release_by_name(id, name, count),

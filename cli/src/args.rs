@@ -174,6 +174,20 @@ Examples:
   lockbroker --scope global ping")]
     Ping,
 
+    /// Revoke a lock's holds from outside (a stuck holder): each holder
+    /// loses it (a `lockbroker lock` command is terminated), and the next
+    /// holder is told the lock was abandoned.
+    #[command(after_help = "\
+Examples:
+  lockbroker break deploy              every hold of \"deploy\"
+  lockbroker break deploy --hold 42    only hold 42 (HOLD in `status -o +HOLD`)
+
+Allowed on holds of your own user; root, and members of the daemon's
+--admin-group, may break any. Exit status: 0 when broken; 1 when nobody
+holds it; 77 when a hold is another user's (nothing is broken); 69 when
+the daemon cannot be reached or cannot break holds (its etcd backend).")]
+    Break(BreakArgs),
+
     /// Print the daemon's metrics (OpenMetrics text, as `lockbrokerd
     /// --metrics-listen` serves them).
     #[command(after_help = "\
@@ -404,6 +418,12 @@ pub struct CommandArgs {
     #[arg(long, value_parser = parse_duration, value_name = "DURATION", default_value = "10s")]
     pub kill_grace: Duration,
 
+    /// Hold the lock at most this long (e.g. 30m): then the daemon revokes
+    /// it, the next holder is told it was abandoned, and the command is
+    /// terminated as on any loss (exit 76).
+    #[arg(long, value_parser = parse_lease, value_name = "DURATION")]
+    pub lease: Option<Duration>,
+
     /// Send the command this signal (e.g. USR1) when someone starts
     /// waiting for the lock while it runs, once: a long job can finish
     /// early or let go.
@@ -470,6 +490,17 @@ pub struct SemArgs {
     pub command: CommandArgs,
 }
 
+/// `lockbroker break`.
+#[derive(Debug, Args)]
+pub struct BreakArgs {
+    /// The lock.
+    pub name: String,
+
+    /// Break only this hold (its id, as `status` shows it).
+    #[arg(long, value_name = "ID")]
+    pub hold: Option<u64>,
+}
+
 /// `lockbroker status`.
 #[derive(Debug, Args)]
 pub struct StatusArgs {
@@ -511,6 +542,17 @@ pub struct DaemonArgs {
         value_name = "FLAGS"
     )]
     pub args: Vec<OsString>,
+}
+
+/// A lease: a duration of at least a millisecond.
+pub fn parse_lease(text: &str) -> Result<Duration, String> {
+    let lease = parse_duration(text)?;
+    if lease < Duration::from_millis(1) {
+        return Err(format!(
+            "a lease of {text:?} would end at once: give at least 1ms"
+        ));
+    }
+    Ok(lease)
 }
 
 /// Parses `250ms`, `2s`, `1.5s`, `1m`, `1h`; a bare number is seconds.

@@ -103,8 +103,11 @@ pub async fn supervise(
             }
             () = guard.lost(), if !lost => {
                 lost = true;
+                let why = guard
+                    .revocation()
+                    .unwrap_or_else(|| "the daemon went away".into());
                 eprintln!(
-                    "lockbroker: lost the lock {:?} (the daemon went away); terminating the command",
+                    "lockbroker: lost the lock {:?} ({why}); terminating the command",
                     guard.name()
                 );
                 tree.signal(Signal::Term);

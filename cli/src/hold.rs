@@ -34,7 +34,7 @@ pub async fn run(client: &Client, lock: &LockKindArgs, wait: &WaitArgs) -> Resul
         let _ = gone.send(());
     });
     let acquired = tokio::select! {
-        acquired = acquire_lock(client, lock, wait, false) => acquired?,
+        acquired = acquire_lock(client, lock, wait, None) => acquired?,
         // Dropping the acquire withdraws it.
         _ = &mut readers_gone => return Ok(0),
     };

@@ -36,6 +36,8 @@ pub mod exit {
     pub const DEADLOCK: u8 = 35;
     /// Anything else that went wrong in lockbroker itself.
     pub const ERROR: u8 = 1;
+    /// `break` of another user's hold (sysexits' `EX_NOPERM`).
+    pub const FORBIDDEN: u8 = 77;
     // `lockbroker state` adds 4 (absent key) and 5 (version mismatch).
 }
 
@@ -108,8 +110,7 @@ async fn run(cli: Cli) -> Result<u8, Failure> {
     match &cli.command {
         Command::Lock(a) => {
             let client = connect(&cli).await?;
-            let contended = a.command.on_contended.is_some();
-            match acquire_lock(&client, &a.lock, &a.wait, contended).await? {
+            match acquire_lock(&client, &a.lock, &a.wait, Some(&a.command)).await? {
                 Some(guard) => run_holding(&client, guard, &a.lock.name, &a.command).await,
                 None => Ok(a.wait.conflict_exit_code),
             }
@@ -134,6 +135,9 @@ async fn run(cli: Cli) -> Result<u8, Failure> {
             let mut sem = client.semaphore(a.name.clone(), a.capacity);
             if a.command.on_contended.is_some() {
                 sem = sem.notify_contended();
+            }
+            if let Some(lease) = a.command.lease {
+                sem = sem.lease(lease);
             }
             let permits = a.permits;
             let guard = wait_for(&a.wait, "semaphore", &a.name, |timeout| async move {
@@ -177,6 +181,26 @@ async fn run(cli: Cli) -> Result<u8, Failure> {
                 );
             }
             Ok(0)
+        }
+        Command::Break(a) => {
+            let client = connect(&cli).await?;
+            match client.break_lock(&a.name, a.hold).await {
+                Ok(hold_ids) => {
+                    if cli.json {
+                        println!("{}", serde_json::json!({ "broken": hold_ids }));
+                    } else {
+                        for id in hold_ids {
+                            println!("broke hold {id} of {:?}", a.name);
+                        }
+                    }
+                    Ok(0)
+                }
+                Err(e) => Err(match e.code() {
+                    Some(lockbroker::ErrorCode::NotHeld) => (exit::ERROR, e.to_string()),
+                    Some(lockbroker::ErrorCode::Forbidden) => (exit::FORBIDDEN, e.to_string()),
+                    _ => unavailable(e),
+                }),
+            }
         }
         Command::Metrics => {
             let client = connect(&cli).await?;
@@ -233,20 +257,24 @@ async fn run(cli: Cli) -> Result<u8, Failure> {
     }
 }
 
-/// Takes lock `lock` (its exclusive or its shared side) as `wait` says;
-/// the hold told of contention if `contended`.
+/// Takes lock `lock` (its exclusive or its shared side) as `wait` says,
+/// for `run`'s command (its lease and contention signal), if any.
 async fn acquire_lock(
     client: &Client,
     lock: &LockKindArgs,
     wait: &WaitArgs,
-    contended: bool,
+    run: Option<&CommandArgs>,
 ) -> Result<Option<LockGuard>, Failure> {
     let what = if lock.shared { "shared lock" } else { "lock" };
     let mut rw = client.rwlock(lock.name.clone());
     let mut mutex = client.mutex(lock.name.clone());
-    if contended {
+    if run.is_some_and(|r| r.on_contended.is_some()) {
         rw = rw.notify_contended();
         mutex = mutex.notify_contended();
+    }
+    if let Some(lease) = run.and_then(|r| r.lease) {
+        rw = rw.lease(lease);
+        mutex = mutex.lease(lease);
     }
     wait_for(wait, what, &lock.name, |timeout| async move {
         match (lock.shared, timeout) {
@@ -548,6 +576,7 @@ fn client_name(cli: &Cli) -> String {
         Command::Status(_) => "lockbroker status".into(),
         Command::Ping => "lockbroker ping".into(),
         Command::Metrics => "lockbroker metrics".into(),
+        Command::Break(a) => format!("lockbroker break {}", a.name),
         Command::Run(_) => "lockbroker run".into(),
         Command::Daemon(_) => "lockbroker daemon".into(),
         Command::Completions { .. } | Command::Man => "lockbroker".into(),

@@ -219,10 +219,11 @@ pub enum Column {
     Session,
     Client,
     Wrapper,
+    Hold,
 }
 
 /// Every column, by the name `-o` takes.
-const COLUMNS: [(&str, Column); 15] = [
+const COLUMNS: [(&str, Column); 16] = [
     ("NAME", Column::Name),
     ("TYPE", Column::Type),
     ("MODE", Column::Mode),
@@ -238,6 +239,7 @@ const COLUMNS: [(&str, Column); 15] = [
     ("SESSION", Column::Session),
     ("CLIENT", Column::Client),
     ("WRAPPER", Column::Wrapper),
+    ("HOLD", Column::Hold),
 ];
 
 /// The columns shown without `-o`.
@@ -302,6 +304,7 @@ struct Row {
     session: Option<u64>,
     for_ms: Option<u64>,
     fence: Option<u64>,
+    hold_id: Option<u64>,
     timeout_ms: Option<u64>,
     permits: Option<u32>,
 }
@@ -340,6 +343,7 @@ fn rows(e: &EntryInfo, now: u64, procs: &mut Procs) -> Vec<Row> {
             session: Some(h.session.session_id),
             for_ms: Some(now.saturating_sub(h.since_ms)),
             fence: Some(h.fence),
+            hold_id: Some(h.hold_id),
             timeout_ms: None,
             permits: Some(h.permits),
         });
@@ -354,6 +358,7 @@ fn rows(e: &EntryInfo, now: u64, procs: &mut Procs) -> Vec<Row> {
             session: Some(w.session.session_id),
             for_ms: Some(now.saturating_sub(w.since_ms)),
             fence: None,
+            hold_id: None,
             timeout_ms: w.timeout_ms,
             permits: Some(w.permits),
         });
@@ -368,6 +373,7 @@ fn rows(e: &EntryInfo, now: u64, procs: &mut Procs) -> Vec<Row> {
             session: None,
             for_ms: None,
             fence: None,
+            hold_id: None,
             timeout_ms: None,
             permits: None,
         });
@@ -398,6 +404,7 @@ fn cell(row: &Row, column: Column) -> String {
             .for_ms
             .map_or_else(dash, |ms| human(Duration::from_millis(ms))),
         Column::Fence => num(row.fence),
+        Column::Hold => num(row.hold_id),
         Column::Command => who.map_or_else(dash, |w| text(&w.command)),
         Column::Timeout => row
             .timeout_ms

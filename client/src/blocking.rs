@@ -30,6 +30,7 @@ use crate::connector::Connector;
 use crate::direct::{Conn, WatchHandle};
 use crate::error::Result;
 use crate::ops;
+use crate::ops::Extras;
 use crate::state::{RemoveOutcome, WatchEvent, WatchOptions, WriteOptions, WriteOutcome};
 #[cfg(windows)]
 use windows::{Conn, WatchHandle};
@@ -58,7 +59,7 @@ impl Client {
         Mutex {
             conn: Arc::clone(&self.conn),
             name: name.into(),
-            notify_contended: false,
+            extras: Extras::default(),
         }
     }
 
@@ -68,7 +69,7 @@ impl Client {
             conn: Arc::clone(&self.conn),
             name: name.into(),
             capacity,
-            notify_contended: false,
+            extras: Extras::default(),
         }
     }
 
@@ -77,7 +78,7 @@ impl Client {
         RwLock {
             conn: Arc::clone(&self.conn),
             name: name.into(),
-            notify_contended: false,
+            extras: Extras::default(),
         }
     }
 
@@ -135,16 +136,25 @@ impl Client {
     pub fn release_by_name(&self, name: &str, count: u32) -> Result<u32> {
         self.conn.run(ops::release_by_name(name, count))
     }
+
+    /// See [`crate::Client::break_lock`].
+    pub fn break_lock(&self, name: &str, hold_id: Option<u64>) -> Result<Vec<u64>> {
+        let version = self.conn.welcome().version;
+        if version < 4 {
+            return Err(crate::client::too_old_to_break(name, version));
+        }
+        self.conn.run(ops::break_holds(name, hold_id)?)
+    }
 }
 
-/// Asks for `lock` on `name`; the guard, if granted in time, told of
-/// contention if `notify_contended`.
+/// Asks for `lock` on `name`, with `extras`; the guard, if granted in
+/// time.
 fn acquire(
     conn: &Arc<Conn>,
     name: &str,
     lock: LockRequest,
     timeout: Option<Duration>,
-    notify_contended: bool,
+    extras: Extras,
 ) -> Result<Option<LockGuard>> {
     let actors = conn.actors();
     let version = conn.welcome().version;
@@ -153,7 +163,7 @@ fn acquire(
         lock,
         timeout,
         actors.current(version),
-        notify_contended,
+        extras,
         version,
     )?;
     let grant = conn.run(op)?;
@@ -177,7 +187,7 @@ fn granted(guard: Option<LockGuard>) -> Result<LockGuard> {
 pub struct Mutex {
     conn: Arc<Conn>,
     name: String,
-    notify_contended: bool,
+    extras: Extras,
 }
 
 impl Mutex {
@@ -185,7 +195,14 @@ impl Mutex {
     /// ([`LockGuard::wait_contended`]); see
     /// [`crate::Mutex::notify_contended`].
     pub fn notify_contended(mut self) -> Mutex {
-        self.notify_contended = true;
+        self.extras.notify_contended = true;
+        self
+    }
+
+    /// Holds this handle acquires last at most `lease`; see
+    /// [`crate::Mutex::lease`].
+    pub fn lease(mut self, lease: Duration) -> Mutex {
+        self.extras.lease = Some(lease);
         self
     }
 
@@ -201,7 +218,7 @@ impl Mutex {
             &self.name,
             LockRequest::Mutex,
             None,
-            self.notify_contended,
+            self.extras,
         )?)
     }
 
@@ -217,7 +234,7 @@ impl Mutex {
             &self.name,
             LockRequest::Mutex,
             Some(timeout),
-            self.notify_contended,
+            self.extras,
         )
     }
 }
@@ -228,14 +245,21 @@ pub struct Semaphore {
     conn: Arc<Conn>,
     name: String,
     capacity: u32,
-    notify_contended: bool,
+    extras: Extras,
 }
 
 impl Semaphore {
     /// Holds this handle acquires are told when someone waits on the
     /// semaphore; see [`crate::Semaphore::notify_contended`].
     pub fn notify_contended(mut self) -> Semaphore {
-        self.notify_contended = true;
+        self.extras.notify_contended = true;
+        self
+    }
+
+    /// Holds this handle acquires last at most `lease`; see
+    /// [`crate::Semaphore::lease`].
+    pub fn lease(mut self, lease: Duration) -> Semaphore {
+        self.extras.lease = Some(lease);
         self
     }
 
@@ -268,7 +292,7 @@ impl Semaphore {
             &self.name,
             self.lock(permits),
             None,
-            self.notify_contended,
+            self.extras,
         )?)
     }
 
@@ -298,7 +322,7 @@ impl Semaphore {
             &self.name,
             self.lock(permits),
             Some(timeout),
-            self.notify_contended,
+            self.extras,
         )
     }
 }
@@ -308,14 +332,21 @@ impl Semaphore {
 pub struct RwLock {
     conn: Arc<Conn>,
     name: String,
-    notify_contended: bool,
+    extras: Extras,
 }
 
 impl RwLock {
     /// Holds this handle acquires are told when someone waits on the lock;
     /// see [`crate::RwLock::notify_contended`].
     pub fn notify_contended(mut self) -> RwLock {
-        self.notify_contended = true;
+        self.extras.notify_contended = true;
+        self
+    }
+
+    /// Holds this handle acquires last at most `lease`; see
+    /// [`crate::RwLock::lease`].
+    pub fn lease(mut self, lease: Duration) -> RwLock {
+        self.extras.lease = Some(lease);
         self
     }
 
@@ -331,7 +362,7 @@ impl RwLock {
             &self.name,
             LockRequest::Shared,
             None,
-            self.notify_contended,
+            self.extras,
         )?)
     }
 
@@ -347,7 +378,7 @@ impl RwLock {
             &self.name,
             LockRequest::Shared,
             Some(timeout),
-            self.notify_contended,
+            self.extras,
         )
     }
 
@@ -358,7 +389,7 @@ impl RwLock {
             &self.name,
             LockRequest::Exclusive,
             None,
-            self.notify_contended,
+            self.extras,
         )?)
     }
 
@@ -374,7 +405,7 @@ impl RwLock {
             &self.name,
             LockRequest::Exclusive,
             Some(timeout),
-            self.notify_contended,
+            self.extras,
         )
     }
 }
@@ -582,15 +613,28 @@ impl LockGuard {
         self.grant.abandoned
     }
 
-    /// Whether the connection, and so this hold, is gone.
+    /// Whether this hold is gone: its lease ran out, or the connection
+    /// is lost.
     pub fn is_lost(&self) -> bool {
-        self.conn.is_lost()
+        self.conn.wait_hold_lost(self.grant.hold_id, Duration::ZERO)
     }
 
-    /// Blocks until the connection is lost or `timeout` passes; true if it
-    /// was lost.
+    /// Blocks until this hold is gone (its lease ran out, or the
+    /// connection is lost) or `timeout` passes; true if it is gone.
     pub fn wait_lost(&self, timeout: Duration) -> bool {
-        self.conn.wait_lost(timeout)
+        self.conn.wait_hold_lost(self.grant.hold_id, timeout)
+    }
+
+    /// Makes this hold's lease end `lease` from now; see
+    /// [`crate::LockGuard::extend`].
+    pub fn extend(&self, lease: Duration) -> Result<()> {
+        let version = self.conn.welcome().version;
+        if version < 4 {
+            let what = format!("lease extension on {:?}", self.name);
+            return Err(crate::client::too_old(what, version));
+        }
+        self.conn
+            .run(ops::extend_lease(&self.name, self.grant.hold_id, lease))
     }
 
     /// Whether the daemon told this hold that someone waits behind it;

@@ -68,7 +68,7 @@ struct Conn {
     io: Mutex<Io>,
     /// Wakes the task: bytes wait to be written, or the clients are gone.
     wake: Notify,
-    /// Wakes guards waiting to hear of contention.
+    /// Wakes guards waiting to hear of contention or revocation.
     contention: Notify,
 }
 
@@ -84,6 +84,9 @@ struct Io {
     /// Holds told that someone waits behind them (`Event::Contended`,
     /// only ever for holds that asked), until their guard goes.
     contended: HashSet<u64>,
+    /// Holds the daemon revoked (`Event::Revoked`), with why, until their
+    /// guard goes.
+    revoked: HashMap<u64, String>,
     /// The task has ended: nothing more is sent or answered.
     ended: bool,
     /// Every client and guard is gone: the task flushes and ends.
@@ -174,6 +177,7 @@ impl Client {
                 pending: HashMap::new(),
                 watches: HashMap::new(),
                 contended: HashSet::new(),
+                revoked: HashMap::new(),
                 ended: false,
                 dropped: false,
             }),
@@ -235,7 +239,6 @@ impl Client {
     }
 
     /// The daemon's greeting.
-    #[cfg(windows)]
     pub(crate) fn welcome(&self) -> &Welcome {
         &self.inner.welcome
     }
@@ -322,6 +325,21 @@ impl Client {
         self.run(ops::release_by_name(name, count)).await
     }
 
+    /// Revokes, from outside, the holds of `name` — hold `hold_id` only, if
+    /// given — of whichever sessions have them: each holder's guard is
+    /// lost and the next holder told the lock was abandoned. The ids
+    /// broken. Allowed on holds of this process's own user; root and the
+    /// daemon's `--admin-group` may break any. Refused, with nothing
+    /// broken, with `ErrorCode::Forbidden` (another user's hold),
+    /// `ErrorCode::NotHeld` (nobody holds it), `ErrorCode::Unsupported`
+    /// (the etcd backend, or a daemon of before protocol version 4).
+    pub async fn break_lock(&self, name: &str, hold_id: Option<u64>) -> Result<Vec<u64>> {
+        if self.inner.welcome.version < 4 {
+            return Err(too_old_to_break(name, self.inner.welcome.version));
+        }
+        self.run(ops::break_holds(name, hold_id)?).await
+    }
+
     /// Asks for `lock` on `name`; `Ok(None)` when `timeout` ran out
     /// first. Dropping the future before the answer cancels the acquire
     /// on the daemon (and releases a grant that won the race).
@@ -330,11 +348,11 @@ impl Client {
         name: &str,
         lock: LockRequest,
         timeout: Option<Duration>,
-        notify_contended: bool,
+        extras: ops::Extras,
     ) -> Result<Option<Grant>> {
         let version = self.inner.welcome.version;
         let actors = self.inner.actors.current(version);
-        let op = ops::acquire(name, lock, timeout, actors, notify_contended, version)?;
+        let op = ops::acquire(name, lock, timeout, actors, extras, version)?;
         let (id, reply) = self.submit(op.request)?;
         let mut wait = CancelOnDrop {
             client: self,
@@ -436,9 +454,41 @@ impl Client {
         }
     }
 
+    /// Why hold `hold_id` was revoked (its lease ran out, or it was
+    /// broken), if it was.
+    pub(crate) fn revocation(&self, hold_id: u64) -> Option<String> {
+        self.inner.conn.io().revoked.get(&hold_id).cloned()
+    }
+
+    /// Whether hold `hold_id` was revoked.
+    pub(crate) fn is_revoked(&self, hold_id: u64) -> bool {
+        self.inner.conn.io().revoked.contains_key(&hold_id)
+    }
+
+    /// Completes once hold `hold_id` is revoked, or the connection lost.
+    pub(crate) async fn hold_lost(&self, hold_id: u64) {
+        let revoked = async {
+            loop {
+                let told = self.inner.conn.contention.notified();
+                tokio::pin!(told);
+                told.as_mut().enable();
+                if self.is_revoked(hold_id) {
+                    return;
+                }
+                told.await;
+            }
+        };
+        tokio::select! {
+            () = revoked => {}
+            () = self.lost() => {}
+        }
+    }
+
     /// Forgets what was heard of hold `hold_id`, which is ending.
     pub(crate) fn forget_hold(&self, hold_id: u64) {
-        self.inner.conn.io().contended.remove(&hold_id);
+        let mut io = self.inner.conn.io();
+        io.contended.remove(&hold_id);
+        io.revoked.remove(&hold_id);
     }
 
     /// Sends `request` without waiting for (or caring about) its answer.
@@ -641,6 +691,12 @@ impl Task {
                 self.conn.contention.notify_waiters();
                 Ok(())
             }
+            ServerMessage::Event(Event::Revoked { hold_id, message }) => {
+                tracing::warn!(hold_id, "lockbroker revoked a hold: {message}");
+                self.conn.io().revoked.insert(hold_id, message);
+                self.conn.contention.notify_waiters();
+                Ok(())
+            }
             ServerMessage::Event(
                 event @ (Event::StateChanged { watch_id, .. } | Event::WatchLagged { watch_id }),
             ) => {
@@ -656,5 +712,21 @@ impl Task {
             ServerMessage::Fatal(e) => Err(format!("the daemon closed the connection: {e}")),
             ServerMessage::Welcome(_) => Err("unexpected second Welcome".into()),
         }
+    }
+}
+
+/// The refusal of a `Break` to a daemon of protocol `version`, which
+/// does not know it.
+pub(crate) fn too_old_to_break(name: &str, version: u16) -> crate::Error {
+    too_old(format!("break of {name:?}"), version)
+}
+
+/// The refusal of `what` (a request of version 4) to a daemon of
+/// protocol `version`, which would end the session on it: nothing is sent.
+pub(crate) fn too_old(what: String, version: u16) -> crate::Error {
+    crate::Error::Refused {
+        what,
+        code: lockbroker_proto::ErrorCode::Unsupported,
+        message: format!("the daemon speaks protocol version {version}; this needs version 4"),
     }
 }

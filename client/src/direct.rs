@@ -60,6 +60,9 @@ struct Shared {
     /// Holds told that someone waits behind them (`Event::Contended`,
     /// only for holds that asked), until their guard goes.
     contended: HashSet<u64>,
+    /// Holds whose lease ran out (`Event::Revoked`), until their guard
+    /// goes.
+    revoked: HashSet<u64>,
     /// Threads asleep, and what each waits for.
     sleepers: Vec<Sleeper>,
     /// Why the connection is gone, once it is.
@@ -79,6 +82,8 @@ enum WaitsFor {
     Event(u64),
     /// News of contention for this hold.
     Contended(u64),
+    /// The end of this hold (or of the connection).
+    HoldLost(u64),
     /// Only the end of the connection.
     Loss,
 }
@@ -181,6 +186,7 @@ impl Conn {
                 answers: HashMap::new(),
                 watches: HashMap::new(),
                 contended: HashSet::new(),
+                revoked: HashSet::new(),
                 sleepers: Vec::new(),
                 lost: None,
             }),
@@ -313,9 +319,21 @@ impl Conn {
             .is_some()
     }
 
+    /// Waits at most `timeout` for hold `hold_id` to be revoked or the
+    /// connection lost; whether either happened.
+    pub(crate) fn wait_hold_lost(&self, hold_id: u64, timeout: Duration) -> bool {
+        let deadline = Instant::now().checked_add(timeout);
+        let revoked = |g: &mut Shared| g.revoked.contains(&hold_id).then_some(());
+        let _ = self.wait(WaitsFor::HoldLost(hold_id), deadline, revoked);
+        let g = self.shared();
+        g.revoked.contains(&hold_id) || g.lost.is_some()
+    }
+
     /// Forgets what was heard of hold `hold_id`, which is ending.
     pub(crate) fn forget_hold(&self, hold_id: u64) {
-        self.shared().contended.remove(&hold_id);
+        let mut g = self.shared();
+        g.contended.remove(&hold_id);
+        g.revoked.remove(&hold_id);
     }
 
     /// Whether the connection is gone; reads what has arrived to know.
@@ -568,6 +586,11 @@ fn route(
         ServerMessage::Event(Event::Contended { hold_id }) => {
             g.contended.insert(hold_id);
             g.wake(WaitsFor::Contended(hold_id));
+        }
+        ServerMessage::Event(Event::Revoked { hold_id, message }) => {
+            tracing::warn!(hold_id, "lockbroker revoked a hold: {message}");
+            g.revoked.insert(hold_id);
+            g.wake(WaitsFor::HoldLost(hold_id));
         }
         ServerMessage::Event(
             event @ (Event::StateChanged { watch_id, .. } | Event::WatchLagged { watch_id }),

@@ -5,6 +5,8 @@
 //! [`LockGuard::release`]. Either way the daemon is the backstop: everything
 //! a connection held is released when the connection closes.
 
+use std::time::Duration;
+
 use lockbroker_proto::{Grant, LockKind, Request};
 
 use crate::client::Client;
@@ -73,14 +75,41 @@ impl LockGuard {
         self.grant.abandoned
     }
 
-    /// Whether the connection, and so this hold, is gone.
+    /// Whether this hold is gone: the daemon revoked it (its lease ran
+    /// out, or someone broke it), or the connection is lost.
     pub fn is_lost(&self) -> bool {
-        self.client.is_lost()
+        self.client.is_revoked(self.grant.hold_id) || self.client.is_lost()
     }
 
-    /// Completes when the connection, and so this hold, is lost.
+    /// Whether the daemon revoked this hold: its lease ran out, or
+    /// someone broke it (`Client::break_lock`).
+    pub fn is_revoked(&self) -> bool {
+        self.client.is_revoked(self.grant.hold_id)
+    }
+
+    /// Why the daemon revoked this hold, if it did: "the lease of 100 ms
+    /// on \"x\" ran out", "broken by session 7 (pid 42, uid 0, …)".
+    pub fn revocation(&self) -> Option<String> {
+        self.client.revocation(self.grant.hold_id)
+    }
+
+    /// Completes when this hold is gone: the daemon revoked it, or the
+    /// connection is lost.
     pub async fn lost(&self) {
-        self.client.lost().await
+        self.client.hold_lost(self.grant.hold_id).await
+    }
+
+    /// Makes this hold's lease end `lease` from now (later or sooner; a
+    /// hold without a lease gets one). Refused with `ErrorCode::UnknownHold`
+    /// once the lease has run out.
+    pub async fn extend(&self, lease: Duration) -> Result<()> {
+        let version = self.client.welcome().version;
+        if version < 4 {
+            let what = format!("lease extension on {:?}", self.name);
+            return Err(crate::client::too_old(what, version));
+        }
+        let op = crate::ops::extend_lease(&self.name, self.grant.hold_id, lease);
+        self.client.run(op).await
     }
 
     /// Whether the daemon told this hold that someone waits behind it (a

@@ -11,6 +11,7 @@ use std::time::Duration;
 use crate::client::{Client, LockRequest};
 use crate::error::{Error, Result};
 use crate::guard::LockGuard;
+use crate::ops::Extras;
 
 impl Client {
     /// A mutex handle for `name`.
@@ -36,11 +37,9 @@ async fn acquire(
     name: &str,
     lock: LockRequest,
     timeout: Option<Duration>,
-    notify_contended: bool,
+    extras: Extras,
 ) -> Result<Option<LockGuard>> {
-    let grant = client
-        .acquire(name, lock, timeout, notify_contended)
-        .await?;
+    let grant = client.acquire(name, lock, timeout, extras).await?;
     Ok(grant.map(|grant| {
         LockGuard::new(
             client.clone(),
@@ -57,7 +56,7 @@ async fn acquire(
 pub struct Mutex {
     client: Client,
     name: String,
-    notify_contended: bool,
+    extras: Extras,
 }
 
 impl Mutex {
@@ -65,7 +64,7 @@ impl Mutex {
         Mutex {
             client,
             name,
-            notify_contended: false,
+            extras: Extras::default(),
         }
     }
 
@@ -74,7 +73,18 @@ impl Mutex {
     /// version 4 with its local backend, else the acquire is refused with
     /// `ErrorCode::Unsupported`.
     pub fn notify_contended(mut self) -> Mutex {
-        self.notify_contended = true;
+        self.extras.notify_contended = true;
+        self
+    }
+
+    /// Holds this handle acquires last at most `lease` (whole milliseconds,
+    /// rounded up): then the daemon revokes the hold (the guard's
+    /// [`lost`](LockGuard::lost) completes) and tells the next holder it
+    /// was abandoned, unless [`LockGuard::extend`] moved the end. Needs a
+    /// daemon of protocol version 4 with its local backend, else the
+    /// acquire is refused with `ErrorCode::Unsupported`.
+    pub fn lease(mut self, lease: Duration) -> Mutex {
+        self.extras.lease = Some(lease);
         self
     }
 
@@ -101,14 +111,7 @@ impl Mutex {
 
     async fn acquire_with(&self, timeout: Option<Duration>) -> Result<Option<LockGuard>> {
         let lock = LockRequest::Mutex;
-        acquire(
-            &self.client,
-            &self.name,
-            lock,
-            timeout,
-            self.notify_contended,
-        )
-        .await
+        acquire(&self.client, &self.name, lock, timeout, self.extras).await
     }
 }
 
@@ -119,7 +122,7 @@ pub struct Semaphore {
     client: Client,
     name: String,
     capacity: u32,
-    notify_contended: bool,
+    extras: Extras,
 }
 
 impl Semaphore {
@@ -128,7 +131,7 @@ impl Semaphore {
             client,
             name,
             capacity,
-            notify_contended: false,
+            extras: Extras::default(),
         }
     }
 
@@ -136,7 +139,18 @@ impl Semaphore {
     /// semaphore ([`LockGuard::contended`]); as
     /// [`Mutex::notify_contended`].
     pub fn notify_contended(mut self) -> Semaphore {
-        self.notify_contended = true;
+        self.extras.notify_contended = true;
+        self
+    }
+
+    /// Holds this handle acquires last at most `lease` (whole milliseconds,
+    /// rounded up): then the daemon revokes the hold (the guard's
+    /// [`lost`](LockGuard::lost) completes) and tells the next holder it
+    /// was abandoned, unless [`LockGuard::extend`] moved the end. Needs a
+    /// daemon of protocol version 4 with its local backend, else the
+    /// acquire is refused with `ErrorCode::Unsupported`.
+    pub fn lease(mut self, lease: Duration) -> Semaphore {
+        self.extras.lease = Some(lease);
         self
     }
 
@@ -194,14 +208,7 @@ impl Semaphore {
             capacity: self.capacity,
             permits,
         };
-        acquire(
-            &self.client,
-            &self.name,
-            lock,
-            timeout,
-            self.notify_contended,
-        )
-        .await
+        acquire(&self.client, &self.name, lock, timeout, self.extras).await
     }
 }
 
@@ -212,7 +219,7 @@ impl Semaphore {
 pub struct RwLock {
     client: Client,
     name: String,
-    notify_contended: bool,
+    extras: Extras,
 }
 
 impl RwLock {
@@ -220,7 +227,7 @@ impl RwLock {
         RwLock {
             client,
             name,
-            notify_contended: false,
+            extras: Extras::default(),
         }
     }
 
@@ -228,7 +235,18 @@ impl RwLock {
     /// someone waits on the lock ([`LockGuard::contended`]); as
     /// [`Mutex::notify_contended`].
     pub fn notify_contended(mut self) -> RwLock {
-        self.notify_contended = true;
+        self.extras.notify_contended = true;
+        self
+    }
+
+    /// Holds this handle acquires last at most `lease` (whole milliseconds,
+    /// rounded up): then the daemon revokes the hold (the guard's
+    /// [`lost`](LockGuard::lost) completes) and tells the next holder it
+    /// was abandoned, unless [`LockGuard::extend`] moved the end. Needs a
+    /// daemon of protocol version 4 with its local backend, else the
+    /// acquire is refused with `ErrorCode::Unsupported`.
+    pub fn lease(mut self, lease: Duration) -> RwLock {
+        self.extras.lease = Some(lease);
         self
     }
 
@@ -277,14 +295,7 @@ impl RwLock {
         lock: LockRequest,
         timeout: Option<Duration>,
     ) -> Result<Option<LockGuard>> {
-        acquire(
-            &self.client,
-            &self.name,
-            lock,
-            timeout,
-            self.notify_contended,
-        )
-        .await
+        acquire(&self.client, &self.name, lock, timeout, self.extras).await
     }
 }
 

@@ -27,7 +27,6 @@ pub(crate) struct Answer<T> {
     verb: &'static str,
     /// What was asked, for a refusal: `acquire of "x"`.
     what: String,
-    /// The answers other than `Error`.
     /// The answers other than `Error`; an answer it does not know is
     /// handed back.
     read: fn(Response) -> std::result::Result<T, Response>,
@@ -79,17 +78,20 @@ fn check_key(key: &str, prefix: bool) -> Result<()> {
 /// `lock` on `name`, waiting at most `timeout`: the grant, or `None` when
 /// it ran out (or a try found the lock taken).
 /// An `actor` other than 0 asks for it with `AcquireAs`, or, running
-/// within others, `AcquireWith`; so does `notify_contended` (telling the
-/// holder when someone waits behind it), which needs protocol version 4
-/// (`version`).
+/// within others, `AcquireWith`; so do `extras` (a contention event, a
+/// lease), which need protocol version 4 (`version`).
 pub(crate) fn acquire(
     name: &str,
     lock: LockRequest,
     timeout: Option<Duration>,
     (actor, within): (u64, &[u64]),
-    notify_contended: bool,
+    extras: Extras,
     version: u16,
 ) -> Result<Op<Option<Grant>>> {
+    let Extras {
+        notify_contended,
+        lease,
+    } = extras;
     let checked = LockName::new(name).map_err(|source| Error::InvalidName {
         name: name.to_owned(),
         source,
@@ -102,18 +104,19 @@ pub(crate) fn acquire(
         permits,
         timeout_ms: timeout.map(ms),
     };
-    if notify_contended && version < 4 {
+    if (notify_contended || lease.is_some()) && version < 4 {
         return Err(Error::Refused {
             what: format!("acquire of {name:?}"),
             code: ErrorCode::Unsupported,
             message: format!(
-                "the daemon speaks protocol version {version}; contention events need version 4"
+                "the daemon speaks protocol version {version}; contention events and leases need version 4"
             ),
         });
     }
-    let request = match (actor, within, notify_contended) {
-        (0, _, false) => Request::Acquire(acquire),
-        (actor, [], false) => Request::AcquireAs { actor, acquire },
+    let plain = !notify_contended && lease.is_none();
+    let request = match (actor, within, plain) {
+        (0, _, true) => Request::Acquire(acquire),
+        (actor, [], true) => Request::AcquireAs { actor, acquire },
         (actor, within, _) => {
             let mut options = Vec::new();
             if actor != 0 {
@@ -124,6 +127,9 @@ pub(crate) fn acquire(
             }
             if notify_contended {
                 options.push(AcquireOption::NotifyContended);
+            }
+            if let Some(lease) = lease {
+                options.push(AcquireOption::Lease(ms(lease)));
             }
             Request::AcquireWith { acquire, options }
         }
@@ -138,6 +144,31 @@ pub(crate) fn acquire(
             other => Err(other),
         },
     ))
+}
+
+/// What a handle asks of its holds besides the lock.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(crate) struct Extras {
+    /// Tell the hold when someone waits behind it.
+    pub(crate) notify_contended: bool,
+    /// Revoke the hold after this long.
+    pub(crate) lease: Option<Duration>,
+}
+
+/// Makes hold `hold_id`'s lease (of `name`) end `lease` from now.
+pub(crate) fn extend_lease(name: &str, hold_id: u64, lease: Duration) -> Op<()> {
+    op(
+        Request::ExtendLease {
+            hold_id,
+            lease_ms: ms(lease),
+        },
+        "lease extension",
+        format!("lease extension on {name:?}"),
+        |r| match r {
+            Response::Done => Ok(()),
+            other => Err(other),
+        },
+    )
 }
 
 /// Releases hold `hold_id` of `name`.
@@ -168,6 +199,27 @@ pub(crate) fn release_by_name(name: &str, count: u32) -> Op<u32> {
             other => Err(other),
         },
     )
+}
+
+/// Breaks the holds of `name` (hold `hold_id` only, if given).
+pub(crate) fn break_holds(name: &str, hold_id: Option<u64>) -> Result<Op<Vec<u64>>> {
+    let checked = LockName::new(name).map_err(|source| Error::InvalidName {
+        name: name.to_owned(),
+        source,
+    })?;
+    let request = Request::Break {
+        name: checked.into_string(),
+        hold_id,
+    };
+    Ok(op(
+        request,
+        "break",
+        format!("break of {name:?}"),
+        |r| match r {
+            Response::Broken { hold_ids } => Ok(hold_ids),
+            other => Err(other),
+        },
+    ))
 }
 
 /// Ends the session's holds as released, not abandoned, when it closes.

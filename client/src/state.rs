@@ -321,7 +321,7 @@ impl WatchEvent {
             }),
             Event::WatchLagged { .. } => Some(WatchEvent::Lagged),
             // Only watch events are routed to a watch.
-            Event::ShuttingDown | Event::Contended { .. } => None,
+            Event::ShuttingDown | Event::Contended { .. } | Event::Revoked { .. } => None,
         }
     }
 }

@@ -238,6 +238,27 @@ pub enum Request {
         /// What else the acquire asks for.
         options: Vec<AcquireOption>,
     },
+    /// Makes hold `hold_id`'s lease end `lease_ms` from now (a hold without
+    /// one gets one). Answered by [`Response::Done`]. Protocol version 4.
+    ExtendLease {
+        /// The hold, of this session.
+        hold_id: u64,
+        /// The new lease, in milliseconds from now (not 0).
+        lease_ms: u64,
+    },
+    /// Revokes, from outside, the holds of `name` — hold `hold_id` only,
+    /// if given — of whichever sessions have them, as a lease running out
+    /// does: each holder is told ([`Event::Revoked`]), the next holder that
+    /// the lock was abandoned. Allowed on a hold of the caller's own user,
+    /// and to root and the daemon's admin group on any; else nothing is
+    /// broken ([`ErrorCode::Forbidden`]). Answered by
+    /// [`Response::Broken`]. Protocol version 4.
+    Break {
+        /// The lock.
+        name: String,
+        /// The one hold to break; `None`: every hold of `name`.
+        hold_id: Option<u64>,
+    },
 }
 
 /// One option of a [`Request::AcquireWith`].
@@ -256,6 +277,10 @@ pub enum AcquireOption {
     /// Tell the holder, once, when someone waits on the name while it
     /// holds the grant ([`Event::Contended`]), so a long holder can yield.
     NotifyContended,
+    /// Hold the grant at most this many milliseconds (not 0): then it is
+    /// revoked ([`Event::Revoked`]) and the next grant says `abandoned`,
+    /// unless [`Request::ExtendLease`] moved the end.
+    Lease(u64),
 }
 
 /// Most actors an [`AcquireOption::Within`] may name: more are refused
@@ -437,6 +462,11 @@ pub enum Response {
     Metrics {
         /// The exposition, ending with `# EOF`.
         text: String,
+    },
+    /// The answer to `Break`: the holds it revoked, in grant order.
+    Broken {
+        /// Their ids.
+        hold_ids: Vec<u64>,
     },
 }
 
@@ -719,6 +749,16 @@ pub enum Event {
         /// The hold.
         hold_id: u64,
     },
+    /// Hold `hold_id` of this session has ended without a release: its
+    /// lease ran out, or someone broke it (`Break`). The session no longer
+    /// has it, and its next holder is told it was abandoned. Protocol
+    /// version 4.
+    Revoked {
+        /// The hold.
+        hold_id: u64,
+        /// Why, for people.
+        message: String,
+    },
 }
 
 /// An error: a stable code and a human message.
@@ -845,6 +885,9 @@ error_codes! {
     /// The daemon's backend does not offer what the request asks (a
     /// contention event with the etcd backend); nothing happened.
     Unsupported = 210, "unsupported";
+    /// The caller may not do this to what it names (a `Break` of a hold of
+    /// another user); nothing changed.
+    Forbidden = 211, "forbidden";
     /// The session has no hold with this id.
     UnknownHold = 300, "unknown_hold";
     /// The session holds fewer permits on this name than it releases.

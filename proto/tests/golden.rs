@@ -213,6 +213,63 @@ fn vectors_v4() -> Vec<(&'static str, Message)> {
             "event_contended",
             Message::S2c(ServerMessage::Event(Event::Contended { hold_id: 7 })),
         ),
+        (
+            "acquire_leased",
+            request(
+                32,
+                Request::AcquireWith {
+                    acquire: Acquire {
+                        name: "deploy".into(),
+                        kind: LockKind::Mutex,
+                        capacity: 1,
+                        permits: 1,
+                        timeout_ms: Some(1000),
+                    },
+                    options: vec![AcquireOption::Lease(30_000)],
+                },
+            ),
+        ),
+        (
+            "extend_lease",
+            request(
+                33,
+                Request::ExtendLease {
+                    hold_id: 7,
+                    lease_ms: 60_000,
+                },
+            ),
+        ),
+        (
+            "event_revoked",
+            Message::S2c(ServerMessage::Event(Event::Revoked {
+                hold_id: 7,
+                message: "its lease of 60s ran out".into(),
+            })),
+        ),
+        (
+            "break",
+            request(
+                34,
+                Request::Break {
+                    name: "deploy".into(),
+                    hold_id: Some(7),
+                },
+            ),
+        ),
+        (
+            "broken",
+            response(34, Response::Broken { hold_ids: vec![7] }),
+        ),
+        (
+            "error_forbidden",
+            response(
+                34,
+                Response::Error(ErrorInfo::new(
+                    ErrorCode::Forbidden,
+                    "hold 7 of \"deploy\" is of uid 1000",
+                )),
+            ),
+        ),
     ]
 }
 

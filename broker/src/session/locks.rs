@@ -49,6 +49,8 @@ struct Held {
     kind: LockKind,
     /// When it was granted, for the hold-time metric.
     since: Instant,
+    /// When its lease ends (it is then revoked), if it has one.
+    lease_end: Option<Instant>,
 }
 
 /// What an acquire asks for besides the lock (`AcquireAs`, `AcquireWith`).
@@ -60,6 +62,8 @@ pub(super) struct Options {
     within: Vec<u64>,
     /// Tell the session when someone waits behind the hold.
     notify_contended: bool,
+    /// The hold's lease, from its grant.
+    lease: Option<Duration>,
 }
 
 impl Options {
@@ -84,12 +88,13 @@ impl Options {
             )
         };
         let mut read = Options::default();
-        let mut seen = [false; 3];
+        let mut seen = [false; 4];
         for option in options {
             let index = match &option {
                 AcquireOption::Actor(_) => 0,
                 AcquireOption::Within(_) => 1,
                 AcquireOption::NotifyContended => 2,
+                AcquireOption::Lease(_) => 3,
             };
             if std::mem::replace(&mut seen[index], true) {
                 return Err(refuse(format!("option {option:?} is given twice")));
@@ -107,6 +112,7 @@ impl Options {
                     read.within = within;
                 }
                 AcquireOption::NotifyContended => read.notify_contended = true,
+                AcquireOption::Lease(ms) => read.lease = Some(lease_of(ms).map_err(refuse)?),
             }
         }
         if !read.within.is_empty() && read.actor == 0 {
@@ -114,6 +120,19 @@ impl Options {
         }
         Ok(read)
     }
+}
+
+/// Longest lease, in milliseconds: about 35 years, far within `Instant`.
+const MAX_LEASE_MS: u64 = 1 << 40;
+
+/// A lease of `ms` milliseconds, checked.
+fn lease_of(ms: u64) -> Result<Duration, String> {
+    if ms == 0 || ms > MAX_LEASE_MS {
+        return Err(format!(
+            "a lease of {ms} ms: it must be from 1 ms to {MAX_LEASE_MS} ms"
+        ));
+    }
+    Ok(Duration::from_millis(ms))
 }
 
 /// A waiting acquire.
@@ -130,6 +149,8 @@ struct Pending {
     is_try: bool,
     /// It asked to be told of contention once granted.
     notify_contended: bool,
+    /// The lease its hold is to have.
+    lease: Option<Duration>,
 }
 
 /// The lock part of a session.
@@ -143,6 +164,8 @@ pub(super) struct Locks {
     pending: HashMap<u64, Pending>,
     /// (deadline, request id) of waiting acquires with a timeout.
     deadlines: BTreeSet<(Instant, u64)>,
+    /// (lease end, hold id) of holds with a lease.
+    lease_ends: BTreeSet<(Instant, u64)>,
     /// The listing being gathered, if any.
     listing: Option<Listing>,
     /// The token of the page the backend will send the listing, while it
@@ -158,6 +181,11 @@ pub(super) struct Locks {
     release_on_close: bool,
     /// Waiting acquires that asked to be told of contention.
     pending_notify: usize,
+    /// Holds broken before the session learnt of their grant (the table
+    /// tells as it breaks; the grant may still be on its way), with who
+    /// broke them: revoked once it arrives. Emptied when no acquire waits;
+    /// at most `max_pending`.
+    early_revoked: HashMap<u64, String>,
     /// Holds told of contention before the session learnt of their grant
     /// (the table tells as it queues a waiter; the grant may still be on
     /// its way): told once it arrives. Only holds of waiting acquires that
@@ -167,9 +195,39 @@ pub(super) struct Locks {
 }
 
 impl Locks {
-    /// The earliest deadline of a waiting acquire.
+    /// The earliest deadline of a waiting acquire or end of a lease.
     pub(super) fn next_deadline(&self) -> Option<Instant> {
-        self.deadlines.first().map(|(at, _)| *at)
+        let wait = self.deadlines.first().map(|(at, _)| *at);
+        let lease = self.lease_ends.first().map(|(at, _)| *at);
+        wait.into_iter().chain(lease).min()
+    }
+
+    /// Records hold `hold_id`, granted now with `lease`.
+    fn hold(&mut self, hold_id: u64, name: LockName, kind: LockKind, lease: Option<Duration>) {
+        let since = Instant::now();
+        let lease_end = lease.map(|d| since + d);
+        if let Some(at) = lease_end {
+            self.lease_ends.insert((at, hold_id));
+        }
+        self.holds.insert(
+            hold_id,
+            Held {
+                name,
+                kind,
+                since,
+                lease_end,
+            },
+        );
+    }
+
+    /// Forgets hold `hold_id`: what it was, if the session had it.
+    fn unhold(&mut self, hold_id: u64) -> Option<Held> {
+        let held = self.holds.remove(&hold_id)?;
+        if let Some(at) = held.lease_end {
+            self.lease_ends.remove(&(at, hold_id));
+        }
+        shrink_index(&mut self.holds);
+        Some(held)
     }
 
     /// Whether a listing is being gathered (the session then reads and
@@ -251,6 +309,15 @@ impl<W: AsyncWrite + Unpin> Session<W> {
             ));
         }
         spec.notify_contended = options.notify_contended;
+        if options.lease.is_some() && !self.broker.backend.has_leases() {
+            return Err(ErrorInfo::new(
+                ErrorCode::Unsupported,
+                format!(
+                    "acquire of {:?}: this daemon's backend has no leases (its holds end with their session's etcd lease)",
+                    name.as_str()
+                ),
+            ));
+        }
         let limits = self.broker.limits;
         if self.locks.holds.len() + self.locks.pending.len() >= limits.max_holds as usize {
             return Err(ErrorInfo::new(
@@ -269,10 +336,7 @@ impl<W: AsyncWrite + Unpin> Session<W> {
         let kind = spec.kind;
         match self.broker.backend.acquire(&name, &self.peer, id, &spec)? {
             AcquireOutcome::Granted(grant) => {
-                let since = Instant::now();
-                self.locks
-                    .holds
-                    .insert(grant.hold_id, Held { name, kind, since });
+                self.locks.hold(grant.hold_id, name, kind, options.lease);
                 self.broker
                     .metrics
                     .granted(kind, Duration::ZERO, grant.abandoned);
@@ -304,6 +368,7 @@ impl<W: AsyncWrite + Unpin> Session<W> {
                         deadline,
                         is_try,
                         notify_contended: spec.notify_contended,
+                        lease: options.lease,
                     },
                 );
             }
@@ -337,6 +402,7 @@ impl<W: AsyncWrite + Unpin> Session<W> {
             }
             Notice::Lost { error } => self.lost = Some(error),
             Notice::Contended { hold_id } => self.contended(hold_id),
+            Notice::Revoked { hold_id, message } => self.revoked(hold_id, message),
             Notice::Applied { token } => {
                 for (id, response) in self.locks.after_apply.remove(&token).unwrap_or_default() {
                     self.respond(id, response);
@@ -380,6 +446,10 @@ impl<W: AsyncWrite + Unpin> Session<W> {
                 if let Some(at) = p.deadline {
                     self.locks.deadlines.remove(&(at, request_id));
                 }
+                if self.locks.pending.is_empty() && !self.locks.early_revoked.is_empty() {
+                    // Every grant news could be early for has come.
+                    self.locks.early_revoked = HashMap::new();
+                }
                 self.broker.metrics.dequeued(p.kind);
                 shrink_index(&mut self.locks.pending);
                 if p.notify_contended {
@@ -413,23 +483,16 @@ impl<W: AsyncWrite + Unpin> Session<W> {
     /// of a waiting acquire now granted, and answers it unless the grant
     /// was `sent` to the peer already (`direct`).
     fn granted_while_waiting(&mut self, request_id: u64, grant: Grant, sent: bool) {
-        // Before the acquire ends, which may empty the set.
+        // Before the acquire ends, which may empty the sets.
         let told_early = self.locks.early_contended.remove(&grant.hold_id);
+        let broken_early = self.locks.early_revoked.remove(&grant.hold_id);
         let Some(p) = self.end_pending(request_id) else {
             return;
         };
-        let since = Instant::now();
         self.broker
             .metrics
-            .granted(p.kind, since - p.since, grant.abandoned);
-        self.locks.holds.insert(
-            grant.hold_id,
-            Held {
-                name: p.name,
-                kind: p.kind,
-                since,
-            },
-        );
+            .granted(p.kind, p.since.elapsed(), grant.abandoned);
+        self.locks.hold(grant.hold_id, p.name, p.kind, p.lease);
         if !sent {
             self.respond(request_id, Response::Granted(grant));
         }
@@ -437,6 +500,70 @@ impl<W: AsyncWrite + Unpin> Session<W> {
             self.event(Event::Contended {
                 hold_id: grant.hold_id,
             });
+        }
+        if let Some(message) = broken_early {
+            self.revoked(grant.hold_id, message);
+        }
+    }
+
+    /// Hold `hold_id` was broken by another session (the table has let it
+    /// go): forgotten, and the client told; or, if its grant is still on
+    /// its way, once it arrives.
+    fn revoked(&mut self, hold_id: u64, message: String) {
+        match self.locks.unhold(hold_id) {
+            Some(held) => {
+                self.broker
+                    .metrics
+                    .hold_ended(held.kind, held.since.elapsed(), true);
+                self.event(Event::Revoked { hold_id, message });
+            }
+            None if !self.locks.pending.is_empty()
+                && self.locks.early_revoked.len() < self.broker.limits.max_pending as usize =>
+            {
+                self.locks.early_revoked.insert(hold_id, message);
+            }
+            // Released meanwhile: nothing to tell.
+            None => {}
+        }
+    }
+
+    /// Breaks holds of `name` (hold `hold_id` only, if given) of other
+    /// sessions, as this session's user may.
+    pub(super) fn break_lock(&mut self, id: u64, name: String, hold_id: Option<u64>) {
+        let name = match LockName::new(name) {
+            Ok(name) => name,
+            Err(e) => {
+                return self.error(
+                    id,
+                    ErrorInfo::new(ErrorCode::InvalidName, format!("invalid lock name: {e}")),
+                );
+            }
+        };
+        let me = self.peer.info.clone();
+        let admin = self
+            .broker
+            .admin_gid
+            .is_some_and(|gid| crate::identity::in_group(me.pid, me.gid, gid));
+        let may = |holder: &lockbroker_proto::SessionInfo| may_break(&me, admin, holder);
+        let who = describe_session(&me);
+        let message = format!("broken by {who}");
+        match self
+            .broker
+            .backend
+            .break_holds(&name, hold_id, &may, &message)
+        {
+            Ok(hold_ids) => {
+                super::warn_of(
+                    &self.peer,
+                    format_args!(
+                        "broke {} hold(s) of {:?} ({hold_ids:?})",
+                        hold_ids.len(),
+                        name.as_str()
+                    ),
+                );
+                self.respond(id, Response::Broken { hold_ids });
+            }
+            Err(e) => self.error(id, e),
         }
     }
 
@@ -456,8 +583,70 @@ impl<W: AsyncWrite + Unpin> Session<W> {
         // Else the hold was released before the news came: nobody is told.
     }
 
-    /// Times out every waiting acquire whose deadline is at or before `now`.
+    /// Makes hold `hold_id`'s lease end `lease_ms` from now.
+    pub(super) fn extend_lease(&mut self, id: u64, hold_id: u64, lease_ms: u64) {
+        let result = (|| {
+            if !self.broker.backend.has_leases() {
+                return Err(ErrorInfo::new(
+                    ErrorCode::Unsupported,
+                    "this daemon's backend has no leases",
+                ));
+            }
+            let lease = lease_of(lease_ms)
+                .map_err(|why| ErrorInfo::new(ErrorCode::InvalidArgument, why))?;
+            let held = self.locks.holds.get_mut(&hold_id).ok_or_else(|| {
+                ErrorInfo::new(
+                    ErrorCode::UnknownHold,
+                    format!("this session has no hold {hold_id} (a lease that ran out ended it)"),
+                )
+            })?;
+            let end = Instant::now() + lease;
+            if let Some(at) = held.lease_end.replace(end) {
+                self.locks.lease_ends.remove(&(at, hold_id));
+            }
+            self.locks.lease_ends.insert((end, hold_id));
+            Ok(())
+        })();
+        match result {
+            Ok(()) => self.respond(id, Response::Done),
+            Err(e) => self.error(id, e),
+        }
+    }
+
+    /// Revokes every hold whose lease ends at or before `now`: released as
+    /// abandoned, and the client told.
+    fn end_leases(&mut self, now: Instant) {
+        while let Some(&(at, hold_id)) = self.locks.lease_ends.first() {
+            if at > now {
+                break;
+            }
+            let Some(held) = self.locks.unhold(hold_id) else {
+                continue;
+            };
+            let lease = at - held.since;
+            self.broker
+                .metrics
+                .hold_ended(held.kind, held.since.elapsed(), true);
+            if self
+                .broker
+                .backend
+                .revoke(held.name.as_str(), &self.peer, hold_id)
+            {
+                let message = format!(
+                    "the lease of {} ms on {:?} ran out",
+                    lease.as_millis(),
+                    held.name.as_str()
+                );
+                super::warn_of(&self.peer, format_args!("revoked: {message}"));
+                self.event(Event::Revoked { hold_id, message });
+            }
+        }
+    }
+
+    /// Times out every waiting acquire whose deadline is at or before
+    /// `now`, and ends the leases that have run out.
     pub(super) fn expire(&mut self, now: Instant) {
+        self.end_leases(now);
         while let Some(&(at, request_id)) = self.locks.deadlines.first() {
             if at > now {
                 break;
@@ -507,7 +696,7 @@ impl<W: AsyncWrite + Unpin> Session<W> {
         // The index and the table change together, so a hold is in both or
         // in neither: one answer for a hold this session does not have.
         let token = self.locks.token();
-        let released = self.locks.holds.remove(&hold_id).and_then(|held| {
+        let released = self.locks.unhold(hold_id).and_then(|held| {
             self.broker
                 .metrics
                 .hold_ended(held.kind, held.since.elapsed(), false);
@@ -515,7 +704,6 @@ impl<W: AsyncWrite + Unpin> Session<W> {
                 .backend
                 .release(held.name.as_str(), &self.peer, hold_id, token)
         });
-        shrink_index(&mut self.locks.holds);
         match released {
             Some((permits, applied)) => {
                 self.answer_when(applied, token, vec![(id, Response::Released { permits })])
@@ -686,5 +874,95 @@ impl<W: AsyncWrite + Unpin> Session<W> {
         self.locks.holds.clear();
         self.locks.pending.clear();
         self.locks.deadlines.clear();
+    }
+}
+
+/// Whether the session `me` (in the admin group if `admin`) may break a
+/// hold of `holder`: of its own user, or as root or an admin.
+fn may_break(
+    me: &lockbroker_proto::SessionInfo,
+    admin: bool,
+    holder: &lockbroker_proto::SessionInfo,
+) -> bool {
+    let same_user = match (me.uid, holder.uid) {
+        (Some(a), Some(b)) => a == b,
+        // Windows: by account name.
+        (None, None) => !me.user.is_empty() && me.user == holder.user,
+        _ => false,
+    };
+    admin || me.uid == Some(0) || same_user
+}
+
+/// "session 7 (pid 42, uid 1000, \"alice\")": who a session is, for a
+/// holder told that it broke its hold.
+fn describe_session(info: &lockbroker_proto::SessionInfo) -> String {
+    let mut parts = Vec::new();
+    if let Some(pid) = info.pid {
+        parts.push(format!("pid {pid}"));
+    }
+    if let Some(uid) = info.uid {
+        parts.push(format!("uid {uid}"));
+    }
+    if !info.user.is_empty() {
+        parts.push(format!("{:?}", info.user));
+    }
+    if !info.client_name.is_empty() {
+        parts.push(format!("{:?}", info.client_name));
+    }
+    match parts.is_empty() {
+        true => format!("session {}", info.session_id),
+        false => format!("session {} ({})", info.session_id, parts.join(", ")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use lockbroker_proto::SessionInfo;
+
+    fn of(uid: Option<u32>, user: &str) -> SessionInfo {
+        SessionInfo {
+            uid,
+            user: user.into(),
+            ..SessionInfo::default()
+        }
+    }
+
+    #[test]
+    fn a_hold_may_be_broken_by_its_user_root_and_admins_only() {
+        let alice = of(Some(1000), "alice");
+        let bob = of(Some(1001), "bob");
+        let root = of(Some(0), "root");
+        assert!(super::may_break(&alice, false, &alice));
+        assert!(!super::may_break(&bob, false, &alice));
+        assert!(super::may_break(&bob, true, &alice), "an admin");
+        assert!(super::may_break(&root, false, &alice));
+        assert!(!super::may_break(&alice, false, &root));
+        // Windows: no uids, by account; an unknown account is nobody's.
+        let win = of(None, "HOST\\alice");
+        assert!(super::may_break(&win, false, &of(None, "HOST\\alice")));
+        assert!(!super::may_break(&win, false, &of(None, "HOST\\bob")));
+        assert!(!super::may_break(&of(None, ""), false, &of(None, "")));
+        assert!(!super::may_break(&of(None, "x"), false, &of(Some(5), "x")));
+    }
+
+    #[test]
+    fn a_session_is_described_by_what_is_known_of_it() {
+        let info = SessionInfo {
+            session_id: 7,
+            pid: Some(42),
+            uid: Some(1000),
+            user: "alice".into(),
+            client_name: "deploy".into(),
+            ..SessionInfo::default()
+        };
+        assert_eq!(
+            super::describe_session(&info),
+            "session 7 (pid 42, uid 1000, \"alice\", \"deploy\")"
+        );
+        let bare = SessionInfo {
+            session_id: 3,
+            ..SessionInfo::default()
+        };
+        assert_eq!(super::describe_session(&bare), "session 3");
     }
 }

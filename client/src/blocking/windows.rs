@@ -100,6 +100,19 @@ impl Conn {
             .is_ok()
     }
 
+    /// Waits at most `timeout` for hold `hold_id` to be revoked or the
+    /// connection lost; whether either happened.
+    pub(crate) fn wait_hold_lost(&self, hold_id: u64, timeout: Duration) -> bool {
+        let gone = || self.client.is_revoked(hold_id) || self.client.is_lost();
+        if gone() || timeout.is_zero() {
+            return gone();
+        }
+        let lost = self.client.hold_lost(hold_id);
+        // The timer must be made inside the runtime.
+        self.block_on(async { tokio::time::timeout(timeout, lost).await })
+            .is_ok()
+    }
+
     /// Forgets what was heard of hold `hold_id`, which is ending.
     pub(crate) fn forget_hold(&self, hold_id: u64) {
         self.client.forget_hold(hold_id);
@@ -136,13 +149,5 @@ impl Conn {
     /// Whether the connection is gone.
     pub(crate) fn is_lost(&self) -> bool {
         self.client.is_lost()
-    }
-
-    /// Waits at most `timeout` for the connection to be lost; whether it
-    /// was.
-    pub(crate) fn wait_lost(&self, timeout: std::time::Duration) -> bool {
-        let lost = self.client.lost();
-        self.block_on(async { tokio::time::timeout(timeout, lost).await })
-            .is_ok()
     }
 }

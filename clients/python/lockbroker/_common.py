@@ -62,6 +62,7 @@ from .protocol import (
     Grant,
     Granted,
     Hello,
+    Lease,
     NotifyContended,
     Request,
     RequestMessage,
@@ -231,6 +232,17 @@ def env_within(environ: Mapping[str, str]) -> Tuple[int, ...]:
     return tuple(actors[:MAX_WITHIN])
 
 
+def need_version_4(version: int, what: str) -> None:
+    """Raise :class:`Unsupported` for ``what`` in a session of protocol
+    ``version`` before 4, which would not know the request (and end the
+    session on it): nothing is sent."""
+    if version < ACQUIRE_WITH_VERSION:
+        raise Unsupported(
+            ErrorCode.UNSUPPORTED,
+            "the daemon speaks protocol version %d; %s needs version %d" % (version, what, ACQUIRE_WITH_VERSION),
+        )
+
+
 #: The requests that acquire: answered by a grant, cancelled when given up.
 ACQUIRES = (Acquire, AcquireAs, AcquireWith)
 
@@ -267,29 +279,37 @@ class Actors:
         self.within: Tuple[int, ...] = env_within(os.environ if environ is None else environ) if self.detect else ()
 
     def request(
-        self, acquire: Acquire, version: int, own: Callable[[], int], notify_contended: bool = False
+        self,
+        acquire: Acquire,
+        version: int,
+        own: Callable[[], int],
+        notify_contended: bool = False,
+        lease_ms: Optional[int] = None,
     ) -> Request:
         """What to send for ``acquire`` in a session of protocol
         ``version``: it as it is, or an ``AcquireAs`` (``AcquireWith``) of
         the fixed actor, else of ``own()`` (the caller's); with
-        ``notify_contended``, an ``AcquireWith`` asking for ``Contended``
-        (:class:`Unsupported` before version 4)."""
+        ``notify_contended`` or ``lease_ms``, an ``AcquireWith`` asking for
+        them (:class:`Unsupported` before version 4)."""
+        extras = notify_contended or lease_ms is not None
+        if extras and version < ACQUIRE_WITH_VERSION:
+            raise Unsupported(
+                ErrorCode.UNSUPPORTED,
+                "the daemon speaks protocol version %d; contention events and leases need version %d"
+                % (version, ACQUIRE_WITH_VERSION),
+            )
         options: List[AcquireOption] = []
         if self.detect and version >= ACQUIRE_AS_VERSION:
             actor = own() if self.fixed is None else self.fixed
-            if not (self.within and version >= ACQUIRE_WITH_VERSION) and not notify_contended:
+            if not (self.within and version >= ACQUIRE_WITH_VERSION) and not extras:
                 return AcquireAs(actor, acquire)
             options.append(Actor(actor))
             if self.within and version >= ACQUIRE_WITH_VERSION:
                 options.append(Within(list(self.within)))
         if notify_contended:
-            if version < ACQUIRE_WITH_VERSION:
-                raise Unsupported(
-                    ErrorCode.UNSUPPORTED,
-                    "the daemon speaks protocol version %d; contention events need version %d"
-                    % (version, ACQUIRE_WITH_VERSION),
-                )
             options.append(NotifyContended())
+        if lease_ms is not None:
+            options.append(Lease(lease_ms))
         if not options:
             return acquire
         return AcquireWith(acquire, options)

@@ -100,11 +100,14 @@ from .errors import (
 from .primitives import _lock_timeout_ms, _semaphore_timeout_ms
 from .protocol import (
     Acquire,
+    Break,
+    Broken,
     Cancel,
     Contended,
     Done,
     EntryInfo,
     ErrorCode,
+    ExtendLease,
     FrameBuffer,
     Grant,
     Granted,
@@ -126,6 +129,7 @@ from .protocol import (
     RequestMessage,
     Response,
     ResponseMessage,
+    Revoked,
     StateChanged,
     StateConflict,
     StateCounter,
@@ -303,6 +307,8 @@ class Client:
         # released; and an event set (then replaced) whenever one is told.
         self._contended: Set[int] = set()
         self._contention: Optional[asyncio.Event] = None
+        # Holds revoked (their lease ran out), until released.
+        self._revoked: Set[int] = set()
         self._next_id = 1
         self._ended: Optional[ConnectionLost] = None
         self._shutting_down = False
@@ -533,13 +539,15 @@ class Client:
         permits: int = 1,
         timeout_ms: Optional[int] = None,
         notify_contended: bool = False,
+        lease_ms: Optional[int] = None,
     ) -> Optional[Grant]:
         """Send ``Acquire`` and wait for its end (PROTOCOL.md 8.3-8.6).
 
         Returns the :class:`Grant`, or None if it timed out (a try that
         failed, or ``timeout_ms`` ran out at the daemon). With
         ``notify_contended`` the hold is told when someone waits behind it
-        (:meth:`contended`, :meth:`wait_contended`; PROTOCOL.md 9.6). Raises a
+        (:meth:`contended`, :meth:`wait_contended`; PROTOCOL.md 9.6); with
+        ``lease_ms`` it lasts at most that long (:meth:`revoked`; 8.12). Raises a
         :class:`BrokerError` subclass if the daemon refused it (with deadlock
         detection on, :class:`~lockbroker.errors.Deadlock` for a wait that
         could never be granted), :class:`ConnectionLost` if the session
@@ -553,7 +561,7 @@ class Client:
         # net against a daemon that stopped answering.
         local = None if timeout_ms is None else timeout_ms / 1000.0 + ACQUIRE_GRACE
         acquire = Acquire(name, LockKind(kind), capacity, permits, timeout_ms)
-        request = self._actors.request(acquire, self._version, _task_actor, notify_contended)
+        request = self._actors.request(acquire, self._version, _task_actor, notify_contended, lease_ms)
         rid, future = self._start(request)
         try:
             await self._drain()
@@ -574,7 +582,24 @@ class Client:
         so a task cancelled in here still releases.
         """
         self._contended.discard(hold_id)
+        self._revoked.discard(hold_id)
         return _common.expect(await self.call(Release(hold_id)), Released).permits
+
+    async def extend_lease(self, hold_id: int, lease_ms: int) -> None:
+        """Make hold ``hold_id``'s lease end ``lease_ms`` from now
+        (PROTOCOL.md 8.12); :class:`NotHeld` once it was revoked."""
+        _common.need_version_4(self._version, "a lease")
+        _common.expect(await self.call(ExtendLease(hold_id, lease_ms)), Done)
+
+    async def break_lock(self, name: str, hold_id: Optional[int] = None) -> List[int]:
+        """Revoke the holds of ``name`` (hold ``hold_id`` only, if given);
+        see :meth:`lockbroker.Client.break_lock`."""
+        _common.need_version_4(self._version, "breaking a lock")
+        return list(_common.expect(await self.call(Break(name, hold_id)), Broken).hold_ids)
+
+    def revoked(self, hold_id: int) -> bool:
+        """Whether hold ``hold_id`` was revoked: its lease ran out."""
+        return hold_id in self._revoked
 
     def contended(self, hold_id: int) -> bool:
         """Whether hold ``hold_id`` (acquired with ``notify_contended``)
@@ -898,12 +923,15 @@ class Client:
         if woken is not None:
             woken.set()
 
-    def _route_event(self, event: Union[StateChanged, WatchLagged, Contended]) -> None:
+    def _route_event(self, event: Union[StateChanged, WatchLagged, Contended, Revoked]) -> None:
         """Hand a watch's event to its queue (never blocks: unbounded);
         note a hold told of contention."""
         if isinstance(event, Contended):
             self._contended.add(event.hold_id)
             self._wake_contention()
+            return
+        if isinstance(event, Revoked):
+            self._revoked.add(event.hold_id)
             return
         wid = event.watch_id
         events, orphan = _common.event_target(self._watches, self._orphan_watches, wid)

@@ -85,10 +85,13 @@ from .errors import (
 )
 from .protocol import (
     Acquire,
+    Break,
+    Broken,
     Cancel,
     Contended,
     Done,
     EntryInfo,
+    ExtendLease,
     FrameBuffer,
     Grant,
     Granted,
@@ -110,6 +113,7 @@ from .protocol import (
     RequestMessage,
     Response,
     ResponseMessage,
+    Revoked,
     StateChanged,
     StateUnwatch,
     StateWatch,
@@ -311,6 +315,8 @@ class Client:
         # a reader thread raises when one is told.
         self._contended: Set[int] = set()
         self._contention = threading.Condition(self._lock)
+        # Holds revoked (their lease ran out), until released or forgotten.
+        self._revoked: Set[int] = set()
         self._state: Any = None
         self._next_id = 1
         self._ended: Optional[ConnectionLost] = None
@@ -486,6 +492,7 @@ class Client:
         permits: int = 1,
         timeout_ms: Optional[int] = None,
         notify_contended: bool = False,
+        lease_ms: Optional[int] = None,
     ) -> Optional[Grant]:
         """Send ``Acquire`` and wait for its end (PROTOCOL.md 8.3-8.6).
 
@@ -499,7 +506,9 @@ class Client:
         the class), it is sent as ``AcquireAs`` (or ``AcquireWith``) for
         the calling thread. With ``notify_contended`` the hold is told when
         someone waits behind it (:meth:`contended`, :meth:`wait_contended`;
-        PROTOCOL.md 9.6); :class:`Unsupported` from a daemon that cannot
+        PROTOCOL.md 9.6); with ``lease_ms`` the hold lasts at most that
+        long, then the daemon revokes it (:meth:`revoked`; PROTOCOL.md
+        8.12). Either raises :class:`Unsupported` from a daemon that cannot
         (its etcd backend, or one of before protocol version 4).
         """
         # The daemon enforces timeout_ms; the local bound is only a safety net.
@@ -507,7 +516,7 @@ class Client:
         if local is not None and local > threading.TIMEOUT_MAX:
             local = None  # too far away for a local wait: as good as forever
         acquire = Acquire(name, LockKind(kind), capacity, permits, timeout_ms)
-        request = self._actors.request(acquire, self._version, _common.thread_actor, notify_contended)
+        request = self._actors.request(acquire, self._version, _common.thread_actor, notify_contended, lease_ms)
         rid, call = self._start(request)
         try:
             answered = self._await(call, local)
@@ -530,7 +539,32 @@ class Client:
         """
         with self._lock:
             self._contended.discard(hold_id)
+            self._revoked.discard(hold_id)
         return _common.expect(self.call(Release(hold_id)), Released).permits
+
+    def extend_lease(self, hold_id: int, lease_ms: int) -> None:
+        """Make hold ``hold_id``'s lease end ``lease_ms`` from now (a hold
+        without one gets one; PROTOCOL.md 8.12). Raises :class:`NotHeld`
+        (``unknown_hold``) once it was revoked."""
+        _common.need_version_4(self._version, "a lease")
+        _common.expect(self.call(ExtendLease(hold_id, lease_ms)), Done)
+
+    def break_lock(self, name: str, hold_id: Optional[int] = None) -> List[int]:
+        """Revoke the holds of ``name`` (hold ``hold_id`` only, if given) of
+        whichever sessions have them (PROTOCOL.md 8.13): each holder is
+        told, the next holder that the lock was abandoned. The ids broken.
+        Raises :class:`Forbidden` if one is another user's and this one is
+        neither root nor in the daemon's admin group (nothing is broken),
+        :class:`NotHeld` if nobody holds it."""
+        _common.need_version_4(self._version, "breaking a lock")
+        return list(_common.expect(self.call(Break(name, hold_id)), Broken).hold_ids)
+
+    def revoked(self, hold_id: int) -> bool:
+        """Whether hold ``hold_id`` was revoked: its lease ran out, and the
+        session no longer has it."""
+        self._read_arrived()
+        with self._lock:
+            return hold_id in self._revoked
 
     def contended(self, hold_id: int) -> bool:
         """Whether hold ``hold_id`` (acquired with ``notify_contended``)
@@ -1054,7 +1088,7 @@ class Client:
                 daemon=True,
             ).start()
 
-    def _route_event(self, event: Union[StateChanged, WatchLagged, Contended]) -> None:
+    def _route_event(self, event: Union[StateChanged, WatchLagged, Contended, Revoked]) -> None:
         """Hand a watch's event to its queue (never blocks: the queue is
         unbounded); note a hold told of contention."""
         if isinstance(event, Contended):
@@ -1062,6 +1096,10 @@ class Client:
                 self._contended.add(event.hold_id)
                 self._contention.notify_all()
                 self._wake(("contended", event.hold_id))
+            return
+        if isinstance(event, Revoked):
+            with self._lock:
+                self._revoked.add(event.hold_id)
             return
         wid = event.watch_id
         with self._lock:

@@ -14,7 +14,8 @@ Hierarchy::
         ├── InvalidRequest (also ValueError)   codes 2xx
         │   ├── NotAnInteger                   208 not_an_integer
         │   ├── Deadlock                       209 deadlock
-        │   └── Unsupported                    210 unsupported
+        │   ├── Unsupported                    210 unsupported
+        │   └── Forbidden                      211 forbidden
         ├── NotHeld                            codes 3xx
         │   └── GuardNotHeld                   303 guard_not_held
         ├── LimitExceeded                      codes 4xx
@@ -47,6 +48,7 @@ __all__ = [
     "NotAnInteger",
     "Deadlock",
     "Unsupported",
+    "Forbidden",
     "NotHeld",
     "GuardNotHeld",
     "LimitExceeded",
@@ -196,6 +198,12 @@ class Unsupported(InvalidRequest):
     with nothing sent); nothing was queued or held."""
 
 
+class Forbidden(InvalidRequest):
+    """Code 211: the caller may not do this to what it names -- a
+    :meth:`~lockbroker.Client.break_lock` of another user's hold, by a
+    caller neither root nor in the daemon's admin group; nothing changed."""
+
+
 class Deadlock(InvalidRequest):
     """Code 209: an acquire made with deadlock detection on
     (``detect_deadlocks=True``, protocol version 3 or later) would
@@ -255,6 +263,7 @@ _BY_CODE: Dict[int, Type[BrokerError]] = {
     ErrorCode.NOT_AN_INTEGER: NotAnInteger,
     ErrorCode.DEADLOCK: Deadlock,
     ErrorCode.UNSUPPORTED: Unsupported,
+    ErrorCode.FORBIDDEN: Forbidden,
     ErrorCode.GUARD_NOT_HELD: GuardNotHeld,
     ErrorCode.VALUE_TOO_LARGE: ValueTooLarge,
     ErrorCode.QUOTA_EXCEEDED: QuotaExceeded,

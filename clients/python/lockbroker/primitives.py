@@ -186,11 +186,18 @@ class _Primitive:
         capacity: int = 0,
         permits: int = 1,
         notify_contended: bool = False,
+        lease_ms: Optional[int] = None,
     ) -> Optional[Tuple[Client, Grant]]:
         client = self.client
-        if notify_contended:
+        if notify_contended or lease_ms is not None:
             grant = client.acquire(
-                self.name, kind, capacity=capacity, permits=permits, timeout_ms=timeout_ms, notify_contended=True
+                self.name,
+                kind,
+                capacity=capacity,
+                permits=permits,
+                timeout_ms=timeout_ms,
+                notify_contended=notify_contended,
+                lease_ms=lease_ms,
             )
         else:
             grant = client.acquire(self.name, kind, capacity=capacity, permits=permits, timeout_ms=timeout_ms)
@@ -233,16 +240,42 @@ class Lock(_Primitive):
     With ``notify_contended=True`` each hold is told when someone starts
     waiting for the lock (PROTOCOL.md 9.6): :attr:`contended` becomes True
     and :meth:`wait_contended` returns, so a long holder can finish early
-    or yield.
+    or yield. With ``lease`` (seconds) each hold lasts at most that long:
+    then the daemon revokes it (:attr:`revoked`), and the next holder is
+    told it was abandoned (PROTOCOL.md 8.12).
     """
 
-    def __init__(self, name: str, client: Optional[Client] = None, *, notify_contended: bool = False) -> None:
+    def __init__(
+        self,
+        name: str,
+        client: Optional[Client] = None,
+        *,
+        notify_contended: bool = False,
+        lease: Optional[float] = None,
+    ) -> None:
         super().__init__(name, client)
         self._hold: Optional[Tuple[Client, Grant]] = None
         self._notify_contended = bool(notify_contended)
+        if lease is not None and not lease > 0:
+            raise ValueError("a lease must be positive, not %r" % (lease,))
+        self._lease = lease
+        self._lease_ms = None if lease is None else _seconds_to_ms(lease)
 
     def _keywords(self) -> Dict[str, Any]:
-        return {"notify_contended": True} if self._notify_contended else {}
+        keywords: Dict[str, Any] = {}
+        if self._notify_contended:
+            keywords["notify_contended"] = True
+        if self._lease is not None:
+            keywords["lease"] = self._lease
+        return keywords
+
+    @property
+    def revoked(self) -> bool:
+        """Whether this object's hold was revoked: its lease ran out (the
+        lock is no longer held; :meth:`release` raises)."""
+        with self._state:
+            hold = self._hold
+        return hold is not None and hold[0].revoked(hold[1].hold_id)
 
     def _forget_holds(self) -> None:
         hold, self._hold = self._hold, None
@@ -267,7 +300,9 @@ class Lock(_Primitive):
     def acquire(self, blocking: bool = True, timeout: float = -1) -> bool:
         """Acquire the lock; see ``threading.Lock.acquire``."""
         timeout_ms = _lock_timeout_ms(blocking, timeout)
-        hold = self._acquire(LockKind.MUTEX, timeout_ms, notify_contended=self._notify_contended)
+        hold = self._acquire(
+            LockKind.MUTEX, timeout_ms, notify_contended=self._notify_contended, lease_ms=self._lease_ms
+        )
         if hold is None:
             return False
         with self._state:

@@ -81,8 +81,13 @@ __all__ = [
     "Actor",
     "Within",
     "NotifyContended",
+    "Lease",
     "AcquireOption",
     "Contended",
+    "Revoked",
+    "ExtendLease",
+    "Break",
+    "Broken",
     "Request",
     "RequestMessage",
     "ClientMessage",
@@ -213,6 +218,7 @@ class ErrorCode(IntEnum):
     NOT_AN_INTEGER = 208
     DEADLOCK = 209
     UNSUPPORTED = 210
+    FORBIDDEN = 211
     UNKNOWN_HOLD = 300
     NOT_HELD = 301
     NOT_PENDING = 302
@@ -477,8 +483,16 @@ class NotifyContended:
     someone waits on the name while the hold lasts (``Contended``)."""
 
 
+@dataclass(frozen=True)
+class Lease:
+    """``AcquireOption::Lease``: hold the grant at most ``ms`` milliseconds
+    (1 to 2**40), then it is revoked (``Revoked``, PROTOCOL.md 8.12)."""
+
+    ms: int
+
+
 #: Every variant of ``AcquireOption`` (PROTOCOL.md 4.33).
-AcquireOption = Union[Actor, Within, NotifyContended]
+AcquireOption = Union[Actor, Within, NotifyContended, Lease]
 
 
 @dataclass(frozen=True)
@@ -489,6 +503,26 @@ class AcquireWith:
 
     acquire: Acquire
     options: List[AcquireOption]
+
+
+@dataclass(frozen=True)
+class ExtendLease:
+    """``Request::ExtendLease`` (version 4): hold ``hold_id``'s lease ends
+    ``lease_ms`` from now. Answered ``Done`` (PROTOCOL.md 8.12)."""
+
+    hold_id: int
+    lease_ms: int
+
+
+@dataclass(frozen=True)
+class Break:
+    """``Request::Break`` (version 4): revoke the holds of ``name`` (hold
+    ``hold_id`` only, if not None) of whichever sessions have them, as their
+    user, root or the daemon's admin group may. Answered ``Broken``
+    (PROTOCOL.md 8.13)."""
+
+    name: str
+    hold_id: Optional[int] = None
 
 
 #: Every variant of ``Request``.
@@ -512,6 +546,8 @@ Request = Union[
     Metrics,
     AcquireAs,
     AcquireWith,
+    ExtendLease,
+    Break,
 ]
 
 
@@ -745,6 +781,14 @@ class MetricsText:
     text: str
 
 
+@dataclass(frozen=True)
+class Broken:
+    """``Response::Broken`` (version 4): the holds a ``Break`` revoked, in
+    grant order."""
+
+    hold_ids: List[int]
+
+
 #: Every variant of ``Response``.
 Response = Union[
     Granted,
@@ -762,6 +806,7 @@ Response = Union[
     StateCounter,
     StateEntries,
     MetricsText,
+    Broken,
 ]
 
 
@@ -809,8 +854,17 @@ class Contended:
     hold_id: int
 
 
+@dataclass(frozen=True)
+class Revoked:
+    """``Event::Revoked`` (version 4): hold ``hold_id`` ended without a
+    release, its lease having run out; the session no longer has it."""
+
+    hold_id: int
+    message: str
+
+
 #: Every variant of ``Event`` (PROTOCOL.md 4.18).
-Event = Union[ShuttingDown, StateChanged, WatchLagged, Contended]
+Event = Union[ShuttingDown, StateChanged, WatchLagged, Contended, Revoked]
 
 
 @dataclass(frozen=True)
@@ -1126,6 +1180,7 @@ _ACQUIRE_OPTION = _Variants(
         _Struct(Actor, [("actor", _U64)]),  # 0
         _Struct(Within, [("actors", _Vec(_U64))]),  # 1
         _Struct(NotifyContended, []),  # 2
+        _Struct(Lease, [("ms", _U64)]),  # 3
     ],
 )
 
@@ -1166,6 +1221,8 @@ _REQUEST = _Variants(
         _Struct(Metrics, []),  # 16
         _Struct(AcquireAs, [("actor", _U64), ("acquire", _ACQUIRE)]),  # 17: version 3
         _Struct(AcquireWith, [("acquire", _ACQUIRE), ("options", _Vec(_ACQUIRE_OPTION))]),  # 18: version 4
+        _Struct(ExtendLease, [("hold_id", _U64), ("lease_ms", _U64)]),  # 19: version 4
+        _Struct(Break, [("name", _STR), ("hold_id", _Opt(_U64))]),  # 20: version 4
     ],
 )
 
@@ -1258,6 +1315,7 @@ _RESPONSE = _Variants(
         _Struct(StateCounter, [("value", _I64), ("version", _U64)]),  # 12
         _Struct(StateEntries, [("entries", _Vec(_STATE_ENTRY)), ("more", _BOOL)]),  # 13
         _Struct(MetricsText, [("text", _STR)]),  # 14
+        _Struct(Broken, [("hold_ids", _Vec(_U64))]),  # 15: version 4
     ],
 )
 _EVENT = _Variants(
@@ -1276,6 +1334,7 @@ _EVENT = _Variants(
         ),
         _Struct(WatchLagged, [("watch_id", _U64)]),  # 2
         _Struct(Contended, [("hold_id", _U64)]),  # 3: version 4
+        _Struct(Revoked, [("hold_id", _U64), ("message", _STR)]),  # 4: version 4
     ],
 )
 

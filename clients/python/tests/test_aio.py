@@ -33,6 +33,7 @@ from lockbroker.errors import (
     ConnectionLost,
     Deadlock,
     GuardNotHeld,
+    NotHeld,
     InvalidRequest,
     LockTimeout,
     NoAnswer,
@@ -1111,6 +1112,24 @@ class ContentionTest(AioTestCase):
         self.assertTrue(await waiting)
 
 
+class LeaseTest(AioTestCase):
+    """Leases (protocol version 4, PROTOCOL.md 8.12) in aio."""
+
+    @bounded
+    async def test_a_lease_that_runs_out_revokes_the_hold(self) -> None:
+        holder, other = await self.aclient("holder"), await self.aclient("other")
+        grant = await holder.acquire("l", LockKind.MUTEX, lease_ms=3_600_000)
+        assert grant is not None
+        await holder.extend_lease(grant.hold_id, 20)
+        nxt = await other.acquire("l", LockKind.MUTEX)
+        assert nxt is not None
+        self.assertTrue(nxt.abandoned)
+        await holder.inspect()
+        self.assertTrue(holder.revoked(grant.hold_id))
+        with self.assertRaises(NotHeld):
+            await holder.release(grant.hold_id)
+
+
 class ConnectionLossTest(AioTestCase):
     """A session that ends fails every wait with ConnectionLost."""
 
@@ -1303,6 +1322,12 @@ class OldDaemonTest(unittest.IsolatedAsyncioTestCase):
             # Contention events need version 4: refused before anything is sent.
             with self.assertRaises(lockbroker.Unsupported):
                 await client.acquire("z", LockKind.MUTEX, notify_contended=True)
+            with self.assertRaises(lockbroker.Unsupported):
+                await client.acquire("z", LockKind.MUTEX, lease_ms=1000)
+            with self.assertRaises(lockbroker.Unsupported):
+                await client.break_lock("z")
+            with self.assertRaises(lockbroker.Unsupported):
+                await client.extend_lease(1, 1000)
             self.assertTrue(await aio.Lock("y", client).acquire(timeout=WAIT))
         finally:
             await client.close()

@@ -479,6 +479,61 @@ class ContentionTest(DaemonTestCase):
         self.assertIsNotNone(got_third.result(timeout=WAIT))
 
 
+class LeaseTest(DaemonTestCase):
+    """Leases (protocol version 4, PROTOCOL.md 8.12): a hold whose lease
+    runs out is revoked, and the next holder is told it was abandoned."""
+
+    def test_a_lease_that_runs_out_revokes_the_hold(self) -> None:
+        holder, other = self.client("holder"), self.client("other")
+        grant = holder.acquire("l", LockKind.MUTEX, lease_ms=3_600_000)
+        assert grant is not None
+        self.assertFalse(holder.revoked(grant.hold_id))
+        holder.extend_lease(grant.hold_id, 20)
+        nxt = other.acquire("l", LockKind.MUTEX, timeout_ms=int(WAIT * 1000))
+        assert nxt is not None
+        self.assertTrue(nxt.abandoned)
+        holder.inspect()  # the Revoked event came before this answer
+        self.assertTrue(holder.revoked(grant.hold_id))
+        with self.assertRaises(NotHeld):
+            holder.release(grant.hold_id)
+        with self.assertRaises(NotHeld):
+            holder.extend_lease(grant.hold_id, 1000)
+        with self.assertRaises(InvalidRequest):
+            holder.acquire("m", LockKind.MUTEX, lease_ms=0)
+        self.assertIsNone(self.entry(other, "m"))
+
+    def test_breaking_a_lock_revokes_its_holds(self) -> None:
+        holder, breaker = self.client("holder"), self.client("breaker")
+        first = holder.acquire("br", LockKind.SEMAPHORE, capacity=2)
+        second = holder.acquire("br", LockKind.SEMAPHORE, capacity=2)
+        assert first is not None and second is not None
+        self.assertEqual(breaker.break_lock("br", first.hold_id), [first.hold_id])
+        holder.inspect()
+        self.assertTrue(holder.revoked(first.hold_id))
+        self.assertFalse(holder.revoked(second.hold_id))
+        self.assertEqual(breaker.break_lock("br"), [second.hold_id])
+        with self.assertRaises(NotHeld):
+            breaker.break_lock("br")
+        nxt = breaker.acquire("br", LockKind.SEMAPHORE, capacity=2)
+        assert nxt is not None
+        self.assertTrue(nxt.abandoned)
+
+    def test_a_lock_with_a_lease(self) -> None:
+        holder, other = self.client("holder"), self.client("other")
+        lock = Lock("ll", holder, lease=0.02)
+        self.assertTrue(lock.acquire(timeout=WAIT))
+        self.assertTrue(Lock("ll", other).acquire(timeout=WAIT))  # after the lease
+        holder.inspect()
+        self.assertTrue(lock.revoked)
+        with self.assertRaises(RuntimeError):
+            lock.release()
+        with self.assertRaises(ValueError):
+            Lock("ll", holder, lease=0)
+        import pickle
+
+        self.assertEqual(pickle.loads(pickle.dumps(lock))._lease, 0.02)
+
+
 class DefaultClientTest(DefaultClientTestCase):
     """Lock("x") without a client; a forked child gets its own session."""
 
@@ -656,6 +711,12 @@ class OldDaemonTest(unittest.TestCase):
             # Contention events need version 4: refused before anything is sent.
             with self.assertRaises(lockbroker.Unsupported):
                 client.acquire("z", LockKind.MUTEX, notify_contended=True)
+            with self.assertRaises(lockbroker.Unsupported):
+                client.acquire("z", LockKind.MUTEX, lease_ms=1000)
+            with self.assertRaises(lockbroker.Unsupported):
+                client.break_lock("z")
+            with self.assertRaises(lockbroker.Unsupported):
+                client.extend_lease(1, 1000)
             self.assertTrue(Lock("y", client).acquire(timeout=WAIT))
         finally:
             client.close()

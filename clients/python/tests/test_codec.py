@@ -21,7 +21,12 @@ from lockbroker.protocol import (
     AcquireAs,
     AcquireWith,
     Actor,
+    Break,
+    Broken,
     Contended,
+    ExtendLease,
+    Lease,
+    Revoked,
     NotifyContended,
     Within,
     Cancel,
@@ -322,6 +327,24 @@ EXPECTED_V4: Dict[str, Tuple[str, Message]] = {
         ),
     ),
     "event_contended": ("s2c", EventMessage(Contended(7))),
+    "acquire_leased": (
+        "c2s",
+        RequestMessage(
+            32,
+            AcquireWith(
+                acquire=Acquire("deploy", LockKind.MUTEX, capacity=1, permits=1, timeout_ms=1000),
+                options=[Lease(30000)],
+            ),
+        ),
+    ),
+    "extend_lease": ("c2s", RequestMessage(33, ExtendLease(hold_id=7, lease_ms=60000))),
+    "event_revoked": ("s2c", EventMessage(Revoked(7, "its lease of 60s ran out"))),
+    "break": ("c2s", RequestMessage(34, Break("deploy", 7))),
+    "broken": ("s2c", ResponseMessage(34, Broken([7]))),
+    "error_forbidden": (
+        "s2c",
+        ResponseMessage(34, ErrorResponse(ErrorInfo(ErrorCode.FORBIDDEN, 'hold 7 of "deploy" is of uid 1000'))),
+    ),
 }
 
 #: Each version's file and messages.

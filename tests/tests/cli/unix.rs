@@ -1584,3 +1584,109 @@ fn a_command_is_signalled_when_someone_waits_for_its_lock() {
     }
     assert_eq!(holders_and_waiters(&d, "y"), (0, 0));
 }
+
+/// `--lease`: a command that outlives its lock's lease is terminated (exit
+/// 76, saying so), and the next holder is told the lock was abandoned.
+#[test]
+fn a_command_that_outlives_its_lease_is_terminated() {
+    let d = Daemon::start();
+    let out = d
+        .cli()
+        .args(["lock", "--lease", "100ms", "--kill-grace", "5s", "x", "--"])
+        .args(["sh", "-c", "sleep 1000 & wait $!"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(76), "{out:?}");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("lost the lock \"x\" (the lease of 100 ms on \"x\" ran out)"),
+        "{err}"
+    );
+    let next = d
+        .cli()
+        .args([
+            "lock",
+            "x",
+            "--",
+            "sh",
+            "-c",
+            "echo ${LOCKBROKER_ABANDONED:-0}",
+        ])
+        .output()
+        .unwrap();
+    assert!(next.status.success(), "{next:?}");
+    assert_eq!(String::from_utf8_lossy(&next.stdout).trim(), "1");
+    let bad = d
+        .cli()
+        .args(["lock", "--lease", "0s", "y", "--", "true"])
+        .output()
+        .unwrap();
+    assert_eq!(bad.status.code(), Some(2), "{bad:?}");
+    let err = String::from_utf8_lossy(&bad.stderr);
+    assert!(err.contains("would end at once"), "{err}");
+}
+
+/// `lockbroker break`: a stuck command's lock is revoked from outside —
+/// the command is terminated (76, naming who broke it), `break` says what
+/// it broke, the next holder is told the lock was abandoned; nothing to
+/// break is exit 1.
+#[test]
+fn a_stuck_lock_is_broken_from_outside() {
+    let d = Daemon::start();
+    let mut stuck = d
+        .cli()
+        .args([
+            "lock",
+            "x",
+            "--",
+            "sh",
+            "-c",
+            "echo > ready; sleep 1000 & wait $!",
+        ])
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_until("the command holds x", || d.path("ready").exists());
+    let out = d.cli().args(["--json", "status"]).output().unwrap();
+    let status: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let hold = status["locks"][0]["holders"][0]["hold_id"]
+        .as_u64()
+        .unwrap();
+    let broke = d
+        .cli()
+        .args(["break", "x", "--hold", &hold.to_string()])
+        .output()
+        .unwrap();
+    assert!(broke.status.success(), "{broke:?}");
+    assert_eq!(
+        String::from_utf8_lossy(&broke.stdout).trim(),
+        format!("broke hold {hold} of \"x\"")
+    );
+    assert_eq!(
+        wait_exit(&mut stuck, Duration::from_secs(20)).code(),
+        Some(76)
+    );
+    let mut err = String::new();
+    std::io::Read::read_to_string(&mut stuck.stderr.take().unwrap(), &mut err).unwrap();
+    assert!(
+        err.contains("lost the lock \"x\" (broken by session")
+            && err.contains("lockbroker break x"),
+        "{err}"
+    );
+    let next = d
+        .cli()
+        .args([
+            "lock",
+            "x",
+            "--",
+            "sh",
+            "-c",
+            "echo ${LOCKBROKER_ABANDONED:-0}",
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&next.stdout).trim(), "1");
+    let none = d.cli().args(["break", "x"]).output().unwrap();
+    assert_eq!(none.status.code(), Some(1), "{none:?}");
+    assert!(String::from_utf8_lossy(&none.stderr).contains("nobody holds it"));
+}

@@ -27,6 +27,7 @@ mod handoff;
 #[cfg(unix)]
 mod hosts;
 mod inspect;
+mod leases;
 mod metrics;
 // Reads the daemon's resident memory from /proc. No Windows counterpart
 // yet: what bounds memory is the platform-independent lock table.

@@ -3,6 +3,7 @@
 //! clients fall back to version 1 with a daemon of before version 2.
 
 use std::path::Path;
+use std::time::Duration;
 
 use lockbroker::{Client, Connector, LockKind, blocking};
 use lockbroker_proto::frame::{self, decode_in};
@@ -277,6 +278,23 @@ async fn a_version_3_daemon_gets_the_actor_alone() {
         let err = client.mutex("x").acquire().await.unwrap_err();
         assert_eq!(err.code(), Some(ErrorCode::Malformed), "{err:?}");
         assert!(err.to_string().contains("AcquireAs { actor: 5,"), "{err}");
+        // What version 4 added is refused before anything is sent.
+        let err = client.break_lock("x", None).await.unwrap_err();
+        assert_eq!(err.code(), Some(ErrorCode::Unsupported), "{err:?}");
+        let err = client
+            .mutex("x")
+            .lease(Duration::from_secs(1))
+            .acquire()
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), Some(ErrorCode::Unsupported), "{err:?}");
+        let err = client
+            .mutex("x")
+            .notify_contended()
+            .acquire()
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), Some(ErrorCode::Unsupported), "{err:?}");
         client.inspect("").await.unwrap();
         drop(client);
         server.await.unwrap();
