@@ -38,6 +38,9 @@ pub struct Broker {
     pub metrics: Metrics,
     /// Members of this group may break any hold (`--admin-group`).
     pub admin_gid: Option<u32>,
+    /// Who may do what to which names (`--acl`); everyone everything
+    /// without.
+    pub acl: Option<Arc<crate::acl::Acl>>,
 }
 
 impl Broker {
@@ -69,6 +72,7 @@ impl Broker {
             accounts: Accounts::default(),
             metrics: Metrics::new(),
             admin_gid: None,
+            acl: None,
         }
     }
 

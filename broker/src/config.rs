@@ -138,6 +138,12 @@ pub struct Cli {
     #[arg(long, value_name = "ADDR")]
     pub metrics_listen: Option<MetricsAddr>,
 
+    /// Access rules (TOML): who may acquire, inspect, read and write state,
+    /// watch and break, by name prefix (README, Access control). Without
+    /// it everything is allowed.
+    #[arg(long, value_name = "FILE")]
+    pub acl: Option<PathBuf>,
+
     /// Members of this group (a name or a gid; Unix) may break any hold
     /// (`lockbroker break`), as root may; everyone else only holds of
     /// their own user. Meant for the global scope's daemon.
@@ -476,6 +482,8 @@ pub struct Config {
     pub backend: BackendConfig,
     /// Members of this group may break any hold.
     pub admin_gid: Option<u32>,
+    /// Who may do what to which names (`--acl`).
+    pub acl: Option<std::sync::Arc<crate::acl::Acl>>,
     /// Where the metrics are served over HTTP, if anywhere.
     pub metrics_listen: Option<MetricsAddr>,
 }
@@ -498,6 +506,7 @@ impl Config {
             backend: BackendConfig::Local,
             metrics_listen: None,
             admin_gid: None,
+            acl: None,
         }
     }
 
@@ -543,6 +552,13 @@ impl Config {
                 Err(e) => return bad(format!("--admin-group {group:?}: {e}")),
             },
         };
+        let acl = match &cli.acl {
+            None => None,
+            Some(path) => match crate::acl::Acl::load(path) {
+                Ok(acl) => Some(std::sync::Arc::new(acl)),
+                Err(e) => return bad(format!("--acl {}: {e}", path.display())),
+            },
+        };
         let scope = match cli.scope {
             ScopeArg::Local => Scope::Local,
             ScopeArg::Global => Scope::Global,
@@ -582,6 +598,7 @@ impl Config {
             backend,
             metrics_listen: cli.metrics_listen,
             admin_gid,
+            acl,
         })
     }
 }
@@ -792,6 +809,23 @@ mod tests {
         assert_eq!(parse_duration("7"), Ok(Duration::from_secs(7)));
         assert!(parse_duration("7 days").is_err());
         assert!(parse_duration("s").is_err());
+    }
+
+    #[test]
+    fn an_acl_file_is_read_at_start_and_a_bad_one_stops_the_daemon() {
+        let dir = tempfile::tempdir().unwrap();
+        let good = dir.path().join("good.toml");
+        std::fs::write(&good, "[[rule]]\nprefix = \"x/\"\nacquire = [\"*\"]\n").unwrap();
+        let config = parse(&["--acl", good.to_str().unwrap()]).unwrap();
+        assert!(config.acl.is_some());
+        assert!(parse(&[]).unwrap().acl.is_none());
+        let bad = dir.path().join("bad.toml");
+        std::fs::write(&bad, "[[rule]]\nprefix = \"x/\"\ntake = [\"*\"]\n").unwrap();
+        let err = parse(&["--acl", bad.to_str().unwrap()]).unwrap_err();
+        assert!(err.to_string().contains("unknown verb \"take\""), "{err}");
+        let missing = dir.path().join("missing.toml");
+        let err = parse(&["--acl", missing.to_str().unwrap()]).unwrap_err();
+        assert!(err.to_string().contains("reading it"), "{err}");
     }
 
     #[test]

@@ -40,6 +40,7 @@
 //! # }
 //! ```
 
+pub mod acl;
 pub mod backend;
 pub mod broker;
 pub mod config;

@@ -721,6 +721,18 @@ impl Tombstones {
     }
 }
 
+/// How far one pass of an acquire goes when the lock is taken.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Pass {
+    /// Not queued: `None` if it would have to wait.
+    Try,
+    /// Queued, its holders told of it.
+    Queue,
+    /// Queued, its holders told only once it is known to stay (a wait
+    /// checked for deadlock, which may be withdrawn at once).
+    QueueUntold,
+}
+
 /// What a new hold is granted for: an acquire's fields the holder keeps.
 struct Granted {
     actor: u64,
@@ -1036,10 +1048,10 @@ impl LockTable {
     ) -> Result<AcquireOutcome, LockError> {
         if spec.actor == 0 {
             return Ok(self
-                .acquire_pass(name, peer, request_id, spec, true)?
+                .acquire_pass(name, peer, request_id, spec, Pass::Queue)?
                 .expect("an acquire allowed to queue has an outcome"));
         }
-        if let Some(outcome) = self.acquire_pass(name, peer, request_id, spec, false)? {
+        if let Some(outcome) = self.acquire_pass(name, peer, request_id, spec, Pass::Try)? {
             return Ok(outcome);
         }
         // It must wait: it is queued and checked with the waits held, so
@@ -1047,7 +1059,7 @@ impl LockTable {
         // was there when each lock was read (waits only end meanwhile).
         let mut waits = lock(&self.inner.waits);
         let outcome = self
-            .acquire_pass(name, peer, request_id, spec, true)?
+            .acquire_pass(name, peer, request_id, spec, Pass::QueueUntold)?
             .expect("an acquire allowed to queue has an outcome");
         if !matches!(outcome, AcquireOutcome::Queued) {
             return Ok(outcome);
@@ -1056,6 +1068,12 @@ impl LockTable {
             let within = spec.within.as_deref().unwrap_or_default();
             for a in std::iter::once(spec.actor).chain(within.iter().copied()) {
                 self.record_wait(&mut waits, a, peer.id(), name, request_id);
+            }
+            // A wait that stays: its holders may now hear of it.
+            if let Some(entry) = lock(self.shard(name.as_str())).get_mut(name.as_str())
+                && !entry.queue.is_empty()
+            {
+                entry.tell_contended();
             }
             return Ok(AcquireOutcome::Queued);
         };
@@ -1072,21 +1090,21 @@ impl LockTable {
     }
 
     /// One try at `acquire`: `None` when the request would have to queue
-    /// and `queue` is false.
+    /// and `pass` is [`Pass::Try`].
     fn acquire_pass(
         &self,
         name: &LockName,
         peer: &Arc<Peer>,
         request_id: u64,
         spec: &AcquireSpec,
-        queue: bool,
+        pass: Pass,
     ) -> Result<Option<AcquireOutcome>, LockError> {
         let mut shard = lock(self.shard(name.as_str()));
         // One search either way; the key is a shared name, not a copy.
         match shard.entry(name.clone()) {
             MapEntry::Occupied(mut o) => {
                 let entry = o.get_mut();
-                let outcome = self.acquire_in(entry, name, peer, request_id, spec, queue);
+                let outcome = self.acquire_in(entry, name, peer, request_id, spec, pass);
                 if entry.tombstone && entry.in_use() {
                     // In use again: no longer a tombstone, and never evicted.
                     entry.tombstone = false;
@@ -1096,7 +1114,7 @@ impl LockTable {
             }
             MapEntry::Vacant(v) => {
                 let mut entry = Entry::new(spec);
-                let outcome = self.acquire_in(&mut entry, name, peer, request_id, spec, queue)?;
+                let outcome = self.acquire_in(&mut entry, name, peer, request_id, spec, pass)?;
                 if !entry.is_idle() {
                     v.insert(entry);
                 }
@@ -1112,7 +1130,7 @@ impl LockTable {
         peer: &Arc<Peer>,
         request_id: u64,
         spec: &AcquireSpec,
-        queue: bool,
+        pass: Pass,
     ) -> Result<Option<AcquireOutcome>, LockError> {
         entry.admit(name.as_str(), spec)?;
         let weight = spec.weight();
@@ -1124,7 +1142,7 @@ impl LockTable {
         if !spec.may_wait {
             return Ok(Some(AcquireOutcome::WouldBlock));
         }
-        if !queue {
+        if pass == Pass::Try {
             return Ok(None);
         }
         entry.queue.push_back(Waiter {
@@ -1138,7 +1156,9 @@ impl LockTable {
             since_ms: now_ms(),
             timeout_ms: spec.timeout_ms,
         });
-        entry.tell_contended();
+        if pass == Pass::Queue {
+            entry.tell_contended();
+        }
         Ok(Some(AcquireOutcome::Queued))
     }
 
@@ -2237,6 +2257,32 @@ mod tests {
             None,
             "broken holds are gone"
         );
+    }
+
+    #[test]
+    fn a_wait_refused_as_a_deadlock_tells_no_holder() {
+        let t = LockTable::new(0, 1024);
+        let (a, mut a_rx) = peer(1);
+        let (b, _) = peer(2);
+        let (x, y) = (name("x"), name("y"));
+        granted(
+            t.acquire(&x, &a, 1, &telling(as_actor(mutex(), 11)))
+                .unwrap(),
+        );
+        granted(t.acquire(&y, &b, 1, &as_actor(mutex(), 22)).unwrap());
+        assert_eq!(
+            t.acquire(&y, &a, 2, &as_actor(mutex(), 11)).unwrap(),
+            AcquireOutcome::Queued
+        );
+        deadlock(t.acquire(&x, &b, 2, &as_actor(mutex(), 22)));
+        assert_eq!(told(&mut a_rx), Vec::<u64>::new(), "nobody waits behind x");
+        // A wait of an actor that stays is told, once checked.
+        let (c, _) = peer(3);
+        assert_eq!(
+            t.acquire(&x, &c, 1, &as_actor(mutex(), 33)).unwrap(),
+            AcquireOutcome::Queued
+        );
+        assert_eq!(told(&mut a_rx).len(), 1);
     }
 
     #[test]

@@ -73,6 +73,7 @@ impl Server {
         };
         let mut broker = broker;
         broker.admin_gid = config.admin_gid;
+        broker.acl = config.acl.clone();
         let metrics = match &config.metrics_listen {
             Some(addr) => Some(MetricsListener::bind(
                 addr,

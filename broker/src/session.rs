@@ -116,6 +116,8 @@ pub async fn run<R, W>(
         locks: locks::Locks::default(),
         state: state_requests::StateRequests::new(completions_tx),
         lost: None,
+        version,
+        groups: cred.groups.clone(),
     };
     session.answer(ServerMessage::Welcome(Welcome {
         version,
@@ -294,6 +296,10 @@ struct Session<W> {
     state: state_requests::StateRequests,
     /// The backend lost the session's holds: the session ends with this.
     lost: Option<ErrorInfo>,
+    /// The protocol version the handshake agreed.
+    version: u16,
+    /// The peer's supplementary groups, as its connection recorded them.
+    groups: Vec<u32>,
 }
 
 impl<W: AsyncWrite + Unpin> Session<W> {
@@ -333,6 +339,8 @@ impl<W: AsyncWrite + Unpin> Session<W> {
             while let Ok(notice) = grants.try_recv() {
                 self.notice(notice);
             }
+            // Every notice of a hold released before this point has come.
+            self.locks.forget_released();
             if let Some(lost) = self.lost.take() {
                 return self.fatal(lost).await;
             }
@@ -559,6 +567,16 @@ impl<W: AsyncWrite + Unpin> Session<W> {
     }
 
     fn dispatch(&mut self, id: u64, request: Request) {
+        if let Some(acl) = &self.broker.acl
+            && let Some((verb, name, prefix)) = crate::acl::access(&request)
+            && let Err(refusal) = acl.check(&self.peer.info, &self.groups, verb, name, prefix)
+        {
+            warn_of(
+                &self.peer,
+                format_args!("refused (forbidden): {}", refusal.message),
+            );
+            return self.error(id, refusal);
+        }
         match request {
             Request::Acquire(a) => self.acquire(id, a, Options::default()),
             Request::AcquireAs { actor, acquire } => {

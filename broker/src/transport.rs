@@ -42,6 +42,10 @@ pub struct PeerCred {
     /// The account's name, where the transport reads it with the uid
     /// (Windows: from the peer's token); else it is looked up by uid.
     pub user: Option<String>,
+    /// The peer's supplementary groups when it connected (Linux:
+    /// `SO_PEERGROUPS`), for access rules and the admin group: read from
+    /// the socket, not from a pid another process may have taken since.
+    pub groups: Vec<u32>,
 }
 
 #[cfg(unix)]
@@ -129,10 +133,71 @@ mod unix {
                     uid: Some(c.uid()),
                     gid: Some(c.gid()),
                     user: None,
+                    groups: peer_groups(&stream),
                 })
                 .unwrap_or_default();
             let (r, w) = stream.into_split();
             Ok((r, w, cred))
+        }
+    }
+
+    /// The supplementary groups of the process that connected `stream`, as
+    /// the kernel recorded them at `connect` (Linux `SO_PEERGROUPS`; none
+    /// where the platform does not say).
+    fn peer_groups(stream: &tokio::net::UnixStream) -> Vec<u32> {
+        #[cfg(all(
+            target_os = "linux",
+            any(
+                target_arch = "x86_64",
+                target_arch = "x86",
+                target_arch = "aarch64",
+                target_arch = "arm",
+                target_arch = "riscv64"
+            )
+        ))]
+        {
+            use std::os::fd::AsRawFd;
+            // linux/asm-generic/socket.h; libc does not name it.
+            const SO_PEERGROUPS: libc::c_int = 59;
+            let mut groups = vec![0u32; 64];
+            for _ in 0..2 {
+                let mut len = (groups.len() * 4) as libc::socklen_t;
+                // SAFETY: the buffer is valid for `len` bytes; the kernel
+                // writes at most that and says how much it wrote or needs.
+                let rc = unsafe {
+                    libc::getsockopt(
+                        stream.as_raw_fd(),
+                        libc::SOL_SOCKET,
+                        SO_PEERGROUPS,
+                        groups.as_mut_ptr().cast(),
+                        &mut len,
+                    )
+                };
+                let n = len as usize / 4;
+                if rc == 0 {
+                    groups.truncate(n);
+                    return groups;
+                }
+                if io::Error::last_os_error().raw_os_error() != Some(libc::ERANGE) {
+                    return Vec::new();
+                }
+                groups.resize(n, 0);
+            }
+            Vec::new()
+        }
+        #[cfg(not(all(
+            target_os = "linux",
+            any(
+                target_arch = "x86_64",
+                target_arch = "x86",
+                target_arch = "aarch64",
+                target_arch = "arm",
+                target_arch = "riscv64"
+            )
+        )))]
+        {
+            let _ = stream;
+            Vec::new()
         }
     }
 
@@ -249,6 +314,27 @@ mod unix {
     #[cfg(test)]
     mod tests {
         use super::*;
+
+        /// The groups a connection records are its process's own, as
+        /// `getgroups` says.
+        #[cfg(target_os = "linux")]
+        #[tokio::test]
+        async fn a_connection_says_which_groups_its_process_is_in() {
+            let dir = tempfile::tempdir().unwrap();
+            let path = dir.path().join("g.sock");
+            let listener = tokio::net::UnixListener::bind(&path).unwrap();
+            let _client = tokio::net::UnixStream::connect(&path).await.unwrap();
+            let (server, _) = listener.accept().await.unwrap();
+            let mut own = vec![0 as libc::gid_t; 1024];
+            // SAFETY: the buffer holds 1024 gids.
+            let n = unsafe { libc::getgroups(1024, own.as_mut_ptr()) };
+            assert!(n >= 0);
+            own.truncate(n as usize);
+            let mut seen = peer_groups(&server);
+            seen.sort_unstable();
+            own.sort_unstable();
+            assert_eq!(seen, own);
+        }
 
         /// Between the bind and the listen the socket refuses connections,
         /// which is what lets the mode be set before anyone gets in.
@@ -425,6 +511,7 @@ mod windows {
                 uid: identity.as_ref().and_then(|identity| identity.uid),
                 gid: None,
                 user: identity.map(|identity| crate::identity::printable(&identity.account)),
+                groups: Vec::new(),
             };
             let (r, w) = stream.split();
             Ok((r, PipeWriter::new(w), cred))

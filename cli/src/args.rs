@@ -62,6 +62,11 @@ pub struct Cli {
     #[arg(long, global = true)]
     pub no_autostart: bool,
 
+    /// Deadlock detection is always on now; the flag that once turned it
+    /// on is still accepted, so scripts written for it keep working.
+    #[arg(long, global = true, hide = true)]
+    pub detect_deadlocks: bool,
+
     /// Also trust a daemon running as this user id (repeatable). By
     /// default the daemon must run as you (local scope), as root or the
     /// owner of /run/lockbroker (global scope), or as you or root (--socket,

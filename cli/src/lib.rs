@@ -36,7 +36,8 @@ pub mod exit {
     pub const DEADLOCK: u8 = 35;
     /// Anything else that went wrong in lockbroker itself.
     pub const ERROR: u8 = 1;
-    /// `break` of another user's hold (sysexits' `EX_NOPERM`).
+    /// Forbidden: a `break` of another user's hold, or anything the
+    /// daemon's access rules refuse (sysexits' `EX_NOPERM`).
     pub const FORBIDDEN: u8 = 77;
     // `lockbroker state` adds 4 (absent key) and 5 (version mismatch).
 }
@@ -197,7 +198,6 @@ async fn run(cli: Cli) -> Result<u8, Failure> {
                 }
                 Err(e) => Err(match e.code() {
                     Some(lockbroker::ErrorCode::NotHeld) => (exit::ERROR, e.to_string()),
-                    Some(lockbroker::ErrorCode::Forbidden) => (exit::FORBIDDEN, e.to_string()),
                     _ => unavailable(e),
                 }),
             }
@@ -429,14 +429,19 @@ async fn run_holding(
     }
 }
 
-fn unavailable(e: lockbroker::Error) -> Failure {
+/// The failure `e` is: 77 for a refusal the daemon's access rules made
+/// (`forbidden`), else 69 (the daemon cannot be reached, or refused).
+pub(crate) fn unavailable(e: lockbroker::Error) -> Failure {
     let message = match &e {
         lockbroker::Error::Untrusted(u) if u.problem == address::Problem::Server => {
             format!("{e} (--allow-uid {} trusts it)", u.owner)
         }
         _ => e.to_string(),
     };
-    (exit::UNAVAILABLE, message)
+    match e.code() {
+        Some(lockbroker::ErrorCode::Forbidden) => (exit::FORBIDDEN, message),
+        _ => (exit::UNAVAILABLE, message),
+    }
 }
 
 async fn connect(cli: &Cli) -> Result<Client, Failure> {

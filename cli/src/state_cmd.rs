@@ -17,10 +17,6 @@ pub const CONFLICT: u8 = 5;
 
 type Failure = (u8, String);
 
-fn refused(e: lockbroker::Error) -> Failure {
-    (exit::UNAVAILABLE, e.to_string())
-}
-
 /// The value argument, or standard input for `-`.
 fn value_arg(value: &str) -> Result<Vec<u8>, Failure> {
     if value != "-" {
@@ -80,7 +76,7 @@ fn kind_name(kind: ChangeKind) -> &'static str {
 pub async fn run(client: &Client, command: &StateCommand, as_json: bool) -> Result<u8, Failure> {
     let state = client.state();
     match command {
-        StateCommand::Get { key } => match state.get(key).await.map_err(refused)? {
+        StateCommand::Get { key } => match state.get(key).await.map_err(crate::unavailable)? {
             Some(v) if as_json => {
                 println!(
                     "{}",
@@ -123,14 +119,17 @@ pub async fn run(client: &Client, command: &StateCommand, as_json: bool) -> Resu
                         .mutex(name.clone())
                         .acquire()
                         .await
-                        .map_err(refused)?,
+                        .map_err(crate::unavailable)?,
                 ),
                 None => None,
             };
             if let Some(g) = &guard {
                 options = options.guard(g);
             }
-            let outcome = state.set_with(key, value, options).await.map_err(refused)?;
+            let outcome = state
+                .set_with(key, value, options)
+                .await
+                .map_err(crate::unavailable)?;
             if let Some(g) = guard {
                 let _ = g.release().await;
             }
@@ -147,7 +146,11 @@ pub async fn run(client: &Client, command: &StateCommand, as_json: bool) -> Resu
                 if_version: *if_version,
                 ..WriteOptions::default()
             };
-            match state.remove_with(key, options).await.map_err(refused)? {
+            match state
+                .remove_with(key, options)
+                .await
+                .map_err(crate::unavailable)?
+            {
                 RemoveOutcome::Removed(Some(old)) => {
                     if as_json {
                         println!(
@@ -167,7 +170,10 @@ pub async fn run(client: &Client, command: &StateCommand, as_json: bool) -> Resu
             }
         }
         StateCommand::Increment { key, delta } => {
-            let value = state.increment(key, *delta).await.map_err(refused)?;
+            let value = state
+                .increment(key, *delta)
+                .await
+                .map_err(crate::unavailable)?;
             if as_json {
                 println!("{}", json!({"key": key, "value": value}));
             } else {
@@ -184,7 +190,7 @@ pub async fn run(client: &Client, command: &StateCommand, as_json: bool) -> Resu
             match state
                 .compare_and_set(key, *version, value)
                 .await
-                .map_err(refused)?
+                .map_err(crate::unavailable)?
             {
                 WriteOutcome::Written { version } => {
                     print_version(version, as_json);
@@ -194,7 +200,10 @@ pub async fn run(client: &Client, command: &StateCommand, as_json: bool) -> Resu
             }
         }
         StateCommand::List { prefix, values } => {
-            let entries = state.list(prefix, *values).await.map_err(refused)?;
+            let entries = state
+                .list(prefix, *values)
+                .await
+                .map_err(crate::unavailable)?;
             if as_json {
                 let list: Vec<Value> = entries
                     .iter()
@@ -235,7 +244,10 @@ pub async fn run(client: &Client, command: &StateCommand, as_json: bool) -> Resu
                 from_version: *from,
                 with_values: true,
             };
-            let mut watch = state.watch_with(target, options).await.map_err(refused)?;
+            let mut watch = state
+                .watch_with(target, options)
+                .await
+                .map_err(crate::unavailable)?;
             while let Some(event) = watch.next().await {
                 let mut out = std::io::stdout().lock();
                 let line = match event {

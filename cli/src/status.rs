@@ -34,7 +34,7 @@ pub async fn show(
     as_json: bool,
     layout: &Layout,
 ) -> Result<u8, (u8, String)> {
-    let unavailable = |e: lockbroker::Error| (exit::UNAVAILABLE, e.to_string());
+    let unavailable = crate::unavailable;
     let broken = |e: std::io::Error| (exit::ERROR, format!("cannot write the status: {e}"));
     // The first page with Inspect, which every daemon answers; the next
     // ones from the last name seen.

@@ -625,6 +625,18 @@ impl LockGuard {
         self.conn.wait_hold_lost(self.grant.hold_id, timeout)
     }
 
+    /// Whether the daemon revoked this hold; see
+    /// [`crate::LockGuard::is_revoked`].
+    pub fn is_revoked(&self) -> bool {
+        self.revocation().is_some()
+    }
+
+    /// Why the daemon revoked this hold, if it did; see
+    /// [`crate::LockGuard::revocation`].
+    pub fn revocation(&self) -> Option<String> {
+        self.conn.revocation(self.grant.hold_id)
+    }
+
     /// Makes this hold's lease end `lease` from now; see
     /// [`crate::LockGuard::extend`].
     pub fn extend(&self, lease: Duration) -> Result<()> {

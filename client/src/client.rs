@@ -81,6 +81,10 @@ struct Io {
     pending: HashMap<u64, oneshot::Sender<Response>>,
     /// watch id → where its events go.
     watches: HashMap<u64, mpsc::UnboundedSender<Event>>,
+    /// Holds granted to this client whose guard has not gone: news of any
+    /// other hold (one released before the news came) is ignored, so the
+    /// sets below never outgrow the holds.
+    live: HashSet<u64>,
     /// Holds told that someone waits behind them (`Event::Contended`,
     /// only ever for holds that asked), until their guard goes.
     contended: HashSet<u64>,
@@ -176,6 +180,7 @@ impl Client {
                 out: FrameWriter::new(writer, welcome.limits.max_frame_len, usize::MAX),
                 pending: HashMap::new(),
                 watches: HashMap::new(),
+                live: HashSet::new(),
                 contended: HashSet::new(),
                 revoked: HashMap::new(),
                 ended: false,
@@ -487,6 +492,7 @@ impl Client {
     /// Forgets what was heard of hold `hold_id`, which is ending.
     pub(crate) fn forget_hold(&self, hold_id: u64) {
         let mut io = self.inner.conn.io();
+        io.live.remove(&hold_id);
         io.contended.remove(&hold_id);
         io.revoked.remove(&hold_id);
     }
@@ -574,9 +580,12 @@ impl Drop for CancelOnDrop<'_> {
         // task); a grant already in the channel is never read otherwise.
         reply.close();
         match reply.try_recv() {
-            Ok(Response::Granted(grant)) => self.client.forget(Request::Release {
-                hold_id: grant.hold_id,
-            }),
+            Ok(Response::Granted(grant)) => {
+                self.client.forget_hold(grant.hold_id);
+                self.client.forget(Request::Release {
+                    hold_id: grant.hold_id,
+                })
+            }
             // Answered otherwise: nothing is waiting or held.
             Ok(_) => {}
             Err(_) => self.client.forget(Request::Cancel {
@@ -671,7 +680,11 @@ impl Task {
                     // The answer to a forgotten request.
                     return Ok(());
                 };
+                if let Response::Granted(grant) = &response {
+                    io.live.insert(grant.hold_id);
+                }
                 if let Err(Response::Granted(grant)) = reply.send(response) {
+                    io.live.remove(&grant.hold_id);
                     // Its caller gave up (the future was dropped) but the
                     // grant won the race: give the hold back.
                     let release = Request::Release {
@@ -687,14 +700,20 @@ impl Task {
                 Ok(())
             }
             ServerMessage::Event(Event::Contended { hold_id }) => {
-                self.conn.io().contended.insert(hold_id);
-                self.conn.contention.notify_waiters();
+                let mut io = self.conn.io();
+                if io.live.contains(&hold_id) {
+                    io.contended.insert(hold_id);
+                    self.conn.contention.notify_waiters();
+                }
                 Ok(())
             }
             ServerMessage::Event(Event::Revoked { hold_id, message }) => {
-                tracing::warn!(hold_id, "lockbroker revoked a hold: {message}");
-                self.conn.io().revoked.insert(hold_id, message);
-                self.conn.contention.notify_waiters();
+                let mut io = self.conn.io();
+                if io.live.contains(&hold_id) {
+                    tracing::warn!(hold_id, "lockbroker revoked a hold: {message}");
+                    io.revoked.insert(hold_id, message);
+                    self.conn.contention.notify_waiters();
+                }
                 Ok(())
             }
             ServerMessage::Event(

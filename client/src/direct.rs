@@ -57,12 +57,15 @@ struct Shared {
     answers: HashMap<u64, Option<Response>>,
     /// Events of each open watch, not yet taken.
     watches: HashMap<u64, VecDeque<Event>>,
+    /// Holds granted whose guard has not gone: news of any other hold is
+    /// ignored, so the sets below never outgrow the holds.
+    live: HashSet<u64>,
     /// Holds told that someone waits behind them (`Event::Contended`,
     /// only for holds that asked), until their guard goes.
     contended: HashSet<u64>,
-    /// Holds whose lease ran out (`Event::Revoked`), until their guard
-    /// goes.
-    revoked: HashSet<u64>,
+    /// Holds the daemon revoked (`Event::Revoked`), with why, until their
+    /// guard goes.
+    revoked: HashMap<u64, String>,
     /// Threads asleep, and what each waits for.
     sleepers: Vec<Sleeper>,
     /// Why the connection is gone, once it is.
@@ -185,8 +188,9 @@ impl Conn {
                 reader: Some(reader),
                 answers: HashMap::new(),
                 watches: HashMap::new(),
+                live: HashSet::new(),
                 contended: HashSet::new(),
-                revoked: HashSet::new(),
+                revoked: HashMap::new(),
                 sleepers: Vec::new(),
                 lost: None,
             }),
@@ -323,15 +327,22 @@ impl Conn {
     /// connection lost; whether either happened.
     pub(crate) fn wait_hold_lost(&self, hold_id: u64, timeout: Duration) -> bool {
         let deadline = Instant::now().checked_add(timeout);
-        let revoked = |g: &mut Shared| g.revoked.contains(&hold_id).then_some(());
+        let revoked = |g: &mut Shared| g.revoked.contains_key(&hold_id).then_some(());
         let _ = self.wait(WaitsFor::HoldLost(hold_id), deadline, revoked);
         let g = self.shared();
-        g.revoked.contains(&hold_id) || g.lost.is_some()
+        g.revoked.contains_key(&hold_id) || g.lost.is_some()
+    }
+
+    /// Why hold `hold_id` was revoked, if it was (reads what has arrived).
+    pub(crate) fn revocation(&self, hold_id: u64) -> Option<String> {
+        let _ = self.wait_hold_lost(hold_id, Duration::ZERO);
+        self.shared().revoked.get(&hold_id).cloned()
     }
 
     /// Forgets what was heard of hold `hold_id`, which is ending.
     pub(crate) fn forget_hold(&self, hold_id: u64) {
         let mut g = self.shared();
+        g.live.remove(&hold_id);
         g.contended.remove(&hold_id);
         g.revoked.remove(&hold_id);
     }
@@ -569,7 +580,12 @@ fn route(
     match msg {
         ServerMessage::Response { id, response } => match g.answers.get_mut(&id) {
             Some(slot) => {
+                let granted = match &response {
+                    Response::Granted(grant) => Some(grant.hold_id),
+                    _ => None,
+                };
                 *slot = Some(response);
+                g.live.extend(granted);
                 g.wake(WaitsFor::Answer(id));
             }
             // The answer to a forgotten request; a grant nobody waits for
@@ -583,15 +599,17 @@ fn route(
         ServerMessage::Event(Event::ShuttingDown) => {
             tracing::info!("the lockbroker daemon is shutting down");
         }
-        ServerMessage::Event(Event::Contended { hold_id }) => {
+        ServerMessage::Event(Event::Contended { hold_id }) if g.live.contains(&hold_id) => {
             g.contended.insert(hold_id);
             g.wake(WaitsFor::Contended(hold_id));
         }
-        ServerMessage::Event(Event::Revoked { hold_id, message }) => {
+        ServerMessage::Event(Event::Revoked { hold_id, message }) if g.live.contains(&hold_id) => {
             tracing::warn!(hold_id, "lockbroker revoked a hold: {message}");
-            g.revoked.insert(hold_id);
+            g.revoked.insert(hold_id, message);
             g.wake(WaitsFor::HoldLost(hold_id));
         }
+        // News of a hold whose guard has gone.
+        ServerMessage::Event(Event::Contended { .. } | Event::Revoked { .. }) => {}
         ServerMessage::Event(
             event @ (Event::StateChanged { watch_id, .. } | Event::WatchLagged { watch_id }),
         ) => {

@@ -181,6 +181,9 @@ pub(super) struct Locks {
     release_on_close: bool,
     /// Waiting acquires that asked to be told of contention.
     pending_notify: usize,
+    /// Holds ended since the session last read all its notices: news of
+    /// them still in the channel is late, not early.
+    just_released: Vec<u64>,
     /// Holds broken before the session learnt of their grant (the table
     /// tells as it breaks; the grant may still be on its way), with who
     /// broke them: revoked once it arrives. Emptied when no acquire waits;
@@ -227,7 +230,20 @@ impl Locks {
             self.lease_ends.remove(&(at, hold_id));
         }
         shrink_index(&mut self.holds);
+        self.just_released.push(hold_id);
         Some(held)
+    }
+
+    /// Forgets the holds released before the session's notices were last
+    /// all read: any news the table sent of them (under its lock, before
+    /// the release) has come and gone.
+    pub(super) fn forget_released(&mut self) {
+        if !self.just_released.is_empty() {
+            self.just_released.clear();
+            if self.just_released.capacity() > 64 {
+                self.just_released = Vec::new();
+            }
+        }
     }
 
     /// Whether a listing is being gathered (the session then reads and
@@ -515,15 +531,34 @@ impl<W: AsyncWrite + Unpin> Session<W> {
                 self.broker
                     .metrics
                     .hold_ended(held.kind, held.since.elapsed(), true);
-                self.event(Event::Revoked { hold_id, message });
+                self.tell_revoked(hold_id, message);
             }
             None if !self.locks.pending.is_empty()
+                && !self.locks.just_released.contains(&hold_id)
                 && self.locks.early_revoked.len() < self.broker.limits.max_pending as usize =>
             {
                 self.locks.early_revoked.insert(hold_id, message);
             }
             // Released meanwhile: nothing to tell.
             None => {}
+        }
+    }
+
+    /// Tells the client hold `hold_id` is gone (`message`: why). A client
+    /// of before protocol version 4 cannot read the event, and must not
+    /// go on believing it holds the lock: its session ends (`holds_lost`;
+    /// its other holds are released as abandoned).
+    fn tell_revoked(&mut self, hold_id: u64, message: String) {
+        if self.version >= 4 {
+            self.event(Event::Revoked { hold_id, message });
+        } else if self.lost.is_none() {
+            self.lost = Some(ErrorInfo::new(
+                ErrorCode::HoldsLost,
+                format!(
+                    "hold {hold_id} was {message}; a client of protocol version {} cannot be told of one hold, so its session ends",
+                    self.version
+                ),
+            ));
         }
     }
 
@@ -543,7 +578,7 @@ impl<W: AsyncWrite + Unpin> Session<W> {
         let admin = self
             .broker
             .admin_gid
-            .is_some_and(|gid| crate::identity::in_group(me.pid, me.gid, gid));
+            .is_some_and(|gid| crate::identity::in_group(&self.groups, me.gid, gid));
         let may = |holder: &lockbroker_proto::SessionInfo| may_break(&me, admin, holder);
         let who = describe_session(&me);
         let message = format!("broken by {who}");
@@ -573,11 +608,11 @@ impl<W: AsyncWrite + Unpin> Session<W> {
         if self.locks.holds.contains_key(&hold_id) {
             self.event(Event::Contended { hold_id });
         } else if self.locks.pending_notify > 0
+            && !self.locks.just_released.contains(&hold_id)
             && self.locks.early_contended.len() < self.broker.limits.max_pending as usize
         {
-            // Early news of a grant on its way (at most one per waiting
-            // acquire that asked), or late news of a hold released, kept
-            // until no acquire that asked waits: bounded either way.
+            // Early news of a grant on its way: at most one per waiting
+            // acquire that asked, kept until none waits.
             self.locks.early_contended.insert(hold_id);
         }
         // Else the hold was released before the news came: nobody is told.
@@ -620,6 +655,7 @@ impl<W: AsyncWrite + Unpin> Session<W> {
             if at > now {
                 break;
             }
+            self.locks.lease_ends.pop_first();
             let Some(held) = self.locks.unhold(hold_id) else {
                 continue;
             };
@@ -627,19 +663,21 @@ impl<W: AsyncWrite + Unpin> Session<W> {
             self.broker
                 .metrics
                 .hold_ended(held.kind, held.since.elapsed(), true);
-            if self
+            // Gone either way: revoked now, or broken a moment ago (its
+            // notice still on its way, and forgotten then).
+            let revoked_now = self
                 .broker
                 .backend
-                .revoke(held.name.as_str(), &self.peer, hold_id)
-            {
-                let message = format!(
-                    "the lease of {} ms on {:?} ran out",
-                    lease.as_millis(),
-                    held.name.as_str()
-                );
+                .revoke(held.name.as_str(), &self.peer, hold_id);
+            let message = format!(
+                "the lease of {} ms on {:?} ran out",
+                lease.as_millis(),
+                held.name.as_str()
+            );
+            if revoked_now {
                 super::warn_of(&self.peer, format_args!("revoked: {message}"));
-                self.event(Event::Revoked { hold_id, message });
             }
+            self.tell_revoked(hold_id, message);
         }
     }
 
@@ -738,13 +776,12 @@ impl<W: AsyncWrite + Unpin> Session<W> {
         match result {
             Ok((ended, applied)) => {
                 for hold_id in ended {
-                    if let Some(held) = self.locks.holds.remove(&hold_id) {
+                    if let Some(held) = self.locks.unhold(hold_id) {
                         self.broker
                             .metrics
                             .hold_ended(held.kind, held.since.elapsed(), false);
                     }
                 }
-                shrink_index(&mut self.locks.holds);
                 let answer = (id, Response::Released { permits: count });
                 self.answer_when(applied, token, vec![answer]);
             }

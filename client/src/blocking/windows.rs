@@ -113,6 +113,11 @@ impl Conn {
             .is_ok()
     }
 
+    /// Why hold `hold_id` was revoked, if it was.
+    pub(crate) fn revocation(&self, hold_id: u64) -> Option<String> {
+        self.client.revocation(hold_id)
+    }
+
     /// Forgets what was heard of hold `hold_id`, which is ending.
     pub(crate) fn forget_hold(&self, hold_id: u64) {
         self.client.forget_hold(hold_id);

@@ -305,6 +305,8 @@ class Client:
         self._orphan_watches: Set[int] = set()
         # Holds told that someone waits behind them (Contended), until
         # released; and an event set (then replaced) whenever one is told.
+        # Holds granted and not released: news of others is ignored.
+        self._live: Set[int] = set()
         self._contended: Set[int] = set()
         self._contention: Optional[asyncio.Event] = None
         # Holds revoked (their lease ran out), until released.
@@ -581,6 +583,7 @@ class Client:
         such hold. The ``Release`` is written before the first ``await``,
         so a task cancelled in here still releases.
         """
+        self._live.discard(hold_id)
         self._contended.discard(hold_id)
         self._revoked.discard(hold_id)
         return _common.expect(await self.call(Release(hold_id)), Released).permits
@@ -910,6 +913,8 @@ class Client:
             return
         future = self._pending.pop(message.id, None)
         if future is not None and not future.done():
+            if isinstance(response, Granted):
+                self._live.add(response.grant.hold_id)
             future.set_result(response)
             return
         hold_id = _common.stray_hold(response)
@@ -927,11 +932,13 @@ class Client:
         """Hand a watch's event to its queue (never blocks: unbounded);
         note a hold told of contention."""
         if isinstance(event, Contended):
-            self._contended.add(event.hold_id)
-            self._wake_contention()
+            if event.hold_id in self._live:
+                self._contended.add(event.hold_id)
+                self._wake_contention()
             return
         if isinstance(event, Revoked):
-            self._revoked.add(event.hold_id)
+            if event.hold_id in self._live:
+                self._revoked.add(event.hold_id)
             return
         wid = event.watch_id
         events, orphan = _common.event_target(self._watches, self._orphan_watches, wid)
@@ -950,6 +957,7 @@ class Client:
         pending, self._pending = self._pending, {}
         watches, self._watches = self._watches, {}
         self._contended.clear()
+        self._live.clear()
         self._wake_contention()
         for future in pending.values():
             if not future.done():

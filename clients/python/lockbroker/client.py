@@ -313,6 +313,9 @@ class Client:
         # Holds told that someone waits behind them (Contended: only for
         # holds that asked), until released; and a condition on _lock that
         # a reader thread raises when one is told.
+        # Holds granted and not released: news of others is ignored, so the
+        # sets below never outgrow the holds.
+        self._live: Set[int] = set()
         self._contended: Set[int] = set()
         self._contention = threading.Condition(self._lock)
         # Holds revoked (their lease ran out), until released or forgotten.
@@ -538,6 +541,7 @@ class Client:
         Raises :class:`NotHeld` (``unknown_hold``) if the session has no such hold.
         """
         with self._lock:
+            self._live.discard(hold_id)
             self._contended.discard(hold_id)
             self._revoked.discard(hold_id)
         return _common.expect(self.call(Release(hold_id)), Released).permits
@@ -1069,6 +1073,8 @@ class Client:
             return
         with self._lock:
             call = self._pending.pop(message.id, None)
+            if call is not None and isinstance(response, Granted):
+                self._live.add(response.grant.hold_id)
             if call is not None and self._direct:
                 # Under the lock, so a caller giving up sees it resolved.
                 call.resolve(response)
@@ -1093,13 +1099,15 @@ class Client:
         unbounded); note a hold told of contention."""
         if isinstance(event, Contended):
             with self._lock:
-                self._contended.add(event.hold_id)
-                self._contention.notify_all()
-                self._wake(("contended", event.hold_id))
+                if event.hold_id in self._live:
+                    self._contended.add(event.hold_id)
+                    self._contention.notify_all()
+                    self._wake(("contended", event.hold_id))
             return
         if isinstance(event, Revoked):
             with self._lock:
-                self._revoked.add(event.hold_id)
+                if event.hold_id in self._live:
+                    self._revoked.add(event.hold_id)
             return
         wid = event.watch_id
         with self._lock:
@@ -1134,6 +1142,7 @@ class Client:
             for cond, _ in self._sleepers:
                 cond.notify()
             self._contended.clear()
+            self._live.clear()
             self._contention.notify_all()
             if self._direct:
                 # Under the lock, so it never races the close (_close_ended).
@@ -1167,8 +1176,12 @@ class Client:
         """
         self._lock = threading.Lock()
         self._write_lock = threading.Lock()
+        self._contention = threading.Condition(self._lock)
         self._pending = {}
         self._watches = {}
+        self._live = set()
+        self._contended = set()
+        self._revoked = set()
         try:
             self._sock.close()
         except OSError:

@@ -193,9 +193,10 @@ class NotAnInteger(InvalidRequest):
 
 class Unsupported(InvalidRequest):
     """Code 210: the daemon cannot do what the request asks -- a
-    contention event (``notify_contended``) from a daemon with the etcd
-    backend, or of before protocol version 4 (raised by the client then,
-    with nothing sent); nothing was queued or held."""
+    contention event (``notify_contended``), a lease or its extension, or
+    a break, from a daemon with the etcd backend, or of before protocol
+    version 4 (raised by the client then, with nothing sent); nothing was
+    queued, held or broken."""
 
 
 class Forbidden(InvalidRequest):

@@ -857,7 +857,8 @@ class Contended:
 @dataclass(frozen=True)
 class Revoked:
     """``Event::Revoked`` (version 4): hold ``hold_id`` ended without a
-    release, its lease having run out; the session no longer has it."""
+    release -- its lease ran out, or someone broke it (``message`` says
+    which); the session no longer has it."""
 
     hold_id: int
     message: str

@@ -465,6 +465,20 @@ class GoldenVectorTest(unittest.TestCase):
         self.assertIsInstance(error, InvalidRequest)
         self.assertEqual((error.code, error.code_name), (209, "deadlock"))
 
+    def test_version_4_refusals_are_errors_of_their_own(self) -> None:
+        from lockbroker.errors import Forbidden, InvalidRequest, Unsupported, broker_error
+
+        frames = dict((n, f) for n, _, f in read_vectors(4))
+        message = decode_server_message(frames["error_forbidden"][4:], 4)
+        assert isinstance(message, ResponseMessage) and isinstance(message.response, ErrorResponse)
+        error = broker_error(message.response.error)
+        self.assertIsInstance(error, Forbidden)
+        self.assertIsInstance(error, InvalidRequest)
+        self.assertEqual((error.code, error.code_name), (211, "forbidden"))
+        unsupported = broker_error(ErrorInfo(ErrorCode.UNSUPPORTED, "no"))
+        self.assertIsInstance(unsupported, Unsupported)
+        self.assertEqual(unsupported.code_name, "unsupported")
+
     def test_decoded_values_are_bytes(self) -> None:
         frames = dict((n, f) for n, _, f in read_vectors())
         message = decode_server_message(frames["state_value"][4:], 1)

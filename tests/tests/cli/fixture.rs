@@ -48,9 +48,16 @@ pub struct Daemon {
 
 impl Daemon {
     pub fn start() -> Daemon {
+        Daemon::start_with(|_| Vec::new())
+    }
+
+    /// A daemon started with the flags `flags` gives, from its directory.
+    pub fn start_with(flags: impl FnOnce(&Path) -> Vec<std::ffi::OsString>) -> Daemon {
         let dir = tempfile::tempdir().unwrap();
         let socket = address(dir.path());
-        let process = DaemonProcess::start_blocking(Path::new(DAEMON), &socket, &[]);
+        let flags = flags(dir.path());
+        let flags: Vec<&std::ffi::OsStr> = flags.iter().map(|f| f.as_os_str()).collect();
+        let process = DaemonProcess::start_blocking(Path::new(DAEMON), &socket, &flags);
         Daemon {
             dir,
             socket,

@@ -1544,6 +1544,13 @@ fn a_command_taking_its_wrappers_lock_is_a_deadlock_refused() {
         "{err}"
     );
     assert_eq!(holders_and_waiters(&d, "x"), (0, 0));
+    // The flag that once turned detection on is still accepted.
+    let old_flag = d
+        .cli()
+        .args(["--detect-deadlocks", "lock", "z", "--", "true"])
+        .output()
+        .unwrap();
+    assert!(old_flag.status.success(), "{old_flag:?}");
 }
 
 /// `--on-contended USR1`: the command is signalled, once, when someone
@@ -1689,4 +1696,104 @@ fn a_stuck_lock_is_broken_from_outside() {
     let none = d.cli().args(["break", "x"]).output().unwrap();
     assert_eq!(none.status.code(), Some(1), "{none:?}");
     assert!(String::from_utf8_lossy(&none.stderr).contains("nobody holds it"));
+}
+
+/// `lockbrokerd --acl`: each verb a rule names is refused to nobody with
+/// exit 77, naming the rule, and allowed to root; what no rule names stays
+/// allowed to both; a listing over a prefix with a refusing rule beneath
+/// is refused, a narrower one is not.
+#[test]
+fn access_rules_refuse_each_verb_to_nobody_and_let_root_through() {
+    use lockbroker_tests::unix::{as_nobody, can_be_nobody, chmod};
+    if !can_be_nobody("the access-rule verbs as nobody") {
+        return;
+    }
+    let d = Daemon::start_with(|dir| {
+        let acl = dir.join("acl.toml");
+        std::fs::write(
+            &acl,
+            r#"
+            [[rule]]
+            prefix = "deploy/"
+            acquire = ["user:root"]
+            break = ["user:root"]
+            inspect = ["*"]
+
+            [[rule]]
+            prefix = "secrets/"
+            state-read = ["user:root"]
+            state-write = ["user:root"]
+            watch = ["user:root"]
+            inspect = ["user:root"]
+            "#,
+        )
+        .unwrap();
+        vec!["--acl".into(), acl.into()]
+    });
+    // nobody may reach the socket; the rules decide the rest.
+    chmod(d.dir.path(), 0o755);
+    chmod(d.socket(), 0o666);
+    let run = |nobody: bool, args: &[&str]| {
+        let mut cmd = d.cli();
+        cmd.args(["--allow-uid", "0"]).args(args);
+        if nobody {
+            as_nobody(&mut cmd);
+        }
+        cmd.output().unwrap()
+    };
+    let verbs: [&[&str]; 7] = [
+        &["lock", "--timeout", "5s", "deploy/web", "--", "true"],
+        &["status", "deploy/"],
+        &["status", "secrets/"],
+        &["state", "set", "secrets/k", "v"],
+        &["state", "get", "secrets/k"],
+        &["state", "watch", "--prefix", "secrets/", "--from", "1"],
+        &["break", "deploy/web"],
+    ];
+    for args in verbs {
+        let out = run(true, args);
+        let err = String::from_utf8_lossy(&out.stderr);
+        if args == ["status", "deploy/"] {
+            // Everyone may inspect deploy/.
+            assert!(out.status.success(), "{args:?}: {err}");
+            continue;
+        }
+        assert_eq!(out.status.code(), Some(77), "{args:?} as nobody: {err}");
+        assert!(
+            err.contains("(forbidden)") && err.contains("the rule for"),
+            "{args:?}: {err}"
+        );
+    }
+    // Root may do each (break finds nobody holding: 1).
+    assert!(run(false, verbs[0]).status.success());
+    assert!(run(false, verbs[3]).status.success());
+    assert_eq!(
+        String::from_utf8_lossy(&run(false, verbs[4]).stdout).trim(),
+        "v"
+    );
+    assert!(run(false, &["status", ""]).status.success());
+    assert_eq!(run(false, verbs[6]).status.code(), Some(1));
+    let mut watch = d.cli();
+    watch
+        .args(["state", "watch", "--prefix", "secrets/", "--from", "1"])
+        .stdout(std::process::Stdio::piped());
+    let mut watching = watch.spawn().unwrap();
+    let mut first = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(watching.stdout.take().unwrap()),
+        &mut first,
+    )
+    .unwrap();
+    assert!(first.contains("secrets/k"), "{first}");
+    let _ = watching.kill();
+    let _ = watching.wait();
+    // No rule names it: allowed to nobody too; a listing of everything
+    // would show secrets/, which nobody may not inspect.
+    assert!(run(true, &["lock", "other", "--", "true"]).status.success());
+    assert!(
+        run(true, &["state", "set", "other/k", "v"])
+            .status
+            .success()
+    );
+    assert_eq!(run(true, &["status"]).status.code(), Some(77));
 }

@@ -183,7 +183,8 @@ fn the_blocking_client_sees_its_lease_run_out() {
     assert!(!guard.is_lost());
     guard.extend(Duration::from_millis(20)).unwrap();
     assert!(guard.wait_lost(Duration::from_secs(20)));
-    assert!(guard.is_lost());
+    assert!(guard.is_lost() && guard.is_revoked());
+    assert!(guard.revocation().unwrap().contains("ran out"));
     assert!(!client.is_lost());
     let again = client.mutex("bl").try_acquire().unwrap().unwrap();
     assert!(again.abandoned());
@@ -265,6 +266,71 @@ async fn a_break_racing_a_grant_leaves_client_and_daemon_agreeing() {
             drop(guard);
             breaker.inspect("").await.unwrap();
         }
+        daemon.stop().await;
+    })
+    .await;
+}
+
+/// A leased hold released by name ends its lease with it: the session
+/// serves on (it once spun on the stale lease end for ever, and the next
+/// lease's revocation never came).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leased_hold_released_by_name_takes_its_lease_along() {
+    bounded(async {
+        let daemon = Backend::Local.start().await;
+        let client = daemon.client().await;
+        let first = client
+            .mutex("n1")
+            .lease(Duration::from_millis(5))
+            .acquire()
+            .await
+            .unwrap();
+        first.keep_until_session_ends();
+        assert_eq!(client.release_by_name("n1", 1).await.unwrap(), 1);
+        let second = client
+            .mutex("n2")
+            .lease(Duration::from_millis(30))
+            .acquire()
+            .await
+            .unwrap();
+        second.lost().await;
+        assert!(second.is_revoked());
+        assert_eq!(client.ping().await.map(|_| ()).unwrap(), ());
+        daemon.stop().await;
+    })
+    .await;
+}
+
+/// A client of protocol version 3 cannot be told one of its holds was
+/// broken: its session ends (`holds_lost`), so it never goes on believing
+/// it holds the lock.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn breaking_an_old_clients_hold_ends_its_session() {
+    bounded(async {
+        let daemon = Backend::Local.start().await;
+        let mut old = lockbroker_tests::harness::Raw::connect(&daemon.socket).await;
+        old.hello_in(3).await;
+        let acquire = Request::Acquire(Acquire {
+            name: "o".into(),
+            kind: LockKind::Mutex,
+            capacity: 1,
+            permits: 1,
+            timeout_ms: None,
+        });
+        let hold = match old.call(1, acquire).await {
+            Response::Granted(g) => g.hold_id,
+            other => panic!("{other:?}"),
+        };
+        let breaker = daemon.client().await;
+        assert_eq!(breaker.break_lock("o", None).await.unwrap(), [hold]);
+        match old.recv().await {
+            Some(lockbroker_proto::ServerMessage::Fatal(e)) => {
+                assert_eq!(e.code, ErrorCode::HoldsLost, "{e:?}");
+                assert!(e.message.contains("broken by session"), "{}", e.message);
+            }
+            other => panic!("expected holds_lost, got {other:?}"),
+        }
+        old.assert_closed().await;
         daemon.stop().await;
     })
     .await;
