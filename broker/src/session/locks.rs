@@ -49,8 +49,6 @@ struct Held {
     kind: LockKind,
     /// When it was granted, for the hold-time metric.
     since: Instant,
-    /// When its lease ends (it is then revoked), if it has one.
-    lease_end: Option<Instant>,
 }
 
 /// What an acquire asks for besides the lock (`AcquireAs`, `AcquireWith`).
@@ -166,6 +164,10 @@ pub(super) struct Locks {
     deadlines: BTreeSet<(Instant, u64)>,
     /// (lease end, hold id) of holds with a lease.
     lease_ends: BTreeSet<(Instant, u64)>,
+    /// hold id → lease end, for the holds with a lease only (a session
+    /// may hold a great many names, few of them leased: `Held` stays
+    /// small).
+    lease_of: HashMap<u64, Instant>,
     /// The listing being gathered, if any.
     listing: Option<Listing>,
     /// The token of the page the backend will send the listing, while it
@@ -208,26 +210,19 @@ impl Locks {
     /// Records hold `hold_id`, granted now with `lease`.
     fn hold(&mut self, hold_id: u64, name: LockName, kind: LockKind, lease: Option<Duration>) {
         let since = Instant::now();
-        let lease_end = lease.map(|d| since + d);
-        if let Some(at) = lease_end {
+        if let Some(at) = lease.map(|d| since + d) {
             self.lease_ends.insert((at, hold_id));
+            self.lease_of.insert(hold_id, at);
         }
-        self.holds.insert(
-            hold_id,
-            Held {
-                name,
-                kind,
-                since,
-                lease_end,
-            },
-        );
+        self.holds.insert(hold_id, Held { name, kind, since });
     }
 
     /// Forgets hold `hold_id`: what it was, if the session had it.
     fn unhold(&mut self, hold_id: u64) -> Option<Held> {
         let held = self.holds.remove(&hold_id)?;
-        if let Some(at) = held.lease_end {
+        if let Some(at) = self.lease_of.remove(&hold_id) {
             self.lease_ends.remove(&(at, hold_id));
+            shrink_index(&mut self.lease_of);
         }
         shrink_index(&mut self.holds);
         self.just_released.push(hold_id);
@@ -629,14 +624,14 @@ impl<W: AsyncWrite + Unpin> Session<W> {
             }
             let lease = lease_of(lease_ms)
                 .map_err(|why| ErrorInfo::new(ErrorCode::InvalidArgument, why))?;
-            let held = self.locks.holds.get_mut(&hold_id).ok_or_else(|| {
-                ErrorInfo::new(
+            if !self.locks.holds.contains_key(&hold_id) {
+                return Err(ErrorInfo::new(
                     ErrorCode::UnknownHold,
                     format!("this session has no hold {hold_id} (a lease that ran out ended it)"),
-                )
-            })?;
+                ));
+            }
             let end = Instant::now() + lease;
-            if let Some(at) = held.lease_end.replace(end) {
+            if let Some(at) = self.locks.lease_of.insert(hold_id, end) {
                 self.locks.lease_ends.remove(&(at, hold_id));
             }
             self.locks.lease_ends.insert((end, hold_id));
