@@ -144,14 +144,16 @@ fn a_storm_of_killed_wrappers_never_lets_two_holders_in() {
         | 1;
     eprintln!("storm seed {seed}");
     let deadline = Instant::now() + STORM;
-    let (killed, granted, overlaps) = (
+    let (killed, granted, overlaps, unstarted) = (
+        std::sync::atomic::AtomicU64::new(0),
         std::sync::atomic::AtomicU64::new(0),
         std::sync::atomic::AtomicU64::new(0),
         std::sync::atomic::AtomicU64::new(0),
     );
     std::thread::scope(|scope| {
         for slot in 0..WRAPPERS {
-            let (d, killed, granted, overlaps) = (&d, &killed, &granted, &overlaps);
+            let (d, killed, granted, overlaps, unstarted) =
+                (&d, &killed, &granted, &overlaps, &unstarted);
             scope.spawn(move || {
                 let mut rng = seed.wrapping_mul(slot as u64 + 1) | 1;
                 let mut below = |n: u64| {
@@ -161,12 +163,24 @@ fn a_storm_of_killed_wrappers_never_lets_two_holders_in() {
                     rng % n
                 };
                 while Instant::now() < deadline {
-                    let mut w = d
+                    let spawned = d
                         .lock(&["--timeout", "60s", "storm"], &["critical", marker])
                         .stdout(Stdio::null())
                         .stderr(Stdio::null())
-                        .spawn()
-                        .unwrap();
+                        .spawn();
+                    // Wine's CreateProcess itself fails now and then amid
+                    // this many kills ("Internal error", 1359, with a
+                    // wineserver sendmsg error): that wrapper never ran,
+                    // which is no run of lockbroker; the storm goes on, and
+                    // the counts below still demand enough that did.
+                    let mut w = match spawned {
+                        Ok(w) => w,
+                        Err(e) => {
+                            eprintln!("a wrapper could not be started: {e}");
+                            unstarted.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                            continue;
+                        }
+                    };
                     let victim = below(3) == 0;
                     if victim {
                         std::thread::sleep(Duration::from_millis(below(400)));
@@ -191,7 +205,12 @@ fn a_storm_of_killed_wrappers_never_lets_two_holders_in() {
     // is free, then look for a marker left by two holders at once.
     wait_until("every command is gone", || d.is_free("storm"));
     let (killed, granted) = (killed.into_inner(), granted.into_inner());
-    eprintln!("{granted} grants seen, {killed} wrappers killed");
+    let unstarted = unstarted.into_inner();
+    eprintln!("{granted} grants seen, {killed} wrappers killed, {unstarted} not started");
+    assert!(
+        unstarted <= granted,
+        "most wrappers must start: {unstarted} did not"
+    );
     assert_eq!(overlaps.into_inner(), 0, "two holders at once");
     assert!(
         !Path::new(marker).exists(),
